@@ -1,0 +1,1444 @@
+#!/usr/bin/env python3
+"""flocker-failover: high availability for one user system on exactly two hosts.
+
+The master runs the user system on a ZFS dataset and replicates it to the
+slave; when the master fails the slave takes over with the newest replica.
+
+This file reads top to bottom in layers that only call downward:
+
+  1. constants, exit codes, errors
+  2. configuration (parse and validate everything up front)
+  3. the state store (sqlite)
+  4. the wire protocol                      (heartbeats; later)
+  5. ZFS and ssh adapters
+  6. the decision core (pure functions)     (later)
+  7. actions
+  8. the daemon                             (later)
+  9. the command line
+
+Standard library only; Python 3.8 or newer.
+"""
+
+import argparse
+import configparser
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+# ===========================================================================
+# 1. Constants, exit codes, errors
+# ===========================================================================
+
+VERSION = "0.1.0"
+PROG = "flocker-failover"
+DEFAULT_CONFIG = "/etc/flocker/flocker.conf"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1      # an operation failed (details in the message)
+EXIT_USAGE = 2        # bad command line (argparse uses 2 as well)
+EXIT_CONFIG = 3       # the configuration file is invalid
+EXIT_STATE = 4        # the state file cannot be used
+EXIT_ZFS = 5          # a zfs command failed or ZFS is unusable
+EXIT_BUSY = 6         # another process holds the state lock
+
+ROLE_MASTER = "master"
+ROLE_SLAVE = "slave"
+ROLES = (ROLE_MASTER, ROLE_SLAVE)
+
+log = logging.getLogger(PROG)
+
+
+class FlockerError(Exception):
+    """Every error the program reports.  The message says what is wrong and
+    what to do about it; the exit code tells scripts which kind it was."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(FlockerError):
+    exit_code = EXIT_CONFIG
+
+
+class StateError(FlockerError):
+    exit_code = EXIT_STATE
+
+
+class LockBusy(StateError):
+    exit_code = EXIT_BUSY
+
+
+class ZfsError(FlockerError):
+    exit_code = EXIT_ZFS
+
+
+# ===========================================================================
+# 2. Configuration
+# ===========================================================================
+#
+# One INI file, identical on both hosts.  Every option is declared once in
+# OPTIONS below, with its parser, default and unit; flocker.conf.example
+# documents the same table (a test checks they agree).
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+# A ZFS dataset component: letters, digits and _ - . : (as zfs allows).
+_DS_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_SSH_TARGET_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.:-]+$")
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+
+
+class _Invalid(Exception):
+    """Raised by an option parser: 'expected ...' text; the caller adds
+    file, section, option and the value found."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _p_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise _Invalid("a name of 1 to 32 letters, digits, '_', '.' or '-', "
+                       "starting with a letter or digit")
+    return value
+
+
+def _p_abspath(value: str) -> str:
+    if not value.startswith("/") or "\x00" in value:
+        raise _Invalid("an absolute path (starting with /)")
+    return os.path.normpath(value)
+
+
+def _p_port(value: str) -> int:
+    try:
+        port = int(value, 10)
+    except ValueError:
+        raise _Invalid("a UDP port number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise _Invalid("a UDP port number from 1 to 65535")
+    return port
+
+
+def _p_tcp_port(value: str) -> int:
+    try:
+        return _p_port(value)
+    except _Invalid:
+        raise _Invalid("a TCP port number from 1 to 65535") from None
+
+
+def _p_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise _Invalid("a number of seconds greater than 0 (e.g. 1.5)") from None
+    if not (seconds > 0 and seconds < 10 ** 7):  # also rejects nan and inf
+        raise _Invalid("a number of seconds greater than 0 (e.g. 1.5)")
+    return seconds
+
+
+def _p_count(value: str) -> int:
+    try:
+        count = int(value, 10)
+    except ValueError:
+        raise _Invalid("a whole number of at least 1") from None
+    if count < 1:
+        raise _Invalid("a whole number of at least 1")
+    return count
+
+
+_BOOLS = {"yes": True, "true": True, "on": True, "1": True,
+          "no": False, "false": False, "off": False, "0": False}
+
+
+def _p_bool(value: str) -> bool:
+    try:
+        return _BOOLS[value.lower()]
+    except KeyError:
+        raise _Invalid("yes or no") from None
+
+
+def _p_addresses(value: str) -> Tuple[str, ...]:
+    expected = ("one or more IP addresses separated by commas "
+                "(e.g. 192.0.2.1, 198.51.100.1); host names are not accepted")
+    items = [v.strip() for v in value.split(",")]
+    if not items or any(not v for v in items):
+        raise _Invalid(expected)
+    out = []
+    for item in items:
+        try:
+            addr = ipaddress.ip_address(item)
+        except ValueError:
+            raise _Invalid(expected) from None
+        if addr.is_unspecified or addr.is_multicast:
+            raise _Invalid("unicast IP addresses (not %s)" % item)
+        out.append(str(addr))
+    return tuple(out)
+
+
+def _p_dataset(value: str) -> str:
+    expected = ("a ZFS dataset below a pool, such as tank/shop "
+                "(letters, digits, '_', '-', '.', ':' separated by '/')")
+    parts = value.split("/")
+    if len(value) > 200 or len(parts) < 2:
+        raise _Invalid(expected)
+    if any(not _DS_COMPONENT_RE.match(p) for p in parts):
+        raise _Invalid(expected)
+    if not parts[0][0].isalpha():
+        raise _Invalid(expected)
+    return value
+
+
+def _p_ssh_target(value: str) -> str:
+    if not _SSH_TARGET_RE.match(value) or value.startswith("-"):
+        raise _Invalid("an ssh destination such as root@192.0.2.2 or "
+                       "backup.example.net")
+    return value
+
+
+def _p_command(value: str) -> Tuple[str, ...]:
+    try:
+        argv = shlex.split(value)
+    except ValueError as e:
+        raise _Invalid("a command line in shell quoting (%s)" % e) from None
+    if not argv:
+        raise _Invalid("a command line")
+    return tuple(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceAddress:
+    address: str       # e.g. 192.0.2.100
+    prefix: int        # e.g. 24
+    device: str        # e.g. eth0
+
+    def __str__(self) -> str:
+        return "%s/%d dev %s" % (self.address, self.prefix, self.device)
+
+
+def _p_service_address(value: str) -> ServiceAddress:
+    expected = "ADDRESS/PREFIX dev INTERFACE, e.g. 192.0.2.100/24 dev eth0"
+    words = value.split()
+    if len(words) != 3 or words[1] != "dev" or not _IFACE_RE.match(words[2]):
+        raise _Invalid(expected)
+    try:
+        iface = ipaddress.ip_interface(words[0])
+    except ValueError:
+        raise _Invalid(expected) from None
+    if "/" not in words[0]:
+        raise _Invalid(expected)
+    return ServiceAddress(str(iface.ip), iface.network.prefixlen, words[2])
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    parse: object          # callable str -> value
+    default: Optional[str]  # None: required; "" : optional, empty means unset
+    unit: str
+    doc: str
+
+
+CLUSTER_OPTIONS = (
+    Option("name", _p_name, None, "name",
+           "Cluster name; both nodes must use the same one."),
+    Option("secret_file", _p_abspath, "/etc/flocker/secret", "path",
+           "File with the shared secret (>= 32 random bytes, mode 0600)."),
+    Option("heartbeat_port", _p_port, "7788", "UDP port",
+           "Port the heartbeats are sent to and received on."),
+    Option("heartbeat_interval", _p_seconds, "1.0", "seconds",
+           "Time between two heartbeats."),
+    Option("dead_time", _p_seconds, "5.0", "seconds",
+           "Peer is dead when no valid heartbeat came for this long."),
+    Option("startup_wait", _p_seconds, "10.0", "seconds",
+           "At start, listen this long for the peer before deciding a role."),
+    Option("wait_for_peer", _p_bool, "no", "yes/no",
+           "A starting slave never promotes before it has heard its peer."),
+    Option("state_db", _p_abspath, "/var/lib/flocker/state.db", "path",
+           "sqlite file holding role, epoch and history."),
+    Option("replication_interval", _p_seconds, "10.0", "seconds",
+           "Time between two replication cycles on the master."),
+    Option("snapshot_keep", _p_count, "10", "snapshots",
+           "Replication snapshots kept on each side."),
+    Option("recursive", _p_bool, "no", "yes/no",
+           "Replicate child datasets too."),
+    Option("transfer_stall_timeout", _p_seconds, "60.0", "seconds",
+           "Kill a transfer that moved no data for this long."),
+    Option("ssh_identity", _p_abspath, "/etc/flocker/id_ed25519", "path",
+           "Private key used to ssh to the peer."),
+    Option("ssh_known_hosts", _p_abspath, "/etc/flocker/known_hosts", "path",
+           "known_hosts file holding the peer's host key."),
+    Option("ssh_connect_timeout", _p_seconds, "10.0", "seconds",
+           "ssh ConnectTimeout."),
+)
+
+SERVICE_OPTIONS = (
+    Option("start_command", _p_command, "", "command",
+           "Starts the user system (run when this node becomes master)."),
+    Option("stop_command", _p_command, "", "command",
+           "Stops the user system (run when this node stops being master)."),
+    Option("check_command", _p_command, "", "command",
+           "Exits 0 while the user system is healthy."),
+    Option("command_timeout", _p_seconds, "60.0", "seconds",
+           "Longest time a start, stop or check command may run."),
+    Option("service_address", _p_service_address, "", "address",
+           "Address the master owns: ADDRESS/PREFIX dev INTERFACE."),
+)
+
+NODE_OPTIONS = (
+    Option("address", _p_addresses, None, "IP addresses",
+           "This node's heartbeat address(es), one per link, comma-separated."),
+    Option("ssh", _p_ssh_target, "", "user@host",
+           "How the peer reaches this node by ssh (default: root@first address)."),
+    Option("ssh_port", _p_tcp_port, "22", "TCP port",
+           "sshd port on this node."),
+    Option("dataset", _p_dataset, None, "dataset",
+           "The replicated ZFS dataset on this node (names may differ per node)."),
+    Option("state_db", _p_abspath, "", "path",
+           "Overrides [cluster] state_db for this node."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    addresses: Tuple[str, ...]
+    ssh: str
+    ssh_port: int
+    dataset: str
+    state_db: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    start_command: Optional[Tuple[str, ...]]
+    stop_command: Optional[Tuple[str, ...]]
+    check_command: Optional[Tuple[str, ...]]
+    command_timeout: float
+    service_address: Optional[ServiceAddress]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str
+    name: str
+    secret_file: str
+    secret: bytes = dataclasses.field(repr=False)
+    heartbeat_port: int = 7788
+    heartbeat_interval: float = 1.0
+    dead_time: float = 5.0
+    startup_wait: float = 10.0
+    wait_for_peer: bool = False
+    state_db: str = ""       # cluster default; each node's own is NodeConfig.state_db
+    replication_interval: float = 10.0
+    snapshot_keep: int = 10
+    recursive: bool = False
+    transfer_stall_timeout: float = 60.0
+    ssh_identity: str = ""
+    ssh_known_hosts: str = ""
+    ssh_connect_timeout: float = 10.0
+    service: Optional[ServiceConfig] = None
+    nodes: Tuple[NodeConfig, ...] = ()
+    local_name: str = ""   # which of the two nodes this host is
+
+    @property
+    def local(self) -> NodeConfig:
+        return self.node(self.local_name)
+
+    @property
+    def peer(self) -> NodeConfig:
+        return [n for n in self.nodes if n.name != self.local_name][0]
+
+    def node(self, name: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.secret)
+
+
+def key_id(secret: bytes) -> str:
+    """A short public fingerprint of a secret: compare it across hosts
+    without showing the secret."""
+    return hashlib.sha256(b"flocker-failover key id\x00" + secret).hexdigest()[:8]
+
+
+def _parse_section(path, section, options, raw) -> Dict[str, object]:
+    """Parse one section against its option table; unknown options are
+    errors.  Returns {option name: parsed value or None when unset}."""
+    known = {o.name: o for o in options}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                "%s: [%s] %s: unknown option; the options of this section are: %s"
+                % (path, section, key, ", ".join(sorted(known))))
+    values = {}
+    for opt in options:
+        text = raw.get(opt.name)
+        if text is None:
+            if opt.default is None:
+                raise ConfigError("%s: [%s] %s: missing; expected %s"
+                                  % (path, section, opt.name, _expected_of(opt)))
+            text = opt.default
+        text = text.strip()
+        if text == "" and opt.default == "":
+            values[opt.name] = None
+            continue
+        try:
+            values[opt.name] = opt.parse(text)
+        except _Invalid as e:
+            raise ConfigError("%s: [%s] %s: expected %s, found %r"
+                              % (path, section, opt.name, e.expected, text)) from None
+    return values
+
+
+def _expected_of(opt: Option) -> str:
+    try:
+        opt.parse("")
+    except _Invalid as e:
+        return e.expected
+    return opt.unit  # pragma: no cover - every required option rejects ""
+
+
+def read_secret(path: str, section: str, option: str, config_path: str) -> bytes:
+    """Read and check the shared secret file."""
+    where = "%s: [%s] %s" % (config_path, section, option)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ConfigError(
+            "%s: cannot read the secret file %s: %s; create it on one node with "
+            "'flocker_failover.py genkey --output %s' and copy it to the other"
+            % (where, path, e.strerror, path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("%s: %s is not a regular file" % (where, path))
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                "%s: the secret file %s is readable by group or others (mode %04o); "
+                "run: chmod 600 %s" % (where, path, stat.S_IMODE(st.st_mode), path))
+        if st.st_uid != os.geteuid():
+            raise ConfigError(
+                "%s: the secret file %s belongs to uid %d, not to the user running "
+                "flocker-failover (uid %d); run: chown %d %s"
+                % (where, path, st.st_uid, os.geteuid(), os.geteuid(), path))
+        data = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    secret = data.strip()
+    if len(data) > 4096:
+        raise ConfigError("%s: the secret file %s is larger than 4096 bytes; "
+                          "it should hold one key made by genkey" % (where, path))
+    if len(secret) < 32:
+        raise ConfigError(
+            "%s: the secret file %s holds %d bytes; at least 32 random bytes are "
+            "needed; make one with 'flocker_failover.py genkey --output FILE'"
+            % (where, path, len(secret)))
+    if len(set(secret)) < 12:
+        raise ConfigError(
+            "%s: the secret in %s does not look random (only %d different byte "
+            "values); make one with 'flocker_failover.py genkey --output FILE'"
+            % (where, path, len(set(secret))))
+    return secret
+
+
+def load_config(path: str, node: Optional[str] = None,
+                identify: bool = True) -> Config:
+    """Read, parse and validate the whole configuration; find which node
+    this host is (unless identify is False).  Raises ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(
+            "cannot read the configuration file %s: %s; copy flocker.conf.example "
+            "there and edit it, or pass --config PATH" % (path, e.strerror)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("%s: not UTF-8 text (%s)" % (path, e)) from None
+    cfg = parse_config(text, path)
+    if identify:
+        cfg = dataclasses.replace(cfg, local_name=identify_node(cfg, node))
+    elif node is not None:
+        cfg = dataclasses.replace(cfg, local_name=identify_node(cfg, node))
+    return cfg
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    # default_section is set to a name no file uses, so that a [DEFAULT]
+    # section is rejected as unknown instead of silently applying everywhere.
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False,
+        default_section="\x00unused")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError("%s: line %d: text before the first [section] header: %r"
+                          % (path, e.lineno, e.line.strip())) from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError("%s: line %s: section [%s] appears twice"
+                          % (path, e.lineno, e.section)) from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError("%s: line %s: [%s] %s appears twice in the section"
+                          % (path, e.lineno, e.section, e.option)) from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        raise ConfigError("%s: line %d: cannot parse %s; expected 'option = value' "
+                          "or a [section] header" % (path, lineno, line.strip()))
+    except configparser.Error as e:  # pragma: no cover - other parser errors
+        raise ConfigError("%s: %s" % (path, e)) from None
+
+    node_sections = []
+    for section in parser.sections():
+        if section in ("cluster", "service"):
+            continue
+        words = section.split()
+        if len(words) == 2 and words[0] == "node":
+            node_sections.append(section)
+            continue
+        raise ConfigError(
+            "%s: [%s]: unknown section; expected [cluster], [service] or "
+            "[node NAME]" % (path, section))
+    if not parser.has_section("cluster"):
+        raise ConfigError("%s: [cluster]: missing section; it must at least set "
+                          "name" % path)
+    if len(node_sections) != 2:
+        raise ConfigError(
+            "%s: expected exactly two [node NAME] sections, found %d%s; "
+            "flocker-failover runs on exactly two hosts"
+            % (path, len(node_sections),
+               (" (" + ", ".join("[%s]" % s for s in node_sections) + ")")
+               if node_sections else ""))
+
+    c = _parse_section(path, "cluster", CLUSTER_OPTIONS, dict(parser["cluster"]))
+    s = _parse_section(path, "service", SERVICE_OPTIONS,
+                       dict(parser["service"]) if parser.has_section("service") else {})
+
+    if c["dead_time"] < 2 * c["heartbeat_interval"]:
+        raise ConfigError(
+            "%s: [cluster] dead_time: expected at least twice heartbeat_interval "
+            "(%g s), so that one lost heartbeat cannot cause a failover, found %g"
+            % (path, c["heartbeat_interval"], c["dead_time"]))
+    if (s["start_command"] is None) != (s["stop_command"] is None):
+        have, missing = (("start_command", "stop_command")
+                         if s["stop_command"] is None
+                         else ("stop_command", "start_command"))
+        raise ConfigError(
+            "%s: [service] %s: missing; expected a command because %s is set "
+            "(a master must be able to stop what it started)" % (path, missing, have))
+
+    nodes = []
+    for section in node_sections:
+        name = section.split()[1]
+        try:
+            _p_name(name)
+        except _Invalid as e:
+            raise ConfigError("%s: [%s]: node name: expected %s, found %r"
+                              % (path, section, e.expected, name)) from None
+        n = _parse_section(path, section, NODE_OPTIONS, dict(parser[section]))
+        addrs = n["address"]
+        if len(set(addrs)) != len(addrs):
+            raise ConfigError("%s: [%s] address: lists the same address twice: %s"
+                              % (path, section, ", ".join(addrs)))
+        ssh_target = n["ssh"] or "root@" + addrs[0]
+        nodes.append(NodeConfig(
+            name=name, addresses=addrs, ssh=ssh_target, ssh_port=n["ssh_port"],
+            dataset=n["dataset"], state_db=n["state_db"] or c["state_db"]))
+
+    a, b = nodes
+    if a.name == b.name:  # pragma: no cover - configparser refuses this first
+        raise ConfigError("%s: both node sections are named %s" % (path, a.name))
+    shared = set(a.addresses) & set(b.addresses)
+    if shared:
+        raise ConfigError(
+            "%s: [node %s] address and [node %s] address: both nodes use %s; "
+            "each node needs its own addresses"
+            % (path, a.name, b.name, ", ".join(sorted(shared))))
+    if len(a.addresses) != len(b.addresses):
+        raise ConfigError(
+            "%s: [node %s] address: expected one address per link on each node "
+            "(node %s has %d), found %d"
+            % (path, a.name, b.name, len(b.addresses), len(a.addresses)))
+    for i, (x, y) in enumerate(zip(a.addresses, b.addresses)):
+        if ipaddress.ip_address(x).version != ipaddress.ip_address(y).version:
+            raise ConfigError(
+                "%s: [node %s] address: link %d joins %s and %s, which are not "
+                "of the same IP version" % (path, a.name, i + 1, x, y))
+    svc = ServiceConfig(
+        start_command=s["start_command"], stop_command=s["stop_command"],
+        check_command=s["check_command"], command_timeout=s["command_timeout"],
+        service_address=s["service_address"])
+
+    secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
+    return Config(
+        path=path, name=c["name"], secret_file=c["secret_file"], secret=secret,
+        heartbeat_port=c["heartbeat_port"],
+        heartbeat_interval=c["heartbeat_interval"], dead_time=c["dead_time"],
+        startup_wait=c["startup_wait"], wait_for_peer=c["wait_for_peer"],
+        state_db=c["state_db"], replication_interval=c["replication_interval"],
+        snapshot_keep=c["snapshot_keep"], recursive=c["recursive"],
+        transfer_stall_timeout=c["transfer_stall_timeout"],
+        ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
+        ssh_connect_timeout=c["ssh_connect_timeout"],
+        service=svc, nodes=tuple(nodes))
+
+
+def _address_is_local(address: str) -> bool:
+    """True when this host (in its network namespace) owns the address:
+    binding a socket to a foreign address fails with EADDRNOTAVAIL."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def identify_node(cfg: Config, override: Optional[str] = None,
+                  is_local=_address_is_local, hostname: Optional[str] = None) -> str:
+    """Which of the two nodes this host is: --node, else the node owning one
+    of this host's addresses, else the node named like this host."""
+    names = [n.name for n in cfg.nodes]
+    if override is not None:
+        if override not in names:
+            raise ConfigError("--node %s: expected one of the nodes in %s: %s"
+                              % (override, cfg.path, ", ".join(names)))
+        return override
+    owners = [n.name for n in cfg.nodes if any(is_local(a) for a in n.addresses)]
+    if len(owners) == 1:
+        return owners[0]
+    if len(owners) == 2:
+        raise ConfigError(
+            "%s: this host owns heartbeat addresses of both nodes (%s); "
+            "run with --node NAME to say which node it is"
+            % (cfg.path, ", ".join(names)))
+    host = hostname if hostname is not None else socket.gethostname()
+    short = host.split(".")[0]
+    for n in cfg.nodes:
+        if n.name in (host, short):
+            return n.name
+    raise ConfigError(
+        "%s: this host has none of the heartbeat addresses of nodes %s, and its "
+        "host name %r is not a node name; run with --node NAME"
+        % (cfg.path, " or ".join("%s (%s)" % (n.name, ", ".join(n.addresses))
+                                 for n in cfg.nodes), host))
+
+
+def _format_value(opt: Option, value) -> str:
+    """An option's parsed value written back as the config file spells it."""
+    if value is None:
+        return ""
+    if opt.parse is _p_bool:
+        return "yes" if value else "no"
+    if opt.parse is _p_command:
+        return " ".join(shlex.quote(x) for x in value)
+    if opt.parse is _p_addresses:
+        return ", ".join(value)
+    if isinstance(value, float):
+        return "%g" % value
+    return str(value)
+
+
+def describe_config(cfg: Config) -> List[str]:
+    """The effective configuration as INI lines, the secret masked."""
+    lines = ["# effective configuration of %s" % cfg.path,
+             "# this host is node %s" % (cfg.local_name or "(not identified)"),
+             "[cluster]"]
+    for o in CLUSTER_OPTIONS:
+        lines.append("%s = %s" % (o.name, _format_value(o, getattr(cfg, o.name))))
+        if o.name == "secret_file":
+            lines.append("# secret: %d bytes, masked; key id %s (must match on both nodes)"
+                         % (len(cfg.secret), cfg.key_id))
+    lines += ["", "[service]"]
+    for o in SERVICE_OPTIONS:
+        lines.append("%s = %s" % (o.name, _format_value(o, getattr(cfg.service, o.name))))
+    for n in cfg.nodes:
+        lines += ["", "[node %s]%s" % (n.name, "  # this host" if n.name == cfg.local_name else "")]
+        for o in NODE_OPTIONS:
+            attr = "addresses" if o.name == "address" else o.name
+            lines.append("%s = %s" % (o.name, _format_value(o, getattr(n, attr))))
+    return lines
+
+
+# ===========================================================================
+# 3. The state store
+# ===========================================================================
+#
+# One sqlite file per node.  Schema changes are migrations applied in order
+# (PRAGMA user_version counts how many ran); a fresh file runs them all, an
+# old file runs the missing ones, a newer file is refused.  One process at a
+# time may write: it holds an exclusive flock on "<state_db>.lock".
+
+STATE_APPLICATION_ID = 0x464C4B52  # "FLKR": marks the file as ours
+
+MIGRATIONS = (
+    # 1: own role and epoch, the append-only event log
+    """
+    CREATE TABLE node_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        node TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('master', 'slave')),
+        epoch INTEGER NOT NULL CHECK (epoch >= 0),
+        generation INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+    """,
+    # 2: peer observations, replication history, preserved divergent data,
+    #    the outdated flag, and intents (crash-safe multi-step actions)
+    """
+    ALTER TABLE node_state ADD COLUMN outdated INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE peer (
+        node TEXT PRIMARY KEY,
+        seen REAL NOT NULL,
+        role TEXT,
+        epoch INTEGER,
+        generation INTEGER,
+        snapshot TEXT,
+        guid TEXT,
+        health TEXT
+    );
+    CREATE TABLE replications (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started REAL NOT NULL,
+        finished REAL,
+        base TEXT,
+        snapshot TEXT NOT NULL,
+        guid TEXT,
+        bytes INTEGER,
+        seconds REAL,
+        result TEXT NOT NULL CHECK (result IN ('running', 'ok', 'failed')),
+        error TEXT
+    );
+    CREATE TABLE preserved (
+        dataset TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        epoch INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE TABLE intents (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        action TEXT NOT NULL,
+        started REAL NOT NULL,
+        step TEXT NOT NULL,
+        data TEXT NOT NULL DEFAULT '{}',
+        finished REAL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeState:
+    node: str
+    role: str
+    epoch: int
+    generation: int
+    outdated: bool
+    created: float
+
+
+class StateLock:
+    """Exclusive advisory lock beside the state file; at most one writer
+    (daemon, init, sync...) drives a state file at a time."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        self.fd = None  # type: Optional[int]
+
+    def acquire(self, purpose: str) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateError(_unwritable_message(self.path, e.strerror)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            finally:
+                os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise StateError("cannot lock %s: %s" % (self.path, e.strerror)) from None
+            raise LockBusy(
+                "the state file %s is in use by another flocker-failover process "
+                "(%s); only one may drive it at a time: stop that one first, or "
+                "talk to the running daemon" % (self.path[:-5], holder or "pid unknown")
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ("pid %d, %s" % (os.getpid(), purpose)).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _unwritable_message(path: str, reason: str) -> str:
+    return ("cannot write the state directory %s: %s; make it writable for "
+            "this user or set state_db in the configuration to a path that is"
+            % (os.path.dirname(path) or ".", reason))
+
+
+class StateStore:
+    """The node's persistent state.  Every change is one transaction;
+    synchronous=FULL so that a committed role change survives power loss."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection,
+                 lock: Optional[StateLock]) -> None:
+        self.path = path
+        self.conn = conn
+        self.lock = lock
+
+    # -- opening --------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, *, create: bool = False, lock_for: Optional[str] = None,
+             lock: Optional[StateLock] = None) -> "StateStore":
+        """Open the state file.  create: make it (and its directory) when
+        missing.  lock_for: take the single-writer lock, naming the purpose
+        (the lock is required to create or migrate the file); or pass a lock
+        this process already holds."""
+        directory = os.path.dirname(path) or "."
+        exists = os.path.exists(path)
+        if not exists and not create:
+            raise StateError(
+                "no state file at %s: this node was not initialised; run "
+                "'flocker_failover.py init --role master' on the node that runs "
+                "the service now and '... init --role slave' on the other" % path)
+        if not exists:
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise StateError(_unwritable_message(path, e.strerror)) from None
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise StateError(_unwritable_message(path, "permission denied"))
+        if lock is None and lock_for is not None:
+            lock = StateLock(path)
+            lock.acquire(lock_for)
+        try:
+            conn = cls._connect(path, exists)
+            store = cls(path, conn, lock)
+            store._check_and_migrate(may_write=lock is not None, fresh=not exists)
+            return store
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @staticmethod
+    def _connect(path: str, exists: bool) -> sqlite3.Connection:
+        try:
+            if exists:
+                # never let sqlite create a file behind our back
+                conn = sqlite3.connect("file:%s?mode=rw" % _uri_path(path), uri=True,
+                                       timeout=10, isolation_level=None)
+            else:
+                conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StateError(_unwritable_message(path, str(e))) from None
+        return conn
+
+    def _check_and_migrate(self, may_write: bool, fresh: bool) -> None:
+        c = self.conn
+        try:
+            check = c.execute("PRAGMA quick_check").fetchone()[0]
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise StateError(self._corrupt_message(str(e))) from None
+        if check != "ok":
+            raise StateError(self._corrupt_message("integrity check: " + check))
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                "the state file %s has schema version %d, written by a newer "
+                "flocker-failover; this program (%s) knows version %d at most. "
+                "The file was left untouched: run the newer program, or restore "
+                "a backup made for this version" % (self.path, version, VERSION,
+                                                     SCHEMA_VERSION))
+        if not fresh and app_id != STATE_APPLICATION_ID:
+            raise StateError(self._corrupt_message(
+                "it is an sqlite database, but not a flocker-failover state file"))
+        if version == SCHEMA_VERSION:
+            self._tune()
+            return
+        if not may_write:
+            raise StateError(
+                "the state file %s has schema version %d; this program uses "
+                "version %d and will upgrade it the next time a command that "
+                "changes state runs (init, or the daemon)"
+                % (self.path, version, SCHEMA_VERSION))
+        try:
+            if fresh or c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("BEGIN IMMEDIATE")
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _split_sql(MIGRATIONS[step]):
+                    c.execute(statement)
+            c.execute("PRAGMA application_id = %d" % STATE_APPLICATION_ID)
+            c.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            c.execute("COMMIT")
+        except sqlite3.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            if "readonly" in str(e) or "unable to open" in str(e):
+                raise StateError(_unwritable_message(self.path, str(e))) from None
+            raise StateError("cannot upgrade the state file %s from schema %d to %d: "
+                             "%s; it was left as it was"
+                             % (self.path, version, SCHEMA_VERSION, e)) from None
+        if version > 0:
+            log.info("upgraded state file %s from schema %d to %d",
+                     self.path, version, SCHEMA_VERSION)
+        self._tune()
+
+    def _tune(self) -> None:
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+
+    def _corrupt_message(self, detail: str) -> str:
+        return ("the state file %s cannot be used (%s). It was left untouched. "
+                "Restore it from a backup, or move it aside and run "
+                "'flocker_failover.py init --force --role ...' after checking on "
+                "both nodes which one holds the newest data" % (self.path, detail))
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "StateStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        if self.lock is None:
+            raise StateError("internal error: state changed without holding its lock")
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # -- reading --------------------------------------------------------
+
+    def node_state(self) -> Optional[NodeState]:
+        row = self.conn.execute(
+            "SELECT node, role, epoch, generation, outdated, created "
+            "FROM node_state WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
+
+    def events(self, limit: int = 20) -> List[dict]:
+        rows = self.conn.execute(
+            "SELECT id, ts, level, kind, message FROM events ORDER BY id DESC LIMIT ?",
+            (limit,)).fetchall()
+        return [dict(id=r[0], ts=r[1], level=r[2], kind=r[3], message=r[4])
+                for r in reversed(rows)]
+
+    def peer(self, name: str) -> Optional[dict]:
+        row = self.conn.execute(
+            "SELECT node, seen, role, epoch, generation, snapshot, guid, health "
+            "FROM peer WHERE node = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        keys = ("node", "seen", "role", "epoch", "generation", "snapshot", "guid", "health")
+        return dict(zip(keys, row))
+
+    def last_replication(self) -> Optional[dict]:
+        row = self.conn.execute(
+            "SELECT id, started, finished, base, snapshot, guid, bytes, seconds, result, "
+            "error FROM replications ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        keys = ("id", "started", "finished", "base", "snapshot", "guid", "bytes",
+                "seconds", "result", "error")
+        return dict(zip(keys, row))
+
+    def preserved(self) -> List[dict]:
+        rows = self.conn.execute(
+            "SELECT dataset, created, epoch, origin, reason FROM preserved "
+            "ORDER BY created").fetchall()
+        return [dict(dataset=r[0], created=r[1], epoch=r[2], origin=r[3], reason=r[4])
+                for r in rows]
+
+    def has_history(self) -> bool:
+        """True once anything beyond 'init' happened on this node."""
+        c = self.conn
+        return bool(
+            c.execute("SELECT 1 FROM events WHERE kind != 'init' LIMIT 1").fetchone()
+            or c.execute("SELECT 1 FROM replications LIMIT 1").fetchone()
+            or c.execute("SELECT 1 FROM preserved LIMIT 1").fetchone()
+            or c.execute("SELECT 1 FROM peer LIMIT 1").fetchone())
+
+    # -- writing (each a transaction) -------------------------------------
+
+    def _event(self, conn, kind: str, message: str, level: str = "info") -> None:
+        conn.execute("INSERT INTO events (ts, level, kind, message) VALUES (?, ?, ?, ?)",
+                     (time.time(), level, kind, message))
+
+    def record_event(self, kind: str, message: str, level: str = "info") -> None:
+        with self.transaction() as conn:
+            self._event(conn, kind, message, level)
+
+    def initialise(self, node: str, role: str, epoch: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO node_state (id, node, role, epoch, generation, created) "
+                "VALUES (1, ?, ?, ?, 0, ?)", (node, role, epoch, time.time()))
+            self._event(conn, "init", "initialised node %s as %s, epoch %d"
+                        % (node, role, epoch))
+
+    def set_role(self, role: str, epoch: int, reason: str) -> None:
+        if role not in ROLES:
+            raise ValueError(role)
+        with self.transaction() as conn:
+            old = conn.execute("SELECT role, epoch FROM node_state WHERE id = 1").fetchone()
+            if epoch < old[1]:
+                raise StateError("internal error: epoch would go back from %d to %d"
+                                 % (old[1], epoch))
+            conn.execute("UPDATE node_state SET role = ?, epoch = ? WHERE id = 1",
+                         (role, epoch))
+            self._event(conn, "role", "%s -> %s, epoch %d -> %d: %s"
+                        % (old[0], role, old[1], epoch, reason))
+
+    def next_generation(self) -> int:
+        """Raise and return the boot generation (once per daemon start)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE node_state SET generation = generation + 1 WHERE id = 1")
+            return conn.execute("SELECT generation FROM node_state WHERE id = 1").fetchone()[0]
+
+    def backup_and_remove(self) -> str:
+        """Move the state file (with its WAL) aside; returns the backup path."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        backup = "%s.bak-%s" % (self.path, stamp)
+        n = 1
+        while os.path.exists(backup):
+            n += 1
+            backup = "%s.bak-%s-%d" % (self.path, stamp, n)
+        self.conn.close()
+        os.rename(self.path, backup)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + suffix)
+        return backup
+
+
+def _uri_path(path: str) -> str:
+    from urllib.parse import quote
+    return quote(os.path.abspath(path))
+
+
+def _split_sql(script: str) -> List[str]:
+    """Split a migration into statements (triggers hold inner ';')."""
+    statements, current = [], []
+    for line in script.strip().splitlines():
+        current.append(line)
+        joined = "\n".join(current).strip()
+        if joined.endswith(";") and sqlite3.complete_statement(joined):
+            statements.append(joined)
+            current = []
+    if "\n".join(current).strip():
+        raise ValueError("unterminated SQL statement in a migration")
+    return statements
+
+
+# ===========================================================================
+# 5. ZFS and ssh adapters
+# ===========================================================================
+
+ZFS_TIMEOUT = 60.0
+
+
+class Zfs:
+    """A thin adapter over the zfs command on this host."""
+
+    def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT) -> None:
+        self.zfs = zfs
+        self.timeout = timeout
+
+    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+        argv = [self.zfs] + list(args)
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=self.timeout,
+                                  universal_newlines=True)
+        except FileNotFoundError:
+            raise ZfsError("the zfs command (%s) was not found; install ZFS "
+                           "(OpenZFS, or zfs-fuse for testing) and make sure zfs "
+                           "is in PATH" % self.zfs) from None
+        except subprocess.TimeoutExpired:
+            raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
+                           % (" ".join(argv), self.timeout)) from None
+        if check and proc.returncode != 0:
+            raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(proc.stderr)))
+        return proc
+
+    def exists(self, dataset: str) -> bool:
+        proc = self.run(["list", "-H", "-o", "name", dataset], check=False)
+        if proc.returncode == 0:
+            return True
+        if "does not exist" in proc.stderr:
+            return False
+        raise ZfsError("'zfs list %s' failed: %s" % (dataset, _stderr_text(proc.stderr)))
+
+    def check_works(self, dataset: str) -> None:
+        """Raise a clear ZfsError unless zfs runs and the pool is there."""
+        pool = dataset.split("/")[0]
+        proc = self.run(["list", "-H", "-o", "name", pool], check=False)
+        if proc.returncode != 0:
+            text = _stderr_text(proc.stderr)
+            if "does not exist" in text:
+                raise ZfsError("the pool %s of dataset %s does not exist on this "
+                               "host ('zpool list' shows the pools there are)"
+                               % (pool, dataset))
+            raise ZfsError("zfs does not work here: 'zfs list %s' said: %s; is the "
+                           "ZFS module (or the zfs-fuse daemon) running?" % (pool, text))
+
+    def create(self, dataset: str) -> None:
+        self.run(["create", dataset])
+
+    def get(self, dataset: str, props: Sequence[str]) -> Dict[str, str]:
+        """Parsed 'zfs get -H -p' values of one dataset."""
+        proc = self.run(["get", "-H", "-p", "-o", "property,value", ",".join(props),
+                         dataset])
+        out = {}
+        for line in proc.stdout.splitlines():
+            prop, _, value = line.partition("\t")
+            out[prop] = value
+        return out
+
+
+def _stderr_text(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return "; ".join(lines[-5:]) or "(no message)"
+
+
+# ===========================================================================
+# 7. Actions
+# ===========================================================================
+
+
+def initial_epoch(role: str) -> int:
+    """The first master reigns in epoch 1; a fresh slave has seen none."""
+    return 1 if role == ROLE_MASTER else 0
+
+
+def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[str]]:
+    """Prepare this node.  Returns (summary, list of things done).  Refuses
+    to overwrite a node with history unless force, and then keeps a backup."""
+    me = cfg.local
+    done = []
+    zfs.check_works(me.dataset)
+    if zfs.exists(me.dataset):
+        done.append("dataset %s exists" % me.dataset)
+    elif role == ROLE_MASTER:
+        parent = me.dataset.rsplit("/", 1)[0]
+        if not zfs.exists(parent):
+            raise ZfsError("neither the dataset %s nor its parent %s exist; create "
+                           "the parent with 'zfs create -p %s'" % (me.dataset, parent, parent))
+        zfs.create(me.dataset)
+        done.append("created dataset %s" % me.dataset)
+    else:
+        parent = me.dataset.rsplit("/", 1)[0]
+        if not zfs.exists(parent):
+            raise ZfsError("the parent %s of the replica %s does not exist; create it "
+                           "with 'zfs create -p %s'" % (parent, me.dataset, parent))
+        done.append("dataset %s will be created by the first replication" % me.dataset)
+
+    exists = os.path.exists(me.state_db)
+    try:
+        store = StateStore.open(me.state_db, create=True, lock_for="init")
+    except StateError:
+        if not (exists and force):
+            raise
+        # a corrupt or foreign file: with --force, keep it aside untouched
+        backup = _move_aside(me.state_db)
+        done.append("moved the unusable state file to %s" % backup)
+        store = StateStore.open(me.state_db, create=True, lock_for="init")
+    try:
+        current = store.node_state()
+        if current is not None:
+            same = current.node == me.name and current.role == role
+            if same and not store.has_history():
+                return ("node %s is already initialised as %s (epoch %d); nothing to do"
+                        % (me.name, role, current.epoch), done)
+            if not force:
+                raise StateError(
+                    "node %s is already initialised as %s, epoch %d%s, in %s; "
+                    "refusing to reinitialise it. Use --force to start over (the "
+                    "old state file is kept as a backup)"
+                    % (current.node, current.role, current.epoch,
+                       " and has history" if store.has_history() else "", me.state_db))
+            lock = store.lock
+            backup = store.backup_and_remove()   # keeps holding the lock
+            done.append("kept the old state file as %s" % backup)
+            store = StateStore.open(me.state_db, create=True, lock=lock)
+        store.initialise(me.name, role, initial_epoch(role))
+        done.append("state file %s records role %s, epoch %d"
+                    % (me.state_db, role, initial_epoch(role)))
+        return ("initialised node %s as %s" % (me.name, role), done)
+    finally:
+        store.close()
+
+
+def _move_aside(path: str) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backup = "%s.bad-%s" % (path, stamp)
+    os.rename(path, backup)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.rename(path + suffix, backup + suffix)
+    return backup
+
+
+def status_report(cfg: Config, now: Optional[float] = None) -> dict:
+    """Everything 'status' shows, as one JSON-able dict (see README)."""
+    now = time.time() if now is None else now
+    with StateStore.open(cfg.local.state_db) as store:
+        st = store.node_state()
+        if st is None:
+            raise StateError("the state file %s holds no node state; run "
+                             "'flocker_failover.py init --role ...'" % cfg.local.state_db)
+        peer = store.peer(cfg.peer.name)
+        last = store.last_replication()
+        preserved = store.preserved()
+        events = store.events(limit=5)
+    peer_out = {"node": cfg.peer.name, "last_seen": None, "age_seconds": None,
+                "role": None, "epoch": None, "snapshot": None}
+    if peer is not None:
+        peer_out.update(last_seen=peer["seen"], age_seconds=round(now - peer["seen"], 3),
+                        role=peer["role"], epoch=peer["epoch"], snapshot=peer["snapshot"])
+    return {
+        "schema": 1,
+        "version": VERSION,
+        "cluster": cfg.name,
+        "node": st.node,
+        "role": st.role,
+        "epoch": st.epoch,
+        "generation": st.generation,
+        "outdated": st.outdated,
+        "dataset": cfg.local.dataset,
+        "state_db": cfg.local.state_db,
+        "daemon": None,
+        "peer": peer_out,
+        "last_replication": last,
+        "preserved": preserved,
+        "events": events,
+    }
+
+
+def _fmt_time(ts: Optional[float]) -> str:
+    if ts is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _fmt_age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return "%.1f s ago" % seconds
+    if seconds < 7200:
+        return "%d min ago" % (seconds // 60)
+    if seconds < 172800:
+        return "%.1f h ago" % (seconds / 3600)
+    return "%.1f days ago" % (seconds / 86400)
+
+
+def format_status(r: dict) -> str:
+    p = r["peer"]
+    lines = [
+        "cluster     %s" % r["cluster"],
+        "node        %s (this host), dataset %s" % (r["node"], r["dataset"]),
+        "role        %s, epoch %d%s" % (r["role"], r["epoch"],
+                                        ", replica known to be OUTDATED" if r["outdated"] else ""),
+        "daemon      %s" % ("running" if r["daemon"] else "not running (values from the state file)"),
+    ]
+    if p["last_seen"] is None:
+        lines.append("peer        %s: never seen" % p["node"])
+    else:
+        lines.append("peer        %s: last seen %s (%s), role %s, epoch %s"
+                     % (p["node"], _fmt_time(p["last_seen"]), _fmt_age(p["age_seconds"]),
+                        p["role"] or "?", p["epoch"] if p["epoch"] is not None else "?"))
+    last = r["last_replication"]
+    if last is None:
+        lines.append("replicated  never")
+    else:
+        lines.append("replicated  %s %s at %s%s" % (
+            last["snapshot"], last["result"], _fmt_time(last["finished"] or last["started"]),
+            (": " + last["error"]) if last["error"] else ""))
+    for pr in r["preserved"]:
+        lines.append("preserved   %s (epoch %d, %s): %s"
+                     % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
+    return "\n".join(lines)
+
+
+# ===========================================================================
+# 9. The command line
+# ===========================================================================
+
+
+def cmd_genkey(args, cfg_path: str) -> int:
+    key = secrets.token_hex(32) + "\n"
+    if args.output is None:
+        sys.stdout.write(key)
+        return EXIT_OK
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise FlockerError("cannot create %s: %s%s" % (
+            args.output, e.strerror,
+            "; it already exists, and a key is never overwritten: move it away first"
+            if e.errno == errno.EEXIST else "")) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    print("wrote a new key to %s (key id %s); copy this file to the other node with "
+          "mode 0600" % (args.output, key_id(key.strip().encode())))
+    return EXIT_OK
+
+
+def cmd_config_check(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    print("\n".join(describe_config(cfg)))
+    print("# configuration is valid", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_init(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    summary, done = init_node(cfg, args.role, args.force, Zfs())
+    for line in done:
+        print("  " + line)
+    print(summary)
+    return EXIT_OK
+
+
+def cmd_status(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    report = status_report(cfg)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_status(report))
+    return EXIT_OK
+
+
+def _add_genkey(p) -> None:
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="write the key to FILE (created with mode 0600, never "
+                        "overwritten) instead of standard output")
+
+
+def _add_init(p) -> None:
+    p.add_argument("--role", required=True, choices=ROLES,
+                   help="master on the node that runs the user system now, slave on "
+                        "the other")
+    p.add_argument("--force", action="store_true",
+                   help="start over on a node that already has history; the old "
+                        "state file is kept as a backup beside it")
+
+
+def _add_status(p) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (keys documented in README)")
+
+
+# name, handler, argument setup, one-line help.  Later issues add rows.
+COMMANDS = (
+    ("init", cmd_init, _add_init,
+     "prepare this node: state file, dataset check, initial role"),
+    ("status", cmd_status, _add_status,
+     "show role, epoch, peer and replication state"),
+    ("config-check", cmd_config_check, lambda p: None,
+     "validate the configuration and print it, secrets masked"),
+    ("genkey", cmd_genkey, _add_genkey,
+     "print a fresh random secret key for secret_file"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flocker_failover.py",
+        description="High availability for one user system on two hosts with ZFS "
+                    "replication and automatic failover.")
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, VERSION))
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="PATH",
+                        help="configuration file (default: %(default)s)")
+    parser.add_argument("--node", metavar="NAME",
+                        help="which node this host is (default: found from this "
+                             "host's addresses, then its host name)")
+    parser.add_argument("--verbose", "-v", action="count", default=0,
+                        help="more log output (repeat for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, handler, setup, helptext in COMMANDS:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        setup(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, format="%(name)s: %(levelname)s: %(message)s",
+        level=logging.WARNING - 10 * min(args.verbose, 2))
+    try:
+        return args.handler(args, args.config)
+    except FlockerError as e:
+        print("%s: error: %s" % (PROG, e.message), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("%s: interrupted" % PROG, file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

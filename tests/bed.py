@@ -1,0 +1,423 @@
+"""The test bed: real ZFS, two hosts in network namespaces, real sshd.
+
+Everything this module creates carries the name prefix ``fft<pid>x``, where
+<pid> is the pytest process that made it.  A later run removes what a dead
+run left behind (its pid no longer exists), and never touches what a live
+run (another checkout, a helper) is using.
+
+Addresses: only 192.0.2.0/24 (TEST-NET-1), and only inside namespaces made
+here.  Link i joins <host A> 192.0.2.(16*i+1)/28 and <host B>
+192.0.2.(16*i+2)/28 over a veth pair that exists only between the two
+namespaces, so no packet can leave them.
+"""
+
+import itertools
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAM = os.path.join(ROOT, "flocker_failover.py")
+PREFIX = "fft"
+OWNER = os.getpid()
+TAG = "%s%dx" % (PREFIX, OWNER)
+_STALE_RE = re.compile(r"^%s(\d+)x" % PREFIX)
+WORK_BASE = "/var/tmp"          # not /tmp: a RAM disk in the OpenZFS guest
+ZFS_FUSE_PIDFILE = "/run/zfs-fuse.pid"
+_counter = itertools.count(1)
+
+
+class BedUnavailable(Exception):
+    """The machine lacks something the bed needs (root, zfs, netns...)."""
+
+
+def unique(tag=""):
+    """A name no other run, and no earlier test of this run, uses."""
+    return "%s%d%s" % (TAG, next(_counter), tag)
+
+
+def sh(argv, check=True, timeout=60, **kw):
+    """Run a command on the machine itself; raise with its output on failure."""
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError("%s exited %d\nstdout: %s\nstderr: %s"
+                           % (argv, proc.returncode, proc.stdout, proc.stderr))
+    return proc
+
+
+def _pid_alive(pid):
+    """True while pid runs; a zombie has ended (its parent reaps it)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _stale(name):
+    m = _STALE_RE.match(name)
+    return bool(m) and int(m.group(1)) != OWNER and not _pid_alive(int(m.group(1)))
+
+
+# ---------------------------------------------------------------------------
+# ZFS
+# ---------------------------------------------------------------------------
+
+def zfs_kind():
+    """'openzfs' or 'zfs-fuse' (what the test bed runs against)."""
+    proc = sh(["zfs", "version"], check=False)
+    if proc.returncode == 0 and "zfs-" in proc.stdout:
+        return "openzfs"
+    return "zfs-fuse"
+
+
+def _zpool_works():
+    try:
+        return sh(["zpool", "list", "-H"], check=False, timeout=20).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+def ensure_zfs():
+    """Make ZFS usable: start the zfs-fuse daemon when no ZFS answers
+    (clearing what a crashed daemon left mounted), then remove pools that
+    dead test runs left behind."""
+    if os.geteuid() != 0:
+        raise BedUnavailable("needs root (ZFS pools, network namespaces, sshd)")
+    if shutil.which("zfs") is None or shutil.which("zpool") is None:
+        raise BedUnavailable("no zfs/zpool command (apt-get install zfs-fuse)")
+    if not _zpool_works():
+        if shutil.which("zfs-fuse") is None:
+            raise BedUnavailable("ZFS does not answer and zfs-fuse is not installed")
+        if sh(["pgrep", "-x", "zfs-fuse"], check=False).returncode == 0:
+            # alive but slow (busy machine): give it time before giving up
+            for _ in range(40):
+                if _zpool_works():
+                    break
+                time.sleep(0.5)
+        else:
+            _start_zfs_fuse()
+        if not _zpool_works():
+            raise BedUnavailable("ZFS still does not answer ('zpool list' fails)")
+    _remove_stale_pools()
+
+
+def _start_zfs_fuse():
+    # A zfs-fuse killed hard leaves its FUSE mounts behind ("transport
+    # endpoint is not connected"); a new daemon refuses to start over them.
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        mnt, fstype = fields[1], fields[2]
+        if fstype == "fuse.zfs" or (fstype == "fuse" and mnt == "/zfs-kstat"):
+            sh(["umount", "-l", mnt.replace("\\040", " ")], check=False)
+    if os.path.exists(ZFS_FUSE_PIDFILE):
+        os.unlink(ZFS_FUSE_PIDFILE)
+    sh(["zfs-fuse", "-p", ZFS_FUSE_PIDFILE])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if _zpool_works():
+            return
+        time.sleep(0.2)
+
+
+def _remove_stale_pools():
+    proc = sh(["zpool", "list", "-H", "-o", "name"], check=False)
+    for name in proc.stdout.split():
+        if _stale(name):
+            sh(["zpool", "destroy", "-f", name], check=False)
+    for entry in os.listdir(WORK_BASE):
+        if _stale(entry):
+            _remove_workdir(os.path.join(WORK_BASE, entry))
+
+
+def _remove_workdir(path):
+    # pools first: a vdev file of a live pool must not vanish under it
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Pool:
+    """A pool on a sparse file, named uniquely, mounted under the work dir."""
+
+    def __init__(self, workdir, tag, size_mb=256):
+        self.name = unique(tag)
+        self.vdev = os.path.join(workdir, self.name + ".img")
+        self.mountpoint = os.path.join(workdir, "mnt", self.name)
+        with open(self.vdev, "wb") as f:
+            f.truncate(size_mb * 1024 * 1024)
+        os.makedirs(self.mountpoint, exist_ok=True)
+        sh(["zpool", "create", "-f", "-m", self.mountpoint, self.name, self.vdev])
+
+    def destroy(self):
+        sh(["zpool", "destroy", "-f", self.name], check=False)
+        if os.path.exists(self.vdev):
+            os.unlink(self.vdev)
+
+
+# ---------------------------------------------------------------------------
+# Hosts: network namespaces with their own sshd
+# ---------------------------------------------------------------------------
+
+def _remove_stale_namespaces():
+    proc = sh(["ip", "netns", "list"], check=False)
+    for line in proc.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if _stale(name):
+            _kill_namespace(name)
+            sh(["ip", "netns", "del", name], check=False)
+
+
+def _netns_pids(ns):
+    proc = sh(["ip", "netns", "pids", ns], check=False)
+    return [int(p) for p in proc.stdout.split()]
+
+
+def _kill_namespace(ns, sig=signal.SIGKILL, keep=()):
+    pids = [p for p in _netns_pids(ns) if p not in keep]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    return pids
+
+
+class Host:
+    """One host: a network namespace, its addresses, its sshd, its pool."""
+
+    def __init__(self, bed, name, ns, addresses):
+        self.bed = bed
+        self.name = name            # node name in the config: alpha / beta
+        self.ns = ns
+        self.addresses = addresses  # one per link
+        self.address = addresses[0]
+        self.pool = None
+        self.dataset = None
+        self.sshd = None
+        self.host_key = os.path.join(bed.workdir, "ssh", "host_%s" % name)
+        self.state_db = os.path.join(bed.workdir, name, "state.db")
+
+    # running things "on" this host
+    def argv(self, argv):
+        return ["ip", "netns", "exec", self.ns] + list(argv)
+
+    def run(self, argv, check=True, timeout=60, **kw):
+        return sh(self.argv(argv), check=check, timeout=timeout, **kw)
+
+    def popen(self, argv, **kw):
+        return subprocess.Popen(self.argv(argv), **kw)
+
+    def flocker(self, *args, check=False, timeout=60, config=None):
+        """Run flocker_failover.py on this host against the bed's config."""
+        argv = [sys.executable, PROGRAM, "--config", config or self.bed.config_path,
+                "--node", self.name] + list(args)
+        return self.run(argv, check=check, timeout=timeout)
+
+    def ssh_argv(self, target, remote_argv):
+        """ssh from this host to target host, as replication would."""
+        b = self.bed
+        return self.argv([
+            "ssh", "-i", b.client_key, "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + b.known_hosts,
+            "-o", "ConnectTimeout=5", "root@" + target.address, "--"] + list(remote_argv))
+
+    def kill_all(self, keep_sshd=False):
+        """kill -9 every process running in this host's namespace."""
+        keep = (self.sshd.pid,) if (keep_sshd and self.sshd) else ()
+        return _kill_namespace(self.ns, keep=keep)
+
+    def start_sshd(self):
+        b = self.bed
+        cfg = os.path.join(b.workdir, "ssh", "sshd_%s.conf" % self.name)
+        with open(cfg, "w") as f:
+            for addr in self.addresses:
+                f.write("ListenAddress %s\n" % addr)
+            f.write("Port 22\nHostKey %s\nAuthorizedKeysFile %s\nPidFile %s\n"
+                    "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
+                    "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                    "MaxStartups 100:30:200\nLogLevel ERROR\n"
+                    % (self.host_key, b.authorized_keys,
+                       os.path.join(b.workdir, "ssh", "sshd_%s.pid" % self.name)))
+        os.makedirs("/run/sshd", exist_ok=True)
+        # Root's ~/.bashrc may be slow (pyenv init adds ~0.1 s per remote
+        # command): sshd runs in its own mount namespace with an empty one.
+        bashrc = os.path.join(pwd.getpwuid(0).pw_dir, ".bashrc")
+        neutral = os.path.join(b.workdir, "ssh", "bashrc")
+        open(neutral, "w").close()
+        script = "exec /usr/sbin/sshd -D -e -f \"$1\""
+        if os.path.exists(bashrc):
+            script = "mount --bind \"$2\" \"$3\" && " + script
+        log = open(os.path.join(b.workdir, "ssh", "sshd_%s.log" % self.name), "ab")
+        self.sshd = self.popen(
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, "sh",
+             cfg, neutral, bashrc], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def __repr__(self):
+        return "<Host %s ns=%s %s>" % (self.name, self.ns, ",".join(self.addresses))
+
+
+class Bed:
+    """Two hosts, alpha and beta, joined by `links` veth pairs, each with
+    its own sshd and pool; a shared secret and a config file for both."""
+
+    def __init__(self, links=1, pool_mb=256):
+        self.workdir = os.path.join(WORK_BASE, unique("bed"))
+        os.makedirs(os.path.join(self.workdir, "ssh"), mode=0o700)
+        self.links = links
+        self.pools = []
+        self.hosts = []
+        try:
+            self._make_hosts(links)
+            self._make_keys()
+            for h in self.hosts:
+                h.pool = Pool(self.workdir, h.name[0], size_mb=pool_mb)
+                self.pools.append(h.pool)
+                h.dataset = h.pool.name + "/shop"
+                os.makedirs(os.path.dirname(h.state_db), exist_ok=True)
+                h.start_sshd()
+            self._wait_for_sshd()
+            self.secret_file = os.path.join(self.workdir, "secret")
+            with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            self.config_path = os.path.join(self.workdir, "flocker.conf")
+            self.write_config()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def a(self):
+        return self.hosts[0]
+
+    @property
+    def b(self):
+        return self.hosts[1]
+
+    def _make_hosts(self, links):
+        if shutil.which("ip") is None or shutil.which("unshare") is None:
+            raise BedUnavailable("needs iproute2 (ip netns) and util-linux (unshare)")
+        if shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"):
+            raise BedUnavailable("needs openssh-server (sshd)")
+        for name, last in (("alpha", 1), ("beta", 2)):
+            ns = unique(name[0])
+            sh(["ip", "netns", "add", ns])
+            addrs = ["192.0.2.%d" % (16 * i + last) for i in range(links)]
+            self.hosts.append(Host(self, name, ns, addrs))
+        a, b = self.hosts
+        for ns in (a.ns, b.ns):
+            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for i in range(links):
+            dev = "eth%d" % i
+            sh(["ip", "link", "add", "name", dev, "netns", a.ns, "type", "veth",
+                "peer", "name", dev, "netns", b.ns])
+            for h in (a, b):
+                sh(["ip", "-n", h.ns, "addr", "add", h.addresses[i] + "/28", "dev", dev])
+                sh(["ip", "-n", h.ns, "link", "set", dev, "up"])
+
+    def _make_keys(self):
+        d = os.path.join(self.workdir, "ssh")
+        self.client_key = os.path.join(d, "client")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flocker-test",
+            "-f", self.client_key])
+        self.authorized_keys = os.path.join(d, "authorized_keys")
+        shutil.copy(self.client_key + ".pub", self.authorized_keys)
+        self.known_hosts = os.path.join(d, "known_hosts")
+        with open(self.known_hosts, "w") as kh:
+            for h in self.hosts:
+                sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", h.host_key])
+                with open(h.host_key + ".pub") as f:
+                    key = " ".join(f.read().split()[:2])
+                kh.write("%s %s\n" % (",".join(h.addresses), key))
+
+    def _wait_for_sshd(self, timeout=15):
+        for src, dst in ((self.a, self.b), (self.b, self.a)):
+            deadline = time.monotonic() + timeout
+            while True:
+                if dst.sshd.poll() is not None:
+                    raise RuntimeError("sshd of %s exited %s" % (dst, dst.sshd.returncode))
+                if sh(src.ssh_argv(dst, ["true"]), check=False).returncode == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sshd of %s did not answer within %ds" % (dst, timeout))
+                time.sleep(0.1)
+
+    def write_config(self, cluster=None, service=None, nodes=None, path=None):
+        """Write a config for both hosts; dicts override/add options
+        (value None removes one).  Returns its path."""
+        sections = {
+            "cluster": {"name": "bed", "secret_file": self.secret_file,
+                        "heartbeat_interval": "0.2", "dead_time": "1.0",
+                        "startup_wait": "1.0", "ssh_identity": self.client_key,
+                        "ssh_known_hosts": self.known_hosts,
+                        "ssh_connect_timeout": "5"},
+            "service": {},
+        }
+        for h in self.hosts:
+            sections["node %s" % h.name] = {
+                "address": ", ".join(h.addresses), "dataset": h.dataset,
+                "state_db": h.state_db}
+        for key, extra in (("cluster", cluster), ("service", service)):
+            sections[key].update(extra or {})
+        for name, extra in (nodes or {}).items():
+            sections["node %s" % name].update(extra)
+        path = path or self.config_path
+        with open(path, "w") as f:
+            for section, opts in sections.items():
+                f.write("[%s]\n" % section)
+                for k, v in opts.items():
+                    if v is not None:
+                        f.write("%s = %s\n" % (k, v))
+                f.write("\n")
+        return path
+
+    def cut_link(self, i=None):
+        """Pull the cable: link i (default: all links) goes down on both ends."""
+        for n in (range(self.links) if i is None else [i]):
+            for h in self.hosts:
+                sh(["ip", "-n", h.ns, "link", "set", "eth%d" % n, "down"])
+
+    def restore_link(self, i=None):
+        for n in (range(self.links) if i is None else [i]):
+            for h in self.hosts:
+                sh(["ip", "-n", h.ns, "link", "set", "eth%d" % n, "up"])
+
+    def close(self):
+        """Tear everything down; safe to call on a half-built bed."""
+        for h in self.hosts:
+            _kill_namespace(h.ns)
+            if h.sshd is not None:
+                h.sshd.wait(timeout=10)
+            sh(["ip", "netns", "del", h.ns], check=False)
+        for p in self.pools:
+            p.destroy()
+        _remove_workdir(self.workdir)
+
+
+def cleanup_stale():
+    """Remove what dead runs left: namespaces, pools, work directories."""
+    _remove_stale_namespaces()
+    _remove_stale_pools()
+
+
+def tree_digest(path):
+    """sha256 of every regular file below path, by relative name."""
+    import hashlib
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return out

@@ -1,0 +1,79 @@
+"""The test bed proves itself: real ZFS, two namespaces, real ssh."""
+
+import os
+
+import bed as bedmod
+
+
+def test_send_over_ssh_between_namespaces(bed):
+    a, b = bed.a, bed.b
+    # alpha and beta really are apart: each owns only its own address
+    assert a.run(["ip", "-o", "-4", "addr", "show", "eth0"]).stdout.split()[3] == "192.0.2.1/28"
+    assert b.run(["ip", "-o", "-4", "addr", "show", "eth0"]).stdout.split()[3] == "192.0.2.2/28"
+    bedmod.sh(["zfs", "create", a.dataset])
+    mnt = os.path.join(a.pool.mountpoint, "shop")
+    payload = os.urandom(300000)
+    with open(os.path.join(mnt, "data.bin"), "wb") as f:
+        f.write(payload)
+    os.makedirs(os.path.join(mnt, "sub"))
+    with open(os.path.join(mnt, "sub", "note.txt"), "w") as f:
+        f.write("written on alpha\n")
+    a.run(["zfs", "snapshot", a.dataset + "@bed1"])
+    want = bedmod.tree_digest(mnt)
+
+    # the pipe runs inside namespace A; zfs recv runs on B through B's sshd
+    ssh = a.ssh_argv(b, ["zfs", "recv", "-u", b.dataset])[4:]   # drop "ip netns exec NS"
+    send = "zfs send %s@bed1 | %s" % (a.dataset, " ".join(ssh))
+    a.run(["sh", "-c", send], timeout=120)
+
+    guid = lambda ds: bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", "guid", ds]).stdout.strip()
+    assert guid(a.dataset + "@bed1") == guid(b.dataset + "@bed1")
+    bedmod.sh(["zfs", "mount", b.dataset])
+    got = bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop"))
+    assert got == want and len(got) == 2
+
+
+def test_cut_and_restore_link(bed):
+    ping = bed.a.ssh_argv(bed.b, ["true"])
+    assert bedmod.sh(ping, check=False).returncode == 0
+    bed.cut_link()
+    assert bedmod.sh(ping, check=False).returncode == 255
+    bed.restore_link()
+    assert bedmod.sh(ping, check=False).returncode == 0
+
+
+def test_kill_host_processes(bed):
+    p = bed.a.popen(["sleep", "300"])
+    killed = bed.a.kill_all(keep_sshd=True)
+    assert p.wait(timeout=5) == -9
+    assert bed.a.sshd.pid not in killed and bed.a.sshd.poll() is None
+
+
+def test_stale_leftovers_of_a_dead_run_are_removed(zfs_ready, tmp_path):
+    """A run that died leaves a pool, a namespace and a work dir named after
+    its pid; the next run removes them, and leaves live runs' alone."""
+    import subprocess, sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = "%s%dx1" % (bedmod.PREFIX, dead.pid)
+    workdir = os.path.join(bedmod.WORK_BASE, stale + "bed")
+    os.makedirs(workdir)
+    vdev = os.path.join(workdir, "v.img")
+    with open(vdev, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    bedmod.sh(["zpool", "create", "-f", "-m", os.path.join(workdir, "m"), stale + "p", vdev])
+    bedmod.sh(["ip", "netns", "add", stale + "n"])
+    live = bedmod.unique("live")
+    bedmod.sh(["ip", "netns", "add", live])
+    try:
+        bedmod.cleanup_stale()
+        pools = bedmod.sh(["zpool", "list", "-H", "-o", "name"]).stdout.split()
+        spaces = bedmod.sh(["ip", "netns", "list"]).stdout
+        assert stale + "p" not in pools
+        assert stale + "n" not in spaces
+        assert not os.path.exists(workdir)
+        assert live in spaces
+    finally:
+        bedmod.sh(["ip", "netns", "del", live], check=False)
+        bedmod.sh(["zpool", "destroy", "-f", stale + "p"], check=False)
+        bedmod.sh(["ip", "netns", "del", stale + "n"], check=False)
