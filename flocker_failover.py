@@ -846,8 +846,8 @@ class StateStore:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
             except OSError as e:
                 raise StateError(_unwritable_message(path, e.strerror)) from None
-            if not os.access(directory, os.W_OK | os.X_OK):
-                raise StateError(_unwritable_message(path, "permission denied"))
+            if lock is None and lock_for is None:
+                raise StateError("internal error: a state file is created under its lock")
         if lock is None and lock_for is not None:
             lock = StateLock(path)
             lock.acquire(lock_for)
@@ -1169,30 +1169,30 @@ def initial_epoch(role: str) -> int:
 
 
 def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[str]]:
-    """Prepare this node.  Returns (summary, list of things done).  Refuses
-    to overwrite a node with history unless force, and then keeps a backup."""
+    """Prepare this node.  Returns (summary, list of things done).  Checks
+    everything before changing anything; refuses to overwrite a node with
+    history unless force, and then keeps the old state file as a backup."""
     me = cfg.local
     done = []
     zfs.check_works(me.dataset)
+    parent = me.dataset.rsplit("/", 1)[0]
+    create_dataset = False
     if zfs.exists(me.dataset):
         done.append("dataset %s exists" % me.dataset)
+    elif not zfs.exists(parent):
+        raise ZfsError("the parent %s of %s %s does not exist; create it with "
+                       "'zfs create -p %s'" % (parent, "the dataset" if role == ROLE_MASTER
+                                               else "the replica", me.dataset, parent))
     elif role == ROLE_MASTER:
-        parent = me.dataset.rsplit("/", 1)[0]
-        if not zfs.exists(parent):
-            raise ZfsError("neither the dataset %s nor its parent %s exist; create "
-                           "the parent with 'zfs create -p %s'" % (me.dataset, parent, parent))
-        zfs.create(me.dataset)
-        done.append("created dataset %s" % me.dataset)
+        create_dataset = True
     else:
-        parent = me.dataset.rsplit("/", 1)[0]
-        if not zfs.exists(parent):
-            raise ZfsError("the parent %s of the replica %s does not exist; create it "
-                           "with 'zfs create -p %s'" % (parent, me.dataset, parent))
         done.append("dataset %s will be created by the first replication" % me.dataset)
 
     exists = os.path.exists(me.state_db)
     try:
         store = StateStore.open(me.state_db, create=True, lock_for="init")
+    except LockBusy:
+        raise
     except StateError:
         if not (exists and force):
             raise
@@ -1218,6 +1218,9 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
             backup = store.backup_and_remove()   # keeps holding the lock
             done.append("kept the old state file as %s" % backup)
             store = StateStore.open(me.state_db, create=True, lock=lock)
+        if create_dataset:
+            zfs.create(me.dataset)
+            done.append("created dataset %s" % me.dataset)
         store.initialise(me.name, role, initial_epoch(role))
         done.append("state file %s records role %s, epoch %d"
                     % (me.state_db, role, initial_epoch(role)))

@@ -1,6 +1,7 @@
 """Fixtures for the real test bed (see bed.py) and the CI rule:
 when CI is set, a skipped test is a failed test, except tests marked as
-belonging to another ZFS implementation (reason starting "not on this ZFS:")."""
+belonging to another ZFS implementation (reason "not on this ZFS: ...") or
+checks that depend on an optional interpreter (reason "optional: ...")."""
 
 import importlib.util
 import os
@@ -11,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import bed as bedmod  # noqa: E402
 
-ALLOWED_SKIP = "not on this ZFS:"
+ALLOWED_SKIPS = ("not on this ZFS:", "optional:")
 
 
 def _load_program():
@@ -43,7 +44,7 @@ def pytest_runtest_makereport(item, call):
     if not os.environ.get("CI") or not rep.skipped or hasattr(rep, "wasxfail"):
         return
     reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-    if ALLOWED_SKIP in reason:
+    if any(allowed in reason for allowed in ALLOWED_SKIPS):
         return
     rep.outcome = "failed"
     rep.longrepr = "CI is set, so this skip is a failure: %s" % reason

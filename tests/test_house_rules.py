@@ -1,0 +1,76 @@
+"""Rules of the house a machine can check: Python 3.8, standard library only."""
+
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bed as bedmod
+
+SRC = open(bedmod.PROGRAM, encoding="utf-8").read()
+
+
+def test_parses_as_python_3_8():
+    ast.parse(SRC, feature_version=(3, 8))
+
+
+def test_imports_only_the_standard_library():
+    stdlib = getattr(sys, "stdlib_module_names", None)
+    if stdlib is None:   # Python < 3.10 running the suite
+        pytest.skip("optional: sys.stdlib_module_names needs Python 3.10")
+    for node in ast.walk(ast.parse(SRC)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        for n in names:
+            assert n.split(".")[0] in stdlib, "line %d imports %s" % (node.lineno, n)
+
+
+@pytest.mark.parametrize("api", [".removeprefix(", ".removesuffix(", "functools.cache(",
+                                 "zoneinfo", "math.lcm(", "str | None", "int | None"])
+def test_no_python_3_9_only_api(api):
+    assert api not in SRC
+
+
+def _python38():
+    found = sorted(glob.glob("/root/.pyenv/versions/3.8*/bin/python3")) + \
+        [p for p in ("/usr/bin/python3.8",) if os.path.exists(p)]
+    return found[0] if found else None
+
+
+def test_runs_under_python_3_8_when_installed():
+    py = _python38()
+    if py is None:
+        pytest.skip("optional: no Python 3.8 interpreter on this machine")
+    proc = subprocess.run([py, bedmod.PROGRAM, "--version"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([py, bedmod.PROGRAM, "genkey"], stdout=subprocess.PIPE,
+                          universal_newlines=True)
+    assert proc.returncode == 0 and len(proc.stdout.strip()) == 64
+
+
+def test_ci_turns_a_skip_into_a_failure(tmp_path):
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n"
+        "def test_needs_zfs():\n    pytest.skip('no zfs here')\n"
+        "def test_other_zfs():\n    pytest.skip('not on this ZFS: resume tokens')\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+
+    def outcome(ci):
+        env.pop("CI", None)
+        if ci:
+            env["CI"] = "true"
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest",
+                               "-p", "no:cacheprovider", str(tmp_path)], cwd=str(tmp_path),
+                              env=env, stdout=subprocess.PIPE, universal_newlines=True)
+        return proc.stdout.strip().splitlines()[-1]
+
+    assert outcome(ci=False).startswith("2 skipped")
+    last = outcome(ci=True)
+    assert last.startswith("1 failed, 1 skipped"), last

@@ -1,0 +1,238 @@
+"""The sqlite state store: durable, migratable, never overwritten when
+it cannot be used, and driven by one writer at a time."""
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ff, need
+import bed as bedmod
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def new_store(path, role="master"):
+    s = ff.StateStore.open(str(path), create=True, lock_for="test")
+    s.initialise("alpha", role, ff.initial_epoch(role))
+    return s
+
+
+def test_fresh_store_has_current_schema_wal_and_full_sync(tmp_path):
+    db = tmp_path / "state.db"
+    with new_store(db) as s:
+        c = s.conn
+        assert c.execute("PRAGMA user_version").fetchone()[0] == ff.SCHEMA_VERSION
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert c.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+        st = s.node_state()
+        assert (st.node, st.role, st.epoch, st.generation, st.outdated) == ("alpha", "master", 1, 0, False)
+        assert s.next_generation() == 1 and s.next_generation() == 2
+        assert [e["kind"] for e in s.events()] == ["init"]
+        assert not s.has_history()
+
+
+def test_event_log_is_append_only(tmp_path):
+    with new_store(tmp_path / "s.db") as s:
+        s.record_event("test", "hello")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            s.conn.execute("UPDATE events SET message = 'rewritten'")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            s.conn.execute("DELETE FROM events")
+        assert [e["message"] for e in s.events()][-1] == "hello"
+
+
+def test_epoch_never_goes_back(tmp_path):
+    with new_store(tmp_path / "s.db") as s:
+        s.set_role("slave", 3, "test")
+        with pytest.raises(ff.StateError, match="epoch would go back from 3 to 2"):
+            s.set_role("master", 2, "test")
+        assert s.node_state().epoch == 3
+
+
+def test_committed_role_change_survives_kill_9(tmp_path):
+    """A role change reported as done is on disk even if the process is
+    killed the next instant (no clean close, no checkpoint)."""
+    db = tmp_path / "state.db"
+    new_store(db).close()
+    child = textwrap.dedent("""
+        import sys, time, importlib.util
+        spec = importlib.util.spec_from_file_location("ff", %r)
+        ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
+        s = ff.StateStore.open(%r, lock_for="test")
+        for epoch in range(2, 40):
+            s.set_role("master" if epoch %% 2 else "slave", epoch, "flip %%d" %% epoch)
+            print(epoch, flush=True)
+        time.sleep(60)
+    """ % (bedmod.PROGRAM, str(db)))
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    last = None
+    for line in proc.stdout:
+        last = int(line)
+        if last == 39:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.getsize(str(db) + "-wal") > 0   # the changes are still in the WAL
+    with ff.StateStore.open(str(db), lock_for="test") as s:   # the lock died with the process
+        st = s.node_state()
+        assert (st.epoch, st.role) == (39, "master")
+        assert s.events()[-1]["message"] == "slave -> master, epoch 38 -> 39: flip 39"
+
+
+def test_migration_from_schema_1_keeps_everything(tmp_path):
+    db = str(tmp_path / "old.db")
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.executescript(ff.MIGRATIONS[0])
+    c.execute("PRAGMA application_id = %d" % ff.STATE_APPLICATION_ID)
+    c.execute("PRAGMA user_version = 1")
+    c.execute("INSERT INTO node_state (id, node, role, epoch, generation, created) "
+              "VALUES (1, 'beta', 'slave', 4, 17, 1.0)")
+    c.execute("INSERT INTO events (ts, level, kind, message) VALUES (1.0, 'info', 'role', 'old')")
+    c.close()
+    # a reader without the lock does not upgrade, and says so
+    with pytest.raises(ff.StateError) as e:
+        ff.StateStore.open(db)
+    assert e.value.message == (
+        "the state file %s has schema version 1; this program uses version %d and will "
+        "upgrade it the next time a command that changes state runs (init, or the daemon)"
+        % (db, ff.SCHEMA_VERSION))
+    with ff.StateStore.open(db, lock_for="test") as s:
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == ff.SCHEMA_VERSION
+        st = s.node_state()
+        assert (st.node, st.role, st.epoch, st.generation, st.outdated) == ("beta", "slave", 4, 17, False)
+        assert s.events()[0]["message"] == "old"
+        assert s.last_replication() is None and s.preserved() == [] and s.peer("alpha") is None
+        assert s.has_history()
+
+
+def test_newer_schema_refused_and_untouched(tmp_path):
+    db = str(tmp_path / "new.db")
+    new_store(db).close()
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA user_version = 99")
+    c.close()
+    before = digest(db)
+    for kw in ({}, {"lock_for": "test"}):
+        with pytest.raises(ff.StateError) as e:
+            ff.StateStore.open(db, **kw)
+        assert e.value.message == (
+            "the state file %s has schema version 99, written by a newer flocker-failover; "
+            "this program (%s) knows version %d at most. The file was left untouched: run "
+            "the newer program, or restore a backup made for this version"
+            % (db, ff.VERSION, ff.SCHEMA_VERSION))
+    assert digest(db) == before
+
+
+@pytest.mark.parametrize("content,detail", [
+    (b"this is not a database at all, just some text\n" * 100, "file is not a database"),
+    (b"SQLite format 3\x00" + os.urandom(4000), None),
+])
+def test_corrupt_file_refused_and_untouched(tmp_path, content, detail):
+    db = str(tmp_path / "bad.db")
+    with open(db, "wb") as f:
+        f.write(content)
+    before = digest(db)
+    with pytest.raises(ff.StateError) as e:
+        ff.StateStore.open(db, lock_for="test")
+    assert e.value.message.startswith("the state file %s cannot be used (" % db)
+    assert e.value.message.endswith(
+        "). It was left untouched. Restore it from a backup, or move it aside and run "
+        "'flocker_failover.py init --force --role ...' after checking on both nodes which one "
+        "holds the newest data")
+    if detail:
+        assert detail in e.value.message
+    assert digest(db) == before
+    assert sorted(os.listdir(str(tmp_path))) == ["bad.db", "bad.db.lock"]
+
+
+def test_foreign_sqlite_file_refused(tmp_path):
+    db = str(tmp_path / "other.db")
+    c = sqlite3.connect(db)
+    c.execute("CREATE TABLE customers (id INTEGER)")
+    c.commit()
+    c.close()
+    before = digest(db)
+    with pytest.raises(ff.StateError, match="it is an sqlite database, but not a flocker-failover state file"):
+        ff.StateStore.open(db, lock_for="test")
+    assert digest(db) == before
+
+
+def test_single_writer_lock(tmp_path):
+    db = str(tmp_path / "state.db")
+    first = new_store(db)
+    try:
+        with pytest.raises(ff.LockBusy) as e:
+            ff.StateStore.open(db, lock_for="daemon")
+        assert e.value.exit_code == ff.EXIT_BUSY
+        assert e.value.message == (
+            "the state file %s is in use by another flocker-failover process (pid %d, test); "
+            "only one may drive it at a time: stop that one first, or talk to the running "
+            "daemon" % (db, os.getpid()))
+        # readers need no lock: status works while a daemon drives the file
+        with ff.StateStore.open(db) as reader:
+            assert reader.node_state().role == "master"
+            with pytest.raises(ff.StateError, match="without holding its lock"):
+                reader.record_event("x", "y")
+    finally:
+        first.close()
+    ff.StateStore.open(db, lock_for="daemon").close()
+
+
+def test_lock_held_by_another_process(tmp_path):
+    db = str(tmp_path / "state.db")
+    new_store(db).close()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("ff", %r)
+        ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
+        s = ff.StateStore.open(%r, lock_for="daemon")
+        print("locked", flush=True); time.sleep(60)
+    """ % (bedmod.PROGRAM, db))], stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ff.LockBusy, match=r"\(pid %d, daemon\)" % holder.pid):
+            ff.StateStore.open(db, lock_for="init")
+    finally:
+        holder.kill()
+        holder.wait()
+    ff.StateStore.open(db, lock_for="init").close()   # released by the kernel at death
+
+
+def test_unwritable_directory(tmp_path):
+    need(os.geteuid() == 0, "needs root to mount a read-only file system")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        with pytest.raises(ff.StateError) as e:
+            ff.StateStore.open(str(ro / "state.db"), create=True, lock_for="init")
+        assert e.value.message == (
+            "cannot write the state directory %s: Read-only file system; make it writable "
+            "for this user or set state_db in the configuration to a path that is" % ro)
+        with pytest.raises(ff.StateError) as e:
+            ff.StateStore.open(str(ro / "sub" / "state.db"), create=True, lock_for="init")
+        assert e.value.message.startswith("cannot write the state directory %s/sub: " % ro)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_missing_state_file_says_run_init(tmp_path):
+    db = str(tmp_path / "none.db")
+    with pytest.raises(ff.StateError) as e:
+        ff.StateStore.open(db)
+    assert e.value.message == (
+        "no state file at %s: this node was not initialised; run 'flocker_failover.py init "
+        "--role master' on the node that runs the service now and '... init --role slave' on "
+        "the other" % db)
+    assert not os.path.exists(db)
