@@ -1159,13 +1159,175 @@ def _stderr_text(text: str) -> str:
 
 
 # ===========================================================================
+# 6. The decision core
+# ===========================================================================
+#
+# Pure functions: the facts a node has at one instant go in, one decision
+# comes out.  No I/O, no clock reads: every rule is unit-tested directly.
+#
+# Epochs: each node owns one parity of epochs (the first node by name the
+# even ones, the second the odd ones), and a promotion takes the smallest
+# epoch of its own parity above every epoch it has seen.  So two nodes can
+# never hold the same epoch, and any two reigns are strictly ordered.
+
+DECIDE_WAIT = "wait"              # nothing to do now; the reason says why
+DECIDE_RESUME = "resume"          # a starting master starts serving again
+DECIDE_FENCE = "fence"            # run the fence command, then decide again
+DECIDE_PROMOTE = "promote"        # this slave becomes master (new epoch)
+DECIDE_DEMOTE = "demote"          # a starting master yields to a newer master
+DECIDE_STEP_DOWN = "step-down"    # an isolated master stops serving
+DECIDE_HANDOVER = "handover"      # planned switchover to the healthy slave
+DECIDE_SPLIT_BRAIN = "split-brain"  # two serving masters: the divergence verdict decides
+
+
+def node_index(cfg_node_names: Sequence[str], name: str) -> int:
+    """0 for the first node by name, 1 for the second."""
+    return sorted(cfg_node_names).index(name)
+
+
+def next_epoch(highest_seen: int, index: int) -> int:
+    """The smallest epoch above highest_seen that belongs to node index."""
+    epoch = highest_seen + 1
+    if epoch % 2 != index % 2:
+        epoch += 1
+    return epoch
+
+
+def isolation_time(dead_time: float, heartbeat_interval: float) -> float:
+    """How long an isolated master waits before it steps down.  The slave
+    promotes after dead_time of silence as it measures it; the master's
+    measure of the same silence can lag by one interval (the last packet
+    each side got), so the master acts two intervals earlier."""
+    return max(heartbeat_interval, dead_time - 2 * heartbeat_interval)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    dead_time: float
+    startup_wait: float
+    wait_for_peer: bool
+    isolation_time: float
+    check_failures: int = 3       # consecutive failed checks before a handover
+    hold_down: float = 300.0      # seconds before the role may move again
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What one node knows at one instant.  Times are seconds measured
+    on the monotonic clock by the caller."""
+    role: str                      # own persisted role
+    epoch: int                     # own epoch
+    index: int                     # node_index() of this node
+    serving: bool                  # this daemon runs the user system now
+    outdated: bool                 # own replica known to be behind the master
+    uptime: float                  # since this daemon started
+    peer_heard: bool               # a valid heartbeat arrived since start
+    peer_silence: float            # since the last valid heartbeat (or since start)
+    peer_role: Optional[str] = None
+    peer_epoch: Optional[int] = None
+    highest_epoch_seen: int = 0    # persisted: the highest epoch ever seen
+    arbitrator: Optional[bool] = None   # None: none configured; else reachable?
+    fence: Optional[bool] = None        # None: none configured; else has it succeeded?
+    force: bool = False            # the operator forces a takeover
+    service_failures: int = 0      # consecutive failed checks (master)
+    peer_up_to_date: bool = False  # the slave holds our newest snapshot
+    since_role_change: float = float("inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    kind: str
+    reason: str
+    epoch: Optional[int] = None    # the new epoch of a promotion
+
+
+def peer_alive(f: Facts, t: Timing) -> bool:
+    return f.peer_heard and f.peer_silence < t.dead_time
+
+
+def decide(f: Facts, t: Timing) -> Decision:
+    """The one place the role rules live."""
+    if f.role == ROLE_SLAVE:
+        return _decide_slave(f, t)
+    if not f.serving:
+        return _decide_starting_master(f, t)
+    return _decide_serving_master(f, t)
+
+
+def _decide_slave(f: Facts, t: Timing) -> Decision:
+    if peer_alive(f, t):
+        if f.peer_role == ROLE_MASTER:
+            return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
+        return Decision(DECIDE_WAIT, "no master: both nodes are slaves; run 'promote' on "
+                                     "the node that holds the newest data")
+    if not f.force:
+        if not f.peer_heard:
+            if t.wait_for_peer:
+                return Decision(DECIDE_WAIT, "the peer was never heard since start and "
+                                             "wait_for_peer = yes")
+            if f.uptime < t.startup_wait + t.dead_time:
+                return Decision(DECIDE_WAIT, "starting: listening for the peer")
+        if f.outdated:
+            return Decision(DECIDE_WAIT, "the peer is silent, but this replica is known to "
+                                         "be outdated; 'promote --force' takes over anyway")
+        if f.arbitrator is False:
+            return Decision(DECIDE_WAIT, "the peer is silent, but the arbitrator is not "
+                                         "reachable either: this node may be the isolated one")
+    if f.fence is False:
+        return Decision(DECIDE_FENCE, "the peer is silent: fence it before taking over")
+    epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    why = ("the operator forced a takeover" if f.force else
+           "no valid heartbeat for %.1f s" % f.peer_silence)
+    return Decision(DECIDE_PROMOTE, why, epoch)
+
+
+def _decide_starting_master(f: Facts, t: Timing) -> Decision:
+    if peer_alive(f, t) and f.peer_role == ROLE_MASTER:
+        if (f.peer_epoch or 0) > f.epoch:
+            return Decision(DECIDE_DEMOTE, "the peer is master with a newer epoch (%d > %d)"
+                            % (f.peer_epoch, f.epoch))
+        return Decision(DECIDE_SPLIT_BRAIN, "both nodes claim master (epochs %d and %s)"
+                        % (f.epoch, f.peer_epoch))
+    if peer_alive(f, t):
+        return Decision(DECIDE_RESUME, "the peer is slave")
+    if f.uptime >= t.startup_wait:
+        return Decision(DECIDE_RESUME, "the peer is silent: serving alone; replication "
+                                       "and failover are suspended until it returns")
+    return Decision(DECIDE_WAIT, "starting: listening for the peer")
+
+
+def _decide_serving_master(f: Facts, t: Timing) -> Decision:
+    # first: isolation_time is shorter than dead_time on purpose
+    if f.arbitrator is False and f.peer_silence >= t.isolation_time:
+        return Decision(DECIDE_STEP_DOWN, "isolated: neither the peer nor the arbitrator "
+                                          "answers for %.1f s" % f.peer_silence)
+    if peer_alive(f, t):
+        if f.peer_role == ROLE_MASTER:
+            return Decision(DECIDE_SPLIT_BRAIN, "both nodes serve as master (epochs %d and %s)"
+                            % (f.epoch, f.peer_epoch))
+        if f.service_failures >= t.check_failures:
+            if not f.peer_up_to_date:
+                return Decision(DECIDE_WAIT, "the service check failed %d times, but the "
+                                             "slave is not up to date" % f.service_failures)
+            if f.since_role_change < t.hold_down:
+                return Decision(DECIDE_WAIT, "the service check failed %d times, but the role "
+                                             "moved %.0f s ago (hold-down %g s)"
+                                % (f.service_failures, f.since_role_change, t.hold_down))
+            return Decision(DECIDE_HANDOVER, "the service check failed %d times in a row"
+                            % f.service_failures)
+        return Decision(DECIDE_WAIT, "serving")
+    return Decision(DECIDE_WAIT, "serving alone: the peer is silent")
+
+
+# ===========================================================================
 # 7. Actions
 # ===========================================================================
 
 
-def initial_epoch(role: str) -> int:
-    """The first master reigns in epoch 1; a fresh slave has seen none."""
-    return 1 if role == ROLE_MASTER else 0
+def initial_epoch(role: str, index: int) -> int:
+    """The first master takes the first epoch of its parity (see layer 6);
+    a fresh slave has seen none."""
+    return next_epoch(0, index) if role == ROLE_MASTER else 0
 
 
 def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[str]]:
@@ -1173,6 +1335,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
     everything before changing anything; refuses to overwrite a node with
     history unless force, and then keeps the old state file as a backup."""
     me = cfg.local
+    epoch = initial_epoch(role, node_index([n.name for n in cfg.nodes], me.name))
     done = []
     zfs.check_works(me.dataset)
     parent = me.dataset.rsplit("/", 1)[0]
@@ -1221,9 +1384,8 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
         if create_dataset:
             zfs.create(me.dataset)
             done.append("created dataset %s" % me.dataset)
-        store.initialise(me.name, role, initial_epoch(role))
-        done.append("state file %s records role %s, epoch %d"
-                    % (me.state_db, role, initial_epoch(role)))
+        store.initialise(me.name, role, epoch)
+        done.append("state file %s records role %s, epoch %d" % (me.state_db, role, epoch))
         return ("initialised node %s as %s" % (me.name, role), done)
     finally:
         store.close()

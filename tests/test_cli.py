@@ -72,11 +72,11 @@ def test_init_and_status_on_both_hosts(bed):
     proc = a.flocker("init", "--role", "master")
     assert proc.returncode == 0
     assert proc.stdout.strip().endswith(
-        "node alpha is already initialised as master (epoch 1); nothing to do")
+        "node alpha is already initialised as master (epoch 2); nothing to do")
 
     text = a.flocker("status", check=True).stdout
     assert "node        alpha (this host), dataset %s" % a.dataset in text
-    assert "role        master, epoch 1" in text
+    assert "role        master, epoch 2" in text
     assert "peer        beta: never seen" in text
     assert "replicated  never" in text
 
@@ -96,7 +96,7 @@ def test_reinit_refused_then_forced_with_backup(bed):
     proc = a.flocker("init", "--role", "slave")
     assert proc.returncode == ff.EXIT_STATE
     assert proc.stderr == (
-        "flocker-failover: error: node alpha is already initialised as master, epoch 1, in %s; "
+        "flocker-failover: error: node alpha is already initialised as master, epoch 2, in %s; "
         "refusing to reinitialise it. Use --force to start over (the old state file is kept as "
         "a backup)\n" % a.state_db)
 

@@ -22,7 +22,7 @@ def digest(path):
 
 def new_store(path, role="master"):
     s = ff.StateStore.open(str(path), create=True, lock_for="test")
-    s.initialise("alpha", role, ff.initial_epoch(role))
+    s.initialise("alpha", role, ff.initial_epoch(role, 0))
     return s
 
 
@@ -34,7 +34,7 @@ def test_fresh_store_has_current_schema_wal_and_full_sync(tmp_path):
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
         st = s.node_state()
-        assert (st.node, st.role, st.epoch, st.generation, st.outdated) == ("alpha", "master", 1, 0, False)
+        assert (st.node, st.role, st.epoch, st.generation, st.outdated) == ("alpha", "master", 2, 0, False)
         assert s.next_generation() == 1 and s.next_generation() == 2
         assert [e["kind"] for e in s.events()] == ["init"]
         assert not s.has_history()
