@@ -1319,6 +1319,96 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
     return Decision(DECIDE_WAIT, "serving alone: the peer is silent")
 
 
+# -- the divergence verdict ---------------------------------------------------
+#
+# Both hosts compute it on their own from the same facts (exchanged between
+# them) and must reach the same answer: verdict(a, b) == verdict(b, a).
+
+POLICIES = ("most-changes", "newest-master", "oldest-master", "zero-changes-only", "manual")
+PREFER_NODE = "prefer-node:"
+
+VERDICT_RESOLVED = "resolved"          # winner continues, loser preserves and resyncs
+VERDICT_OPERATOR = "operator"          # nothing automatic: an operator must decide
+VERDICT_MISMATCH = "policy-mismatch"   # the nodes are configured differently
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One node's facts about a divergence, as both nodes see them."""
+    node: str
+    epoch: int
+    policy: str          # this node's divergence_policy
+    changes: int         # bytes written since the newest common snapshot (0: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    status: str
+    winner: Optional[str]
+    loser: Optional[str]
+    preserve: bool       # the loser has changes of its own that must be kept
+    reason: str
+
+
+def verdict(a: Side, b: Side) -> Verdict:
+    """Which side's data continues.  Symmetric in its arguments."""
+    a, b = sorted((a, b), key=lambda s: s.node)   # the same order on both hosts
+    if a.policy != b.policy:
+        return Verdict(VERDICT_MISMATCH, None, None, False,
+                       "the nodes disagree on divergence_policy (%s: %s, %s: %s); fix the "
+                       "configuration, nothing is resolved automatically"
+                       % (a.node, a.policy, b.node, b.policy))
+    policy = a.policy
+    if policy == "manual":
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "divergence_policy = manual: an operator decides")
+
+    def won(w: Side, why: str) -> Verdict:
+        loser = b if w is a else a
+        return Verdict(VERDICT_RESOLVED, w.node, loser.node, loser.changes > 0,
+                       "%s wins: %s" % (w.node, why))
+
+    def tie_break(why: str) -> Verdict:
+        if a.epoch != b.epoch:
+            return won(a if a.epoch > b.epoch else b, why + "; the newer epoch breaks the tie")
+        return won(a, why + "; the first node by name breaks the tie")
+
+    if (a.changes > 0) != (b.changes > 0):
+        w = a if a.changes > 0 else b
+        return won(w, "only %s changed since the common snapshot (%d bytes); nothing is lost"
+                   % (w.node, w.changes))
+    if a.changes == 0:
+        return tie_break("neither side changed since the common snapshot")
+    if policy == "zero-changes-only":
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "both sides changed (%s: %d bytes, %s: %d bytes) and "
+                       "divergence_policy = zero-changes-only: an operator decides"
+                       % (a.node, a.changes, b.node, b.changes))
+    if policy == "most-changes":
+        if a.changes == b.changes:
+            return tie_break("both changed %d bytes" % a.changes)
+        w = a if a.changes > b.changes else b
+        return won(w, "it changed more (%d bytes against %d)"
+                   % (w.changes, min(a.changes, b.changes)))
+    if policy in ("newest-master", "oldest-master"):
+        if a.epoch == b.epoch:
+            return tie_break("both have epoch %d" % a.epoch)
+        newer, older = (a, b) if a.epoch > b.epoch else (b, a)
+        if policy == "newest-master":
+            return won(newer, "newest-master: epoch %d is newer than %d" % (newer.epoch, older.epoch))
+        return won(older, "oldest-master: epoch %d is older than %d" % (older.epoch, newer.epoch))
+    if policy.startswith(PREFER_NODE):
+        name = policy[len(PREFER_NODE):]
+        for side in (a, b):
+            if side.node == name:
+                return won(side, "divergence_policy prefers node %s" % name)
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "divergence_policy prefers node %s, which is neither %s nor %s"
+                       % (name, a.node, b.node))
+    return Verdict(VERDICT_OPERATOR, None, None, False,
+                   "unknown divergence_policy %r: an operator decides" % policy)
+
+
 # ===========================================================================
 # 7. Actions
 # ===========================================================================
