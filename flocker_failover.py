@@ -91,6 +91,11 @@ class ZfsError(FlockerError):
     exit_code = EXIT_ZFS
 
 
+class ActionError(FlockerError):
+    """A step of a promotion or demotion failed; the intent stays open and
+    the next attempt (or the daemon's restart) finishes it."""
+
+
 # ===========================================================================
 # 2. Configuration
 # ===========================================================================
@@ -297,8 +302,11 @@ SERVICE_OPTIONS = (
            "Stops the user system (run when this node stops being master)."),
     Option("check_command", _p_command, "", "command",
            "Exits 0 while the user system is healthy."),
+    Option("notify_command", _p_command, "", "command",
+           "Run after every role change, with FLOCKER_OLD_ROLE, FLOCKER_NEW_ROLE, "
+           "FLOCKER_EPOCH and FLOCKER_REASON in its environment."),
     Option("command_timeout", _p_seconds, "60.0", "seconds",
-           "Longest time a start, stop or check command may run."),
+           "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
            "Address the master owns: ADDRESS/PREFIX dev INTERFACE."),
 )
@@ -332,6 +340,7 @@ class ServiceConfig:
     start_command: Optional[Tuple[str, ...]]
     stop_command: Optional[Tuple[str, ...]]
     check_command: Optional[Tuple[str, ...]]
+    notify_command: Optional[Tuple[str, ...]]
     command_timeout: float
     service_address: Optional[ServiceAddress]
 
@@ -587,7 +596,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
                 "of the same IP version" % (path, a.name, i + 1, x, y))
     svc = ServiceConfig(
         start_command=s["start_command"], stop_command=s["stop_command"],
-        check_command=s["check_command"], command_timeout=s["command_timeout"],
+        check_command=s["check_command"], notify_command=s["notify_command"],
+        command_timeout=s["command_timeout"],
         service_address=s["service_address"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
@@ -1051,6 +1061,41 @@ class StateStore:
             conn.execute("UPDATE node_state SET generation = generation + 1 WHERE id = 1")
             return conn.execute("SELECT generation FROM node_state WHERE id = 1").fetchone()[0]
 
+    # -- intents: multi-step actions that survive a crash ----------------
+
+    def begin_intent(self, action: str, data: dict) -> int:
+        with self.transaction() as conn:
+            open_ = conn.execute("SELECT id, action FROM intents WHERE finished IS NULL"
+                                 ).fetchone()
+            if open_ is not None:
+                raise StateError("internal error: %s (intent %d) is unfinished; recover it "
+                                 "before starting %s" % (open_[1], open_[0], action))
+            cur = conn.execute("INSERT INTO intents (action, started, step, data) "
+                               "VALUES (?, ?, 'begin', ?)",
+                               (action, time.time(), json.dumps(data, sort_keys=True)))
+            self._event(conn, action, "%s begins: %s" % (action, data.get("reason", "")))
+            return cur.lastrowid
+
+    def intent_step(self, intent_id: int, step: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE intents SET step = ? WHERE id = ?", (step, intent_id))
+
+    def finish_intent(self, intent_id: int) -> None:
+        with self.transaction() as conn:
+            row = conn.execute("SELECT action FROM intents WHERE id = ?", (intent_id,)).fetchone()
+            conn.execute("UPDATE intents SET finished = ?, step = 'done' WHERE id = ?",
+                         (time.time(), intent_id))
+            self._event(conn, row[0], "%s completed" % row[0])
+
+    def unfinished_intent(self) -> Optional[dict]:
+        row = self.conn.execute(
+            "SELECT id, action, started, step, data FROM intents WHERE finished IS NULL "
+            "ORDER BY id LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return dict(id=row[0], action=row[1], started=row[2], step=row[3],
+                    data=json.loads(row[4]))
+
     def backup_and_remove(self) -> str:
         """Move the state file (with its WAL) aside; returns the backup path."""
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1142,6 +1187,42 @@ class Zfs:
     def create(self, dataset: str) -> None:
         self.run(["create", dataset])
 
+    def set(self, dataset: str, prop: str, value: str) -> None:
+        self.run(["set", "%s=%s" % (prop, value), dataset])
+
+    def is_mounted(self, dataset: str) -> bool:
+        return self.get(dataset, ["mounted"]).get("mounted") == "yes"
+
+    def mount(self, dataset: str) -> None:
+        if not self.is_mounted(dataset):
+            self.run(["mount", dataset])
+
+    def unmount(self, dataset: str) -> None:
+        if not self.is_mounted(dataset):
+            return
+        proc = self.run(["unmount", dataset], check=False)
+        if proc.returncode != 0:
+            raise ZfsError("cannot unmount %s: %s; a process still uses it: stop_command "
+                           "must stop everything that uses the dataset ('fuser -vm "
+                           "MOUNTPOINT' shows what)" % (dataset, _stderr_text(proc.stderr)))
+
+    def abort_partial_receive(self, dataset: str) -> bool:
+        """Discard the partial state of an interrupted resumable receive
+        (OpenZFS 'recv -s'); complete snapshots are never touched.  Returns
+        True when there was some.  Where the ZFS has no resumable receive
+        (zfs-fuse), an interrupted receive leaves nothing behind."""
+        proc = self.run(["get", "-H", "-p", "-o", "value", "receive_resume_token", dataset],
+                        check=False)
+        if proc.returncode != 0:
+            if "invalid property" in proc.stderr:
+                return False
+            raise ZfsError("cannot read receive_resume_token of %s: %s"
+                           % (dataset, _stderr_text(proc.stderr)))
+        if proc.stdout.strip() in ("", "-"):
+            return False
+        self.run(["receive", "-A", dataset])
+        return True
+
     def get(self, dataset: str, props: Sequence[str]) -> Dict[str, str]:
         """Parsed 'zfs get -H -p' values of one dataset."""
         proc = self.run(["get", "-H", "-p", "-o", "property,value", ",".join(props),
@@ -1156,6 +1237,115 @@ class Zfs:
 def _stderr_text(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     return "; ".join(lines[-5:]) or "(no message)"
+
+
+# -- commands of the operator (start, stop, check, notify) ---------------------
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    argv: Tuple[str, ...]
+    returncode: Optional[int]    # None: killed after the timeout
+    output: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        what = ("timed out after %.1f s and was killed" % self.seconds
+                if self.returncode is None else "exited %d" % self.returncode)
+        tail = self.output.strip().splitlines()[-3:]
+        return "'%s' %s%s" % (" ".join(self.argv), what,
+                              (": " + " | ".join(tail)) if tail else "")
+
+
+def run_command(argv: Sequence[str], timeout: float,
+                env: Optional[Dict[str, str]] = None) -> CommandResult:
+    """Run an operator's command (no shell) in its own process group; on
+    timeout the whole group is killed, so a hung hook cannot linger."""
+    started = time.monotonic()
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
+    except OSError as e:
+        return CommandResult(tuple(argv), 127, "cannot run: %s" % e.strerror,
+                             time.monotonic() - started)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode  # type: Optional[int]
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        code = None
+    return CommandResult(tuple(argv), code, out.decode("utf-8", "replace"),
+                         time.monotonic() - started)
+
+
+# -- the service address -------------------------------------------------------
+
+def _ip(args: Sequence[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["ip"] + list(args), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30)
+    except FileNotFoundError:
+        raise FlockerError("the ip command (iproute2) was not found; it is needed to move "
+                           "service_address") from None
+
+
+def address_present(sa: ServiceAddress) -> bool:
+    proc = _ip(["-o", "addr", "show", "dev", sa.device])
+    if proc.returncode != 0:
+        raise FlockerError("cannot list the addresses of %s: %s; check service_address"
+                           % (sa.device, _stderr_text(proc.stderr)))
+    return any(line.split()[3] == "%s/%d" % (sa.address, sa.prefix)
+               for line in proc.stdout.splitlines() if len(line.split()) > 3)
+
+
+def add_service_address(sa: ServiceAddress) -> bool:
+    """Add the address (idempotent).  Returns True when it was added."""
+    if address_present(sa):
+        return False
+    proc = _ip(["addr", "add", "%s/%d" % (sa.address, sa.prefix), "dev", sa.device])
+    if proc.returncode != 0:
+        raise FlockerError("cannot add %s: %s" % (sa, _stderr_text(proc.stderr)))
+    return True
+
+
+def remove_service_address(sa: ServiceAddress) -> bool:
+    if not address_present(sa):
+        return False
+    proc = _ip(["addr", "del", "%s/%d" % (sa.address, sa.prefix), "dev", sa.device])
+    if proc.returncode != 0:
+        raise FlockerError("cannot remove %s: %s" % (sa, _stderr_text(proc.stderr)))
+    return True
+
+
+def gratuitous_arp(sa: ServiceAddress, count: int = 3) -> int:
+    """Announce that this host now owns the IPv4 service address: broadcast
+    ARP requests whose sender and target are the address itself (what
+    arping -U does), so neighbours update their ARP caches at once.  Returns
+    the number of packets sent.  IPv6 addresses are announced by the kernel
+    (unsolicited neighbour advertisement), so nothing is sent for them."""
+    if ":" in sa.address:
+        return 0
+    ip4 = socket.inet_aton(sa.address)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((sa.device, 0x0806))
+        mac = s.getsockname()[4]       # this interface's hardware address
+        frame = (b"\xff" * 6 + mac + b"\x08\x06"               # Ethernet: to all, ARP
+                 + b"\x00\x01\x08\x00\x06\x04\x00\x01"    # Ethernet/IPv4, request
+                 + mac + ip4 + b"\x00" * 6 + ip4)
+        for i in range(count):
+            s.send(frame)
+            if i + 1 < count:
+                time.sleep(0.05)
+    return count
 
 
 # ===========================================================================
@@ -1479,6 +1669,151 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
         return ("initialised node %s as %s" % (me.name, role), done)
     finally:
         store.close()
+
+
+# -- promotion and demotion ---------------------------------------------------
+#
+# Each is a fixed list of steps.  The intent is written to sqlite first and
+# each step is recorded before it runs; every step is idempotent, so after a
+# crash recover_intent() simply runs the unfinished action's steps again and
+# ends in a consistent role: the service runs exactly when the role is
+# master.  Start and stop commands must be idempotent (as systemctl is).
+
+PROMOTE_STEPS = ("role", "discard-partial", "writable", "mount", "start", "address", "notify")
+DEMOTE_STEPS = ("stop", "address", "readonly", "unmount", "role", "notify")
+COMMAND_TRIES = 3
+
+
+@dataclasses.dataclass
+class Context:
+    """What an action works with on this node."""
+    cfg: Config
+    store: StateStore
+    zfs: Zfs
+
+
+def failpoint(name: str) -> None:
+    """Testing aid: FLOCKER_FAILPOINT=<name> kills this process (as kill -9
+    would) when it reaches that point."""
+    if os.environ.get("FLOCKER_FAILPOINT") == name:
+        os.kill(os.getpid(), 9)
+
+
+def _service_env(ctx: Context, epoch: int, extra: Optional[Dict[str, str]] = None
+                 ) -> Dict[str, str]:
+    env = {"FLOCKER_CLUSTER": ctx.cfg.name, "FLOCKER_NODE": ctx.cfg.local_name,
+           "FLOCKER_DATASET": ctx.cfg.local.dataset, "FLOCKER_EPOCH": str(epoch)}
+    env.update(extra or {})
+    return env
+
+
+def _run_service_command(ctx: Context, what: str, argv: Optional[Tuple[str, ...]],
+                         env: Dict[str, str]) -> None:
+    """Run start_command or stop_command, retrying; raise when it keeps failing."""
+    if argv is None:
+        return
+    result = None
+    for attempt in range(1, COMMAND_TRIES + 1):
+        result = run_command(argv, ctx.cfg.service.command_timeout, env)
+        if result.ok:
+            log.info("%s ran in %.1f s", what, result.seconds)
+            return
+        log.warning("%s attempt %d of %d: %s", what, attempt, COMMAND_TRIES, result.describe())
+        time.sleep(min(2.0, 0.5 * attempt))
+    raise ActionError("%s failed %d times, last: %s" % (what, COMMAND_TRIES, result.describe()))
+
+
+def _notify(ctx: Context, old_role: str, new_role: str, epoch: int, reason: str) -> None:
+    argv = ctx.cfg.service.notify_command
+    if argv is None:
+        return
+    env = _service_env(ctx, epoch, {"FLOCKER_OLD_ROLE": old_role, "FLOCKER_NEW_ROLE": new_role,
+                                    "FLOCKER_REASON": reason})
+    result = run_command(argv, ctx.cfg.service.command_timeout, env)
+    if not result.ok:   # a notification never blocks a role change
+        ctx.store.record_event("notify", "notify_command: " + result.describe(), "warning")
+
+
+def promote(ctx: Context, epoch: int, reason: str) -> None:
+    """Make this node master in `epoch` (from decide())."""
+    old = ctx.store.node_state()
+    data = {"epoch": epoch, "reason": reason, "old_role": old.role}
+    _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
+
+
+def demote(ctx: Context, epoch: int, reason: str) -> None:
+    """Make this node slave; epoch is the highest epoch it knows of."""
+    old = ctx.store.node_state()
+    data = {"epoch": max(epoch, old.epoch), "reason": reason, "old_role": old.role}
+    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data)
+
+
+def recover_intent(ctx: Context) -> Optional[str]:
+    """Finish an action a crash interrupted.  Returns its name, or None."""
+    intent = ctx.store.unfinished_intent()
+    if intent is None:
+        return None
+    log.warning("finishing the %s interrupted at step %s", intent["action"], intent["step"])
+    ctx.store.record_event("recover", "finishing the %s interrupted at step %s"
+                           % (intent["action"], intent["step"]), "warning")
+    steps = _promote_steps if intent["action"] == "promote" else _demote_steps
+    steps(ctx, intent["id"], intent["data"])
+    return intent["action"]
+
+
+def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
+    cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
+    env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_MASTER})
+    for step in PROMOTE_STEPS:
+        ctx.store.intent_step(intent_id, step)
+        failpoint("promote:" + step)
+        if step == "role":
+            st = ctx.store.node_state()
+            if (st.role, st.epoch) != (ROLE_MASTER, epoch):
+                ctx.store.set_role(ROLE_MASTER, epoch, data["reason"])
+        elif step == "discard-partial":
+            if zfs.abort_partial_receive(ds):
+                ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
+        elif step == "writable":
+            zfs.set(ds, "readonly", "off")
+        elif step == "mount":
+            zfs.mount(ds)
+        elif step == "start":
+            _run_service_command(ctx, "start_command", cfg.service.start_command, env)
+        elif step == "address":
+            sa = cfg.service.service_address
+            if sa is not None:
+                add_service_address(sa)
+                gratuitous_arp(sa)
+        elif step == "notify":
+            _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"])
+    ctx.store.finish_intent(intent_id)
+
+
+def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
+    cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
+    env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
+    for step in DEMOTE_STEPS:   # the reverse order of promotion
+        ctx.store.intent_step(intent_id, step)
+        failpoint("demote:" + step)
+        if step == "stop":
+            _run_service_command(ctx, "stop_command", cfg.service.stop_command, env)
+        elif step == "address":
+            if cfg.service.service_address is not None:
+                remove_service_address(cfg.service.service_address)
+        elif step == "readonly":
+            if zfs.exists(ds):
+                zfs.set(ds, "readonly", "on")
+        elif step == "unmount":
+            if zfs.exists(ds):
+                zfs.unmount(ds)
+        elif step == "role":
+            st = ctx.store.node_state()
+            if (st.role, st.epoch) != (ROLE_SLAVE, epoch):
+                ctx.store.set_role(ROLE_SLAVE, epoch, data["reason"])
+        elif step == "notify":
+            _notify(ctx, data["old_role"], ROLE_SLAVE, epoch, data["reason"])
+    ctx.store.finish_intent(intent_id)
 
 
 def _move_aside(path: str) -> str:

@@ -209,7 +209,10 @@ class Host:
 
     # running things "on" this host
     def argv(self, argv):
-        return ["ip", "netns", "exec", self.ns] + list(argv)
+        # Only the network namespace: the hosts share the machine's mount
+        # namespace, as zfs-fuse does (a private one, as 'ip netns exec'
+        # makes, would keep a 'zfs unmount' from reaching the daemon).
+        return ["nsenter", "--net=/run/netns/" + self.ns] + list(argv)
 
     def run(self, argv, check=True, timeout=60, **kw):
         return sh(self.argv(argv), check=check, timeout=timeout, **kw)
@@ -223,13 +226,16 @@ class Host:
                 "--node", self.name] + list(args)
         return self.run(argv, check=check, timeout=timeout)
 
-    def ssh_argv(self, target, remote_argv):
-        """ssh from this host to target host, as replication would."""
+    def ssh_command(self, target, remote_argv):
+        """The ssh command line (to run on this host) that reaches target."""
         b = self.bed
-        return self.argv([
-            "ssh", "-i", b.client_key, "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + b.known_hosts,
-            "-o", "ConnectTimeout=5", "root@" + target.address, "--"] + list(remote_argv))
+        return ["ssh", "-i", b.client_key, "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + b.known_hosts,
+                "-o", "ConnectTimeout=5", "root@" + target.address, "--"] + list(remote_argv)
+
+    def ssh_argv(self, target, remote_argv):
+        """ssh from this host to target host, ready to run from anywhere."""
+        return self.argv(self.ssh_command(target, remote_argv))
 
     def kill_all(self, keep_sshd=False):
         """kill -9 every process running in this host's namespace."""
@@ -305,8 +311,8 @@ class Bed:
         return self.hosts[1]
 
     def _make_hosts(self, links):
-        if shutil.which("ip") is None or shutil.which("unshare") is None:
-            raise BedUnavailable("needs iproute2 (ip netns) and util-linux (unshare)")
+        if not all(shutil.which(c) for c in ("ip", "unshare", "nsenter")):
+            raise BedUnavailable("needs iproute2 (ip netns) and util-linux (unshare, nsenter)")
         if shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"):
             raise BedUnavailable("needs openssh-server (sshd)")
         for name, last in (("alpha", 1), ("beta", 2)):

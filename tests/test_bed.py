@@ -22,7 +22,7 @@ def test_send_over_ssh_between_namespaces(bed):
     want = bedmod.tree_digest(mnt)
 
     # the pipe runs inside namespace A; zfs recv runs on B through B's sshd
-    ssh = a.ssh_argv(b, ["zfs", "recv", "-u", b.dataset])[4:]   # drop "ip netns exec NS"
+    ssh = a.ssh_command(b, ["zfs", "recv", "-u", b.dataset])
     send = "zfs send %s@bed1 | %s" % (a.dataset, " ".join(ssh))
     a.run(["sh", "-c", send], timeout=120)
 

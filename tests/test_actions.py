@@ -1,0 +1,178 @@
+"""Promotion and demotion for real: ZFS, service commands, the service
+address with gratuitous ARP seen by the other host, the notify hook, and a
+kill -9 at every step followed by recovery."""
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ff
+import bed as bedmod
+
+SERVICE_ADDR = "192.0.2.14"     # inside link 0's 192.0.2.0/28
+
+DRIVER = textwrap.dedent("""
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("ff", sys.argv[1])
+    ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
+    cfg = ff.load_config(sys.argv[2], sys.argv[3])
+    store = ff.StateStore.open(cfg.local.state_db, lock_for="test driver")
+    ctx = ff.Context(cfg, store, ff.Zfs())
+    action = sys.argv[4]
+    if action == "promote":
+        ff.promote(ctx, int(sys.argv[5]), "test promotion")
+    elif action == "demote":
+        ff.demote(ctx, int(sys.argv[5]), "test demotion")
+    elif action == "recover":
+        print(ff.recover_intent(ctx))
+""")
+
+
+@pytest.fixture
+def pair(bed, tmp_path):
+    """alpha master with data; beta slave holding a read-only replica."""
+    a, b = bed.a, bed.b
+    marks = os.path.join(bed.workdir, "marks")
+    os.makedirs(marks)
+    script = os.path.join(bed.workdir, "driver.py")
+    with open(script, "w") as f:
+        f.write(DRIVER)
+    svc = ("sh -c 'touch %s/running-$FLOCKER_NODE; echo start $FLOCKER_EPOCH $FLOCKER_DATASET "
+           ">> %s/log-$FLOCKER_NODE'" % (marks, marks))
+    stop = ("sh -c 'rm -f %s/running-$FLOCKER_NODE; echo stop $FLOCKER_EPOCH "
+            ">> %s/log-$FLOCKER_NODE'" % (marks, marks))
+    notify = ("sh -c 'echo \"$FLOCKER_OLD_ROLE $FLOCKER_NEW_ROLE $FLOCKER_EPOCH $FLOCKER_REASON\" "
+              ">> %s/notify-$FLOCKER_NODE'" % marks)
+    bed.write_config(service={"start_command": svc, "stop_command": stop,
+                              "notify_command": notify,
+                              "service_address": SERVICE_ADDR + "/28 dev eth0"})
+    assert a.flocker("init", "--role", "master").returncode == 0
+    mnt = os.path.join(a.pool.mountpoint, "shop")
+    for i in range(5):
+        with open(os.path.join(mnt, "file%d" % i), "wb") as f:
+            f.write(os.urandom(50000))
+    bedmod.sh(["zfs", "snapshot", a.dataset + "@flocker-2-20260101T000000Z"])
+    want = bedmod.tree_digest(mnt)
+    bedmod.sh(["sh", "-c", "zfs send %s@flocker-2-20260101T000000Z | zfs recv -u %s"
+               % (a.dataset, b.dataset)])
+    bedmod.sh(["zfs", "set", "readonly=on", b.dataset])
+    assert b.flocker("init", "--role", "slave").returncode == 0
+    # alpha learns new neighbours from gratuitous ARP (a switch or router would)
+    a.run(["sysctl", "-q", "-w", "net.ipv4.conf.eth0.arp_accept=1"])
+
+    class Pair:
+        pass
+    p = Pair()
+    p.bed, p.a, p.b, p.marks, p.want = bed, a, b, marks, want
+
+    def drive(host, *args, failpoint=None):
+        env = dict(os.environ)
+        if failpoint:
+            env["FLOCKER_FAILPOINT"] = failpoint
+        return bedmod.sh(host.argv([sys.executable, script, bedmod.PROGRAM, bed.config_path,
+                                    host.name] + [str(x) for x in args]),
+                         check=False, env=env, timeout=120)
+    p.drive = drive
+    return p
+
+
+def props(ds):
+    out = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "property,value", "mounted,readonly",
+                     ds]).stdout
+    return dict(line.split("\t") for line in out.splitlines())
+
+
+def has_address(host):
+    return (SERVICE_ADDR + "/28") in host.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+
+
+def role_of(host):
+    with ff.StateStore.open(host.state_db) as s:
+        st = s.node_state()
+        return st.role, st.epoch, s.unfinished_intent()
+
+
+def assert_consistent(p, host, role):
+    r, epoch, intent = role_of(host)
+    running = os.path.exists(os.path.join(p.marks, "running-" + host.name))
+    pr = props(host.dataset)
+    assert intent is None
+    assert r == role
+    if role == "master":
+        assert running and has_address(host)
+        assert pr == {"mounted": "yes", "readonly": "off"}
+    else:
+        assert not running and not has_address(host)
+        assert pr["mounted"] == "no"
+        bedmod.sh(["zfs", "get", "-H", "readonly", host.dataset])
+    return epoch
+
+
+def test_promote_then_demote(pair):
+    p, b = pair, pair.b
+    proc = p.drive(b, "promote", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert assert_consistent(p, b, "master") == 3
+    # the replica became the live dataset with every file of the snapshot
+    assert bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop")) == p.want
+    # start_command saw its environment; the notify hook ran with the roles
+    assert open(os.path.join(p.marks, "log-beta")).read() == "start 3 %s\n" % b.dataset
+    assert open(os.path.join(p.marks, "notify-beta")).read() == "slave master 3 test promotion\n"
+    # alpha's ARP table learned beta's MAC for the service address
+    mac = b.run(["ip", "-o", "link", "show", "eth0"]).stdout.split("link/ether ")[1].split()[0]
+    neigh = p.a.run(["ip", "neigh", "show", SERVICE_ADDR, "dev", "eth0"]).stdout
+    assert "lladdr %s" % mac in neigh, neigh
+
+    proc = p.drive(b, "demote", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert_consistent(p, b, "slave")
+    assert props(b.dataset)["readonly"] == "on"
+    assert open(os.path.join(p.marks, "log-beta")).read().splitlines()[-1] == "stop 3"
+    assert open(os.path.join(p.marks, "notify-beta")).read().splitlines()[-1] == \
+        "master slave 3 test demotion"
+    with ff.StateStore.open(b.state_db) as s:
+        kinds = [e["kind"] for e in s.events(50)]
+    assert kinds.count("promote") == 2 and kinds.count("demote") == 2 and "role" in kinds
+
+
+def test_kill_9_at_every_step_then_recover(pair):
+    """Killed at any step, the next start finishes the action: the service
+    runs exactly when the role is master, and no data is lost."""
+    p, b = pair, pair.b
+    epoch = 0
+    for i in range(max(len(ff.PROMOTE_STEPS), len(ff.DEMOTE_STEPS))):
+        if i < len(ff.PROMOTE_STEPS):
+            epoch = ff.next_epoch(epoch, 1)
+            step = ff.PROMOTE_STEPS[i]
+            proc = p.drive(b, "promote", epoch, failpoint="promote:" + step)
+            assert proc.returncode == -9, (step, proc.stderr)
+            assert role_of(b)[2]["step"] == step
+            proc = p.drive(b, "recover")
+            assert proc.returncode == 0 and proc.stdout.strip() == "promote", proc.stderr
+            assert assert_consistent(p, b, "master") == epoch
+            assert bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop")) == p.want
+        else:
+            epoch = ff.next_epoch(epoch, 1)
+            assert p.drive(b, "promote", epoch).returncode == 0
+        step = ff.DEMOTE_STEPS[i % len(ff.DEMOTE_STEPS)]
+        proc = p.drive(b, "demote", epoch, failpoint="demote:" + step)
+        assert proc.returncode == -9, (step, proc.stderr)
+        proc = p.drive(b, "recover")
+        assert proc.returncode == 0 and proc.stdout.strip() == "demote", proc.stderr
+        assert_consistent(p, b, "slave")
+    # nothing left to recover
+    assert p.drive(b, "recover").stdout.strip() == "None"
+
+
+def test_failing_start_command_is_retried_and_reported(pair):
+    p, b = pair, pair.b
+    p.bed.write_config(service={"start_command": "false", "stop_command": "true",
+                                "command_timeout": "5"})
+    proc = p.drive(b, "promote", 3)
+    assert proc.returncode == 1
+    assert "start_command failed 3 times, last: 'false' exited 1" in proc.stderr
+    r, epoch, intent = role_of(b)
+    assert (r, epoch, intent["step"]) == ("master", 3, "start")   # left open to be finished
