@@ -1,0 +1,31 @@
+#!/bin/bash
+# Runs the whole test suite inside a qemu guest with real OpenZFS (kernel
+# module and tools), instead of zfs-fuse. Builds the guest image the first
+# time (about 6 minutes), boots it (about 30 s), runs the suite with this
+# checkout shared at /src, prints the OpenZFS version tested, and stops the
+# guest again, also on failure. Not part of .ci/run: under software
+# emulation the suite takes several minutes more than on the host.
+#   bash contrib/test-openzfs.sh            # everything
+#   bash contrib/test-openzfs.sh -k state   # extra arguments go to pytest
+# The VM scripts live in shared/openzfs-vm beside the checkout (or set VM_DIR).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+src="$(cd "$here/.." && pwd)"
+vm="${VM_DIR:-$(cd "$src/.." && pwd)/shared/openzfs-vm}"
+[ -x "$vm/start-vm.sh" ] || vm="$(cd "$src/../.." && pwd)/shared/openzfs-vm"
+if [ ! -x "$vm/start-vm.sh" ]; then
+    echo "cannot find the OpenZFS VM scripts (shared/openzfs-vm); set VM_DIR" >&2
+    exit 2
+fi
+build="${VM_BUILD:-/var/tmp/openzfs-vm}"
+if [ ! -f "$build/rootfs.img" ]; then
+    echo "building the OpenZFS guest image (once, about 6 minutes)..." >&2
+    "$vm/build-image.sh"
+fi
+export VM_SRC="$src"
+"$vm/stop-vm.sh" >/dev/null 2>&1 || true     # a VM sharing another directory cannot be reused
+trap '"$vm/stop-vm.sh" >/dev/null 2>&1 || true' EXIT
+"$vm/start-vm.sh" >/dev/null
+args=""
+for a in "$@"; do args="$args $(printf '%q' "$a")"; done
+"$vm/vm-run.sh" "echo \"testing against: \$(zfs version | tr '\n' ' ')\"; python3 -m pytest -p no:cacheprovider -q -rs tests/$args"
