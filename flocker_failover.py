@@ -20,6 +20,7 @@ Standard library only; Python 3.8 or newer.
 """
 
 import argparse
+import calendar
 import configparser
 import contextlib
 import dataclasses
@@ -982,10 +983,11 @@ class StateStore:
             return None
         return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
 
-    def events(self, limit: int = 20) -> List[dict]:
+    def events(self, limit: int = 20, since: float = 0.0) -> List[dict]:
+        """The newest `limit` events at or after `since`, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, ts, level, kind, message FROM events ORDER BY id DESC LIMIT ?",
-            (limit,)).fetchall()
+            "SELECT id, ts, level, kind, message FROM events WHERE ts >= ? "
+            "ORDER BY id DESC LIMIT ?", (since, limit)).fetchall()
         return [dict(id=r[0], ts=r[1], level=r[2], kind=r[3], message=r[4])
                 for r in reversed(rows)]
 
@@ -1959,6 +1961,48 @@ def cmd_status(args, cfg_path: str) -> int:
     return EXIT_OK
 
 
+_RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """--since: an age (90s, 30m, 2h, 7d) or a UTC time (2026-11-24 or
+    2026-11-24T17:30[:00]).  Returns a Unix time."""
+    m = re.match(r"^(\d+(?:\.\d+)?)([smhd])$", text)
+    if m:
+        return now - float(m.group(1)) * _RELATIVE[m.group(2)]
+    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S",
+                "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return float(calendar.timegm(time.strptime(text, fmt)))
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(
+        "expected an age such as 30m, 2h or 7d, or a UTC time such as 2026-11-24T17:30, "
+        "found %r" % text)
+
+
+def cmd_history(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    with StateStore.open(cfg.local.state_db) as store:
+        events = store.events(limit=args.limit, since=args.since or 0.0)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return EXIT_OK
+    for e in events:
+        print("%s  %-7s %-10s %s" % (_fmt_time(e["ts"]), e["level"], e["kind"], e["message"]))
+    return EXIT_OK
+
+
+def _add_history(p) -> None:
+    p.add_argument("--since", metavar="WHEN", type=lambda text: parse_since(text, time.time()),
+                   help="only events from then on: an age (30m, 2h, 7d) or a UTC time "
+                        "(2026-11-24T17:30)")
+    p.add_argument("--limit", type=int, default=1000, metavar="N",
+                   help="at most the newest N events (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {id, ts, level, kind, message}")
+
+
 def _add_genkey(p) -> None:
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write the key to FILE (created with mode 0600, never "
@@ -1985,6 +2029,8 @@ COMMANDS = (
      "prepare this node: state file, dataset check, initial role"),
     ("status", cmd_status, _add_status,
      "show role, epoch, peer and replication state"),
+    ("history", cmd_history, _add_history,
+     "show the event log of this node, newest last"),
     ("config-check", cmd_config_check, lambda p: None,
      "validate the configuration and print it, secrets masked"),
     ("genkey", cmd_genkey, _add_genkey,

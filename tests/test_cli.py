@@ -152,3 +152,29 @@ def test_init_slave_needs_the_parent(bed):
         "flocker-failover: error: the parent %s/missing of the replica %s/missing/shop does not "
         "exist; create it with 'zfs create -p %s/missing'\n" % ((b.pool.name,) * 3))
     assert not os.path.exists(b.state_db)
+
+
+def test_history(bed):
+    a = bed.a
+    assert a.flocker("init", "--role", "master").returncode == 0
+    with ff.StateStore.open(a.state_db, lock_for="test") as s:
+        s.conn.execute("INSERT INTO events (ts, level, kind, message) VALUES "
+                       "(1000000000, 'warning', 'old', 'long ago')")
+        s.record_event("test", "just now")
+    out = a.flocker("history", check=True).stdout.splitlines()
+    assert len(out) == 3
+    assert out[0].endswith("info    init       initialised node alpha as master, epoch 2")
+    assert out[1] == "2001-09-09 01:46:40 UTC  warning old        long ago"   # by id: newest last
+    assert out[2].endswith("info    test       just now")
+    recent = a.flocker("history", "--since", "1h", check=True).stdout
+    assert "long ago" not in recent and "just now" in recent
+    assert "long ago" in a.flocker("history", "--since", "2001-09-09", check=True).stdout
+    assert "long ago" not in a.flocker("history", "--since", "2001-09-09T01:47",
+                                       check=True).stdout
+    events = json.loads(a.flocker("history", "--json", "--limit", "2", check=True).stdout)
+    assert [e["message"] for e in events] == ["long ago", "just now"]
+    assert set(events[0]) == {"id", "ts", "level", "kind", "message"}
+    proc = a.flocker("history", "--since", "yesterday")
+    assert proc.returncode == 2 and ("argument --since: expected an age such as 30m, 2h or 7d, "
+                                     "or a UTC time such as 2026-11-24T17:30, found 'yesterday'"
+                                     ) in proc.stderr
