@@ -1063,6 +1063,21 @@ class StateStore:
             conn.execute("UPDATE node_state SET generation = generation + 1 WHERE id = 1")
             return conn.execute("SELECT generation FROM node_state WHERE id = 1").fetchone()[0]
 
+    def add_preserved(self, dataset: str, epoch: int, origin: str, reason: str) -> None:
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM preserved WHERE dataset = ?", (dataset,)).fetchone():
+                return
+            conn.execute("INSERT INTO preserved (dataset, created, epoch, origin, reason) "
+                         "VALUES (?, ?, ?, ?, ?)", (dataset, time.time(), epoch, origin, reason))
+            self._event(conn, "preserve", "kept divergent data as %s (%s)" % (dataset, reason),
+                        "warning")
+
+    def remove_preserved(self, dataset: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM preserved WHERE dataset = ?", (dataset,))
+            self._event(conn, "discard", "the operator discarded the preserved dataset %s"
+                        % dataset, "warning")
+
     # -- intents: multi-step actions that survive a crash ----------------
 
     def begin_intent(self, action: str, data: dict) -> int:
@@ -1148,19 +1163,31 @@ class Zfs:
         self.zfs = zfs
         self.timeout = timeout
 
-    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+    # zfs-fuse finishes an unmount after the command returns: a rename or
+    # destroy right after it may fail with "dataset is busy" for a moment.
+    BUSY_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.5, 3.0, 4.0)
+
+    def run(self, args: Sequence[str], check: bool = True,
+            retry_busy: bool = False) -> subprocess.CompletedProcess:
         argv = [self.zfs] + list(args)
-        try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=self.timeout,
-                                  universal_newlines=True)
-        except FileNotFoundError:
-            raise ZfsError("the zfs command (%s) was not found; install ZFS "
-                           "(OpenZFS, or zfs-fuse for testing) and make sure zfs "
-                           "is in PATH" % self.zfs) from None
-        except subprocess.TimeoutExpired:
-            raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
-                           % (" ".join(argv), self.timeout)) from None
+        for pause in self.BUSY_RETRIES + (None,):
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=self.timeout,
+                                      universal_newlines=True)
+            except FileNotFoundError:
+                raise ZfsError("the zfs command (%s) was not found; install ZFS "
+                               "(OpenZFS, or zfs-fuse for testing) and make sure zfs "
+                               "is in PATH" % self.zfs) from None
+            except subprocess.TimeoutExpired:
+                raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
+                               % (" ".join(argv), self.timeout)) from None
+            if not (retry_busy and proc.returncode != 0 and "is busy" in proc.stderr
+                    and pause is not None):
+                break
+            log.warning("'%s': %s; trying again in %g s", " ".join(argv),
+                        _stderr_text(proc.stderr), pause)
+            time.sleep(pause)
         if check and proc.returncode != 0:
             raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(proc.stderr)))
         return proc
@@ -1197,16 +1224,33 @@ class Zfs:
 
     def mount(self, dataset: str) -> None:
         if not self.is_mounted(dataset):
-            self.run(["mount", dataset])
+            self.run(["mount", dataset], retry_busy=True)
 
     def unmount(self, dataset: str) -> None:
         if not self.is_mounted(dataset):
             return
-        proc = self.run(["unmount", dataset], check=False)
+        proc = self.run(["unmount", dataset], check=False, retry_busy=True)
         if proc.returncode != 0:
             raise ZfsError("cannot unmount %s: %s; a process still uses it: stop_command "
                            "must stop everything that uses the dataset ('fuser -vm "
                            "MOUNTPOINT' shows what)" % (dataset, _stderr_text(proc.stderr)))
+
+    def snapshot(self, snapshot: str) -> None:
+        self.run(["snapshot", snapshot])
+
+    def rename(self, old: str, new: str) -> None:
+        self.run(["rename", old, new], retry_busy=True)
+
+    def clone(self, snapshot: str, dataset: str) -> None:
+        self.run(["clone", snapshot, dataset])
+
+    def promote_clone(self, dataset: str) -> None:
+        self.run(["promote", dataset])
+
+    def origin(self, dataset: str) -> str:
+        """The snapshot a clone was made from, or '' for a plain dataset."""
+        value = self.get(dataset, ["origin"]).get("origin", "-")
+        return "" if value == "-" else value
 
     def abort_partial_receive(self, dataset: str) -> bool:
         """Discard the partial state of an interrupted resumable receive
@@ -1758,7 +1802,8 @@ def recover_intent(ctx: Context) -> Optional[str]:
     log.warning("finishing the %s interrupted at step %s", intent["action"], intent["step"])
     ctx.store.record_event("recover", "finishing the %s interrupted at step %s"
                            % (intent["action"], intent["step"]), "warning")
-    steps = _promote_steps if intent["action"] == "promote" else _demote_steps
+    steps = {"promote": _promote_steps, "demote": _demote_steps,
+             "preserve": _preserve_steps}[intent["action"]]
     steps(ctx, intent["id"], intent["data"])
     return intent["action"]
 
@@ -1816,6 +1861,94 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "notify":
             _notify(ctx, data["old_role"], ROLE_SLAVE, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
+
+
+# -- keeping divergent data -----------------------------------------------------
+#
+# The loser of a divergence keeps what it wrote after the newest common
+# snapshot, without copying data and without destroying anything:
+#   snapshot DS (catches unsnapshotted writes) -> rename DS to PRESERVED ->
+#   clone PRESERVED@common back to DS -> promote DS
+# DS then holds the snapshots up to @common (same GUIDs) and the contents
+# of @common, ready for an incremental receive from the winner; PRESERVED is
+# a read-only clone of DS@common holding every divergent snapshot.
+
+PRESERVE_STEPS = ("snapshot", "unmount", "rename", "clone", "promote", "protect", "record")
+
+
+def preserved_name(dataset: str, epoch: int, now: float) -> str:
+    return "%s-diverged-%d-%s" % (dataset, epoch,
+                                  time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
+
+
+def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str) -> str:
+    """Keep this node's data written after snapshot `common` (a snapshot
+    name without the dataset) as a separate dataset; returns its name.
+    The service must be stopped (the dataset is unmounted)."""
+    ds = ctx.cfg.local.dataset
+    if ctx.cfg.recursive:
+        raise ActionError("keeping divergent data of recursive datasets is not supported yet; "
+                          "nothing was changed: copy %s aside by hand, then resync" % ds)
+    if not ctx.zfs.exists("%s@%s" % (ds, common)):
+        raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
+                          % (ds, common))
+    now = time.time()
+    data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
+            "preserved": preserved_name(ds, epoch, now),
+            "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
+                                                                   time.gmtime(now)))}
+    _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
+    return data["preserved"]
+
+
+def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
+    zfs, ds, kept, common = ctx.zfs, data["dataset"], data["preserved"], data["common"]
+    for step in PRESERVE_STEPS:
+        ctx.store.intent_step(intent_id, step)
+        failpoint("preserve:" + step)
+        renamed = zfs.exists(kept)
+        if step == "snapshot":
+            if not renamed and not zfs.exists("%s@%s" % (ds, data["snapshot"])):
+                zfs.snapshot("%s@%s" % (ds, data["snapshot"]))
+        elif step == "unmount":
+            if not renamed:
+                zfs.unmount(ds)
+        elif step == "rename":
+            if not renamed:
+                zfs.rename(ds, kept)
+        elif step == "clone":
+            if not zfs.exists(ds):
+                zfs.clone("%s@%s" % (kept, common), ds)
+        elif step == "promote":
+            if zfs.origin(ds) == "%s@%s" % (kept, common):
+                zfs.promote_clone(ds)
+        elif step == "protect":   # both read-only; the replica also unmounted
+            zfs.set(kept, "readonly", "on")
+            zfs.set(ds, "readonly", "on")
+            zfs.unmount(ds)
+        elif step == "record":
+            ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
+    ctx.store.finish_intent(intent_id)
+
+
+def discard_preserved(ctx: Context, name: str) -> None:
+    """Destroy a preserved dataset: only one this node recorded, only when
+    it is still the clone it was made as (an operator's request)."""
+    recorded = {p["dataset"]: p for p in ctx.store.preserved()}
+    if name not in recorded:
+        raise FlockerError(
+            "%s is not a preserved dataset of this node (status lists them: %s); refusing "
+            "to destroy it" % (name, ", ".join(sorted(recorded)) or "there are none"))
+    if ctx.zfs.exists(name):
+        origin = ctx.zfs.origin(name)
+        if not origin:
+            raise FlockerError(
+                "%s is no longer a clone (was 'zfs promote' run on it?), so it may hold the "
+                "only copy of older snapshots; refusing to destroy it: check it and use "
+                "'zfs destroy' yourself" % name)
+        # -r: its own snapshots; never -R, which would reach other datasets' clones
+        ctx.zfs.run(["destroy", "-r", name], retry_busy=True)
+    ctx.store.remove_preserved(name)
 
 
 def _move_aside(path: str) -> str:
@@ -2003,6 +2136,29 @@ def _add_history(p) -> None:
                    help="print a JSON list of {id, ts, level, kind, message}")
 
 
+def cmd_discard_preserved(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise FlockerError("discard-preserved destroys %s for good; confirm with --yes "
+                               "(no terminal to ask on)" % args.name)
+        answer = input("This destroys %s and every snapshot of it for good.\n"
+                       "Type its name to confirm: " % args.name)
+        if answer.strip() != args.name:
+            raise FlockerError("not confirmed; nothing was destroyed")
+    with StateStore.open(cfg.local.state_db, lock_for="discard-preserved") as store:
+        discard_preserved(Context(cfg, store, Zfs()), args.name)
+    print("destroyed %s" % args.name)
+    return EXIT_OK
+
+
+def _add_discard_preserved(p) -> None:
+    p.add_argument("name", metavar="DATASET",
+                   help="a preserved dataset, as 'status' lists it")
+    p.add_argument("--yes", action="store_true",
+                   help="do not ask for confirmation (for scripts)")
+
+
 def _add_genkey(p) -> None:
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write the key to FILE (created with mode 0600, never "
@@ -2031,6 +2187,8 @@ COMMANDS = (
      "show role, epoch, peer and replication state"),
     ("history", cmd_history, _add_history,
      "show the event log of this node, newest last"),
+    ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
+     "destroy divergent data kept by an earlier split-brain resolution"),
     ("config-check", cmd_config_check, lambda p: None,
      "validate the configuration and print it, secrets masked"),
     ("genkey", cmd_genkey, _add_genkey,

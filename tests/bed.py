@@ -93,6 +93,7 @@ def ensure_zfs():
         raise BedUnavailable("needs root (ZFS pools, network namespaces, sshd)")
     if shutil.which("zfs") is None or shutil.which("zpool") is None:
         raise BedUnavailable("no zfs/zpool command (apt-get install zfs-fuse)")
+    _share_root_mounts()
     if not _zpool_works():
         if shutil.which("zfs-fuse") is None:
             raise BedUnavailable("ZFS does not answer and zfs-fuse is not installed")
@@ -107,6 +108,23 @@ def ensure_zfs():
         if not _zpool_works():
             raise BedUnavailable("ZFS still does not answer ('zpool list' fails)")
     _remove_stale_pools()
+
+
+def _share_root_mounts():
+    """Make / a shared mount, as systemd does on any ordinary machine.
+    Where / is private (a minimal container, this CI), every new mount
+    namespace (sshd's, 'ip netns exec') takes a private copy of every ZFS
+    mount of that moment; unmounts never reach the copy, which keeps the
+    FUSE mount alive, and zfs-fuse then calls the dataset busy for as long
+    as that namespace lives, across test runs.  With / shared, the copies
+    are slaves and follow every mount and unmount."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == "/":
+                if not any(x.startswith("shared:") for x in fields[6:fields.index("-")]):
+                    sh(["mount", "--make-rshared", "/"])
+                return
 
 
 def _start_zfs_fuse():
@@ -156,7 +174,11 @@ class Pool:
         sh(["zpool", "create", "-f", "-m", self.mountpoint, self.name, self.vdev])
 
     def destroy(self):
-        sh(["zpool", "destroy", "-f", self.name], check=False)
+        for pause in (0.1, 0.3, 1.0, 2.0, None):   # zfs-fuse: "pool is busy" for a moment
+            if sh(["zpool", "destroy", "-f", self.name], check=False).returncode == 0:
+                break
+            if pause:
+                time.sleep(pause)
         if os.path.exists(self.vdev):
             os.unlink(self.vdev)
 
@@ -387,6 +409,17 @@ class Bed:
                 f.write("\n")
         return path
 
+    def drive(self, host, action, *args, failpoint=None):
+        """Run one action of flocker_failover.py (promote, demote, preserve,
+        recover) on host, in a process of its own, as the daemon would.
+        failpoint: kill -9 that process at the named step."""
+        env = dict(os.environ)
+        if failpoint:
+            env["FLOCKER_FAILPOINT"] = failpoint
+        return sh(host.argv([sys.executable, "-c", _DRIVER, PROGRAM, self.config_path,
+                             host.name, action] + [str(a) for a in args]),
+                  check=False, env=env, timeout=120)
+
     def cut_link(self, i=None):
         """Pull the cable: link i (default: all links) goes down on both ends."""
         for n in (range(self.links) if i is None else [i]):
@@ -408,6 +441,27 @@ class Bed:
         for p in self.pools:
             p.destroy()
         _remove_workdir(self.workdir)
+
+
+_DRIVER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("ff", sys.argv[1])
+ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
+cfg = ff.load_config(sys.argv[2], sys.argv[3])
+store = ff.StateStore.open(cfg.local.state_db, lock_for="test driver")
+ctx = ff.Context(cfg, store, ff.Zfs())
+action, args = sys.argv[4], sys.argv[5:]
+if action == "promote":
+    ff.promote(ctx, int(args[0]), "test promotion")
+elif action == "demote":
+    ff.demote(ctx, int(args[0]), "test demotion")
+elif action == "preserve":
+    print(ff.preserve_divergence(ctx, args[0], int(args[1]), "test divergence"))
+elif action == "recover":
+    print(ff.recover_intent(ctx))
+else:
+    raise SystemExit("unknown action " + action)
+"""
 
 
 def cleanup_stale():

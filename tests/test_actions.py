@@ -2,10 +2,7 @@
 address with gratuitous ARP seen by the other host, the notify hook, and a
 kill -9 at every step followed by recovery."""
 
-import json
 import os
-import sys
-import textwrap
 
 import pytest
 
@@ -14,32 +11,12 @@ import bed as bedmod
 
 SERVICE_ADDR = "192.0.2.14"     # inside link 0's 192.0.2.0/28
 
-DRIVER = textwrap.dedent("""
-    import importlib.util, json, sys
-    spec = importlib.util.spec_from_file_location("ff", sys.argv[1])
-    ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
-    cfg = ff.load_config(sys.argv[2], sys.argv[3])
-    store = ff.StateStore.open(cfg.local.state_db, lock_for="test driver")
-    ctx = ff.Context(cfg, store, ff.Zfs())
-    action = sys.argv[4]
-    if action == "promote":
-        ff.promote(ctx, int(sys.argv[5]), "test promotion")
-    elif action == "demote":
-        ff.demote(ctx, int(sys.argv[5]), "test demotion")
-    elif action == "recover":
-        print(ff.recover_intent(ctx))
-""")
-
-
 @pytest.fixture
 def pair(bed, tmp_path):
     """alpha master with data; beta slave holding a read-only replica."""
     a, b = bed.a, bed.b
     marks = os.path.join(bed.workdir, "marks")
     os.makedirs(marks)
-    script = os.path.join(bed.workdir, "driver.py")
-    with open(script, "w") as f:
-        f.write(DRIVER)
     svc = ("sh -c 'touch %s/running-$FLOCKER_NODE; echo start $FLOCKER_EPOCH $FLOCKER_DATASET "
            ">> %s/log-$FLOCKER_NODE'" % (marks, marks))
     stop = ("sh -c 'rm -f %s/running-$FLOCKER_NODE; echo stop $FLOCKER_EPOCH "
@@ -68,14 +45,7 @@ def pair(bed, tmp_path):
     p = Pair()
     p.bed, p.a, p.b, p.marks, p.want = bed, a, b, marks, want
 
-    def drive(host, *args, failpoint=None):
-        env = dict(os.environ)
-        if failpoint:
-            env["FLOCKER_FAILPOINT"] = failpoint
-        return bedmod.sh(host.argv([sys.executable, script, bedmod.PROGRAM, bed.config_path,
-                                    host.name] + [str(x) for x in args]),
-                         check=False, env=env, timeout=120)
-    p.drive = drive
+    p.drive = bed.drive
     return p
 
 
