@@ -168,3 +168,136 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
 def with_pid(path):
     with open(path) as f:
         return int(f.read())
+
+
+def test_two_links_cutting_one_keeps_the_peer_alive(bed2):
+    init(bed2)
+    a, b = start_pair(bed2)
+    wait_for(lambda: all(l["state"] == "up" for d in (a, b) for l in d.status()["links"]), 5)
+    bed2.cut_link(1)
+    time.sleep(DEAD + 3 * INTERVAL)
+    for d in (a, b):
+        s = d.status()
+        assert [l["state"] for l in s["links"]] == ["up", "down"], s["links"]
+        assert s["peer"]["state"] == "alive" and s["peer"]["dead_verdicts"] == 0
+    text = bed2.a.flocker("status", check=True).stdout
+    assert "link 1      192.0.2.17 <-> 192.0.2.18: down" in text
+    bed2.restore_link(1)
+    wait_for(lambda: all(l["state"] == "up" for d in (a, b) for l in d.status()["links"]), 5)
+    bed2.cut_link(0)
+    time.sleep(DEAD + 3 * INTERVAL)
+    assert [l["state"] for l in a.status()["links"]] == ["down", "up"]
+    assert both(a, b, "dead_verdicts") == (0, 0)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+CAPTURE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(10)
+with open(sys.argv[3], "wb") as f:
+    for _ in range(int(sys.argv[4])):
+        data = s.recv(2048)
+        f.write(len(data).to_bytes(2, "big") + data)
+"""
+
+REPLAY = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+data = open(sys.argv[3], "rb").read()
+n = 0
+while data:
+    size = int.from_bytes(data[:2], "big")
+    s.sendto(data[2:2 + size], (sys.argv[2], int(sys.argv[4])))
+    data = data[2 + size:]
+    n += 1
+print(n)
+"""
+
+
+def test_replay_and_older_generation_rejected_restart_accepted(bed):
+    init(bed)
+    port = 7788
+    capture = os.path.join(bed.workdir, "captured")
+    b = Running(bed.b).wait_ready()
+    # capture beta's heartbeats on alpha's address before alpha's daemon runs
+    run_py(bed.a, CAPTURE, bed.a.address, port, capture, 3)
+    a = Running(bed.a).wait_ready()
+    wait_for(lambda: a.status()["peer"]["state"] == "alive", 5)
+
+    def replay():
+        out = run_py(bed.b, REPLAY, bed.b.address, bed.a.address, capture, port)
+        assert out.stdout.strip() == "3"
+        time.sleep(0.3)
+        return a.status()
+
+    s = replay()
+    assert s["rejected"]["replay"] == 3 and s["peer"]["state"] == "alive"
+    assert sum(s["rejected"].values()) == 3
+    gen1 = s["peer"]["generation"]
+
+    # beta restarts: a new boot generation, accepted at once
+    assert b.stop() == 0
+    b = Running(bed.b, tag="2").wait_ready()
+    wait_for(lambda: a.status()["peer"].get("generation") == gen1 + 1, 5)
+    s = replay()
+    assert s["rejected"]["old_generation"] == 3 and s["rejected"]["replay"] == 3
+    assert s["peer"]["generation"] == gen1 + 1 and s["peer"]["state"] == "alive"
+
+    # alpha restarts too: it remembers beta's generation from the state file
+    time.sleep(1.2)            # the peer row is saved at most once a second
+    assert a.stop() == 0
+    a = Running(bed.a, tag="2").wait_ready()
+    wait_for(lambda: a.status()["peer"]["state"] == "alive", 5)
+    s = replay()
+    assert s["rejected"]["old_generation"] == 3 and s["peer"]["generation"] == gen1 + 1
+    assert "REJECTED" not in a.log_text()   # right key: replays are not "wrong key"
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_second_daemon_refused_sighup_reload_and_stall(bed):
+    init(bed)
+    a, b = start_pair(bed)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    second = bed.a.flocker("daemon")
+    assert second.returncode == ff.EXIT_BUSY
+    assert "in use by another flocker-failover process" in second.stderr
+    assert ("pid %d" % a.proc.pid) in second.stderr
+
+    # an invalid configuration is refused, the old one kept
+    good = bed.config_path
+    bed.write_config(cluster={"dead_time": "0.1"})
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the old one" in a.log_text(), 5)
+    assert a.proc.poll() is None and a.status()["dead_time"] == DEAD
+    # a change that needs a restart is refused too
+    bed.write_config(cluster={"heartbeat_port": "7790"})
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "heartbeat_port needs a restart" in a.log_text(), 5)
+    assert a.status()["dead_time"] == DEAD
+    # a valid one is taken
+    bed.write_config(cluster={"dead_time": "1.5"}, path=good)
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: a.status()["dead_time"] == 1.5, 5)
+    assert a.status()["peer"]["state"] == "alive"
+    bed.write_config()
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: a.status()["dead_time"] == DEAD, 5)
+
+    # alpha is stopped (not scheduled) for 3 dead times; when it runs again
+    # it must not call beta dead from its own stall
+    a.proc.send_signal(signal.SIGSTOP)
+    time.sleep(3 * DEAD)
+    a.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: b.status()["peer"]["state"] == "alive", 5)
+    time.sleep(2 * INTERVAL)
+    s = a.status()
+    print("after a %.1f s stall: worst lag %.3f s, stalls %d, peer %s, verdicts %d"
+          % (3 * DEAD, s["worst_lag_seconds"], s["stalls"], s["peer"]["state"],
+             s["peer"]["dead_verdicts"]))
+    assert s["worst_lag_seconds"] >= 3 * DEAD - 0.2 and s["stalls"] >= 1
+    assert s["peer"]["dead_verdicts"] == 0 and s["peer"]["state"] == "alive"
+    assert b.status()["peer"]["dead_verdicts"] == 1     # beta did see alpha go
+    assert a.stop() == 0 and b.stop() == 0
