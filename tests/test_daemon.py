@@ -301,3 +301,66 @@ def test_second_daemon_refused_sighup_reload_and_stall(bed):
     assert s["peer"]["dead_verdicts"] == 0 and s["peer"]["state"] == "alive"
     assert b.status()["peer"]["dead_verdicts"] == 1     # beta did see alpha go
     assert a.stop() == 0 and b.stop() == 0
+
+
+FLOOD = r"""
+import os, socket, struct, sys, time
+src, dst, port, key_id, rate, seconds = sys.argv[1:7]
+rate, seconds, port = float(rate), float(seconds), int(port)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+s.bind((src, 0))
+head = struct.Struct("!4sBB4sQQQBBH")
+pool = []
+for i in range(2000):
+    body = bytes([3]) + b"bed" + bytes([5]) + b"alpha" + b"\0" + os.urandom(8) + b"\0"
+    kid = bytes.fromhex(key_id) if i % 4 else os.urandom(4)   # mostly the real key id
+    p = head.pack(b"FLKH", 1, 0, kid, 99, i + 1, 9, 1, 1, len(body)) + body
+    pool.append(p + os.urandom(32) if i % 10 else os.urandom(i % 1300))
+start = time.monotonic()
+sent = errors = 0
+total = int(rate * seconds)
+while sent < total:
+    due = int((time.monotonic() - start) * rate)
+    if due <= sent:
+        time.sleep(0.0005)
+        continue
+    for _ in range(min(due, total) - sent if min(due, total) - sent < 200 else 200):
+        try:
+            s.sendto(pool[sent % 2000], (dst, port))
+        except OSError:
+            errors += 1
+        sent += 1
+print(sent, errors, round(time.monotonic() - start, 3))
+"""
+
+
+def test_flood_of_forged_packets_keeps_heartbeats_on_time(bed):
+    init(bed)
+    a, b = start_pair(bed)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    time.sleep(0.5)
+    assert a.request("reset-stats")["ok"] and b.request("reset-stats")["ok"]
+    lines_before = a.log_lines()
+    kid = ff.key_id(open(bed.secret_file, "rb").read().strip())
+    out = run_py(bed.b, FLOOD, bed.b.address, bed.a.address, 7788, kid, 20000, 10,
+                 timeout=120)
+    sent, errors, took = out.stdout.split()
+    time.sleep(0.3)
+    sa, sb = a.status(), b.status()
+    gap_at_beta = sb["links"][0]["max_gap_seconds"]
+    rejected = sum(sa["rejected"].values())
+    grew = a.log_lines() - lines_before
+    print("flood: %s packets in %s s (%s send errors); alpha rejected %d %s; "
+          "alpha worst lag %.4f s; largest gap between alpha's heartbeats at beta %.4f s; "
+          "largest gap of beta's at alpha %.4f s; alpha's log grew by %d lines"
+          % (sent, took, errors, rejected, {k: v for k, v in sa["rejected"].items() if v},
+             sa["worst_lag_seconds"], gap_at_beta, sa["links"][0]["max_gap_seconds"], grew))
+    assert int(sent) == 200000 and float(took) < 12.0
+    assert rejected >= 0.95 * int(sent)        # nearly all reached alpha and were judged
+    assert gap_at_beta < INTERVAL + 0.05
+    assert sa["peer"]["dead_verdicts"] == 0 and sb["peer"]["dead_verdicts"] == 0
+    assert sa["peer"]["state"] == "alive" and sb["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
+    assert grew <= 12, a.log_text()[-3000:]
+    assert "REJECTED" in a.log_text()
+    assert a.stop() == 0 and b.stop() == 0
