@@ -364,3 +364,58 @@ def test_flood_of_forged_packets_keeps_heartbeats_on_time(bed):
     assert grew <= 12, a.log_text()[-3000:]
     assert "REJECTED" in a.log_text()
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
+    """A real zfs send | ssh | zfs recv, pumped through a job thread for 30 s
+    (plugged in through Daemon.add_periodic, as the replication cycle will
+    be), while check_command hangs and is killed every 4 s."""
+    init(bed)
+    src = os.path.join(bed.a.pool.mountpoint, "shop")
+    with open(os.path.join(src, "data.bin"), "wb") as f:
+        f.write(os.urandom(3 * 1024 * 1024))
+    snap = bed.a.dataset + "@slow"
+    bedmod.sh(["zfs", "snapshot", snap])
+    size = len(subprocess.run(["zfs", "send", snap], stdout=subprocess.PIPE,
+                              check=True).stdout)
+    target = bed.b.pool.name + "/copy"
+    report = os.path.join(bed.workdir, "transfer.json")
+    job = {"snapshot": snap, "bytes": size, "seconds": 30, "every": 3600,
+           "report": report,
+           "recv_argv": bed.a.ssh_argv(bed.b, ["zfs", "recv", "-u", target])[4:]}
+    bed.write_config(service={"check_command": "sleep 600", "command_timeout": "4",
+                              "check_interval": "0.5"})
+    b = Running(bed.b).wait_ready()
+    a = Running(bed.a, wrapper=True, env={"FFT_SLOW_JOB": json.dumps(job)}).wait_ready()
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    assert b.request("reset-stats")["ok"] and a.request("reset-stats")["ok"]
+    seen_jobs = set()
+
+    def finished():
+        seen_jobs.update(a.status()["jobs"])
+        return os.path.exists(report)
+    wait_for(finished, 60, step=0.5)
+    sa, sb = a.status(), b.status()
+    with open(report) as f:
+        result = json.loads(f.readline())
+    print("transfer: %d bytes in %.1f s; during it: largest gap between alpha's "
+          "heartbeats at beta %.4f s, alpha worst lag %.4f s, alpha health %s"
+          % (result["bytes"], result["seconds"], sb["links"][0]["max_gap_seconds"],
+             sa["worst_lag_seconds"], sa["health"]))
+    assert result["send"] == 0 and result["recv"] == 0, result
+    assert result["bytes"] == size and result["seconds"] >= 29
+    guid = lambda ds: bedmod.sh(["zfs", "get", "-H", "-o", "value", "guid", ds]).stdout.strip()
+    assert guid(target + "@slow") == guid(snap)
+    assert {"slow-transfer", "check"} <= seen_jobs
+    assert sb["stats_age_seconds"] >= 29
+    assert sb["links"][0]["max_gap_seconds"] < INTERVAL + 0.05
+    assert sb["peer"]["dead_verdicts"] == 0 and sa["peer"]["dead_verdicts"] == 0
+    kills = a.log_text().count("did not finish within 4 s")
+    assert kills >= 1 and sa["health"] == "failed"
+    # SIGTERM while the hook hangs: the hook's process group is killed too
+    pids = bedmod._netns_pids(bed.a.ns)
+    assert a.stop() == 0
+    time.sleep(0.5)
+    left = [p for p in pids if bedmod._pid_alive(p) and p != bed.a.sshd.pid]
+    assert not [p for p in left if "sleep" in open("/proc/%d/cmdline" % p).read()]
+    assert b.stop() == 0
