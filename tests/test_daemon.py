@@ -419,3 +419,35 @@ def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
     left = [p for p in pids if bedmod._pid_alive(p) and p != bed.a.sshd.pid]
     assert not [p for p in left if "sleep" in open("/proc/%d/cmdline" % p).read()]
     assert b.stop() == 0
+
+
+def test_wall_clock_step_of_an_hour_changes_nothing(bed):
+    init(bed)
+    offsets = {}
+    daemons = []
+    for h in (bed.a, bed.b):
+        offsets[h.name] = os.path.join(bed.workdir, "offset-" + h.name)
+        with open(offsets[h.name], "w") as f:
+            f.write("0")
+        daemons.append(Running(h, wrapper=True,
+                               env={"FFT_WALL_OFFSET_FILE": offsets[h.name]}))
+    a, b = (d.wait_ready() for d in daemons)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    for name, step in (("alpha", 3600), ("beta", -3600)):
+        with open(offsets[name], "w") as f:
+            f.write(str(step))
+    stepped = time.time()
+    time.sleep(3 * DEAD + 1.5)
+    for d in (a, b):
+        s = d.status()
+        assert s["peer"]["state"] == "alive" and s["peer"]["dead_verdicts"] == 0
+        assert s["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
+        assert s["peer"]["last_seen_age_seconds"] < 2 * INTERVAL + 0.1
+    # the step really reached the code: alpha stored beta's last-seen time
+    # an hour ahead, beta stored alpha's an hour behind
+    with sqlite3.connect(bed.a.state_db) as db:
+        seen_a = db.execute("SELECT seen FROM peer").fetchone()[0]
+    with sqlite3.connect(bed.b.state_db) as db:
+        seen_b = db.execute("SELECT seen FROM peer").fetchone()[0]
+    assert abs(seen_a - (stepped + 3600)) < 5 and abs(seen_b - (stepped - 3600)) < 5
+    assert a.stop() == 0 and b.stop() == 0
