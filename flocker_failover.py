@@ -1554,7 +1554,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
         preserved = store.preserved()
         events = store.events(limit=5)
     peer_out = {"node": cfg.peer.name, "last_seen": None, "age_seconds": None,
-                "role": None, "epoch": None, "snapshot": None}
+                "role": None, "epoch": None, "snapshot": None, "state": None}
     if peer is not None:
         peer_out.update(last_seen=peer["seen"], age_seconds=round(now - peer["seen"], 3),
                         role=peer["role"], epoch=peer["epoch"], snapshot=peer["snapshot"])
@@ -2034,20 +2034,22 @@ class Daemon:
             self._event("health", "service health %s -> %s" % (old, self.health))
 
     def _job_snapshots(self, stop: threading.Event):
+        """(name, guid) of the newest snapshot of our dataset, ("", 0) if none."""
         ds = self.cfg.local.dataset
-        proc = Zfs().run(["list", "-H", "-o", "name,guid", "-t", "snapshot", "-s",
-                          "creation", "-r", ds], check=False)
+        zfs = Zfs()
+        proc = zfs.run(["list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation",
+                        "-r", ds], check=False)
         if proc.returncode != 0:
             if "does not exist" in proc.stderr:
                 return ("", 0)
             raise ZfsError("'zfs list -t snapshot -r %s' failed: %s"
                            % (ds, _stderr_text(proc.stderr)))
-        newest = ("", 0)
-        for line in proc.stdout.splitlines():
-            name, _, guid = line.partition("\t")
-            if name.startswith(ds + "@") and guid.strip().isdigit():
-                newest = (name.split("@", 1)[1][:255], int(guid) & _U64_MAX)
-        return newest
+        names = [n for n in proc.stdout.split("\n") if n.startswith(ds + "@")]
+        if not names:
+            return ("", 0)
+        guid = zfs.get(names[-1], ["guid"]).get("guid", "")
+        return (names[-1].split("@", 1)[1][:255],
+                int(guid) & _U64_MAX if guid.isdigit() else 0)
 
     def _snapshots_done(self, result, error) -> None:
         if error is not None:
@@ -2094,6 +2096,8 @@ class Daemon:
                                                                      self.cfg.local_name))
             self.generation = store.next_generation()
             self.role, self.epoch = st.role, st.epoch
+            if self.cfg.service.check_command is not None:
+                self.health = "unknown"   # until the first check has run
             peer = store.peer(self.cfg.peer.name)
         except BaseException:
             store.close()
@@ -2336,8 +2340,12 @@ class Daemon:
             self._event("rejected", "heartbeat from %s with a wrong key: %s" % (source, rej),
                         "error")
         else:
-            log.warning("rejected a packet from %s: %s (further ones are counted and "
-                        "summarised every %g s)", source, rej, REJECT_SUMMARY_EVERY)
+            hint = ""
+            if reason == "old_generation":
+                hint = ("; a replay, or node %s's state file was made anew (init "
+                        "--force restarts its generation count)" % self.cfg.peer.name)
+            log.warning("rejected a packet from %s: %s%s (further ones are counted and "
+                        "summarised every %g s)", source, rej, hint, REJECT_SUMMARY_EVERY)
 
     def _summarise_rejections(self, now: float) -> None:
         if not self._reject_window:

@@ -22,11 +22,13 @@ DEAD = 1.0          # the bed's dead_time
 class Running:
     """One daemon process on a test host, its log in the bed's work dir."""
 
-    def __init__(self, host, *extra, env=None, wrapper=False, tag=""):
+    def __init__(self, host, *extra, env=None, wrapper=False, tag="", config=None):
         self.host = host
         self.log = os.path.join(host.bed.workdir, "daemon-%s%s.log" % (host.name, tag))
         program = WRAPPER if wrapper else bedmod.PROGRAM
-        argv = [sys.executable, program, "--config", host.bed.config_path,
+        # FFT_PYTHON runs the daemons under another interpreter (e.g. 3.8)
+        argv = [os.environ.get("FFT_PYTHON", sys.executable), program,
+                "--config", config or host.bed.config_path,
                 "--node", host.name, "daemon"] + list(extra)
         full_env = dict(os.environ, **(env or {}))
         with open(self.log, "ab") as f:
@@ -122,6 +124,9 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
     print("peers alive %.3f s after the second daemon started" % (seen - started))
     assert seen - started <= 2 * INTERVAL + 0.05
     assert with_pid(pidfile) == a.proc.pid
+    sock = ff.control_socket_path(bed.a.state_db)
+    assert os.stat(sock).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(sock)).st_mode & 0o777 == 0o700
 
     # one-shot status asks the daemon for live values
     out = json.loads(bed.a.flocker("status", "--json", check=True).stdout)
@@ -404,9 +409,13 @@ def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
              sa["worst_lag_seconds"], sa["health"]))
     assert result["send"] == 0 and result["recv"] == 0, result
     assert result["bytes"] == size and result["seconds"] >= 29
-    guid = lambda ds: bedmod.sh(["zfs", "get", "-H", "-o", "value", "guid", ds]).stdout.strip()
+    guid = lambda ds: bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", "guid",
+                                 ds]).stdout.strip()
     assert guid(target + "@slow") == guid(snap)
     assert {"slow-transfer", "check"} <= seen_jobs
+    # the newest snapshot travels in the heartbeats
+    assert sa["snapshot"] == "slow" and sb["peer"]["snapshot"] == "slow"
+    assert sb["peer"]["guid"] == guid(snap) and sb["peer"]["health"] == "failed"
     assert sb["stats_age_seconds"] >= 29
     assert sb["links"][0]["max_gap_seconds"] < INTERVAL + 0.05
     assert sb["peer"]["dead_verdicts"] == 0 and sa["peer"]["dead_verdicts"] == 0
@@ -450,4 +459,42 @@ def test_wall_clock_step_of_an_hour_changes_nothing(bed):
     with sqlite3.connect(bed.b.state_db) as db:
         seen_b = db.execute("SELECT seen FROM peer").fetchone()[0]
     assert abs(seen_a - (stepped + 3600)) < 5 and abs(seen_b - (stepped - 3600)) < 5
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_key_change_without_downtime(bed):
+    """secret_file_previous: each node in turn moves to the new key; no
+    heartbeat is rejected and the peer never looks dead."""
+    init(bed)
+    old = bed.secret_file
+    new = os.path.join(bed.workdir, "secret.new")
+    assert bed.a.flocker("genkey", "--output", new, check=True).returncode == 0
+    conf = {h.name: os.path.join(bed.workdir, "%s.conf" % h.name) for h in bed.hosts}
+    for h in bed.hosts:
+        bed.write_config(path=conf[h.name])
+    a = Running(bed.a, config=conf["alpha"]).wait_ready()
+    b = Running(bed.b, config=conf["beta"]).wait_ready()
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    kid = lambda path: ff.key_id(open(path, "rb").read().strip())
+
+    def switch(d, **cluster):
+        bed.write_config(cluster=cluster, path=conf[d.host.name])
+        d.proc.send_signal(signal.SIGHUP)
+        want = [kid(cluster.get("secret_file", old))] + (
+            [kid(cluster["secret_file_previous"])] if "secret_file_previous" in cluster else [])
+        wait_for(lambda: d.status()["key_ids"] == want, 5)
+        time.sleep(3 * INTERVAL)
+
+    switch(a, secret_file=new, secret_file_previous=old)
+    # beta knows only the old key: alpha keeps signing with it
+    assert b.status()["peer"]["key_id"] == kid(old)
+    switch(b, secret_file=new, secret_file_previous=old)
+    wait_for(lambda: both(a, b, "key_id") == (kid(new), kid(new)), 5)
+    switch(a, secret_file=new)
+    switch(b, secret_file=new)
+    assert both(a, b, "key_id") == (kid(new), kid(new))
+    for d in (a, b):
+        s = d.status()
+        assert s["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
+        assert s["peer"]["dead_verdicts"] == 0 and s["peer"]["state"] == "alive"
     assert a.stop() == 0 and b.stop() == 0
