@@ -1303,10 +1303,10 @@ def check_origin(hb: Heartbeat, cluster: str, peer: str) -> None:
 def choose_send_key(own: Sequence[bytes], peer_accepts: Sequence[str]) -> bytes:
     """The key to sign with: the current one (own[0]) unless the peer said
     it accepts only the other one we hold (during a key change)."""
-    if not peer_accepts or key_id(own[0])[:8] in peer_accepts:
+    if not peer_accepts or key_id(own[0]) in peer_accepts:
         return own[0]
     for s in own[1:]:
-        if key_id(s)[:8] in peer_accepts:
+        if key_id(s) in peer_accepts:
             return s
     return own[0]
 

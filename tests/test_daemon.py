@@ -271,6 +271,19 @@ def test_second_daemon_refused_sighup_reload_and_stall(bed):
     assert "in use by another flocker-failover process" in second.stderr
     assert ("pid %d" % a.proc.pid) in second.stderr
 
+    # the control socket: a bad request gets an error, an idle client
+    # holds nothing up
+    import socket as socketmod
+    idle = socketmod.socket(socketmod.AF_UNIX)
+    idle.connect(ff.control_socket_path(bed.a.state_db))
+    bad = socketmod.socket(socketmod.AF_UNIX)
+    bad.connect(ff.control_socket_path(bed.a.state_db))
+    bad.sendall(b"not json\n")
+    assert json.loads(bad.makefile().readline())["ok"] is False
+    assert ff.query_daemon(bed.a.state_db, {"cmd": "nope"})["ok"] is False
+    assert a.status()["peer"]["state"] == "alive"
+    bad.close(), idle.close()
+
     # an invalid configuration is refused, the old one kept
     good = bed.config_path
     bed.write_config(cluster={"dead_time": "0.1"})
@@ -498,3 +511,36 @@ def test_key_change_without_downtime(bed):
         assert s["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
         assert s["peer"]["dead_verdicts"] == 0 and s["peer"]["state"] == "alive"
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_peer_observation_is_persisted_rate_limited(tmp_path):
+    """Not once per packet: on a change (checked every second) and else
+    every PEER_SAVE_EVERY seconds.  Pure: the daemon object is not run."""
+    secret = tmp_path / "secret"
+    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
+    secret.chmod(0o600)
+    cfg = ff.parse_config(
+        "[cluster]\nname = shop\nsecret_file = %s\n"
+        "[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
+        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, local_name="alpha")
+    d = ff.Daemon(cfg)
+    d.tracker = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(cfg.secret),
+                               [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0)
+    writes = []
+    d._submit = lambda fn: writes.append(now)
+    epoch, seq = 1, 0
+    for tick in range(1, 301):            # 30 s of heartbeats every 0.1 s
+        now = tick / 10.0
+        if now == 12.0:
+            epoch = 2
+        seq += 1
+        h = ff.Heartbeat("shop", "beta", 1, seq, ff.ROLE_MASTER, epoch)
+        assert d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
+        if tick % 10 == 0:                # the persist timer runs once a second
+            d._persist_peer(now)
+    print("300 heartbeats, %d writes at %s" % (len(writes), writes))
+    assert writes[0] == 1.0 and 12.0 in writes      # first sight, epoch change
+    assert 6 <= len(writes) <= 8
+    assert all(b - a >= 1.0 for a, b in zip(writes, writes[1:]))
