@@ -1622,8 +1622,8 @@ def format_status(r: dict) -> str:
                         p["role"] or "?", p["epoch"] if p["epoch"] is not None else "?"))
     d = r["daemon"]
     if d:
-        lines.append("peer state  %s (%s since %.1f s), %d dead verdict(s) since start"
-                     % (d["peer"]["state"], d["peer"]["node"], d["peer"]["state_age_seconds"],
+        lines.append("peer state  %s for %.1f s; %d dead verdict(s) since the daemon started"
+                     % (d["peer"]["state"], d["peer"]["state_age_seconds"],
                         d["peer"]["dead_verdicts"]))
         for lk in d["links"]:
             lines.append("link %d      %s <-> %s: %s, last heartbeat %s, largest gap %.3f s"
@@ -1729,7 +1729,8 @@ class PeerTracker:
         self.silence_at_verdict = None  # type: Optional[float]
         self.stalls = 0
 
-    def receive(self, packet: bytes, link: int, now: float) -> Tuple[Optional[Heartbeat], Optional[WireReject]]:
+    def receive(self, packet: bytes, link: int,
+                now: float) -> Tuple[Optional[Heartbeat], Optional[WireReject]]:
         """Judge one datagram that came in on link; returns (heartbeat, None)
         when accepted, else (None, the rejection).  A rejected packet only
         raises its counter."""
@@ -2153,7 +2154,8 @@ class Daemon:
                     "the port ([cluster] heartbeat_port)" % (addr, port, e.strerror)) from None
             s.setblocking(False)
             self.socks.append(s)
-            self.sel.register(s, selectors.EVENT_READ, lambda sock, mask, i=i: self._on_packets(sock, i))
+            self.sel.register(s, selectors.EVENT_READ,
+                              lambda sock, mask, i=i: self._on_packets(sock, i))
         self._open_control()
 
     def _open_control(self) -> None:

@@ -136,6 +136,7 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
     assert set(out["daemon"]["rejected"]) == set(ff.REJECT_REASONS)
     text = bed.a.flocker("status", check=True).stdout
     assert "daemon      running" in text and "link 0" in text and "rejected    none" in text
+    print(text)
 
     cut = time.monotonic()
     bed.cut_link()
