@@ -545,3 +545,34 @@ def test_peer_observation_is_persisted_rate_limited(tmp_path):
     assert writes[0] == 1.0 and 12.0 in writes      # first sight, epoch change
     assert 6 <= len(writes) <= 8
     assert all(b - a >= 1.0 for a, b in zip(writes, writes[1:]))
+
+
+def test_sigterm_aborts_a_running_job_cleanly(bed):
+    """SIGTERM during a transfer: the job is told to stop, the daemon waits
+    for it, the partial stream is refused by zfs recv (nothing half-made on
+    the receiver) and the daemon exits 0 promptly."""
+    init(bed)
+    with open(os.path.join(bed.a.pool.mountpoint, "shop", "data.bin"), "wb") as f:
+        f.write(os.urandom(1024 * 1024))
+    snap = bed.a.dataset + "@abort"
+    bedmod.sh(["zfs", "snapshot", snap])
+    target = bed.b.pool.name + "/copy"
+    report = os.path.join(bed.workdir, "transfer.json")
+    job = {"snapshot": snap, "bytes": 1100000, "seconds": 30, "every": 3600,
+           "report": report,
+           "recv_argv": bed.a.ssh_argv(bed.b, ["zfs", "recv", "-u", target])[4:]}
+    a = Running(bed.a, wrapper=True, env={"FFT_SLOW_JOB": json.dumps(job)}).wait_ready()
+    wait_for(lambda: "slow-transfer" in a.status()["jobs"], 5)
+    time.sleep(2)
+    asked = time.monotonic()
+    assert a.stop() == 0
+    took = time.monotonic() - asked
+    with open(report) as f:
+        result = json.loads(f.readline())
+    print("stopped %.2f s after SIGTERM; the job had sent %d bytes" % (took, result["bytes"]))
+    assert result["stopped"] and 0 < result["bytes"] < 1000000
+    assert result["recv"] != 0 and took < 10
+    assert bedmod.sh(["zfs", "list", target], check=False).returncode != 0
+    with sqlite3.connect(bed.a.state_db) as db:
+        last = db.execute("SELECT message FROM events ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert last == "daemon stopped by signal %d" % signal.SIGTERM
