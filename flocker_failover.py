@@ -20,6 +20,7 @@ Standard library only; Python 3.8 or newer.
 """
 
 import argparse
+import collections
 import configparser
 import contextlib
 import dataclasses
@@ -1145,24 +1146,31 @@ def _split_sql(script: str) -> List[str]:
 #    6     4     key id: the first 4 bytes of the signing key's id
 #   10     8     boot generation of the sender (raised at every daemon start)
 #   18     8     sequence number (1, 2, ... within one generation)
-#   26     8     epoch of the sender
-#   34     1     role (1 master, 2 slave)
-#   35     1     service health (0 unknown, 1 ok, 2 failed, 3 unchecked)
-#   36     2     body length (bytes between offset 38 and the MAC)
-#   38     ...   body: cluster name, sender node, newest snapshot name (each
+#   26     8     echo generation: the generation of the newest packet the
+#   34     8     echo sequence:   sender received from us, and its sequence
+#                                 (0, 0: it has heard nothing from us yet)
+#   42     8     epoch of the sender
+#   50     1     role (1 master, 2 slave)
+#   51     1     service health (0 unknown, 1 ok, 2 failed, 3 unchecked)
+#   52     2     body length (bytes between offset 54 and the MAC)
+#   54     ...   body: cluster name, sender node, newest snapshot name (each
 #                one length byte + UTF-8), snapshot GUID (8 bytes, 0: none),
 #                accepted key ids (one count byte, 0..2, + 4 bytes each)
 #   end-32 32    HMAC-SHA256 with the cluster secret over all bytes before it
 #
 # decode_heartbeat() checks the cheap things first (size, magic, version,
 # key id, lengths) and the MAC before it looks inside the body; nothing in a
-# packet is trusted before its MAC is verified.  Freshness (generation and
-# sequence) is checked by a ReplayWindow, which never reads a clock.
+# packet is trusted before its MAC is verified.  Freshness needs no clock:
+# a ReplayWindow accepts each (generation, sequence) once, and the echo
+# proves when the packet was made: after we sent the packet it echoes.  So
+# a packet recorded by an attacker and replayed later (say after this node
+# restarted and forgot which sequence numbers it had seen) is not taken as
+# a sign of life: it echoes none of our recent packets.
 
 WIRE_MAGIC = b"FLKH"
 WIRE_VERSION = 1
 WIRE_MAX = 1200
-_WIRE_HEAD = struct.Struct("!4sBB4sQQQBBH")
+_WIRE_HEAD = struct.Struct("!4sBB4sQQQQQBBH")
 _WIRE_MAC = 32
 _WIRE_MIN = _WIRE_HEAD.size + 3 + 8 + 1 + _WIRE_MAC
 _U64_MAX = 2 ** 64 - 1
@@ -1201,6 +1209,8 @@ class Heartbeat:
     guid: int = 0
     health: str = "unknown"
     flags: int = 0
+    echo_generation: int = 0        # newest (generation, sequence) the sender
+    echo_sequence: int = 0          # had received from the receiver
     accepts: Tuple[str, ...] = ()   # key ids the sender accepts
     key_id: str = ""                # key id it was signed with (set by decode)
 
@@ -1223,7 +1233,8 @@ def encode_heartbeat(hb: Heartbeat, secret: bytes) -> bytes:
             + b"".join(_key_bytes(k) for k in hb.accepts))
     head = _WIRE_HEAD.pack(WIRE_MAGIC, WIRE_VERSION, hb.flags & 0xFF,
                            _key_bytes(key_id(secret)), hb.generation, hb.sequence,
-                           hb.epoch, _ROLE_CODE[hb.role],
+                           hb.echo_generation, hb.echo_sequence, hb.epoch,
+                           _ROLE_CODE[hb.role],
                            HEALTH_STATES.index(hb.health), len(body))
     packet = head + body
     return packet + hmac.new(secret, packet, hashlib.sha256).digest()
@@ -1242,8 +1253,8 @@ def decode_heartbeat(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Hea
         raise WireReject("oversized", "%d bytes" % n)
     if n < _WIRE_MIN:
         raise WireReject("truncated", "%d bytes" % n)
-    (magic, version, flags, kid, generation, sequence, epoch, role, health,
-     body_len) = _WIRE_HEAD.unpack_from(packet)
+    (magic, version, flags, kid, generation, sequence, echo_generation, echo_sequence,
+     epoch, role, health, body_len) = _WIRE_HEAD.unpack_from(packet)
     if magic != WIRE_MAGIC:
         raise WireReject("malformed", "not a flocker-failover heartbeat")
     if version != WIRE_VERSION:
@@ -1288,7 +1299,8 @@ def decode_heartbeat(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Hea
     return Heartbeat(cluster=cluster, sender=sender, generation=generation,
                      sequence=sequence, role=_ROLE_OF[role], epoch=epoch,
                      snapshot=snapshot, guid=guid, health=HEALTH_STATES[health],
-                     flags=flags, accepts=accepts, key_id=key[0])
+                     flags=flags, echo_generation=echo_generation,
+                     echo_sequence=echo_sequence, accepts=accepts, key_id=key[0])
 
 
 def check_origin(hb: Heartbeat, cluster: str, peer: str) -> None:
@@ -1707,10 +1719,22 @@ class PeerTracker:
     """Everything this node concludes from the packets it receives: which
     are valid, which links are up, whether the peer is alive.  No I/O and
     no clock of its own (callers pass monotonic `now`), so tests drive it
-    with invented packets and times."""
+    with invented packets and times.
+
+    A packet is a sign of life only when it echoes one of our own packets
+    sent within the last dead_time (see sent()); an authentic packet that
+    does not (the peer has not heard us yet, or a recorded packet replayed)
+    is counted as unconfirmed and only updates what we echo back."""
+
+    SENT_MEMORY = 4096   # own packets remembered at most
 
     def __init__(self, cluster: str, me: str, peer: str, keys, links: Sequence[LinkView],
-                 dead_time: float, start: float, min_generation: int = 0) -> None:
+                 dead_time: float, start: float, min_generation: int = 0,
+                 generation: int = 0) -> None:
+        self.generation = generation   # our own boot generation
+        self._sent = collections.deque()  # type: collections.deque
+        self._sent_at = {}                # type: Dict[int, float]
+        self.unconfirmed = 0
         self.cluster = cluster
         self.me = me
         self.peer = peer
@@ -1732,8 +1756,9 @@ class PeerTracker:
     def receive(self, packet: bytes, link: int,
                 now: float) -> Tuple[Optional[Heartbeat], Optional[WireReject]]:
         """Judge one datagram that came in on link; returns (heartbeat, None)
-        when accepted, else (None, the rejection).  A rejected packet only
-        raises its counter."""
+        when accepted as a sign of life, (None, the rejection) when
+        rejected (only its counter rises), and (None, None) when authentic
+        and new but unconfirmed (see the class notes)."""
         try:
             hb = decode_heartbeat(packet, self.keys)
             check_origin(hb, self.cluster, self.peer)
@@ -1745,6 +1770,11 @@ class PeerTracker:
             self.rejected[e.reason] += 1
             return None, e
         self.window.accept(hb.generation, hb.sequence)
+        sent_at = (self._sent_at.get(hb.echo_sequence)
+                   if hb.echo_generation == self.generation else None)
+        if sent_at is None or now - sent_at > self.dead_time:
+            self.unconfirmed += 1
+            return None, None
         lv = self.links[link]
         if lv.last_seen is not None:
             lv.max_gap = max(lv.max_gap, now - lv.last_seen)
@@ -1753,6 +1783,19 @@ class PeerTracker:
         self.last = hb
         self.last_seen = now
         return hb, None
+
+    def sent(self, sequence: int, now: float) -> None:
+        """Note that we sent our packet `sequence` at `now`."""
+        self._sent.append((sequence, now))
+        self._sent_at[sequence] = now
+        while self._sent and (now - self._sent[0][1] > self.dead_time
+                              or len(self._sent) > self.SENT_MEMORY):
+            del self._sent_at[self._sent.popleft()[0]]
+
+    def echo(self) -> Tuple[int, int]:
+        """What our packets echo: the newest authentic packet of the peer."""
+        w = self.window
+        return (w.generation, w.highest) if w.highest else (0, 0)
 
     def woke_from_stall(self, now: float) -> None:
         self.awake_since = now
@@ -1991,6 +2034,7 @@ class Daemon:
         self._reject_sources = set()
         self._reject_detail_at = {}  # type: Dict[str, float]
         self._quiet_until = {}     # type: Dict[str, float]
+        self._answered_at = -1e9
         self._wake_r = self._wake_w = None
         self._sig_r = self._sig_w = None
         self.install_jobs()
@@ -2114,7 +2158,7 @@ class Daemon:
         self.tracker = PeerTracker(
             cfg.name, cfg.local_name, cfg.peer.name,
             wire_keys(cfg.secret, cfg.secret_previous), links, cfg.dead_time, now,
-            min_generation=(peer or {}).get("generation") or 0)
+            min_generation=(peer or {}).get("generation") or 0, generation=self.generation)
         if peer is not None:
             self._peer_saved = (peer["role"], peer["epoch"], peer["generation"],
                                 peer["snapshot"], peer["guid"], peer["health"])
@@ -2269,6 +2313,7 @@ class Daemon:
         own = [cfg.secret] + ([cfg.secret_previous] if cfg.secret_previous else [])
         last = self.tracker.last
         secret = choose_send_key(own, last.accepts if last is not None else ())
+        echo = self.tracker.echo()
         for i, s in enumerate(self.socks):
             lv = self.tracker.links[i]
             self.sequence += 1
@@ -2276,9 +2321,11 @@ class Daemon:
                            generation=self.generation, sequence=self.sequence,
                            role=self.role, epoch=self.epoch, snapshot=self.snapshot[0],
                            guid=self.snapshot[1], health=self.health, flags=0,
+                           echo_generation=echo[0], echo_sequence=echo[1],
                            accepts=tuple(key_id(k) for k in own))
             try:
                 s.sendto(encode_heartbeat(hb, secret), (lv.peer, cfg.heartbeat_port))
+                self.tracker.sent(self.sequence, time.monotonic())
                 lv.sent += 1
             except OSError as e:
                 lv.send_errors += 1
@@ -2300,6 +2347,21 @@ class Daemon:
             hb, rej = tracker.receive(data, link, time.monotonic())
             if rej is not None:
                 self._note_reject(rej, addr[0])
+            elif hb is None or tracker.state != "alive":
+                # the peer has not heard us lately, or we had not heard it:
+                # answer now instead of at the next beat, so that both sides
+                # confirm each other within about one interval
+                self._answer_soon()
+
+    def _answer_soon(self) -> None:
+        """Send the next heartbeat now (at most twice per interval)."""
+        now = time.monotonic()
+        if now - self._answered_at < self.cfg.heartbeat_interval / 2:
+            return
+        self._answered_at = now
+        for t in self.timers:
+            if t.name == "heartbeat":
+                t.due = min(t.due, now)
 
     def _check_liveness(self, now: float) -> None:
         for message in self.tracker.evaluate(now):
@@ -2523,6 +2585,7 @@ class Daemon:
                        "send_errors": lv.send_errors,
                        "max_gap_seconds": round(lv.max_gap, 4)} for lv in t.links],
             "rejected": dict(t.rejected),
+            "unconfirmed": t.unconfirmed,
             "worst_lag_seconds": round(self.worst_lag, 4),
             "last_lag_seconds": round(self.last_lag, 4),
             "stalls": t.stalls,

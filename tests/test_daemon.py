@@ -209,7 +209,8 @@ with open(sys.argv[3], "wb") as f:
 """
 
 REPLAY = r"""
-import socket, sys
+import socket, sys, time
+pace = float(sys.argv[5]) if len(sys.argv) > 5 else 0
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], 0))
 data = open(sys.argv[3], "rb").read()
@@ -219,6 +220,7 @@ while data:
     s.sendto(data[2:2 + size], (sys.argv[2], int(sys.argv[4])))
     data = data[2 + size:]
     n += 1
+    time.sleep(pace)
 print(n)
 """
 
@@ -260,7 +262,28 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
     s = replay()
     assert s["rejected"]["old_generation"] == 3 and s["peer"]["generation"] == gen1 + 1
     assert "REJECTED" not in a.log_text()   # right key: replays are not "wrong key"
-    assert a.stop() == 0 and b.stop() == 0
+
+    # packets of beta's *current* generation that alpha never saw, recorded
+    # while alpha's daemon was down, replayed after alpha restarted and beta
+    # died: they echo nothing alpha sent since its restart, so beta is dead
+    assert a.stop() == 0
+    run_py(bed.a, CAPTURE, bed.a.address, port, capture, 12)
+    assert b.stop() == 0
+    a = Running(bed.a, tag="3").wait_ready()
+    replayer = bed.b.popen([sys.executable, "-c", REPLAY, bed.b.address, bed.a.address,
+                            capture, str(port), str(INTERVAL)], stdout=subprocess.PIPE)
+    states = set()
+    deadline = time.monotonic() + DEAD + 1.0
+    while time.monotonic() < deadline:
+        states.add(a.status()["peer"]["state"])
+        time.sleep(0.05)
+    assert replayer.wait(timeout=10) == 0
+    s = a.status()
+    print("replayed 12 recorded packets after a restart: alpha's peer states %s, "
+          "unconfirmed %d" % (sorted(states), s["unconfirmed"]))
+    assert "alive" not in states and s["peer"]["state"] == "dead"
+    assert s["unconfirmed"] >= 10
+    assert a.stop() == 0
 
 
 def test_second_daemon_refused_sighup_reload_and_stall(bed):
@@ -329,12 +352,12 @@ rate, seconds, port = float(rate), float(seconds), int(port)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
 s.bind((src, 0))
-head = struct.Struct("!4sBB4sQQQBBH")
+head = struct.Struct("!4sBB4sQQQQQBBH")
 pool = []
 for i in range(2000):
     body = bytes([3]) + b"bed" + bytes([5]) + b"alpha" + b"\0" + os.urandom(8) + b"\0"
     kid = bytes.fromhex(key_id) if i % 4 else os.urandom(4)   # mostly the real key id
-    p = head.pack(b"FLKH", 1, 0, kid, 99, i + 1, 9, 1, 1, len(body)) + body
+    p = head.pack(b"FLKH", 1, 0, kid, 99, i + 1, 1, i + 1, 9, 1, 1, len(body)) + body
     pool.append(p + os.urandom(32) if i % 10 else os.urandom(i % 1300))
 start = time.monotonic()
 sent = errors = 0
@@ -528,7 +551,8 @@ def test_peer_observation_is_persisted_rate_limited(tmp_path):
     cfg = dataclasses.replace(cfg, local_name="alpha")
     d = ff.Daemon(cfg)
     d.tracker = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(cfg.secret),
-                               [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0)
+                               [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0,
+                               generation=1)
     writes = []
     d._submit = lambda fn: writes.append(now)
     epoch, seq = 1, 0
@@ -537,7 +561,9 @@ def test_peer_observation_is_persisted_rate_limited(tmp_path):
         if now == 12.0:
             epoch = 2
         seq += 1
-        h = ff.Heartbeat("shop", "beta", 1, seq, ff.ROLE_MASTER, epoch)
+        d.tracker.sent(seq, now - 0.05)
+        h = ff.Heartbeat("shop", "beta", 1, seq, ff.ROLE_MASTER, epoch,
+                         echo_generation=1, echo_sequence=seq)
         assert d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
         if tick % 10 == 0:                # the persist timer runs once a second
             d._persist_peer(now)

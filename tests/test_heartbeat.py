@@ -12,13 +12,14 @@ from conftest import ff
 
 K1 = b"k1-" + bytes(range(40, 80))
 K2 = b"k2-" + bytes(range(90, 130))
+OWN_GEN = 7     # the receiving tracker's own boot generation
 
 
 def hb(**kw):
     base = dict(cluster="shop", sender="beta", generation=3, sequence=1,
                 role=ff.ROLE_SLAVE, epoch=7, snapshot="flocker-7-20260101T000000Z",
                 guid=0x1234567890ABCDEF, health="ok", flags=0,
-                accepts=(ff.key_id(K1),))
+                echo_generation=OWN_GEN, echo_sequence=1, accepts=(ff.key_id(K1),))
     base.update(kw)
     return ff.Heartbeat(**base)
 
@@ -26,8 +27,10 @@ def hb(**kw):
 def tracker(keys=(K1,), links=1, dead_time=1.0, start=100.0, min_generation=0):
     views = [ff.LinkView(i, "192.0.2.%d" % (16 * i + 1), "192.0.2.%d" % (16 * i + 2))
              for i in range(links)]
-    return ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(*keys), views,
-                          dead_time, start, min_generation=min_generation)
+    t = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(*keys), views,
+                       dead_time, start, min_generation=min_generation, generation=OWN_GEN)
+    t.sent(1, start)    # our packet 1, which hb() echoes by default
+    return t
 
 
 def reason_of(packet, keys=(K1,)):
@@ -39,6 +42,7 @@ def reason_of(packet, keys=(K1,)):
 def test_round_trip_and_size_bound():
     big = hb(cluster="c" * 32, sender="n" * 32, snapshot="s" * 255, guid=2 ** 64 - 1,
              generation=2 ** 64 - 1, sequence=2 ** 64 - 1, epoch=2 ** 64 - 1,
+             echo_generation=2 ** 64 - 1, echo_sequence=2 ** 64 - 1,
              flags=ff.FLAG_HANDOVER_REQUEST | ff.FLAG_RELEASE,
              accepts=(ff.key_id(K1), ff.key_id(K2)))
     for h in (hb(), big, hb(snapshot="", guid=0, accepts=())):
@@ -46,7 +50,7 @@ def test_round_trip_and_size_bound():
         assert len(packet) < ff.WIRE_MAX
         got = ff.decode_heartbeat(packet, ff.wire_keys(K1))
         assert got == dataclasses.replace(h, key_id=ff.key_id(K1))
-    assert len(ff.encode_heartbeat(big, K1)) <= 500
+    assert len(ff.encode_heartbeat(big, K1)) <= 520
 
 
 def test_each_malformation_has_its_reason():
@@ -142,8 +146,13 @@ def test_key_rotation_two_keys_accepted_and_sender_follows_the_peer():
 def test_liveness_dead_after_dead_time_and_any_link_keeps_alive():
     t = tracker(links=2, dead_time=1.0, start=0.0)
     seq = iter(range(1, 1000))
-    send = lambda link, now: t.receive(ff.encode_heartbeat(hb(sequence=next(seq)), K1),
-                                       link, now)
+
+
+    def send(link, now):
+        n = next(seq)
+        t.sent(1000 + n, now - 0.05)          # the peer echoes our packet
+        return t.receive(ff.encode_heartbeat(hb(sequence=n, echo_sequence=1000 + n), K1),
+                         link, now)
     t.evaluate(0.5)
     assert t.state == "unknown"
     send(0, 0.6)
@@ -163,6 +172,39 @@ def test_liveness_dead_after_dead_time_and_any_link_keeps_alive():
     send(1, last + 2)
     t.evaluate(last + 2)
     assert t.state == "alive"
+
+
+def test_only_packets_echoing_our_recent_packets_are_signs_of_life():
+    t = tracker(dead_time=1.0, start=0.0)
+    t.sent(2, 0.5)
+    cases = [hb(sequence=1, echo_generation=0, echo_sequence=0),      # not heard us yet
+             hb(sequence=2, echo_generation=OWN_GEN - 1, echo_sequence=2),  # our last boot
+             hb(sequence=3, echo_sequence=99)]                         # never sent
+    for h in cases:
+        assert t.receive(ff.encode_heartbeat(h, K1), 0, 0.6) == (None, None)
+    assert t.unconfirmed == 3 and t.last is None and t.links[0].last_seen is None
+    assert t.echo() == (3, 3)             # but we echo it, so the peer can confirm us
+    # echoing packet 1 (sent at 0.0) is proof only until dead_time after it
+    assert t.receive(ff.encode_heartbeat(hb(sequence=4), K1), 0, 1.0)[0] is not None
+    assert t.receive(ff.encode_heartbeat(hb(sequence=5), K1), 0, 1.01) == (None, None)
+    assert t.receive(ff.encode_heartbeat(hb(sequence=6, echo_sequence=2), K1), 0, 1.4)[0]
+    assert sum(t.rejected.values()) == 0 and t.unconfirmed == 4
+
+
+def test_recorded_packets_replayed_after_a_restart_are_no_sign_of_life():
+    """This node restarted (new generation 8) and forgot the sequence
+    numbers it had seen; packets recorded earlier, of the peer's current
+    generation, are replayed: they echo generation 7, so they prove nothing."""
+    recorded = [ff.encode_heartbeat(hb(sequence=n, echo_sequence=n), K1) for n in range(1, 40)]
+    t = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(K1),
+                       [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 1.0, 0.0,
+                       min_generation=3, generation=OWN_GEN + 1)
+    for k, packet in enumerate(recorded):
+        now = k * 0.1
+        t.sent(k + 1, now)
+        assert t.receive(packet, 0, now) == (None, None)
+        t.evaluate(now)
+    assert t.state == "dead" and t.unconfirmed == len(recorded)
 
 
 def test_a_stalled_node_needs_fresh_evidence_before_calling_the_peer_dead():
@@ -205,9 +247,9 @@ def _mutants(rng, packets, n):
             p[pos] = rng.randrange(256)
             yield bytes(p)
         elif kind == 6:      # header fields rewritten, MAC kept
-            h = list(struct.unpack_from("!4sBB4sQQQBBH", p))
-            h[rng.choice([4, 5, 6, 9])] = rng.randrange(1, 2 ** 16)
-            yield struct.pack("!4sBB4sQQQBBH", *h) + bytes(p[38:])
+            h = list(ff._WIRE_HEAD.unpack_from(p))
+            h[rng.choice([4, 5, 6, 7, 8, 11])] = rng.randrange(1, 2 ** 16)
+            yield ff._WIRE_HEAD.pack(*h) + bytes(p[ff._WIRE_HEAD.size:])
         else:                # the right key id, a wrong key
             yield bytes(p[:-32]) + os.urandom(32)
 
