@@ -1684,6 +1684,16 @@ def format_status(r: dict) -> str:
 # the loop was (lag); a lag above half the dead time means this process was
 # not running (stopped, swapped out, a suspended VM), and the peer is then
 # judged only on heartbeats that arrive after waking up.
+#
+# Control socket: <state_db>.ctl/control.sock (directory 0700, socket 0600,
+# peers checked with SO_PEERCRED: root or the daemon's user).  A client
+# sends one JSON object on one line and reads one JSON line back, then the
+# daemon closes the connection (at most 8 clients, 5 s each, 4 KiB request):
+#   {"cmd": "ping"}         -> {"ok": true, "pid": N}
+#   {"cmd": "status"}       -> {"ok": true, "status": {...live values...}}
+#   {"cmd": "reset-stats"}  -> {"ok": true}  (rejection counters, largest
+#                              gaps and worst lag start again from zero)
+#   anything else           -> {"ok": false, "error": "..."}
 
 PEER_SAVE_EVERY = 5.0        # seconds between refreshes of the persisted peer row
 REJECT_SUMMARY_EVERY = 10.0  # seconds between "rejected N packets" log lines
