@@ -2029,8 +2029,9 @@ class Daemon:
         self.sequence = 0
         self.role = ROLE_SLAVE
         self.epoch = 0
-        self.snapshot = ("", 0)
+        self.snapshot = ("", 0)    # newest own snapshot (name, GUID), as sent
         self.health = "unchecked"
+        self.flags = 0             # FLAG_* bits sent in every heartbeat
         self.worst_lag = 0.0
         self.last_lag = 0.0
         self.stats_since = 0.0
@@ -2056,6 +2057,12 @@ class Daemon:
         while the previous run of the same name still runs); on_done(result,
         error) runs on the loop.  The replication cycle plugs in here."""
         self.periodic.append((name, every, fn, on_done))
+
+    def open_store(self) -> StateStore:
+        """A state-file connection for a job thread (one per thread; sqlite
+        connections do not cross threads).  It writes under the daemon's
+        lock, and closing it does not release that lock."""
+        return StateStore.open(self.cfg.local.state_db, lock=_BorrowedLock(self.lock))
 
     def install_jobs(self) -> None:
         self.add_periodic("check", lambda c: c.service.check_interval,
@@ -2330,7 +2337,7 @@ class Daemon:
             hb = Heartbeat(cluster=cfg.name, sender=cfg.local_name,
                            generation=self.generation, sequence=self.sequence,
                            role=self.role, epoch=self.epoch, snapshot=self.snapshot[0],
-                           guid=self.snapshot[1], health=self.health, flags=0,
+                           guid=self.snapshot[1], health=self.health, flags=self.flags,
                            echo_generation=echo[0], echo_sequence=echo[1],
                            accepts=tuple(key_id(k) for k in own))
             try:

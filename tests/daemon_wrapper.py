@@ -47,9 +47,15 @@ def _stepped_clock(path):
     return wall_clock
 
 
-def _slow_transfer(spec):
-    """fn(stop) for the job runner: one throttled real transfer."""
+def _slow_transfer(spec, daemon):
+    """fn(stop) for the job runner: one throttled real transfer, recorded in
+    the replications table through the job's own state connection."""
     def job(stop):
+        store = daemon.open_store()
+        with store.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO replications (started, snapshot, result) "
+                "VALUES (?, ?, 'running')", (ff.wall_clock(), spec["snapshot"])).lastrowid
         started = time.monotonic()
         send = subprocess.Popen(["zfs", "send", spec["snapshot"]], stdout=subprocess.PIPE)
         recv = subprocess.Popen(spec["recv_argv"], stdin=subprocess.PIPE,
@@ -76,6 +82,14 @@ def _slow_transfer(spec):
         result = {"bytes": total, "seconds": time.monotonic() - started,
                   "send": send.returncode, "recv": recv.returncode, "stderr": err,
                   "stopped": stop.is_set(), "sha256": digest.hexdigest()}
+        ok = result["send"] == 0 and result["recv"] == 0 and not result["stopped"]
+        with store.transaction() as conn:
+            conn.execute(
+                "UPDATE replications SET finished = ?, bytes = ?, seconds = ?, result = ?, "
+                "error = ? WHERE id = ?",
+                (ff.wall_clock(), total, result["seconds"], "ok" if ok else "failed",
+                 None if ok else ("stopped" if result["stopped"] else err.strip()), row))
+        store.close()
         with open(spec["report"], "a") as f:
             f.write(json.dumps(result) + "\n")
         return result
@@ -91,7 +105,8 @@ if os.environ.get("FFT_SLOW_JOB"):
 
     def install_jobs(self):
         _install(self)
-        self.add_periodic("slow-transfer", lambda cfg: _spec["every"], _slow_transfer(_spec))
+        self.add_periodic("slow-transfer", lambda cfg: _spec["every"],
+                          _slow_transfer(_spec, self))
     ff.Daemon.install_jobs = install_jobs
 
 if __name__ == "__main__":

@@ -453,6 +453,9 @@ def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
     # the newest snapshot travels in the heartbeats
     assert sa["snapshot"] == "slow" and sb["peer"]["snapshot"] == "slow"
     assert sb["peer"]["guid"] == guid(snap) and sb["peer"]["health"] == "failed"
+    # the job recorded itself through its own state connection (Daemon.open_store)
+    last = json.loads(bed.a.flocker("status", "--json", check=True).stdout)["last_replication"]
+    assert last["result"] == "ok" and last["bytes"] == size and last["snapshot"] == snap
     assert sb["stats_age_seconds"] >= 29
     assert sb["links"][0]["max_gap_seconds"] < INTERVAL + 0.05
     assert sb["peer"]["dead_verdicts"] == 0 and sa["peer"]["dead_verdicts"] == 0
@@ -602,3 +605,6 @@ def test_sigterm_aborts_a_running_job_cleanly(bed):
     with sqlite3.connect(bed.a.state_db) as db:
         last = db.execute("SELECT message FROM events ORDER BY id DESC LIMIT 1").fetchone()[0]
     assert last == "daemon stopped by signal %d" % signal.SIGTERM
+    with sqlite3.connect(bed.a.state_db) as db:
+        rows = db.execute("SELECT result, error FROM replications").fetchall()
+    assert rows == [("failed", "stopped")]
