@@ -2747,8 +2747,14 @@ def cmd_status(args, cfg_path: str) -> int:
 
 def cmd_daemon(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
+    root = logging.getLogger()
     if args.verbose == 0:
-        logging.getLogger().setLevel(logging.INFO)
+        root.setLevel(logging.INFO)
+    if not os.environ.get("JOURNAL_STREAM"):
+        # not under systemd's journal, which stamps lines itself
+        for handler in root.handlers:
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s"))
     return Daemon(cfg, pidfile=args.pidfile).run()
 
 

@@ -608,3 +608,21 @@ def test_sigterm_aborts_a_running_job_cleanly(bed):
     with sqlite3.connect(bed.a.state_db) as db:
         rows = db.execute("SELECT result, error FROM replications").fetchall()
     assert rows == [("failed", "stopped")]
+
+
+def test_run_hook_statuses_timeouts_and_stop(tmp_path):
+    import threading
+    assert ff.run_hook(["sh", "-c", "echo out; echo err >&2; exit 3"], 5) == (3, "out; err")
+    assert ff.run_hook([str(tmp_path / "missing")], 5)[0] == 127
+    marker = tmp_path / "child.pid"
+    started = time.monotonic()
+    # a hook that hangs, with a child in its process group: both are killed
+    status, _ = ff.run_hook(["sh", "-c", "sleep 600 & echo $! > %s; wait" % marker], 0.5)
+    assert status is None and time.monotonic() - started < 4
+    child = int(marker.read_text())
+    wait_for(lambda: not bedmod._pid_alive(child), 3)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    assert ff.run_hook(["sleep", "600"], 60, stop)[0] is None
+    assert time.monotonic() - started < 3
