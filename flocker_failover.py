@@ -9,11 +9,11 @@ This file reads top to bottom in layers that only call downward:
   1. constants, exit codes, errors
   2. configuration (parse and validate everything up front)
   3. the state store (sqlite)
-  4. the wire protocol                      (heartbeats; later)
+  4. the wire protocol                      (heartbeats)
   5. ZFS and ssh adapters
   6. the decision core (pure functions)     (later)
   7. actions
-  8. the daemon                             (later)
+  8. the daemon                             (heartbeats, jobs, control socket)
   9. the command line
 
 Standard library only; Python 3.8 or newer.
@@ -21,24 +21,32 @@ Standard library only; Python 3.8 or newer.
 
 import argparse
 import calendar
+import collections
 import configparser
 import contextlib
 import dataclasses
 import errno
 import fcntl
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
+import selectors
 import shlex
+import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -63,6 +71,11 @@ ROLE_SLAVE = "slave"
 ROLES = (ROLE_MASTER, ROLE_SLAVE)
 
 log = logging.getLogger(PROG)
+
+# The wall clock, read only for display and for timestamps stored for
+# people (never for liveness, replay protection or any decision: those use
+# time.monotonic()).  One name, so that tests can swap in a stepped clock.
+wall_clock = time.time
 
 
 class FlockerError(Exception):
@@ -268,6 +281,8 @@ CLUSTER_OPTIONS = (
            "Cluster name; both nodes must use the same one."),
     Option("secret_file", _p_abspath, "/etc/flocker/secret", "path",
            "File with the shared secret (>= 32 random bytes, mode 0600)."),
+    Option("secret_file_previous", _p_abspath, "", "path",
+           "During a key change: a second accepted key (empty: none)."),
     Option("heartbeat_port", _p_port, "7788", "UDP port",
            "Port the heartbeats are sent to and received on."),
     Option("heartbeat_interval", _p_seconds, "1.0", "seconds",
@@ -306,6 +321,8 @@ SERVICE_OPTIONS = (
     Option("notify_command", _p_command, "", "command",
            "Run after every role change, with FLOCKER_OLD_ROLE, FLOCKER_NEW_ROLE, "
            "FLOCKER_EPOCH and FLOCKER_REASON in its environment."),
+    Option("check_interval", _p_seconds, "10.0", "seconds",
+           "Time between two runs of check_command by the daemon."),
     Option("command_timeout", _p_seconds, "60.0", "seconds",
            "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
@@ -342,6 +359,7 @@ class ServiceConfig:
     stop_command: Optional[Tuple[str, ...]]
     check_command: Optional[Tuple[str, ...]]
     notify_command: Optional[Tuple[str, ...]]
+    check_interval: float
     command_timeout: float
     service_address: Optional[ServiceAddress]
 
@@ -368,6 +386,8 @@ class Config:
     service: Optional[ServiceConfig] = None
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
+    secret_file_previous: Optional[str] = None
+    secret_previous: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
     @property
     def local(self) -> NodeConfig:
@@ -598,10 +618,20 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     svc = ServiceConfig(
         start_command=s["start_command"], stop_command=s["stop_command"],
         check_command=s["check_command"], notify_command=s["notify_command"],
+        check_interval=s["check_interval"],
         command_timeout=s["command_timeout"],
         service_address=s["service_address"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
+    previous = None
+    if c["secret_file_previous"] is not None:
+        previous = read_secret(c["secret_file_previous"], "cluster",
+                               "secret_file_previous", path)
+        if key_id(previous) == key_id(secret):
+            raise ConfigError(
+                "%s: [cluster] secret_file_previous: holds the same key as "
+                "secret_file (key id %s); point it at the old key during a key "
+                "change, or leave it empty" % (path, key_id(secret)))
     return Config(
         path=path, name=c["name"], secret_file=c["secret_file"], secret=secret,
         heartbeat_port=c["heartbeat_port"],
@@ -612,7 +642,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         transfer_stall_timeout=c["transfer_stall_timeout"],
         ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
         ssh_connect_timeout=c["ssh_connect_timeout"],
-        service=svc, nodes=tuple(nodes))
+        service=svc, nodes=tuple(nodes),
+        secret_file_previous=c["secret_file_previous"], secret_previous=previous)
 
 
 def _address_is_local(address: str) -> bool:
@@ -682,6 +713,9 @@ def describe_config(cfg: Config) -> List[str]:
         if o.name == "secret_file":
             lines.append("# secret: %d bytes, masked; key id %s (must match on both nodes)"
                          % (len(cfg.secret), cfg.key_id))
+        if o.name == "secret_file_previous" and cfg.secret_previous is not None:
+            lines.append("# previous secret: %d bytes, masked; key id %s"
+                         % (len(cfg.secret_previous), key_id(cfg.secret_previous)))
     lines += ["", "[service]"]
     for o in SERVICE_OPTIONS:
         lines.append("%s = %s" % (o.name, _format_value(o, getattr(cfg.service, o.name))))
@@ -1030,17 +1064,17 @@ class StateStore:
 
     def _event(self, conn, kind: str, message: str, level: str = "info") -> None:
         conn.execute("INSERT INTO events (ts, level, kind, message) VALUES (?, ?, ?, ?)",
-                     (time.time(), level, kind, message))
+                     (wall_clock(), level, kind, message))
 
     def record_event(self, kind: str, message: str, level: str = "info") -> None:
         with self.transaction() as conn:
             self._event(conn, kind, message, level)
 
-    def initialise(self, node: str, role: str, epoch: int) -> None:
+    def initialise(self, node: str, role: str, epoch: int, generation: int = 0) -> None:
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO node_state (id, node, role, epoch, generation, created) "
-                "VALUES (1, ?, ?, ?, 0, ?)", (node, role, epoch, time.time()))
+                "VALUES (1, ?, ?, ?, ?, ?)", (node, role, epoch, generation, wall_clock()))
             self._event(conn, "init", "initialised node %s as %s, epoch %d"
                         % (node, role, epoch))
 
@@ -1056,6 +1090,17 @@ class StateStore:
                          (role, epoch))
             self._event(conn, "role", "%s -> %s, epoch %d -> %d: %s"
                         % (old[0], role, old[1], epoch, reason))
+
+    def save_peer(self, node: str, seen: float, role: Optional[str],
+                  epoch: Optional[int], generation: Optional[int],
+                  snapshot: Optional[str], guid: Optional[str],
+                  health: Optional[str]) -> None:
+        """Remember what the peer last said (seen: wall-clock time)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO peer (node, seen, role, epoch, generation, "
+                "snapshot, guid, health) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (node, seen, role, epoch, generation, snapshot, guid, health))
 
     def next_generation(self) -> int:
         """Raise and return the boot generation (once per daemon start)."""
@@ -1147,6 +1192,235 @@ def _split_sql(script: str) -> List[str]:
     if "\n".join(current).strip():
         raise ValueError("unterminated SQL statement in a migration")
     return statements
+
+
+# ===========================================================================
+# 4. The wire protocol
+# ===========================================================================
+#
+# One heartbeat is one UDP datagram, at most WIRE_MAX bytes, so it is never
+# fragmented.  All integers are big-endian.  Version 1 layout:
+#
+#   offset size  field
+#    0     4     magic "FLKH"
+#    4     1     version (1)
+#    5     1     flags (bit 0: handover request, bit 1: release)
+#    6     4     key id: the first 4 bytes of the signing key's id
+#   10     8     boot generation of the sender (raised at every daemon start)
+#   18     8     sequence number (1, 2, ... within one generation)
+#   26     8     echo generation: the generation of the newest packet the
+#   34     8     echo sequence:   sender received from us, and its sequence
+#                                 (0, 0: it has heard nothing from us yet)
+#   42     8     epoch of the sender
+#   50     1     role (1 master, 2 slave)
+#   51     1     service health (0 unknown, 1 ok, 2 failed, 3 unchecked)
+#   52     2     body length (bytes between offset 54 and the MAC)
+#   54     ...   body: cluster name, sender node, newest snapshot name (each
+#                one length byte + UTF-8), snapshot GUID (8 bytes, 0: none),
+#                accepted key ids (one count byte, 0..2, + 4 bytes each)
+#   end-32 32    HMAC-SHA256 with the cluster secret over all bytes before it
+#
+# decode_heartbeat() checks the cheap things first (size, magic, version,
+# key id, lengths) and the MAC before it looks inside the body; nothing in a
+# packet is trusted before its MAC is verified.  Freshness needs no clock:
+# a ReplayWindow accepts each (generation, sequence) once, and the echo
+# proves when the packet was made: after we sent the packet it echoes.  So
+# a packet recorded by an attacker and replayed later (say after this node
+# restarted and forgot which sequence numbers it had seen) is not taken as
+# a sign of life: it echoes none of our recent packets.
+
+WIRE_MAGIC = b"FLKH"
+WIRE_VERSION = 1
+WIRE_MAX = 1200
+_WIRE_HEAD = struct.Struct("!4sBB4sQQQQQBBH")
+_WIRE_MAC = 32
+_WIRE_MIN = _WIRE_HEAD.size + 3 + 8 + 1 + _WIRE_MAC
+_U64_MAX = 2 ** 64 - 1
+
+FLAG_HANDOVER_REQUEST = 0x01
+FLAG_RELEASE = 0x02
+
+_ROLE_CODE = {ROLE_MASTER: 1, ROLE_SLAVE: 2}
+_ROLE_OF = {v: k for k, v in _ROLE_CODE.items()}
+HEALTH_STATES = ("unknown", "ok", "failed", "unchecked")
+
+# Every reason a packet is rejected for; status shows a counter for each.
+REJECT_REASONS = ("truncated", "oversized", "malformed", "bad_version",
+                  "unknown_key", "bad_mac", "wrong_cluster", "wrong_sender",
+                  "old_generation", "replay")
+
+
+class WireReject(Exception):
+    """A received packet is not a valid, fresh heartbeat from the peer."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__("%s%s" % (reason, (": " + detail) if detail else ""))
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    cluster: str
+    sender: str
+    generation: int
+    sequence: int
+    role: str
+    epoch: int
+    snapshot: str = ""
+    guid: int = 0
+    health: str = "unknown"
+    flags: int = 0
+    echo_generation: int = 0        # newest (generation, sequence) the sender
+    echo_sequence: int = 0          # had received from the receiver
+    accepts: Tuple[str, ...] = ()   # key ids the sender accepts
+    key_id: str = ""                # key id it was signed with (set by decode)
+
+
+def _key_bytes(kid: str) -> bytes:
+    return bytes.fromhex(kid)[:4]
+
+
+def encode_heartbeat(hb: Heartbeat, secret: bytes) -> bytes:
+    """The signed datagram for hb, signed with secret."""
+    def text(value: str, limit: int) -> bytes:
+        raw = value.encode("utf-8")
+        if len(raw) > limit:
+            raise ValueError("heartbeat field too long: %r" % value)
+        return bytes([len(raw)]) + raw
+    if len(hb.accepts) > 2:
+        raise ValueError("at most two accepted key ids")
+    body = (text(hb.cluster, 32) + text(hb.sender, 32) + text(hb.snapshot, 255)
+            + struct.pack("!QB", hb.guid, len(hb.accepts))
+            + b"".join(_key_bytes(k) for k in hb.accepts))
+    head = _WIRE_HEAD.pack(WIRE_MAGIC, WIRE_VERSION, hb.flags & 0xFF,
+                           _key_bytes(key_id(secret)), hb.generation, hb.sequence,
+                           hb.echo_generation, hb.echo_sequence, hb.epoch,
+                           _ROLE_CODE[hb.role],
+                           HEALTH_STATES.index(hb.health), len(body))
+    packet = head + body
+    return packet + hmac.new(secret, packet, hashlib.sha256).digest()
+
+
+def wire_keys(*secrets_: Optional[bytes]) -> Dict[bytes, Tuple[str, bytes]]:
+    """{4-byte key id: (key id, secret)} for the keys a node accepts."""
+    return {_key_bytes(key_id(s)): (key_id(s), s) for s in secrets_ if s is not None}
+
+
+def decode_heartbeat(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Heartbeat:
+    """Verify and parse one datagram; raise WireReject(reason) otherwise.
+    keys: see wire_keys()."""
+    n = len(packet)
+    if n > WIRE_MAX:
+        raise WireReject("oversized", "%d bytes" % n)
+    if n < _WIRE_MIN:
+        raise WireReject("truncated", "%d bytes" % n)
+    (magic, version, flags, kid, generation, sequence, echo_generation, echo_sequence,
+     epoch, role, health, body_len) = _WIRE_HEAD.unpack_from(packet)
+    if magic != WIRE_MAGIC:
+        raise WireReject("malformed", "not a flocker-failover heartbeat")
+    if version != WIRE_VERSION:
+        raise WireReject("bad_version", "version %d, this program speaks %d"
+                         % (version, WIRE_VERSION))
+    key = keys.get(kid)
+    if key is None:
+        raise WireReject("unknown_key", "key id %s" % kid.hex())
+    expected_len = _WIRE_HEAD.size + body_len + _WIRE_MAC
+    if n < expected_len:
+        raise WireReject("truncated", "%d of %d bytes" % (n, expected_len))
+    if n > expected_len:
+        raise WireReject("malformed", "%d bytes after the end" % (n - expected_len))
+    mac = hmac.new(key[1], packet[:-_WIRE_MAC], hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, packet[-_WIRE_MAC:]):
+        raise WireReject("bad_mac", "key id %s" % key[0])
+    # authenticated from here on; still parse defensively
+    body = packet[_WIRE_HEAD.size:-_WIRE_MAC]
+    pos = 0
+    fields = []
+    try:
+        for limit in (32, 32, 255):
+            length = body[pos]
+            if length > limit:
+                raise WireReject("malformed", "text field too long")
+            fields.append(body[pos + 1:pos + 1 + length].decode("utf-8"))
+            if len(fields[-1].encode("utf-8")) != length:
+                raise WireReject("malformed", "text field cut short")
+            pos += 1 + length
+        guid, count = struct.unpack_from("!QB", body, pos)
+        pos += 9
+        if count > 2 or pos + 4 * count != len(body):
+            raise WireReject("malformed", "bad key list or length")
+        accepts = tuple(body[pos + 4 * i:pos + 4 * i + 4].hex() for i in range(count))
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise WireReject("malformed", "body does not parse") from None
+    if role not in _ROLE_OF or health >= len(HEALTH_STATES) or sequence == 0:
+        raise WireReject("malformed", "bad role, health or sequence")
+    cluster, sender, snapshot = fields
+    if not _NAME_RE.match(cluster) or not _NAME_RE.match(sender):
+        raise WireReject("malformed", "bad cluster or node name")
+    return Heartbeat(cluster=cluster, sender=sender, generation=generation,
+                     sequence=sequence, role=_ROLE_OF[role], epoch=epoch,
+                     snapshot=snapshot, guid=guid, health=HEALTH_STATES[health],
+                     flags=flags, echo_generation=echo_generation,
+                     echo_sequence=echo_sequence, accepts=accepts, key_id=key[0])
+
+
+def check_origin(hb: Heartbeat, cluster: str, peer: str) -> None:
+    """Raise WireReject unless hb comes from our peer in our cluster (a
+    packet naming this node itself as sender fails too)."""
+    if hb.cluster != cluster:
+        raise WireReject("wrong_cluster", "cluster %r, expected %r" % (hb.cluster, cluster))
+    if hb.sender != peer:
+        raise WireReject("wrong_sender", "sender %r, expected %r" % (hb.sender, peer))
+
+
+def choose_send_key(own: Sequence[bytes], peer_accepts: Sequence[str]) -> bytes:
+    """The key to sign with: the current one (own[0]) unless the peer said
+    it accepts only the other one we hold (during a key change)."""
+    if not peer_accepts or key_id(own[0]) in peer_accepts:
+        return own[0]
+    for s in own[1:]:
+        if key_id(s) in peer_accepts:
+            return s
+    return own[0]
+
+
+class ReplayWindow:
+    """Accepts each (generation, sequence) at most once, in any order within
+    the last WINDOW sequence numbers of the newest generation; rejects older
+    generations.  No clock is involved, so a clock step cannot fool it."""
+
+    WINDOW = 64
+
+    def __init__(self, generation: int = 0) -> None:
+        self.generation = generation   # the newest generation seen (or known)
+        self.highest = 0               # the highest sequence seen in it
+        self.seen = 0                  # bit i: highest - i was seen
+
+    def check(self, generation: int, sequence: int) -> Optional[str]:
+        """None when fresh, else the reject reason; changes nothing."""
+        if generation < self.generation:
+            return "old_generation"
+        if generation > self.generation or sequence > self.highest:
+            return None
+        back = self.highest - sequence
+        if back >= self.WINDOW or self.seen >> back & 1:
+            return "replay"
+        return None
+
+    def accept(self, generation: int, sequence: int) -> None:
+        if generation > self.generation or self.highest == 0:
+            # the first packet of a generation: nothing sent before it (which
+            # an attacker may have captured) is accepted afterwards
+            self.generation, self.highest = generation, sequence
+            self.seen = (1 << self.WINDOW) - 1
+        elif sequence > self.highest:
+            shift = sequence - self.highest
+            self.seen = ((self.seen << shift) | 1) & ((1 << self.WINDOW) - 1) \
+                if shift < self.WINDOW else 1
+            self.highest = sequence
+        else:
+            self.seen |= 1 << (self.highest - sequence)
 
 
 # ===========================================================================
@@ -1677,6 +1951,11 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
     else:
         done.append("dataset %s will be created by the first replication" % me.dataset)
 
+    # The boot generation of a new state file starts above anything the
+    # peer may have stored for this node (it rejects older generations):
+    # above the old file's, and at the current Unix time.  Daemon starts
+    # then count up from there; replay protection never reads a clock.
+    generation = int(wall_clock())
     exists = os.path.exists(me.state_db)
     try:
         store = StateStore.open(me.state_db, create=True, lock_for="init")
@@ -1703,6 +1982,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
                     "old state file is kept as a backup)"
                     % (current.node, current.role, current.epoch,
                        " and has history" if store.has_history() else "", me.state_db))
+            generation = max(generation, current.generation + 1)
             lock = store.lock
             backup = store.backup_and_remove()   # keeps holding the lock
             done.append("kept the old state file as %s" % backup)
@@ -1710,7 +1990,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
         if create_dataset:
             zfs.create(me.dataset)
             done.append("created dataset %s" % me.dataset)
-        store.initialise(me.name, role, epoch)
+        store.initialise(me.name, role, epoch, generation)
         done.append("state file %s records role %s, epoch %d" % (me.state_db, role, epoch))
         return ("initialised node %s as %s" % (me.name, role), done)
     finally:
@@ -1961,9 +2241,52 @@ def _move_aside(path: str) -> str:
     return backup
 
 
-def status_report(cfg: Config, now: Optional[float] = None) -> dict:
-    """Everything 'status' shows, as one JSON-able dict (see README)."""
-    now = time.time() if now is None else now
+def run_hook(argv: Sequence[str], timeout: float,
+             stop: Optional[threading.Event] = None) -> Tuple[Optional[int], str]:
+    """Run a user command (start/stop/check) in its own process group.
+    Returns (exit status, last lines of its output); the status is None when
+    it ran longer than timeout or stop was set: then the whole group was
+    killed (TERM, then KILL 2 s later).  Never raises for the command's
+    own failures; a missing program is status 127."""
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            return 127, "cannot run %s: %s" % (argv[0], e.strerror)
+        deadline = time.monotonic() + timeout
+        status = None  # type: Optional[int]
+        while True:
+            try:
+                status = proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                    _kill_group(proc)
+                    break
+        out.seek(max(0, out.seek(0, os.SEEK_END) - 2000))
+        tail = out.read().decode("utf-8", "replace")
+    return status, _stderr_text(tail)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def status_report(cfg: Config, now: Optional[float] = None,
+                  live: Optional[dict] = None) -> dict:
+    """Everything 'status' shows, as one JSON-able dict (see README).
+    live: what the running daemon reported (its "status" answer), if any."""
+    now = wall_clock() if now is None else now
     with StateStore.open(cfg.local.state_db) as store:
         st = store.node_state()
         if st is None:
@@ -1974,10 +2297,19 @@ def status_report(cfg: Config, now: Optional[float] = None) -> dict:
         preserved = store.preserved()
         events = store.events(limit=5)
     peer_out = {"node": cfg.peer.name, "last_seen": None, "age_seconds": None,
-                "role": None, "epoch": None, "snapshot": None}
+                "role": None, "epoch": None, "snapshot": None, "state": None}
     if peer is not None:
         peer_out.update(last_seen=peer["seen"], age_seconds=round(now - peer["seen"], 3),
                         role=peer["role"], epoch=peer["epoch"], snapshot=peer["snapshot"])
+    if live is not None:
+        lp = live["peer"]
+        peer_out["state"] = lp["state"]
+        if lp.get("last_seen_age_seconds") is not None:
+            # live values: ages from the daemon's monotonic clock
+            peer_out.update(age_seconds=lp["last_seen_age_seconds"],
+                            last_seen=now - lp["last_seen_age_seconds"],
+                            role=lp.get("role"), epoch=lp.get("epoch"),
+                            snapshot=lp.get("snapshot"))
     return {
         "schema": 1,
         "version": VERSION,
@@ -1989,7 +2321,7 @@ def status_report(cfg: Config, now: Optional[float] = None) -> dict:
         "outdated": st.outdated,
         "dataset": cfg.local.dataset,
         "state_db": cfg.local.state_db,
-        "daemon": None,
+        "daemon": live,
         "peer": peer_out,
         "last_replication": last,
         "preserved": preserved,
@@ -2031,6 +2363,24 @@ def format_status(r: dict) -> str:
         lines.append("peer        %s: last seen %s (%s), role %s, epoch %s"
                      % (p["node"], _fmt_time(p["last_seen"]), _fmt_age(p["age_seconds"]),
                         p["role"] or "?", p["epoch"] if p["epoch"] is not None else "?"))
+    d = r["daemon"]
+    if d:
+        lines.append("peer state  %s for %.1f s; %d dead verdict(s) since the daemon started"
+                     % (d["peer"]["state"], d["peer"]["state_age_seconds"],
+                        d["peer"]["dead_verdicts"]))
+        for lk in d["links"]:
+            lines.append("link %d      %s <-> %s: %s, last heartbeat %s, largest gap %.3f s"
+                         % (lk["index"], lk["local"], lk["peer"], lk["state"],
+                            _fmt_age(lk["last_seen_age_seconds"]) or "never",
+                            lk["max_gap_seconds"]))
+        bad = ", ".join("%s %d" % kv for kv in sorted(d["rejected"].items()) if kv[1])
+        lines.append("rejected    %s" % (bad or "none"))
+        lines.append("loop lag    worst %.3f s, last %.3f s, %d stall(s) (over the last %s)"
+                     % (d["worst_lag_seconds"], d["last_lag_seconds"], d["stalls"],
+                        _fmt_age(d["stats_age_seconds"]).replace(" ago", "")))
+        if d["jobs"]:
+            lines.append("jobs        %s" % ", ".join(
+                "%s (%.1f s)" % kv for kv in sorted(d["jobs"].items())))
     last = r["last_replication"]
     if last is None:
         lines.append("replicated  never")
@@ -2042,6 +2392,1031 @@ def format_status(r: dict) -> str:
         lines.append("preserved   %s (epoch %d, %s): %s"
                      % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
     return "\n".join(lines)
+
+
+# ===========================================================================
+# 8. The daemon
+# ===========================================================================
+#
+# One thread runs the event loop: the heartbeat sockets (one UDP socket per
+# own address, one per link), the timers, the control socket, and two
+# wake-up sockets (signals; finished jobs).  It never waits for anything
+# slow.  Slow work runs elsewhere:
+#
+#   - JobRunner: each job (check_command, the snapshot scan, later the
+#     replication cycle) runs fn(stop) in its own thread, at most one job of
+#     a name at a time; when it ends, its on_done callback runs on the loop.
+#     A job that runs commands passes `stop` on (run_hook does), so that
+#     SIGTERM kills what it started.
+#   - StoreWriter: one thread owns the daemon's sqlite connection and
+#     applies writes (events, peer observations) in order.
+#
+# Liveness uses time.monotonic() only.  Each timer firing measures how late
+# the loop was (lag); a lag above half the dead time means this process was
+# not running (stopped, swapped out, a suspended VM), and the peer is then
+# judged only on heartbeats that arrive after waking up.
+#
+# Control socket: <state_db>.ctl/control.sock (directory 0700, socket 0600,
+# peers checked with SO_PEERCRED: root or the daemon's user).  A client
+# sends one JSON object on one line and reads one JSON line back, then the
+# daemon closes the connection (at most 8 clients, 5 s each, 4 KiB request):
+#   {"cmd": "ping"}         -> {"ok": true, "pid": N}
+#   {"cmd": "status"}       -> {"ok": true, "status": {...live values...}}
+#   {"cmd": "reset-stats"}  -> {"ok": true}  (rejection counters, largest
+#                              gaps and worst lag start again from zero)
+#   anything else           -> {"ok": false, "error": "..."}
+
+PEER_SAVE_EVERY = 5.0        # seconds between refreshes of the persisted peer row
+REJECT_SUMMARY_EVERY = 10.0  # seconds between "rejected N packets" log lines
+REJECT_DETAIL_EVERY = 60.0   # seconds between detailed lines for one reason
+RECV_BATCH = 128             # datagrams read per socket before the loop looks at timers
+CONTROL_MAX_CLIENTS = 8
+CONTROL_TIMEOUT = 5.0        # seconds a control client may take
+CONTROL_MAX_REQUEST = 4096   # bytes
+STALL_FRACTION = 0.5         # loop later than dead_time * this: it was stalled
+
+
+def control_socket_path(state_db: str) -> str:
+    """The daemon's control socket, in a private directory beside the state file."""
+    return os.path.join(state_db + ".ctl", "control.sock")
+
+
+class LinkView:
+    """What one link (own address i <-> peer address i) has carried."""
+
+    def __init__(self, index: int, local: str, peer: str) -> None:
+        self.index = index
+        self.local = local
+        self.peer = peer
+        self.last_seen = None      # type: Optional[float]  # monotonic
+        self.state = "unknown"     # unknown / up / down
+        self.received = 0
+        self.sent = 0
+        self.send_errors = 0
+        self.max_gap = 0.0         # largest time between two valid packets
+
+
+class PeerTracker:
+    """Everything this node concludes from the packets it receives: which
+    are valid, which links are up, whether the peer is alive.  No I/O and
+    no clock of its own (callers pass monotonic `now`), so tests drive it
+    with invented packets and times.
+
+    A packet is a sign of life only when it echoes one of our own packets
+    sent within the last dead_time (see sent()); an authentic packet that
+    does not (the peer has not heard us yet, or a recorded packet replayed)
+    is counted as unconfirmed and only updates what we echo back."""
+
+    SENT_MEMORY = 4096   # own packets remembered at most
+
+    def __init__(self, cluster: str, me: str, peer: str, keys, links: Sequence[LinkView],
+                 dead_time: float, start: float, min_generation: int = 0,
+                 generation: int = 0) -> None:
+        self.generation = generation   # our own boot generation
+        self._sent = collections.deque()  # type: collections.deque
+        self._sent_at = {}                # type: Dict[int, float]
+        self.unconfirmed = 0
+        self.cluster = cluster
+        self.me = me
+        self.peer = peer
+        self.keys = keys
+        self.links = list(links)
+        self.dead_time = dead_time
+        self.start = start
+        self.awake_since = start   # judge liveness only on what came after this
+        self.window = ReplayWindow(min_generation)
+        self.rejected = {r: 0 for r in REJECT_REASONS}
+        self.last = None           # type: Optional[Heartbeat]
+        self.last_seen = None      # type: Optional[float]
+        self.state = "unknown"     # unknown / alive / dead
+        self.state_since = start
+        self.dead_verdicts = 0
+        self.silence_at_verdict = None  # type: Optional[float]
+        self.stalls = 0
+
+    def receive(self, packet: bytes, link: int,
+                now: float) -> Tuple[Optional[Heartbeat], Optional[WireReject]]:
+        """Judge one datagram that came in on link; returns (heartbeat, None)
+        when accepted as a sign of life, (None, the rejection) when
+        rejected (only its counter rises), and (None, None) when authentic
+        and new but unconfirmed (see the class notes)."""
+        try:
+            hb = decode_heartbeat(packet, self.keys)
+            check_origin(hb, self.cluster, self.peer)
+            reason = self.window.check(hb.generation, hb.sequence)
+            if reason is not None:
+                raise WireReject(reason, "generation %d, sequence %d"
+                                 % (hb.generation, hb.sequence))
+        except WireReject as e:
+            self.rejected[e.reason] += 1
+            return None, e
+        self.window.accept(hb.generation, hb.sequence)
+        sent_at = (self._sent_at.get(hb.echo_sequence)
+                   if hb.echo_generation == self.generation else None)
+        if sent_at is None or now - sent_at > self.dead_time:
+            self.unconfirmed += 1
+            return None, None
+        lv = self.links[link]
+        if lv.last_seen is not None:
+            lv.max_gap = max(lv.max_gap, now - lv.last_seen)
+        lv.last_seen = now
+        lv.received += 1
+        self.last = hb
+        self.last_seen = now
+        return hb, None
+
+    def sent(self, sequence: int, now: float) -> None:
+        """Note that we sent our packet `sequence` at `now`."""
+        self._sent.append((sequence, now))
+        self._sent_at[sequence] = now
+        while self._sent and (now - self._sent[0][1] > self.dead_time
+                              or len(self._sent) > self.SENT_MEMORY):
+            del self._sent_at[self._sent.popleft()[0]]
+
+    def echo(self) -> Tuple[int, int]:
+        """What our packets echo: the newest authentic packet of the peer."""
+        w = self.window
+        return (w.generation, w.highest) if w.highest else (0, 0)
+
+    def woke_from_stall(self, now: float) -> None:
+        self.awake_since = now
+        self.stalls += 1
+
+    def evaluate(self, now: float) -> List[str]:
+        """Update link and peer states; returns messages for what changed."""
+        changes = []
+        for lv in self.links:
+            if lv.last_seen is not None and lv.last_seen >= self.awake_since:
+                basis = lv.last_seen
+            else:
+                basis = self.awake_since
+            if now - basis > self.dead_time:
+                state = "down"
+            elif lv.last_seen is not None:
+                state = "up"
+            else:
+                state = "unknown"
+            if state != lv.state and not (lv.state == "unknown" and state == "down"
+                                          and lv.last_seen is None):
+                changes.append("link %d (%s <-> %s) is %s" % (lv.index, lv.local, lv.peer, state))
+            lv.state = state
+        states = [lv.state for lv in self.links]
+        if "up" in states:
+            peer_state = "alive"
+        elif all(s == "down" for s in states):
+            peer_state = "dead"
+        else:
+            peer_state = "unknown"
+        if peer_state != self.state:
+            if peer_state == "dead":
+                self.dead_verdicts += 1
+                self.silence_at_verdict = (None if self.last_seen is None
+                                           else now - self.last_seen)
+                changes.append("peer %s is dead: no valid heartbeat for %s" % (
+                    self.peer, "%.2f s" % self.silence_at_verdict
+                    if self.silence_at_verdict is not None else "ever since this daemon started"))
+            else:
+                changes.append("peer %s is %s" % (self.peer, peer_state))
+            self.state = peer_state
+            self.state_since = now
+        return changes
+
+    def reset_stats(self) -> None:
+        self.rejected = {r: 0 for r in REJECT_REASONS}
+        for lv in self.links:
+            lv.max_gap = 0.0
+
+
+class JobRunner:
+    """Runs slow work off the event loop.  start(name, fn, on_done) runs
+    fn(stop) in a new thread (stop: a threading.Event set when the daemon
+    stops; long work should check it and abort cleanly); at most one job of
+    a name runs at a time.  on_done(result, error) runs later on the loop,
+    from collect(), which the loop calls when `wake` told it to."""
+
+    class _Job:
+        def __init__(self, name, fn, on_done):
+            self.name, self.fn, self.on_done = name, fn, on_done
+            self.stop = threading.Event()
+            self.started = time.monotonic()
+            self.result = self.error = None
+            self.thread = None
+
+    def __init__(self, wake) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._running = {}   # type: Dict[str, JobRunner._Job]
+        self._done = []      # type: List[JobRunner._Job]
+        self.finished = 0
+
+    def start(self, name: str, fn, on_done=None) -> bool:
+        if name in self._running:
+            return False
+        job = self._Job(name, fn, on_done)
+        job.thread = threading.Thread(target=self._run, args=(job,),
+                                      name="job-" + name, daemon=True)
+        self._running[name] = job
+        job.thread.start()
+        return True
+
+    def _run(self, job) -> None:
+        try:
+            job.result = job.fn(job.stop)
+        except BaseException as e:  # delivered to on_done on the loop
+            job.error = e
+        with self._lock:
+            self._done.append(job)
+        self._wake()
+
+    def busy(self, name: str) -> bool:
+        return name in self._running
+
+    def collect(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+        for job in done:
+            self._running.pop(job.name, None)
+            self.finished += 1
+            if job.on_done is not None:
+                try:
+                    job.on_done(job.result, job.error)
+                except Exception:
+                    log.exception("internal error after job %s", job.name)
+            elif job.error is not None:
+                log.error("job %s failed: %s", job.name, job.error)
+
+    def running(self) -> Dict[str, float]:
+        now = time.monotonic()
+        return {n: round(now - j.started, 3) for n, j in self._running.items()}
+
+    def stop_all(self, timeout: float) -> List[str]:
+        """Ask every job to stop and wait for them; returns those still running."""
+        jobs = list(self._running.values())
+        for job in jobs:
+            job.stop.set()
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            job.thread.join(max(0.0, deadline - time.monotonic()))
+        self.collect()
+        return [j.name for j in jobs if j.thread.is_alive()]
+
+
+class _BorrowedLock:
+    """The daemon's state lock lent to a second connection: closing that
+    connection must not release it."""
+
+    def __init__(self, lock: StateLock) -> None:
+        self.fd = lock.fd
+        self.path = lock.path
+
+    def release(self) -> None:
+        pass
+
+
+class StoreWriter:
+    """One thread that owns the daemon's sqlite connection; submit(fn)
+    queues fn(store) and returns at once."""
+
+    def __init__(self, path: str, lock: StateLock) -> None:
+        self.path = path
+        self.lock = lock
+        self.queue = queue.Queue(maxsize=1000)   # type: queue.Queue
+        self.thread = threading.Thread(target=self._run, name="state", daemon=True)
+        self.dropped = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, fn) -> None:
+        try:
+            self.queue.put_nowait(fn)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        store = None
+        try:
+            store = StateStore.open(self.path, lock=_BorrowedLock(self.lock))
+        except FlockerError as e:
+            log.error("cannot write the state file: %s", e.message)
+        while True:
+            fn = self.queue.get()
+            if fn is None:
+                break
+            if store is None:
+                self.failures += 1
+                continue
+            try:
+                fn(store)
+            except (sqlite3.Error, FlockerError) as e:
+                self.failures += 1
+                log.error("could not write to the state file %s: %s", self.path, e)
+        if store is not None:
+            store.close()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return False
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+class _Timer:
+    def __init__(self, name: str, period, fn, due: float) -> None:
+        self.name = name
+        self.period = period   # callable -> seconds (the config may change)
+        self.fn = fn           # fn(now)
+        self.due = due
+
+
+class _ControlClient:
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.inbuf = b""
+        self.outbuf = b""
+
+
+class Daemon:
+    """The long-running process of one node (see the notes above)."""
+
+    def __init__(self, cfg: Config, pidfile: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.pidfile = pidfile
+        self.sel = selectors.DefaultSelector()
+        self.jobs = JobRunner(self._wake_from_thread)
+        self.timers = []           # type: List[_Timer]
+        self.periodic = []         # type: List[Tuple[str, object, object, object]]
+        self.socks = []            # type: List[socket.socket]
+        self.clients = {}          # type: Dict[int, _ControlClient]
+        self.control = None        # type: Optional[socket.socket]
+        self.lock = None           # type: Optional[StateLock]
+        self.writer = None         # type: Optional[StoreWriter]
+        self.tracker = None        # type: Optional[PeerTracker]
+        self.generation = 0
+        self.sequence = 0
+        self.role = ROLE_SLAVE
+        self.epoch = 0
+        self.snapshot = ("", 0)    # newest own snapshot (name, GUID), as sent
+        self.health = "unchecked"
+        self.flags = 0             # FLAG_* bits sent in every heartbeat
+        self.worst_lag = 0.0
+        self.last_lag = 0.0
+        self.stats_since = 0.0
+        self.started_mono = 0.0
+        self.started_wall = 0.0
+        self._stop_signal = 0
+        self._reload_pending = False
+        self._peer_saved = None    # what was last persisted
+        self._peer_saved_at = -1e9
+        self._reject_window = {}   # type: Dict[str, int]
+        self._reject_sources = set()
+        self._reject_detail_at = {}  # type: Dict[str, float]
+        self._quiet_until = {}     # type: Dict[str, float]
+        self._answered_at = -1e9
+        self._wake_r = self._wake_w = None
+        self._sig_r = self._sig_w = None
+        self.install_jobs()
+
+    # -- plugging in slow work ------------------------------------------
+
+    def add_periodic(self, name: str, every, fn, on_done=None) -> None:
+        """Run fn(stop) off the loop every `every(cfg)` seconds (skipped
+        while the previous run of the same name still runs); on_done(result,
+        error) runs on the loop.  The replication cycle plugs in here."""
+        self.periodic.append((name, every, fn, on_done))
+
+    def open_store(self) -> StateStore:
+        """A state-file connection for a job thread (one per thread; sqlite
+        connections do not cross threads).  It writes under the daemon's
+        lock, and closing it does not release that lock."""
+        return StateStore.open(self.cfg.local.state_db, lock=_BorrowedLock(self.lock))
+
+    def install_jobs(self) -> None:
+        self.add_periodic("check", lambda c: c.service.check_interval,
+                          self._job_check, self._check_done)
+        self.add_periodic("snapshots", lambda c: max(5.0, c.replication_interval),
+                          self._job_snapshots, self._snapshots_done)
+
+    def _job_check(self, stop: threading.Event):
+        argv = self.cfg.service.check_command
+        if argv is None:
+            return None
+        return run_hook(argv, self.cfg.service.command_timeout, stop)
+
+    def _check_done(self, result, error) -> None:
+        if error is not None:
+            self.health = "unknown"
+            self._log_quietly("check", logging.ERROR, "check_command failed to run: %s" % error)
+            return
+        if result is None:
+            self.health = "unchecked"
+            return
+        status, tail = result
+        old, self.health = self.health, ("ok" if status == 0 else "failed")
+        if status is None:
+            self._log_quietly("check", logging.ERROR,
+                              "check_command did not finish within %g s (command_timeout) "
+                              "and was killed: %s" % (self.cfg.service.command_timeout, tail))
+        elif status != 0 and old != "failed":
+            log.warning("check_command exited %d: %s", status, tail)
+        if old != self.health and old not in ("unchecked", "unknown"):
+            self._event("health", "service health %s -> %s" % (old, self.health))
+
+    def _job_snapshots(self, stop: threading.Event):
+        """(name, guid) of the newest snapshot of our dataset, ("", 0) if none."""
+        ds = self.cfg.local.dataset
+        zfs = Zfs()
+        proc = zfs.run(["list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation",
+                        "-r", ds], check=False)
+        if proc.returncode != 0:
+            if "does not exist" in proc.stderr:
+                return ("", 0)
+            raise ZfsError("'zfs list -t snapshot -r %s' failed: %s"
+                           % (ds, _stderr_text(proc.stderr)))
+        names = [n for n in proc.stdout.split("\n") if n.startswith(ds + "@")]
+        if not names:
+            return ("", 0)
+        guid = zfs.get(names[-1], ["guid"]).get("guid", "")
+        return (names[-1].split("@", 1)[1][:255],
+                int(guid) & _U64_MAX if guid.isdigit() else 0)
+
+    def _snapshots_done(self, result, error) -> None:
+        if error is not None:
+            self._log_quietly("snapshots", logging.WARNING,
+                              "cannot read the newest snapshot: %s" % error)
+            return
+        self.snapshot = result
+
+    # -- running ------------------------------------------------------------
+
+    def run(self) -> int:
+        self._open_state()
+        try:
+            self._write_pidfile()
+            self._open_sockets()
+            self._install_signals()
+            self.writer = StoreWriter(self.cfg.local.state_db, self.lock)
+            self.writer.start()
+            self._event("daemon", "daemon started (pid %d, generation %d, role %s, "
+                                  "epoch %d)" % (os.getpid(), self.generation, self.role,
+                                                 self.epoch))
+            log.info("daemon of node %s started: generation %d, role %s, epoch %d, "
+                     "heartbeats every %g s on %s, peer dead after %g s",
+                     self.cfg.local_name, self.generation, self.role, self.epoch,
+                     self.cfg.heartbeat_interval, ", ".join(self.cfg.local.addresses),
+                     self.cfg.dead_time)
+            self._loop()
+            return EXIT_OK
+        finally:
+            self._shutdown()
+
+    def _open_state(self) -> None:
+        db = self.cfg.local.state_db
+        store = StateStore.open(db, lock_for="daemon")
+        try:
+            st = store.node_state()
+            if st is None:
+                raise StateError("the state file %s holds no node state; run "
+                                 "'flocker_failover.py init --role ...' first" % db)
+            if st.node != self.cfg.local_name:
+                raise StateError(
+                    "the state file %s belongs to node %s, but this host is node %s; "
+                    "fix --node or state_db in the configuration" % (db, st.node,
+                                                                     self.cfg.local_name))
+            self.generation = store.next_generation()
+            self.role, self.epoch = st.role, st.epoch
+            if self.cfg.service.check_command is not None:
+                self.health = "unknown"   # until the first check has run
+            peer = store.peer(self.cfg.peer.name)
+        except BaseException:
+            store.close()
+            raise
+        self.lock, store.lock = store.lock, None   # keep the lock, close the connection
+        store.close()
+        now = time.monotonic()
+        self.started_mono = self.stats_since = now
+        self.started_wall = wall_clock()
+        cfg = self.cfg
+        links = [LinkView(i, a, b) for i, (a, b) in
+                 enumerate(zip(cfg.local.addresses, cfg.peer.addresses))]
+        self.tracker = PeerTracker(
+            cfg.name, cfg.local_name, cfg.peer.name,
+            wire_keys(cfg.secret, cfg.secret_previous), links, cfg.dead_time, now,
+            min_generation=(peer or {}).get("generation") or 0, generation=self.generation)
+        if peer is not None:
+            self._peer_saved = (peer["role"], peer["epoch"], peer["generation"],
+                                peer["snapshot"], peer["guid"], peer["health"])
+
+    def _write_pidfile(self) -> None:
+        if self.pidfile is None:
+            return
+        try:
+            fd = os.open(self.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write("%d\n" % os.getpid())
+        except OSError as e:
+            raise FlockerError("cannot write the pid file %s: %s; make its directory "
+                               "writable or pass another --pidfile"
+                               % (self.pidfile, e.strerror)) from None
+
+    def _open_sockets(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sig_r, self._sig_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w, self._sig_r, self._sig_w):
+            s.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.sel.register(self._sig_r, selectors.EVENT_READ, self._on_wake)
+        port = self.cfg.heartbeat_port
+        for i, addr in enumerate(self.cfg.local.addresses):
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                s.bind((addr, port))
+            except OSError as e:
+                s.close()
+                raise FlockerError(
+                    "cannot listen for heartbeats on %s port %d: %s; check that the "
+                    "address is configured on this host and no other program uses "
+                    "the port ([cluster] heartbeat_port)" % (addr, port, e.strerror)) from None
+            s.setblocking(False)
+            self.socks.append(s)
+            self.sel.register(s, selectors.EVENT_READ,
+                              lambda sock, mask, i=i: self._on_packets(sock, i))
+        self._open_control()
+
+    def _open_control(self) -> None:
+        path = control_socket_path(self.cfg.local.state_db)
+        directory = os.path.dirname(path)
+        if len(path.encode()) > 100:
+            raise FlockerError("the control socket path %s is too long for a unix "
+                               "socket; set state_db to a shorter path" % path)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise FlockerError("cannot create the control directory %s: %s"
+                               % (directory, e.strerror)) from None
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise FlockerError("%s is not a directory owned by this user; remove it so "
+                               "that the daemon can make its private control directory"
+                               % directory)
+        os.chmod(directory, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)   # a dead daemon's socket: we hold the state lock
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        s.listen(16)
+        s.setblocking(False)
+        self.control = s
+        self.sel.register(s, selectors.EVENT_READ, self._on_control_accept)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+
+        def on_stop(signum, frame):
+            self._stop_signal = signum
+
+        def on_hup(signum, frame):
+            self._reload_pending = True
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _wake_from_thread(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass   # already awake (the buffer is full) or shutting down
+
+    def _on_wake(self, sock, mask) -> None:
+        try:
+            while sock.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.jobs.collect()
+
+    # -- the loop ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        now = time.monotonic()
+        c = lambda: self.cfg   # noqa: E731 - timers read the current config
+        self.timers = [
+            _Timer("heartbeat", lambda: c().heartbeat_interval, self._send_heartbeats, now),
+            _Timer("liveness", lambda: min(0.25, c().heartbeat_interval / 2),
+                   self._check_liveness, now),
+            _Timer("persist", lambda: 1.0, self._persist_peer, now + 1.0),
+            _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self._summarise_rejections,
+                   now + REJECT_SUMMARY_EVERY),
+            _Timer("control", lambda: 1.0, self._reap_clients, now + 1.0),
+        ]
+        for name, every, fn, on_done in self.periodic:
+            self.timers.append(_Timer(
+                "job " + name, lambda every=every: every(c()),
+                lambda now, name=name, fn=fn, on_done=on_done:
+                    self.jobs.start(name, fn, on_done), now + 0.05))
+        while not self._stop_signal:
+            if self._reload_pending:
+                self._reload_pending = False
+                self._start_reload()
+            now = time.monotonic()
+            lag = now - min(t.due for t in self.timers)
+            if lag > self.cfg.dead_time * STALL_FRACTION:
+                self.tracker.woke_from_stall(now)
+                log.warning("this daemon did not run for %.2f s (stopped or starved); "
+                            "judging the peer only on heartbeats from now on", lag)
+            for t in sorted(self.timers, key=lambda t: t.due):
+                if t.due > now:
+                    break
+                lag = now - t.due
+                self.last_lag = lag
+                self.worst_lag = max(self.worst_lag, lag)
+                t.fn(now)
+                period = t.period()
+                t.due += period
+                if t.due <= now:        # missed beats are not made up in a burst
+                    t.due = now + period
+                now = time.monotonic()
+            timeout = max(0.0, min(t.due for t in self.timers) - time.monotonic())
+            for key, mask in self.sel.select(timeout):
+                key.data(key.fileobj, mask)
+
+    # -- heartbeats ----------------------------------------------------------
+
+    def _send_heartbeats(self, now: float) -> None:
+        cfg = self.cfg
+        own = [cfg.secret] + ([cfg.secret_previous] if cfg.secret_previous else [])
+        last = self.tracker.last
+        secret = choose_send_key(own, last.accepts if last is not None else ())
+        echo = self.tracker.echo()
+        for i, s in enumerate(self.socks):
+            lv = self.tracker.links[i]
+            self.sequence += 1
+            hb = Heartbeat(cluster=cfg.name, sender=cfg.local_name,
+                           generation=self.generation, sequence=self.sequence,
+                           role=self.role, epoch=self.epoch, snapshot=self.snapshot[0],
+                           guid=self.snapshot[1], health=self.health, flags=self.flags,
+                           echo_generation=echo[0], echo_sequence=echo[1],
+                           accepts=tuple(key_id(k) for k in own))
+            try:
+                s.sendto(encode_heartbeat(hb, secret), (lv.peer, cfg.heartbeat_port))
+                self.tracker.sent(self.sequence, time.monotonic())
+                lv.sent += 1
+            except OSError as e:
+                lv.send_errors += 1
+                self._log_quietly("send%d" % i, logging.WARNING,
+                                  "cannot send heartbeats on link %d (%s -> %s): %s"
+                                  % (i, lv.local, lv.peer, e.strerror))
+
+    def _on_packets(self, sock: socket.socket, link: int) -> None:
+        tracker = self.tracker
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:   # e.g. ICMP errors reported on the socket
+                self._log_quietly("recv%d" % link, logging.INFO,
+                                  "link %d: %s" % (link, e.strerror))
+                return
+            hb, rej = tracker.receive(data, link, time.monotonic())
+            if rej is not None:
+                self._note_reject(rej, addr[0])
+            elif hb is None or tracker.state != "alive":
+                # the peer has not heard us lately, or we had not heard it:
+                # answer now instead of at the next beat, so that both sides
+                # confirm each other within about one interval
+                self._answer_soon()
+
+    def _answer_soon(self) -> None:
+        """Send the next heartbeat now (at most twice per interval)."""
+        now = time.monotonic()
+        if now - self._answered_at < self.cfg.heartbeat_interval / 2:
+            return
+        self._answered_at = now
+        for t in self.timers:
+            if t.name == "heartbeat":
+                t.due = min(t.due, now)
+
+    def _check_liveness(self, now: float) -> None:
+        for message in self.tracker.evaluate(now):
+            level = "warning" if (" dead" in message or " down" in message) else "info"
+            log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
+            self._event("liveness", message, level)
+
+    def _persist_peer(self, now: float) -> None:
+        t = self.tracker
+        hb = t.last
+        if hb is None:
+            return
+        key = (hb.role, hb.epoch, hb.generation, hb.snapshot or None,
+               str(hb.guid) if hb.guid else None, hb.health)
+        if key == self._peer_saved and (now - self._peer_saved_at < PEER_SAVE_EVERY
+                                        or t.last_seen <= self._peer_saved_at):
+            return
+        self._peer_saved, self._peer_saved_at = key, now
+        seen = wall_clock() - (now - t.last_seen)
+        name = self.cfg.peer.name
+        self._submit(lambda store: store.save_peer(name, seen, *key))
+
+    def _note_reject(self, rej: WireReject, source: str) -> None:
+        reason = rej.reason
+        self._reject_window[reason] = self._reject_window.get(reason, 0) + 1
+        if len(self._reject_sources) < 5:
+            self._reject_sources.add(source)
+        now = time.monotonic()
+        if now - self._reject_detail_at.get(reason, -1e9) < REJECT_DETAIL_EVERY:
+            return
+        self._reject_detail_at[reason] = now
+        if reason in ("bad_mac", "unknown_key"):
+            log.error("REJECTED a heartbeat from %s with a wrong key (%s): either the "
+                      "nodes do not share the same secret (this node accepts key id%s %s; "
+                      "compare 'config-check' on both nodes) or someone is forging "
+                      "packets. Further such packets are counted in 'status' and "
+                      "summarised every %g s", source, rej, "s" if len(self.tracker.keys) > 1
+                      else "", ", ".join(k[0] for k in self.tracker.keys.values()),
+                      REJECT_SUMMARY_EVERY)
+            self._event("rejected", "heartbeat from %s with a wrong key: %s" % (source, rej),
+                        "error")
+        else:
+            hint = ""
+            if reason == "old_generation":
+                hint = ("; a replay, or node %s's state file was made anew (init "
+                        "--force restarts its generation count)" % self.cfg.peer.name)
+            log.warning("rejected a packet from %s: %s%s (further ones are counted and "
+                        "summarised every %g s)", source, rej, hint, REJECT_SUMMARY_EVERY)
+
+    def _summarise_rejections(self, now: float) -> None:
+        if not self._reject_window:
+            return
+        text = ", ".join("%s %d" % kv for kv in sorted(self._reject_window.items()))
+        log.warning("rejected in the last %g s: %s (from %s)", REJECT_SUMMARY_EVERY, text,
+                    ", ".join(sorted(self._reject_sources)))
+        self._reject_window = {}
+        self._reject_sources = set()
+
+    def _log_quietly(self, topic: str, level: int, message: str, every: float = 60.0) -> None:
+        """Log message unless this topic was logged less than `every` s ago."""
+        now = time.monotonic()
+        if now < self._quiet_until.get(topic, -1.0):
+            return
+        self._quiet_until[topic] = now + every
+        log.log(level, "%s", message)
+
+    def _event(self, kind: str, message: str, level: str = "info") -> None:
+        self._submit(lambda store: store.record_event(kind, message, level))
+
+    def _submit(self, fn) -> None:
+        if self.writer is not None:
+            self.writer.submit(fn)
+
+    # -- configuration reload -------------------------------------------------
+
+    def _start_reload(self) -> None:
+        path, node = self.cfg.path, self.cfg.local_name
+        if not self.jobs.start("reload", lambda stop: load_config(path, node),
+                               self._reload_done):
+            self._reload_pending = True   # one is running: do it again after
+
+    def _reload_done(self, new: Optional[Config], error) -> None:
+        old = self.cfg
+        if error is not None:
+            why = error.message if isinstance(error, FlockerError) else repr(error)
+            log.error("SIGHUP: the configuration is not valid, keeping the old one: %s", why)
+            self._event("config", "reload refused, old configuration kept: %s" % why, "error")
+            return
+        fixed = []
+        if new.name != old.name:
+            fixed.append("[cluster] name")
+        if new.heartbeat_port != old.heartbeat_port:
+            fixed.append("[cluster] heartbeat_port")
+        for n_old in old.nodes:
+            try:
+                n_new = new.node(n_old.name)
+            except KeyError:
+                fixed.append("the node names")
+                break
+            if n_new.addresses != n_old.addresses:
+                fixed.append("[node %s] address" % n_old.name)
+            if n_new.state_db != n_old.state_db:
+                fixed.append("[node %s] state_db" % n_old.name)
+        if fixed:
+            why = ("changing %s needs a restart of the daemon; keeping the old "
+                   "configuration" % ", ".join(fixed))
+            log.error("SIGHUP: %s", why)
+            self._event("config", "reload refused: %s" % why, "error")
+            return
+        self.cfg = new
+        self.tracker.keys = wire_keys(new.secret, new.secret_previous)
+        self.tracker.dead_time = new.dead_time
+        log.info("SIGHUP: configuration reloaded from %s (key id %s)", new.path, new.key_id)
+        self._event("config", "configuration reloaded (key id %s)" % new.key_id)
+
+    # -- control socket ----------------------------------------------------
+
+    def _on_control_accept(self, sock, mask) -> None:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+        except OSError:
+            uid = -1
+        if len(self.clients) >= CONTROL_MAX_CLIENTS or uid not in (0, os.geteuid()):
+            conn.close()
+            return
+        conn.setblocking(False)
+        client = _ControlClient(conn, time.monotonic() + CONTROL_TIMEOUT)
+        self.clients[conn.fileno()] = client
+        self.sel.register(conn, selectors.EVENT_READ,
+                          lambda s, m, cl=client: self._on_control_io(cl, m))
+
+    def _on_control_io(self, cl: _ControlClient, mask) -> None:
+        try:
+            if mask & selectors.EVENT_READ:
+                data = cl.conn.recv(CONTROL_MAX_REQUEST)
+                if not data:
+                    return self._drop_client(cl)
+                cl.inbuf += data
+                if b"\n" in cl.inbuf:
+                    line = cl.inbuf.split(b"\n", 1)[0]
+                    reply = self._control_request(line)
+                    cl.outbuf = (json.dumps(reply, sort_keys=True) + "\n").encode()
+                    self.sel.modify(cl.conn, selectors.EVENT_WRITE,
+                                    lambda s, m, cl=cl: self._on_control_io(cl, m))
+                elif len(cl.inbuf) > CONTROL_MAX_REQUEST:
+                    return self._drop_client(cl)
+            if mask & selectors.EVENT_WRITE:
+                sent = cl.conn.send(cl.outbuf)
+                cl.outbuf = cl.outbuf[sent:]
+                if not cl.outbuf:
+                    self._drop_client(cl)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop_client(cl)
+
+    def _drop_client(self, cl: _ControlClient) -> None:
+        self.clients.pop(cl.conn.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(cl.conn)
+        cl.conn.close()
+
+    def _reap_clients(self, now: float) -> None:
+        for cl in list(self.clients.values()):
+            if now > cl.deadline:
+                self._drop_client(cl)
+
+    def _control_request(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line.decode("utf-8"))
+            cmd = req["cmd"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "expected one JSON object with a 'cmd' key"}
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if cmd == "status":
+            return {"ok": True, "status": self.live_status(time.monotonic())}
+        if cmd == "reset-stats":
+            self.tracker.reset_stats()
+            self.worst_lag = 0.0
+            self.stats_since = time.monotonic()
+            return {"ok": True}
+        return {"ok": False, "error": "unknown command %r; known: ping, status, "
+                                      "reset-stats" % (cmd,)}
+
+    def live_status(self, now: float) -> dict:
+        t = self.tracker
+        age = lambda m: None if m is None else round(now - m, 3)  # noqa: E731
+        hb = t.last
+        peer = {"node": self.cfg.peer.name, "state": t.state,
+                "state_age_seconds": age(t.state_since),
+                "last_seen_age_seconds": age(t.last_seen),
+                "dead_verdicts": t.dead_verdicts,
+                "silence_at_last_verdict_seconds":
+                    None if t.silence_at_verdict is None else round(t.silence_at_verdict, 3)}
+        if hb is not None:
+            peer.update(role=hb.role, epoch=hb.epoch, generation=hb.generation,
+                        sequence=hb.sequence, snapshot=hb.snapshot or None,
+                        guid=str(hb.guid) if hb.guid else None, health=hb.health,
+                        flags=hb.flags, key_id=hb.key_id)
+        return {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "started": self.started_wall,
+            "uptime_seconds": age(self.started_mono),
+            "role": self.role, "epoch": self.epoch, "health": self.health,
+            "snapshot": self.snapshot[0] or None,
+            "heartbeat_interval": self.cfg.heartbeat_interval,
+            "dead_time": self.cfg.dead_time,
+            "key_ids": [k[0] for k in t.keys.values()],
+            "peer": peer,
+            "links": [{"index": lv.index, "local": lv.local, "peer": lv.peer,
+                       "state": lv.state, "last_seen_age_seconds": age(lv.last_seen),
+                       "received": lv.received, "sent": lv.sent,
+                       "send_errors": lv.send_errors,
+                       "max_gap_seconds": round(lv.max_gap, 4)} for lv in t.links],
+            "rejected": dict(t.rejected),
+            "unconfirmed": t.unconfirmed,
+            "worst_lag_seconds": round(self.worst_lag, 4),
+            "last_lag_seconds": round(self.last_lag, 4),
+            "stalls": t.stalls,
+            "stats_age_seconds": age(self.stats_since),
+            "jobs": self.jobs.running(),
+            "state_writes_dropped": self.writer.dropped if self.writer else 0,
+        }
+
+    # -- stopping ----------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Leave everything consistent: jobs stopped (their commands
+        killed), the last peer observation and a 'stopped' event written,
+        sockets, pid file and lock released."""
+        left = self.jobs.stop_all(timeout=30.0)
+        if left:
+            log.error("jobs still running at exit, abandoned: %s", ", ".join(left))
+        if self.writer is not None:
+            if self.tracker is not None and self.tracker.last is not None:
+                self._peer_saved = None
+                self._persist_peer(time.monotonic())
+            self._event("daemon", "daemon stopped%s" % (
+                " by signal %d" % self._stop_signal if self._stop_signal else ""))
+            if not self.writer.close():
+                log.error("the state writer did not finish in time")
+        for s in self.socks:
+            s.close()
+        for cl in list(self.clients.values()):
+            self._drop_client(cl)
+        if self.control is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(control_socket_path(self.cfg.local.state_db))
+            self.control.close()
+        if self._sig_w is not None:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(-1)
+        for s in (self._wake_r, self._wake_w, self._sig_r, self._sig_w):
+            if s is not None:
+                s.close()
+        if self.pidfile is not None:
+            with contextlib.suppress(OSError):
+                with open(self.pidfile) as f:
+                    if f.read().strip() == str(os.getpid()):
+                        os.unlink(self.pidfile)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self._stop_signal:
+            log.info("stopped by signal %d", self._stop_signal)
+
+
+def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional[dict]:
+    """Ask the running daemon (one JSON line out, one back).  None when no
+    daemon listens; FlockerError when one listens but does not answer."""
+    path = control_socket_path(state_db)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except OSError as e:
+            raise FlockerError("cannot reach the daemon at %s: %s" % (path, e.strerror)) from None
+        try:
+            s.sendall((json.dumps(request) + "\n").encode())
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > 1 << 20:
+                    break
+        except OSError as e:
+            raise FlockerError("the daemon at %s did not answer: %s; it may be hung "
+                               "(check its log)" % (path, e.strerror or e)) from None
+    finally:
+        s.close()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise FlockerError("the daemon at %s sent an unreadable answer" % path) from None
 
 
 # ===========================================================================
@@ -2086,7 +3461,14 @@ def cmd_init(args, cfg_path: str) -> int:
 
 def cmd_status(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
-    report = status_report(cfg)
+    live = None
+    try:
+        answer = query_daemon(cfg.local.state_db, {"cmd": "status"})
+        if answer is not None and answer.get("ok"):
+            live = answer["status"]
+    except FlockerError as e:
+        log.warning("%s; showing values from the state file", e.message)
+    report = status_report(cfg, live=live)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -2159,6 +3541,24 @@ def _add_discard_preserved(p) -> None:
                    help="do not ask for confirmation (for scripts)")
 
 
+def cmd_daemon(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    root = logging.getLogger()
+    if args.verbose == 0:
+        root.setLevel(logging.INFO)
+    if not os.environ.get("JOURNAL_STREAM"):
+        # not under systemd's journal, which stamps lines itself
+        for handler in root.handlers:
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s"))
+    return Daemon(cfg, pidfile=args.pidfile).run()
+
+
+def _add_daemon(p) -> None:
+    p.add_argument("--pidfile", metavar="FILE",
+                   help="write the daemon's pid to FILE (removed at a clean stop)")
+
+
 def _add_genkey(p) -> None:
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write the key to FILE (created with mode 0600, never "
@@ -2189,6 +3589,9 @@ COMMANDS = (
      "show the event log of this node, newest last"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
      "destroy divergent data kept by an earlier split-brain resolution"),
+    ("daemon", cmd_daemon, _add_daemon,
+     "run in the foreground: heartbeats, liveness, control socket (SIGTERM stops, "
+     "SIGHUP reloads the configuration)"),
     ("config-check", cmd_config_check, lambda p: None,
      "validate the configuration and print it, secrets masked"),
     ("genkey", cmd_genkey, _add_genkey,

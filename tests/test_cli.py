@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import re
 import sqlite3
 import stat
@@ -82,8 +83,9 @@ def test_init_and_status_on_both_hosts(bed):
 
     report = json.loads(b.flocker("status", "--json", check=True).stdout)
     assert report["node"] == "beta" and report["role"] == "slave" and report["epoch"] == 0
+    assert abs(report["generation"] - time.time()) < 60   # starts at the Unix time of init
     assert report["peer"] == {"node": "alpha", "last_seen": None, "age_seconds": None,
-                              "role": None, "epoch": None, "snapshot": None}
+                              "role": None, "epoch": None, "snapshot": None, "state": None}
     assert set(report) == {"schema", "version", "cluster", "node", "role", "epoch", "generation",
                            "outdated", "dataset", "state_db", "daemon", "peer",
                            "last_replication", "preserved", "events"}
@@ -106,6 +108,10 @@ def test_reinit_refused_then_forced_with_backup(bed):
     proc = a.flocker("init", "--role", "master")
     assert proc.returncode == ff.EXIT_STATE and "epoch 5 and has history" in proc.stderr
 
+    with ff.StateStore.open(a.state_db, lock_for="test") as s:
+        for _ in range(3):
+            s.next_generation()
+        old_generation = s.node_state().generation
     proc = a.flocker("init", "--role", "slave", "--force")
     assert proc.returncode == 0, proc.stderr
     backups = [f for f in os.listdir(os.path.dirname(a.state_db)) if ".bak-" in f]
@@ -115,6 +121,8 @@ def test_reinit_refused_then_forced_with_backup(bed):
     old.close()
     with ff.StateStore.open(a.state_db) as s:
         assert (s.node_state().role, s.node_state().epoch) == ("slave", 0)
+        # the peer, which stored the old generation, still accepts this node
+        assert s.node_state().generation > old_generation
 
 
 def test_init_with_corrupt_state_needs_force_and_keeps_it(bed):

@@ -1,0 +1,113 @@
+"""Runs flocker_failover.py's main() with test-only changes, inside a test
+host's namespace:
+
+  FFT_WALL_OFFSET_FILE=path  the wall clock the program reads is the real
+                             one plus the number of seconds in that file (the
+                             test rewrites it to step the clock; the machine
+                             clock is never changed)
+  FFT_SLOW_JOB=json          plug a periodic job into the daemon through its
+                             job-runner interface (Daemon.add_periodic, where
+                             the replication cycle plugs in): a real
+                             zfs send | ssh | zfs recv transfer, pumped through
+                             the job thread at a throttled rate so that it
+                             lasts `seconds`; its outcome goes to `report`.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROGRAM = os.path.join(os.path.dirname(HERE), "flocker_failover.py")
+
+spec = importlib.util.spec_from_file_location("flocker_failover", PROGRAM)
+ff = importlib.util.module_from_spec(spec)
+sys.modules["flocker_failover"] = ff
+spec.loader.exec_module(ff)
+
+
+def _stepped_clock(path):
+    real = time.time
+    cache = {"mtime": None, "offset": 0.0}
+
+    def wall_clock():
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if mtime != cache["mtime"]:
+                with open(path) as f:
+                    cache["offset"] = float(f.read().strip() or 0)
+                cache["mtime"] = mtime
+        except (OSError, ValueError):
+            pass
+        return real() + cache["offset"]
+    return wall_clock
+
+
+def _slow_transfer(spec, daemon):
+    """fn(stop) for the job runner: one throttled real transfer, recorded in
+    the replications table through the job's own state connection."""
+    def job(stop):
+        store = daemon.open_store()
+        with store.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO replications (started, snapshot, result) "
+                "VALUES (?, ?, 'running')", (ff.wall_clock(), spec["snapshot"])).lastrowid
+        started = time.monotonic()
+        send = subprocess.Popen(["zfs", "send", spec["snapshot"]], stdout=subprocess.PIPE)
+        recv = subprocess.Popen(spec["recv_argv"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        total, digest = 0, hashlib.sha256()
+        rate = spec["bytes"] / float(spec["seconds"])
+        try:
+            while not stop.is_set():
+                chunk = send.stdout.read(16384)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                recv.stdin.write(chunk)
+                total += len(chunk)
+                ahead = total / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    stop.wait(ahead)
+        finally:
+            recv.stdin.close()
+            send.stdout.close()
+            send.wait()
+            err = recv.stderr.read().decode()
+            recv.wait()
+        result = {"bytes": total, "seconds": time.monotonic() - started,
+                  "send": send.returncode, "recv": recv.returncode, "stderr": err,
+                  "stopped": stop.is_set(), "sha256": digest.hexdigest()}
+        ok = result["send"] == 0 and result["recv"] == 0 and not result["stopped"]
+        with store.transaction() as conn:
+            conn.execute(
+                "UPDATE replications SET finished = ?, bytes = ?, seconds = ?, result = ?, "
+                "error = ? WHERE id = ?",
+                (ff.wall_clock(), total, result["seconds"], "ok" if ok else "failed",
+                 None if ok else ("stopped" if result["stopped"] else err.strip()), row))
+        store.close()
+        with open(spec["report"], "a") as f:
+            f.write(json.dumps(result) + "\n")
+        return result
+    return job
+
+
+if os.environ.get("FFT_WALL_OFFSET_FILE"):
+    ff.wall_clock = _stepped_clock(os.environ["FFT_WALL_OFFSET_FILE"])
+
+if os.environ.get("FFT_SLOW_JOB"):
+    _spec = json.loads(os.environ["FFT_SLOW_JOB"])
+    _install = ff.Daemon.install_jobs
+
+    def install_jobs(self):
+        _install(self)
+        self.add_periodic("slow-transfer", lambda cfg: _spec["every"],
+                          _slow_transfer(_spec, self))
+    ff.Daemon.install_jobs = install_jobs
+
+if __name__ == "__main__":
+    sys.exit(ff.main(sys.argv[1:]))
