@@ -1564,46 +1564,69 @@ def _stderr_text(text: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class CommandResult:
     argv: Tuple[str, ...]
-    returncode: Optional[int]    # None: killed after the timeout
-    output: str
+    returncode: Optional[int]    # None: killed (timeout, or asked to stop)
+    output: str                  # the last 2000 bytes of stdout and stderr
     seconds: float
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
 
+    @property
+    def tail(self) -> str:
+        return _stderr_text(self.output)
+
     def describe(self) -> str:
-        what = ("timed out after %.1f s and was killed" % self.seconds
+        what = ("was killed after %.1f s" % self.seconds
                 if self.returncode is None else "exited %d" % self.returncode)
-        tail = self.output.strip().splitlines()[-3:]
-        return "'%s' %s%s" % (" ".join(self.argv), what,
-                              (": " + " | ".join(tail)) if tail else "")
+        return "'%s' %s: %s" % (" ".join(self.argv), what, self.tail)
 
 
-def run_command(argv: Sequence[str], timeout: float,
-                env: Optional[Dict[str, str]] = None) -> CommandResult:
-    """Run an operator's command (no shell) in its own process group; on
-    timeout the whole group is killed, so a hung hook cannot linger."""
+def run_command(argv: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
+                stop: Optional[threading.Event] = None) -> CommandResult:
+    """Run an operator's command (start, stop, check, notify, fence), no
+    shell, in its own process group.  When it runs longer than timeout, or
+    stop is set, the whole group is killed (TERM, then KILL 2 s later), so a
+    hung hook cannot linger.  Output goes to a file, not a pipe: a service
+    that leaves a child holding stdout cannot make this wait.  Never raises
+    for the command's own failures; a missing program is status 127."""
     started = time.monotonic()
     full_env = dict(os.environ)
     full_env.update(env or {})
-    try:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
-    except OSError as e:
-        return CommandResult(tuple(argv), 127, "cannot run: %s" % e.strerror,
-                             time.monotonic() - started)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        code = proc.returncode  # type: Optional[int]
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        code = None
-    return CommandResult(tuple(argv), code, out.decode("utf-8", "replace"),
-                         time.monotonic() - started)
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=full_env,
+                                    start_new_session=True)
+        except OSError as e:
+            return CommandResult(tuple(argv), 127, "cannot run %s: %s" % (argv[0], e.strerror),
+                                 time.monotonic() - started)
+        deadline = started + timeout
+        status = None  # type: Optional[int]
+        while True:
+            try:
+                status = proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                    _kill_group(proc)
+                    break
+        out.seek(max(0, out.seek(0, os.SEEK_END) - 2000))
+        tail = out.read().decode("utf-8", "replace")
+    return CommandResult(tuple(argv), status, tail, time.monotonic() - started)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # -- the service address -------------------------------------------------------
@@ -2241,47 +2264,6 @@ def _move_aside(path: str) -> str:
     return backup
 
 
-def run_hook(argv: Sequence[str], timeout: float,
-             stop: Optional[threading.Event] = None) -> Tuple[Optional[int], str]:
-    """Run a user command (start/stop/check) in its own process group.
-    Returns (exit status, last lines of its output); the status is None when
-    it ran longer than timeout or stop was set: then the whole group was
-    killed (TERM, then KILL 2 s later).  Never raises for the command's
-    own failures; a missing program is status 127."""
-    with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            return 127, "cannot run %s: %s" % (argv[0], e.strerror)
-        deadline = time.monotonic() + timeout
-        status = None  # type: Optional[int]
-        while True:
-            try:
-                status = proc.wait(timeout=0.1)
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
-                    _kill_group(proc)
-                    break
-        out.seek(max(0, out.seek(0, os.SEEK_END) - 2000))
-        tail = out.read().decode("utf-8", "replace")
-    return status, _stderr_text(tail)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def status_report(cfg: Config, now: Optional[float] = None,
                   live: Optional[dict] = None) -> dict:
     """Everything 'status' shows, as one JSON-able dict (see README).
@@ -2805,7 +2787,7 @@ class Daemon:
         argv = self.cfg.service.check_command
         if argv is None:
             return None
-        return run_hook(argv, self.cfg.service.command_timeout, stop)
+        return run_command(argv, self.cfg.service.command_timeout, stop=stop)
 
     def _check_done(self, result, error) -> None:
         if error is not None:
@@ -2815,7 +2797,7 @@ class Daemon:
         if result is None:
             self.health = "unchecked"
             return
-        status, tail = result
+        status, tail = result.returncode, result.tail
         old, self.health = self.health, ("ok" if status == 0 else "failed")
         if status is None:
             self._log_quietly("check", logging.ERROR,

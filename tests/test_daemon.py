@@ -610,19 +610,27 @@ def test_sigterm_aborts_a_running_job_cleanly(bed):
     assert rows == [("failed", "stopped")]
 
 
-def test_run_hook_statuses_timeouts_and_stop(tmp_path):
+def test_run_command_statuses_timeouts_and_stop(tmp_path):
     import threading
-    assert ff.run_hook(["sh", "-c", "echo out; echo err >&2; exit 3"], 5) == (3, "out; err")
-    assert ff.run_hook([str(tmp_path / "missing")], 5)[0] == 127
+    r = ff.run_command(["sh", "-c", "echo out; echo err >&2; exit 3"], 5)
+    assert (r.returncode, r.tail) == (3, "out; err")
+    assert r.describe() == "'sh -c echo out; echo err >&2; exit 3' exited 3: out; err"
+    assert ff.run_command([str(tmp_path / "missing")], 5).returncode == 127
     marker = tmp_path / "child.pid"
     started = time.monotonic()
     # a hook that hangs, with a child in its process group: both are killed
-    status, _ = ff.run_hook(["sh", "-c", "sleep 600 & echo $! > %s; wait" % marker], 0.5)
+    status = ff.run_command(["sh", "-c", "sleep 600 & echo $! > %s; wait" % marker], 0.5).returncode
     assert status is None and time.monotonic() - started < 4
     child = int(marker.read_text())
     wait_for(lambda: not bedmod._pid_alive(child), 3)
+    # a start command that leaves its daemon running (holding our stdout)
+    # returns as soon as the command itself exits
+    started = time.monotonic()
+    r = ff.run_command(["sh", "-c", "sleep 600 & echo $! > %s; echo started" % marker], 30)
+    assert (r.returncode, r.tail) == (0, "started") and time.monotonic() - started < 3
+    os.kill(int(marker.read_text()), signal.SIGKILL)
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
     started = time.monotonic()
-    assert ff.run_hook(["sleep", "600"], 60, stop)[0] is None
+    assert ff.run_command(["sleep", "600"], 60, stop=stop).returncode is None
     assert time.monotonic() - started < 3
