@@ -1629,6 +1629,48 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+# -- systemd (Type=notify) ---------------------------------------------------------
+
+class SystemdNotifier:
+    """sd_notify(3) with the standard library: datagrams to $NOTIFY_SOCKET
+    (a path, or '@name' for the abstract namespace).  The variables are
+    taken out of the environment, so commands we start cannot send systemd
+    messages in our name.  Without NOTIFY_SOCKET every call does nothing."""
+
+    def __init__(self, environ=None) -> None:
+        environ = os.environ if environ is None else environ
+        address = environ.pop("NOTIFY_SOCKET", "")
+        usec = environ.pop("WATCHDOG_USEC", "")
+        pid = environ.pop("WATCHDOG_PID", "")
+        self.address = ("\0" + address[1:]) if address.startswith("@") else address
+        # ping twice per watchdog period, as sd_watchdog_enabled(3) advises
+        self.watchdog = None  # type: Optional[float]
+        if usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+        self._sock = None  # type: Optional[socket.socket]
+        self._warned = False
+
+    def notify(self, *fields: str) -> bool:
+        if not self.address:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.sendto("\n".join(fields).encode("utf-8"), self.address)
+            return True
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot send to systemd's notify socket %s: %s",
+                            self.address.replace("\0", "@"), e.strerror)
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 # -- the service address -------------------------------------------------------
 
 def _ip(args: Sequence[str]) -> subprocess.CompletedProcess:
@@ -2731,6 +2773,8 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.jobs = JobRunner(self._wake_from_thread)
         self.timers = []           # type: List[_Timer]
+        self.systemd = SystemdNotifier()
+        self._told_ready = False
         self.periodic = []         # type: List[Tuple[str, object, object, object]]
         self.socks = []            # type: List[socket.socket]
         self.clients = {}          # type: Dict[int, _ControlClient]
@@ -2854,7 +2898,9 @@ class Daemon:
             self._loop()
             return EXIT_OK
         finally:
+            self.systemd.notify("STOPPING=1")
             self._shutdown()
+            self.systemd.close()
 
     def _open_state(self) -> None:
         db = self.cfg.local.state_db
@@ -3005,6 +3051,8 @@ class Daemon:
                    now + REJECT_SUMMARY_EVERY),
             _Timer("control", lambda: 1.0, self._reap_clients, now + 1.0),
         ]
+        self.timers.append(_Timer("systemd", lambda: self.systemd.watchdog or 5.0,
+                                  self._notify_systemd, now))
         for name, every, fn, on_done in self.periodic:
             self.timers.append(_Timer(
                 "job " + name, lambda every=every: every(c()),
@@ -3035,6 +3083,18 @@ class Daemon:
             timeout = max(0.0, min(t.due for t in self.timers) - time.monotonic())
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)
+
+    def _notify_systemd(self, now: float) -> None:
+        """READY=1 once the loop runs; then STATUS, and WATCHDOG=1 when
+        WatchdogSec is set: sent from the loop, so a stuck loop stops it."""
+        fields = ["STATUS=%s, epoch %d; peer %s %s" % (
+            self.role, self.epoch, self.cfg.peer.name, self.tracker.state)]
+        if not self._told_ready:
+            fields.insert(0, "READY=1")
+            self._told_ready = True
+        if self.systemd.watchdog:
+            fields.append("WATCHDOG=1")
+        self.systemd.notify(*fields)
 
     # -- heartbeats ----------------------------------------------------------
 
