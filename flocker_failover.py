@@ -3501,8 +3501,8 @@ def cmd_init(args, cfg_path: str) -> int:
     return EXIT_OK
 
 
-def cmd_status(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+def gather_report(cfg: Config) -> dict:
+    """status_report with the running daemon's live values when one answers."""
     live = None
     try:
         answer = query_daemon(cfg.local.state_db, {"cmd": "status"})
@@ -3510,12 +3510,75 @@ def cmd_status(args, cfg_path: str) -> int:
             live = answer["status"]
     except FlockerError as e:
         log.warning("%s; showing values from the state file", e.message)
-    report = status_report(cfg, live=live)
+    return status_report(cfg, live=live)
+
+
+def cmd_status(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    report = gather_report(cfg)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(format_status(report))
     return EXIT_OK
+
+
+CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
+CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, str]:
+    """Monitoring verdict from a status report: (code, text, perfdata),
+    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL)."""
+    problems = []   # type: List[Tuple[int, str]]
+    peer, daemon = report["peer"], report["daemon"]
+    role = report["role"]
+    if daemon is None and expect_daemon:
+        problems.append((CHECK_CRITICAL, "daemon not running"))
+    alive = peer.get("state") == "alive"
+    if role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
+        problems.append((CHECK_CRITICAL, "split brain: %s is master too" % peer["node"]))
+    if role == ROLE_SLAVE and not (alive and peer.get("role") == ROLE_MASTER):
+        problems.append((CHECK_CRITICAL, "no master: this node is slave and %s is %s"
+                         % (peer["node"], "master but not heard" if peer.get("role") ==
+                            ROLE_MASTER else (peer.get("role") or "unknown"))))
+    if daemon is not None and not alive:
+        problems.append((CHECK_WARNING, "peer %s %s: running on one host"
+                         % (peer["node"], peer.get("state") or "unknown")))
+    if report["preserved"]:
+        problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
+                         "operator: %s" % (len(report["preserved"]), ", ".join(
+                             p["dataset"] for p in report["preserved"]))))
+    code = max([c for c, _ in problems] or [CHECK_OK])
+    head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
+                                         peer["node"], peer.get("state") or "unknown")
+    text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
+    if problems:
+        text = "%s (%s)" % (text, head)
+    rejected = sum((daemon or {}).get("rejected", {}).values())
+    perf = "epoch=%d peer_alive=%d preserved=%d rejected=%dc" % (
+        report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
+    if peer.get("age_seconds") is not None:
+        perf += " peer_age=%.1fs" % peer["age_seconds"]
+    return code, text, perf
+
+
+def cmd_check(args, cfg_path: str) -> int:
+    try:
+        cfg = load_config(cfg_path, args.node)
+        code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon)
+    except FlockerError as e:
+        code, text, perf = CHECK_UNKNOWN, e.message, ""
+    if code != CHECK_OK or not args.quiet:
+        print("FLOCKER %s - %s%s" % (CHECK_NAMES[code], text, (" | " + perf) if perf else ""))
+    return code
+
+
+def _add_check(p) -> None:
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing when all is well (for cron: mail only problems)")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="do not expect a running daemon on this node")
 
 
 _RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -3627,6 +3690,9 @@ COMMANDS = (
      "prepare this node: state file, dataset check, initial role"),
     ("status", cmd_status, _add_status,
      "show role, epoch, peer and replication state"),
+    ("check", cmd_check, _add_check,
+     "one line for monitoring (Nagios conventions): exit 0 OK, 1 WARNING, 2 CRITICAL, "
+     "3 UNKNOWN"),
     ("history", cmd_history, _add_history,
      "show the event log of this node, newest last"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
