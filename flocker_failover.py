@@ -1507,7 +1507,12 @@ class Ssh:
         self.node = node
         self.ssh = ssh
         self.control_dir = control_dir
-        path = os.path.join(control_dir, node.name)
+        # the name changes with anything that decides which connection it
+        # is, so a changed configuration never reuses an old connection
+        ident = "\x00".join([node.ssh, str(node.ssh_port), cfg.ssh_identity,
+                              cfg.ssh_known_hosts])
+        path = os.path.join(control_dir, "%s-%s" % (
+            node.name, hashlib.sha256(ident.encode()).hexdigest()[:12]))
         self.control_path = path if len(path) <= _SOCKET_PATH_MAX else None
         if self.control_path is None:
             log.warning("the ssh control path %s is too long for a socket; every "
@@ -1663,7 +1668,7 @@ class RemoteZfs(ZfsBase):
         if not commands:
             return []
         marker = "@@flocker-rc-%s" % secrets.token_hex(4)
-        script = "; ".join("%s 2>&1; echo; echo %s $?" % (
+        script = "; ".join("%s 2>&1; rc=$?; echo; echo %s $rc" % (
             " ".join(shlex.quote(w) for w in ["zfs"] + list(args)), marker)
             for args in commands)
         proc = self.ssh.run(script)
@@ -2091,9 +2096,11 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
     #    the previous holds; keep the replica read-only.  A cycle that
     #    changed nothing finds all of this done and runs no command.
     old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
-    if target.userrefs == 0:
+    # (userrefs counts every tag: a snapshot just sent is held with ours
+    # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
+    if sent or target.userrefs == 0:
         zfs.run_many(hold_commands(ds, [target.name], r))
-    cmds = hold_commands(pds, [target.name], r) if got.userrefs == 0 else []
+    cmds = hold_commands(pds, [target.name], r) if (sent or got.userrefs == 0) else []
     if after.props.get("readonly") != "on":
         cmds.append(["set", "readonly=on", pds])
     peer_old = [s.name for s in after.snaps if s.userrefs > 0 and s.name != target.name]
@@ -2107,7 +2114,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
     pruned_peer = plan_prune(after.snaps, cfg.snapshot_keep, keep_peer)
     _destroy(peer, pds, pruned_peer, r)
-    if old or target.userrefs == 0:
+    if old or sent or target.userrefs == 0:
         local = zfs.listing(ds) or local
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, [target.name], r)
     msg = ("%s: sent %s (%d bytes in %.2f s, from %s)"
@@ -2174,9 +2181,15 @@ def _resume_partial(cfg, peer: ZfsBase, remote: Listing, pds: str, name: str) ->
         "'zfs recv -A %s', then sync again" % (pds, name, name, pds, pds))
 
 
+def usable_send_flags(wanted: Sequence[str], local: ZfsFeatures,
+                      peer: ZfsFeatures) -> List[str]:
+    """The configured send_flags both ends support (pure)."""
+    return [f for f in wanted if f in local.send_flags and f in peer.send_flags]
+
+
 def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str]):
     lf, pf = zfs.features(), peer.features()
-    flags = [f for f in cfg.send_flags if f in lf.send_flags and f in pf.send_flags]
+    flags = usable_send_flags(cfg.send_flags, lf, pf)
     for f in cfg.send_flags:
         if f not in flags:
             log.warning("send_flags %s left out: zfs on %s does not support it",
@@ -2188,8 +2201,9 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str]):
     outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
                             finish_timeout=ssh.command_timeout)
     if not outcome.ok:
-        if outcome.stalled or outcome.recv_status == 255:
-            ssh.reset()
+        # closing the connection makes the peer's sshd end the remote zfs
+        # recv now, instead of after it drained what is still in flight
+        ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
                 if base else "%s@%s (full copy)" % (local.dataset, target.name))
         raise ReplicationError(explain_transfer(
