@@ -1695,6 +1695,7 @@ class RemoteZfs(ZfsBase):
 # -- the transfer: zfs send | ssh peer zfs recv, both ends watched ---------
 
 TRANSFER_CHUNK = 1 << 20
+TRANSFER_TAIL = 64 << 10   # held back until zfs send exited 0 (see pipe_transfer)
 _F_SETPIPE_SZ = 1031   # fcntl.F_SETPIPE_SZ, named only from Python 3.10
 
 
@@ -1719,15 +1720,23 @@ def _read_all(f) -> str:
 
 
 def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
-                  stall_timeout: float, finish_timeout: float = 120.0) -> TransferOutcome:
+                  stall_timeout: float, finish_timeout: float = 120.0,
+                  abort=None) -> TransferOutcome:
     """Run send_argv | recv_argv, relaying the stream through this process
-    in chunks so the bytes moved are counted and a stall is seen: when no
-    byte moved for stall_timeout, both are killed.  When the sender fails,
-    the receiver is killed rather than given a clean end of stream."""
+    in chunks, so the bytes moved are counted and a stall is seen: when no
+    byte moved for stall_timeout, both are killed.
+
+    The last TRANSFER_TAIL bytes (they hold the stream's END record) are
+    passed on only once zfs send has exited 0, so a receiver can never
+    complete a stream whose sender failed, was killed or stalled (zfs-fuse
+    even finishes writing the stream after its zfs client was killed).  On
+    failure abort() is called (closing the ssh connection, so the peer ends
+    its zfs recv at once) before the receiver is killed."""
     started = time.monotonic()
     send_err, recv_err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     send = recv = None
-    moved, stalled = 0, False
+    moved, stalled, failed = 0, False, False
+    send_status = None
     try:
         send = subprocess.Popen(list(send_argv), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=send_err)
@@ -1741,9 +1750,25 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
         sel = selectors.DefaultSelector()
         sel.register(src, selectors.EVENT_READ)
         pending = memoryview(b"")
-        eof = broken = False
+        tail = b""            # held back until the sender succeeded
+        eof = False
         last = time.monotonic()
-        while not broken and not (eof and not pending):
+        while True:
+            if eof and not pending:
+                if tail is None:
+                    break                       # everything passed on
+                try:
+                    send_status = send.wait(timeout=stall_timeout)
+                except subprocess.TimeoutExpired:
+                    stalled = failed = True     # stream ended, sender hangs
+                    break
+                if send_status != 0:
+                    failed = True
+                    break
+                pending, tail = memoryview(tail), None
+                if not pending:
+                    break
+                sel.register(dst, selectors.EVENT_WRITE)
             for key, _ in sel.select(timeout=min(1.0, stall_timeout)):
                 if key.fd == src:
                     try:
@@ -1751,37 +1776,50 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                     except BlockingIOError:
                         continue
                     last = time.monotonic()
-                    sel.unregister(src)
                     if not chunk:
                         eof = True
-                    else:
-                        pending = memoryview(chunk)
-                        sel.register(dst, selectors.EVENT_WRITE)
+                        sel.unregister(src)
+                        continue
+                    data = tail + chunk if tail else chunk
+                    if len(data) <= TRANSFER_TAIL:
+                        tail = data
+                        continue
+                    tail = data[-TRANSFER_TAIL:]
+                    pending = memoryview(data)[:-TRANSFER_TAIL]
+                    sel.unregister(src)
+                    sel.register(dst, selectors.EVENT_WRITE)
                 else:
                     try:
                         n = os.write(dst, pending)
                     except BlockingIOError:
                         continue
                     except (BrokenPipeError, ConnectionResetError):
-                        broken = True
+                        failed = True    # the receiving side ended early
                         break
                     moved += n
                     last = time.monotonic()
                     pending = pending[n:]
                     if not pending:
                         sel.unregister(dst)
-                        sel.register(src, selectors.EVENT_READ)
+                        if not eof:
+                            sel.register(src, selectors.EVENT_READ)
+            if failed:
+                break
+            if send.poll() is not None and send.returncode != 0:
+                failed = True   # zfs-fuse's daemon may still be writing its stream
+                break
             if time.monotonic() - last > stall_timeout:
-                stalled = True
+                stalled = failed = True
                 break
         sel.close()
-        if stalled or broken:
+        log.debug("transfer: %d bytes relayed in %.2f s; eof=%s failed=%s stalled=%s",
+                  moved, time.monotonic() - started, eof, failed, stalled)
+        if failed:
             send.kill()
-            if stalled:
-                recv.kill()
+            if abort is not None:
+                abort()
+            recv.kill()
         send_status = send.wait()
-        if send_status != 0 and recv.poll() is None:
-            recv.kill()          # a truncated stream must not look complete
         with contextlib.suppress(OSError):
             recv.stdin.close()
         try:
@@ -1791,6 +1829,8 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
             recv_status = recv.wait()
             recv_err.write(("\nthe remote zfs recv did not finish within %g s after "
                             "the end of the stream" % finish_timeout).encode())
+        log.debug("transfer: zfs send exited %s, ssh/zfs recv %s, after %.2f s",
+                  send_status, recv_status, time.monotonic() - started)
         return TransferOutcome(moved, time.monotonic() - started, send_status,
                                recv_status, _read_all(send_err), _read_all(recv_err),
                                stalled)
@@ -1925,9 +1965,13 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
             parts.append("zfs send was killed by signal %d" % -outcome.send_status)
         else:
             parts.append("zfs send exited %d: %s" % (outcome.send_status, send_text))
-    if outcome.recv_status == 255 and ssh_explain is not None and not outcome.stalled:
+    aborted = outcome.stalled or outcome.send_status not in (0, None)
+    if aborted and outcome.recv_status in (255, None) or (
+            outcome.recv_status is not None and outcome.recv_status < 0):
+        parts.append("the transfer to %s was aborted before its end" % peer)
+    elif outcome.recv_status == 255 and ssh_explain is not None:
         parts.append(ssh_explain(outcome.recv_stderr))
-    elif outcome.recv_status not in (0, None) and not outcome.stalled:
+    elif outcome.recv_status not in (0, None):
         if outcome.recv_status < 0:
             parts.append("ssh was stopped (signal %d)" % -outcome.recv_status)
         elif outcome.recv_stderr.strip():
@@ -2198,11 +2242,11 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str]):
     recv = build_recv_argv(cfg.peer.dataset, lf.resumable and pf.resumable)
     ssh = peer.ssh
     ssh.ensure_master()
+    # on failure, closing the connection makes the peer's sshd end the
+    # remote zfs recv now, instead of after it drained what is in flight
     outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
-                            finish_timeout=ssh.command_timeout)
+                            finish_timeout=ssh.command_timeout, abort=ssh.reset)
     if not outcome.ok:
-        # closing the connection makes the peer's sshd end the remote zfs
-        # recv now, instead of after it drained what is still in flight
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
                 if base else "%s@%s (full copy)" % (local.dataset, target.name))
