@@ -2245,7 +2245,8 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str]):
     # on failure, closing the connection makes the peer's sshd end the
     # remote zfs recv now, instead of after it drained what is in flight
     outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
-                            finish_timeout=ssh.command_timeout, abort=ssh.reset)
+                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                            abort=ssh.reset)
     if not outcome.ok:
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)

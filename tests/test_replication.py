@@ -544,9 +544,23 @@ def test_sender_killed_mid_stream_then_retried(bed):
     assert slave_digest(bed) == master_digest(bed)
 
 
+def _sshd_sessions(h):
+    """The sshd processes serving connections on host h (not its listener)."""
+    out = []
+    for pid in bedmod._netns_pids(h.ns):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                if f.read().startswith(b"sshd: root@"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 def test_stalled_transfer_is_killed(bed):
-    """The peer's zfs recv hangs (frozen): once the buffers between the
-    hosts are full no byte moves, and the watchdog ends the transfer."""
+    """The peer hangs mid-stream (its sshd frozen): once the buffers between
+    the hosts are full no byte moves, and the watchdog ends the transfer.
+    (Freezing zfs recv would not do: zfs-fuse's daemon does the reading.)"""
     setup(bed, cluster={"transfer_stall_timeout": "2"})
     write(bed, "base.bin", 50000)
     ok(sync(bed))
@@ -555,11 +569,14 @@ def test_stalled_transfer_is_killed(bed):
     proc = _sync_in_background(bed)
     frozen = []
     try:
-        frozen = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
-                           what="the peer's zfs recv")
+        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
+        frozen = _sshd_sessions(bed.b)
+        assert frozen
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
         out, err = proc.communicate(timeout=90)
+        waited = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -567,6 +584,7 @@ def test_stalled_transfer_is_killed(bed):
             os.kill(pid, signal.SIGCONT)
     assert proc.returncode == ff.EXIT_REPLICATION, err
     assert "no data moved for 2 s" in err and "Nothing was changed" in err
+    assert waited < 30
     _wait_for(lambda: _settled(bed), what="the peer's zfs recv to end")
     unchanged_since(bed, before_a, before_b, digest_b, new_pending_ok=True)
     ok(sync(bed))
