@@ -1930,6 +1930,11 @@ def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: b
     return argv + ["%s@%s" % (dataset, target)]
 
 
+def build_resume_send_argv(token: str) -> List[str]:
+    """zfs send of the rest of an interrupted resumable receive."""
+    return ["zfs", "send", "-t", token]
+
+
 def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
     """zfs recv on the slave: -u (never mounted by the receive), never -F
     (it would roll back or destroy what the slave has), -s where the slave
@@ -2077,6 +2082,11 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
                 "on either node. Decide which node stays master before replicating "
                 "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
                            pds, st.epoch))
+        if _resume_partial(cfg, zfs, peer, remote):
+            remote = peer.listing(pds)
+            if remote is None:
+                raise ReplicationError("%s vanished on %s after resuming its receive"
+                                       % (pds, other.name))
 
     # 2. the newest common snapshot, by GUID; refuse what is unsafe
     common = None
@@ -2119,8 +2129,6 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
     target = local.snaps[-1]
     sent, nbytes, seconds = [], 0, 0.0
     if common is None or common.guid != target.guid:
-        if remote is not None:
-            _resume_partial(cfg, peer, remote, pds, other.name)
         base = common.name if common else None
         store.update_replication(rid, base=base, snapshot=target.name)
         sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base)
@@ -2213,16 +2221,29 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
     return fresh
 
 
-def _resume_partial(cfg, peer: ZfsBase, remote: Listing, pds: str, name: str) -> None:
-    """OpenZFS keeps an interrupted resumable receive; finish it first."""
+def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing) -> bool:
+    """OpenZFS keeps the received part of an interrupted `zfs recv -s` and
+    names it by receive_resume_token: finish it with `zfs send -t` before
+    anything else (it can only be the stream this master sent).  Returns
+    True when something was resumed (the caller lists the peer again)."""
     token = remote.props.get("receive_resume_token", "-")
-    if token in ("-", "") or not peer.features().resumable:
-        return
-    # the resumed stream comes from this host: zfs send -t TOKEN
-    raise ReplicationError(
-        "%s on %s holds a partial receive (receive_resume_token is set); resume it "
-        "with 'zfs send -t <token> | ssh %s zfs recv -s -u %s' or abort it there with "
-        "'zfs recv -A %s', then sync again" % (pds, name, name, pds, pds))
+    if token in ("-", "") or not (zfs.features().resumable and peer.features().resumable):
+        return False
+    ssh = peer.ssh
+    ssh.ensure_master()
+    outcome = pipe_transfer(build_resume_send_argv(token),
+                            ssh.argv(build_recv_argv(cfg.peer.dataset, True)),
+                            cfg.transfer_stall_timeout,
+                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                            abort=ssh.reset)
+    if not outcome.ok:
+        ssh.reset()
+        raise ReplicationError(explain_transfer(
+            outcome, "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
+            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain)
+            + "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
+            % (cfg.peer.name, cfg.peer.dataset))
+    return True
 
 
 def usable_send_flags(wanted: Sequence[str], local: ZfsFeatures,
@@ -2538,7 +2559,7 @@ def cmd_sync(args, cfg_path: str) -> int:
         print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
     else:
         print(result.message)
-        for where, names in (("here", result.pruned_local),
+        for where, names in ((cfg.local.name, result.pruned_local),
                              (cfg.peer.name, result.pruned_peer)):
             if names:
                 print("retention removed %d snapshot(s) on %s: %s"

@@ -98,6 +98,24 @@ def test_features_of_openzfs_2():
     assert ff.build_recv_argv("t/r", f.resumable) == ["zfs", "recv", "-u", "-s", "t/r"]
     assert ff.destroy_commands("t/s", ["a", "b"], False, f) == [["destroy", "t/s@a,b"]]
     assert ff.usable_send_flags(("-c", "-w"), f, f) == ["-c", "-w"]
+    assert ff.build_resume_send_argv("1-abc-def") == ["zfs", "send", "-t", "1-abc-def"]
+
+
+class FakePeer(ff.ZfsBase):
+    def __init__(self, features):
+        self._features = features
+
+
+def test_resume_only_when_both_ends_can():
+    """A receive_resume_token is acted on only where both zfs support
+    resumable streams (nothing is run otherwise)."""
+    fuse = ff.ZfsFeatures()
+    tok = ff.Listing("p/d", {"receive_resume_token": "1-abc"}, ())
+    cfg = ff.Config(path="x", name="c", secret_file="s", secret=b"")
+    assert ff._resume_partial(cfg, FakePeer(fuse), FakePeer(fuse), tok) is False
+    modern = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
+    none = ff.Listing("p/d", {"receive_resume_token": "-"}, ())
+    assert ff._resume_partial(cfg, FakePeer(modern), FakePeer(modern), none) is False
 
 
 def test_features_of_zfs_fuse(zfs_ready):
