@@ -2067,9 +2067,12 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
     try:
         remote = peer.listing(pds)
     except SshError:
-        # the peer is away: keep taking snapshots, bounded by retention
+        # the peer is away: keep taking snapshots, bounded by retention that
+        # spares the newest, the held ones and the last one known replicated
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
-        _prune(zfs, ds, local, cfg.snapshot_keep, [local.snaps[-1].name], r)
+        last_ok = store.replication_summary()["last_ok"]
+        protect = [local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+        _prune(zfs, ds, local, cfg.snapshot_keep, protect, r)
         raise
     if remote is None:
         _check_peer_parent(peer, pds, other.name)
@@ -2151,15 +2154,15 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
     # (userrefs counts every tag: a snapshot just sent is held with ours
     # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
     if sent or target.userrefs == 0:
-        zfs.run_many(hold_commands(ds, [target.name], r))
+        _check_holds(zfs, zfs.run_many(hold_commands(ds, [target.name], r)))
     cmds = hold_commands(pds, [target.name], r) if (sent or got.userrefs == 0) else []
     if after.props.get("readonly") != "on":
         cmds.append(["set", "readonly=on", pds])
+    _check_holds(peer, peer.run_many(cmds))
+    # only now that the new common snapshot is held on both sides
     peer_old = [s.name for s in after.snaps if s.userrefs > 0 and s.name != target.name]
-    cmds += release_commands(pds, peer_old, r)
-    # releasing a tag that is not there fails harmlessly ("no such tag")
-    peer.run_many(cmds)
-    zfs.run_many(release_commands(ds, old, r))
+    _check_releases(peer, peer.run_many(release_commands(pds, peer_old, r)))
+    _check_releases(zfs, zfs.run_many(release_commands(ds, old, r)))
 
     # 5. retention: the slave first, never its common snapshot (the target)
     #    or anything after it; snapshots just released are pruned next cycle
@@ -2175,6 +2178,24 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock) -> ReplicationResult:
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
                              sent, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
+    """A hold (or readonly=on) that failed fails the cycle, so the next one
+    tries again; a hold that is already there is fine."""
+    for rc, out in results:
+        if rc != 0 and "already exists" not in out:
+            raise ZfsError("could not hold the new common snapshot (or set the "
+                           "replica read-only) %s: %s; the next cycle tries again"
+                           % (z.where, _stderr_text(out)))
+
+
+def _check_releases(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
+    """A release that failed leaves a snapshot held: safe, but say so."""
+    for rc, out in results:
+        if rc != 0 and "no such tag" not in out:
+            log.warning("could not release an old hold %s: %s", z.where,
+                        _stderr_text(out))
 
 
 def _check_peer_parent(peer: ZfsBase, pds: str, name: str) -> None:

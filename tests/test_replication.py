@@ -701,3 +701,23 @@ def test_recursive_children_replicate(bed):
         n: (g, r) for n, (g, r) in snaps(kid).items()}
     assert slave_digest(bed, bed.b.dataset + "/kid") == bedmod.tree_digest(
         mnt(bed.a, kid))
+
+
+def test_retention_spares_the_last_replicated_snapshot_even_unheld(bed):
+    """Belt and braces: should the hold be gone (an operator released it),
+    the snapshot last confirmed on the slave still survives the cap."""
+    setup(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    common = rows(bed)[-1]["snapshot"]
+    bedmod.sh(["zfs", "release", "flocker", "%s@%s" % (bed.a.dataset, common)])
+    setup(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+          init=False)
+    for i in range(3):
+        write(bed, "x%d.bin" % i, 5000)
+        fails(sync(bed), ff.EXIT_SSH, "cannot reach node beta", "Connection refused")
+    sa = snaps(bed.a.dataset)
+    assert common in sa and len(sa) == 2, sa
+    setup(bed, cluster={"snapshot_keep": "1"}, init=False)
+    ok(sync(bed))
+    assert slave_digest(bed) == master_digest(bed)
