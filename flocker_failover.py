@@ -2393,10 +2393,12 @@ def _move_aside(path: str) -> str:
 
 def replication_status(summary: dict, role: str, local: Optional[Listing],
                        now: float) -> dict:
-    """The 'replication' part of status (pure): lag, pending, last error."""
+    """The 'replication' part of status (pure).  On the master: from its
+    history, the newest snapshot confirmed on the slave, and (with a listing
+    of its dataset) how many of its snapshots the slave lacks.  On the
+    slave: the newest replication snapshot its own replica holds."""
     ok, failed, last = summary["last_ok"], summary["last_failed"], summary["last"]
     newest = ok["snapshot"] if ok else None
-    made = snapshot_time(newest) if newest else None
     pending = None
     if role == ROLE_MASTER and local is not None:
         ours = [s for s in local.snaps if is_flocker_snapshot(s.name)]
@@ -2405,8 +2407,12 @@ def replication_status(summary: dict, role: str, local: Optional[Listing],
         elif any(s.guid == ok["guid"] for s in local.snaps):
             after = snaps_after(local, ok["guid"])
             pending = len([s for s in after if is_flocker_snapshot(s.name)])
+    elif role == ROLE_SLAVE and local is not None:
+        ours = [s for s in local.snaps if is_flocker_snapshot(s.name)]
+        newest = ours[-1].name if ours else None
+    made = snapshot_time(newest) if newest else None
     return {
-        "peer_newest_snapshot": newest,
+        "slave_newest_snapshot": newest,
         "lag_seconds": round(now - made, 3) if made is not None else None,
         "last_ok_at": ok["finished"] if ok else None,
         "pending": pending,
@@ -2419,7 +2425,7 @@ def replication_status(summary: dict, role: str, local: Optional[Listing],
 def status_report(cfg: Config, now: Optional[float] = None,
                   zfs: Optional[ZfsBase] = None) -> dict:
     """Everything 'status' shows, as one JSON-able dict (see README).
-    With zfs, the master also counts its snapshots not yet on the slave."""
+    With zfs, the replication part also reads this node's dataset."""
     now = time.time() if now is None else now
     with StateStore.open(cfg.local.state_db) as store:
         st = store.node_state()
@@ -2437,7 +2443,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
         peer_out.update(last_seen=peer["seen"], age_seconds=round(now - peer["seen"], 3),
                         role=peer["role"], epoch=peer["epoch"], snapshot=peer["snapshot"])
     local = None
-    if zfs is not None and st.role == ROLE_MASTER:
+    if zfs is not None:
         try:
             local = zfs.listing(cfg.local.dataset)
         except FlockerError as e:
@@ -2504,9 +2510,9 @@ def format_status(r: dict) -> str:
             last["snapshot"], last["result"], _fmt_time(last["finished"] or last["started"]),
             (": " + last["error"]) if last["error"] else ""))
     rep = r.get("replication")
-    if rep and rep["peer_newest_snapshot"]:
+    if rep and rep["slave_newest_snapshot"]:
         lines.append("lag         newest snapshot on the slave: %s%s%s" % (
-            rep["peer_newest_snapshot"],
+            rep["slave_newest_snapshot"],
             " (%s)" % _fmt_age(rep["lag_seconds"]).replace(" ago", " old")
             if rep["lag_seconds"] is not None else "",
             ", %d pending here" % rep["pending"] if rep["pending"] else ""))

@@ -224,9 +224,13 @@ def test_replication_status_lag_and_pending():
                     snap("mine", "4"))
     r = ff.replication_status({"last_ok": ok, "last_failed": failed, "last": failed},
                               "master", local, 1767225630.0)
-    assert r == {"peer_newest_snapshot": ok["snapshot"], "lag_seconds": 30.0,
+    assert r == {"slave_newest_snapshot": ok["snapshot"], "lag_seconds": 30.0,
                  "last_ok_at": 5.0, "pending": 1, "last_result": "failed",
                  "last_error": "boom", "last_error_at": 9.0}
+    none = {"last_ok": None, "last_failed": None, "last": None}
+    r = ff.replication_status(none, "slave", local, 1767225630.0)
+    assert r["slave_newest_snapshot"] == "flocker-1-20260101T000010.000Z"
+    assert r["lag_seconds"] == 20.0 and r["pending"] is None
 
 
 class FakeZfs(ff.ZfsBase):
@@ -410,7 +414,7 @@ def test_full_incremental_catchup_and_status(bed):
     assert snaps(b.dataset) == before_b and slave_digest(bed) == digest_b
     st = status(a)["replication"]
     assert st["pending"] == 3 and "cannot reach node beta" in st["last_error"]
-    assert st["peer_newest_snapshot"] == second["snapshot"]
+    assert st["slave_newest_snapshot"] == second["snapshot"]
     text = a.flocker("status").stdout
     assert "3 pending here" in text and "repl error" in text
 
@@ -425,6 +429,8 @@ def test_full_incremental_catchup_and_status(bed):
     st = status(a)["replication"]
     assert st["pending"] == 0 and st["last_error"] is None and st["last_result"] == "ok"
     assert 0 <= st["lag_seconds"] < 120
+    sb = status(b)["replication"]
+    assert sb["slave_newest_snapshot"] == last["snapshot"] and sb["pending"] is None
 
     # sync refuses on the slave, and while another process holds the lock
     fails(b.flocker("sync"), ff.EXIT_REPLICATION, "is slave", "run sync on alpha")
