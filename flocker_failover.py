@@ -2222,7 +2222,9 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
     the previous one does not), destroyed again."""
     ds = local.dataset
     newest = local.snaps[-1] if local.snaps else None
-    if newest is not None and zfs.features().written:
+    # (written and the stream check see the top dataset only: with child
+    # datasets every cycle takes its snapshot, and retention thins them)
+    if newest is not None and zfs.features().written and not cfg.recursive:
         if local.props.get("written", "") == "0":
             return local
     name = snapshot_name(epoch, clock())

@@ -1,6 +1,7 @@
 """Replication (issue 3): pure helpers in microseconds, then real cycles
 over real ssh between the bed's two namespaces on real ZFS."""
 
+import dataclasses
 import json
 import os
 import re
@@ -262,6 +263,12 @@ def test_written_property_skips_the_snapshot():
     with pytest.raises(ff.ReplicationError):   # the fake lists no new snapshot
         ff._snapshot_if_changed(cfg, z, changed, 1, time.time)
     assert z.commands[0][0] == "snapshot"
+    # with child datasets the top's written says nothing about them
+    rec = dataclasses.replace(cfg, recursive=True)
+    z = FakeZfs(modern, unchanged)
+    with pytest.raises(ff.ReplicationError):
+        ff._snapshot_if_changed(rec, z, unchanged, 1, time.time)
+    assert z.commands[0][:2] == ["snapshot", "-r"]
 
 
 # ---------------------------------------------------------------------------
