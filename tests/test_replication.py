@@ -734,3 +734,20 @@ def test_retention_spares_the_last_replicated_snapshot_even_unheld(bed):
     setup(bed, cluster={"snapshot_keep": "1"}, init=False)
     ok(sync(bed))
     assert slave_digest(bed) == master_digest(bed)
+
+
+def test_slave_with_its_own_newer_snapshot_is_refused_and_kept(bed):
+    """History on the slave that the master lacks (a snapshot after the
+    common one, even one named like ours) is divergence: refused, and
+    retention never touches it."""
+    setup(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    own = "flocker-9-20300101T000000.000Z"
+    bedmod.sh(["zfs", "snapshot", "%s@%s" % (bed.b.dataset, own)])
+    write(bed, "y.bin", 10000)
+    before_a, before_b = snaps(bed.a.dataset), snaps(bed.b.dataset)
+    fails(sync(bed), ff.EXIT_REPLICATION, "newer than the newest common snapshot", own,
+          "divergence")
+    unchanged_since(bed, before_a, before_b)
+    assert own in snaps(bed.b.dataset)
