@@ -1618,6 +1618,10 @@ class Ssh:
         if proc.returncode == 255:
             self.reset()
             raise SshError(self.explain(proc.stderr))
+        if "Control socket connect" in proc.stderr:
+            # a master killed hard leaves its socket: ssh connected on its
+            # own this time; clear it so the next command starts a master
+            self.reset()
         return proc
 
     @property

@@ -751,3 +751,32 @@ def test_slave_with_its_own_newer_snapshot_is_refused_and_kept(bed):
           "divergence")
     unchanged_since(bed, before_a, before_b)
     assert own in snaps(bed.b.dataset)
+
+
+def test_connection_is_reused_and_rebuilt_after_its_master_dies(bed):
+    """Cycles share one ssh connection; when its master process dies hard,
+    the next cycle still works and the one after reuses a new master."""
+    setup(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+
+    def opens():
+        lines = bed.a.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+        tcp = [ln.split() for ln in lines if ln.startswith("Tcp:")]
+        return int(tcp[1][tcp[0].index("ActiveOpens")])
+
+    def masters():
+        return _pids_of(["ssh"], "ControlMaster=yes")
+
+    n = opens()
+    for _ in range(3):
+        ok(sync(bed))
+    assert opens() == n                       # three cycles, no new connection
+    mine = [p for p in masters() if p in bedmod._netns_pids(bed.a.ns)]
+    assert len(mine) == 1
+    os.kill(mine[0], signal.SIGKILL)          # leaves a stale control socket
+    ok(sync(bed))
+    ok(sync(bed))
+    n = opens()
+    ok(sync(bed))
+    assert opens() == n
