@@ -302,11 +302,14 @@ CLUSTER_OPTIONS = (
     Option("replication_interval", _p_seconds, "10.0", "seconds",
            "Time between two replication cycles on the master."),
     Option("snapshot_keep", _p_count, "10", "snapshots",
-           "Replication snapshots kept on each side."),
+           "Replication snapshots kept on each side; the newest common one "
+           "(held) is kept besides. Also the cap while the peer is away, so a "
+           "catch-up carries at most this many."),
     Option("recursive", _p_bool, "no", "yes/no",
            "Replicate child datasets too."),
     Option("transfer_stall_timeout", _p_seconds, "60.0", "seconds",
-           "Kill a transfer that moved no data for this long."),
+           "Kill a transfer that moved no data for this long (after the last "
+           "byte left, the peer gets this plus ssh timeouts plus 60 s to finish)."),
     Option("ssh_identity", _p_abspath, "/etc/flocker/id_ed25519", "path",
            "Private key used to ssh to the peer."),
     Option("ssh_known_hosts", _p_abspath, "/etc/flocker/known_hosts", "path",
