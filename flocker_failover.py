@@ -65,6 +65,8 @@ EXIT_CONFIG = 3       # the configuration file is invalid
 EXIT_STATE = 4        # the state file cannot be used
 EXIT_ZFS = 5          # a zfs command failed or ZFS is unusable
 EXIT_BUSY = 6         # another process holds the state lock
+EXIT_SSH = 7          # the peer cannot be reached or refused us over ssh
+EXIT_REPLICATION = 8  # a replication cycle was refused or failed
 
 ROLE_MASTER = "master"
 ROLE_SLAVE = "slave"
@@ -108,6 +110,16 @@ class ZfsError(FlockerError):
 class ActionError(FlockerError):
     """A step of a promotion or demotion failed; the intent stays open and
     the next attempt (or the daemon's restart) finishes it."""
+
+
+class SshError(FlockerError):
+    """ssh to the peer failed (unreachable, host key, authentication)."""
+    exit_code = EXIT_SSH
+
+
+class ReplicationError(FlockerError):
+    """A replication cycle was refused (unsafe) or its transfer failed."""
+    exit_code = EXIT_REPLICATION
 
 
 # ===========================================================================
@@ -243,6 +255,17 @@ def _p_command(value: str) -> Tuple[str, ...]:
     return tuple(argv)
 
 
+_SEND_FLAGS = ("-c", "-L", "-e", "-w")
+
+
+def _p_send_flags(value: str) -> Tuple[str, ...]:
+    flags = value.split()
+    if any(f not in _SEND_FLAGS for f in flags) or len(set(flags)) != len(flags):
+        raise _Invalid("zfs send flags among %s, separated by spaces"
+                       % " ".join(_SEND_FLAGS))
+    return tuple(flags)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceAddress:
     address: str       # e.g. 192.0.2.100
@@ -298,17 +321,28 @@ CLUSTER_OPTIONS = (
     Option("replication_interval", _p_seconds, "10.0", "seconds",
            "Time between two replication cycles on the master."),
     Option("snapshot_keep", _p_count, "10", "snapshots",
-           "Replication snapshots kept on each side."),
+           "Replication snapshots kept on each side; the newest common one "
+           "(held) is kept besides. Also the cap while the peer is away, so a "
+           "catch-up carries at most this many."),
     Option("recursive", _p_bool, "no", "yes/no",
            "Replicate child datasets too."),
     Option("transfer_stall_timeout", _p_seconds, "60.0", "seconds",
-           "Kill a transfer that moved no data for this long."),
+           "Kill a transfer that moved no data for this long (after the last "
+           "byte left, the peer gets this plus ssh timeouts plus 60 s to finish)."),
     Option("ssh_identity", _p_abspath, "/etc/flocker/id_ed25519", "path",
            "Private key used to ssh to the peer."),
     Option("ssh_known_hosts", _p_abspath, "/etc/flocker/known_hosts", "path",
            "known_hosts file holding the peer's host key."),
     Option("ssh_connect_timeout", _p_seconds, "10.0", "seconds",
            "ssh ConnectTimeout."),
+    Option("ssh_alive_interval", _p_seconds, "5.0", "seconds",
+           "ssh ServerAliveInterval; a connection that misses 3 answers is dead."),
+    Option("ssh_control_persist", _p_seconds, "300", "seconds",
+           "Keep the ssh connection to the peer open this long after last use "
+           "(ControlPersist), so a cycle costs no new ssh handshake."),
+    Option("send_flags", _p_send_flags, "", "zfs send flags",
+           "Extra zfs send flags among -c -L -e -w (OpenZFS); each is used "
+           "only when both hosts' zfs support it, else left out with a warning."),
 )
 
 SERVICE_OPTIONS = (
@@ -383,6 +417,9 @@ class Config:
     ssh_identity: str = ""
     ssh_known_hosts: str = ""
     ssh_connect_timeout: float = 10.0
+    ssh_alive_interval: float = 5.0
+    ssh_control_persist: float = 300.0
+    send_flags: Tuple[str, ...] = ()
     service: Optional[ServiceConfig] = None
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
@@ -642,6 +679,9 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         transfer_stall_timeout=c["transfer_stall_timeout"],
         ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
         ssh_connect_timeout=c["ssh_connect_timeout"],
+        ssh_alive_interval=c["ssh_alive_interval"],
+        ssh_control_persist=c["ssh_control_persist"],
+        send_flags=c["send_flags"] or (),
         service=svc, nodes=tuple(nodes),
         secret_file_previous=c["secret_file_previous"], secret_previous=previous)
 
@@ -698,6 +738,8 @@ def _format_value(opt: Option, value) -> str:
         return " ".join(shlex.quote(x) for x in value)
     if opt.parse is _p_addresses:
         return ", ".join(value)
+    if opt.parse is _p_send_flags:
+        return " ".join(value)
     if isinstance(value, float):
         return "%g" % value
     return str(value)
@@ -1158,6 +1200,59 @@ class StateStore:
         return dict(id=row[0], action=row[1], started=row[2], step=row[3],
                     data=json.loads(row[4]))
 
+    # -- replication history ----------------------------------------------
+
+    _REPL_KEYS = ("id", "started", "finished", "base", "snapshot", "guid", "bytes",
+                  "seconds", "result", "error")
+
+    def begin_replication(self, started: float) -> int:
+        """Write the intent of a cycle first (result 'running')."""
+        with self.transaction() as conn:
+            cur = conn.execute("INSERT INTO replications (started, snapshot, result) "
+                               "VALUES (?, '', 'running')", (started,))
+            return cur.lastrowid
+
+    def update_replication(self, rid: int, **fields) -> None:
+        bad = set(fields) - set(self._REPL_KEYS[2:])
+        if bad:
+            raise ValueError(bad)
+        with self.transaction() as conn:
+            conn.execute("UPDATE replications SET %s WHERE id = ?"
+                         % ", ".join("%s = ?" % k for k in sorted(fields)),
+                         [fields[k] for k in sorted(fields)] + [rid])
+
+    def fail_interrupted_replications(self, now: float) -> int:
+        """A cycle still 'running' in the file belongs to a process that
+        died (we hold the lock): mark it failed."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE replications SET result = 'failed', finished = ?, error = "
+                "'interrupted: the process running this cycle ended before it "
+                "finished' WHERE result = 'running'", (now,))
+            return cur.rowcount
+
+    def trim_replications(self, keep: int = 1000) -> None:
+        """Keep the history bounded (a cycle every few seconds adds up)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM replications WHERE id <= "
+                         "(SELECT id FROM replications ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                         (keep,))
+
+    def replication_summary(self) -> dict:
+        """The newest successful cycle that sent something, the newest
+        cycle, and the newest error if it came after the last success."""
+        def row(where):
+            r = self.conn.execute(
+                "SELECT %s FROM replications %s ORDER BY id DESC LIMIT 1"
+                % (", ".join(self._REPL_KEYS), where)).fetchone()
+            return dict(zip(self._REPL_KEYS, r)) if r else None
+        last = row("")
+        last_ok = row("WHERE result = 'ok'")
+        failed = row("WHERE result = 'failed'")
+        if failed and last_ok and failed["id"] < last_ok["id"]:
+            failed = None
+        return {"last": last, "last_ok": last_ok, "last_failed": failed}
+
     def backup_and_remove(self) -> str:
         """Move the state file (with its WAL) aside; returns the backup path."""
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1430,7 +1525,218 @@ class ReplayWindow:
 ZFS_TIMEOUT = 60.0
 
 
-class Zfs:
+def _stderr_text(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines()
+             if ln.strip() and not _is_noise(ln)]
+    return "; ".join(lines[-5:]) or "(no message)"
+
+
+# Lines some zfs builds print on every command; they say nothing about errors.
+_NOISE = ("Defaulting to 4K blocksize",)
+
+
+def _is_noise(line: str) -> bool:
+    return any(n in line for n in _NOISE)
+
+
+# -- what a zfs command line supports -----------------------------------------
+#
+# zfs has no "list your features" command, so we read its usage text:
+# `zfs` alone prints the sub-command synopsis, `zfs get` alone adds the
+# property table.  Both are read once per process, locally and on the peer.
+
+@dataclasses.dataclass(frozen=True)
+class ZfsFeatures:
+    resumable: bool = False        # zfs recv -s, zfs send -t, receive_resume_token
+    written: bool = False          # the 'written' property ("changed since snapshot?")
+    destroy_multi: bool = False    # zfs destroy ds@a,b,c in one command
+    list_parsable: bool = False    # zfs list -p
+    createtxg: bool = False        # the 'createtxg' property
+    send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
+
+
+FEATURES_SCRIPT = "zfs 2>&1; zfs get 2>&1; exit 0"
+
+
+def parse_zfs_features(usage: str) -> ZfsFeatures:
+    """Features from the usage text of `zfs` and `zfs get` (pure)."""
+    def synopsis_flags(command):
+        found = set()
+        for m in re.finditer(r"^\s*%s \[-([A-Za-z]+)\]" % command, usage, re.M):
+            found.update(m.group(1))
+        return found
+    props = set(re.findall(r"^\s+([a-z_]+)\s+(?:YES|NO)\s+(?:YES|NO)\s", usage, re.M))
+    send = synopsis_flags("send")
+    recv = synopsis_flags("receive") | synopsis_flags("recv")
+    send_t = re.search(r"^\s*send \[[^\n]*-t <?receive_resume_token", usage, re.M)
+    return ZfsFeatures(
+        resumable=bool("s" in recv and send_t and "receive_resume_token" in props),
+        written="written" in props,
+        destroy_multi=bool(re.search(r"^\s*destroy [^\n]*@<snap>[^\n]*\[,\.\.\.\]",
+                                     usage, re.M)),
+        list_parsable="p" in synopsis_flags("list"),
+        createtxg="createtxg" in props,
+        send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send))
+
+
+# -- listings ---------------------------------------------------------------
+
+SNAPSHOT_PREFIX = "flocker-"
+HOLD_TAG = "flocker"
+ROLE_PROPERTY = "flocker:role"
+_SNAPSHOT_RE = re.compile(r"^flocker-(\d+)-(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-\d+)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Snap:
+    name: str        # the part after '@'
+    guid: str
+    userrefs: int    # holds of any tag
+    order: int       # createtxg where known, else position in the listing
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """One dataset and its own snapshots, oldest first."""
+    dataset: str
+    props: Dict[str, str]
+    snaps: Tuple[Snap, ...]
+
+    def snap(self, name: str) -> Optional[Snap]:
+        for s in self.snaps:
+            if s.name == name:
+                return s
+        return None
+
+    @property
+    def guids(self) -> Dict[str, Snap]:
+        return {s.guid: s for s in self.snaps}
+
+
+def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
+    """`zfs get` arguments listing a dataset and its snapshots.  zfs-fuse's
+    get has no -t and its list no -p, so one get with -d 1 serves all."""
+    props = ["guid", "userrefs", "readonly", ROLE_PROPERTY]
+    if features.written:
+        props.append("written")
+    if features.createtxg:
+        props.append("createtxg")
+    if features.resumable:
+        props.append("receive_resume_token")
+    return ["get", "-H", "-p", "-o", "name,property,value", ",".join(props),
+            "-d", "1", dataset]
+
+
+def parse_listing(text: str, dataset: str) -> Listing:
+    """Parse `zfs get -H -p -o name,property,value` output (pure)."""
+    rows = {}   # type: Dict[str, Dict[str, str]]
+    order = []  # type: List[str]
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        name, prop, value = parts
+        if name != dataset and not name.startswith(dataset + "@"):
+            continue   # children, bookmarks
+        if name not in rows:
+            rows[name] = {}
+            order.append(name)
+        rows[name][prop] = value
+    snaps = []
+    for position, name in enumerate(order):
+        if "@" not in name:
+            continue
+        p = rows[name]
+        refs = p.get("userrefs", "0")
+        txg = p.get("createtxg", "")
+        snaps.append(Snap(name=name.split("@", 1)[1], guid=p.get("guid", ""),
+                          userrefs=int(refs) if refs.isdigit() else 0,
+                          order=int(txg) if txg.isdigit() else position))
+    snaps.sort(key=lambda s: s.order)
+    return Listing(dataset, rows.get(dataset, {}), tuple(snaps))
+
+
+def _missing(stderr: str) -> bool:
+    return "does not exist" in stderr or "dataset does not exist" in stderr
+
+
+class ZfsBase:
+    """zfs operations, the same whether zfs runs here or on the peer; the
+    subclasses say how one command runs."""
+
+    where = "on this host"
+    _features = None  # type: Optional[ZfsFeatures]
+
+    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+        raise NotImplementedError
+
+    def run_many(self, commands: Sequence[Sequence[str]]) -> List[Tuple[int, str]]:
+        """Run several zfs commands (each a list of arguments); returns
+        (exit status, output) of each.  Remote: in one round trip."""
+        out = []
+        for args in commands:
+            proc = self.run(args, check=False)
+            out.append((proc.returncode, proc.stdout + proc.stderr))
+        return out
+
+    def _usage_text(self) -> str:
+        raise NotImplementedError
+
+    def features(self) -> ZfsFeatures:
+        if self._features is None:
+            self._features = parse_zfs_features(self._usage_text())
+        return self._features
+
+    def _fail(self, args: Sequence[str], stderr: str) -> ZfsError:
+        return ZfsError("'zfs %s' failed %s: %s" % (" ".join(args), self.where,
+                                                     _stderr_text(stderr)))
+
+    def listing(self, dataset: str) -> Optional[Listing]:
+        """The dataset's properties and snapshots; None when it does not exist."""
+        args = listing_args(dataset, self.features())
+        proc = self.run(args, check=False)
+        if proc.returncode != 0:
+            if _missing(proc.stderr):
+                return None
+            raise self._fail(args, proc.stderr)
+        return parse_listing(proc.stdout, dataset)
+
+    def snapshot(self, dataset: str, name: str, recursive: bool) -> None:
+        self.run(["snapshot"] + (["-r"] if recursive else []) + ["%s@%s" % (dataset, name)])
+
+    def set_prop(self, dataset: str, prop: str, value: str) -> None:
+        self.run(["set", "%s=%s" % (prop, value), dataset])
+
+    def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
+        """True when the incremental stream old -> new carries no change:
+        exactly a BEGIN and an END record (312 bytes each, types 0 and 5)."""
+        raise NotImplementedError
+
+
+def hold_commands(dataset: str, names: Sequence[str], recursive: bool) -> List[List[str]]:
+    r = ["-r"] if recursive else []
+    return [["hold"] + r + [HOLD_TAG, "%s@%s" % (dataset, n)] for n in names]
+
+
+def release_commands(dataset: str, names: Sequence[str], recursive: bool) -> List[List[str]]:
+    r = ["-r"] if recursive else []
+    return [["release"] + r + [HOLD_TAG, "%s@%s" % (dataset, n)] for n in names]
+
+
+def destroy_commands(dataset: str, names: Sequence[str], recursive: bool,
+                     features: ZfsFeatures) -> List[List[str]]:
+    """Snapshot destruction: one command when zfs takes ds@a,b,c, else one
+    per snapshot (run in one round trip on the peer).  Only retention calls
+    this, with names plan_prune chose."""
+    if not names:
+        return []
+    r = ["-r"] if recursive else []
+    if features.destroy_multi:
+        return [["destroy"] + r + ["%s@%s" % (dataset, ",".join(names))]]
+    return [["destroy"] + r + ["%s@%s" % (dataset, n)] for n in names]
+
+
+class Zfs(ZfsBase):
     """A thin adapter over the zfs command on this host."""
 
     def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT) -> None:
@@ -1466,6 +1772,22 @@ class Zfs:
             raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(proc.stderr)))
         return proc
 
+    def _usage_text(self) -> str:
+        out = []
+        for args in ([], ["get"]):
+            proc = self.run(args, check=False)
+            out.append(proc.stdout + proc.stderr)
+        return "\n".join(out)
+
+    def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
+        argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.returncode == 0 and stream_is_empty(proc.stdout)
+
     def exists(self, dataset: str) -> bool:
         proc = self.run(["list", "-H", "-o", "name", dataset], check=False)
         if proc.returncode == 0:
@@ -1490,9 +1812,6 @@ class Zfs:
     def create(self, dataset: str) -> None:
         self.run(["create", dataset])
 
-    def set(self, dataset: str, prop: str, value: str) -> None:
-        self.run(["set", "%s=%s" % (prop, value), dataset])
-
     def is_mounted(self, dataset: str) -> bool:
         return self.get(dataset, ["mounted"]).get("mounted") == "yes"
 
@@ -1508,9 +1827,6 @@ class Zfs:
             raise ZfsError("cannot unmount %s: %s; a process still uses it: stop_command "
                            "must stop everything that uses the dataset ('fuser -vm "
                            "MOUNTPOINT' shows what)" % (dataset, _stderr_text(proc.stderr)))
-
-    def snapshot(self, snapshot: str) -> None:
-        self.run(["snapshot", snapshot])
 
     def rename(self, old: str, new: str) -> None:
         self.run(["rename", old, new], retry_busy=True)
@@ -1554,9 +1870,532 @@ class Zfs:
         return out
 
 
-def _stderr_text(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
-    return "; ".join(lines[-5:]) or "(no message)"
+_DRR_RECORD = 312            # sizeof(dmu_replay_record_t), every stream version
+_DRR_BEGIN, _DRR_END = 0, 5
+
+
+def stream_is_empty(stream: bytes) -> bool:
+    """True for a send stream of exactly BEGIN and END records, which is
+    what `zfs send -i A B` gives when B holds nothing A does not (pure)."""
+    if len(stream) != 2 * _DRR_RECORD:
+        return False
+    for offset, want in ((0, _DRR_BEGIN), (_DRR_RECORD, _DRR_END)):
+        kind = int.from_bytes(stream[offset:offset + 4], sys.byteorder)
+        if kind != want and int.from_bytes(stream[offset:offset + 4], "big") != want:
+            return False
+    return True
+
+
+# -- ssh: the one place that builds ssh command lines -----------------------
+
+SSH_ALIVE_COUNT = 3
+_SOCKET_PATH_MAX = 90   # sun_path is 108 bytes; ssh adds a temporary suffix
+
+
+class Ssh:
+    """ssh to one node.  A master connection (ControlMaster) is opened on
+    first use and kept for ssh_control_persist seconds, so later commands
+    reuse it: one round trip each, no handshake."""
+
+    def __init__(self, cfg: Config, node: NodeConfig, control_dir: str,
+                 ssh: str = "ssh") -> None:
+        self.cfg = cfg
+        self.node = node
+        self.ssh = ssh
+        self.control_dir = control_dir
+        # the name changes with anything that decides which connection it
+        # is, so a changed configuration never reuses an old connection
+        ident = "\x00".join([node.ssh, str(node.ssh_port), cfg.ssh_identity,
+                              cfg.ssh_known_hosts])
+        path = os.path.join(control_dir, "%s-%s" % (
+            node.name, hashlib.sha256(ident.encode()).hexdigest()[:12]))
+        self.control_path = path if len(path) <= _SOCKET_PATH_MAX else None
+        if self.control_path is None:
+            log.warning("the ssh control path %s is too long for a socket; every "
+                        "ssh command will open its own connection (set state_db to "
+                        "a shorter path)", path)
+
+    @property
+    def host(self) -> str:
+        return self.node.ssh.split("@")[-1]
+
+    @property
+    def command_timeout(self) -> float:
+        """Longest wait for a short remote command (a zfs get, a hold)."""
+        return (self.cfg.ssh_connect_timeout + SSH_ALIVE_COUNT * self.cfg.ssh_alive_interval
+                + ZFS_TIMEOUT)
+
+    def options(self) -> List[str]:
+        c = self.cfg
+        opts = ["-p", str(self.node.ssh_port), "-i", c.ssh_identity,
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", "UserKnownHostsFile=" + c.ssh_known_hosts,
+                "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
+                "-o", "ConnectTimeout=%d" % max(1, int(c.ssh_connect_timeout + 0.999)),
+                "-o", "ServerAliveInterval=%d" % max(1, int(c.ssh_alive_interval + 0.999)),
+                "-o", "ServerAliveCountMax=%d" % SSH_ALIVE_COUNT]
+        if self.control_path:
+            opts += ["-o", "ControlPath=" + self.control_path]
+        return opts
+
+    def argv(self, remote) -> List[str]:
+        """ssh command line running remote (a list of words, quoted here,
+        or a fixed shell text) on the node through the master connection."""
+        if not isinstance(remote, str):
+            remote = " ".join(shlex.quote(w) for w in remote)
+        return ([self.ssh] + self.options() + ["-o", "ControlMaster=no", "--",
+                                                self.node.ssh, remote])
+
+    def master_argv(self) -> List[str]:
+        return ([self.ssh] + self.options() +
+                ["-o", "ControlMaster=yes",
+                 "-o", "ControlPersist=%d" % max(1, int(self.cfg.ssh_control_persist)),
+                 "-N", "-f", "--", self.node.ssh])
+
+    def ensure_master(self) -> None:
+        """Open the master connection unless one is there.  It is started on
+        its own, its output going to a file: a ControlPersist master inherits
+        the first client's stderr and would keep a pipe open for minutes."""
+        if not self.control_path or os.path.exists(self.control_path):
+            return
+        try:
+            os.makedirs(self.control_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.control_dir, 0o700)
+        except OSError as e:
+            raise SshError("cannot make the ssh control directory %s: %s; make its "
+                           "parent writable" % (self.control_dir, e.strerror)) from None
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=err,
+                                      timeout=self.command_timeout)
+            except FileNotFoundError:
+                raise SshError("the ssh command (%s) was not found; install the "
+                               "OpenSSH client" % self.ssh) from None
+            except subprocess.TimeoutExpired:
+                raise SshError(self.explain("Connection timed out")) from None
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise SshError(self.explain(text))
+
+    def reset(self) -> None:
+        """Close the master connection (after a failure it may be dead)."""
+        if not self.control_path:
+            return
+        if os.path.exists(self.control_path):
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                subprocess.run([self.ssh] + self.options() + ["-O", "exit", "--",
+                                                              self.node.ssh],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=5)
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(self.control_path).st_mode):
+                os.unlink(self.control_path)
+
+    def run(self, remote, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+        """Run a short remote command; SshError when ssh itself failed,
+        else the remote exit status and output."""
+        self.ensure_master()
+        timeout = self.command_timeout if timeout is None else timeout
+        try:
+            proc = subprocess.run(self.argv(remote), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=timeout, universal_newlines=True)
+        except FileNotFoundError:
+            raise SshError("the ssh command (%s) was not found; install the "
+                           "OpenSSH client" % self.ssh) from None
+        except subprocess.TimeoutExpired:
+            self.reset()
+            raise SshError("%s did not answer within %g s over ssh; the link or "
+                           "the host may be down; check both, then retry"
+                           % (self.where, timeout)) from None
+        if proc.returncode == 255:
+            self.reset()
+            raise SshError(self.explain(proc.stderr))
+        if "Control socket connect" in proc.stderr:
+            # a master killed hard leaves its socket: ssh connected on its
+            # own this time; clear it so the next command starts a master
+            self.reset()
+        return proc
+
+    @property
+    def where(self) -> str:
+        return "node %s (%s port %d)" % (self.node.name, self.node.ssh, self.node.ssh_port)
+
+    def explain(self, stderr: str) -> str:
+        """One actionable message for an ssh failure (exit status 255)."""
+        text = _stderr_text(stderr)
+        kh = self.cfg.ssh_known_hosts
+        if ("Host key verification failed" in stderr or "HOST IDENTIFICATION" in stderr
+                or "host key" in stderr.lower()):
+            return ("the host key of %s is not the one in ssh_known_hosts %s (ssh: %s). "
+                    "If the peer was reinstalled, check its key fingerprint on its "
+                    "console and replace its line in %s (ssh-keyscan -p %d %s prints "
+                    "it); otherwise someone may be impersonating it: do not proceed"
+                    % (self.where, kh, text, kh, self.node.ssh_port, self.host))
+        if "Permission denied" in stderr:
+            return ("%s refused our key %s (ssh: %s); append %s.pub to the "
+                    "authorized_keys of %s there"
+                    % (self.where, self.cfg.ssh_identity, text, self.cfg.ssh_identity,
+                       self.node.ssh.split("@")[0] if "@" in self.node.ssh else "the user"))
+        unreachable = ("timed out", "No route to host", "Network is unreachable",
+                       "Connection refused", "Connection reset", "Broken pipe",
+                       "closed by remote host", "Could not resolve",
+                       "read header failed", "Timeout, server")
+        if any(u in stderr for u in unreachable):
+            return ("cannot reach %s over ssh (ssh: %s); check the link between the "
+                    "nodes and that sshd runs there; replication resumes by itself "
+                    "once it answers" % (self.where, text))
+        return "ssh to %s failed (ssh: %s)" % (self.where, text)
+
+
+class RemoteZfs(ZfsBase):
+    """zfs on the peer, run through Ssh."""
+
+    def __init__(self, ssh: Ssh) -> None:
+        self.ssh = ssh
+        self.where = "on " + ssh.where
+
+    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+        proc = self.ssh.run(["zfs"] + list(args))
+        if check and proc.returncode != 0:
+            raise self._fail(args, proc.stderr)
+        return proc
+
+    def run_many(self, commands: Sequence[Sequence[str]]) -> List[Tuple[int, str]]:
+        if not commands:
+            return []
+        marker = "@@flocker-rc-%s" % secrets.token_hex(4)
+        script = "; ".join("%s 2>&1; rc=$?; echo; echo %s $rc" % (
+            " ".join(shlex.quote(w) for w in ["zfs"] + list(args)), marker)
+            for args in commands)
+        proc = self.ssh.run(script)
+        out, results, text = proc.stdout, [], []
+        for line in out.splitlines():
+            if line.startswith(marker + " "):
+                results.append((int(line.split()[-1]), "\n".join(text).strip()))
+                text = []
+            else:
+                text.append(line)
+        if len(results) != len(commands):
+            raise ZfsError("the commands run %s ended early: %s"
+                           % (self.where, _stderr_text(out + proc.stderr)))
+        return results
+
+    def _usage_text(self) -> str:
+        proc = self.ssh.run(FEATURES_SCRIPT)
+        return proc.stdout + proc.stderr
+
+    def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
+        return False   # only the master's own dataset is ever checked
+
+
+# -- the transfer: zfs send | ssh peer zfs recv, both ends watched ---------
+
+TRANSFER_CHUNK = 1 << 20
+TRANSFER_TAIL = 64 << 10   # held back until zfs send exited 0 (see pipe_transfer)
+_F_SETPIPE_SZ = 1031   # fcntl.F_SETPIPE_SZ, named only from Python 3.10
+
+
+@dataclasses.dataclass
+class TransferOutcome:
+    bytes: int
+    seconds: float
+    send_status: Optional[int]
+    recv_status: Optional[int]
+    send_stderr: str
+    recv_stderr: str
+    stalled: bool = False
+    stopped: bool = False    # asked to stop (the daemon is shutting down)
+
+    @property
+    def ok(self) -> bool:
+        return (not self.stalled and not self.stopped and self.send_status == 0
+                and self.recv_status == 0)
+
+
+def _read_all(f) -> str:
+    f.seek(0)
+    return f.read().decode("utf-8", "replace")
+
+
+def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
+                  stall_timeout: float, finish_timeout: float = 120.0,
+                  abort=None, stop: Optional[threading.Event] = None) -> TransferOutcome:
+    """Run send_argv | recv_argv, relaying the stream through this process
+    in chunks, so the bytes moved are counted and a stall is seen: when no
+    byte moved for stall_timeout, both are killed.
+
+    The last TRANSFER_TAIL bytes (they hold the stream's END record) are
+    passed on only once zfs send has exited 0, so a receiver can never
+    complete a stream whose sender failed, was killed or stalled (zfs-fuse
+    even finishes writing the stream after its zfs client was killed).  On
+    failure abort() is called (closing the ssh connection, so the peer ends
+    its zfs recv at once) before the receiver is killed.  Setting stop
+    aborts the transfer the same way (the daemon is shutting down)."""
+    started = time.monotonic()
+    send_err, recv_err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    send = recv = None
+    moved, stalled, failed, stopped = 0, False, False, False
+    send_status = None
+    try:
+        send = subprocess.Popen(list(send_argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=send_err)
+        recv = subprocess.Popen(list(recv_argv), stdin=subprocess.PIPE,
+                                stdout=recv_err, stderr=recv_err)
+        src, dst = send.stdout.fileno(), recv.stdin.fileno()
+        for fd in (src, dst):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, TRANSFER_CHUNK)
+            os.set_blocking(fd, False)
+        sel = selectors.DefaultSelector()
+        sel.register(src, selectors.EVENT_READ)
+        pending = memoryview(b"")
+        tail = b""            # held back until the sender succeeded
+        eof = False
+        last = time.monotonic()
+        while True:
+            if eof and not pending:
+                if tail is None:
+                    break                       # everything passed on
+                try:
+                    send_status = send.wait(timeout=stall_timeout)
+                except subprocess.TimeoutExpired:
+                    stalled = failed = True     # stream ended, sender hangs
+                    break
+                if send_status != 0:
+                    failed = True
+                    break
+                pending, tail = memoryview(tail), None
+                if not pending:
+                    break
+                sel.register(dst, selectors.EVENT_WRITE)
+            for key, _ in sel.select(timeout=min(1.0, stall_timeout)):
+                if key.fd == src:
+                    try:
+                        chunk = os.read(src, TRANSFER_CHUNK)
+                    except BlockingIOError:
+                        continue
+                    last = time.monotonic()
+                    if not chunk:
+                        eof = True
+                        sel.unregister(src)
+                        continue
+                    data = tail + chunk if tail else chunk
+                    if len(data) <= TRANSFER_TAIL:
+                        tail = data
+                        continue
+                    tail = data[-TRANSFER_TAIL:]
+                    pending = memoryview(data)[:-TRANSFER_TAIL]
+                    sel.unregister(src)
+                    sel.register(dst, selectors.EVENT_WRITE)
+                else:
+                    try:
+                        n = os.write(dst, pending)
+                    except BlockingIOError:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        failed = True    # the receiving side ended early
+                        break
+                    moved += n
+                    last = time.monotonic()
+                    pending = pending[n:]
+                    if not pending:
+                        sel.unregister(dst)
+                        if not eof:
+                            sel.register(src, selectors.EVENT_READ)
+            if failed:
+                break
+            if send.poll() is not None and send.returncode != 0:
+                failed = True   # zfs-fuse's daemon may still be writing its stream
+                break
+            if time.monotonic() - last > stall_timeout:
+                stalled = failed = True
+                break
+            if stop is not None and stop.is_set():
+                stopped = failed = True
+                break
+        sel.close()
+        log.debug("transfer: %d bytes relayed in %.2f s; eof=%s failed=%s stalled=%s",
+                  moved, time.monotonic() - started, eof, failed, stalled)
+        if failed:
+            send.kill()
+            if abort is not None:
+                abort()
+            recv.kill()
+        send_status = send.wait()
+        with contextlib.suppress(OSError):
+            recv.stdin.close()
+        try:
+            recv_status = recv.wait(timeout=finish_timeout)
+        except subprocess.TimeoutExpired:
+            recv.kill()
+            recv_status = recv.wait()
+            recv_err.write(("\nthe remote zfs recv did not finish within %g s after "
+                            "the end of the stream" % finish_timeout).encode())
+        log.debug("transfer: zfs send exited %s, ssh/zfs recv %s, after %.2f s",
+                  send_status, recv_status, time.monotonic() - started)
+        return TransferOutcome(moved, time.monotonic() - started, send_status,
+                               recv_status, _read_all(send_err), _read_all(recv_err),
+                               stalled, stopped)
+    finally:
+        for p in (send, recv):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+            if p is not None:
+                for f in (p.stdin, p.stdout):
+                    if f is not None:
+                        with contextlib.suppress(OSError):
+                            f.close()
+        send_err.close()
+        recv_err.close()
+
+
+# ===========================================================================
+# 6. The decision core: replication planning (pure functions)
+# ===========================================================================
+
+
+def snapshot_name(epoch: int, now: float) -> str:
+    """flocker-<epoch>-<UTC time to the millisecond>Z, e.g.
+    flocker-3-20260101T120000.250Z: any host can tell the reign from it."""
+    ms = int(round(now * 1000))
+    return "%s%d-%s.%03dZ" % (SNAPSHOT_PREFIX, epoch,
+                              time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000)),
+                              ms % 1000)
+
+
+def is_flocker_snapshot(name: str) -> bool:
+    return bool(_SNAPSHOT_RE.match(name))
+
+
+def snapshot_time(name: str) -> Optional[float]:
+    """The UTC time written in a flocker snapshot name, else None."""
+    m = _SNAPSHOT_RE.match(name)
+    if not m:
+        return None
+    import calendar
+    t = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
+    return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
+
+
+def role_marker(node: str, role: str, epoch: int) -> str:
+    """The value of the flocker:role property a node keeps on its dataset."""
+    return "%s %s %d" % (node, role, epoch)
+
+
+def parse_role_marker(value: Optional[str]) -> Optional[Tuple[str, str, int]]:
+    """(node, role, epoch) from a flocker:role value; None when unset ('-')
+    or not ours.  The node name is part of the value because zfs send -R
+    copies user properties: a replica carrying its master's marker names
+    that master, not itself."""
+    words = (value or "").split()
+    if len(words) != 3 or words[1] not in ROLES or not words[2].isdigit():
+        return None
+    return words[0], words[1], int(words[2])
+
+
+def find_common(local: Listing, remote: Listing) -> Optional[Snap]:
+    """The newest snapshot of local whose GUID the remote also has (the
+    names may differ; the GUID is what proves it is the same data)."""
+    theirs = remote.guids
+    for snap in reversed(local.snaps):
+        if snap.guid and snap.guid in theirs:
+            return snap
+    return None
+
+
+def snaps_after(listing: Listing, guid: str) -> List[Snap]:
+    """The snapshots of listing newer than the one with this GUID."""
+    for i, s in enumerate(listing.snaps):
+        if s.guid == guid:
+            return list(listing.snaps[i + 1:])
+    return list(listing.snaps)
+
+
+def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
+    """Retention: names to destroy so that at most `keep` flocker snapshots
+    remain besides the protected ones.  Never a protected, a held or a
+    foreign (not flocker-named) snapshot."""
+    ours = [s for s in snaps if is_flocker_snapshot(s.name)]
+    keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
+    return [s.name for s in ours
+            if s.name not in keep_names and s.name not in protect and s.userrefs == 0]
+
+
+def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
+                    flags: Sequence[str] = ()) -> List[str]:
+    """zfs send of target: full when base is None, else one -I stream that
+    carries every snapshot between base and target."""
+    argv = ["zfs", "send"] + list(flags) + (["-R"] if recursive else [])
+    if base is not None:
+        argv += ["-I", "%s@%s" % (dataset, base)]
+    return argv + ["%s@%s" % (dataset, target)]
+
+
+def build_resume_send_argv(token: str) -> List[str]:
+    """zfs send of the rest of an interrupted resumable receive."""
+    return ["zfs", "send", "-t", token]
+
+
+def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
+    """zfs recv on the slave: -u (never mounted by the receive), never -F
+    (it would roll back or destroy what the slave has), -s where the slave
+    can keep a partial stream for resuming."""
+    return ["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dataset]
+
+
+def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
+                     peer_dataset: str, stall_timeout: float,
+                     ssh_explain=None) -> str:
+    """One message from the exit statuses and stderr of zfs send, ssh and
+    the remote zfs recv (pure)."""
+    parts = []
+    if outcome.stopped:
+        parts.append("the transfer was stopped because flocker-failover is shutting down")
+    send_text = _stderr_text(outcome.send_stderr)
+    recv_text = _stderr_text(outcome.recv_stderr)
+    both = outcome.send_stderr + "\n" + outcome.recv_stderr
+    if outcome.stalled:
+        parts.append("no data moved for %g s (transfer_stall_timeout), so the "
+                     "transfer was stopped; the link or the peer's pool may be hung"
+                     % stall_timeout)
+    if "out of space" in both or "No space left" in both:
+        parts.append("the pool of %s on %s is full: free space there (or lower "
+                     "snapshot_keep), then sync again" % (peer_dataset, peer))
+    if "has been modified" in both:
+        parts.append("the replica %s on %s was changed there since its newest "
+                     "snapshot (someone wrote to it while it was slave); it was "
+                     "not rolled back. Copy out what you need from it on %s, then "
+                     "roll it back there with 'zfs rollback %s@<its newest "
+                     "snapshot>' and sync again" % (peer_dataset, peer, peer,
+                                                    peer_dataset))
+    if outcome.send_status not in (0, None) and not (outcome.stalled or outcome.stopped):
+        if outcome.send_status < 0:
+            parts.append("zfs send was killed by signal %d" % -outcome.send_status)
+        else:
+            parts.append("zfs send exited %d: %s" % (outcome.send_status, send_text))
+    aborted = outcome.stalled or outcome.stopped or outcome.send_status not in (0, None)
+    if aborted and outcome.recv_status in (255, None) or (
+            outcome.recv_status is not None and outcome.recv_status < 0):
+        parts.append("the transfer to %s was aborted before its end" % peer)
+    elif outcome.recv_status == 255 and ssh_explain is not None:
+        parts.append(ssh_explain(outcome.recv_stderr))
+    elif outcome.recv_status not in (0, None):
+        if outcome.recv_status < 0:
+            parts.append("ssh was stopped (signal %d)" % -outcome.recv_status)
+        elif outcome.recv_stderr.strip():
+            parts.append("zfs recv on %s exited %d: %s" % (peer, outcome.recv_status,
+                                                           recv_text))
+    if not parts:
+        parts.append("zfs send exited %s, ssh/zfs recv exited %s"
+                     % (outcome.send_status, outcome.recv_status))
+    return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
+            "either node; the next cycle tries again"
+            % (what, peer, outcome.bytes, "; ".join(parts)))
 
 
 # -- commands of the operator (start, stop, check, notify) ---------------------
@@ -1989,6 +2828,330 @@ def verdict(a: Side, b: Side) -> Verdict:
 # ===========================================================================
 
 
+@dataclasses.dataclass
+class ReplicationResult:
+    snapshot: str            # newest snapshot the slave now has
+    guid: str
+    base: Optional[str]      # the common snapshot the send started from
+    sent: List[str]          # snapshots that arrived in this cycle
+    bytes: int
+    seconds: float
+    pruned_local: List[str]
+    pruned_peer: List[str]
+    message: str
+
+
+def ssh_control_dir(cfg: Config) -> str:
+    """Private directory beside the state file for the ssh master sockets."""
+    return os.path.join(os.path.dirname(cfg.local.state_db) or ".", "ssh-control")
+
+
+def peer_zfs(cfg: Config) -> RemoteZfs:
+    return RemoteZfs(Ssh(cfg, cfg.peer, ssh_control_dir(cfg)))
+
+
+def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
+                   clock=time.time, stop: Optional[threading.Event] = None
+                   ) -> ReplicationResult:
+    """One replication cycle, master -> slave; the sync command and the
+    daemon both call this.  Records the cycle in the state store; raises a
+    FlockerError (recorded as well) when it was refused or failed."""
+    st = store.node_state()
+    if st is None:
+        raise StateError("the state file %s holds no node state; run "
+                         "'flocker_failover.py init --role ...'" % store.path)
+    if st.role != ROLE_MASTER:
+        raise ReplicationError(
+            "this node (%s) is %s: replication runs on the master only; run sync "
+            "on %s" % (cfg.local.name, st.role, cfg.peer.name))
+    started = clock()
+    store.fail_interrupted_replications(started)
+    rid = store.begin_replication(started)
+    try:
+        result = _cycle(cfg, store, zfs, peer, st, rid, clock, stop)
+    except FlockerError as e:
+        store.update_replication(rid, result="failed", finished=clock(),
+                                 seconds=round(clock() - started, 3), error=e.message)
+        raise
+    except BaseException as e:
+        store.update_replication(rid, result="failed", finished=clock(),
+                                 error="internal error: %r" % (e,))
+        raise
+    store.update_replication(rid, result="ok", finished=clock(), snapshot=result.snapshot,
+                             guid=result.guid, base=result.base, bytes=result.bytes,
+                             seconds=round(clock() - started, 3))
+    store.trim_replications()
+    return result
+
+
+def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResult:
+    me, other = cfg.local, cfg.peer
+    ds, pds = me.dataset, other.dataset
+    r = cfg.recursive
+    local = zfs.listing(ds)
+    if local is None:
+        raise ReplicationError(
+            "the dataset %s does not exist on this master (%s): nothing to "
+            "replicate; check [node %s] dataset in %s" % (ds, me.name, me.name, cfg.path))
+    marker = role_marker(me.name, ROLE_MASTER, st.epoch)
+    if local.props.get(ROLE_PROPERTY) != marker:
+        zfs.set_prop(ds, ROLE_PROPERTY, marker)
+
+    # 1. what the peer has, from a live listing (one round trip)
+    try:
+        remote = peer.listing(pds)
+    except SshError:
+        # the peer is away: keep taking snapshots, bounded by retention that
+        # spares the newest, the held ones and the last one known replicated
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
+        last_ok = store.replication_summary()["last_ok"]
+        protect = [local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+        _prune(zfs, ds, local, cfg.snapshot_keep, protect, r)
+        raise
+    if remote is None:
+        _check_peer_parent(peer, pds, other.name)
+    else:
+        claim = parse_role_marker(remote.props.get(ROLE_PROPERTY))
+        if claim is not None and claim[0] == other.name and claim[1] == ROLE_MASTER:
+            raise ReplicationError(
+                "%s says it is master (%s=%r on %s; this node is master in epoch %d): "
+                "refusing to send, two masters is a split brain; nothing was changed "
+                "on either node. Decide which node stays master before replicating "
+                "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
+                           pds, st.epoch))
+        if _resume_partial(cfg, zfs, peer, remote, stop):
+            remote = peer.listing(pds)
+            if remote is None:
+                raise ReplicationError("%s vanished on %s after resuming its receive"
+                                       % (pds, other.name))
+
+    # 2. the newest common snapshot, by GUID; refuse what is unsafe
+    common = None
+    if remote is not None:
+        if not remote.snaps:
+            raise ReplicationError(
+                "%s exists on %s but has no snapshot, so it shares none with %s here: "
+                "flocker-failover never overwrites it; nothing was changed. If it holds "
+                "nothing you need, rename it away on %s ('zfs rename %s %s-old') and "
+                "sync again for a full copy" % (pds, other.name, ds, other.name, pds, pds))
+        common = find_common(local, remote)
+        if common is None:
+            raise ReplicationError(
+                "%s on %s shares no snapshot with %s here (compared by GUID), so no "
+                "incremental send is possible and flocker-failover will not overwrite "
+                "it; nothing was changed. If it holds nothing you need, rename it away "
+                "on %s ('zfs rename %s %s-old') and sync again for a full copy; if it "
+                "does, the nodes have diverged: decide which data is right first"
+                % (pds, other.name, ds, other.name, pds, pds))
+        extra = snaps_after(remote, common.guid)
+        if extra:
+            raise ReplicationError(
+                "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
+                "(%s): it has history this master lacks (divergence); nothing was "
+                "changed. Decide which node's data continues before replicating"
+                % (pds, other.name, len(extra), common.name,
+                   ", ".join(s.name for s in extra[:5])))
+        pf = peer.features()
+        if pf.written and remote.props.get("written", "0") not in ("0", "-", ""):
+            raise ReplicationError(
+                "the replica %s on %s was changed there since its newest snapshot %s "
+                "(written=%s bytes); it was not rolled back and nothing was sent. Copy "
+                "out what you need from it on %s, then run there 'zfs rollback %s@%s' "
+                "and sync again" % (pds, other.name, common.name,
+                                    remote.props.get("written"), other.name, pds,
+                                    remote.snaps[-1].name))
+
+    # 3. snapshot (when something changed) and send the increment
+    local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
+    target = local.snaps[-1]
+    sent, nbytes, seconds = [], 0, 0.0
+    if common is None or common.guid != target.guid:
+        base = common.name if common else None
+        store.update_replication(rid, base=base, snapshot=target.name)
+        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop)
+    if sent:
+        after = peer.listing(pds)
+    else:
+        after = remote     # the live listing above already shows the target
+    got = after.snap(target.name) if after else None
+    if got is None or got.guid != target.guid:
+        raise ReplicationError(
+            "after the transfer, %s@%s on %s %s; the transfer is not counted as done"
+            % (pds, target.name, other.name,
+               "is missing" if got is None else
+               "has GUID %s instead of %s" % (got.guid, target.guid)))
+
+    # 4. confirmed: hold the new common snapshot on both sides, then release
+    #    the previous holds; keep the replica read-only.  A cycle that
+    #    changed nothing finds all of this done and runs no command.
+    old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
+    # (userrefs counts every tag: a snapshot just sent is held with ours
+    # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
+    if sent or target.userrefs == 0:
+        _check_holds(zfs, zfs.run_many(hold_commands(ds, [target.name], r)))
+    cmds = hold_commands(pds, [target.name], r) if (sent or got.userrefs == 0) else []
+    if after.props.get("readonly") != "on":
+        cmds.append(["set", "readonly=on", pds])
+    _check_holds(peer, peer.run_many(cmds))
+    # only now that the new common snapshot is held on both sides
+    peer_old = [s.name for s in after.snaps if s.userrefs > 0 and s.name != target.name]
+    _check_releases(peer, peer.run_many(release_commands(pds, peer_old, r)))
+    _check_releases(zfs, zfs.run_many(release_commands(ds, old, r)))
+
+    # 5. retention: the slave first, never its common snapshot (the target)
+    #    or anything after it; snapshots just released are pruned next cycle
+    keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
+    pruned_peer = plan_prune(after.snaps, cfg.snapshot_keep, keep_peer)
+    _destroy(peer, pds, pruned_peer, r)
+    if old or sent or target.userrefs == 0:
+        local = zfs.listing(ds) or local
+    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, [target.name], r)
+    msg = ("%s: sent %s (%d bytes in %.2f s, from %s)"
+           % (other.name, ", ".join(sent), nbytes, seconds, common.name if common else
+              "nothing: full copy") if sent else
+           "%s is up to date (%s)" % (other.name, target.name))
+    return ReplicationResult(target.name, target.guid, common.name if common else None,
+                             sent, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
+    """A hold (or readonly=on) that failed fails the cycle, so the next one
+    tries again; a hold that is already there is fine."""
+    for rc, out in results:
+        if rc != 0 and "already exists" not in out:
+            raise ZfsError("could not hold the new common snapshot (or set the "
+                           "replica read-only) %s: %s; the next cycle tries again"
+                           % (z.where, _stderr_text(out)))
+
+
+def _check_releases(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
+    """A release that failed leaves a snapshot held: safe, but say so."""
+    for rc, out in results:
+        if rc != 0 and "no such tag" not in out:
+            log.warning("could not release an old hold %s: %s", z.where,
+                        _stderr_text(out))
+
+
+def _check_peer_parent(peer: ZfsBase, pds: str, name: str) -> None:
+    """The replica is missing: a full send is fine when its parent exists."""
+    pool, parent = pds.split("/")[0], pds.rsplit("/", 1)[0]
+    (pool_rc, _), (parent_rc, _) = peer.run_many(
+        [["list", "-H", "-o", "name", pool], ["list", "-H", "-o", "name", parent]])
+    if pool_rc != 0:
+        raise ReplicationError(
+            "the pool %s of the replica %s does not exist on %s: import or create it "
+            "there, or fix [node %s] dataset in the configuration; nothing was sent"
+            % (pool, pds, name, name))
+    if parent_rc != 0:
+        raise ReplicationError(
+            "the parent %s of the replica %s does not exist on %s: create it there "
+            "with 'zfs create -p %s'; nothing was sent" % (parent, pds, name, parent))
+
+
+def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing:
+    """Take a cycle snapshot unless the dataset is unchanged since its newest
+    one.  With the 'written' property that is a property read; without it
+    (zfs-fuse) the snapshot is taken and, when its incremental stream from
+    the previous one is empty (the two are identical, so it holds nothing
+    the previous one does not), destroyed again."""
+    ds = local.dataset
+    newest = local.snaps[-1] if local.snaps else None
+    # (written and the stream check see the top dataset only: with child
+    # datasets every cycle takes its snapshot, and retention thins them)
+    if newest is not None and zfs.features().written and not cfg.recursive:
+        if local.props.get("written", "") == "0":
+            return local
+    name = snapshot_name(epoch, clock())
+    n = 1
+    while local.snap(name) is not None:
+        n += 1
+        name = "%s-%d" % (snapshot_name(epoch, clock()), n)
+    zfs.snapshot(ds, name, cfg.recursive)
+    if (newest is not None and not cfg.recursive and not zfs.features().written
+            and zfs.send_stream_is_empty(ds, newest.name, name)):
+        zfs.run(["destroy", "%s@%s" % (ds, name)])
+        return local
+    fresh = zfs.listing(ds)
+    if fresh is None or fresh.snap(name) is None:
+        raise ReplicationError("the snapshot %s@%s just taken is not listed; is the "
+                               "pool healthy?" % (ds, name))
+    return fresh
+
+
+def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None) -> bool:
+    """OpenZFS keeps the received part of an interrupted `zfs recv -s` and
+    names it by receive_resume_token: finish it with `zfs send -t` before
+    anything else (it can only be the stream this master sent).  Returns
+    True when something was resumed (the caller lists the peer again)."""
+    token = remote.props.get("receive_resume_token", "-")
+    if token in ("-", "") or not (zfs.features().resumable and peer.features().resumable):
+        return False
+    ssh = peer.ssh
+    ssh.ensure_master()
+    outcome = pipe_transfer(build_resume_send_argv(token),
+                            ssh.argv(build_recv_argv(cfg.peer.dataset, True)),
+                            cfg.transfer_stall_timeout,
+                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                            abort=ssh.reset, stop=stop)
+    if not outcome.ok:
+        ssh.reset()
+        raise ReplicationError(explain_transfer(
+            outcome, "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
+            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain)
+            + "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
+            % (cfg.peer.name, cfg.peer.dataset))
+    return True
+
+
+def usable_send_flags(wanted: Sequence[str], local: ZfsFeatures,
+                      peer: ZfsFeatures) -> List[str]:
+    """The configured send_flags both ends support (pure)."""
+    return [f for f in wanted if f in local.send_flags and f in peer.send_flags]
+
+
+def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], stop=None):
+    lf, pf = zfs.features(), peer.features()
+    flags = usable_send_flags(cfg.send_flags, lf, pf)
+    for f in cfg.send_flags:
+        if f not in flags:
+            log.warning("send_flags %s left out: zfs on %s does not support it",
+                        f, cfg.local.name if f not in lf.send_flags else cfg.peer.name)
+    send_argv = build_send_argv(local.dataset, target.name, base, cfg.recursive, flags)
+    recv = build_recv_argv(cfg.peer.dataset, lf.resumable and pf.resumable)
+    ssh = peer.ssh
+    ssh.ensure_master()
+    # on failure, closing the connection makes the peer's sshd end the
+    # remote zfs recv now, instead of after it drained what is in flight
+    outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
+                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                            abort=ssh.reset, stop=stop)
+    if not outcome.ok:
+        ssh.reset()
+        what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
+                if base else "%s@%s (full copy)" % (local.dataset, target.name))
+        raise ReplicationError(explain_transfer(
+            outcome, what, cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout,
+            ssh.explain))
+    names = [s.name for s in local.snaps]
+    sent = names[names.index(base) + 1:] if base in names else [target.name]
+    return sent, outcome.bytes, outcome.seconds
+
+
+def _destroy(z: ZfsBase, ds: str, names: List[str], recursive: bool) -> None:
+    if not names:
+        return
+    for rc, out in z.run_many(destroy_commands(ds, names, recursive, z.features())):
+        if rc != 0:
+            log.warning("retention: could not destroy a snapshot of %s %s: %s",
+                        ds, z.where, _stderr_text(out))
+
+
+def _prune(zfs: ZfsBase, ds: str, local: Listing, keep: int, protect, r) -> List[str]:
+    names = plan_prune(local.snaps, keep, protect)
+    _destroy(zfs, ds, names, r)
+    return names
+
+
 def initial_epoch(role: str, index: int) -> int:
     """The first master takes the first epoch of its parity (see layer 6);
     a fresh slave has seen none."""
@@ -2159,15 +3322,16 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
     for step in PROMOTE_STEPS:
         ctx.store.intent_step(intent_id, step)
         failpoint("promote:" + step)
-        if step == "role":
+        if step == "role":   # recorded here, announced on the dataset for the peer
             st = ctx.store.node_state()
             if (st.role, st.epoch) != (ROLE_MASTER, epoch):
                 ctx.store.set_role(ROLE_MASTER, epoch, data["reason"])
+            zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_MASTER, epoch))
         elif step == "discard-partial":
             if zfs.abort_partial_receive(ds):
                 ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
         elif step == "writable":
-            zfs.set(ds, "readonly", "off")
+            zfs.set_prop(ds, "readonly", "off")
         elif step == "mount":
             zfs.mount(ds)
         elif step == "start":
@@ -2195,7 +3359,7 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 remove_service_address(cfg.service.service_address)
         elif step == "readonly":
             if zfs.exists(ds):
-                zfs.set(ds, "readonly", "on")
+                zfs.set_prop(ds, "readonly", "on")
         elif step == "unmount":
             if zfs.exists(ds):
                 zfs.unmount(ds)
@@ -2203,6 +3367,8 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
             st = ctx.store.node_state()
             if (st.role, st.epoch) != (ROLE_SLAVE, epoch):
                 ctx.store.set_role(ROLE_SLAVE, epoch, data["reason"])
+            if zfs.exists(ds):
+                zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_SLAVE, epoch))
         elif step == "notify":
             _notify(ctx, data["old_role"], ROLE_SLAVE, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
@@ -2254,7 +3420,7 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
         renamed = zfs.exists(kept)
         if step == "snapshot":
             if not renamed and not zfs.exists("%s@%s" % (ds, data["snapshot"])):
-                zfs.snapshot("%s@%s" % (ds, data["snapshot"]))
+                zfs.snapshot(ds, data["snapshot"], recursive=False)
         elif step == "unmount":
             if not renamed:
                 zfs.unmount(ds)
@@ -2268,8 +3434,8 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
             if zfs.origin(ds) == "%s@%s" % (kept, common):
                 zfs.promote_clone(ds)
         elif step == "protect":   # both read-only; the replica also unmounted
-            zfs.set(kept, "readonly", "on")
-            zfs.set(ds, "readonly", "on")
+            zfs.set_prop(kept, "readonly", "on")
+            zfs.set_prop(ds, "readonly", "on")
             zfs.unmount(ds)
         elif step == "record":
             ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
@@ -2306,10 +3472,42 @@ def _move_aside(path: str) -> str:
     return backup
 
 
+def replication_status(summary: dict, role: str, local: Optional[Listing],
+                       now: float) -> dict:
+    """The 'replication' part of status (pure).  On the master: from its
+    history, the newest snapshot confirmed on the slave, and (with a listing
+    of its dataset) how many of its snapshots the slave lacks.  On the
+    slave: the newest replication snapshot its own replica holds."""
+    ok, failed, last = summary["last_ok"], summary["last_failed"], summary["last"]
+    newest = ok["snapshot"] if ok else None
+    pending = None
+    if role == ROLE_MASTER and local is not None:
+        ours = [s for s in local.snaps if is_flocker_snapshot(s.name)]
+        if ok is None:
+            pending = len(ours)
+        elif any(s.guid == ok["guid"] for s in local.snaps):
+            after = snaps_after(local, ok["guid"])
+            pending = len([s for s in after if is_flocker_snapshot(s.name)])
+    elif role == ROLE_SLAVE and local is not None:
+        ours = [s for s in local.snaps if is_flocker_snapshot(s.name)]
+        newest = ours[-1].name if ours else None
+    made = snapshot_time(newest) if newest else None
+    return {
+        "slave_newest_snapshot": newest,
+        "lag_seconds": round(now - made, 3) if made is not None else None,
+        "last_ok_at": ok["finished"] if ok else None,
+        "pending": pending,
+        "last_result": last["result"] if last else None,
+        "last_error": failed["error"] if failed else None,
+        "last_error_at": failed["finished"] if failed else None,
+    }
+
+
 def status_report(cfg: Config, now: Optional[float] = None,
-                  live: Optional[dict] = None) -> dict:
+                  live: Optional[dict] = None, zfs: Optional[ZfsBase] = None) -> dict:
     """Everything 'status' shows, as one JSON-able dict (see README).
-    live: what the running daemon reported (its "status" answer), if any."""
+    live: what the running daemon reported (its "status" answer), if any.
+    With zfs, the replication part also reads this node's dataset."""
     now = wall_clock() if now is None else now
     with StateStore.open(cfg.local.state_db) as store:
         st = store.node_state()
@@ -2318,6 +3516,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
                              "'flocker_failover.py init --role ...'" % cfg.local.state_db)
         peer = store.peer(cfg.peer.name)
         last = store.last_replication()
+        summary = store.replication_summary()
         preserved = store.preserved()
         events = store.events(limit=5)
     peer_out = {"node": cfg.peer.name, "last_seen": None, "age_seconds": None,
@@ -2334,6 +3533,12 @@ def status_report(cfg: Config, now: Optional[float] = None,
                             last_seen=now - lp["last_seen_age_seconds"],
                             role=lp.get("role"), epoch=lp.get("epoch"),
                             snapshot=lp.get("snapshot"))
+    local = None
+    if zfs is not None:
+        try:
+            local = zfs.listing(cfg.local.dataset)
+        except FlockerError as e:
+            log.warning("status: cannot list %s: %s", cfg.local.dataset, e.message)
     return {
         "schema": 1,
         "version": VERSION,
@@ -2348,6 +3553,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
         "daemon": live,
         "peer": peer_out,
         "last_replication": last,
+        "replication": replication_status(summary, st.role, local, now),
         "preserved": preserved,
         "events": events,
     }
@@ -2412,6 +3618,19 @@ def format_status(r: dict) -> str:
         lines.append("replicated  %s %s at %s%s" % (
             last["snapshot"], last["result"], _fmt_time(last["finished"] or last["started"]),
             (": " + last["error"]) if last["error"] else ""))
+    rep = r.get("replication")
+    if rep and rep["slave_newest_snapshot"]:
+        lines.append("lag         newest snapshot on the slave: %s%s%s" % (
+            rep["slave_newest_snapshot"],
+            " (%s)" % _fmt_age(rep["lag_seconds"]).replace(" ago", " old")
+            if rep["lag_seconds"] is not None else "",
+            ", %d pending here" % rep["pending"] if rep["pending"] else ""))
+    elif rep and rep["pending"]:
+        lines.append("lag         the slave has no replica yet, %d pending here"
+                     % rep["pending"])
+    if rep and rep["last_error"]:
+        lines.append("repl error  %s: %s" % (_fmt_time(rep["last_error_at"]),
+                                             rep["last_error"]))
     for pr in r["preserved"]:
         lines.append("preserved   %s (epoch %d, %s): %s"
                      % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
@@ -2826,6 +4045,21 @@ class Daemon:
                           self._job_check, self._check_done)
         self.add_periodic("snapshots", lambda c: max(5.0, c.replication_interval),
                           self._job_snapshots, self._snapshots_done)
+        self.add_periodic("replicate", lambda c: c.replication_interval,
+                          self._job_replicate, self._replicate_done)
+
+    def _job_replicate(self, stop: threading.Event):
+        """The sync command's cycle, in a job thread (never on the loop)."""
+        if self.role != ROLE_MASTER:
+            return None
+        with self.open_store() as store:
+            return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop)
+
+    def _replicate_done(self, result, error) -> None:
+        if error is not None:
+            self._log_quietly("replicate", logging.WARNING, "replication: %s" % error)
+        elif result is not None and result.sent:
+            log.info("replication: %s", result.message)
 
     def _job_check(self, stop: threading.Event):
         argv = self.cfg.service.check_command
@@ -3510,7 +4744,7 @@ def gather_report(cfg: Config) -> dict:
             live = answer["status"]
     except FlockerError as e:
         log.warning("%s; showing values from the state file", e.message)
-    return status_report(cfg, live=live)
+    return status_report(cfg, live=live, zfs=Zfs())
 
 
 def cmd_status(args, cfg_path: str) -> int:
@@ -3664,6 +4898,27 @@ def _add_daemon(p) -> None:
                    help="write the daemon's pid to FILE (removed at a clean stop)")
 
 
+def cmd_sync(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    with StateStore.open(cfg.local.state_db, lock_for="sync") as store:
+        result = replicate_once(cfg, store, Zfs(), peer_zfs(cfg))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
+    else:
+        print(result.message)
+        for where, names in ((cfg.local.name, result.pruned_local),
+                             (cfg.peer.name, result.pruned_peer)):
+            if names:
+                print("retention removed %d snapshot(s) on %s: %s"
+                      % (len(names), where, ", ".join(names)))
+    return EXIT_OK
+
+
+def _add_sync(p) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object")
+
+
 def _add_genkey(p) -> None:
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write the key to FILE (created with mode 0600, never "
@@ -3688,6 +4943,8 @@ def _add_status(p) -> None:
 COMMANDS = (
     ("init", cmd_init, _add_init,
      "prepare this node: state file, dataset check, initial role"),
+    ("sync", cmd_sync, _add_sync,
+     "run one replication cycle to the peer now (master only; safe from cron)"),
     ("status", cmd_status, _add_status,
      "show role, epoch, peer and replication state"),
     ("check", cmd_check, _add_check,

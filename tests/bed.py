@@ -426,6 +426,17 @@ class Bed:
             for h in self.hosts:
                 sh(["ip", "-n", h.ns, "link", "set", "eth%d" % n, "down"])
 
+    def throttle(self, host, mbit):
+        """Limit what host sends on every link to mbit Mbit/s (None: no limit),
+        e.g. to keep a transfer on the wire long enough to interrupt it."""
+        for n in range(self.links):
+            if mbit is None:
+                sh(["tc", "-n", host.ns, "qdisc", "del", "dev", "eth%d" % n, "root"],
+                   check=False)
+            else:
+                sh(["tc", "-n", host.ns, "qdisc", "replace", "dev", "eth%d" % n, "root",
+                    "tbf", "rate", "%dmbit" % mbit, "burst", "64kb", "latency", "2000ms"])
+
     def restore_link(self, i=None):
         for n in (range(self.links) if i is None else [i]):
             for h in self.hosts:

@@ -178,8 +178,8 @@ BROKEN = [
      dict(replace={"name = shop": "name = shop\ndead_tme = 3"}),
      "{path}: [cluster] dead_tme: unknown option; the options of this section are: "
      "dead_time, heartbeat_interval, heartbeat_port, name, recursive, replication_interval, "
-     "secret_file, secret_file_previous, snapshot_keep, ssh_connect_timeout, ssh_identity, "
-     "ssh_known_hosts, "
+     "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
+     "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
      "startup_wait, state_db, transfer_stall_timeout, wait_for_peer"),
     ("unknown section",
      dict(append="\n[services]\nstart_command = true\n"),

@@ -1,0 +1,77 @@
+"""The daemon replicates with the same cycle as sync, off its loop; a
+SIGTERM during a transfer aborts it and leaves both sides as they were."""
+
+import os
+import re
+import time
+
+import bed as bedmod
+from conftest import ff
+from test_daemon import Running, init, wait_for
+
+
+def snaps(ds):
+    out = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,value", "guid", "-d", "1", ds],
+                    check=False).stdout
+    return sorted(line.split("\t")[0].split("@")[1] + "=" + line.split("\t")[1]
+                  for line in out.splitlines() if "@" in line)
+
+
+def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
+    bed.write_config(cluster={"replication_interval": "0.5"})
+    init(bed)
+    a, b = bed.a, bed.b
+    mnt = os.path.join(a.pool.mountpoint, "shop")
+    with open(os.path.join(mnt, "first.bin"), "wb") as f:
+        f.write(os.urandom(200000))
+    want = bedmod.tree_digest(mnt)
+    da, db = Running(a).wait_ready(), Running(b).wait_ready()
+    try:
+        # the master's daemon sends the first full stream by itself
+        wait_for(lambda: snaps(b.dataset), 30, step=0.2)
+        wait_for(lambda: snaps(b.dataset) == [s for s in snaps(a.dataset)
+                                              if s.split("=")[0] in
+                                              {x.split("=")[0] for x in snaps(b.dataset)}], 30)
+        bedmod.sh(["zfs", "mount", b.dataset], check=False)
+        got = bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop"))
+        bedmod.sh(["zfs", "unmount", b.dataset], check=False)
+        assert got == want
+        status = da.status()
+        assert status["jobs"] is not None
+        # a 40 MB increment over a link throttled to 1 MB/s: the transfer is on
+        # the wire for ~40 s; stop the master's daemon in the middle of it
+        before = snaps(b.dataset)
+        with open(os.path.join(mnt, "big.bin"), "wb") as f:
+            for _ in range(40):
+                f.write(os.urandom(1 << 20))
+        bed.throttle(a, 8)
+        wait_for(lambda: da.status()["jobs"].get("replicate", 0) > 1.5, 30, step=0.05)
+        started = time.monotonic()
+        assert da.stop(timeout=60) == 0
+        stop_seconds = time.monotonic() - started
+    finally:
+        da.stop()
+        db.stop()
+    assert stop_seconds < 15, stop_seconds
+    with ff.StateStore.open(a.state_db) as s:
+        last = s.last_replication()
+    assert last["result"] == "failed", last     # recorded as failed, not half-recorded
+    assert re.search(r" to beta failed after \d+ bytes: the transfer was stopped because "
+                     r"flocker-failover is shutting down; the transfer to beta was aborted "
+                     r"before its end\. Nothing was changed on either node; the next cycle "
+                     r"tries again$", last["error"]), last["error"]
+    assert snaps(b.dataset) == before           # nothing half-received on the slave
+    assert "daemon stopped by signal 15" in a.flocker("history", check=True).stdout
+
+    # the next daemon finishes the job: the slave gets the whole increment
+    bed.throttle(a, None)
+    da = Running(a).wait_ready()
+    try:
+        wait_for(lambda: len(snaps(b.dataset)) > len(before) and
+                 ff.StateStore.open(a.state_db).last_replication()["result"] == "ok", 60,
+                 step=0.2)
+    finally:
+        da.stop()
+    bedmod.sh(["zfs", "mount", b.dataset], check=False)
+    assert bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop")) == \
+        bedmod.tree_digest(mnt)
