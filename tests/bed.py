@@ -97,16 +97,18 @@ def ensure_zfs():
     if not _zpool_works():
         if shutil.which("zfs-fuse") is None:
             raise BedUnavailable("ZFS does not answer and zfs-fuse is not installed")
-        if sh(["pgrep", "-x", "zfs-fuse"], check=False).returncode == 0:
-            # alive but slow (busy machine): give it time before giving up
-            for _ in range(40):
-                if _zpool_works():
-                    break
+        # A zfs-fuse that runs but does not answer is starting, busy, or
+        # shutting down (that takes half a minute): wait, and start a new one
+        # as soon as none runs.
+        deadline = time.monotonic() + 90
+        while not _zpool_works():
+            if time.monotonic() > deadline:
+                raise BedUnavailable("ZFS does not answer ('zpool list' fails) after "
+                                     "90 s; see 'zfs-fuse --no-daemon' for why")
+            if sh(["pgrep", "-x", "zfs-fuse"], check=False).returncode != 0:
+                _start_zfs_fuse()
+            else:
                 time.sleep(0.5)
-        else:
-            _start_zfs_fuse()
-        if not _zpool_works():
-            raise BedUnavailable("ZFS still does not answer ('zpool list' fails)")
     _remove_stale_pools()
 
 
