@@ -291,7 +291,7 @@ FAST = {"ssh_alive_interval": "1", "ssh_connect_timeout": "2",
         "transfer_stall_timeout": "10"}
 
 
-def setup(bed, cluster=None, nodes=None, init=True):
+def prepare(bed, cluster=None, nodes=None, init=True):
     opts = dict(FAST)
     opts.update(cluster or {})
     bed.write_config(cluster=opts, nodes=nodes)
@@ -392,7 +392,7 @@ def unchanged_since(bed, before_a, before_b, digest_b=None, new_pending_ok=False
 
 
 def test_full_incremental_catchup_and_status(bed):
-    setup(bed)
+    prepare(bed)
     a, b = bed.a, bed.b
     write(bed, "one.bin", 300000)
     os.makedirs(os.path.join(mnt(a), "sub"))
@@ -459,29 +459,29 @@ def test_full_incremental_catchup_and_status(bed):
 
 
 def test_wrong_host_key_then_fixed(bed):
-    setup(bed)
+    prepare(bed)
     bad = os.path.join(bed.workdir, "ssh", "wrong_known_hosts")
     key = os.path.join(bed.workdir, "ssh", "impostor")
     bedmod.sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
     with open(key + ".pub") as f, open(bad, "w") as out:
         out.write("%s %s\n" % (bed.b.address, " ".join(f.read().split()[:2])))
     write(bed, "x.bin", 10000)
-    setup(bed, cluster={"ssh_known_hosts": bad}, init=False)
+    prepare(bed, cluster={"ssh_known_hosts": bad}, init=False)
     fails(sync(bed), ff.EXIT_SSH, "host key of node beta", bad, "do not proceed")
     assert snaps(bed.b.dataset) is None
-    setup(bed, init=False)
+    prepare(bed, init=False)
     ok(sync(bed))
     assert slave_digest(bed) == master_digest(bed)
 
 
 def test_peer_pool_or_parent_missing(bed):
-    setup(bed)
-    setup(bed, nodes={"beta": {"dataset": "nosuchpool%d/shop" % os.getpid()}}, init=False)
+    prepare(bed)
+    prepare(bed, nodes={"beta": {"dataset": "nosuchpool%d/shop" % os.getpid()}}, init=False)
     write(bed, "x.bin", 10000)
     fails(sync(bed), ff.EXIT_REPLICATION, "pool nosuchpool", "does not exist on beta",
           "nothing was sent")
     missing = bed.b.pool.name + "/no/shop"
-    setup(bed, nodes={"beta": {"dataset": missing}}, init=False)
+    prepare(bed, nodes={"beta": {"dataset": missing}}, init=False)
     fails(sync(bed), ff.EXIT_REPLICATION, "zfs create -p %s/no" % bed.b.pool.name)
     assert snaps(missing) is None and snaps(bed.b.pool.name + "/no") is None
 
@@ -490,7 +490,7 @@ def test_target_pool_full(bed):
     small = bedmod.Pool(bed.workdir, "s", size_mb=64)
     bed.pools.append(small)
     replica = small.name + "/shop"
-    setup(bed, nodes={"beta": {"dataset": replica}})
+    prepare(bed, nodes={"beta": {"dataset": replica}})
     write(bed, "big.bin", 90 * 1024 * 1024)
     err = fails(sync(bed, timeout=300), ff.EXIT_REPLICATION, "is full", "free space there",
                 "Nothing was changed")
@@ -565,7 +565,7 @@ def _freeze_sender_mid_stream(bed):
 
 
 def test_sender_killed_mid_stream_then_retried(bed):
-    setup(bed)
+    prepare(bed)
     write(bed, "base.bin", 50000)
     ok(sync(bed))
     before_a, before_b, digest_b = snaps(bed.a.dataset), snaps(bed.b.dataset), slave_digest(bed)
@@ -604,7 +604,7 @@ def test_stalled_transfer_is_killed(bed):
     """The peer hangs mid-stream (its sshd frozen): once the buffers between
     the hosts are full no byte moves, and the watchdog ends the transfer.
     (Freezing zfs recv would not do: zfs-fuse's daemon does the reading.)"""
-    setup(bed, cluster={"transfer_stall_timeout": "2"})
+    prepare(bed, cluster={"transfer_stall_timeout": "2"})
     write(bed, "base.bin", 50000)
     ok(sync(bed))
     before_a, before_b, digest_b = snaps(bed.a.dataset), snaps(bed.b.dataset), slave_digest(bed)
@@ -635,7 +635,7 @@ def test_stalled_transfer_is_killed(bed):
 
 
 def test_slave_replica_modified_is_reported_not_rolled_back(bed):
-    setup(bed)
+    prepare(bed)
     write(bed, "x.bin", 10000)
     ok(sync(bed))
     b = bed.b
@@ -653,7 +653,7 @@ def test_slave_replica_modified_is_reported_not_rolled_back(bed):
 
 
 def test_no_common_snapshot(bed):
-    setup(bed)
+    prepare(bed)
     b = bed.b
     bedmod.sh(["zfs", "create", b.dataset])
     fails(sync(bed), ff.EXIT_REPLICATION, "has no snapshot", "zfs rename")
@@ -670,7 +670,7 @@ def test_no_common_snapshot(bed):
 
 
 def test_peer_claiming_master_gets_nothing(bed):
-    setup(bed)
+    prepare(bed)
     write(bed, "x.bin", 10000)
     ok(sync(bed))
     bedmod.sh(["zfs", "set", "flocker:role=beta master 2", bed.b.dataset])
@@ -685,11 +685,11 @@ def test_peer_claiming_master_gets_nothing(bed):
 
 
 def test_retention_keeps_the_common_snapshot_while_the_peer_is_away(bed):
-    setup(bed, cluster={"snapshot_keep": "1"})
+    prepare(bed, cluster={"snapshot_keep": "1"})
     write(bed, "x.bin", 10000)
     ok(sync(bed))
     common = rows(bed)[-1]["snapshot"]
-    setup(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+    prepare(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
           init=False)   # the peer's sshd is "down": connection refused
     for i in range(8):
         write(bed, "x%d.bin" % i, 5000)
@@ -698,7 +698,7 @@ def test_retention_keeps_the_common_snapshot_while_the_peer_is_away(bed):
         assert common in sa and sa[common][1] == 1
         assert len(sa) <= 2, sa                   # capped: the common one + newest
     newest = sorted(sa)[-1]
-    setup(bed, cluster={"snapshot_keep": "1"}, init=False)
+    prepare(bed, cluster={"snapshot_keep": "1"}, init=False)
     ok(sync(bed))
     assert slave_digest(bed) == master_digest(bed)
     for i in range(3):
@@ -712,7 +712,7 @@ def test_retention_keeps_the_common_snapshot_while_the_peer_is_away(bed):
 
 
 def test_recursive_children_replicate(bed):
-    setup(bed, cluster={"recursive": "yes"})
+    prepare(bed, cluster={"recursive": "yes"})
     kid = bed.a.dataset + "/kid"
     bedmod.sh(["zfs", "create", kid])
     with open(os.path.join(mnt(bed.a, kid), "k.bin"), "wb") as f:
@@ -731,19 +731,19 @@ def test_recursive_children_replicate(bed):
 def test_retention_spares_the_last_replicated_snapshot_even_unheld(bed):
     """Belt and braces: should the hold be gone (an operator released it),
     the snapshot last confirmed on the slave still survives the cap."""
-    setup(bed, cluster={"snapshot_keep": "1"})
+    prepare(bed, cluster={"snapshot_keep": "1"})
     write(bed, "x.bin", 10000)
     ok(sync(bed))
     common = rows(bed)[-1]["snapshot"]
     bedmod.sh(["zfs", "release", "flocker", "%s@%s" % (bed.a.dataset, common)])
-    setup(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+    prepare(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
           init=False)
     for i in range(3):
         write(bed, "x%d.bin" % i, 5000)
         fails(sync(bed), ff.EXIT_SSH, "cannot reach node beta", "Connection refused")
     sa = snaps(bed.a.dataset)
     assert common in sa and len(sa) == 2, sa
-    setup(bed, cluster={"snapshot_keep": "1"}, init=False)
+    prepare(bed, cluster={"snapshot_keep": "1"}, init=False)
     ok(sync(bed))
     assert slave_digest(bed) == master_digest(bed)
 
@@ -752,7 +752,7 @@ def test_slave_with_its_own_newer_snapshot_is_refused_and_kept(bed):
     """History on the slave that the master lacks (a snapshot after the
     common one, even one named like ours) is divergence: refused, and
     retention never touches it."""
-    setup(bed, cluster={"snapshot_keep": "1"})
+    prepare(bed, cluster={"snapshot_keep": "1"})
     write(bed, "x.bin", 10000)
     ok(sync(bed))
     own = "flocker-9-20300101T000000.000Z"
@@ -768,7 +768,7 @@ def test_slave_with_its_own_newer_snapshot_is_refused_and_kept(bed):
 def test_connection_is_reused_and_rebuilt_after_its_master_dies(bed):
     """Cycles share one ssh connection; when its master process dies hard,
     the next cycle still works and the one after reuses a new master."""
-    setup(bed)
+    prepare(bed)
     write(bed, "x.bin", 10000)
     ok(sync(bed))
 
