@@ -102,6 +102,18 @@ def test_features_of_openzfs_2():
     assert ff.build_resume_send_argv("1-abc-def") == ["zfs", "send", "-t", "1-abc-def"]
 
 
+def test_features_of_a_real_openzfs_2_3():
+    """Recorded from OpenZFS 2.3.2 (zfs-2.3.2-2~bpo12+2 in the qemu guest of
+    contrib/test-openzfs.sh) with 'zfs 2>&1; zfs get 2>&1', the command the
+    feature detection runs."""
+    path = os.path.join(os.path.dirname(__file__), "data", "openzfs-2.3.2-usage.txt")
+    with open(path) as f:
+        f = ff.parse_zfs_features(f.read())
+    assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
+                               list_parsable=True, createtxg=True,
+                               send_flags=frozenset(["-c", "-L", "-e", "-w"]))
+
+
 class FakePeer(ff.ZfsBase):
     def __init__(self, features):
         self._features = features
