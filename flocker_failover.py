@@ -1704,6 +1704,16 @@ class ZfsBase:
     def snapshot(self, dataset: str, name: str, recursive: bool) -> None:
         self.run(["snapshot"] + (["-r"] if recursive else []) + ["%s@%s" % (dataset, name)])
 
+    def settle(self, pool: str) -> bool:
+        """Make the pool commit what was written (zpool sync).  False where
+        that cannot be done: then nothing may be concluded from 'written'."""
+        return False
+
+    def written(self, dataset: str) -> Optional[str]:
+        """The dataset's 'written' property, read now ('0': nothing new)."""
+        proc = self.run(["get", "-H", "-p", "-o", "value", "written", dataset], check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
     def set_prop(self, dataset: str, prop: str, value: str) -> None:
         self.run(["set", "%s=%s" % (prop, value), dataset])
 
@@ -1787,6 +1797,15 @@ class Zfs(ZfsBase):
         except subprocess.TimeoutExpired:
             return False
         return proc.returncode == 0 and stream_is_empty(proc.stdout)
+
+    def settle(self, pool: str) -> bool:
+        try:
+            proc = subprocess.run(["zpool", "sync", pool], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  timeout=self.timeout)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return False
+        return proc.returncode == 0
 
     def exists(self, dataset: str) -> bool:
         proc = self.run(["list", "-H", "-o", "name", dataset], check=False)
@@ -3058,8 +3077,10 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
     newest = local.snaps[-1] if local.snaps else None
     # (written and the stream check see the top dataset only: with child
     # datasets every cycle takes its snapshot, and retention thins them)
+    # 'written' only moves when a transaction group commits (up to seconds
+    # later): trust a 0 only after making the pool commit, and read it again
     if newest is not None and zfs.features().written and not cfg.recursive:
-        if local.props.get("written", "") == "0":
+        if zfs.settle(ds.split("/")[0]) and zfs.written(ds) == "0":
             return local
     name = snapshot_name(epoch, clock())
     n = 1

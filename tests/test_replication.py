@@ -274,6 +274,29 @@ class FakeZfs(ff.ZfsBase):
     def listing(self, dataset):
         return self.list_result
 
+    settled = True
+
+    def settle(self, pool):
+        self.commands.append(["(zpool sync)", pool])
+        return self.settled
+
+    def written(self, dataset):
+        return self.list_result.props.get("written")
+
+
+def test_written_is_trusted_only_after_the_pool_committed():
+    """OpenZFS updates 'written' when a transaction group commits: a write
+    of the last seconds reads as 0 (seen on OpenZFS 2.3.2: a sync right
+    after a write skipped it).  Without a successful zpool sync, snapshot."""
+    modern = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
+    cfg = ff.Config(path="x", name="c", secret_file="s", secret=b"")
+    unchanged = ff.Listing("p/d", {"written": "0"}, (snap("a", "1"),))
+    z = FakeZfs(modern, unchanged)
+    z.settled = False
+    with pytest.raises(ff.ReplicationError):     # the fake lists no new snapshot
+        ff._snapshot_if_changed(cfg, z, unchanged, 1, time.time)
+    assert z.commands[0] == ["(zpool sync)", "p"] and z.commands[1][0] == "snapshot"
+
 
 def test_written_property_skips_the_snapshot():
     modern = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
@@ -281,12 +304,12 @@ def test_written_property_skips_the_snapshot():
     unchanged = ff.Listing("p/d", {"written": "0"}, (snap("a", "1"),))
     z = FakeZfs(modern, unchanged)
     assert ff._snapshot_if_changed(cfg, z, unchanged, 1, time.time) is unchanged
-    assert z.commands == []
+    assert z.commands == [["(zpool sync)", "p"]]        # and nothing else
     changed = ff.Listing("p/d", {"written": "4096"}, (snap("a", "1"),))
     z = FakeZfs(modern, changed)
     with pytest.raises(ff.ReplicationError):   # the fake lists no new snapshot
         ff._snapshot_if_changed(cfg, z, changed, 1, time.time)
-    assert z.commands[0][0] == "snapshot"
+    assert z.commands[1][0] == "snapshot"
     # with child datasets the top's written says nothing about them
     rec = dataclasses.replace(cfg, recursive=True)
     z = FakeZfs(modern, unchanged)
