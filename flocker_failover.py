@@ -4108,22 +4108,13 @@ class Daemon:
             self._event("health", "service health %s -> %s" % (old, self.health))
 
     def _job_snapshots(self, stop: threading.Event):
-        """(name, guid) of the newest snapshot of our dataset, ("", 0) if none."""
-        ds = self.cfg.local.dataset
-        zfs = Zfs()
-        proc = zfs.run(["list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation",
-                        "-r", ds], check=False)
-        if proc.returncode != 0:
-            if "does not exist" in proc.stderr:
-                return ("", 0)
-            raise ZfsError("'zfs list -t snapshot -r %s' failed: %s"
-                           % (ds, _stderr_text(proc.stderr)))
-        names = [n for n in proc.stdout.split("\n") if n.startswith(ds + "@")]
-        if not names:
+        """(name, guid) of the newest snapshot of our dataset, ("", 0) if none
+        (the same listing the replication cycle reads)."""
+        listing = Zfs().listing(self.cfg.local.dataset)
+        if listing is None or not listing.snaps:
             return ("", 0)
-        guid = zfs.get(names[-1], ["guid"]).get("guid", "")
-        return (names[-1].split("@", 1)[1][:255],
-                int(guid) & _U64_MAX if guid.isdigit() else 0)
+        newest = listing.snaps[-1]
+        return (newest.name[:255], int(newest.guid) & _U64_MAX if newest.guid.isdigit() else 0)
 
     def _snapshots_done(self, result, error) -> None:
         if error is not None:

@@ -1,6 +1,5 @@
 """check: the monitoring verdict, unit-tested and created for real."""
 
-import json
 
 import pytest
 

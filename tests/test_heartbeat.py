@@ -3,7 +3,6 @@
 import dataclasses
 import os
 import random
-import struct
 import time
 
 import pytest
