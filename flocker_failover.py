@@ -276,6 +276,22 @@ class ServiceAddress:
         return "%s/%d dev %s" % (self.address, self.prefix, self.device)
 
 
+def _p_arbitrator(value: str) -> Tuple[str, int]:
+    expected = "HOST:PORT (IPv6: [ADDRESS]:PORT), e.g. 192.0.2.254:22"
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\s]+):(\d+)$", value)
+    if not m:
+        raise _Invalid(expected)
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise _Invalid(expected)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid(expected + " (an IP address, not a name: no DNS lookup "
+                       "may stand between a node and its decision)") from None
+    return (host, port)
+
+
 def _p_service_address(value: str) -> ServiceAddress:
     expected = "ADDRESS/PREFIX dev INTERFACE, e.g. 192.0.2.100/24 dev eth0"
     words = value.split()
@@ -343,6 +359,17 @@ CLUSTER_OPTIONS = (
     Option("send_flags", _p_send_flags, "", "zfs send flags",
            "Extra zfs send flags among -c -L -e -w (OpenZFS); each is used "
            "only when both hosts' zfs support it, else left out with a warning."),
+    Option("arbitrator", _p_arbitrator, "", "HOST:PORT",
+           "A third address both nodes should reach (a router, a switch, a "
+           "third host): reachable when a TCP connection to it is accepted or "
+           "refused. A slave promotes only while it reaches it; a master that "
+           "reaches neither it nor its peer steps down (empty: none)."),
+    Option("arbitrator_command", _p_command, "", "command",
+           "Instead of arbitrator: a command that exits 0 while the "
+           "arbitrator is reachable (e.g. ping -c 1 -W 1 ADDRESS)."),
+    Option("arbitrator_timeout", _p_seconds, "1.0", "seconds",
+           "Longest time one arbitrator check may take; it runs every "
+           "heartbeat_interval."),
 )
 
 SERVICE_OPTIONS = (
@@ -357,6 +384,16 @@ SERVICE_OPTIONS = (
            "FLOCKER_EPOCH and FLOCKER_REASON in its environment."),
     Option("check_interval", _p_seconds, "10.0", "seconds",
            "Time between two runs of check_command by the daemon."),
+    Option("check_failures", _p_count, "3", "checks",
+           "Consecutive failed checks after which the master hands the service "
+           "over to the slave (only when the slave is alive and up to date)."),
+    Option("hold_down", _p_seconds, "300", "seconds",
+           "After a role change, a failing check does not move the role again "
+           "for this long (no ping-pong of a flapping service)."),
+    Option("fence_command", _p_command, "", "command",
+           "Run by a slave before it takes over from a silent peer (e.g. power "
+           "the peer off through its BMC); the takeover waits until it exits 0. "
+           "FLOCKER_PEER names the peer."),
     Option("command_timeout", _p_seconds, "60.0", "seconds",
            "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
@@ -396,6 +433,9 @@ class ServiceConfig:
     check_interval: float
     command_timeout: float
     service_address: Optional[ServiceAddress]
+    check_failures: int = 3
+    hold_down: float = 300.0
+    fence_command: Optional[Tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +460,9 @@ class Config:
     ssh_alive_interval: float = 5.0
     ssh_control_persist: float = 300.0
     send_flags: Tuple[str, ...] = ()
+    arbitrator: Optional[Tuple[str, int]] = None
+    arbitrator_command: Optional[Tuple[str, ...]] = None
+    arbitrator_timeout: float = 1.0
     service: Optional[ServiceConfig] = None
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
@@ -615,6 +658,11 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "%s: [service] %s: missing; expected a command because %s is set "
             "(a master must be able to stop what it started)" % (path, missing, have))
 
+    if c["arbitrator"] is not None and c["arbitrator_command"] is not None:
+        raise ConfigError(
+            "%s: [cluster] arbitrator_command: set together with arbitrator; "
+            "expected one of the two (an address to reach, or a command)" % path)
+
     nodes = []
     for section in node_sections:
         name = section.split()[1]
@@ -657,7 +705,9 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         check_command=s["check_command"], notify_command=s["notify_command"],
         check_interval=s["check_interval"],
         command_timeout=s["command_timeout"],
-        service_address=s["service_address"])
+        service_address=s["service_address"],
+        check_failures=s["check_failures"], hold_down=s["hold_down"],
+        fence_command=s["fence_command"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
@@ -682,6 +732,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         ssh_alive_interval=c["ssh_alive_interval"],
         ssh_control_persist=c["ssh_control_persist"],
         send_flags=c["send_flags"] or (),
+        arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
+        arbitrator_timeout=c["arbitrator_timeout"],
         service=svc, nodes=tuple(nodes),
         secret_file_previous=c["secret_file_previous"], secret_previous=previous)
 
@@ -740,6 +792,8 @@ def _format_value(opt: Option, value) -> str:
         return ", ".join(value)
     if opt.parse is _p_send_flags:
         return " ".join(value)
+    if opt.parse is _p_arbitrator:
+        return ("[%s]:%d" if ":" in value[0] else "%s:%d") % value
     if isinstance(value, float):
         return "%g" % value
     return str(value)
@@ -1133,6 +1187,19 @@ class StateStore:
             self._event(conn, "role", "%s -> %s, epoch %d -> %d: %s"
                         % (old[0], role, old[1], epoch, reason))
 
+    def set_outdated(self, outdated: bool, reason: str) -> None:
+        """Persist whether this replica is known to lack the master's data."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE node_state SET outdated = ? WHERE id = 1", (int(outdated),))
+            self._event(conn, "outdated", ("replica marked OUTDATED: " if outdated else
+                                           "replica no longer outdated: ") + reason,
+                        "warning" if outdated else "info")
+
+    def last_role_change(self) -> Optional[float]:
+        """Wall-clock time of the newest role change, None if none."""
+        row = self.conn.execute("SELECT MAX(ts) FROM events WHERE kind = 'role'").fetchone()
+        return row[0] if row else None
+
     def save_peer(self, node: str, seen: float, role: Optional[str],
                   epoch: Optional[int], generation: Optional[int],
                   snapshot: Optional[str], guid: Optional[str],
@@ -1299,7 +1366,8 @@ def _split_sql(script: str) -> List[str]:
 #   offset size  field
 #    0     4     magic "FLKH"
 #    4     1     version (1)
-#    5     1     flags (bit 0: handover request, bit 1: release)
+#    5     1     flags (bit 0: handover request, bit 1: release, bit 2:
+#                serving, bit 3: the receiver's replica is outdated)
 #    6     4     key id: the first 4 bytes of the signing key's id
 #   10     8     boot generation of the sender (raised at every daemon start)
 #   18     8     sequence number (1, 2, ... within one generation)
@@ -1332,8 +1400,10 @@ _WIRE_MAC = 32
 _WIRE_MIN = _WIRE_HEAD.size + 3 + 8 + 1 + _WIRE_MAC
 _U64_MAX = 2 ** 64 - 1
 
-FLAG_HANDOVER_REQUEST = 0x01
-FLAG_RELEASE = 0x02
+FLAG_HANDOVER_REQUEST = 0x01  # a slave asks its master for a planned switchover
+FLAG_RELEASE = 0x02           # a former master handed over: the slave may promote
+FLAG_SERVING = 0x04           # the sender runs the user system now
+FLAG_PEER_OUTDATED = 0x08     # a master: the receiver lacks data written here
 
 _ROLE_CODE = {ROLE_MASTER: 1, ROLE_SLAVE: 2}
 _ROLE_OF = {v: k for k, v in _ROLE_CODE.items()}
@@ -2531,6 +2601,63 @@ class SystemdNotifier:
 
 # -- the service address -------------------------------------------------------
 
+def kill_receives(dataset: str, grace: float = 3.0) -> List[int]:
+    """Stop every 'zfs recv'/'zfs receive' into dataset (or a child) on this
+    host, e.g. one the old master's ssh session still feeds: a promoted
+    dataset must not change under the user system.  Returns their pids."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if (len(argv) >= 3 and os.path.basename(argv[0]) == "zfs"
+                and argv[1] in ("recv", "receive") and "-A" not in argv
+                and (argv[-1] == dataset or argv[-1].startswith(dataset + "/"))):
+            pids.append(int(entry))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                alive.append(pid)
+        deadline = time.monotonic() + grace
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if os.path.exists("/proc/%d" % p)]
+            time.sleep(0.05)
+        if not alive:
+            break
+    if pids:
+        log.warning("stopped %d unfinished receive(s) into %s: pids %s", len(pids), dataset,
+                    ", ".join(map(str, pids)))
+    return pids
+
+
+def probe_arbitrator(cfg: Config, stop: Optional[threading.Event] = None) -> Tuple[bool, str]:
+    """Can this node reach the arbitrator now?  (reachable, how it answered).
+    A TCP connection that is accepted or refused proves the path: an answer
+    came back from that address."""
+    if cfg.arbitrator_command is not None:
+        r = run_command(cfg.arbitrator_command, cfg.arbitrator_timeout, stop=stop)
+        return r.ok, r.describe()
+    host, port = cfg.arbitrator
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(cfg.arbitrator_timeout)
+        try:
+            s.connect((host, port))
+            return True, "connection accepted"
+        except ConnectionRefusedError:
+            return True, "connection refused (it answered)"
+        except socket.timeout:
+            return False, "no answer within %g s" % cfg.arbitrator_timeout
+        except OSError as e:
+            return False, e.strerror or str(e)
+
+
 def _ip(args: Sequence[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(["ip"] + list(args), stdin=subprocess.DEVNULL,
@@ -2665,6 +2792,9 @@ class Facts:
     service_failures: int = 0      # consecutive failed checks (master)
     peer_up_to_date: bool = False  # the slave holds our newest snapshot
     since_role_change: float = float("inf")
+    peer_serving: bool = False     # the peer says it runs the user system
+    peer_released: bool = False    # the peer handed the master role over
+    holds_peer_newest: bool = False  # our newest snapshot is the peer's newest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2691,6 +2821,13 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
     if peer_alive(f, t):
         if f.peer_role == ROLE_MASTER:
             return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
+        if f.peer_released:
+            if not f.holds_peer_newest:
+                return Decision(DECIDE_WAIT, "the peer handed the master role over, but "
+                                             "this replica lacks its newest snapshot")
+            return Decision(DECIDE_PROMOTE, "the peer handed the master role over",
+                            next_epoch(max(f.epoch, f.highest_epoch_seen,
+                                           f.peer_epoch or 0), f.index))
         return Decision(DECIDE_WAIT, "no master: both nodes are slaves; run 'promote' on "
                                      "the node that holds the newest data")
     if not f.force:
@@ -2719,8 +2856,11 @@ def _decide_starting_master(f: Facts, t: Timing) -> Decision:
         if (f.peer_epoch or 0) > f.epoch:
             return Decision(DECIDE_DEMOTE, "the peer is master with a newer epoch (%d > %d)"
                             % (f.peer_epoch, f.epoch))
-        return Decision(DECIDE_SPLIT_BRAIN, "both nodes claim master (epochs %d and %s)"
-                        % (f.epoch, f.peer_epoch))
+        if f.peer_serving:
+            return Decision(DECIDE_SPLIT_BRAIN, "both nodes claim master (epochs %d and %s)"
+                            % (f.epoch, f.peer_epoch))
+        return Decision(DECIDE_RESUME, "both nodes start as master; this one has the "
+                                       "newer epoch (%d > %s)" % (f.epoch, f.peer_epoch))
     if peer_alive(f, t):
         return Decision(DECIDE_RESUME, "the peer is slave")
     if f.uptime >= t.startup_wait:
@@ -2736,6 +2876,10 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
                                           "answers for %.1f s" % f.peer_silence)
     if peer_alive(f, t):
         if f.peer_role == ROLE_MASTER:
+            if not f.peer_serving and (f.peer_epoch or 0) < f.epoch:
+                return Decision(DECIDE_WAIT, "the peer, a former master of epoch %s, is "
+                                             "starting: it yields to epoch %d"
+                                % (f.peer_epoch, f.epoch))
             return Decision(DECIDE_SPLIT_BRAIN, "both nodes serve as master (epochs %d and %s)"
                             % (f.epoch, f.peer_epoch))
         if f.service_failures >= t.check_failures:
@@ -3255,7 +3399,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
 # master.  Start and stop commands must be idempotent (as systemctl is).
 
 PROMOTE_STEPS = ("role", "discard-partial", "writable", "mount", "start", "address", "notify")
-DEMOTE_STEPS = ("stop", "address", "readonly", "unmount", "role", "notify")
+DEMOTE_STEPS = ("stop", "address", "final-sync", "readonly", "unmount", "role", "notify")
 COMMAND_TRIES = 3
 
 
@@ -3309,18 +3453,40 @@ def _notify(ctx: Context, old_role: str, new_role: str, epoch: int, reason: str)
         ctx.store.record_event("notify", "notify_command: " + result.describe(), "warning")
 
 
+class HandoverAborted(ActionError):
+    """A planned switchover could not send the final snapshot; this node
+    went back to serving as master."""
+
+
 def promote(ctx: Context, epoch: int, reason: str) -> None:
-    """Make this node master in `epoch` (from decide())."""
+    """Make this node master in `epoch` (from decide()).  With the node's
+    own epoch, a master that starts up resumes serving (no notification:
+    its role does not change)."""
     old = ctx.store.node_state()
     data = {"epoch": epoch, "reason": reason, "old_role": old.role}
     _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
 
 
-def demote(ctx: Context, epoch: int, reason: str) -> None:
-    """Make this node slave; epoch is the highest epoch it knows of."""
+def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
+           stop: Optional[threading.Event] = None) -> None:
+    """Make this node slave; epoch is the highest epoch it knows of.
+    handover: a planned switchover: after the user system stopped, the
+    final snapshot goes to the peer before the dataset is given up; when
+    that fails the node serves again and HandoverAborted is raised."""
     old = ctx.store.node_state()
-    data = {"epoch": max(epoch, old.epoch), "reason": reason, "old_role": old.role}
-    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data)
+    data = {"epoch": max(epoch, old.epoch), "reason": reason, "old_role": old.role,
+            "handover": handover}
+    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data, stop)
+
+
+def stop_serving(ctx: Context, reason: str) -> None:
+    """The user system stops, the role stays (a master's daemon stops):
+    stop_command, then the service address, in the order of a demotion."""
+    env = _service_env(ctx, ctx.store.node_state().epoch, {"FLOCKER_ROLE": ROLE_MASTER})
+    _run_service_command(ctx, "stop_command", ctx.cfg.service.stop_command, env)
+    if ctx.cfg.service.service_address is not None:
+        remove_service_address(ctx.cfg.service.service_address)
+    ctx.store.record_event("service", "user system stopped, role kept: %s" % reason)
 
 
 def recover_intent(ctx: Context) -> Optional[str]:
@@ -3349,6 +3515,11 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 ctx.store.set_role(ROLE_MASTER, epoch, data["reason"])
             zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_MASTER, epoch))
         elif step == "discard-partial":
+            killed = kill_receives(ds)
+            if killed:
+                ctx.store.record_event("promote", "stopped %d unfinished receive(s) into %s "
+                                       "(pids %s)" % (len(killed), ds,
+                                                      ", ".join(map(str, killed))))
             if zfs.abort_partial_receive(ds):
                 ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
         elif step == "writable":
@@ -3363,11 +3534,13 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 add_service_address(sa)
                 gratuitous_arp(sa)
         elif step == "notify":
-            _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"])
+            if data["old_role"] != ROLE_MASTER:   # a resumption is no role change
+                _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
 
 
-def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
+def _demote_steps(ctx: Context, intent_id: int, data: dict,
+                  stop: Optional[threading.Event] = None) -> None:
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
     env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
     for step in DEMOTE_STEPS:   # the reverse order of promotion
@@ -3378,6 +3551,9 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "address":
             if cfg.service.service_address is not None:
                 remove_service_address(cfg.service.service_address)
+        elif step == "final-sync":
+            if data.get("handover"):
+                _final_sync(ctx, intent_id, data, stop)
         elif step == "readonly":
             if zfs.exists(ds):
                 zfs.set_prop(ds, "readonly", "on")
@@ -3393,6 +3569,23 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "notify":
             _notify(ctx, data["old_role"], ROLE_SLAVE, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
+
+
+def _final_sync(ctx: Context, intent_id: int, data: dict,
+                stop: Optional[threading.Event]) -> None:
+    """The user system is stopped: snapshot and send what it wrote last.
+    If that fails, the switchover is called off and this node serves again."""
+    try:
+        result = replicate_once(ctx.cfg, ctx.store, ctx.zfs, peer_zfs(ctx.cfg), stop=stop)
+    except FlockerError as e:
+        ctx.store.finish_intent(intent_id)
+        why = ("the switchover to %s was called off: the final snapshot could not be "
+               "sent (%s); serving again as master" % (ctx.cfg.peer.name, e.message))
+        ctx.store.record_event("handover", why, "error")
+        promote(ctx, data["epoch"], "resumed after a failed switchover")
+        raise HandoverAborted(why) from None
+    ctx.store.record_event("handover", "final snapshot %s is on %s: handing over"
+                           % (result.snapshot, ctx.cfg.peer.name))
 
 
 # -- keeping divergent data -----------------------------------------------------
@@ -3693,6 +3886,7 @@ def format_status(r: dict) -> str:
 PEER_SAVE_EVERY = 5.0        # seconds between refreshes of the persisted peer row
 REJECT_SUMMARY_EVERY = 10.0  # seconds between "rejected N packets" log lines
 REJECT_DETAIL_EVERY = 60.0   # seconds between detailed lines for one reason
+OUTDATED_AFTER_FAILURES = 3  # failed cycles in a row before the slave is told it is outdated
 RECV_BATCH = 128             # datagrams read per socket before the loop looks at timers
 CONTROL_MAX_CLIENTS = 8
 CONTROL_TIMEOUT = 5.0        # seconds a control client may take
@@ -3895,6 +4089,16 @@ class JobRunner:
     def busy(self, name: str) -> bool:
         return name in self._running
 
+    def cancel(self, name: str, timeout: float) -> bool:
+        """Ask job `name` to stop and wait for its thread (from another
+        job's thread: never from the loop).  True when it is not running."""
+        job = self._running.get(name)
+        if job is None:
+            return True
+        job.stop.set()
+        job.thread.join(timeout)
+        return not job.thread.is_alive()
+
     def collect(self) -> None:
         with self._lock:
             done, self._done = self._done, []
@@ -4029,6 +4233,23 @@ class Daemon:
         self.snapshot = ("", 0)    # newest own snapshot (name, GUID), as sent
         self.health = "unchecked"
         self.flags = 0             # FLAG_* bits sent in every heartbeat
+        self.serving = False       # this daemon runs the user system now
+        self.outdated = False      # persisted: this replica lacks the master's data
+        self.decision = None       # type: Optional[Decision]  # the newest one
+        self._decision_key = None
+        self.fenced = None         # type: Optional[bool]  # in the current silence
+        self.arbitrator_seen = None  # type: Optional[float]  # start of the newest probe that got an answer
+        self.arbitrator_last = None  # type: Optional[Tuple[bool, str, float]]
+        self.check_failures = 0    # consecutive failed runs of check_command
+        self.repl_failures = 0     # consecutive failed replication cycles
+        self.released = False      # handed the master role over; the peer may promote
+        self.leaving = False       # a master's daemon is stopping
+        self.force = False         # an operator forces a takeover
+        self.role_changed = float("-inf")   # monotonic time of the last role change
+        self.peer_epoch_seen = 0   # persisted: the highest epoch the peer announced
+        self._role_retry_at = 0.0
+        self._role_backoff = 0.0
+        self._refresh_at = 0.0
         self.worst_lag = 0.0
         self.last_lag = 0.0
         self.stats_since = 0.0
@@ -4068,23 +4289,56 @@ class Daemon:
                           self._job_snapshots, self._snapshots_done)
         self.add_periodic("replicate", lambda c: c.replication_interval,
                           self._job_replicate, self._replicate_done)
+        self.add_periodic("arbitrator", lambda c: c.heartbeat_interval,
+                          self._job_arbitrator, self._arbitrator_done)
 
     def _job_replicate(self, stop: threading.Event):
-        """The sync command's cycle, in a job thread (never on the loop)."""
-        if self.role != ROLE_MASTER:
+        """The sync command's cycle, in a job thread (never on the loop);
+        only while this node serves as master and changes no role."""
+        if self.role != ROLE_MASTER or not self.serving or self.jobs.busy("role"):
             return None
         with self.open_store() as store:
             return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop)
 
     def _replicate_done(self, result, error) -> None:
         if error is not None:
+            self.repl_failures += 1
             self._log_quietly("replicate", logging.WARNING, "replication: %s" % error)
-        elif result is not None and result.sent:
-            log.info("replication: %s", result.message)
+        elif result is not None:
+            self.repl_failures = 0
+            guid = int(result.guid) & _U64_MAX if result.guid.isdigit() else 0
+            self.snapshot = (result.snapshot[:255], guid)
+            if result.sent:
+                log.info("replication: %s", result.message)
+
+    def _job_arbitrator(self, stop: threading.Event):
+        cfg = self.cfg
+        if cfg.arbitrator is None and cfg.arbitrator_command is None:
+            return None
+        started = time.monotonic()
+        reachable, how = probe_arbitrator(cfg, stop)
+        return reachable, how, started
+
+    def _arbitrator_done(self, result, error) -> None:
+        if error is not None or result is None:
+            if error is not None:
+                self._log_quietly("arbitrator", logging.ERROR,
+                                  "cannot check the arbitrator: %s" % error)
+            return
+        reachable, how, started = result
+        if self.arbitrator_last is None or self.arbitrator_last[0] != reachable:
+            what = self.cfg.arbitrator_command and "arbitrator_command" or \
+                "arbitrator %s:%d" % self.cfg.arbitrator
+            message = "%s is %s: %s" % (what, "reachable" if reachable else "NOT reachable", how)
+            log.log(logging.INFO if reachable else logging.WARNING, "%s", message)
+            self._event("arbitrator", message, "info" if reachable else "warning")
+        self.arbitrator_last = result
+        if reachable:
+            self.arbitrator_seen = max(self.arbitrator_seen or started, started)
 
     def _job_check(self, stop: threading.Event):
         argv = self.cfg.service.check_command
-        if argv is None:
+        if argv is None or not self.serving:
             return None
         return run_command(argv, self.cfg.service.command_timeout, stop=stop)
 
@@ -4095,9 +4349,11 @@ class Daemon:
             return
         if result is None:
             self.health = "unchecked"
+            self.check_failures = 0
             return
         status, tail = result.returncode, result.tail
         old, self.health = self.health, ("ok" if status == 0 else "failed")
+        self.check_failures = 0 if status == 0 else self.check_failures + 1
         if status is None:
             self._log_quietly("check", logging.ERROR,
                               "check_command did not finish within %g s (command_timeout) "
@@ -4162,7 +4418,15 @@ class Daemon:
                     "fix --node or state_db in the configuration" % (db, st.node,
                                                                      self.cfg.local_name))
             self.generation = store.next_generation()
-            self.role, self.epoch = st.role, st.epoch
+            if store.unfinished_intent() is not None:
+                # a crash cut a role change short: finish it before anything else
+                recover_intent(Context(self.cfg, store, Zfs()))
+                st = store.node_state()
+                self.serving = st.role == ROLE_MASTER
+            self.role, self.epoch, self.outdated = st.role, st.epoch, st.outdated
+            changed = store.last_role_change()
+            if changed is not None:
+                self.role_changed = time.monotonic() - max(0.0, wall_clock() - changed)
             if self.cfg.service.check_command is not None:
                 self.health = "unknown"   # until the first check has run
             peer = store.peer(self.cfg.peer.name)
@@ -4184,6 +4448,7 @@ class Daemon:
         if peer is not None:
             self._peer_saved = (peer["role"], peer["epoch"], peer["generation"],
                                 peer["snapshot"], peer["guid"], peer["health"])
+            self.peer_epoch_seen = peer["epoch"] or 0
 
     def _write_pidfile(self) -> None:
         if self.pidfile is None:
@@ -4356,7 +4621,7 @@ class Daemon:
             hb = Heartbeat(cluster=cfg.name, sender=cfg.local_name,
                            generation=self.generation, sequence=self.sequence,
                            role=self.role, epoch=self.epoch, snapshot=self.snapshot[0],
-                           guid=self.snapshot[1], health=self.health, flags=self.flags,
+                           guid=self.snapshot[1], health=self.health, flags=self._flags(),
                            echo_generation=echo[0], echo_sequence=echo[1],
                            accepts=tuple(key_id(k) for k in own))
             try:
@@ -4404,6 +4669,192 @@ class Daemon:
             level = "warning" if (" dead" in message or " down" in message) else "info"
             log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
             self._event("liveness", message, level)
+        self._observe_peer(now)
+        self._decide_roles(now)
+
+    # -- roles -----------------------------------------------------------------
+    #
+    # Every liveness tick gathers the facts, asks decide() (section 6) and
+    # carries out what it says in the job "role" (one role change at a
+    # time; while it runs nothing else is decided).  The actions are the
+    # crash-safe ones of section 7; a failed one is finished by
+    # recover_intent() on the next try, after a growing pause.
+
+    def _flags(self) -> int:
+        f = self.flags
+        if self.serving:
+            f |= FLAG_SERVING
+        if self.released and self.role == ROLE_SLAVE:
+            f |= FLAG_RELEASE
+        if self.role == ROLE_MASTER and (self.leaving or
+                                         self.repl_failures >= OUTDATED_AFTER_FAILURES):
+            f |= FLAG_PEER_OUTDATED
+        return f
+
+    def _timing(self) -> Timing:
+        c = self.cfg
+        return Timing(dead_time=c.dead_time, startup_wait=c.startup_wait,
+                      wait_for_peer=c.wait_for_peer,
+                      isolation_time=isolation_time(c.dead_time, c.heartbeat_interval),
+                      check_failures=c.service.check_failures, hold_down=c.service.hold_down)
+
+    def _observe_peer(self, now: float) -> None:
+        """What the peer's newest heartbeat tells beyond liveness."""
+        t = self.tracker
+        hb = t.last
+        if t.state == "alive":
+            self.fenced = None      # a new silence needs a new fence
+        if hb is None:
+            return
+        self.peer_epoch_seen = max(self.peer_epoch_seen, hb.epoch)
+        if self.released and hb.role == ROLE_MASTER and hb.epoch > self.epoch:
+            self.released = False   # the peer took over
+        if self.role != ROLE_SLAVE or hb.role != ROLE_MASTER or t.state != "alive":
+            return
+        if hb.guid and hb.guid != self.snapshot[1] and now >= self._refresh_at:
+            self._refresh_at = now + 1.0   # our newest snapshot may have arrived
+            self.jobs.start("snapshots", self._job_snapshots, self._snapshots_done)
+        behind = bool(hb.flags & FLAG_PEER_OUTDATED)
+        if behind and not self.outdated:
+            self._set_outdated(True, "master %s (epoch %d) says this node lacks data it "
+                                     "wrote" % (self.cfg.peer.name, hb.epoch))
+        elif self.outdated and not behind and hb.guid and hb.guid == self.snapshot[1]:
+            self._set_outdated(False, "this node holds master %s's newest snapshot %s"
+                               % (self.cfg.peer.name, hb.snapshot))
+
+    def _set_outdated(self, value: bool, reason: str) -> None:
+        self.outdated = value
+        log.log(logging.WARNING if value else logging.INFO, "replica %s: %s",
+                "OUTDATED" if value else "up to date again", reason)
+        self._submit(lambda store: store.set_outdated(value, reason))
+
+    def _facts(self, now: float) -> Facts:
+        t = self.tracker
+        hb = t.last
+        heard = t.last_seen
+        basis = heard if heard is not None and heard >= t.awake_since else t.awake_since
+        cfg = self.cfg
+        arbitrator = None
+        if cfg.arbitrator is not None or cfg.arbitrator_command is not None:
+            # it answered since the peer went silent: this node is not the isolated one
+            arbitrator = (self.arbitrator_seen is not None and
+                          self.arbitrator_seen >= (heard if heard is not None else t.start))
+        own_guid = self.snapshot[1]
+        return Facts(
+            role=self.role, epoch=self.epoch,
+            index=node_index([n.name for n in cfg.nodes], cfg.local_name),
+            serving=self.serving,
+            outdated=self.outdated or (self.role == ROLE_SLAVE and not own_guid),
+            uptime=now - self.started_mono,
+            peer_heard=heard is not None,
+            peer_silence=now - basis,
+            peer_role=hb.role if hb else None,
+            peer_epoch=hb.epoch if hb else None,
+            highest_epoch_seen=max(self.epoch, self.peer_epoch_seen),
+            arbitrator=arbitrator,
+            fence=None if cfg.service.fence_command is None else bool(self.fenced),
+            force=self.force,
+            service_failures=self.check_failures,
+            peer_up_to_date=bool(hb and own_guid and hb.guid == own_guid),
+            since_role_change=now - self.role_changed,
+            peer_serving=bool(hb and hb.flags & FLAG_SERVING),
+            peer_released=bool(hb and hb.flags & FLAG_RELEASE),
+            holds_peer_newest=bool(hb and hb.guid and hb.guid == own_guid))
+
+    def _decide_roles(self, now: float) -> None:
+        if self._stop_signal or self.jobs.busy("role") or now < self._role_retry_at:
+            return
+        d = decide(self._facts(now), self._timing())
+        self.decision = d
+        key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
+        if key != self._decision_key:
+            self._decision_key = key
+            level = logging.ERROR if d.kind == DECIDE_SPLIT_BRAIN else logging.INFO
+            log.log(level, "decision: %s: %s", d.kind, d.reason)
+            if d.kind == DECIDE_SPLIT_BRAIN:
+                self._event("split-brain", d.reason + "; nothing is changed automatically "
+                            "yet: decide which node's data continues", "error")
+        if d.kind == DECIDE_PROMOTE:
+            self._role_job(d.kind, lambda ctx, stop: promote(ctx, d.epoch, d.reason))
+        elif d.kind == DECIDE_RESUME:
+            self._role_job(d.kind, lambda ctx, stop: promote(ctx, self.epoch, d.reason))
+        elif d.kind in (DECIDE_DEMOTE, DECIDE_STEP_DOWN):
+            epoch = max(self.epoch, self.peer_epoch_seen)
+            self._role_job(d.kind, lambda ctx, stop: (self._stop_replication(),
+                                                      demote(ctx, epoch, d.reason)))
+        elif d.kind == DECIDE_HANDOVER:
+            self._role_job(d.kind, lambda ctx, stop: (
+                self._stop_replication(), demote(ctx, self.epoch, d.reason, handover=True,
+                                                 stop=stop)))
+        elif d.kind == DECIDE_FENCE:
+            self._role_job(d.kind, self._fence)
+
+    def _stop_replication(self) -> None:
+        """From a role job: a master giving up its role first ends the
+        replication cycle in flight (it aborts cleanly; nothing half-done)."""
+        if not self.jobs.cancel("replicate", timeout=60.0):
+            raise ActionError("the replication cycle did not stop within 60 s")
+
+    def _fence(self, ctx: Context, stop: threading.Event) -> None:
+        argv = self.cfg.service.fence_command
+        env = _service_env(ctx, self.epoch, {"FLOCKER_PEER": self.cfg.peer.name,
+                                             "FLOCKER_PEER_ADDRESS": self.cfg.peer.addresses[0]})
+        result = run_command(argv, self.cfg.service.command_timeout, env, stop=stop)
+        ctx.store.record_event("fence", "fence_command %s" % (
+            "succeeded" if result.ok else "FAILED: " + result.describe()),
+            "info" if result.ok else "error")
+        if not result.ok:
+            raise ActionError("fence_command failed: %s; the takeover waits until it "
+                              "succeeds" % result.describe())
+        self.fenced = True
+
+    def _role_job(self, kind: str, action) -> None:
+        def job(stop):
+            with self.open_store() as store:
+                ctx = Context(self.cfg, store, Zfs())
+                try:
+                    if kind != DECIDE_FENCE and store.unfinished_intent() is not None:
+                        recover_intent(ctx)      # finish what failed before, then decide again
+                        return store.node_state(), None, "recover"
+                    action(ctx, stop)
+                    return store.node_state(), None, kind
+                except FlockerError as e:
+                    return store.node_state(), e, kind
+        self.jobs.start("role", job, self._role_done)
+
+    def _role_done(self, result, error) -> None:
+        if error is not None:     # an internal error: logged, retried later
+            result = (None, error, "role")
+        st, failure, kind = result
+        if st is not None:
+            if (st.role, st.epoch) != (self.role, self.epoch):
+                self.role_changed = time.monotonic()
+            was = self.role
+            self.role, self.epoch = st.role, st.epoch
+            if st.role == ROLE_SLAVE:
+                self.serving = False
+            elif failure is None or isinstance(failure, HandoverAborted):
+                # a promotion, a resumption, a recovered promotion, or a
+                # switchover called off (the node serves again)
+                self.serving = True
+            if st.role == ROLE_MASTER and was != ROLE_MASTER:
+                self.fenced, self.check_failures, self.repl_failures = None, 0, 0
+                self.force = False
+                if self.outdated:
+                    self._set_outdated(False, "this node is master now")
+        if failure is None:
+            self._role_backoff = 0.0
+            if kind == DECIDE_HANDOVER:
+                self.released = True
+            if kind != DECIDE_FENCE:
+                log.info("%s done: role %s, epoch %d, %s", kind, self.role, self.epoch,
+                         "serving" if self.serving else "not serving")
+            return
+        self._role_backoff = min(60.0, max(1.0, self._role_backoff * 2))
+        self._role_retry_at = time.monotonic() + self._role_backoff
+        why = failure.message if isinstance(failure, FlockerError) else repr(failure)
+        log.error("%s failed: %s (next try in %g s)", kind, why, self._role_backoff)
+        self._event("role", "%s failed: %s" % (kind, why), "error")
 
     def _persist_peer(self, now: float) -> None:
         t = self.tracker
@@ -4610,6 +5061,14 @@ class Daemon:
             "started": self.started_wall,
             "uptime_seconds": age(self.started_mono),
             "role": self.role, "epoch": self.epoch, "health": self.health,
+            "serving": self.serving, "outdated": self.outdated,
+            "decision": None if self.decision is None else
+            {"kind": self.decision.kind, "reason": self.decision.reason},
+            "arbitrator": None if self.arbitrator_last is None else
+            {"reachable": self.arbitrator_last[0], "how": self.arbitrator_last[1],
+             "age_seconds": age(self.arbitrator_last[2])},
+            "fenced": self.fenced, "check_failures": self.check_failures,
+            "replication_failures": self.repl_failures, "released": self.released,
             "snapshot": self.snapshot[0] or None,
             "heartbeat_interval": self.cfg.heartbeat_interval,
             "dead_time": self.cfg.dead_time,
@@ -4632,6 +5091,23 @@ class Daemon:
 
     # -- stopping ----------------------------------------------------------
 
+    def _stop_serving_at_exit(self) -> None:
+        """A master's daemon stops: the user system stops with it (it never
+        runs unsupervised), the role stays, and the last heartbeats tell the
+        slave that it lacks what was written since the last replication, so
+        that it does not take over by itself (see README, "Stopping")."""
+        try:
+            with self.open_store() as store:
+                stop_serving(Context(self.cfg, store, Zfs()), "the daemon is stopping")
+        except FlockerError as e:
+            log.error("stopping the user system failed: %s", e.message)
+        self.serving = False
+        self.leaving = True
+        if self.tracker is not None and self.socks:
+            for _ in range(2):
+                self._send_heartbeats(time.monotonic())
+                time.sleep(0.05)
+
     def _shutdown(self) -> None:
         """Leave everything consistent: jobs stopped (their commands
         killed), the last peer observation and a 'stopped' event written,
@@ -4639,6 +5115,8 @@ class Daemon:
         left = self.jobs.stop_all(timeout=30.0)
         if left:
             log.error("jobs still running at exit, abandoned: %s", ", ".join(left))
+        if self.role == ROLE_MASTER and self.serving and self.lock is not None:
+            self._stop_serving_at_exit()
         if self.writer is not None:
             if self.tracker is not None and self.tracker.last is not None:
                 self._peer_saved = None

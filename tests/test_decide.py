@@ -82,6 +82,15 @@ def test_two_slaves_wait_for_the_operator():
     assert d.kind == "wait" and d.reason.startswith("no master")
 
 
+def test_slave_takes_over_when_the_master_hands_over_with_its_newest_snapshot():
+    d = ff.decide(facts(peer_role="slave", peer_released=True, holds_peer_newest=True,
+                        epoch=2, peer_epoch=6, highest_epoch_seen=6), T)
+    assert (d.kind, d.epoch) == ("promote", 7)
+    assert d.reason == "the peer handed the master role over"
+    d = ff.decide(facts(peer_role="slave", peer_released=True, holds_peer_newest=False), T)
+    assert d.kind == "wait" and "lacks its newest snapshot" in d.reason
+
+
 # -- the master ------------------------------------------------------------
 
 M = dict(role="master", index=0, epoch=4, highest_epoch_seen=4, peer_role="slave", peer_epoch=4)
@@ -101,7 +110,21 @@ def test_starting_master_resumes_when_the_peer_is_slave():
 def test_starting_master_yields_to_a_newer_master():
     d = ff.decide(facts(uptime=0.5, **dict(M, peer_role="master", peer_epoch=5)), T)
     assert d.kind == "demote" and d.reason == "the peer is master with a newer epoch (5 > 4)"
-    assert kind(uptime=0.5, **dict(M, peer_role="master", peer_epoch=3)) == "split-brain"
+    # a serving master of an older epoch: both served, the verdict decides
+    assert kind(uptime=0.5, peer_serving=True,
+                **dict(M, peer_role="master", peer_epoch=3)) == "split-brain"
+    # both start as master (a cold start): the newer epoch resumes, the other yields
+    d = ff.decide(facts(uptime=0.5, **dict(M, peer_role="master", peer_epoch=3)), T)
+    assert d.kind == "resume" and "newer epoch (4 > 3)" in d.reason
+
+
+def test_serving_master_waits_for_a_starting_former_master_to_yield():
+    d = ff.decide(facts(serving=True, **dict(M, peer_role="master", peer_epoch=3)), T)
+    assert d.kind == "wait" and "it yields to epoch 4" in d.reason
+    assert kind(serving=True, peer_serving=True,
+                **dict(M, peer_role="master", peer_epoch=3)) == "split-brain"
+    # a starting peer with a newer epoch while we serve: both claim the data
+    assert kind(serving=True, **dict(M, peer_role="master", peer_epoch=5)) == "split-brain"
 
 
 def test_two_serving_masters_are_a_split_brain():
@@ -158,6 +181,7 @@ class Node:
         self.up, self.serving, self.outdated = True, False, False
         self.started, self.heard_at, self.peer = 0.0, None, None
         self.reach_arbitrator, self.fenced = True, None
+        self.released, self.failures = False, 0
         self.epochs = [epoch]
 
 
@@ -171,7 +195,7 @@ def simulate(seed, steps=3000):
     nodes = [Node(0, "master", 2), Node(1, "slave", 0)]
     link = True
     now = 0.0
-    promotions = 0
+    promotions = handovers = 0
     for step in range(steps):
         now = round(now + dt, 6)
         r = rnd.random()
@@ -188,7 +212,8 @@ def simulate(seed, steps=3000):
             n.reach_arbitrator = not n.reach_arbitrator
         if step % int(interval / dt) == 0 and link and all(n.up for n in nodes):
             for me, other in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
-                me.heard_at, me.peer = now, (other.role, other.epoch)
+                me.heard_at, me.peer = now, (other.role, other.epoch, other.serving,
+                                             other.released)
                 me.highest = max(me.highest, other.epoch)
                 if me.role == "slave" and other.role == "master" and rnd.random() < 0.05:
                     me.outdated = True
@@ -206,11 +231,24 @@ def simulate(seed, steps=3000):
                 peer_role=me.peer[0] if me.peer else None,
                 peer_epoch=me.peer[1] if me.peer else None,
                 highest_epoch_seen=me.highest,
+                peer_serving=bool(me.peer and me.peer[2]),
+                peer_released=bool(me.peer and me.peer[3]),
+                holds_peer_newest=True, peer_up_to_date=True,
+                service_failures=me.failures, since_role_change=1e9,
                 arbitrator=(me.reach_arbitrator if arbitrator else None),
                 fence=(me.fenced if fence is not None else None) if me.fenced is not None
                 else (False if fence is not None else None))
             d = ff.decide(f, t)
-            if d.kind == "promote":
+            if me.serving and rnd.random() < 0.01:
+                me.failures += 1                          # the service check fails
+            if d.kind == "promote" and ff.peer_alive(f, t):
+                # only a planned switchover: the peer is alive and gave the role up
+                assert me.role == "slave" and f.peer_released and me.peer[0] == "slave"
+                assert d.epoch > me.highest and d.epoch % 2 == me.index
+                me.role, me.epoch, me.serving, me.failures = "master", d.epoch, True, 0
+                me.highest = d.epoch
+                promotions += 1
+            elif d.kind == "promote":
                 # the conditions of a promotion held
                 assert me.role == "slave"
                 assert not ff.peer_alive(f, t)
@@ -231,9 +269,15 @@ def simulate(seed, steps=3000):
                 me.serving = True
             elif d.kind in ("demote", "step-down"):
                 me.role, me.serving = "slave", False
+            elif d.kind == "handover":
+                assert me.serving and ff.peer_alive(f, t) and me.failures >= t.check_failures
+                me.role, me.serving, me.released, me.failures = "slave", False, True, 0
+                handovers += 1
             elif d.kind == "split-brain":
                 if me.epoch < (me.peer[1] or 0):         # stand-in for the divergence verdict
                     me.role, me.serving = "slave", False
+            if me.role == "master":
+                me.released = False
             me.epochs.append(me.epoch)
         a, b = nodes
         assert not (a.role == b.role == "master" and a.epoch == b.epoch), (seed, step)
@@ -241,9 +285,10 @@ def simulate(seed, steps=3000):
             assert n.epochs == sorted(n.epochs)
             if n.role == "master":
                 assert n.epoch % 2 == n.index
-    return promotions
+    return promotions, handovers
 
 
 def test_randomized_no_two_masters_in_one_epoch_and_no_unfounded_promotion():
-    total = sum(simulate(seed, steps=2000) for seed in range(120))
-    assert total > 50      # the simulation really exercises promotions
+    runs = [simulate(seed, steps=2000) for seed in range(120)]
+    # the simulation really exercises promotions and planned switchovers
+    assert sum(p for p, h in runs) > 50 and sum(h for p, h in runs) > 10, runs
