@@ -3399,7 +3399,8 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
 # master.  Start and stop commands must be idempotent (as systemctl is).
 
 PROMOTE_STEPS = ("role", "discard-partial", "writable", "mount", "start", "address", "notify")
-DEMOTE_STEPS = ("stop", "address", "final-sync", "readonly", "unmount", "role", "notify")
+DEMOTE_STEPS = ("stop", "address", "final-sync", "readonly", "unmount", "tidy", "role",
+                "notify")
 COMMAND_TRIES = 3
 
 
@@ -3560,6 +3561,8 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
         elif step == "unmount":
             if zfs.exists(ds):
                 zfs.unmount(ds)
+        elif step == "tidy":
+            _drop_empty_leftover(ctx)
         elif step == "role":
             st = ctx.store.node_state()
             if (st.role, st.epoch) != (ROLE_SLAVE, epoch):
@@ -3569,6 +3572,30 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
         elif step == "notify":
             _notify(ctx, data["old_role"], ROLE_SLAVE, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
+
+
+def _drop_empty_leftover(ctx: Context) -> Optional[str]:
+    """Where ZFS has no 'written' (zfs-fuse), a replication cycle takes its
+    snapshot and destroys it again when its stream is empty; a crash in
+    between leaves that empty snapshot behind, and the new master would
+    take it for history this node has and it lacks.  Destroy it again: only
+    a flocker snapshot, the newest, held by nobody (the confirmed common
+    snapshot is held), whose incremental stream from the one before carries
+    no change at all, so that it holds no data the one before lacks."""
+    ds, zfs = ctx.cfg.local.dataset, ctx.zfs
+    if ctx.cfg.recursive or zfs.features().written:
+        return None
+    listing = zfs.listing(ds)
+    if listing is None or len(listing.snaps) < 2:
+        return None
+    prev, newest = listing.snaps[-2], listing.snaps[-1]
+    if (not is_flocker_snapshot(newest.name) or newest.userrefs > 0
+            or not zfs.send_stream_is_empty(ds, prev.name, newest.name)):
+        return None
+    zfs.run(["destroy", "%s@%s" % (ds, newest.name)])
+    ctx.store.record_event("demote", "destroyed the empty snapshot %s@%s a crash left "
+                           "behind (identical to %s)" % (ds, newest.name, prev.name))
+    return newest.name
 
 
 def _final_sync(ctx: Context, intent_id: int, data: dict,

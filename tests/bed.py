@@ -9,6 +9,12 @@ Addresses: only 192.0.2.0/24 (TEST-NET-1), and only inside namespaces made
 here.  Link i joins <host A> 192.0.2.(16*i+1)/28 and <host B>
 192.0.2.(16*i+2)/28 over a veth pair that exists only between the two
 namespaces, so no packet can leave them.
+
+With lan=True a third namespace, the LAN (a client and the arbitrator),
+holds a bridge 192.0.2.158/28; each host joins it with its interface lan0
+(alpha 192.0.2.145, beta 192.0.2.146).  The service address is
+192.0.2.150/28 dev lan0; the arbitrator is 192.0.2.158 port 9 (nothing
+listens: the LAN's kernel refuses the connection, which proves the path).
 """
 
 import itertools
@@ -301,14 +307,20 @@ class Bed:
     """Two hosts, alpha and beta, joined by `links` veth pairs, each with
     its own sshd and pool; a shared secret and a config file for both."""
 
-    def __init__(self, links=1, pool_mb=256):
+    SERVICE_ADDRESS = "192.0.2.150"
+    ARBITRATOR = "192.0.2.158:9"
+
+    def __init__(self, links=1, pool_mb=256, lan=False):
         self.workdir = os.path.join(WORK_BASE, unique("bed"))
         os.makedirs(os.path.join(self.workdir, "ssh"), mode=0o700)
         self.links = links
         self.pools = []
         self.hosts = []
+        self.lan_ns = None
         try:
             self._make_hosts(links)
+            if lan:
+                self._make_lan()
             self._make_keys()
             for h in self.hosts:
                 h.pool = Pool(self.workdir, h.name[0], size_mb=pool_mb)
@@ -354,6 +366,45 @@ class Bed:
             for h in (a, b):
                 sh(["ip", "-n", h.ns, "addr", "add", h.addresses[i] + "/28", "dev", dev])
                 sh(["ip", "-n", h.ns, "link", "set", dev, "up"])
+
+    def _make_lan(self):
+        self.lan_ns = unique("c")
+        sh(["ip", "netns", "add", self.lan_ns])
+        c = self.lan_ns
+        sh(["ip", "-n", c, "link", "set", "lo", "up"])
+        sh(["ip", "-n", c, "link", "add", "br0", "type", "bridge"])
+        sh(["ip", "-n", c, "addr", "add", "192.0.2.158/28", "dev", "br0"])
+        sh(["ip", "-n", c, "link", "set", "br0", "up"])
+        for h, last in zip(self.hosts, (145, 146)):
+            port = "lan" + h.name[0]
+            sh(["ip", "link", "add", "name", "lan0", "netns", h.ns, "type", "veth",
+                "peer", "name", port, "netns", c])
+            sh(["ip", "-n", c, "link", "set", port, "master", "br0"])
+            sh(["ip", "-n", c, "link", "set", port, "up"])
+            sh(["ip", "-n", h.ns, "addr", "add", "192.0.2.%d/28" % last, "dev", "lan0"])
+            sh(["ip", "-n", h.ns, "link", "set", "lan0", "up"])
+
+    def lan_run(self, argv, check=True, timeout=60):
+        """Run a command in the LAN namespace (the client's view)."""
+        return sh(["nsenter", "--net=/run/netns/" + self.lan_ns] + list(argv),
+                  check=check, timeout=timeout)
+
+    def cut_lan(self, host):
+        """host loses the LAN (and so the arbitrator and its clients)."""
+        sh(["ip", "-n", host.ns, "link", "set", "lan0", "down"])
+
+    def restore_lan(self, host):
+        sh(["ip", "-n", host.ns, "link", "set", "lan0", "up"])
+
+    def lan_mac(self, host):
+        """The MAC address of host's lan0."""
+        out = sh(["ip", "-n", host.ns, "-o", "link", "show", "lan0"]).stdout
+        return out.split("link/ether ")[1].split()[0]
+
+    def neighbour(self, address):
+        """The MAC the LAN's ARP table holds for address ('' if none)."""
+        out = self.lan_run(["ip", "neigh", "show", address, "dev", "br0"]).stdout
+        return out.split("lladdr ")[1].split()[0] if "lladdr" in out else ""
 
     def _make_keys(self):
         d = os.path.join(self.workdir, "ssh")
@@ -451,6 +502,9 @@ class Bed:
             if h.sshd is not None:
                 h.sshd.wait(timeout=10)
             sh(["ip", "netns", "del", h.ns], check=False)
+        if self.lan_ns is not None:
+            _kill_namespace(self.lan_ns)
+            sh(["ip", "netns", "del", self.lan_ns], check=False)
         for p in self.pools:
             p.destroy()
         _remove_workdir(self.workdir)

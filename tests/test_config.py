@@ -177,10 +177,20 @@ BROKEN = [
     ("unknown option (typo)",
      dict(replace={"name = shop": "name = shop\ndead_tme = 3"}),
      "{path}: [cluster] dead_tme: unknown option; the options of this section are: "
-     "dead_time, heartbeat_interval, heartbeat_port, name, recursive, replication_interval, "
+     "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, heartbeat_interval, heartbeat_port, name, recursive, replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
      "startup_wait, state_db, transfer_stall_timeout, wait_for_peer"),
+    ("arbitrator not an address",
+     dict(replace={"name = shop": "name = shop\narbitrator = gateway:22"}),
+     "{path}: [cluster] arbitrator: expected HOST:PORT (IPv6: [ADDRESS]:PORT), e.g. "
+     "192.0.2.254:22 (an IP address, not a name: no DNS lookup may stand between a node "
+     "and its decision), found 'gateway:22'"),
+    ("arbitrator and arbitrator_command",
+     dict(replace={"name = shop": "name = shop\narbitrator = 192.0.2.9:22\n"
+                                  "arbitrator_command = true"}),
+     "{path}: [cluster] arbitrator_command: set together with arbitrator; expected one of "
+     "the two (an address to reach, or a command)"),
     ("unknown section",
      dict(append="\n[services]\nstart_command = true\n"),
      "{path}: [services]: unknown section; expected [cluster], [service] or [node NAME]"),

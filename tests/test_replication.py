@@ -159,13 +159,15 @@ def test_receive_never_forces_or_rolls_back():
     #     from the previous one is empty, i.e. it holds nothing that one does
     #     not (test_stream_is_empty; the no-change cycle of
     #     test_full_incremental_catchup_and_status)
+    #   _drop_empty_leftover: what a crash left of the same (test_failover.py::
+    #     test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded)
     sites = []
     for m in re.finditer(r'"destroy"', source):
         sites.append(re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1])
     assert sites == ["destroy_commands", "destroy_commands", "_snapshot_if_changed",
-                     "discard_preserved"]
+                     "_drop_empty_leftover", "discard_preserved"]
 
 
 def snap(name, guid, refs=0, order=None):
