@@ -4330,7 +4330,10 @@ class Daemon:
     def _replicate_done(self, result, error) -> None:
         if error is not None:
             self.repl_failures += 1
-            self._log_quietly("replicate", logging.WARNING, "replication: %s" % error)
+            text = error.message if isinstance(error, FlockerError) else repr(error)
+            # the same error once a minute; a different one at once
+            self._log_quietly("replicate " + re.sub(r"[0-9]+", "", text)[:200],
+                              logging.WARNING, "replication: %s" % text)
         elif result is not None:
             self.repl_failures = 0
             guid = int(result.guid) & _U64_MAX if result.guid.isdigit() else 0
