@@ -368,8 +368,8 @@ CLUSTER_OPTIONS = (
            "Instead of arbitrator: a command that exits 0 while the "
            "arbitrator is reachable (e.g. ping -c 1 -W 1 ADDRESS)."),
     Option("arbitrator_timeout", _p_seconds, "1.0", "seconds",
-           "Longest time one arbitrator check may take; it runs every "
-           "heartbeat_interval."),
+           "Longest time one arbitrator check may take (at most twice "
+           "heartbeat_interval); it runs every heartbeat_interval."),
 )
 
 SERVICE_OPTIONS = (
@@ -658,6 +658,13 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "%s: [service] %s: missing; expected a command because %s is set "
             "(a master must be able to stop what it started)" % (path, missing, have))
 
+    if ((c["arbitrator"] is not None or c["arbitrator_command"] is not None)
+            and c["arbitrator_timeout"] > 2 * c["heartbeat_interval"]):
+        raise ConfigError(
+            "%s: [cluster] arbitrator_timeout: expected at most twice heartbeat_interval "
+            "(%g s): an isolated master must learn that the arbitrator is gone before "
+            "the slave may promote, found %g" % (path, 2 * c["heartbeat_interval"],
+                                                 c["arbitrator_timeout"]))
     if c["arbitrator"] is not None and c["arbitrator_command"] is not None:
         raise ConfigError(
             "%s: [cluster] arbitrator_command: set together with arbitrator; "
@@ -3469,15 +3476,17 @@ def promote(ctx: Context, epoch: int, reason: str) -> None:
 
 
 def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
-           stop: Optional[threading.Event] = None) -> None:
+           stop: Optional[threading.Event] = None, quiesce=None) -> None:
     """Make this node slave; epoch is the highest epoch it knows of.
     handover: a planned switchover: after the user system stopped, the
     final snapshot goes to the peer before the dataset is given up; when
-    that fails the node serves again and HandoverAborted is raised."""
+    that fails the node serves again and HandoverAborted is raised.
+    quiesce: called once the user system is stopped, before the dataset
+    changes (the daemon ends its replication cycle there)."""
     old = ctx.store.node_state()
     data = {"epoch": max(epoch, old.epoch), "reason": reason, "old_role": old.role,
             "handover": handover}
-    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data, stop)
+    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data, stop, quiesce)
 
 
 def stop_serving(ctx: Context, reason: str) -> None:
@@ -3541,7 +3550,7 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
 
 
 def _demote_steps(ctx: Context, intent_id: int, data: dict,
-                  stop: Optional[threading.Event] = None) -> None:
+                  stop: Optional[threading.Event] = None, quiesce=None) -> None:
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
     env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
     for step in DEMOTE_STEPS:   # the reverse order of promotion
@@ -3553,6 +3562,8 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
             if cfg.service.service_address is not None:
                 remove_service_address(cfg.service.service_address)
         elif step == "final-sync":
+            if quiesce is not None:
+                quiesce()
             if data.get("handover"):
                 _final_sync(ctx, intent_id, data, stop)
         elif step == "readonly":
@@ -4267,6 +4278,7 @@ class Daemon:
         self.fenced = None         # type: Optional[bool]  # in the current silence
         self.arbitrator_seen = None  # type: Optional[float]  # start of the newest probe that got an answer
         self.arbitrator_last = None  # type: Optional[Tuple[bool, str, float]]
+        self.arbitrator_lost = None  # type: Optional[float]  # newest probe without answer
         self.check_failures = 0    # consecutive failed runs of check_command
         self.repl_failures = 0     # consecutive failed replication cycles
         self.released = False      # handed the master role over; the peer may promote
@@ -4365,12 +4377,18 @@ class Daemon:
         self.arbitrator_last = result
         if reachable:
             self.arbitrator_seen = max(self.arbitrator_seen or started, started)
+        else:
+            self.arbitrator_lost = time.monotonic()
 
     def _job_check(self, stop: threading.Event):
-        argv = self.cfg.service.check_command
+        cfg = self.cfg
+        argv = cfg.service.check_command
         if argv is None or not self.serving:
             return None
-        return run_command(argv, self.cfg.service.command_timeout, stop=stop)
+        env = {"FLOCKER_CLUSTER": cfg.name, "FLOCKER_NODE": cfg.local_name,
+               "FLOCKER_DATASET": cfg.local.dataset, "FLOCKER_EPOCH": str(self.epoch),
+               "FLOCKER_ROLE": self.role}
+        return run_command(argv, cfg.service.command_timeout, env, stop=stop)
 
     def _check_done(self, result, error) -> None:
         if error is not None:
@@ -4766,9 +4784,15 @@ class Daemon:
         cfg = self.cfg
         arbitrator = None
         if cfg.arbitrator is not None or cfg.arbitrator_command is not None:
-            # it answered since the peer went silent: this node is not the isolated one
-            arbitrator = (self.arbitrator_seen is not None and
+            # it answers, and it answered since the peer went silent: this
+            # node is not the isolated one.  A slave also needs it to have answered every
+            # check for dead_time: one that was cut off itself and just got
+            # its network back must hear its peer before it may conclude.
+            last = self.arbitrator_last
+            arbitrator = (last is not None and last[0] and self.arbitrator_seen is not None and
                           self.arbitrator_seen >= (heard if heard is not None else t.start))
+            if self.role == ROLE_SLAVE and self.arbitrator_lost is not None:
+                arbitrator = arbitrator and now - self.arbitrator_lost >= cfg.dead_time
         own_guid = self.snapshot[1]
         return Facts(
             role=self.role, epoch=self.epoch,
@@ -4810,18 +4834,22 @@ class Daemon:
             self._role_job(d.kind, lambda ctx, stop: promote(ctx, self.epoch, d.reason))
         elif d.kind in (DECIDE_DEMOTE, DECIDE_STEP_DOWN):
             epoch = max(self.epoch, self.peer_epoch_seen)
-            self._role_job(d.kind, lambda ctx, stop: (self._stop_replication(),
-                                                      demote(ctx, epoch, d.reason)))
+            self._role_job(d.kind, lambda ctx, stop: demote(
+                ctx, epoch, d.reason, quiesce=self._stop_replication))
         elif d.kind == DECIDE_HANDOVER:
-            self._role_job(d.kind, lambda ctx, stop: (
-                self._stop_replication(), demote(ctx, self.epoch, d.reason, handover=True,
-                                                 stop=stop)))
+            self._role_job(d.kind, lambda ctx, stop: demote(
+                ctx, self.epoch, d.reason, handover=True, stop=stop,
+                quiesce=self._stop_replication))
         elif d.kind == DECIDE_FENCE:
             self._role_job(d.kind, self._fence)
 
     def _stop_replication(self) -> None:
-        """From a role job: a master giving up its role first ends the
-        replication cycle in flight (it aborts cleanly; nothing half-done)."""
+        """From a role job, once the user system is stopped: a master giving
+        up its role ends the replication cycle in flight (it aborts cleanly;
+        nothing half-done) before the dataset changes.  A cycle stuck in ssh
+        timeouts can keep the rest of the step-down waiting; the user system
+        is already stopped then."""
+        self.serving = False
         if not self.jobs.cancel("replicate", timeout=60.0):
             raise ActionError("the replication cycle did not stop within 60 s")
 

@@ -272,6 +272,26 @@ class Host:
         keep = (self.sshd.pid,) if (keep_sshd and self.sshd) else ()
         return _kill_namespace(self.ns, keep=keep)
 
+    def kill_sshd(self):
+        """kill -9 this host's sshd and every session it serves (an ssh
+        ControlMaster connection would outlive the listener alone)."""
+        pids = []
+        for pid in _netns_pids(self.ns):
+            try:
+                with open("/proc/%d/comm" % pid) as f:
+                    if f.read().strip() == "sshd":
+                        pids.append(pid)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.sshd is not None:
+            self.sshd.wait(timeout=10)
+        return pids
+
     def start_sshd(self):
         b = self.bed
         cfg = os.path.join(b.workdir, "ssh", "sshd_%s.conf" % self.name)

@@ -108,6 +108,7 @@ def start(bed, **kw):
     bedmod.sh(["zfs", "set", "atime=off", bed.a.dataset])
     da, db = Running(bed.a, **kw).wait_ready(), Running(bed.b, **kw).wait_ready()
     wait_for(lambda: serving(da), 15, step=0.05)
+    wait_for(lambda: replicated(da), 30, step=0.05)   # the slave holds a replica
     return da, db
 
 
@@ -174,7 +175,7 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
 
 def test_isolated_master_steps_down_before_the_slave_promotes(lanbed):
     bed = lanbed
-    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR})
+    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR, "arbitrator_timeout": "0.3"})
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
@@ -185,7 +186,10 @@ def test_isolated_master_steps_down_before_the_slave_promotes(lanbed):
         bed.cut_lan(a)
         bed.cut_link()
         wait_for(lambda: serving(db), 15, step=0.02)
-        wait_for(lambda: da.status()["role"] == "slave", 5, step=0.02)
+        wait_for(lambda: not da.status()["serving"], 5, step=0.02)
+        # (the replication cycle in flight may keep the rest of the step-down
+        # waiting for its ssh timeouts; the user system stopped first)
+        wait_for(lambda: da.status()["role"] == "slave", 60, step=0.1)
         stop_a = [e for e in svc_log(a) if e[0] == "stop"]
         start_b = [e for e in svc_log(b) if e[0] == "start"]
         assert stop_a and start_b
@@ -203,7 +207,7 @@ def test_isolated_master_steps_down_before_the_slave_promotes(lanbed):
 
 def test_no_promotion_when_the_slave_cannot_reach_the_arbitrator(lanbed):
     bed = lanbed
-    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR})
+    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR, "arbitrator_timeout": "0.3"})
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
@@ -268,20 +272,24 @@ def test_failing_check_hands_over_and_a_flapping_service_does_not_ping_pong(lanb
         db.stop()
 
 
+def power_loss(*hosts):
+    """Every process of each host dies at once (kill -9); the host boots
+    again as far as its sshd, its daemon not started yet."""
+    for h in hosts:
+        h.kill_all()
+    for h in hosts:
+        h.start_sshd()
+    hosts[0].bed._wait_for_sshd()
+
+
 def test_cold_start_with_the_master_slow_to_boot(lanbed):
-    """Both hosts restart together and the master takes long to boot."""
+    """Both hosts lose power together and the master takes long to boot."""
     bed = lanbed
     service_config(bed, cluster={"wait_for_peer": "yes"})
     a, b = bed.a, bed.b
-    init(bed)
-    # the first start: replicate once so that beta holds a replica
-    da, db = Running(a).wait_ready(), Running(b).wait_ready()
-    try:
-        wait_for(lambda: serving(da) and replicated(da), 30, step=0.1)
-    finally:
-        da.stop()
-        db.stop()
-    # power loss of both; beta boots alone (wait_for_peer = yes): never promotes
+    da, db = start(bed)
+    power_loss(a, b)
+    # beta boots alone; wait_for_peer = yes: it never promotes
     db = Running(b, tag="-2").wait_ready()
     try:
         time.sleep(1.0 + DEAD + 2.0)      # startup_wait + dead_time + margin
@@ -291,20 +299,24 @@ def test_cold_start_with_the_master_slow_to_boot(lanbed):
         assert not svc_log(b)
     finally:
         db.stop()
-    # wait_for_peer = no: it promotes after startup_wait + dead_time
+    # wait_for_peer = no (documented): it promotes once startup_wait +
+    # dead_time passed without a word from its peer
     service_config(bed, cluster={"wait_for_peer": "no"})
     started = time.monotonic()
     db = Running(b, tag="-3").wait_ready()
+    da = None
     try:
         wait_for(lambda: serving(db), 15, step=0.05)
         took = time.monotonic() - started
         assert took >= 1.0 + DEAD, took
+        assert "promote begins: no valid heartbeat for" in b.flocker("history").stdout
         # the master boots at last: it yields to the newer epoch
         da = Running(a, tag="-2").wait_ready()
         wait_for(lambda: da.status()["role"] == "slave", 15, step=0.05)
-        assert not svc_running(a)
+        assert not svc_running(a) and svc_running(b)
     finally:
-        da.stop()
+        if da is not None:
+            da.stop()
         db.stop()
 
 
@@ -318,8 +330,7 @@ def test_outdated_replica_never_promotes_by_itself(lanbed):
     da, db = start(bed)
     try:
         wait_for(lambda: replicated(da), 30, step=0.1)
-        b.sshd.kill()                    # replication to beta fails from now on
-        b.sshd.wait()
+        b.kill_sshd()                    # replication to beta fails from now on
         write_files(a, n=1)
         wait_for(lambda: db.status()["outdated"], 30, step=0.1)
     finally:
