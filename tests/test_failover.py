@@ -14,13 +14,16 @@ from test_daemon import Running, init, wait_for
 DEAD = 1.0   # the bed's dead_time (heartbeat_interval 0.2 s)
 
 # The user system: a sleeping process whose pid is kept in the work dir.
-# start refuses to run unless the dataset is mounted and writable, and
+# start is idempotent (a running one is kept), refuses to run unless the
+# dataset is mounted (it writes nothing there: no divergence), and
 # appends "start EPOCH TIME" to its node's log; stop appends "stop ...".
 START = ("sh -c 'mp=$(zfs get -H -o value mountpoint $FLOCKER_DATASET) && "
          "[ \"$(zfs get -H -o value mounted $FLOCKER_DATASET)\" = yes ] && "
-         "touch \"$mp\" && "
+         "[ -w \"$mp\" ] && "
          "echo start $FLOCKER_EPOCH $(date +%s.%N) >> {w}/svc-$FLOCKER_NODE.log && "
-         "(setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > {w}/svc-$FLOCKER_NODE.pid)'")
+         "{{ [ -f {w}/svc-$FLOCKER_NODE.pid ] && kill -0 $(cat {w}/svc-$FLOCKER_NODE.pid) "
+         "2>/dev/null || {{ setsid sleep 100000 </dev/null >/dev/null 2>&1 & "
+         "echo $! > {w}/svc-$FLOCKER_NODE.pid; }}; }}'")
 STOP = ("sh -c 'echo stop $FLOCKER_EPOCH $(date +%s.%N) >> {w}/svc-$FLOCKER_NODE.log; "
         "[ -f {w}/svc-$FLOCKER_NODE.pid ] && kill $(cat {w}/svc-$FLOCKER_NODE.pid) "
         "2>/dev/null; rm -f {w}/svc-$FLOCKER_NODE.pid; true'")
@@ -49,7 +52,7 @@ def svc_running(host):
     path = os.path.join(host.bed.workdir, "svc-%s.pid" % host.name)
     try:
         with open(path) as f:
-            return os.path.exists("/proc/%d" % int(f.read()))
+            return bedmod._pid_alive(int(f.read()))
     except (OSError, ValueError):
         return False
 
@@ -105,7 +108,8 @@ def start(bed, **kw):
     init(bed)
     # reading files must not change the old master's dataset after its last
     # snapshot (atime), or its return is a divergence (test_divergence.py)
-    bedmod.sh(["zfs", "set", "atime=off", bed.a.dataset])
+    for h in bed.hosts:
+        bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
     da, db = Running(bed.a, **kw).wait_ready(), Running(bed.b, **kw).wait_ready()
     wait_for(lambda: serving(da), 15, step=0.05)
     wait_for(lambda: replicated(da), 30, step=0.05)   # the slave holds a replica
@@ -391,3 +395,47 @@ def test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot(pool)
     assert ff._drop_empty_leftover(ctx) == c      # empty, unheld, ours: the leftover
     assert [s[0] for s in snaps(ds)] == [a, b]
     assert ff._drop_empty_leftover(ctx) is None   # b holds data: kept
+
+
+def test_kill_9_at_every_step_of_promotion_and_demotion(lanbed):
+    """The daemon dies (kill -9) at each step of a promotion, and at each
+    step of the old master's demotion when it returns; the restarted daemon
+    finishes the change: the service runs exactly where the role is master."""
+    bed = lanbed
+    service_config(bed)
+    a, b = bed.a, bed.b
+    running = dict(zip((a, b), start(bed)))
+    x, y = a, b                      # x is master, y slave
+    steps = max(len(ff.PROMOTE_STEPS), len(ff.DEMOTE_STEPS))
+    try:
+        for i in range(steps):
+            p = ff.PROMOTE_STEPS[i % len(ff.PROMOTE_STEPS)]
+            d = ff.DEMOTE_STEPS[i % len(ff.DEMOTE_STEPS)]
+            wait_for(lambda: replicated(running[x]), 30, step=0.05)
+            running[y].stop()
+            running[y] = Running(y, env={"FLOCKER_FAILPOINT": "promote:" + p},
+                                 tag="-p%d" % i).wait_ready()
+            wait_for(lambda: running[y].status()["peer"]["state"] == "alive", 10)
+            x.kill_all()                                  # the master host dies
+            assert running[y].proc.wait(timeout=30) != 0  # killed at promote:<p>
+            running[y] = Running(y, tag="-p%d-after" % i).wait_ready()
+            wait_for(lambda: serving(running[y]), 20, step=0.05)
+            assert svc_running(y) and zget(y.dataset, "mounted") == "yes", p
+            assert not svc_running(x)
+
+            x.start_sshd()
+            bed._wait_for_sshd()
+            running[x] = Running(x, env={"FLOCKER_FAILPOINT": "demote:" + d},
+                                 tag="-d%d" % i).wait_ready()
+            assert running[x].proc.wait(timeout=30) != 0  # killed at demote:<d>
+            running[x] = Running(x, tag="-d%d-after" % i).wait_ready()
+            wait_for(lambda: running[x].status()["role"] == "slave", 20, step=0.05)
+            assert not svc_running(x), d
+            assert zget(x.dataset, "mounted") == "no" and zget(x.dataset, "readonly") == "on"
+            assert serving(running[y]) and svc_running(y)
+            with ff.StateStore.open(x.state_db) as s:
+                assert s.unfinished_intent() is None
+            x, y = y, x
+    finally:
+        for r in running.values():
+            r.stop()
