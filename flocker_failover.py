@@ -2900,7 +2900,8 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
             return Decision(DECIDE_HANDOVER, "the service check failed %d times in a row"
                             % f.service_failures)
         return Decision(DECIDE_WAIT, "serving")
-    return Decision(DECIDE_WAIT, "serving alone: the peer is silent")
+    return Decision(DECIDE_WAIT, "serving alone: the peer is silent; replication and "
+                                 "failover are suspended until it returns")
 
 
 # -- the divergence verdict ---------------------------------------------------
@@ -3839,13 +3840,22 @@ def format_status(r: dict) -> str:
                                         ", replica known to be OUTDATED" if r["outdated"] else ""),
         "daemon      %s" % ("running" if r["daemon"] else "not running (values from the state file)"),
     ]
+    d = r["daemon"]
+    if d and "serving" in d:
+        lines.append("service     %s" % ("RUNNING here (this node is the serving master)"
+                                         if d["serving"] else "not running here"))
+        if d.get("decision"):
+            lines.append("decision    %s: %s" % (d["decision"]["kind"], d["decision"]["reason"]))
+        if d.get("arbitrator"):
+            lines.append("arbitrator  %s (%s, checked %s)" % (
+                "reachable" if d["arbitrator"]["reachable"] else "NOT reachable",
+                d["arbitrator"]["how"], _fmt_age(d["arbitrator"]["age_seconds"])))
     if p["last_seen"] is None:
         lines.append("peer        %s: never seen" % p["node"])
     else:
         lines.append("peer        %s: last seen %s (%s), role %s, epoch %s"
                      % (p["node"], _fmt_time(p["last_seen"]), _fmt_age(p["age_seconds"]),
                         p["role"] or "?", p["epoch"] if p["epoch"] is not None else "?"))
-    d = r["daemon"]
     if d:
         lines.append("peer state  %s for %.1f s; %d dead verdict(s) since the daemon started"
                      % (d["peer"]["state"], d["peer"]["state_age_seconds"],
@@ -3868,7 +3878,8 @@ def format_status(r: dict) -> str:
         lines.append("replicated  never")
     else:
         lines.append("replicated  %s %s at %s%s" % (
-            last["snapshot"], last["result"], _fmt_time(last["finished"] or last["started"]),
+            last["snapshot"] or "(a cycle)", last["result"],
+            _fmt_time(last["finished"] or last["started"]),
             (": " + last["error"]) if last["error"] else ""))
     rep = r.get("replication")
     if rep and rep["slave_newest_snapshot"]:
@@ -4220,6 +4231,13 @@ class StoreWriter:
                 log.error("could not write to the state file %s: %s", self.path, e)
         if store is not None:
             store.close()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything submitted so far is written (from a thread
+        other than the writer's), so that a job's own writes come after."""
+        done = threading.Event()
+        self.submit(lambda store: done.set())
+        return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> bool:
         try:
@@ -4868,6 +4886,8 @@ class Daemon:
 
     def _role_job(self, kind: str, action) -> None:
         def job(stop):
+            if self.writer is not None:
+                self.writer.flush(2.0)   # the events that led here come first
             with self.open_store() as store:
                 ctx = Context(self.cfg, store, Zfs())
                 try:

@@ -3,6 +3,7 @@ namespaces joined by a heartbeat link, and a third one, the LAN, that holds
 the clients' view of the service address and the arbitrator."""
 
 import os
+import re
 import time
 
 import pytest
@@ -73,10 +74,17 @@ def serving(d):
     return s["role"] == "master" and s["serving"]
 
 
-def replicated(master):
-    """The master's daemon confirmed that the slave holds its newest snapshot."""
+def replicated(master, since=0.0):
+    """The master's daemon confirmed that the slave holds its newest
+    snapshot, taken by a cycle that started after `since` (wall clock)."""
     s = master.status()
-    return s["snapshot"] and s["peer"].get("snapshot") == s["snapshot"]
+    if not (s["snapshot"] and s["peer"].get("snapshot") == s["snapshot"]):
+        return False
+    if since:
+        with ff.StateStore.open(master.host.state_db) as store:
+            last = store.last_replication()
+        return bool(last and last["result"] == "ok" and last["started"] > since)
+    return True
 
 
 def reachable_from_lan(bed, address, port=9):
@@ -117,6 +125,8 @@ def start(bed, **kw):
 
 
 def write_files(host, n=5, size=100000):
+    """Write n files on host's mounted dataset; returns the mountpoint.
+    (The caller waits for replicated(..., since=<time before this call>).)"""
     mnt = zget(host.dataset, "mountpoint")
     for i in range(n):
         with open(os.path.join(mnt, "f%d-%d.bin" % (i, time.time_ns())), "wb") as f:
@@ -131,8 +141,9 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
     da, db = start(bed)
     try:
         assert svc_running(a) and not svc_running(b)
+        t = time.time()
         mnt = write_files(a)
-        wait_for(lambda: replicated(da), 30, step=0.1)
+        wait_for(lambda: replicated(da, since=t), 30, step=0.1)
         want = bedmod.tree_digest(mnt)
         wait_for(lambda: reachable_from_lan(bed, bed.SERVICE_ADDRESS), 5)
         assert bed.neighbour(bed.SERVICE_ADDRESS) == bed.lan_mac(a)
@@ -167,9 +178,10 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         assert a.flocker("status", check=True).returncode == 0
         # replication flows from the new master: a file written on beta
         # reaches alpha (its newest snapshot is beta's)
+        t = time.time()
         write_files(b, n=1)
-        wait_for(lambda: replicated(db) and snaps(a.dataset)[-1] == snaps(b.dataset)[-1],
-                 30, step=0.1)
+        wait_for(lambda: replicated(db, since=t) and
+                 snaps(a.dataset)[-1] == snaps(b.dataset)[-1], 30, step=0.1)
         # nothing was lost: every snapshot alpha had is still there
         assert all(s in snaps(a.dataset) for s in snaps(b.dataset)[:1])
     finally:
@@ -245,8 +257,9 @@ def test_failing_check_hands_over_and_a_flapping_service_does_not_ping_pong(lanb
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
+        t = time.time()
         mnt = write_files(a)
-        wait_for(lambda: replicated(da), 30, step=0.1)
+        wait_for(lambda: replicated(da, since=t), 30, step=0.1)
         # a writer keeps writing until the service is stopped
         with open(os.path.join(mnt, "last-words.txt"), "w") as f:
             f.write("written after the last replication\n")
@@ -258,7 +271,7 @@ def test_failing_check_hands_over_and_a_flapping_service_does_not_ping_pong(lanb
         # the final snapshot carried what was written after the last cycle
         assert bedmod.tree_digest(zget(b.dataset, "mountpoint")) == want
         history = a.flocker("history", check=True).stdout
-        assert "the service check failed 2 times in a row" in history
+        assert re.search(r"the service check failed [23] times in a row", history), history
         assert "final snapshot" in history
         assert db.status()["epoch"] == 3
 
