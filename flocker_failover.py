@@ -2802,6 +2802,7 @@ class Facts:
     peer_serving: bool = False     # the peer says it runs the user system
     peer_released: bool = False    # the peer handed the master role over
     holds_peer_newest: bool = False  # our newest snapshot is the peer's newest
+    released: bool = False         # this node handed the master role over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2835,6 +2836,9 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
             return Decision(DECIDE_PROMOTE, "the peer handed the master role over",
                             next_epoch(max(f.epoch, f.highest_epoch_seen,
                                            f.peer_epoch or 0), f.index))
+        if f.released:
+            return Decision(DECIDE_WAIT, "this node handed the master role over; waiting "
+                                         "for the peer to take it")
         return Decision(DECIDE_WAIT, "no master: both nodes are slaves; run 'promote' on "
                                      "the node that holds the newest data")
     if not f.force:
@@ -4831,7 +4835,8 @@ class Daemon:
             since_role_change=now - self.role_changed,
             peer_serving=bool(hb and hb.flags & FLAG_SERVING),
             peer_released=bool(hb and hb.flags & FLAG_RELEASE),
-            holds_peer_newest=bool(hb and hb.guid and hb.guid == own_guid))
+            holds_peer_newest=bool(hb and hb.guid and hb.guid == own_guid),
+            released=self.released)
 
     def _decide_roles(self, now: float) -> None:
         if self._stop_signal or self.jobs.busy("role") or now < self._role_retry_at:

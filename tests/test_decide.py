@@ -89,6 +89,9 @@ def test_slave_takes_over_when_the_master_hands_over_with_its_newest_snapshot():
     assert d.reason == "the peer handed the master role over"
     d = ff.decide(facts(peer_role="slave", peer_released=True, holds_peer_newest=False), T)
     assert d.kind == "wait" and "lacks its newest snapshot" in d.reason
+    # the node that handed over waits for its peer; it does not take it back
+    d = ff.decide(facts(peer_role="slave", released=True, epoch=4, peer_epoch=4), T)
+    assert d.kind == "wait" and "handed the master role over" in d.reason
 
 
 # -- the master ------------------------------------------------------------
