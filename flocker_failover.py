@@ -2803,6 +2803,9 @@ class Facts:
     peer_released: bool = False    # the peer handed the master role over
     holds_peer_newest: bool = False  # our newest snapshot is the peer's newest
     released: bool = False         # this node handed the master role over
+    peer_requests_handover: bool = False  # the slave's operator ran 'promote'
+    operator_handover: bool = False  # this master's operator ran 'demote'
+    force_peer_alive: bool = False   # 'promote --force' although the peer is heard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2827,6 +2830,14 @@ def decide(f: Facts, t: Timing) -> Decision:
 
 def _decide_slave(f: Facts, t: Timing) -> Decision:
     if peer_alive(f, t):
+        if f.force and f.force_peer_alive:
+            if f.fence is False:
+                return Decision(DECIDE_FENCE, "the operator forces a takeover: fence the peer "
+                                              "first")
+            return Decision(DECIDE_PROMOTE, "the operator forced a takeover although the "
+                                            "peer is alive",
+                            next_epoch(max(f.epoch, f.highest_epoch_seen,
+                                           f.peer_epoch or 0), f.index))
         if f.peer_role == ROLE_MASTER:
             return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
         if f.peer_released:
@@ -2893,6 +2904,11 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
                                 % (f.peer_epoch, f.epoch))
             return Decision(DECIDE_SPLIT_BRAIN, "both nodes serve as master (epochs %d and %s)"
                             % (f.epoch, f.peer_epoch))
+        if f.operator_handover:
+            return Decision(DECIDE_HANDOVER, "the operator asked for a switchover ('demote')")
+        if f.peer_requests_handover:
+            return Decision(DECIDE_HANDOVER, "the peer's operator asked for a switchover "
+                                             "('promote')")
         if f.service_failures >= t.check_failures:
             if not f.peer_up_to_date:
                 return Decision(DECIDE_WAIT, "the service check failed %d times, but the "
@@ -3939,6 +3955,7 @@ def format_status(r: dict) -> str:
 PEER_SAVE_EVERY = 5.0        # seconds between refreshes of the persisted peer row
 REJECT_SUMMARY_EVERY = 10.0  # seconds between "rejected N packets" log lines
 REJECT_DETAIL_EVERY = 60.0   # seconds between detailed lines for one reason
+SWITCHOVER_TIMEOUT = 120.0    # seconds a slave asks its master to hand over (+ commands)
 OUTDATED_AFTER_FAILURES = 3  # failed cycles in a row before the slave is told it is outdated
 RECV_BATCH = 128             # datagrams read per socket before the loop looks at timers
 CONTROL_MAX_CLIENTS = 8
@@ -4306,6 +4323,10 @@ class Daemon:
         self.released = False      # handed the master role over; the peer may promote
         self.leaving = False       # a master's daemon is stopping
         self.force = False         # an operator forces a takeover
+        self.force_peer_alive = False  # ... even though the peer is heard
+        self.switchover_until = 0.0  # slave: asking the master to hand over until then
+        self.operator_handover = False  # master: 'demote' asked for a switchover
+        self.switchover_error = None  # type: Optional[str]
         self.role_changed = float("-inf")   # monotonic time of the last role change
         self.peer_epoch_seen = 0   # persisted: the highest epoch the peer announced
         self._role_retry_at = 0.0
@@ -4756,6 +4777,8 @@ class Daemon:
             f |= FLAG_SERVING
         if self.released and self.role == ROLE_SLAVE:
             f |= FLAG_RELEASE
+        if self.role == ROLE_SLAVE and time.monotonic() < self.switchover_until:
+            f |= FLAG_HANDOVER_REQUEST
         if self.role == ROLE_MASTER and (self.leaving or
                                          self.repl_failures >= OUTDATED_AFTER_FAILURES):
             f |= FLAG_PEER_OUTDATED
@@ -4836,7 +4859,11 @@ class Daemon:
             peer_serving=bool(hb and hb.flags & FLAG_SERVING),
             peer_released=bool(hb and hb.flags & FLAG_RELEASE),
             holds_peer_newest=bool(hb and hb.guid and hb.guid == own_guid),
-            released=self.released)
+            released=self.released,
+            peer_requests_handover=bool(hb and hb.flags & FLAG_HANDOVER_REQUEST and
+                                        hb.role == ROLE_SLAVE),
+            operator_handover=self.operator_handover,
+            force_peer_alive=self.force_peer_alive)
 
     def _decide_roles(self, now: float) -> None:
         if self._stop_signal or self.jobs.busy("role") or now < self._role_retry_at:
@@ -4920,9 +4947,12 @@ class Daemon:
                 # a promotion, a resumption, a recovered promotion, or a
                 # switchover called off (the node serves again)
                 self.serving = True
+            if st.role != was:
+                self.operator_handover = False
+                self.switchover_until = 0.0
             if st.role == ROLE_MASTER and was != ROLE_MASTER:
                 self.fenced, self.check_failures, self.repl_failures = None, 0, 0
-                self.force = False
+                self.force = self.force_peer_alive = False
                 if self.outdated:
                     self._set_outdated(False, "this node is master now")
         if failure is None:
@@ -4932,6 +4962,12 @@ class Daemon:
             if kind != DECIDE_FENCE:
                 log.info("%s done: role %s, epoch %d, %s", kind, self.role, self.epoch,
                          "serving" if self.serving else "not serving")
+            return
+        if isinstance(failure, HandoverAborted):
+            self.operator_handover = False
+            self.switchover_error = failure.message
+            self._event("handover", failure.message, "error")
+            log.error("%s", failure.message)
             return
         self._role_backoff = min(60.0, max(1.0, self._role_backoff * 2))
         self._role_retry_at = time.monotonic() + self._role_backoff
@@ -5115,13 +5151,59 @@ class Daemon:
             return {"ok": True, "pid": os.getpid()}
         if cmd == "status":
             return {"ok": True, "status": self.live_status(time.monotonic())}
+        if cmd in ("promote", "demote"):
+            return self._switchover_request(cmd, req)
         if cmd == "reset-stats":
             self.tracker.reset_stats()
             self.worst_lag = 0.0
             self.stats_since = time.monotonic()
             return {"ok": True}
-        return {"ok": False, "error": "unknown command %r; known: ping, status, "
-                                      "reset-stats" % (cmd,)}
+        return {"ok": False, "error": "unknown command %r; known: ping, status, promote, "
+                                      "demote, reset-stats" % (cmd,)}
+
+    def _switchover_request(self, cmd: str, req: dict) -> dict:
+        """'promote' on the slave, 'demote' on the master (see the CLI)."""
+        now = time.monotonic()
+        alive = self.tracker.state == "alive"
+        peer = self.cfg.peer.name
+        busy = self.jobs.busy("role")
+        if cmd == "demote":
+            if self.role != ROLE_MASTER or not self.serving:
+                return {"ok": False, "error": "this node is not the serving master (role %s); "
+                        "run 'demote' on the master" % self.role}
+            if not alive:
+                return {"ok": False, "error": "the peer %s is not alive: a switchover needs a "
+                        "slave to take over; nothing was changed (stopping the daemon "
+                        "stops the service)" % peer}
+            self.operator_handover = True
+            self.switchover_error = None
+            log.info("operator: demote (planned switchover to %s)", peer)
+            self._event("operator", "demote requested: planned switchover to %s" % peer)
+            return {"ok": True, "busy": busy}
+        if self.role == ROLE_MASTER:
+            return {"ok": False, "error": "this node is already master (epoch %d)" % self.epoch}
+        if req.get("force"):
+            if alive and not req.get("peer_alive_ok"):
+                return {"ok": False, "error": "the peer %s is alive (heard %.1f s ago): a "
+                        "forced takeover now makes two masters. Use 'promote' without "
+                        "--force for a planned switchover; if you are sure, add "
+                        "--i-know-the-peer-is-alive" % (
+                            peer, now - (self.tracker.last_seen or now))}
+            self.force = True
+            self.force_peer_alive = alive
+            log.warning("operator: promote --force%s", " (the peer is alive)" if alive else "")
+            self._event("operator", "promote --force requested%s" % (
+                " although the peer is alive" if alive else ""), "warning")
+            return {"ok": True, "busy": busy}
+        if not alive or (self.tracker.last and self.tracker.last.role != ROLE_MASTER):
+            return {"ok": False, "error": "the peer %s is %s: a planned switchover needs a "
+                    "serving master; if it is dead, 'promote --force' takes over"
+                    % (peer, "not alive" if not alive else "not master")}
+        self.switchover_until = now + SWITCHOVER_TIMEOUT + 2 * self.cfg.service.command_timeout
+        self.switchover_error = None
+        log.info("operator: promote (asking %s for a planned switchover)", peer)
+        self._event("operator", "promote requested: asking %s to hand over" % peer)
+        return {"ok": True, "busy": busy}
 
     def live_status(self, now: float) -> dict:
         t = self.tracker
@@ -5152,6 +5234,9 @@ class Daemon:
              "age_seconds": age(self.arbitrator_last[2])},
             "fenced": self.fenced, "check_failures": self.check_failures,
             "replication_failures": self.repl_failures, "released": self.released,
+            "switchover": {"requested": self.operator_handover or
+                           now < self.switchover_until,
+                           "force": self.force, "error": self.switchover_error},
             "snapshot": self.snapshot[0] or None,
             "heartbeat_interval": self.cfg.heartbeat_interval,
             "dead_time": self.cfg.dead_time,
@@ -5453,6 +5538,107 @@ def _add_discard_preserved(p) -> None:
                    help="do not ask for confirmation (for scripts)")
 
 
+def _wait_for_role(cfg: Config, role: str, timeout: float) -> dict:
+    """Poll the daemon until this node is `role` (and, for master, serving);
+    returns its last status.  Prints the decisions on the way."""
+    deadline = time.monotonic() + timeout
+    said = None
+    live = {}
+    while time.monotonic() < deadline:
+        answer = query_daemon(cfg.local.state_db, {"cmd": "status"})
+        if answer is None:
+            raise FlockerError("the daemon stopped while waiting; see its log")
+        live = answer["status"]
+        if live["role"] == role and (role == ROLE_SLAVE or live["serving"]):
+            return live
+        sw = live.get("switchover") or {}
+        if sw.get("error"):
+            raise ActionError(sw["error"])
+        d = live.get("decision") or {}
+        line = "%s: %s" % (d.get("kind"), d.get("reason"))
+        if d and line != said:
+            print("  ... %s" % line, flush=True)
+            said = line
+        time.sleep(0.2)
+    d = live.get("decision") or {}
+    raise ActionError("this node is not %s after %g s; the daemon's newest decision: %s: %s"
+                      % (role, timeout, d.get("kind"), d.get("reason")))
+
+
+def cmd_promote(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    if args.i_know_the_peer_is_alive and not args.force:
+        raise FlockerError("--i-know-the-peer-is-alive goes with --force")
+    answer = query_daemon(cfg.local.state_db, {
+        "cmd": "promote", "force": args.force,
+        "peer_alive_ok": args.i_know_the_peer_is_alive})
+    if answer is None:
+        if not args.force:
+            raise FlockerError(
+                "no daemon runs on this node: a planned switchover is coordinated by the "
+                "daemons of both nodes; start it, or, if the master is dead, take over "
+                "with 'promote --force'")
+        with StateStore.open(cfg.local.state_db, lock_for="promote --force") as store:
+            st = store.node_state()
+            if st.role == ROLE_MASTER:
+                raise FlockerError("this node is already master (epoch %d)" % st.epoch)
+            peer = store.peer(cfg.peer.name) or {}
+            epoch = next_epoch(max(st.epoch, peer.get("epoch") or 0),
+                               node_index([n.name for n in cfg.nodes], cfg.local_name))
+            promote(Context(cfg, store, Zfs()), epoch,
+                    "the operator forced a takeover (promote --force, no daemon running)")
+        print("%s is master now (epoch %d), its user system started; start the daemon "
+              "to supervise it" % (cfg.local_name, epoch))
+        return EXIT_OK
+    if not answer["ok"]:
+        raise FlockerError(answer["error"])
+    print("%s: %s" % (cfg.local_name, "forced takeover requested" if args.force else
+                      "asked %s for a planned switchover" % cfg.peer.name), flush=True)
+    live = _wait_for_role(cfg, ROLE_MASTER, args.wait)
+    print("%s is master now (epoch %d), serving" % (cfg.local_name, live["epoch"]))
+    return EXIT_OK
+
+
+def _add_promote(p) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="take over without the master (it is dead): refused while the "
+                        "peer is heard")
+    p.add_argument("--i-know-the-peer-is-alive", action="store_true",
+                   help="with --force: take over even though the peer is heard (makes two "
+                        "masters until the older one yields)")
+    p.add_argument("--wait", type=float, default=180.0, metavar="SECONDS",
+                   help="how long to wait for the result (default 180)")
+
+
+def cmd_demote(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    answer = query_daemon(cfg.local.state_db, {"cmd": "demote"})
+    if answer is None:
+        with StateStore.open(cfg.local.state_db, lock_for="demote") as store:
+            st = store.node_state()
+            if st.role != ROLE_MASTER:
+                raise FlockerError("this node is not master (role %s)" % st.role)
+            demote(Context(cfg, store, Zfs()), st.epoch,
+                   "the operator ran demote (no daemon running)", handover=True)
+        print("%s is slave now: user system stopped, final snapshot sent to %s; %s takes "
+              "over when its daemon sees this node's daemon release the role, or run "
+              "'promote --force' there" % (cfg.local_name, cfg.peer.name, cfg.peer.name))
+        return EXIT_OK
+    if not answer["ok"]:
+        raise FlockerError(answer["error"])
+    print("%s: planned switchover to %s requested" % (cfg.local_name, cfg.peer.name),
+          flush=True)
+    live = _wait_for_role(cfg, ROLE_SLAVE, args.wait)
+    print("%s is slave now (epoch %d); %s takes over" % (cfg.local_name, live["epoch"],
+                                                        cfg.peer.name))
+    return EXIT_OK
+
+
+def _add_demote(p) -> None:
+    p.add_argument("--wait", type=float, default=180.0, metavar="SECONDS",
+                   help="how long to wait for the result (default 180)")
+
+
 def cmd_daemon(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
     root = logging.getLogger()
@@ -5525,6 +5711,11 @@ COMMANDS = (
      "3 UNKNOWN"),
     ("history", cmd_history, _add_history,
      "show the event log of this node, newest last"),
+    ("promote", cmd_promote, _add_promote,
+     "on the slave: planned switchover (the master stops, sends its last snapshot, "
+     "demotes; then this node promotes); --force takes over from a dead master"),
+    ("demote", cmd_demote, _add_demote,
+     "on the master: planned switchover to the slave (the same, from this side)"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
      "destroy divergent data kept by an earlier split-brain resolution"),
     ("daemon", cmd_daemon, _add_daemon,

@@ -1,0 +1,174 @@
+"""Planned switchover (promote on the slave, demote on the master) and the
+forced takeover, with two real daemons, real ZFS and ssh."""
+
+import hashlib
+import os
+import sys
+import time
+
+import bed as bedmod
+from conftest import ff
+from test_daemon import Running, init, wait_for
+from test_failover import lanbed, serving, replicated, zget  # noqa: F401 - fixture
+
+# The user system is a writer: it writes numbered files into the dataset,
+# fsyncs each, and only then acknowledges it in a log outside the dataset.
+# SIGTERM makes it finish the file it is on and exit; stop_command waits
+# for it to be gone.
+WRITER = r'''
+import hashlib, os, signal, sys, time
+mp, ack = sys.argv[1], sys.argv[2]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+i = 0
+while not stop:
+    i += 1
+    name = "w-%s-%06d.bin" % (os.environ.get("FLOCKER_NODE", "?"), i)
+    data = os.urandom(4096)
+    fd = os.open(os.path.join(mp, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.fsync(fd)
+    os.close(fd)
+    with open(ack, "a") as f:
+        f.write("%s %s\n" % (name, hashlib.sha256(data).hexdigest()))
+        f.flush()
+        os.fsync(f.fileno())
+    time.sleep(0.01)
+'''
+
+START = ("sh -c 'mp=$(zfs get -H -o value mountpoint $FLOCKER_DATASET) && "
+         "[ \"$(zfs get -H -o value mounted $FLOCKER_DATASET)\" = yes ] && "
+         "{{ [ -f {w}/svc-$FLOCKER_NODE.pid ] && kill -0 $(cat {w}/svc-$FLOCKER_NODE.pid) "
+         "2>/dev/null || {{ setsid {py} {w}/writer.py \"$mp\" {w}/ack.log </dev/null "
+         ">>{w}/writer.err 2>&1 & echo $! > {w}/svc-$FLOCKER_NODE.pid; }}; }}'")
+STOP = ("sh -c 'f={w}/svc-$FLOCKER_NODE.pid; [ -f $f ] || exit 0; p=$(cat $f); "
+        "kill $p 2>/dev/null; while kill -0 $p 2>/dev/null; do sleep 0.05; done; rm -f $f'")
+
+
+def setup_writer(bed, **cluster):
+    w = bed.workdir
+    with open(os.path.join(w, "writer.py"), "w") as f:
+        f.write(WRITER)
+    c = {"replication_interval": "0.5"}
+    c.update(cluster)
+    bed.write_config(cluster=c, service={"start_command": START.format(w=w, py=sys.executable),
+                                         "stop_command": STOP.format(w=w)})
+
+
+def acknowledged(bed):
+    with open(os.path.join(bed.workdir, "ack.log")) as f:
+        return [line.split() for line in f if line.strip()]
+
+
+def missing_on(host, acks):
+    """The acknowledged writes that host's dataset does not hold intact."""
+    mnt = zget(host.dataset, "mountpoint")
+    bad = []
+    for name, digest in acks:
+        try:
+            with open(os.path.join(mnt, name), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    bad.append(name)
+        except OSError:
+            bad.append(name)
+    return bad
+
+
+def start_pair(bed):
+    init(bed)
+    for h in bed.hosts:
+        bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
+    da, db = Running(bed.a).wait_ready(), Running(bed.b).wait_ready()
+    wait_for(lambda: serving(da) and replicated(da), 30, step=0.05)
+    return da, db
+
+
+def test_planned_switchover_loses_no_acknowledged_write_and_back_again(lanbed):
+    bed = lanbed
+    setup_writer(bed)
+    a, b = bed.a, bed.b
+    da, db = start_pair(bed)
+    try:
+        wait_for(lambda: len(acknowledged(bed)) > 50, 30, step=0.05)
+        # promote on the slave while the writer keeps writing on the master
+        r = b.flocker("promote", "--wait", "60", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "beta is master now (epoch 3), serving" in r.stdout
+        acks_a = [x for x in acknowledged(bed) if x[0].startswith("w-alpha-")]
+        assert len(acks_a) > 50
+        assert missing_on(b, acks_a) == []          # every acknowledged write is there
+        assert da.status()["role"] == "slave" and not da.status()["serving"]
+        assert "final snapshot" in a.flocker("history").stdout
+
+        # and back again, this time with demote on the master (beta)
+        wait_for(lambda: len([x for x in acknowledged(bed) if x[0].startswith("w-beta-")])
+                 > 30 and replicated(db), 30, step=0.05)
+        r = b.flocker("demote", "--wait", "60", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: serving(da), 30, step=0.05)
+        acks = acknowledged(bed)
+        assert missing_on(a, acks) == []            # both writers' files, all of them
+        assert da.status()["epoch"] == 4 and db.status()["role"] == "slave"
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_promote_refuses_what_it_cannot_do(lanbed):
+    bed = lanbed
+    setup_writer(bed)
+    a, b = bed.a, bed.b
+    da, db = start_pair(bed)
+    try:
+        r = a.flocker("promote")
+        assert r.returncode == 1 and "already master" in r.stderr
+        r = b.flocker("demote")
+        assert r.returncode == 1 and "not the serving master" in r.stderr
+        r = b.flocker("promote", "--force")
+        assert r.returncode == 1
+        assert "the peer alpha is alive" in r.stderr and "--i-know-the-peer-is-alive" in r.stderr
+        time.sleep(1.0)
+        assert serving(da) and db.status()["role"] == "slave"   # nothing changed
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_promote_force_takes_over_an_outdated_replica_from_a_dead_master(lanbed):
+    bed = lanbed
+    setup_writer(bed)
+    a, b = bed.a, bed.b
+    da, db = start_pair(bed)
+    try:
+        b.kill_sshd()                         # replication fails: beta falls behind
+        wait_for(lambda: db.status()["outdated"], 30, step=0.1)
+        a.kill_all()                          # then the master dies
+        time.sleep(1.0 + 2.0)                 # dead_time + margin: no automatic takeover
+        assert db.status()["role"] == "slave"
+        assert "known to be outdated" in db.status()["decision"]["reason"]
+        r = b.flocker("promote", "--force", "--wait", "30", timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        sb = db.status()
+        assert (sb["role"], sb["serving"], sb["epoch"]) == ("master", True, 3)
+        assert "promote begins: the operator forced a takeover" in b.flocker("history").stdout
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_promote_force_without_a_daemon(lanbed):
+    bed = lanbed
+    setup_writer(bed)
+    a, b = bed.a, bed.b
+    da, db = start_pair(bed)
+    db.stop()
+    a.kill_all()
+    r = b.flocker("promote")
+    assert r.returncode == 1 and "no daemon runs on this node" in r.stderr
+    r = b.flocker("promote", "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with ff.StateStore.open(b.state_db) as s:
+        st = s.node_state()
+    assert (st.role, st.epoch) == ("master", 3)
+    assert zget(b.dataset, "mounted") == "yes"
+    b.flocker("demote")        # stops the writer again (final sync fails: alpha is dead)
