@@ -359,6 +359,9 @@ CLUSTER_OPTIONS = (
     Option("send_flags", _p_send_flags, "", "zfs send flags",
            "Extra zfs send flags among -c -L -e -w (OpenZFS); each is used "
            "only when both hosts' zfs support it, else left out with a warning."),
+    Option("metrics_file", _p_abspath, "", "path",
+           "The daemon writes Prometheus text-format metrics here every 5 s "
+           "(atomically), for node_exporter's textfile collector (empty: none)."),
     Option("arbitrator", _p_arbitrator, "", "HOST:PORT",
            "A third address both nodes should reach (a router, a switch, a "
            "third host): reachable when a TCP connection to it is accepted or "
@@ -460,6 +463,7 @@ class Config:
     ssh_alive_interval: float = 5.0
     ssh_control_persist: float = 300.0
     send_flags: Tuple[str, ...] = ()
+    metrics_file: Optional[str] = None
     arbitrator: Optional[Tuple[str, int]] = None
     arbitrator_command: Optional[Tuple[str, ...]] = None
     arbitrator_timeout: float = 1.0
@@ -739,6 +743,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         ssh_alive_interval=c["ssh_alive_interval"],
         ssh_control_persist=c["ssh_control_persist"],
         send_flags=c["send_flags"] or (),
+        metrics_file=c["metrics_file"],
         arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
         arbitrator_timeout=c["arbitrator_timeout"],
         service=svc, nodes=tuple(nodes),
@@ -3955,6 +3960,7 @@ def format_status(r: dict) -> str:
 PEER_SAVE_EVERY = 5.0        # seconds between refreshes of the persisted peer row
 REJECT_SUMMARY_EVERY = 10.0  # seconds between "rejected N packets" log lines
 REJECT_DETAIL_EVERY = 60.0   # seconds between detailed lines for one reason
+METRICS_EVERY = 5.0          # seconds between two writes of metrics_file
 SWITCHOVER_TIMEOUT = 120.0    # seconds a slave asks its master to hand over (+ commands)
 OUTDATED_AFTER_FAILURES = 3  # failed cycles in a row before the slave is told it is outdated
 RECV_BATCH = 128             # datagrams read per socket before the loop looks at timers
@@ -4328,8 +4334,12 @@ class Daemon:
         self.operator_handover = False  # master: 'demote' asked for a switchover
         self.switchover_error = None  # type: Optional[str]
         self.role_changed = float("-inf")   # monotonic time of the last role change
+        self.promotions = 0        # role changes to master by this daemon
+        self.demotions = 0         # role changes to slave by this daemon
+        self.last_transfer = None  # type: Optional[Tuple[float, int, float]]  # (cycle start wall time, bytes, seconds)
         self.peer_epoch_seen = 0   # persisted: the highest epoch the peer announced
         self._role_retry_at = 0.0
+        self._cycle_started = 0.0
         self._role_backoff = 0.0
         self._refresh_at = 0.0
         self.worst_lag = 0.0
@@ -4379,6 +4389,7 @@ class Daemon:
         only while this node serves as master and changes no role."""
         if self.role != ROLE_MASTER or not self.serving or self.jobs.busy("role"):
             return None
+        self._cycle_started = wall_clock()
         with self.open_store() as store:
             return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop)
 
@@ -4391,6 +4402,7 @@ class Daemon:
                               logging.WARNING, "replication: %s" % text)
         elif result is not None:
             self.repl_failures = 0
+            self.last_transfer = (self._cycle_started, result.bytes, result.seconds)
             guid = int(result.guid) & _U64_MAX if result.guid.isdigit() else 0
             self.snapshot = (result.snapshot[:255], guid)
             if result.sent:
@@ -4655,6 +4667,8 @@ class Daemon:
         ]
         self.timers.append(_Timer("systemd", lambda: self.systemd.watchdog or 5.0,
                                   self._notify_systemd, now))
+        self.timers.append(_Timer("metrics", lambda: METRICS_EVERY, self._write_metrics,
+                                  now + 0.5))
         for name, every, fn, on_done in self.periodic:
             self.timers.append(_Timer(
                 "job " + name, lambda every=every: every(c()),
@@ -4685,6 +4699,17 @@ class Daemon:
             timeout = max(0.0, min(t.due for t in self.timers) - time.monotonic())
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)
+
+    def _write_metrics(self, now: float) -> None:
+        path = self.cfg.metrics_file
+        if path is None:
+            return
+        text = render_metrics(self.cfg, self.live_status(now), wall_clock())
+        try:
+            write_atomically(path, text)
+        except OSError as e:
+            self._log_quietly("metrics", logging.ERROR, "cannot write the metrics file %s: "
+                              "%s; check [cluster] metrics_file" % (path, e.strerror), 600)
 
     def _notify_systemd(self, now: float) -> None:
         """READY=1 once the loop runs; then STATUS, and WATCHDOG=1 when
@@ -4939,6 +4964,11 @@ class Daemon:
         if st is not None:
             if (st.role, st.epoch) != (self.role, self.epoch):
                 self.role_changed = time.monotonic()
+            if st.role != self.role:
+                if st.role == ROLE_MASTER:
+                    self.promotions += 1
+                else:
+                    self.demotions += 1
             was = self.role
             self.role, self.epoch = st.role, st.epoch
             if st.role == ROLE_SLAVE:
@@ -5234,6 +5264,10 @@ class Daemon:
              "age_seconds": age(self.arbitrator_last[2])},
             "fenced": self.fenced, "check_failures": self.check_failures,
             "replication_failures": self.repl_failures, "released": self.released,
+            "promotions": self.promotions, "demotions": self.demotions,
+            "last_transfer": None if self.last_transfer is None else
+            {"started": self.last_transfer[0], "bytes": self.last_transfer[1],
+             "seconds": self.last_transfer[2]},
             "switchover": {"requested": self.operator_handover or
                            now < self.switchover_until,
                            "force": self.force, "error": self.switchover_error},
@@ -5317,6 +5351,81 @@ class Daemon:
             self.lock = None
         if self._stop_signal:
             log.info("stopped by signal %d", self._stop_signal)
+
+
+def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace path with text so that a reader sees the old or the new
+    file, never half of one (a temporary file beside it, then rename)."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def render_metrics(cfg: Config, live: dict, now: float) -> str:
+    """The daemon's live status in the Prometheus text format (for
+    node_exporter's textfile collector); names and meanings in README."""
+    out = []
+
+    def metric(name, kind, help_, samples):
+        out.append("# HELP flocker_%s %s" % (name, help_))
+        out.append("# TYPE flocker_%s %s" % (name, kind))
+        for labels, value in samples:
+            lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
+                           for k, v in sorted(dict(labels, cluster=cfg.name,
+                                                   node=cfg.local_name).items()))
+            out.append("flocker_%s{%s} %s" % (name, lab, repr(float(value))
+                                             if isinstance(value, float) else value))
+
+    peer = live["peer"]
+    lt = live.get("last_transfer")
+    metric("master", "gauge", "1 when this node's role is master.",
+           [({}, int(live["role"] == ROLE_MASTER))])
+    metric("serving", "gauge", "1 while this node runs the user system.",
+           [({}, int(bool(live.get("serving"))))])
+    metric("epoch", "gauge", "The node's epoch (raised by every promotion).",
+           [({}, live["epoch"])])
+    metric("outdated", "gauge", "1 when this node's replica is known to lack the master's data.",
+           [({}, int(bool(live.get("outdated"))))])
+    metric("peer_alive", "gauge", "1 while a valid heartbeat came within dead_time.",
+           [({"peer": peer["node"]}, int(peer["state"] == "alive"))])
+    if peer.get("last_seen_age_seconds") is not None:
+        metric("peer_last_heartbeat_age_seconds", "gauge",
+               "Seconds since the last valid heartbeat of the peer.",
+               [({"peer": peer["node"]}, float(peer["last_seen_age_seconds"]))])
+    if lt is not None:
+        metric("replication_lag_seconds", "gauge",
+               "Seconds since the start of the newest successful replication cycle "
+               "(the slave holds everything snapshotted then).",
+               [({}, round(now - lt["started"], 3))])
+        metric("replication_last_transfer_bytes", "gauge",
+               "Bytes sent by the newest successful cycle (0: nothing changed).",
+               [({}, lt["bytes"])])
+        metric("replication_last_transfer_seconds", "gauge",
+               "Duration of the newest successful transfer.", [({}, float(lt["seconds"]))])
+    metric("replication_failures", "gauge", "Failed replication cycles in a row.",
+           [({}, live.get("replication_failures", 0))])
+    metric("heartbeats_rejected_total", "counter",
+           "Heartbeat packets rejected since the daemon started, by reason.",
+           [({"reason": r}, n) for r, n in sorted(live["rejected"].items())])
+    metric("dead_verdicts_total", "counter", "Times the peer was judged dead.",
+           [({"peer": peer["node"]}, peer["dead_verdicts"])])
+    metric("promotions_total", "counter", "Role changes to master by this daemon "
+           "(failovers and switchovers).", [({}, live.get("promotions", 0))])
+    metric("demotions_total", "counter", "Role changes to slave by this daemon.",
+           [({}, live.get("demotions", 0))])
+    metric("check_failures", "gauge", "Failed runs of check_command in a row.",
+           [({}, live.get("check_failures", 0))])
+    return "\n".join(out) + "\n"
 
 
 def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional[dict]:

@@ -30,6 +30,9 @@ STOP = ("sh -c 'echo stop $FLOCKER_EPOCH $(date +%s.%N) >> {w}/svc-$FLOCKER_NODE
         "2>/dev/null; rm -f {w}/svc-$FLOCKER_NODE.pid; true'")
 
 
+_last_config = {}
+
+
 def service_config(bed, **extra):
     w = bed.workdir
     service = {"start_command": START.format(w=w), "stop_command": STOP.format(w=w),
@@ -37,6 +40,8 @@ def service_config(bed, **extra):
     service.update(extra.pop("service", {}))
     cluster = {"replication_interval": "0.5"}
     cluster.update(extra.pop("cluster", {}))
+    _last_config.clear()
+    _last_config.update(cluster=cluster, service=service, **extra)
     return bed.write_config(cluster=cluster, service=service, **extra)
 
 
@@ -134,11 +139,37 @@ def write_files(host, n=5, size=100000):
     return mnt
 
 
+METRIC_LINE = re.compile(r'^flocker_[a-z_]+\{(?:[a-z]+="[^"\\]*",?)+\} -?[0-9.e+-]+$')
+
+
+def metrics(host):
+    """The host's metrics file, checked line by line against the text
+    format, as {name{labels}: value}."""
+    with open(os.path.join(host.bed.workdir, "metrics-%s.prom" % host.name)) as f:
+        lines = f.read().splitlines()
+    out = {}
+    for line in lines:
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        assert METRIC_LINE.match(line), line
+        key, value = line.rsplit(" ", 1)
+        out[re.sub(r',?(cluster|node)="[^"]*"', "", key).replace("{,", "{")] = float(value)
+    return out
+
+
 def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lanbed):
     bed = lanbed
-    service_config(bed)
+    # one config per host, differing only in where each writes its metrics
+    # (the hosts share this machine's file system)
+    service_config(bed, cluster={"metrics_file": os.path.join(bed.workdir, "metrics-beta.prom")})
+    cfg_b = bed.write_config(path=os.path.join(bed.workdir, "beta.conf"), **_last_config)
+    service_config(bed, cluster={"metrics_file": os.path.join(bed.workdir,
+                                                              "metrics-alpha.prom")})
     a, b = bed.a, bed.b
-    da, db = start(bed)
+    init(bed)
+    da = Running(a).wait_ready()
+    db = Running(b, config=cfg_b).wait_ready()
+    wait_for(lambda: serving(da) and replicated(da), 30, step=0.05)
     try:
         assert svc_running(a) and not svc_running(b)
         t = time.time()
@@ -148,6 +179,14 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         wait_for(lambda: reachable_from_lan(bed, bed.SERVICE_ADDRESS), 5)
         assert bed.neighbour(bed.SERVICE_ADDRESS) == bed.lan_mac(a)
         wait_for(lambda: da.status()["jobs"].get("replicate") is None, 10, step=0.01)
+        wait_for(lambda: metrics(a).get("flocker_replication_last_transfer_bytes{}") is not None
+                 and metrics(b).get('flocker_peer_alive{peer="alpha"}') == 1, 15, step=0.2)
+        ma, mb = metrics(a), metrics(b)
+        assert (ma["flocker_master{}"], ma["flocker_serving{}"], ma["flocker_epoch{}"]) == \
+            (1, 1, 2)
+        assert (mb["flocker_master{}"], mb["flocker_serving{}"]) == (0, 0)
+        assert 0 <= ma["flocker_replication_lag_seconds{}"] < 30
+        assert ma['flocker_heartbeats_rejected_total{reason="bad_mac"}'] == 0
 
         killed = time.time()
         a.kill_all()                  # the master host dies: daemon, user system, sshd
@@ -167,6 +206,12 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         assert reachable_from_lan(bed, bed.SERVICE_ADDRESS)
         history = b.flocker("history", check=True).stdout
         assert "promote begins: no valid heartbeat for" in history
+        wait_for(lambda: metrics(b)["flocker_promotions_total{}"] == 1, 15, step=0.2)
+        mb = metrics(b)
+        assert (mb["flocker_master{}"], mb["flocker_serving{}"], mb["flocker_epoch{}"]) == \
+            (1, 1, 3)
+        assert mb['flocker_peer_alive{peer="alpha"}'] == 0
+        assert mb['flocker_dead_verdicts_total{peer="alpha"}'] == 1
 
         # the old master comes back: it yields to epoch 3 and becomes slave
         a.start_sshd()
