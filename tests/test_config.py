@@ -177,7 +177,8 @@ BROKEN = [
     ("unknown option (typo)",
      dict(replace={"name = shop": "name = shop\ndead_tme = 3"}),
      "{path}: [cluster] dead_tme: unknown option; the options of this section are: "
-     "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, heartbeat_interval, heartbeat_port, metrics_file, name, recursive, replication_interval, "
+     "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, heartbeat_interval, "
+     "heartbeat_port, metrics_file, name, recursive, replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
      "startup_wait, state_db, transfer_stall_timeout, wait_for_peer"),
