@@ -2611,7 +2611,7 @@ class SystemdNotifier:
             self._sock = None
 
 
-# -- the service address -------------------------------------------------------
+# -- receives in flight, the arbitrator ---------------------------------------
 
 def kill_receives(dataset: str, grace: float = 3.0) -> List[int]:
     """Stop every 'zfs recv'/'zfs receive' into dataset (or a child) on this
@@ -2669,6 +2669,8 @@ def probe_arbitrator(cfg: Config, stop: Optional[threading.Event] = None) -> Tup
         except OSError as e:
             return False, e.strerror or str(e)
 
+
+# -- the service address -------------------------------------------------------
 
 def _ip(args: Sequence[str]) -> subprocess.CompletedProcess:
     try:
