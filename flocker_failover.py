@@ -122,6 +122,11 @@ class ReplicationError(FlockerError):
     exit_code = EXIT_REPLICATION
 
 
+class DivergenceError(ReplicationError):
+    """Replication found history on the slave that the master lacks: the
+    two have diverged (see resolve_divergence)."""
+
+
 # ===========================================================================
 # 2. Configuration
 # ===========================================================================
@@ -276,6 +281,18 @@ class ServiceAddress:
         return "%s/%d dev %s" % (self.address, self.prefix, self.device)
 
 
+_POLICIES = ("most-changes", "newest-master", "oldest-master", "zero-changes-only", "manual")
+
+
+def _p_policy(value: str) -> str:
+    expected = "one of %s or prefer-node:NAME" % ", ".join(_POLICIES)
+    if value in _POLICIES:
+        return value
+    if value.startswith("prefer-node:") and _NAME_RE.match(value[len("prefer-node:"):]):
+        return value
+    raise _Invalid(expected)
+
+
 def _p_arbitrator(value: str) -> Tuple[str, int]:
     expected = "HOST:PORT (IPv6: [ADDRESS]:PORT), e.g. 192.0.2.254:22"
     m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\s]+):(\d+)$", value)
@@ -359,6 +376,10 @@ CLUSTER_OPTIONS = (
     Option("send_flags", _p_send_flags, "", "zfs send flags",
            "Extra zfs send flags among -c -L -e -w (OpenZFS); each is used "
            "only when both hosts' zfs support it, else left out with a warning."),
+    Option("divergence_policy", _p_policy, "most-changes", "policy",
+           "Which side's data continues after a split brain: most-changes, "
+           "newest-master, oldest-master, prefer-node:NAME, zero-changes-only or "
+           "manual. Both nodes must use the same."),
     Option("metrics_file", _p_abspath, "", "path",
            "The daemon writes Prometheus text-format metrics here every 5 s "
            "(atomically), for node_exporter's textfile collector (empty: none)."),
@@ -463,6 +484,7 @@ class Config:
     ssh_alive_interval: float = 5.0
     ssh_control_persist: float = 300.0
     send_flags: Tuple[str, ...] = ()
+    divergence_policy: str = "most-changes"
     metrics_file: Optional[str] = None
     arbitrator: Optional[Tuple[str, int]] = None
     arbitrator_command: Optional[Tuple[str, ...]] = None
@@ -693,6 +715,11 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             dataset=n["dataset"], state_db=n["state_db"] or c["state_db"]))
 
     a, b = nodes
+    pol = c["divergence_policy"]
+    if pol.startswith("prefer-node:") and pol[len("prefer-node:"):] not in (a.name, b.name):
+        raise ConfigError("%s: [cluster] divergence_policy: expected prefer-node:%s or "
+                          "prefer-node:%s (a node of this cluster), found %r"
+                          % (path, a.name, b.name, pol))
     if a.name == b.name:  # pragma: no cover - configparser refuses this first
         raise ConfigError("%s: both node sections are named %s" % (path, a.name))
     shared = set(a.addresses) & set(b.addresses)
@@ -743,7 +770,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         ssh_alive_interval=c["ssh_alive_interval"],
         ssh_control_persist=c["ssh_control_persist"],
         send_flags=c["send_flags"] or (),
-        metrics_file=c["metrics_file"],
+        divergence_policy=c["divergence_policy"], metrics_file=c["metrics_file"],
         arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
         arbitrator_timeout=c["arbitrator_timeout"],
         service=svc, nodes=tuple(nodes),
@@ -1379,7 +1406,8 @@ def _split_sql(script: str) -> List[str]:
 #    0     4     magic "FLKH"
 #    4     1     version (1)
 #    5     1     flags (bit 0: handover request, bit 1: release, bit 2:
-#                serving, bit 3: the receiver's replica is outdated)
+#                serving, bit 3: the receiver's replica is outdated, bit 4:
+#                resolving a divergence)
 #    6     4     key id: the first 4 bytes of the signing key's id
 #   10     8     boot generation of the sender (raised at every daemon start)
 #   18     8     sequence number (1, 2, ... within one generation)
@@ -1416,6 +1444,7 @@ FLAG_HANDOVER_REQUEST = 0x01  # a slave asks its master for a planned switchover
 FLAG_RELEASE = 0x02           # a former master handed over: the slave may promote
 FLAG_SERVING = 0x04           # the sender runs the user system now
 FLAG_PEER_OUTDATED = 0x08     # a master: the receiver lacks data written here
+FLAG_RESOLVING = 0x10         # the sender is resolving a divergence: join in
 
 _ROLE_CODE = {ROLE_MASTER: 1, ROLE_SLAVE: 2}
 _ROLE_OF = {v: k for k, v in _ROLE_CODE.items()}
@@ -1666,6 +1695,7 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
 SNAPSHOT_PREFIX = "flocker-"
 HOLD_TAG = "flocker"
 ROLE_PROPERTY = "flocker:role"
+DIVERGENCE_PROPERTY = "flocker:divergence"   # a node's facts while a divergence is resolved
 _SNAPSHOT_RE = re.compile(r"^flocker-(\d+)-(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-\d+)?$")
 
 
@@ -1698,7 +1728,7 @@ class Listing:
 def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
     """`zfs get` arguments listing a dataset and its snapshots.  zfs-fuse's
     get has no -t and its list no -p, so one get with -d 1 serves all."""
-    props = ["guid", "userrefs", "readonly", ROLE_PROPERTY]
+    props = ["guid", "userrefs", "readonly", ROLE_PROPERTY, DIVERGENCE_PROPERTY]
     if features.written:
         props.append("written")
     if features.createtxg:
@@ -1879,6 +1909,30 @@ class Zfs(ZfsBase):
         except subprocess.TimeoutExpired:
             return False
         return proc.returncode == 0 and stream_is_empty(proc.stdout)
+
+    def stream_size(self, dataset: str, old: str, new: str) -> int:
+        """Bytes of the incremental stream old -> new, 0 when it carries no
+        change (the divergence measure; the stream is counted as it is
+        read, never held in memory)."""
+        argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        head, total = b"", 0
+        try:
+            while True:
+                chunk = proc.stdout.read(1 << 20)
+                if not chunk:
+                    break
+                if len(head) < 4096:
+                    head += chunk[:4096]
+                total += len(chunk)
+            err = proc.stderr.read().decode("utf-8", "replace")
+        finally:
+            status = proc.wait()
+        if status != 0:
+            raise ZfsError("cannot measure the changes %s@%s -> %s: %s"
+                           % (dataset, old, new, _stderr_text(err)))
+        return 0 if total <= 4096 and stream_is_empty(head) else total
 
     def settle(self, pool: str) -> bool:
         try:
@@ -2752,6 +2806,7 @@ DECIDE_DEMOTE = "demote"          # a starting master yields to a newer master
 DECIDE_STEP_DOWN = "step-down"    # an isolated master stops serving
 DECIDE_HANDOVER = "handover"      # planned switchover to the healthy slave
 DECIDE_SPLIT_BRAIN = "split-brain"  # two serving masters: the divergence verdict decides
+DECIDE_RESOLVE = "resolve"        # (the daemon's job that carries the verdict out)
 
 
 def node_index(cfg_node_names: Sequence[str], name: str) -> int:
@@ -2936,7 +2991,7 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
 # Both hosts compute it on their own from the same facts (exchanged between
 # them) and must reach the same answer: verdict(a, b) == verdict(b, a).
 
-POLICIES = ("most-changes", "newest-master", "oldest-master", "zero-changes-only", "manual")
+POLICIES = _POLICIES
 PREFER_NODE = "prefer-node:"
 
 VERDICT_RESOLVED = "resolved"          # winner continues, loser preserves and resyncs
@@ -3143,7 +3198,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 % (pds, other.name, ds, other.name, pds, pds))
         extra = snaps_after(remote, common.guid)
         if extra:
-            raise ReplicationError(
+            raise DivergenceError(
                 "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
                 "(%s): it has history this master lacks (divergence); nothing was "
                 "changed. Decide which node's data continues before replicating"
@@ -3151,7 +3206,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                    ", ".join(s.name for s in extra[:5])))
         pf = peer.features()
         if pf.written and remote.props.get("written", "0") not in ("0", "-", ""):
-            raise ReplicationError(
+            raise DivergenceError(
                 "the replica %s on %s was changed there since its newest snapshot %s "
                 "(written=%s bytes); it was not rolled back and nothing was sent. Copy "
                 "out what you need from it on %s, then run there 'zfs rollback %s@%s' "
@@ -3329,7 +3384,8 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
                 if base else "%s@%s (full copy)" % (local.dataset, target.name))
-        raise ReplicationError(explain_transfer(
+        modified = "has been modified" in outcome.recv_stderr + outcome.send_stderr
+        raise (DivergenceError if modified else ReplicationError)(explain_transfer(
             outcome, what, cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout,
             ssh.explain))
     names = [s.name for s in local.snaps]
@@ -3740,6 +3796,197 @@ def discard_preserved(ctx: Context, name: str) -> None:
         # -r: its own snapshots; never -R, which would reach other datasets' clones
         ctx.zfs.run(["destroy", "-r", name], retry_busy=True)
     ctx.store.remove_preserved(name)
+
+
+# -- resolving a divergence ------------------------------------------------------
+#
+# Both nodes run resolve_divergence() at the same time (the heartbeat flag
+# "resolving" makes the second join in).  Each measures its own side, with
+# everything written so far snapshotted first, and publishes it on its own
+# dataset as the user property flocker:divergence:
+#     v1 <common GUID> <epoch> <changes in bytes> <policy> <operator's winner or ->
+# then reads the peer's over ssh and computes verdict() from the two: both
+# get the same answer from the same facts.  The changes of a side are the
+# size of its incremental stream from the newest common snapshot to its
+# newest snapshot (0 when that stream carries no change): a measure both
+# zfs-fuse and OpenZFS give alike.  The loser stops its user system, keeps
+# its divergent data (preserve_divergence, or nothing when it has none),
+# and becomes slave; the winner serves (promoted above both epochs when it
+# was not the serving master) and announces the service address again.
+# No replication runs meanwhile, and nothing is rolled back.
+
+RESOLVE_WAIT = 120.0     # seconds to wait for the peer's published facts
+UNRESOLVED_RETRY = 60.0  # seconds between two looks at an unresolved divergence
+RESOLVED_QUIET = 30.0    # after a resolution, the peer's flag alone starts no new one
+
+
+class NeedsOperator(ActionError):
+    """The verdict leaves the divergence to a person (manual policy, a
+    policy mismatch, both changed under zero-changes-only)."""
+
+
+def format_divergence(common_guid: str, epoch: int, changes: int, policy: str,
+                      winner: Optional[str]) -> str:
+    return "v1 %s %d %d %s %s" % (common_guid, epoch, changes, policy, winner or "-")
+
+
+def parse_divergence(value: Optional[str]) -> Optional[dict]:
+    words = (value or "").split()
+    if len(words) != 6 or words[0] != "v1" or not words[2].isdigit() or \
+            not words[3].isdigit():
+        return None
+    return {"common_guid": words[1], "epoch": int(words[2]), "changes": int(words[3]),
+            "policy": words[4], "winner": None if words[5] == "-" else words[5]}
+
+
+def divergence_verdict(me: Side, peer: Side, my_choice: Optional[str],
+                       peer_choice: Optional[str]) -> Verdict:
+    """verdict(), unless an operator chose a winner on either node (pure,
+    and symmetric like verdict())."""
+    choices = {c for c in (my_choice, peer_choice) if c}
+    if len(choices) > 1:
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "the operators chose different winners (%s): choose one"
+                       % ", ".join(sorted(choices)))
+    if choices:
+        w = choices.pop()
+        winner, loser = (me, peer) if me.node == w else (peer, me)
+        return Verdict(VERDICT_RESOLVED, winner.node, loser.node, loser.changes > 0,
+                       "%s wins: an operator chose it ('resolve --winner %s')" % (w, w))
+    return verdict(me, peer)
+
+
+def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = True
+                       ) -> Tuple[Side, Snap, int]:
+    """Snapshot what this node wrote (when anything changed; not for a dry
+    run) and measure its changes since the newest common snapshot:
+    (side, common, epoch)."""
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    st = ctx.store.node_state()
+    local = zfs.listing(ds)
+    if local is None:
+        raise ActionError("the dataset %s does not exist here; nothing to resolve" % ds)
+    common = find_common(local, peer_listing)
+    if common is None:
+        raise NeedsOperator("%s and %s on %s share no snapshot: no automatic resolution; "
+                            "compare them and keep one by hand" % (ds, peer_listing.dataset,
+                                                                   cfg.peer.name))
+    if snapshot:
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+    after = snaps_after(local, common.guid)
+    changes = zfs.stream_size(ds, common.name, after[-1].name) if after else 0
+    return Side(cfg.local_name, st.epoch, cfg.divergence_policy, changes), common, st.epoch
+
+
+def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
+                       winner_choice: Optional[str] = None, dry_run: bool = False,
+                       quiesce=None, peer_stopped=None) -> Verdict:
+    """Reach the verdict with the peer and carry out this node's part."""
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    remote = peer.listing(cfg.peer.dataset)
+    if remote is None:
+        raise ActionError("%s does not exist on %s; nothing to resolve"
+                          % (cfg.peer.dataset, cfg.peer.name))
+    me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
+    facts = format_divergence(common.guid, me.epoch, me.changes, me.policy, winner_choice)
+    if not dry_run:
+        zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
+    deadline = time.monotonic() + RESOLVE_WAIT
+    theirs = None
+    while True:
+        theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
+        if theirs is not None and theirs["common_guid"] == common.guid:
+            break
+        if dry_run or time.monotonic() > deadline or stop.is_set():
+            if dry_run:
+                after = snaps_after(remote, common.guid)
+                theirs = {"epoch": (parse_role_marker(remote.props.get(ROLE_PROPERTY)) or
+                                    ("", "", 0))[2],
+                          "changes": -1 if after else 0,
+                          "policy": cfg.divergence_policy, "winner": None}
+                break
+            raise ActionError("%s did not publish its side of the divergence within %g s; "
+                              "is its daemon running?" % (cfg.peer.name, RESOLVE_WAIT))
+        time.sleep(0.3)
+        remote = peer.listing(cfg.peer.dataset) or remote
+    other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
+    v = divergence_verdict(me, other, winner_choice, theirs["winner"])
+    if dry_run:
+        return v
+    text = ("split brain since %s@%s: %s: %d bytes changed, epoch %d; %s: %d bytes "
+            "changed, epoch %d. Verdict: %s" % (ds, common.name, me.node, me.changes,
+                                                me.epoch, other.node, other.changes,
+                                                other.epoch, v.reason))
+    log.warning("%s", text)
+    ctx.store.record_event("verdict", text, "warning" if v.status == VERDICT_RESOLVED
+                           else "error")
+    if v.status != VERDICT_RESOLVED:
+        raise NeedsOperator(v.reason)
+    top = max(me.epoch, other.epoch)
+    if v.loser == cfg.local_name:
+        _lose(ctx, common, top, v, quiesce, facts)
+    else:
+        _win(ctx, top, v, peer_stopped)
+    return v
+
+
+def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str) -> None:
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    env = _service_env(ctx, top, {"FLOCKER_ROLE": ROLE_SLAVE})
+    _run_service_command(ctx, "stop_command", cfg.service.stop_command, env)
+    if cfg.service.service_address is not None:
+        remove_service_address(cfg.service.service_address)
+    if quiesce is not None:
+        quiesce()
+    # measured again now that nothing writes any more
+    local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
+    after = snaps_after(local, common.guid)
+    if after and zfs.stream_size(ds, common.name, after[-1].name) > 0:
+        kept = preserve_divergence(ctx, common.name, top, v.reason)
+        log.warning("kept this node's divergent data as %s", kept)
+        # the dataset under the old name is new: publish the facts there
+        # again, for a peer that has not read them yet
+        zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
+    else:
+        _drop_empty_divergence(ctx, common)
+    demote(ctx, top, v.reason)
+
+
+def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
+    """The loser changed nothing since the common snapshot: the snapshots
+    it took after it carry no change (the stream from common to the newest
+    is empty), so they hold nothing common lacks; destroy them, newest
+    first, so that the winner can send its increment."""
+    zfs, ds = ctx.zfs, ctx.cfg.local.dataset
+    local = zfs.listing(ds)
+    after = snaps_after(local, common.guid)
+    if not after:
+        return []
+    if zfs.stream_size(ds, common.name, after[-1].name) != 0:
+        raise ActionError("%s changed since %s after all; nothing was destroyed" % (ds,
+                                                                                   common.name))
+    names = [s.name for s in reversed(after)]
+    for name in names:
+        zfs.run(["destroy", "%s@%s" % (ds, name)], retry_busy=True)
+    ctx.store.record_event("verdict", "destroyed %d snapshot(s) of %s after %s that held no "
+                           "change: %s" % (len(names), ds, common.name, ", ".join(names)))
+    return names
+
+
+def _win(ctx: Context, top: int, v: Verdict, peer_stopped) -> None:
+    cfg = ctx.cfg
+    st = ctx.store.node_state()
+    if st.role != ROLE_MASTER or st.epoch < top:
+        index = node_index([n.name for n in cfg.nodes], cfg.local_name)
+        promote(ctx, next_epoch(top, index), v.reason)
+    else:
+        promote(ctx, st.epoch, v.reason)     # resumes: idempotent when serving
+    sa = cfg.service.service_address
+    if sa is not None:
+        if peer_stopped is not None:
+            peer_stopped(cfg.service.command_timeout + 10)
+        add_service_address(sa)
+        gratuitous_arp(sa)    # the loser may have held the address too
 
 
 def _move_aside(path: str) -> str:
@@ -4335,6 +4582,11 @@ class Daemon:
         self.switchover_until = 0.0  # slave: asking the master to hand over until then
         self.operator_handover = False  # master: 'demote' asked for a switchover
         self.switchover_error = None  # type: Optional[str]
+        self.resolving = False     # a divergence is being resolved (flag to the peer)
+        self.unresolved = None     # type: Optional[str]  # why an operator must decide
+        self.winner_choice = None  # type: Optional[str]  # 'resolve --winner NAME'
+        self.resolved_at = float("-inf")
+        self.last_verdict = None   # type: Optional[str]
         self.role_changed = float("-inf")   # monotonic time of the last role change
         self.promotions = 0        # role changes to master by this daemon
         self.demotions = 0         # role changes to slave by this daemon
@@ -4389,13 +4641,18 @@ class Daemon:
     def _job_replicate(self, stop: threading.Event):
         """The sync command's cycle, in a job thread (never on the loop);
         only while this node serves as master and changes no role."""
-        if self.role != ROLE_MASTER or not self.serving or self.jobs.busy("role"):
+        if (self.role != ROLE_MASTER or not self.serving or self.jobs.busy("role")
+                or self.unresolved is not None or self.resolving):
             return None
         self._cycle_started = wall_clock()
         with self.open_store() as store:
             return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop)
 
     def _replicate_done(self, result, error) -> None:
+        if isinstance(error, DivergenceError) and not self.jobs.busy("role"):
+            self.repl_failures += 1
+            self._resolve("replication: %s" % error.message)
+            return
         if error is not None:
             self.repl_failures += 1
             text = error.message if isinstance(error, FlockerError) else repr(error)
@@ -4806,6 +5063,8 @@ class Daemon:
             f |= FLAG_RELEASE
         if self.role == ROLE_SLAVE and time.monotonic() < self.switchover_until:
             f |= FLAG_HANDOVER_REQUEST
+        if self.resolving:
+            f |= FLAG_RESOLVING
         if self.role == ROLE_MASTER and (self.leaving or
                                          self.repl_failures >= OUTDATED_AFTER_FAILURES):
             f |= FLAG_PEER_OUTDATED
@@ -4895,6 +5154,10 @@ class Daemon:
     def _decide_roles(self, now: float) -> None:
         if self._stop_signal or self.jobs.busy("role") or now < self._role_retry_at:
             return
+        hb = self.tracker.last
+        if (self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING
+                and now - self.resolved_at > RESOLVED_QUIET):
+            return self._resolve("%s is resolving a divergence" % self.cfg.peer.name)
         d = decide(self._facts(now), self._timing())
         self.decision = d
         key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
@@ -4905,11 +5168,15 @@ class Daemon:
             if d.kind == DECIDE_SPLIT_BRAIN:
                 self._event("split-brain", d.reason + "; nothing is changed automatically "
                             "yet: decide which node's data continues", "error")
-        if d.kind == DECIDE_PROMOTE:
+        if d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving):
+            # two masters, or a former master meeting a newer one: whose
+            # data continues is the divergence verdict's to say
+            self._resolve(d.reason)
+        elif d.kind == DECIDE_PROMOTE:
             self._role_job(d.kind, lambda ctx, stop: promote(ctx, d.epoch, d.reason))
         elif d.kind == DECIDE_RESUME:
             self._role_job(d.kind, lambda ctx, stop: promote(ctx, self.epoch, d.reason))
-        elif d.kind in (DECIDE_DEMOTE, DECIDE_STEP_DOWN):
+        elif d.kind == DECIDE_STEP_DOWN:
             epoch = max(self.epoch, self.peer_epoch_seen)
             self._role_job(d.kind, lambda ctx, stop: demote(
                 ctx, epoch, d.reason, quiesce=self._stop_replication))
@@ -4919,6 +5186,32 @@ class Daemon:
                 quiesce=self._stop_replication))
         elif d.kind == DECIDE_FENCE:
             self._role_job(d.kind, self._fence)
+
+    def _resolve(self, why: str) -> None:
+        """Start (or retry) resolving a divergence with the peer."""
+        if self.unresolved is not None and time.monotonic() < self._role_retry_at:
+            return
+        log.warning("resolving a divergence with %s: %s", self.cfg.peer.name, why)
+        self.resolving = True
+        self._answer_soon()    # tell the peer at once
+
+        def action(ctx, stop):
+            return resolve_divergence(ctx, peer_zfs(self.cfg), stop,
+                                      winner_choice=self.winner_choice,
+                                      quiesce=self._stop_replication,
+                                      peer_stopped=self._wait_peer_stopped)
+        self._role_job(DECIDE_RESOLVE, action)
+
+    def _wait_peer_stopped(self, timeout: float) -> bool:
+        """From the winner's job: wait until the peer no longer serves, so
+        that the address is announced after the loser let it go."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hb = self.tracker.last
+            if hb is not None and not hb.flags & FLAG_SERVING and hb.role == ROLE_SLAVE:
+                return True
+            time.sleep(0.1)
+        return False
 
     def _stop_replication(self) -> None:
         """From a role job, once the user system is stopped: a master giving
@@ -4987,6 +5280,18 @@ class Daemon:
                 self.force = self.force_peer_alive = False
                 if self.outdated:
                     self._set_outdated(False, "this node is master now")
+        self.resolving = False     # only a resolution sets it; any role job ends it
+        if kind == DECIDE_RESOLVE:
+            if failure is None:
+                self.unresolved = None
+                self.resolved_at = time.monotonic()
+                self.winner_choice = None
+            elif isinstance(failure, NeedsOperator):
+                self.unresolved = failure.message
+                self._role_retry_at = time.monotonic() + UNRESOLVED_RETRY
+                self._log_quietly("unresolved", logging.ERROR, "SPLIT BRAIN, an operator must "
+                                  "decide: %s" % failure.message, 300)
+                return
         if failure is None:
             self._role_backoff = 0.0
             if kind == DECIDE_HANDOVER:
@@ -5110,6 +5415,7 @@ class Daemon:
             self._event("config", "reload refused: %s" % why, "error")
             return
         self.cfg = new
+        self._role_retry_at = 0.0   # e.g. a fixed divergence_policy: look again now
         self.tracker.keys = wire_keys(new.secret, new.secret_previous)
         self.tracker.dead_time = new.dead_time
         log.info("SIGHUP: configuration reloaded from %s (key id %s)", new.path, new.key_id)
@@ -5185,6 +5491,16 @@ class Daemon:
             return {"ok": True, "status": self.live_status(time.monotonic())}
         if cmd in ("promote", "demote"):
             return self._switchover_request(cmd, req)
+        if cmd == "resolve":
+            winner = req.get("winner")
+            if winner not in [n.name for n in self.cfg.nodes]:
+                return {"ok": False, "error": "--winner must name a node: %s or %s"
+                        % (self.cfg.local_name, self.cfg.peer.name)}
+            self.winner_choice = winner
+            self._role_retry_at = 0.0
+            log.warning("operator: resolve --winner %s", winner)
+            self._event("operator", "resolve --winner %s" % winner, "warning")
+            return {"ok": True}
         if cmd == "reset-stats":
             self.tracker.reset_stats()
             self.worst_lag = 0.0
@@ -5267,6 +5583,8 @@ class Daemon:
             "fenced": self.fenced, "check_failures": self.check_failures,
             "replication_failures": self.repl_failures, "released": self.released,
             "promotions": self.promotions, "demotions": self.demotions,
+            "divergence": {"resolving": self.resolving, "unresolved": self.unresolved,
+                           "winner_choice": self.winner_choice},
             "last_transfer": None if self.last_transfer is None else
             {"started": self.last_transfer[0], "bytes": self.last_transfer[1],
              "seconds": self.last_transfer[2]},
@@ -5750,6 +6068,51 @@ def _add_demote(p) -> None:
                    help="how long to wait for the result (default 180)")
 
 
+def cmd_resolve(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    if args.dry_run:
+        with StateStore.open(cfg.local.state_db) as store:
+            v = resolve_divergence(Context(cfg, store, Zfs()), peer_zfs(cfg),
+                                   threading.Event(), dry_run=True)
+        print("verdict (dry run, nothing changed): %s%s" % (
+            v.reason, "" if v.status == VERDICT_RESOLVED else
+            " -> an operator decides: 'resolve --winner NODE'"))
+        return EXIT_OK
+    if args.winner is None:
+        raise FlockerError("say which node's data continues: 'resolve --winner NODE' "
+                           "(see 'resolve --dry-run' and 'status' first)")
+    answer = query_daemon(cfg.local.state_db, {"cmd": "resolve", "winner": args.winner})
+    if answer is None:
+        raise FlockerError("no daemon runs on this node: the resolution is carried out by "
+                           "the daemons of both nodes; start them")
+    if not answer["ok"]:
+        raise FlockerError(answer["error"])
+    print("%s: %s's data continues; the other node keeps its own as a preserved dataset"
+          % (cfg.local_name, args.winner), flush=True)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        live = (query_daemon(cfg.local.state_db, {"cmd": "status"}) or {}).get("status")
+        if live is None:
+            raise FlockerError("the daemon stopped while waiting; see its log")
+        div = live.get("divergence") or {}
+        if div.get("winner_choice") is None and not div.get("resolving") and \
+                not div.get("unresolved"):
+            print("resolved: this node is %s (epoch %d)" % (live["role"], live["epoch"]))
+            return EXIT_OK
+        time.sleep(0.3)
+    raise ActionError("not resolved within %g s; see 'status' and the log" % args.wait)
+
+
+def _add_resolve(p) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the verdict the current facts give; change nothing")
+    p.add_argument("--winner", metavar="NODE",
+                   help="the node whose data continues (the other keeps its own as a "
+                        "preserved dataset)")
+    p.add_argument("--wait", type=float, default=180.0, metavar="SECONDS",
+                   help="how long to wait for the result (default 180)")
+
+
 def cmd_daemon(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
     root = logging.getLogger()
@@ -5827,6 +6190,8 @@ COMMANDS = (
      "demotes; then this node promotes); --force takes over from a dead master"),
     ("demote", cmd_demote, _add_demote,
      "on the master: planned switchover to the slave (the same, from this side)"),
+    ("resolve", cmd_resolve, _add_resolve,
+     "a split brain: show the verdict (--dry-run) or choose the winner (--winner NODE)"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
      "destroy divergent data kept by an earlier split-brain resolution"),
     ("daemon", cmd_daemon, _add_daemon,
