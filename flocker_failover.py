@@ -281,6 +281,16 @@ class ServiceAddress:
         return "%s/%d dev %s" % (self.address, self.prefix, self.device)
 
 
+def _p_priority(value: str) -> int:
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise _Invalid("a whole number from 0 (off) to 99") from None
+    if not 0 <= n <= 99:
+        raise _Invalid("a whole number from 0 (off) to 99")
+    return n
+
+
 _POLICIES = ("most-changes", "newest-master", "oldest-master", "zero-changes-only", "manual")
 
 
@@ -376,6 +386,10 @@ CLUSTER_OPTIONS = (
     Option("send_flags", _p_send_flags, "", "zfs send flags",
            "Extra zfs send flags among -c -L -e -w (OpenZFS); each is used "
            "only when both hosts' zfs support it, else left out with a warning."),
+    Option("realtime_priority", _p_priority, "10", "SCHED_RR priority",
+           "The daemon's event loop (heartbeats, liveness) runs with this "
+           "real-time priority (1-99), so that a busy host cannot delay its "
+           "heartbeats into a false failover; 0 keeps the normal scheduler."),
     Option("divergence_policy", _p_policy, "most-changes", "policy",
            "Which side's data continues after a split brain: most-changes, "
            "newest-master, oldest-master, prefer-node:NAME, zero-changes-only or "
@@ -484,6 +498,7 @@ class Config:
     ssh_alive_interval: float = 5.0
     ssh_control_persist: float = 300.0
     send_flags: Tuple[str, ...] = ()
+    realtime_priority: int = 10
     divergence_policy: str = "most-changes"
     metrics_file: Optional[str] = None
     arbitrator: Optional[Tuple[str, int]] = None
@@ -770,6 +785,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         ssh_alive_interval=c["ssh_alive_interval"],
         ssh_control_persist=c["ssh_control_persist"],
         send_flags=c["send_flags"] or (),
+        realtime_priority=c["realtime_priority"],
         divergence_policy=c["divergence_policy"], metrics_file=c["metrics_file"],
         arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
         arbitrator_timeout=c["arbitrator_timeout"],
@@ -4403,6 +4419,9 @@ class JobRunner:
         return True
 
     def _run(self, job) -> None:
+        with contextlib.suppress(OSError, AttributeError):   # never real-time (see Daemon)
+            if os.sched_getscheduler(0) != os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         try:
             job.result = job.fn(job.stop)
         except BaseException as e:  # delivered to on_done on the loop
@@ -4912,7 +4931,24 @@ class Daemon:
 
     # -- the loop ------------------------------------------------------------
 
+    def _realtime(self) -> None:
+        """Real-time scheduling for this thread only (the loop): heartbeats
+        go out on time on a busy host.  The job threads stay normal."""
+        prio = self.cfg.realtime_priority
+        if not prio:
+            return
+        try:
+            # RESET_ON_FORK: threads and processes it starts run normally
+            os.sched_setscheduler(0, os.SCHED_RR | getattr(os, "SCHED_RESET_ON_FORK", 0),
+                                  os.sched_param(prio))
+            log.info("event loop runs with real-time priority %d (SCHED_RR)", prio)
+        except (OSError, AttributeError) as e:
+            log.warning("cannot give the event loop real-time priority %d (%s); heartbeats "
+                        "may be late on a busy host; set realtime_priority = 0 to silence "
+                        "this", prio, getattr(e, "strerror", None) or e)
+
     def _loop(self) -> None:
+        self._realtime()
         now = time.monotonic()
         c = lambda: self.cfg   # noqa: E731 - timers read the current config
         self.timers = [

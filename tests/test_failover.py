@@ -53,6 +53,12 @@ def svc_log(host):
         return [(w[0], int(w[1]), float(w[2])) for w in (line.split() for line in f) if w]
 
 
+def sched_policy(pid, tid):
+    """The scheduling policy of a thread (field 41 of its stat file)."""
+    with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[38])
+
+
 def svc_running(host):
     """The user system's process runs on host (pid file and process)."""
     path = os.path.join(host.bed.workdir, "svc-%s.pid" % host.name)
@@ -172,6 +178,14 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
     wait_for(lambda: serving(da) and replicated(da), 30, step=0.05)
     try:
         assert svc_running(a) and not svc_running(b)
+        # the event loop runs real-time (SCHED_RR = 2); its job threads and
+        # everything they start (here the user system) run normally (0)
+        pid = da.status()["pid"]
+        tasks = {int(t): sched_policy(pid, t) for t in os.listdir("/proc/%d/task" % pid)}
+        assert tasks.pop(pid) == 2 and set(tasks.values()) == {0}, tasks
+        with open(os.path.join(bed.workdir, "svc-alpha.pid")) as f:
+            svc = int(f.read())
+        assert sched_policy(svc, svc) == 0
         t = time.time()
         mnt = write_files(a)
         wait_for(lambda: replicated(da, since=t), 30, step=0.1)
