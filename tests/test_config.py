@@ -177,11 +177,20 @@ BROKEN = [
     ("unknown option (typo)",
      dict(replace={"name = shop": "name = shop\ndead_tme = 3"}),
      "{path}: [cluster] dead_tme: unknown option; the options of this section are: "
-     "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, heartbeat_interval, "
-     "heartbeat_port, metrics_file, name, recursive, replication_interval, "
+     "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, divergence_policy, "
+     "heartbeat_interval, heartbeat_port, metrics_file, name, realtime_priority, recursive, "
+     "replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
      "startup_wait, state_db, transfer_stall_timeout, wait_for_peer"),
+    ("divergence policy unknown",
+     dict(replace={"name = shop": "name = shop\ndivergence_policy = biggest"}),
+     "{path}: [cluster] divergence_policy: expected one of most-changes, newest-master, "
+     "oldest-master, zero-changes-only, manual or prefer-node:NAME, found 'biggest'"),
+    ("divergence policy prefers a stranger",
+     dict(replace={"name = shop": "name = shop\ndivergence_policy = prefer-node:gamma"}),
+     "{path}: [cluster] divergence_policy: expected prefer-node:alpha or prefer-node:beta "
+     "(a node of this cluster), found 'prefer-node:gamma'"),
     ("arbitrator not an address",
      dict(replace={"name = shop": "name = shop\narbitrator = gateway:22"}),
      "{path}: [cluster] arbitrator: expected HOST:PORT (IPv6: [ADDRESS]:PORT), e.g. "
