@@ -5893,8 +5893,15 @@ def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, s
     if daemon is None and expect_daemon:
         problems.append((CHECK_CRITICAL, "daemon not running"))
     alive = peer.get("state") == "alive"
-    if role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
+    div = (daemon or {}).get("divergence") or {}
+    if div.get("unresolved"):
+        problems.append((CHECK_CRITICAL, "split brain unresolved, an operator must decide "
+                         "('resolve --winner NODE'): %s" % div["unresolved"]))
+    elif role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
         problems.append((CHECK_CRITICAL, "split brain: %s is master too" % peer["node"]))
+    if role == ROLE_SLAVE and report.get("outdated"):
+        problems.append((CHECK_WARNING, "this replica is OUTDATED: no automatic takeover "
+                         "('promote --force' if the master is lost)"))
     if role == ROLE_SLAVE and not (alive and peer.get("role") == ROLE_MASTER):
         problems.append((CHECK_CRITICAL, "no master: this node is slave and %s is %s"
                          % (peer["node"], "master but not heard" if peer.get("role") ==
