@@ -5191,8 +5191,9 @@ class Daemon:
         if self._stop_signal or self.jobs.busy("role") or now < self._role_retry_at:
             return
         hb = self.tracker.last
-        if (self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING
-                and now - self.resolved_at > RESOLVED_QUIET):
+        if self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING:
+            if now - self.resolved_at < RESOLVED_QUIET:
+                return     # the peer is still carrying out the verdict we reached
             return self._resolve("%s is resolving a divergence" % self.cfg.peer.name)
         d = decide(self._facts(now), self._timing())
         self.decision = d

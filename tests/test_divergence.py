@@ -6,23 +6,29 @@ somewhere (checksums)."""
 
 import hashlib
 import os
+import signal
 import time
 
 import bed as bedmod
 from conftest import ff
 from test_daemon import Running, init, wait_for
-from test_failover import (START, STOP, lanbed, serving, replicated, zget,  # noqa: F401
-                           svc_running)
+from test_failover import START, STOP, lanbed, serving, replicated, zget  # noqa: F401
 
 DEAD = 1.0
 
 
-def configure(bed, policy, nodes=None):
+def configure(bed, policy, policy_b=None):
+    """One configuration per host (alike unless policy_b differs):
+    alpha reads the bed's, beta its own copy."""
     w = bed.workdir
-    return bed.write_config(
-        cluster={"replication_interval": "0.5", "divergence_policy": policy},
-        service={"start_command": START.format(w=w), "stop_command": STOP.format(w=w)},
-        nodes=nodes)
+    paths = []
+    for pol, path in ((policy, bed.config_path),
+                      (policy_b or policy, os.path.join(w, "beta.conf"))):
+        paths.append(bed.write_config(
+            cluster={"replication_interval": "0.5", "divergence_policy": pol},
+            service={"start_command": START.format(w=w), "stop_command": STOP.format(w=w)},
+            path=path))
+    return paths
 
 
 class Pair:
@@ -30,18 +36,32 @@ class Pair:
 
     def __init__(self, bed, policy):
         self.bed = bed
-        configure(bed, policy)
+        self.paths = configure(bed, policy)
         init(bed)
         for h in bed.hosts:
             bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
-        self.d = {bed.a: Running(bed.a).wait_ready(), bed.b: Running(bed.b).wait_ready()}
+        self.config = {bed.a: self.paths[0], bed.b: self.paths[1]}
+        self.d = {}
+        for h in bed.hosts:
+            self.start(h)
         wait_for(lambda: serving(self.d[bed.a]) and replicated(self.d[bed.a]), 30, step=0.05)
 
-    def master(self):
-        return [h for h, d in self.d.items() if d.status()["role"] == "master"][0]
+    def start(self, host, **kw):
+        self.d[host] = Running(host, tag="-%d" % time.monotonic_ns(),
+                               config=self.config[host], **kw).wait_ready()
 
-    def restart(self, host, **kw):
-        self.d[host] = Running(host, tag="-%d" % time.monotonic_ns(), **kw).wait_ready()
+    def reconfigure(self, policy, policy_b=None):
+        """New policies, taken by the running daemons on SIGHUP."""
+        configure(self.bed, policy, policy_b)
+        before = {h: d.log_text().count("configuration reloaded") for h, d in self.d.items()}
+        for d in self.d.values():
+            d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: all(d.log_text().count("configuration reloaded") > before[h]
+                             for h, d in self.d.items()), 10)
+
+    def roles(self):
+        m = [h for h, d in self.d.items() if d.status()["role"] == "master"][0]
+        return m, [h for h in self.d if h is not m][0]
 
     def stop(self):
         for d in self.d.values():
@@ -70,7 +90,7 @@ class Pair:
 
     def settled(self):
         """One serving master, one slave holding its newest snapshot, and
-        no resolution under way."""
+        no resolution under way: returns the master."""
         st = {h: d.status() for h, d in self.d.items()}
         masters = [h for h in st if st[h]["role"] == "master" and st[h]["serving"]]
         slaves = [h for h in st if st[h]["role"] == "slave"]
@@ -102,14 +122,14 @@ def preserved(host):
         return [p["dataset"] for p in s.preserved()]
 
 
-def check_nothing_lost(winner, loser, written):
+def check_nothing_lost(winner, loser, written, kept_before=()):
     """The winner serves its version (and its own writes); the loser's
-    writes are in its preserved dataset; the loser's replica is the
-    winner's version."""
+    writes are in the dataset it preserved now (none when it wrote nothing);
+    the loser's replica becomes the winner's version."""
     have = files_in(winner.dataset)
     for name, digest in written[winner].items():
         assert have.get(name) == digest, (winner, name)
-    kept = preserved(loser)
+    kept = [k for k in preserved(loser) if k not in kept_before]
     if written[loser]:
         assert len(kept) == 1, kept
         old = files_in(kept[0])
@@ -118,23 +138,48 @@ def check_nothing_lost(winner, loser, written):
             assert name not in have
     else:
         assert kept == []
+    wait_for(lambda: files_in(loser.dataset) == files_in(winner.dataset), 30, step=0.2)
 
 
-def test_most_changes_the_master_wins_then_the_slave_wins(lanbed):
+def run_scenario(p, policy, writes, expect, policy_b=None):
+    """One split brain under policy: writes = (bytes on the master, bytes on
+    the slave); expect = "master" or "slave": who must win."""
+    if policy_b is not None or policy != p.policy:
+        p.reconfigure(policy, policy_b)
+        p.policy = policy
+    m, s = p.roles()
+    kept = {h: preserved(h) for h in (m, s)}
+    written = p.split({m: writes[0], s: writes[1]})
+    p.heal()
+    winner = wait_for(p.settled, 60, step=0.1)
+    assert winner is (m if expect == "master" else s), (policy, writes, winner)
+    loser = s if winner is m else m
+    check_nothing_lost(winner, loser, written, kept[loser])
+    return winner, loser
+
+
+def test_every_policy_picks_the_master_or_the_slave_and_loses_nothing(lanbed):
+    """In one bed, one split brain after the other (the roles move with
+    the verdicts); the original master and slave are those of each split."""
     bed = lanbed
-    a, b = bed.a, bed.b
     p = Pair(bed, "most-changes")
+    p.policy = "most-changes"
     try:
-        written = p.split({a: 300000, b: 100000})
-        p.heal()
-        m = wait_for(p.settled, 60, step=0.1)
-        assert m is a                     # the original master changed more
-        check_nothing_lost(a, b, written)
-        st = p.d[a].status()
-        assert st["epoch"] == 4           # above both (2 and 3)
-        assert "alpha wins: it changed more" in a.flocker("history").stdout
-        assert "alpha wins: it changed more" in b.flocker("history").stdout
-        # the loser's replica is the winner's version
-        wait_for(lambda: files_in(b.dataset) == files_in(a.dataset), 30, step=0.2)
+        w, l = run_scenario(p, "most-changes", (300000, 100000), "master")
+        assert p.d[w].status()["epoch"] == 4            # above both (2 and 3)
+        for h in (w, l):
+            assert "alpha wins: it changed more" in h.flocker("history").stdout
+        run_scenario(p, "most-changes", (100000, 300000), "slave")
+        # under most-changes, a side that changed nothing keeps nothing
+        run_scenario(p, "most-changes", (0, 100000), "slave")
+        # the slave promoted during the split, so it always has the newer epoch
+        run_scenario(p, "newest-master", (100000, 100000), "slave")
+        run_scenario(p, "oldest-master", (100000, 100000), "master")
+        m, s = p.roles()
+        run_scenario(p, "prefer-node:" + m.name, (100000, 200000), "master")
+        m, s = p.roles()
+        run_scenario(p, "prefer-node:" + s.name, (200000, 100000), "slave")
+        run_scenario(p, "zero-changes-only", (0, 100000), "slave")
+        run_scenario(p, "zero-changes-only", (100000, 0), "master")
     finally:
         p.stop()
