@@ -3833,7 +3833,6 @@ def discard_preserved(ctx: Context, name: str) -> None:
 
 RESOLVE_WAIT = 120.0     # seconds to wait for the peer's published facts
 UNRESOLVED_RETRY = 60.0  # seconds between two looks at an unresolved divergence
-RESOLVED_QUIET = 30.0    # after a resolution, the peer's flag alone starts no new one
 
 
 class NeedsOperator(ActionError):
@@ -3896,8 +3895,13 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                        winner_choice: Optional[str] = None, dry_run: bool = False,
-                       quiesce=None, peer_stopped=None) -> Verdict:
-    """Reach the verdict with the peer and carry out this node's part."""
+                       quiesce=None, peer_stopped=None,
+                       decided: Optional[Tuple[str, str]] = None) -> Tuple[Verdict, str]:
+    """Reach the verdict with the peer and carry out this node's part;
+    returns it and the GUID of the common snapshot.  decided: (common
+    GUID, winner) of a divergence this node resolved before: the same
+    divergence (same common snapshot) keeps its verdict, even though the
+    winner's epoch has moved since."""
     cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
     remote = peer.listing(cfg.peer.dataset)
     if remote is None:
@@ -3927,8 +3931,13 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         remote = peer.listing(cfg.peer.dataset) or remote
     other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
+    if decided is not None and decided[0] == common.guid and not winner_choice:
+        w = decided[1]
+        loser = other if w == me.node else me
+        v = Verdict(VERDICT_RESOLVED, w, loser.node, loser.changes > 0,
+                    "%s wins: this divergence (since %s) was decided before" % (w, common.name))
     if dry_run:
-        return v
+        return v, common.guid
     text = ("split brain since %s@%s: %s: %d bytes changed, epoch %d; %s: %d bytes "
             "changed, epoch %d. Verdict: %s" % (ds, common.name, me.node, me.changes,
                                                 me.epoch, other.node, other.changes,
@@ -3943,7 +3952,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         _lose(ctx, common, top, v, quiesce, facts)
     else:
         _win(ctx, top, v, peer_stopped)
-    return v
+    return v, common.guid
 
 
 def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str) -> None:
@@ -4604,7 +4613,8 @@ class Daemon:
         self.resolving = False     # a divergence is being resolved (flag to the peer)
         self.unresolved = None     # type: Optional[str]  # why an operator must decide
         self.winner_choice = None  # type: Optional[str]  # 'resolve --winner NAME'
-        self.resolved_at = float("-inf")
+        self.last_resolution = None  # type: Optional[Tuple[str, str]]  # (common GUID, winner)
+        self._joined = False       # took part in the peer's current attempt
         self.last_verdict = None   # type: Optional[str]
         self.role_changed = float("-inf")   # monotonic time of the last role change
         self.promotions = 0        # role changes to master by this daemon
@@ -5188,13 +5198,18 @@ class Daemon:
             force_peer_alive=self.force_peer_alive)
 
     def _decide_roles(self, now: float) -> None:
-        if self._stop_signal or self.jobs.busy("role") or now < self._role_retry_at:
+        if self._stop_signal or self.jobs.busy("role"):
             return
         hb = self.tracker.last
-        if self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING:
-            if now - self.resolved_at < RESOLVED_QUIET:
-                return     # the peer is still carrying out the verdict we reached
-            return self._resolve("%s is resolving a divergence" % self.cfg.peer.name)
+        if not (self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING):
+            self._joined = False
+        elif not self._joined:
+            # the peer began an attempt we took no part in: join in at once,
+            # also while waiting for an operator (it may carry one's choice)
+            return self._resolve("%s is resolving a divergence" % self.cfg.peer.name,
+                                 join=True)
+        if now < self._role_retry_at:
+            return
         d = decide(self._facts(now), self._timing())
         self.decision = d
         key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
@@ -5224,19 +5239,22 @@ class Daemon:
         elif d.kind == DECIDE_FENCE:
             self._role_job(d.kind, self._fence)
 
-    def _resolve(self, why: str) -> None:
+    def _resolve(self, why: str, join: bool = False) -> None:
         """Start (or retry) resolving a divergence with the peer."""
-        if self.unresolved is not None and time.monotonic() < self._role_retry_at:
+        if not join and self.unresolved is not None and time.monotonic() < self._role_retry_at:
             return
         log.warning("resolving a divergence with %s: %s", self.cfg.peer.name, why)
         self.resolving = True
+        self._joined = True    # this attempt answers one the peer may have begun
         self._answer_soon()    # tell the peer at once
 
         def action(ctx, stop):
-            return resolve_divergence(ctx, peer_zfs(self.cfg), stop,
-                                      winner_choice=self.winner_choice,
-                                      quiesce=self._stop_replication,
-                                      peer_stopped=self._wait_peer_stopped)
+            v, common = resolve_divergence(ctx, peer_zfs(self.cfg), stop,
+                                           winner_choice=self.winner_choice,
+                                           quiesce=self._stop_replication,
+                                           peer_stopped=self._wait_peer_stopped,
+                                           decided=self.last_resolution)
+            self.last_resolution = (common, v.winner)
         self._role_job(DECIDE_RESOLVE, action)
 
     def _wait_peer_stopped(self, timeout: float) -> bool:
@@ -5321,7 +5339,6 @@ class Daemon:
         if kind == DECIDE_RESOLVE:
             if failure is None:
                 self.unresolved = None
-                self.resolved_at = time.monotonic()
                 self.winner_choice = None
             elif isinstance(failure, NeedsOperator):
                 self.unresolved = failure.message
@@ -6116,8 +6133,8 @@ def cmd_resolve(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
     if args.dry_run:
         with StateStore.open(cfg.local.state_db) as store:
-            v = resolve_divergence(Context(cfg, store, Zfs()), peer_zfs(cfg),
-                                   threading.Event(), dry_run=True)
+            v, _ = resolve_divergence(Context(cfg, store, Zfs()), peer_zfs(cfg),
+                                      threading.Event(), dry_run=True)
         print("verdict (dry run, nothing changed): %s%s" % (
             v.reason, "" if v.status == VERDICT_RESOLVED else
             " -> an operator decides: 'resolve --winner NODE'"))

@@ -183,3 +183,44 @@ def test_every_policy_picks_the_master_or_the_slave_and_loses_nothing(lanbed):
         run_scenario(p, "zero-changes-only", (100000, 0), "master")
     finally:
         p.stop()
+
+
+def test_manual_and_mismatched_policies_wait_for_the_operator(lanbed):
+    """Nothing resolves and nothing is destroyed; status and check report
+    the split brain as CRITICAL; 'resolve --winner' resolves it."""
+    bed = lanbed
+    a, b = bed.a, bed.b
+    p = Pair(bed, "manual")
+    p.policy = "manual"
+    try:
+        for policy, policy_b, why in (
+                ("manual", None, "divergence_policy = manual: an operator decides"),
+                ("most-changes", "newest-master", "the nodes disagree on divergence_policy")):
+            if policy_b is not None:
+                p.reconfigure(policy, policy_b)
+            m, s = p.roles()
+            written = p.split({m: 100000, s: 200000})
+            p.heal()
+            wait_for(lambda: all(d.status()["divergence"]["unresolved"]
+                                 for d in p.d.values()), 30, step=0.1)
+            for h, d in p.d.items():
+                st = d.status()
+                assert why in st["divergence"]["unresolved"], st["divergence"]
+                assert st["role"] == "master" and st["serving"]     # both keep serving
+                r = h.flocker("check", config=p.config[h])
+                assert r.returncode == 2 and "split brain unresolved" in r.stdout, r.stdout
+                assert files_in(h.dataset) == dict(files_in(h.dataset), **written[h])
+            r = m.flocker("resolve", "--dry-run", config=p.config[m])
+            assert r.returncode == 0 and "an operator decides" in r.stdout, r.stdout + r.stderr
+            # the operator picks the slave's version, on the master's node
+            kept = preserved(m)
+            r = m.flocker("resolve", "--winner", s.name, "--wait", "60", timeout=90,
+                          config=p.config[m])
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert wait_for(p.settled, 60, step=0.1) is s
+            check_nothing_lost(s, m, written, kept)
+            assert "an operator chose it" in m.flocker("history").stdout
+            # a preserved dataset waits: WARNING
+            assert m.flocker("check", config=p.config[m]).returncode == 1
+    finally:
+        p.stop()
