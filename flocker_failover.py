@@ -3911,6 +3911,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     facts = format_divergence(common.guid, me.epoch, me.changes, me.policy, winner_choice)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
+        failpoint("resolve:published")
     deadline = time.monotonic() + RESOLVE_WAIT
     theirs = None
     while True:
@@ -3947,6 +3948,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                            else "error")
     if v.status != VERDICT_RESOLVED:
         raise NeedsOperator(v.reason)
+    failpoint("resolve:verdict")
     top = max(me.epoch, other.epoch)
     if v.loser == cfg.local_name:
         _lose(ctx, common, top, v, quiesce, facts)
