@@ -5265,7 +5265,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             hb = self.tracker.last
-            if hb is not None and not hb.flags & FLAG_SERVING and hb.role == ROLE_SLAVE:
+            if self.tracker.state != "alive" or (
+                    hb is not None and not hb.flags & FLAG_SERVING and hb.role == ROLE_SLAVE):
                 return True
             time.sleep(0.1)
         return False

@@ -224,3 +224,86 @@ def test_manual_and_mismatched_policies_wait_for_the_operator(lanbed):
             assert m.flocker("check", config=p.config[m]).returncode == 1
     finally:
         p.stop()
+
+
+# kill -9 of one daemon at a step of a resolution: (which side, failpoint)
+CRASHES = [("loser", "resolve:published"), ("loser", "resolve:verdict"),
+           ("loser", "preserve:rename"), ("loser", "preserve:clone"),
+           ("loser", "preserve:promote"), ("loser", "demote:unmount"),
+           ("winner", "resolve:verdict"), ("winner", "promote:start")]
+
+
+def test_kill_9_at_steps_of_a_resolution_loses_nothing(lanbed):
+    """most-changes: the master writes more and wins, the slave loses.  The
+    chosen daemon dies at the step; restarted, the resolution completes and
+    every file written on either side is still readable."""
+    bed = lanbed
+    p = Pair(bed, "most-changes")
+    p.policy = "most-changes"
+    try:
+        for side, point in CRASHES:
+            m, s = p.roles()
+            victim = m if side == "winner" else s
+            p.d[victim].stop()
+            p.start(victim, env={"FLOCKER_FAILPOINT": point})
+            wait_for(lambda: p.d[victim].status()["peer"]["state"] == "alive", 10)
+            kept = {h: preserved(h) for h in (m, s)}
+            written = p.split({m: 200000, s: 100000})
+            p.heal()
+            assert p.d[victim].proc.wait(timeout=60) != 0, point   # died at the step
+            p.start(victim)
+            winner = wait_for(p.settled, 60, step=0.1)
+            assert winner is m, point
+            check_nothing_lost(m, s, written, kept[s])
+            for h in (m, s):
+                with ff.StateStore.open(h.state_db) as st:
+                    assert st.unfinished_intent() is None, (point, h)
+    finally:
+        p.stop()
+
+
+def test_drop_empty_divergence_destroys_only_changeless_snapshots(pool):
+    """The losing side's snapshots after the common one are destroyed only
+    when the stream from the common snapshot to the newest is empty."""
+    ds = pool.name + "/d"
+    bedmod.sh(["zfs", "create", ds])
+    z = ff.Zfs()
+    mnt = zget(ds, "mountpoint")
+
+    class Cfg:
+        recursive = False
+
+        class local:
+            dataset = ds
+
+    class Store:
+        def record_event(self, kind, message, level="info"):
+            pass
+
+    ctx = ff.Context(Cfg, Store(), z)
+    with open(os.path.join(mnt, "a"), "w") as f:
+        f.write("a")
+    z.snapshot(ds, "common", False)
+    common = z.listing(ds).snap("common")
+    z.snapshot(ds, "flocker-3-x1", False)        # nothing changed: empty
+    z.snapshot(ds, "flocker-3-x2", False)
+    with open(os.path.join(mnt, "b"), "w") as f:
+        f.write("b")
+    z.snapshot(ds, "flocker-3-x3", False)        # holds b: the stream is not empty
+    try:
+        ff._drop_empty_divergence(ctx, common)
+        raise AssertionError("destroyed snapshots although one carries a change")
+    except ff.ActionError as e:
+        assert "changed since common after all; nothing was destroyed" in e.message
+    assert [s.name for s in z.listing(ds).snaps] == ["common", "flocker-3-x1",
+                                                     "flocker-3-x2", "flocker-3-x3"]
+    bedmod.sh(["zfs", "destroy", ds + "@flocker-3-x3"])   # (the test's own clean-up)
+    os.remove(os.path.join(mnt, "b"))
+    with open(os.path.join(mnt, "a")) as f:
+        assert f.read() == "a"
+    # b was removed again, but the dataset has unsnapshotted changes; the
+    # snapshots after common are empty: those go, the data stays
+    assert ff._drop_empty_divergence(ctx, common) == ["flocker-3-x2", "flocker-3-x1"]
+    assert [s.name for s in z.listing(ds).snaps] == ["common"]
+    with open(os.path.join(mnt, "a")) as f:
+        assert f.read() == "a"

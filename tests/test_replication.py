@@ -136,7 +136,8 @@ def test_features_of_zfs_fuse(zfs_ready):
         pytest.skip("not on this ZFS: the fallback path is checked against zfs-fuse")
     f = ff.parse_zfs_features(zfs_fuse_usage())
     assert f == ff.ZfsFeatures()     # none of the modern features
-    assert ff.listing_args("t/s", f)[5] == "guid,userrefs,readonly,flocker:role"
+    assert ff.listing_args("t/s", f)[5] == \
+        "guid,userrefs,readonly,flocker:role,flocker:divergence"
     assert ff.build_recv_argv("t/r", f.resumable) == ["zfs", "recv", "-u", "t/r"]
     assert ff.destroy_commands("t/s", ["a", "b"], False, f) == [
         ["destroy", "t/s@a"], ["destroy", "t/s@b"]]
@@ -161,13 +162,16 @@ def test_receive_never_forces_or_rolls_back():
     #     test_full_incremental_catchup_and_status)
     #   _drop_empty_leftover: what a crash left of the same (test_failover.py::
     #     test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot)
+    #   _drop_empty_divergence: a losing side's snapshots after the common
+    #     one, only when they carry no change (test_divergence.py::
+    #     test_drop_empty_divergence_destroys_only_changeless_snapshots)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded)
     sites = []
     for m in re.finditer(r'"destroy"', source):
         sites.append(re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1])
     assert sites == ["destroy_commands", "destroy_commands", "_snapshot_if_changed",
-                     "_drop_empty_leftover", "discard_preserved"]
+                     "_drop_empty_leftover", "discard_preserved", "_drop_empty_divergence"]
 
 
 def snap(name, guid, refs=0, order=None):

@@ -23,7 +23,7 @@ signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 i = 0
 while not stop:
     i += 1
-    name = "w-%s-%06d.bin" % (os.environ.get("FLOCKER_NODE", "?"), i)
+    name = "w-%s-%d-%06d.bin" % (os.environ.get("FLOCKER_NODE", "?"), os.getpid(), i)
     data = os.urandom(4096)
     fd = os.open(os.path.join(mp, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, data)
