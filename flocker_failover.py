@@ -26,6 +26,7 @@ import configparser
 import contextlib
 import dataclasses
 import errno
+import faulthandler
 import fcntl
 import hashlib
 import hmac
@@ -4926,6 +4927,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # SIGUSR1: the stack of every thread to stderr, for a daemon that
+        # seems stuck (see README)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _wake_from_thread(self) -> None:
         try:
@@ -5263,11 +5267,11 @@ class Daemon:
         """From the winner's job: wait until the peer no longer serves, so
         that the address is announced after the loser let it go."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hb = self.tracker.last
-            if self.tracker.state != "alive" or (
+        while time.monotonic() < deadline and not self._stop_signal:
+            hb, seen = self.tracker.last, self.tracker.last_seen
+            if seen is None or time.monotonic() - seen > self.cfg.dead_time or (
                     hb is not None and not hb.flags & FLAG_SERVING and hb.role == ROLE_SLAVE):
-                return True
+                return True      # (read directly: the loop may be stopping)
             time.sleep(0.1)
         return False
 
