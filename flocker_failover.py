@@ -4900,6 +4900,8 @@ def cmd_daemon(args, cfg_path: str) -> int:
     if not os.environ.get("JOURNAL_STREAM"):
         # not under systemd's journal, which stamps lines itself
         for handler in root.handlers:
+            if not isinstance(handler, logging.StreamHandler):
+                continue     # syslog stamps its lines itself
             handler.setFormatter(logging.Formatter(
                 "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s"))
     return Daemon(cfg, pidfile=args.pidfile).run()
@@ -4989,6 +4991,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "host's addresses, then its host name)")
     parser.add_argument("--verbose", "-v", action="count", default=0,
                         help="more log output (repeat for debug)")
+    parser.add_argument("--syslog", action="store_true",
+                        help="log to syslog (facility daemon) instead of stderr, for "
+                             "hosts without journald; stderr with a warning when there "
+                             "is no syslog socket")
+    parser.add_argument("--syslog-socket", default=SYSLOG_SOCKET, metavar="PATH",
+                        help="the syslog socket (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, handler, setup, helptext in COMMANDS:
@@ -4998,16 +5006,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SYSLOG_SOCKET = "/dev/log"
+_LOGGING = {"syslog": False}    # where setup_logging sent the log
+
+
+def syslog_handler(path: str) -> Optional[logging.Handler]:
+    """A handler for the syslog socket at path (facility daemon), or None
+    when nothing listens there."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):   # as SysLogHandler tries
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                break
+            except OSError:
+                pass
+    else:
+        return None      # (from Python 3.11 on, the handler would not say)
+    import logging.handlers     # only here: it takes a while to import
+    try:
+        handler = logging.handlers.SysLogHandler(
+            address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return None
+    handler.ident = "%s[%d]: " % (PROG, os.getpid())
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    return handler
+
+
+def setup_logging(verbose: int, to_syslog: bool, socket_path: str) -> None:
+    """The log goes to stderr (levels shown), or with to_syslog to syslog."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    handler = syslog_handler(socket_path) if to_syslog else None
+    _LOGGING["syslog"] = handler is not None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    if to_syslog and not _LOGGING["syslog"]:
+        log.warning("--syslog: no syslog socket at %s (is a syslog daemon running? "
+                    "--syslog-socket names another); logging to stderr", socket_path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, format="%(name)s: %(levelname)s: %(message)s",
-        level=logging.WARNING - 10 * min(args.verbose, 2))
+    setup_logging(args.verbose, args.syslog, args.syslog_socket)
     try:
         return args.handler(args, args.config)
     except FlockerError as e:
         print("%s: error: %s" % (PROG, e.message), file=sys.stderr)
+        if _LOGGING["syslog"]:
+            log.error("%s: %s", args.command, e.message)
         return e.exit_code
     except KeyboardInterrupt:
         print("%s: interrupted" % PROG, file=sys.stderr)

@@ -456,6 +456,55 @@ class Bed:
         _remove_workdir(self.workdir)
 
 
+class SyslogSink:
+    """A datagram socket standing in for /dev/log: every message sent to
+    path is kept; records() splits off the <priority> prefix."""
+
+    def __init__(self, path):
+        import socket
+        import threading
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                continue
+            self.messages.append(data.decode("utf-8", "replace").rstrip("\0\n"))
+
+    def records(self):
+        """(priority, text) of every message so far."""
+        out = []
+        for m in list(self.messages):
+            match = re.match(r"^<(\d+)>(.*)$", m, re.S)
+            out.append((int(match.group(1)), match.group(2)) if match else (None, m))
+        return out
+
+    def wait_for(self, *needles, timeout=10):
+        """(priority, text) of the first message containing every needle;
+        AssertionError after timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for prio, text in self.records():
+                if all(n in text for n in needles):
+                    return prio, text
+            time.sleep(0.05)
+        raise AssertionError("no syslog message with %r in %r" % (needles, self.messages))
+
+    def close(self):
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
 _DRIVER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("ff", sys.argv[1])
