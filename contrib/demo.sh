@@ -37,6 +37,11 @@ try:
         say("on %s: flocker_failover.py status" % host.name)
         print(host.flocker("status", check=True).stdout)
     say("ssh from alpha to beta works: %s" % bedmod.sh(a.ssh_argv(b, ["hostname"])).stdout.strip())
+    p = bedmod.sh(a.ssh_argv(b, ["zfs list -H -o name " + b.pool.name], gated=True))
+    say("flocker's own key reaches beta's ssh gate: 'zfs list -H -o name %s' -> %s"
+        % (b.pool.name, p.stdout.strip()))
+    p = bedmod.sh(a.ssh_argv(b, ["hostname"], gated=True), check=False)
+    say("and nothing else: 'hostname' -> exit %d: %s" % (p.returncode, p.stderr.strip()))
 finally:
     bed.close()
     say("cleaned up: namespaces, pools, sshd and files removed")

@@ -104,8 +104,8 @@ def test_features_of_openzfs_2():
 
 def test_features_of_a_real_openzfs_2_3():
     """Recorded from OpenZFS 2.3.2 (zfs-2.3.2-2~bpo12+2 in the qemu guest of
-    contrib/test-openzfs.sh) with 'zfs 2>&1; zfs get 2>&1', the command the
-    feature detection runs."""
+    contrib/test-openzfs.sh) with 'zfs 2>&1; zfs get 2>&1': the text the
+    ssh gate's features request prints, which feature detection reads."""
     path = os.path.join(os.path.dirname(__file__), "data", "openzfs-2.3.2-usage.txt")
     with open(path) as f:
         f = ff.parse_zfs_features(f.read())
@@ -161,11 +161,14 @@ def test_receive_never_forces_or_rolls_back():
     #     test_full_incremental_catchup_and_status)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded)
+    #   _gate_zfs_destroy: the ssh gate passes on the master's retention
+    #     destroys of flocker replication snapshots, and nothing else
+    #     (test_gate.py)
     sites = []
     for m in re.finditer(r'"destroy"', source):
         sites.append(re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1])
-    assert sites == ["destroy_commands", "destroy_commands", "_snapshot_if_changed",
-                     "discard_preserved"]
+    assert sites == ["destroy_commands", "destroy_commands", "_gate_zfs_destroy",
+                     "_snapshot_if_changed", "discard_preserved"]
 
 
 def snap(name, guid, refs=0, order=None):
