@@ -4069,6 +4069,7 @@ def replication_status(summary: dict, role: str, local: Optional[Listing],
         "slave_newest_snapshot": newest,
         "lag_seconds": round(now - made, 3) if made is not None else None,
         "last_ok_at": ok["finished"] if ok else None,
+        "last_ok_started": ok["started"] if ok else None,
         "pending": pending,
         "last_result": last["result"] if last else None,
         "last_error": failed["error"] if failed else None,
@@ -5325,9 +5326,43 @@ CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
 CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 
 
-def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, str]:
+def replication_lag(report: dict, now: float) -> Tuple[Optional[float], str]:
+    """For check: for how many seconds writes on the master may be missing
+    on the slave, and on what that rests (pure; None: there is no replica).
+
+    Where the slave is known to hold the master's newest snapshot, the lag
+    is the age of that knowledge: on the master, since the start of its last
+    successful cycle (nothing pending); on the slave, since it heard the
+    master name that snapshot as its newest.  Otherwise it is the age of the newest
+    snapshot the slave holds.  So a quiet dataset, which takes no new
+    snapshots, shows no lag while its cycles succeed."""
+    rep = report.get("replication") or {}
+    newest = rep.get("slave_newest_snapshot")
+    if newest is None:
+        return None, "no replica"
+    peer = report.get("peer") or {}
+    if (report["role"] == ROLE_MASTER and rep.get("pending") == 0
+            and rep.get("last_ok_started") is not None):
+        # the last successful cycle found nothing newer than what it left
+        # on the slave when it started, or sent a snapshot taken after that
+        made = snapshot_time(newest) or 0.0
+        return (max(0.0, now - max(rep["last_ok_started"], made)),
+                "since the last successful cycle")
+    if (report["role"] == ROLE_SLAVE and peer.get("snapshot") == newest
+            and peer.get("age_seconds") is not None):
+        return max(0.0, peer["age_seconds"]), "since the master last named it its newest"
+    if rep.get("lag_seconds") is None:
+        return None, "no replica"
+    return max(0.0, rep["lag_seconds"]), "age of the slave's newest snapshot %s" % newest
+
+
+def check_verdict(report: dict, expect_daemon: bool = True,
+                  warn: Optional[float] = None, crit: Optional[float] = None,
+                  now: Optional[float] = None) -> Tuple[int, str, str]:
     """Monitoring verdict from a status report: (code, text, perfdata),
-    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL)."""
+    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL).  warn and
+    crit: replication lag thresholds in seconds (see replication_lag)."""
+    now = wall_clock() if now is None else now
     problems = []   # type: List[Tuple[int, str]]
     peer, daemon = report["peer"], report["daemon"]
     role = report["role"]
@@ -5347,9 +5382,29 @@ def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, s
         problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
                          "operator: %s" % (len(report["preserved"]), ", ".join(
                              p["dataset"] for p in report["preserved"]))))
+    lag, basis = replication_lag(report, now)
+    rep = report.get("replication") or {}
+    if warn is not None or crit is not None:
+        slave = peer["node"] if role == ROLE_MASTER else report["node"]
+        error = rep.get("last_error")
+        why = (" (last replication error: %s)" % (error if len(error) <= 200
+                                                  else error[:200] + "...")) if error else ""
+        if lag is None:
+            problems.append((CHECK_CRITICAL, "no replica on %s yet%s%s" % (
+                slave, ", %d snapshot(s) pending" % rep["pending"] if rep.get("pending")
+                else "", why)))
+        else:
+            for limit, code, name in ((crit, CHECK_CRITICAL, "crit"),
+                                      (warn, CHECK_WARNING, "warn")):
+                if limit is not None and lag > limit:
+                    problems.append((code, "replication lag %.0f s > %s %g s (%s)%s"
+                                     % (lag, name, limit, basis, why)))
+                    break
     code = max([c for c, _ in problems] or [CHECK_OK])
     head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
                                          peer["node"], peer.get("state") or "unknown")
+    if lag is not None:
+        head += ", replication lag %.0f s" % lag
     text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
     if problems:
         text = "%s (%s)" % (text, head)
@@ -5358,13 +5413,39 @@ def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, s
         report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
     if peer.get("age_seconds") is not None:
         perf += " peer_age=%.1fs" % peer["age_seconds"]
+    if lag is not None:
+        perf += " lag=%.1fs;%s;%s;0" % (lag, "" if warn is None else "%g" % warn,
+                                        "" if crit is None else "%g" % crit)
+    if rep.get("pending") is not None:
+        perf += " pending=%d" % rep["pending"]
     return code, text, perf
+
+
+_RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds_arg(option: str, text: str) -> float:
+    """--warn/--crit: seconds, or with a unit: 90s, 30m, 2h, 1d."""
+    m = re.match(r"^(\d+(?:\.\d+)?)([smhd]?)$", text.strip())
+    if not m:
+        raise FlockerError("%s %s: expected seconds (such as 600) or a time with a unit "
+                           "(90s, 30m, 2h, 1d)" % (option, text))
+    return float(m.group(1)) * _RELATIVE[m.group(2) or "s"]
 
 
 def cmd_check(args, cfg_path: str) -> int:
     try:
+        warn = crit = None
+        if args.warn is not None:
+            warn = parse_seconds_arg("--warn", args.warn)
+        if args.crit is not None:
+            crit = parse_seconds_arg("--crit", args.crit)
+        if warn is not None and crit is not None and warn > crit:
+            raise FlockerError("--warn %s is more than --crit %s; the warning threshold must "
+                               "be the smaller one" % (args.warn, args.crit))
         cfg = load_config(cfg_path, args.node)
-        code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon)
+        code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon,
+                                         warn=warn, crit=crit)
     except FlockerError as e:
         code, text, perf = CHECK_UNKNOWN, e.message, ""
     if code != CHECK_OK or not args.quiet:
@@ -5372,14 +5453,33 @@ def cmd_check(args, cfg_path: str) -> int:
     return code
 
 
+CHECK_EPILOG = """\
+Replication lag: for how many seconds writes on the master may be missing
+on the slave. On the master: since the start of its last successful cycle
+when the slave holds all its snapshots, else the age of the newest
+snapshot the slave holds. On the slave: since it heard the master name its own newest
+snapshot as the master's newest, else the age of that snapshot. A quiet
+dataset takes no new snapshots, and shows no lag while cycles succeed.
+With --warn or --crit, no replica at all is CRITICAL.
+
+Exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.  Performance data:
+epoch, peer_alive, preserved, rejected (counter), peer_age, lag (with its
+thresholds), pending (master: snapshots the slave still lacks).
+"""
+
+
 def _add_check(p) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = CHECK_EPILOG
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing when all is well (for cron: mail only problems)")
     p.add_argument("--no-daemon", action="store_true",
                    help="do not expect a running daemon on this node")
-
-
-_RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    p.add_argument("--warn", "-w", metavar="SECONDS",
+                   help="WARNING when the replication lag is above this (600, 90s, 30m, "
+                        "2h, 1d)")
+    p.add_argument("--crit", "-c", metavar="SECONDS",
+                   help="CRITICAL when the replication lag is above this")
 
 
 def parse_since(text: str, now: float) -> float:

@@ -243,8 +243,8 @@ def test_explain_transfer_names_each_end():
 
 
 def test_replication_status_lag_and_pending():
-    ok = {"snapshot": "flocker-1-20260101T000000.000Z", "guid": "2", "finished": 5.0,
-          "result": "ok"}
+    ok = {"snapshot": "flocker-1-20260101T000000.000Z", "guid": "2", "started": 4.0,
+          "finished": 5.0, "result": "ok"}
     failed = {"error": "boom", "finished": 9.0, "result": "failed", "id": 2}
     ok["id"] = 1
     local = listing(snap("flocker-1-20260101T000000.000Z", "2"),
@@ -253,7 +253,8 @@ def test_replication_status_lag_and_pending():
     r = ff.replication_status({"last_ok": ok, "last_failed": failed, "last": failed},
                               "master", local, 1767225630.0)
     assert r == {"slave_newest_snapshot": ok["snapshot"], "lag_seconds": 30.0,
-                 "last_ok_at": 5.0, "pending": 1, "last_result": "failed",
+                 "last_ok_at": 5.0, "last_ok_started": 4.0, "pending": 1,
+                 "last_result": "failed",
                  "last_error": "boom", "last_error_at": 9.0}
     none = {"last_ok": None, "last_failed": None, "last": None}
     r = ff.replication_status(none, "slave", local, 1767225630.0)
