@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ff
 from test_daemon import Running, init, wait_for
-from test_replication import FAST, fails, ok, prepare, sync, write
+from test_replication import FAST, fails, ok, prepare, snaps, sync, write
 
 
 def report(role="master", state="alive", peer_role="slave", daemon=True, preserved=()):
@@ -211,32 +211,55 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
     """Daemons on both nodes.  The slave holds what the master names as its
     newest snapshot: no lag, however old that snapshot.  The master still
     heartbeats but cannot replicate (ssh to beta refused): once it names a
-    newer snapshot, the slave's lag is its own newest snapshot's age."""
+    newer snapshot, the slave's lag is its own newest snapshot's age, past
+    --warn 3 s (WARNING), then past --crit 5 s (CRITICAL)."""
     prepare(bed, cluster={"replication_interval": "0.5"}, init=True)
     write(bed, "x.bin", 20000)
     b = bed.b
 
-    def check():
-        p = b.flocker("check", "--warn", "3", "--crit", "12")
+    def check(crit="300"):
+        p = b.flocker("check", "--warn", "3", "--crit", crit)
         return p.returncode, p.stdout
+
+    def newest_age():
+        names = sorted(n for n in snaps(b.dataset) or {} if ff.is_flocker_snapshot(n))
+        return time.time() - ff.snapshot_time(names[-1]) if names else 0.0
+
+    seen = {}
+
+    def settled():
+        # the slave's newest snapshot older than --warn, and yet no lag: the
+        # master's heartbeat names it as its newest too (that takes until the
+        # master's snapshot scan, every 5 s, caught up with its last cycle)
+        age = newest_age()
+        seen["check"] = check()
+        return age > 3.5 and seen["check"][0] == 0
 
     da, db = Running(bed.a).wait_ready(), Running(b).wait_ready()
     try:
-        wait_for(lambda: check()[0] == 0, 40, step=0.3)
-        time.sleep(3.5)                 # the slave's newest is now > 3 s old
-        code, out = check()
-        assert code == 0 and "since" not in out and re.search(r"replication lag [01] s", out), out
+        wait_for(settled, 60, step=0.3)
+        code, out = seen["check"]
+        assert "since" not in out and re.search(r"replication lag [01] s", out), out
         da.stop()
         broken = bed.write_config(cluster=dict(FAST, replication_interval="0.5"),
                                   nodes={"beta": {"ssh_port": "2222"}},
                                   path=os.path.join(bed.workdir, "alpha-no-ssh.conf"))
         da = Running(bed.a, config=broken, tag="-no-ssh").wait_ready()
         write(bed, "y.bin", 20000)      # snapshotted by alpha, never sent
-        wait_for(lambda: check()[0] == 1, 30, step=0.3)
-        code, out = check()
-        assert "> warn 3 s (age of the slave's newest snapshot flocker-" in out, out
-        wait_for(lambda: check()[0] == 2, 30, step=0.3)
-        assert "> crit 12 s" in check()[1]
+        wait_for(lambda: set(snaps(bed.a.dataset)) - set(snaps(b.dataset)), 30, step=0.3)
+
+        def lagging(code, needle, crit="300"):
+            seen["check"] = check(crit)
+            return seen["check"][0] == code and needle in seen["check"][1]
+        # (judged by the text: while alpha's daemon restarted, beta heard no
+        # master, which is CRITICAL too)
+        try:
+            wait_for(lambda: lagging(1, "> warn 3 s (age of the slave's newest snapshot "
+                                        "flocker-"), 30, step=0.3)
+            wait_for(lambda: lagging(2, "> crit 5 s (age of the slave's newest snapshot ",
+                                     crit="5"), 30, step=0.3)
+        except AssertionError as e:
+            raise AssertionError("%s; last check: %r" % (e, seen["check"])) from None
     finally:
         da.stop()
         db.stop()
