@@ -20,6 +20,7 @@ Standard library only; Python 3.8 or newer.
 """
 
 import argparse
+import atexit
 import calendar
 import collections
 import configparser
@@ -68,6 +69,7 @@ EXIT_ZFS = 5          # a zfs command failed or ZFS is unusable
 EXIT_BUSY = 6         # another process holds the state lock
 EXIT_SSH = 7          # the peer cannot be reached or refused us over ssh
 EXIT_REPLICATION = 8  # a replication cycle was refused or failed
+EXIT_REFUSED = 9      # the ssh gate refused a request of the peer
 
 ROLE_MASTER = "master"
 ROLE_SLAVE = "slave"
@@ -1683,9 +1685,6 @@ class ZfsFeatures:
     send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
 
 
-FEATURES_SCRIPT = "zfs 2>&1; zfs get 2>&1; exit 0"
-
-
 def parse_zfs_features(usage: str) -> ZfsFeatures:
     """Features from the usage text of `zfs` and `zfs get` (pure)."""
     def synopsis_flags(command):
@@ -2058,6 +2057,370 @@ def stream_is_empty(stream: bytes) -> bool:
     return True
 
 
+# -- the ssh gate: what the peer may ask of this node -------------------------
+#
+# The peer's key in root's authorized_keys carries a forced command:
+#
+#   restrict,command="/usr/local/sbin/flocker_failover.py --config
+#   /etc/flocker/flocker.conf ssh-gate" ssh-ed25519 AAAA... flocker@alpha
+#
+# sshd then runs the gate instead of whatever was asked, with the request in
+# SSH_ORIGINAL_COMMAND.  No shell ever reads the request.  The gate refuses
+# any character outside letters, digits, space and _ . : / @ = , ' - (so
+# ; | & $ ` < > ( ) \ " * ? newlines and the like never get in), splits
+# what is left into words as a shell would (shlex: single quotes group
+# words), and runs it only when it is exactly one of these forms, where D is
+# the dataset of the node the gate runs on ([node NAME] dataset):
+#
+#   features                          usage text of `zfs` and of `zfs get`
+#   session                           many requests on one connection (below)
+#   zfs get -H -p -o FIELDS PROPS [-d 1] D
+#       FIELDS: name,property,value | property,value | value
+#       PROPS: any of guid userrefs readonly flocker:role flocker:divergence
+#              written createtxg
+#              receive_resume_token, comma-separated
+#   zfs list -H -o name D             D or one of its parents (the pool too)
+#   zfs recv -u [-s] D                the stream comes on standard input
+#   zfs recv -A D                     drop a partial resumable receive
+#   zfs hold [-r] flocker D@SNAP      only the tag flocker
+#   zfs release [-r] flocker D@SNAP
+#   zfs destroy [-r] D@F[,F...]       F: flocker replication snapshots only
+#                                     (flocker-<epoch>-<UTC time>Z[-N])
+#   zfs set readonly=on D
+#   zfs set 'flocker:role=NODE ROLE EPOCH' D
+#   flocker status --json             this node's status (the place for the
+#                                     switchover requests to come)
+#
+# -r only where recursive = yes.  Anything else is refused: exit status
+# EXIT_REFUSED and one line on standard error for the ssh client, and the
+# same reason logged on this host (syslog).
+#
+# session: the gate writes "flocker-gate 1 NODE\n", then reads requests, one
+# per line (the same forms, except session and zfs recv -u, whose stream
+# needs a connection of its own), and answers each with "RC NOUT NERR\n"
+# followed by NOUT bytes of the command's standard output and NERR bytes of
+# its standard error.  It ends at end of input, or after ssh_control_persist
+# seconds without a request.  Replication keeps one session open per peer,
+# so a short request costs one round trip on the open connection: no new
+# ssh channel and no new Python process (the gate takes ~0.1 s to start).
+
+GATE_PROTOCOL = 1
+GATE_BANNER = "flocker-gate"
+GATE_MAX_REQUEST = 4096
+_GATE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                        "0123456789 _.:/@=,'-")
+_GATE_FIELDS = ("name,property,value", "property,value", "value")
+_GATE_PROPS = ("guid", "userrefs", "readonly", ROLE_PROPERTY, DIVERGENCE_PROPERTY,
+               "written", "createtxg", "receive_resume_token")
+_GATE_SNAP_RE = re.compile(r"^[A-Za-z0-9_.: -]+$")   # what zfs allows after '@'
+GATE_REQUESTS = ("features, session, zfs get|list|recv|hold|release|destroy|set "
+                 "(on this node's dataset), flocker status --json")
+
+
+class GateRefused(Exception):
+    """A request the ssh gate does not run; reason says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class GateRequest:
+    kind: str                  # features, session, zfs, flocker
+    args: Tuple[str, ...]      # the zfs or flocker-failover arguments
+    stream: bool = False       # standard input carries a zfs send stream
+
+
+def parse_gate_request(text: str, dataset: str, recursive: bool,
+                       nodes: Sequence[str]) -> GateRequest:
+    """The request text (SSH_ORIGINAL_COMMAND, or one line of a session)
+    as a GateRequest, or GateRefused with the reason (pure)."""
+    if not text.strip():
+        raise GateRefused("no request: this key gets no login shell, only the "
+                          "requests of flocker-failover's ssh gate")
+    if len(text) > GATE_MAX_REQUEST:
+        raise GateRefused("the request is %d bytes long, more than %d"
+                          % (len(text), GATE_MAX_REQUEST))
+    bad = sorted(set(text) - _GATE_CHARS)
+    if bad:
+        raise GateRefused("the request contains %s: no shell runs here, and shell "
+                          "syntax (; | & $ ` < > ( ) quotes, newlines) is never accepted"
+                          % " ".join(repr(c) for c in bad))
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise GateRefused("the request cannot be split into words (%s)" % e) from None
+    if not words:
+        raise GateRefused("no request: only quotes")
+    op, args = words[0], words[1:]
+    if op in ("features", "session"):
+        if args:
+            raise GateRefused("%s takes no arguments" % op)
+        return GateRequest(op, ())
+    if op == "flocker":
+        if args == ["status", "--json"]:
+            return GateRequest("flocker", ("status", "--json"))
+        raise GateRefused("'flocker %s': the only flocker-failover command the gate "
+                          "runs is 'flocker status --json'" % " ".join(args))
+    if op != "zfs":
+        raise GateRefused("%r is not a request of the gate, which accepts only: %s"
+                          % (op, GATE_REQUESTS))
+    if not args:
+        raise GateRefused("'zfs' needs one of get, list, recv, hold, release, "
+                          "destroy, set")
+    check = _GATE_ZFS.get(args[0])
+    if check is None:
+        raise GateRefused("zfs %s is not allowed through the gate (only get, list, "
+                          "recv, hold, release, destroy, set)" % args[0])
+    return check(args[1:], dataset, recursive, nodes)
+
+
+def _gate_own(name: str, dataset: str) -> None:
+    if name != dataset:
+        raise GateRefused("%s is not %s, the dataset of this node" % (name, dataset))
+
+
+def _gate_recursive(args: List[str], sub: str, recursive: bool) -> List[str]:
+    if args[:1] != ["-r"]:
+        return args
+    if not recursive:
+        raise GateRefused("zfs %s -r: -r (child datasets too) is allowed only with "
+                          "recursive = yes" % sub)
+    return args[1:]
+
+
+def _gate_snapshot(name: str, dataset: str, sub: str) -> Tuple[str, str]:
+    ds, at, snap = name.partition("@")
+    if not at:
+        raise GateRefused("zfs %s %s: only snapshots (%s@NAME) are allowed"
+                          % (sub, name, dataset))
+    _gate_own(ds, dataset)
+    return ds, snap
+
+
+def _gate_zfs_get(args, dataset, recursive, nodes) -> GateRequest:
+    form = ("'zfs get -H -p -o FIELDS PROPERTIES [-d 1] %s' with FIELDS one of %s and "
+            "PROPERTIES among %s" % (dataset, " ".join(_GATE_FIELDS), ",".join(_GATE_PROPS)))
+    if len(args) not in (6, 8) or args[:3] != ["-H", "-p", "-o"] or (
+            len(args) == 8 and args[5:7] != ["-d", "1"]):
+        raise GateRefused("zfs get: only the form %s" % form)
+    if args[3] not in _GATE_FIELDS or not all(
+            p in _GATE_PROPS for p in args[4].split(",")):
+        raise GateRefused("zfs get %s %s: only the form %s" % (args[3], args[4], form))
+    _gate_own(args[-1], dataset)
+    return GateRequest("zfs", ("get",) + tuple(args))
+
+
+def _gate_zfs_list(args, dataset, recursive, nodes) -> GateRequest:
+    if len(args) != 4 or args[:3] != ["-H", "-o", "name"] or not (
+            args[3] == dataset or dataset.startswith(args[3] + "/")):
+        raise GateRefused("zfs list: only 'zfs list -H -o name NAME' of %s or one "
+                          "of its parents" % dataset)
+    return GateRequest("zfs", ("list",) + tuple(args))
+
+
+def _gate_zfs_recv(args, dataset, recursive, nodes) -> GateRequest:
+    if args in (["-u", dataset], ["-u", "-s", dataset]):
+        return GateRequest("zfs", ("recv",) + tuple(args), stream=True)
+    if args == ["-A", dataset]:
+        return GateRequest("zfs", ("recv",) + tuple(args))
+    if args and args[-1] != dataset:
+        _gate_own(args[-1], dataset)
+    raise GateRefused("zfs recv %s: only 'zfs recv -u [-s] %s' and 'zfs recv -A %s' "
+                      "(never -F, which rolls back and destroys)"
+                      % (" ".join(args), dataset, dataset))
+
+
+def _gate_zfs_hold(args, dataset, recursive, nodes, sub="hold") -> GateRequest:
+    rest = _gate_recursive(args, sub, recursive)
+    if len(rest) != 2 or rest[0] != HOLD_TAG:
+        raise GateRefused("zfs %s: only 'zfs %s [-r] %s %s@SNAPSHOT'"
+                          % (sub, sub, HOLD_TAG, dataset))
+    _, snap = _gate_snapshot(rest[1], dataset, sub)
+    if not _GATE_SNAP_RE.match(snap):
+        raise GateRefused("zfs %s: %r is not a snapshot name" % (sub, snap))
+    return GateRequest("zfs", (sub,) + tuple(args))
+
+
+def _gate_zfs_release(args, dataset, recursive, nodes) -> GateRequest:
+    return _gate_zfs_hold(args, dataset, recursive, nodes, sub="release")
+
+
+def _gate_zfs_destroy(args, dataset, recursive, nodes) -> GateRequest:
+    sub = "destroy"
+    rest = _gate_recursive(args, sub, recursive)
+    if len(rest) != 1 or rest[0].startswith("-"):
+        raise GateRefused("zfs %s %s: only 'zfs %s%s %s@SNAPSHOT[,...]' with no other "
+                          "option" % (sub, " ".join(args), sub,
+                                      " [-r]" if recursive else "", dataset))
+    if "@" not in rest[0]:
+        raise GateRefused("zfs %s %s: a dataset is never destroyed through the gate, "
+                          "only flocker replication snapshots of %s"
+                          % (sub, rest[0], dataset))
+    _, snaps = _gate_snapshot(rest[0], dataset, sub)
+    for snap in snaps.split(","):
+        if not _SNAPSHOT_RE.match(snap):
+            raise GateRefused("zfs %s %s@%s: not a flocker replication snapshot "
+                              "(flocker-<epoch>-<UTC time>Z); no other snapshot is "
+                              "destroyed through the gate" % (sub, dataset, snap))
+    return GateRequest("zfs", (sub,) + tuple(args))
+
+
+def _gate_zfs_set(args, dataset, recursive, nodes) -> GateRequest:
+    form = ("only 'zfs set readonly=on %s' and \"zfs set 'flocker:role=NODE ROLE "
+            "EPOCH' %s\"" % (dataset, dataset))
+    if len(args) != 2:
+        raise GateRefused("zfs set: %s" % form)
+    _gate_own(args[1], dataset)
+    prop, _, value = args[0].partition("=")
+    words = value.split(" ")
+    if args[0] == "readonly=on" or (
+            prop == ROLE_PROPERTY and len(words) == 3 and words[0] in nodes
+            and words[1] in ROLES and words[2].isdigit()):
+        return GateRequest("zfs", ("set",) + tuple(args))
+    raise GateRefused("zfs set %s: %s" % (args[0], form))
+
+
+_GATE_ZFS = dict(get=_gate_zfs_get, list=_gate_zfs_list, recv=_gate_zfs_recv,
+                 hold=_gate_zfs_hold, release=_gate_zfs_release,
+                 destroy=_gate_zfs_destroy, set=_gate_zfs_set)
+
+
+def gate_features_text() -> bytes:
+    """What the features request prints: the usage text of `zfs` and of
+    `zfs get` (the property table), as parse_zfs_features reads it."""
+    out = []
+    for args in ([], ["get"]):
+        proc = subprocess.run(["zfs"] + args, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=ZFS_TIMEOUT)
+        out.append(proc.stdout)
+    return b"\n".join(out)
+
+
+class Gate:
+    """The gate serving one ssh connection of the peer on this node."""
+
+    def __init__(self, cfg: Config, program: str, logged: bool = True,
+                 client: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.program = program      # this file, for the flocker requests
+        self.logged = logged        # False: no syslog here, refusals go to the client only
+        self.client = client or (os.environ.get("SSH_CLIENT", "").split() or ["?"])[0]
+
+    def parse(self, text: str) -> GateRequest:
+        return parse_gate_request(text, self.cfg.local.dataset, self.cfg.recursive,
+                                  [n.name for n in self.cfg.nodes])
+
+    def refusal(self, text: str, reason: str) -> str:
+        """Log a refusal here; return the line for the ssh client."""
+        shown = text if len(text) <= 300 else text[:300] + "..."
+        log.warning("ssh-gate: refused %r from %s: %s", shown, self.client, reason)
+        return ("%s ssh-gate on %s: refused: %s. This key may only make the requests of "
+                "flocker-failover's ssh gate (README: \"The ssh gate\")%s\n"
+                % (PROG, self.cfg.local.name, reason,
+                   "" if self.logged else "; not logged on %s: no syslog socket there"
+                   % self.cfg.local.name))
+
+    def argv(self, req: GateRequest) -> List[str]:
+        if req.kind == "zfs":
+            return ["zfs"] + list(req.args)
+        return [sys.executable, self.program, "--config", self.cfg.path,
+                "--node", self.cfg.local.name] + list(req.args)
+
+    def serve(self, text: str) -> int:
+        """One request from SSH_ORIGINAL_COMMAND; returns the exit status
+        (a zfs or flocker request replaces this process)."""
+        try:
+            req = self.parse(text)
+        except GateRefused as e:
+            sys.stderr.write(self.refusal(text, e.reason))
+            return EXIT_REFUSED
+        log.info("ssh-gate: %s from %s", text, self.client)
+        if req.kind == "session":
+            return self.session(sys.stdin.fileno(), sys.stdout.fileno())
+        if req.kind == "features":
+            sys.stdout.buffer.write(gate_features_text())
+            sys.stdout.flush()
+            return EXIT_OK
+        argv = self.argv(req)
+        logging.shutdown()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
+                             % (PROG, self.cfg.local.name, argv[0], e.strerror))
+            return 127
+
+    def answer(self, text: str) -> Tuple[int, bytes, bytes]:
+        """One request of a session: (exit status, stdout, stderr)."""
+        try:
+            req = self.parse(text)
+            if req.kind == "session" or req.stream:
+                raise GateRefused("%s is not taken within a session; it needs a "
+                                  "connection of its own" % text)
+        except GateRefused as e:
+            return EXIT_REFUSED, b"", self.refusal(text, e.reason).encode()
+        log.debug("ssh-gate: %s from %s (session)", text, self.client)
+        if req.kind == "features":
+            return EXIT_OK, gate_features_text(), b""
+        argv = self.argv(req)
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=ZFS_TIMEOUT)
+        except FileNotFoundError:
+            return 127, b"", ("%s: command not found on %s\n"
+                              % (argv[0], self.cfg.local.name)).encode()
+        except subprocess.TimeoutExpired:
+            return 124, b"", ("'%s' did not finish within %g s on %s; is the pool hung?\n"
+                              % (" ".join(argv), ZFS_TIMEOUT, self.cfg.local.name)).encode()
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def session(self, rfd: int, wfd: int) -> int:
+        idle = max(1.0, self.cfg.ssh_control_persist)
+        sel = selectors.DefaultSelector()
+        sel.register(rfd, selectors.EVENT_READ)
+        buf = b""
+        try:
+            _write_fully(wfd, ("%s %d %s\n" % (GATE_BANNER, GATE_PROTOCOL,
+                                               self.cfg.local.name)).encode())
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    if len(buf) > GATE_MAX_REQUEST:
+                        text = buf[:300].decode("utf-8", "replace")
+                        _write_fully(wfd, _gate_frame(EXIT_REFUSED, b"", self.refusal(
+                            text, "a request line longer than %d bytes; the session ends"
+                            % GATE_MAX_REQUEST).encode()))
+                        return EXIT_REFUSED
+                    if not sel.select(timeout=idle):
+                        log.debug("ssh-gate: session idle for %g s, ending it", idle)
+                        return EXIT_OK
+                    chunk = os.read(rfd, 65536)
+                    if not chunk:
+                        return EXIT_OK
+                    buf += chunk
+                    continue
+                line, buf = buf[:nl], buf[nl + 1:]
+                rc, out, err = self.answer(line.decode("utf-8", "replace"))
+                _write_fully(wfd, _gate_frame(rc, out, err))
+        except (BrokenPipeError, ConnectionResetError):
+            return EXIT_OK      # the client went away
+        finally:
+            sel.close()
+
+
+def _gate_frame(rc: int, out: bytes, err: bytes) -> bytes:
+    return b"%d %d %d\n" % (rc, len(out), len(err)) + out + err
+
+
+def _write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 # -- ssh: the one place that builds ssh command lines -----------------------
 
 SSH_ALIVE_COUNT = 3
@@ -2153,7 +2516,16 @@ class Ssh:
             raise SshError(self.explain(text))
 
     def reset(self) -> None:
-        """Close the master connection (after a failure it may be dead)."""
+        """Close the gate session and the master connection (after a
+        failure they may be dead)."""
+        with _GATE_LOCK:
+            session = _GATE_SESSIONS.pop(self.session_key, None)
+            if session is not None:
+                session.close()
+        self.reset_master()
+
+    def reset_master(self) -> None:
+        """Close the master connection and clear its socket."""
         if not self.control_path:
             return
         if os.path.exists(self.control_path):
@@ -2166,31 +2538,53 @@ class Ssh:
             if stat.S_ISSOCK(os.lstat(self.control_path).st_mode):
                 os.unlink(self.control_path)
 
-    def run(self, remote, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
-        """Run a short remote command; SshError when ssh itself failed,
-        else the remote exit status and output."""
-        self.ensure_master()
+    @property
+    def session_key(self) -> str:
+        return "\x00".join(self.argv(["session"]))
+
+    def request(self, words: Sequence[str], timeout: Optional[float] = None
+                ) -> subprocess.CompletedProcess:
+        """Run one request of the ssh gate language (a list of words) on the
+        node, over the gate session; SshError when ssh or the session
+        failed, else the remote exit status and output."""
         timeout = self.command_timeout if timeout is None else timeout
-        try:
-            proc = subprocess.run(self.argv(remote), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  timeout=timeout, universal_newlines=True)
-        except FileNotFoundError:
-            raise SshError("the ssh command (%s) was not found; install the "
-                           "OpenSSH client" % self.ssh) from None
-        except subprocess.TimeoutExpired:
-            self.reset()
-            raise SshError("%s did not answer within %g s over ssh; the link or "
-                           "the host may be down; check both, then retry"
-                           % (self.where, timeout)) from None
-        if proc.returncode == 255:
-            self.reset()
-            raise SshError(self.explain(proc.stderr))
-        if "Control socket connect" in proc.stderr:
-            # a master killed hard leaves its socket: ssh connected on its
-            # own this time; clear it so the next command starts a master
-            self.reset()
-        return proc
+        with _GATE_LOCK:
+            for attempt in (1, 2):
+                session, fresh = self._session()
+                try:
+                    return session.call(self, words, timeout)
+                except _SessionLost as e:
+                    if fresh or attempt == 2:
+                        raise e.error from None
+                    # a session kept from an earlier cycle had ended (its gate
+                    # was stopped, the peer restarted): one more try, new one
+        raise AssertionError("not reached")
+
+    def gate_features(self, probe) -> "ZfsFeatures":
+        """The peer's zfs features, probed once per gate session."""
+        with _GATE_LOCK:
+            session = _GATE_SESSIONS.get(self.session_key)
+            if session is not None and session.alive() and session.features is not None:
+                return session.features
+            features = probe()
+            session = _GATE_SESSIONS.get(self.session_key)
+            if session is not None:
+                session.features = features
+            return features
+
+    def _session(self) -> Tuple["GateSession", bool]:
+        """The open gate session, or a new one (then True)."""
+        key = self.session_key
+        session = _GATE_SESSIONS.get(key)
+        fresh_for = max(1.0, self.cfg.ssh_control_persist) / 2   # the gate waits the whole
+        if session is not None and session.alive() and (
+                time.monotonic() - session.last_used < fresh_for):
+            return session, False
+        if session is not None:
+            session.close()
+        session = _GATE_SESSIONS[key] = GateSession()
+        session.start(self)
+        return session, True
 
     @property
     def where(self) -> str:
@@ -2223,42 +2617,201 @@ class Ssh:
         return "ssh to %s failed (ssh: %s)" % (self.where, text)
 
 
+class _SessionLost(Exception):
+    """The gate session ended before it answered; error is what to raise."""
+
+    def __init__(self, error: FlockerError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class GateSession:
+    """One `session` request open on the peer's ssh gate: the short requests
+    of replication travel over it, each one round trip (see the ssh gate
+    below).  One session per peer connection and process, reused across
+    replication cycles; a new one is started when it ended or sat idle."""
+
+    def __init__(self) -> None:
+        self.proc = None   # type: Optional[subprocess.Popen]
+        self.err = None
+        self.buf = b""
+        self.last_used = 0.0
+        self.features = None   # type: Optional[ZfsFeatures]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, ssh: "Ssh") -> None:
+        for attempt in (1, 2):
+            ssh.ensure_master()
+            self.err = tempfile.TemporaryFile()
+            self.buf = b""
+            self.proc = subprocess.Popen(ssh.argv(["session"]), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self.err, bufsize=0)
+            try:
+                line = self._line(ssh, time.monotonic() + ssh.command_timeout)
+            except _SessionLost as e:
+                raise e.error from None
+            words = line.decode("utf-8", "replace").split()
+            if words[:2] != [GATE_BANNER, str(GATE_PROTOCOL)] or len(words) != 3:
+                self.close()
+                raise SshError(
+                    "%s answered the gate session with %r instead of '%s %d NODE'; it "
+                    "runs another version of flocker-failover's ssh gate: install the "
+                    "same flocker_failover.py on both nodes"
+                    % (ssh.where, line[:200].decode("utf-8", "replace"), GATE_BANNER,
+                       GATE_PROTOCOL))
+            if words[2] != ssh.node.name:
+                self.close()
+                raise SshError(
+                    "ssh to %s reached the ssh gate of node %s: fix [node %s] ssh (or "
+                    "address) in %s" % (ssh.where, words[2], ssh.node.name, ssh.cfg.path))
+            self.last_used = time.monotonic()
+            if "Control socket connect" not in _read_all(self.err) or attempt == 2:
+                return
+            # a master killed hard left its socket, so ssh connected on its
+            # own: clear the socket and start again through a new master
+            self.close()
+            ssh.reset_master()
+
+    def call(self, ssh: "Ssh", words: Sequence[str], timeout: float
+             ) -> subprocess.CompletedProcess:
+        """Send one request, read its answer; _SessionLost when the session
+        ended without answering."""
+        request = " ".join(shlex.quote(w) for w in words)
+        deadline = time.monotonic() + timeout
+        try:
+            self.proc.stdin.write(request.encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            raise _SessionLost(self._ended(ssh)) from None
+        head = self._line(ssh, deadline).decode("utf-8", "replace").split()
+        if len(head) != 3 or not all(w.isdigit() for w in head):
+            self.close()
+            raise SshError("the ssh gate on %s sent %r instead of an answer; install "
+                           "the same flocker_failover.py on both nodes" % (ssh.where, head))
+        rc, nout, nerr = (int(w) for w in head)
+        body = self._exactly(ssh, nout + nerr, deadline)
+        self.last_used = time.monotonic()
+        return subprocess.CompletedProcess(list(words), rc,
+                                           body[:nout].decode("utf-8", "replace"),
+                                           body[nout:].decode("utf-8", "replace"))
+
+    def _more(self, ssh: "Ssh", deadline: float) -> None:
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(timeout=left):
+                self.close()
+                ssh.reset()
+                raise SshError("%s did not answer within %g s over ssh; the link or "
+                               "the host may be down; check both, then retry"
+                               % (ssh.where, ssh.command_timeout))
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise _SessionLost(self._ended(ssh))
+        self.buf += chunk
+
+    def _line(self, ssh: "Ssh", deadline: float) -> bytes:
+        while b"\n" not in self.buf:
+            if len(self.buf) > 65536:
+                self.close()
+                raise SshError("%s sent a line longer than 64 KiB instead of an ssh "
+                               "gate answer" % ssh.where)
+            self._more(ssh, deadline)
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def _exactly(self, ssh: "Ssh", n: int, deadline: float) -> bytes:
+        while len(self.buf) < n:
+            self._more(ssh, deadline)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _ended(self, ssh: "Ssh") -> FlockerError:
+        """The error for a session that ended: ssh failed (status 255), or
+        the peer has no gate for our key, or the gate stopped."""
+        try:
+            status = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            status = None
+        text = _read_all(self.err) if self.err is not None else ""
+        self.close()
+        if status == 255:
+            ssh.reset()
+            return SshError(ssh.explain(text))
+        if "ssh-gate" in text:
+            return SshError("the ssh gate on %s: %s" % (ssh.where, _stderr_text(text)))
+        return SshError(
+            "%s runs no flocker-failover ssh gate for our key (ssh exited %s: %s); give "
+            "%s.pub the forced command there, in root's authorized_keys: "
+            "restrict,command=\"/usr/local/sbin/flocker_failover.py --config "
+            "/etc/flocker/flocker.conf ssh-gate\" (README: \"The ssh gate\")"
+            % (ssh.where, status, _stderr_text(text), ssh.cfg.ssh_identity))
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()       # the gate ends at end of input
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            with contextlib.suppress(OSError):
+                proc.stdout.close()
+        if self.err is not None:
+            self.err.close()
+            self.err = None
+        self.features = None
+
+
+# one session per peer connection (keyed by the ssh command line), shared by
+# the RemoteZfs of every cycle in this process
+_GATE_SESSIONS = {}   # type: Dict[str, GateSession]
+_GATE_LOCK = threading.RLock()
+
+
+@atexit.register
+def _close_gate_sessions() -> None:
+    # (a job thread still in a request at exit must not hold up the exit)
+    locked = _GATE_LOCK.acquire(timeout=2)
+    try:
+        for s in list(_GATE_SESSIONS.values()):
+            s.close()
+        _GATE_SESSIONS.clear()
+    finally:
+        if locked:
+            _GATE_LOCK.release()
+
+
 class RemoteZfs(ZfsBase):
-    """zfs on the peer, run through Ssh."""
+    """zfs on the peer, through its ssh gate (requests in the gate language,
+    which for zfs is a zfs command line of the exact forms the gate takes)."""
 
     def __init__(self, ssh: Ssh) -> None:
         self.ssh = ssh
         self.where = "on " + ssh.where
 
     def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-        proc = self.ssh.run(["zfs"] + list(args))
+        proc = self.ssh.request(["zfs"] + list(args))
         if check and proc.returncode != 0:
             raise self._fail(args, proc.stderr)
         return proc
 
-    def run_many(self, commands: Sequence[Sequence[str]]) -> List[Tuple[int, str]]:
-        if not commands:
-            return []
-        marker = "@@flocker-rc-%s" % secrets.token_hex(4)
-        script = "; ".join("%s 2>&1; rc=$?; echo; echo %s $rc" % (
-            " ".join(shlex.quote(w) for w in ["zfs"] + list(args)), marker)
-            for args in commands)
-        proc = self.ssh.run(script)
-        out, results, text = proc.stdout, [], []
-        for line in out.splitlines():
-            if line.startswith(marker + " "):
-                results.append((int(line.split()[-1]), "\n".join(text).strip()))
-                text = []
-            else:
-                text.append(line)
-        if len(results) != len(commands):
-            raise ZfsError("the commands run %s ended early: %s"
-                           % (self.where, _stderr_text(out + proc.stderr)))
-        return results
+    def features(self) -> ZfsFeatures:
+        if self._features is None:
+            self._features = self.ssh.gate_features(
+                lambda: parse_zfs_features(self._usage_text()))
+        return self._features
 
     def _usage_text(self) -> str:
-        proc = self.ssh.run(FEATURES_SCRIPT)
-        return proc.stdout + proc.stderr
+        proc = self.ssh.request(["features"])
+        if proc.returncode != 0:
+            raise ZfsError("cannot read the zfs features %s: %s"
+                           % (self.where, _stderr_text(proc.stderr)))
+        return proc.stdout
 
     def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
         return False   # only the master's own dataset is ever checked
@@ -4051,6 +4604,7 @@ def replication_status(summary: dict, role: str, local: Optional[Listing],
         "slave_newest_snapshot": newest,
         "lag_seconds": round(now - made, 3) if made is not None else None,
         "last_ok_at": ok["finished"] if ok else None,
+        "last_ok_started": ok["started"] if ok else None,
         "pending": pending,
         "last_result": last["result"] if last else None,
         "last_error": failed["error"] if failed else None,
@@ -5909,9 +6463,43 @@ CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
 CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 
 
-def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, str]:
+def replication_lag(report: dict, now: float) -> Tuple[Optional[float], str]:
+    """For check: for how many seconds writes on the master may be missing
+    on the slave, and on what that rests (pure; None: there is no replica).
+
+    Where the slave is known to hold the master's newest snapshot, the lag
+    is the age of that knowledge: on the master, since the start of its last
+    successful cycle (nothing pending); on the slave, since it heard the
+    master name that snapshot as its newest.  Otherwise it is the age of the newest
+    snapshot the slave holds.  So a quiet dataset, which takes no new
+    snapshots, shows no lag while its cycles succeed."""
+    rep = report.get("replication") or {}
+    newest = rep.get("slave_newest_snapshot")
+    if newest is None:
+        return None, "no replica"
+    peer = report.get("peer") or {}
+    if (report["role"] == ROLE_MASTER and rep.get("pending") == 0
+            and rep.get("last_ok_started") is not None):
+        # the last successful cycle found nothing newer than what it left
+        # on the slave when it started, or sent a snapshot taken after that
+        made = snapshot_time(newest) or 0.0
+        return (max(0.0, now - max(rep["last_ok_started"], made)),
+                "since the last successful cycle")
+    if (report["role"] == ROLE_SLAVE and peer.get("snapshot") == newest
+            and peer.get("age_seconds") is not None):
+        return max(0.0, peer["age_seconds"]), "since the master last named it its newest"
+    if rep.get("lag_seconds") is None:
+        return None, "no replica"
+    return max(0.0, rep["lag_seconds"]), "age of the slave's newest snapshot %s" % newest
+
+
+def check_verdict(report: dict, expect_daemon: bool = True,
+                  warn: Optional[float] = None, crit: Optional[float] = None,
+                  now: Optional[float] = None) -> Tuple[int, str, str]:
     """Monitoring verdict from a status report: (code, text, perfdata),
-    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL)."""
+    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL).  warn and
+    crit: replication lag thresholds in seconds (see replication_lag)."""
+    now = wall_clock() if now is None else now
     problems = []   # type: List[Tuple[int, str]]
     peer, daemon = report["peer"], report["daemon"]
     role = report["role"]
@@ -5938,9 +6526,29 @@ def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, s
         problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
                          "operator: %s" % (len(report["preserved"]), ", ".join(
                              p["dataset"] for p in report["preserved"]))))
+    lag, basis = replication_lag(report, now)
+    rep = report.get("replication") or {}
+    if warn is not None or crit is not None:
+        slave = peer["node"] if role == ROLE_MASTER else report["node"]
+        error = rep.get("last_error")
+        why = (" (last replication error: %s)" % (error if len(error) <= 200
+                                                  else error[:200] + "...")) if error else ""
+        if lag is None:
+            problems.append((CHECK_CRITICAL, "no replica on %s yet%s%s" % (
+                slave, ", %d snapshot(s) pending" % rep["pending"] if rep.get("pending")
+                else "", why)))
+        else:
+            for limit, code, name in ((crit, CHECK_CRITICAL, "crit"),
+                                      (warn, CHECK_WARNING, "warn")):
+                if limit is not None and lag > limit:
+                    problems.append((code, "replication lag %.0f s > %s %g s (%s)%s"
+                                     % (lag, name, limit, basis, why)))
+                    break
     code = max([c for c, _ in problems] or [CHECK_OK])
     head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
                                          peer["node"], peer.get("state") or "unknown")
+    if lag is not None:
+        head += ", replication lag %.0f s" % lag
     text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
     if problems:
         text = "%s (%s)" % (text, head)
@@ -5949,13 +6557,39 @@ def check_verdict(report: dict, expect_daemon: bool = True) -> Tuple[int, str, s
         report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
     if peer.get("age_seconds") is not None:
         perf += " peer_age=%.1fs" % peer["age_seconds"]
+    if lag is not None:
+        perf += " lag=%.1fs;%s;%s;0" % (lag, "" if warn is None else "%g" % warn,
+                                        "" if crit is None else "%g" % crit)
+    if rep.get("pending") is not None:
+        perf += " pending=%d" % rep["pending"]
     return code, text, perf
+
+
+_RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds_arg(option: str, text: str) -> float:
+    """--warn/--crit: seconds, or with a unit: 90s, 30m, 2h, 1d."""
+    m = re.match(r"^(\d+(?:\.\d+)?)([smhd]?)$", text.strip())
+    if not m:
+        raise FlockerError("%s %s: expected seconds (such as 600) or a time with a unit "
+                           "(90s, 30m, 2h, 1d)" % (option, text))
+    return float(m.group(1)) * _RELATIVE[m.group(2) or "s"]
 
 
 def cmd_check(args, cfg_path: str) -> int:
     try:
+        warn = crit = None
+        if args.warn is not None:
+            warn = parse_seconds_arg("--warn", args.warn)
+        if args.crit is not None:
+            crit = parse_seconds_arg("--crit", args.crit)
+        if warn is not None and crit is not None and warn > crit:
+            raise FlockerError("--warn %s is more than --crit %s; the warning threshold must "
+                               "be the smaller one" % (args.warn, args.crit))
         cfg = load_config(cfg_path, args.node)
-        code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon)
+        code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon,
+                                         warn=warn, crit=crit)
     except FlockerError as e:
         code, text, perf = CHECK_UNKNOWN, e.message, ""
     if code != CHECK_OK or not args.quiet:
@@ -5963,14 +6597,33 @@ def cmd_check(args, cfg_path: str) -> int:
     return code
 
 
+CHECK_EPILOG = """\
+Replication lag: for how many seconds writes on the master may be missing
+on the slave. On the master: since the start of its last successful cycle
+when the slave holds all its snapshots, else the age of the newest
+snapshot the slave holds. On the slave: since it heard the master name its own newest
+snapshot as the master's newest, else the age of that snapshot. A quiet
+dataset takes no new snapshots, and shows no lag while cycles succeed.
+With --warn or --crit, no replica at all is CRITICAL.
+
+Exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.  Performance data:
+epoch, peer_alive, preserved, rejected (counter), peer_age, lag (with its
+thresholds), pending (master: snapshots the slave still lacks).
+"""
+
+
 def _add_check(p) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = CHECK_EPILOG
     p.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing when all is well (for cron: mail only problems)")
     p.add_argument("--no-daemon", action="store_true",
                    help="do not expect a running daemon on this node")
-
-
-_RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    p.add_argument("--warn", "-w", metavar="SECONDS",
+                   help="WARNING when the replication lag is above this (600, 90s, 30m, "
+                        "2h, 1d)")
+    p.add_argument("--crit", "-c", metavar="SECONDS",
+                   help="CRITICAL when the replication lag is above this")
 
 
 def parse_since(text: str, now: float) -> float:
@@ -6189,6 +6842,8 @@ def cmd_daemon(args, cfg_path: str) -> int:
     if not os.environ.get("JOURNAL_STREAM"):
         # not under systemd's journal, which stamps lines itself
         for handler in root.handlers:
+            if not isinstance(handler, logging.StreamHandler):
+                continue     # syslog stamps its lines itself
             handler.setFormatter(logging.Formatter(
                 "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s"))
     return Daemon(cfg, pidfile=args.pidfile).run()
@@ -6197,6 +6852,60 @@ def cmd_daemon(args, cfg_path: str) -> int:
 def _add_daemon(p) -> None:
     p.add_argument("--pidfile", metavar="FILE",
                    help="write the daemon's pid to FILE (removed at a clean stop)")
+
+
+GATE_HELP = """\
+The forced command of the peer's key in root's authorized_keys:
+
+  restrict,command="/usr/local/sbin/flocker_failover.py --config /etc/flocker/flocker.conf ssh-gate" ssh-ed25519 AAAA... flocker@PEER
+
+sshd passes the request in SSH_ORIGINAL_COMMAND; no shell ever reads it.
+It is run only when it is exactly one of these forms (D: the dataset of
+this node; -r only with recursive = yes):
+
+  features                        usage text of zfs and zfs get
+  session                         requests one per line, answers framed
+  zfs get -H -p -o FIELDS PROPS [-d 1] D
+  zfs list -H -o name D           (or a parent of D)
+  zfs recv -u [-s] D              (the stream on standard input)
+  zfs recv -A D
+  zfs hold [-r] flocker D@SNAP
+  zfs release [-r] flocker D@SNAP
+  zfs destroy [-r] D@flocker-...[,flocker-...]   replication snapshots only
+  zfs set readonly=on D
+  zfs set 'flocker:role=NODE ROLE EPOCH' D
+  flocker status --json
+
+Everything else (other commands, other datasets, other options, any of
+; | & $ ` < > ( ) \\ " newline) is refused with exit status 9 and a
+message to the ssh client, and logged here to syslog (--syslog-socket,
+default /dev/log).  Try a request by hand:
+  SSH_ORIGINAL_COMMAND='zfs list -H -o name tank/shop' flocker_failover.py ssh-gate
+"""
+
+
+def cmd_ssh_gate(args, cfg_path: str) -> int:
+    text = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if text is None and not os.environ.get("SSH_CONNECTION"):
+        print("%s: error: ssh-gate serves the peer's requests as the forced command of "
+              "its key in root's authorized_keys (see 'ssh-gate --help'); sshd passes "
+              "the request in SSH_ORIGINAL_COMMAND, which is not set here. To try a "
+              "request by hand: SSH_ORIGINAL_COMMAND='zfs list -H -o name DATASET' %s "
+              "ssh-gate" % (PROG, sys.argv[0]), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load_config(cfg_path, args.node)
+    except FlockerError as e:
+        log.error("ssh-gate: cannot serve the peer: %s", e.message)
+        sys.stderr.write("%s ssh-gate: cannot serve requests: %s\n" % (PROG, e.message))
+        return e.exit_code
+    gate = Gate(cfg, os.path.abspath(__file__), logged=_LOGGING["syslog"])
+    return gate.serve(text or "")
+
+
+def _add_ssh_gate(p) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = GATE_HELP
 
 
 def cmd_sync(args, cfg_path: str) -> int:
@@ -6265,6 +6974,9 @@ COMMANDS = (
     ("daemon", cmd_daemon, _add_daemon,
      "run in the foreground: heartbeats, liveness, control socket (SIGTERM stops, "
      "SIGHUP reloads the configuration)"),
+    ("ssh-gate", cmd_ssh_gate, _add_ssh_gate,
+     "serve the peer's ssh requests, only those replication needs: the forced command "
+     "of its key in authorized_keys"),
     ("config-check", cmd_config_check, lambda p: None,
      "validate the configuration and print it, secrets masked"),
     ("genkey", cmd_genkey, _add_genkey,
@@ -6285,6 +6997,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "host's addresses, then its host name)")
     parser.add_argument("--verbose", "-v", action="count", default=0,
                         help="more log output (repeat for debug)")
+    parser.add_argument("--syslog", action="store_true",
+                        help="log to syslog (facility daemon) instead of stderr, for "
+                             "hosts without journald; stderr with a warning when there "
+                             "is no syslog socket")
+    parser.add_argument("--syslog-socket", default=SYSLOG_SOCKET, metavar="PATH",
+                        help="the syslog socket (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, handler, setup, helptext in COMMANDS:
@@ -6294,16 +7012,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SYSLOG_SOCKET = "/dev/log"
+_LOGGING = {"syslog": False}    # where setup_logging sent the log
+
+
+def syslog_handler(path: str) -> Optional[logging.Handler]:
+    """A handler for the syslog socket at path (facility daemon), or None
+    when nothing listens there."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):   # as SysLogHandler tries
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                break
+            except OSError:
+                pass
+    else:
+        return None      # (from Python 3.11 on, the handler would not say)
+    import logging.handlers     # only here: it takes a while to import
+    try:
+        handler = logging.handlers.SysLogHandler(
+            address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return None
+    handler.ident = "%s[%d]: " % (PROG, os.getpid())
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    return handler
+
+
+def setup_logging(verbose: int, to_syslog: bool, socket_path: str,
+                  gate: bool = False) -> None:
+    """The log goes to stderr (levels shown), or with to_syslog to syslog.
+    The ssh gate always logs to syslog: its stderr belongs to the ssh client;
+    without a syslog socket its log is dropped (refusals still reach the
+    client)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    handler = syslog_handler(socket_path) if (to_syslog or gate) else None
+    _LOGGING["syslog"] = handler is not None
+    if handler is None and gate:
+        handler = logging.NullHandler()
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    if gate:
+        logging.raiseExceptions = False      # never a traceback to the ssh client
+    elif to_syslog and not _LOGGING["syslog"]:
+        log.warning("--syslog: no syslog socket at %s (is a syslog daemon running? "
+                    "--syslog-socket names another); logging to stderr", socket_path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, format="%(name)s: %(levelname)s: %(message)s",
-        level=logging.WARNING - 10 * min(args.verbose, 2))
+    setup_logging(args.verbose, args.syslog, args.syslog_socket,
+                  gate=args.command == "ssh-gate")
     try:
         return args.handler(args, args.config)
     except FlockerError as e:
         print("%s: error: %s" % (PROG, e.message), file=sys.stderr)
+        if _LOGGING["syslog"]:
+            log.error("%s: %s", args.command, e.message)
         return e.exit_code
     except KeyboardInterrupt:
         print("%s: interrupted" % PROG, file=sys.stderr)

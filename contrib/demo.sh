@@ -173,6 +173,11 @@ try:
         print("  " + line)
     print("\nfailover: %s -> beta serving in the timeline above; data identical: %s"
           % ("alpha killed", "yes" if got == want else "NO"))
+    p = bedmod.sh(a.ssh_argv(b, ["zfs list -H -o name " + b.pool.name], gated=True))
+    say("flocker's own key reaches beta's ssh gate: 'zfs list -H -o name %s' -> %s"
+        % (b.pool.name, p.stdout.strip()))
+    p = bedmod.sh(a.ssh_argv(b, ["hostname"], gated=True), check=False)
+    say("and nothing else: 'hostname' -> exit %d: %s" % (p.returncode, p.stderr.strip()))
     if got != want:
         raise SystemExit(1)
 finally:

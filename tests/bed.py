@@ -256,16 +256,19 @@ class Host:
                 "--node", self.name] + list(args)
         return self.run(argv, check=check, timeout=timeout)
 
-    def ssh_command(self, target, remote_argv):
-        """The ssh command line (to run on this host) that reaches target."""
+    def ssh_command(self, target, remote_argv, gated=False):
+        """The ssh command line (to run on this host) that reaches target:
+        with the test's own unrestricted key, or (gated) with flocker's key,
+        whose requests target's ssh gate serves."""
         b = self.bed
-        return ["ssh", "-i", b.client_key, "-o", "BatchMode=yes",
+        return ["ssh", "-i", b.client_key if gated else b.admin_key, "-o", "BatchMode=yes",
+                "-o", "IdentitiesOnly=yes",
                 "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + b.known_hosts,
                 "-o", "ConnectTimeout=5", "root@" + target.address, "--"] + list(remote_argv)
 
-    def ssh_argv(self, target, remote_argv):
+    def ssh_argv(self, target, remote_argv, gated=False):
         """ssh from this host to target host, ready to run from anywhere."""
-        return self.argv(self.ssh_command(target, remote_argv))
+        return self.argv(self.ssh_command(target, remote_argv, gated=gated))
 
     def kill_all(self, keep_sshd=False):
         """kill -9 every process running in this host's namespace."""
@@ -337,7 +340,10 @@ class Bed:
         self.pools = []
         self.hosts = []
         self.lan_ns = None
+        self.config_path = os.path.join(self.workdir, "flocker.conf")
+        self.gate_log = None
         try:
+            self.gate_log = SyslogSink(os.path.join(self.workdir, "ssh", "syslog.sock"))
             self._make_hosts(links)
             if lan:
                 self._make_lan()
@@ -352,7 +358,6 @@ class Bed:
             self.secret_file = os.path.join(self.workdir, "secret")
             with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(secrets.token_hex(32) + "\n")
-            self.config_path = os.path.join(self.workdir, "flocker.conf")
             self.write_config()
         except BaseException:
             self.close()
@@ -427,12 +432,33 @@ class Bed:
         return out.split("lladdr ")[1].split()[0] if "lladdr" in out else ""
 
     def _make_keys(self):
+        """Two client keys, both accepted by both sshds: flocker's own
+        (ssh_identity in the config), whose line forces the ssh gate as in
+        contrib/ssh/authorized_keys.example, so every replication request
+        goes through the gate; and an unrestricted one for the tests' own
+        commands (ssh_command)."""
         d = os.path.join(self.workdir, "ssh")
         self.client_key = os.path.join(d, "client")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flocker-test",
-            "-f", self.client_key])
+        self.admin_key = os.path.join(d, "admin")
+        for key in (self.client_key, self.admin_key):
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flocker-test",
+                "-f", key])
         self.authorized_keys = os.path.join(d, "authorized_keys")
-        shutil.copy(self.client_key + ".pub", self.authorized_keys)
+        # the options of the example line, with this checkout's program and
+        # the bed's config and syslog socket
+        with open(os.path.join(ROOT, "contrib", "ssh", "authorized_keys.example")) as f:
+            example = [ln for ln in f if ln.strip() and not ln.startswith("#")][0]
+        options = example.split(" ssh-ed25519 ")[0]
+        installed = "/usr/local/sbin/flocker_failover.py --config /etc/flocker/flocker.conf"
+        assert installed in options, options
+        self.gate_options = options.replace(installed, "%s %s --config %s --syslog-socket %s" % (
+            sys.executable, PROGRAM, self.config_path, self.gate_log.path))
+        with open(self.client_key + ".pub") as f:
+            gated = f.read().strip()
+        with open(self.admin_key + ".pub") as f:
+            admin = f.read().strip()
+        with open(self.authorized_keys, "w") as f:
+            f.write("%s %s\n%s\n" % (self.gate_options, gated, admin))
         self.known_hosts = os.path.join(d, "known_hosts")
         with open(self.known_hosts, "w") as kh:
             for h in self.hosts:
@@ -527,7 +553,59 @@ class Bed:
             sh(["ip", "netns", "del", self.lan_ns], check=False)
         for p in self.pools:
             p.destroy()
+        if self.gate_log is not None:
+            self.gate_log.close()
         _remove_workdir(self.workdir)
+
+
+class SyslogSink:
+    """A datagram socket standing in for /dev/log (the bed's gates log to
+    it): every message sent to path is kept; records() splits off the
+    <priority> prefix."""
+
+    def __init__(self, path):
+        import socket
+        import threading
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                continue
+            self.messages.append(data.decode("utf-8", "replace").rstrip("\0\n"))
+
+    def records(self):
+        """(priority, text) of every message so far."""
+        out = []
+        for m in list(self.messages):
+            match = re.match(r"^<(\d+)>(.*)$", m, re.S)
+            out.append((int(match.group(1)), match.group(2)) if match else (None, m))
+        return out
+
+    def wait_for(self, *needles, timeout=10):
+        """(priority, text) of the first message containing every needle;
+        AssertionError after timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for prio, text in self.records():
+                if all(n in text for n in needles):
+                    return prio, text
+            time.sleep(0.05)
+        raise AssertionError("no syslog message with %r in %r" % (needles, self.messages))
+
+    def close(self):
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
 
 
 _DRIVER = """

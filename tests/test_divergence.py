@@ -189,7 +189,6 @@ def test_manual_and_mismatched_policies_wait_for_the_operator(lanbed):
     """Nothing resolves and nothing is destroyed; status and check report
     the split brain as CRITICAL; 'resolve --winner' resolves it."""
     bed = lanbed
-    a, b = bed.a, bed.b
     p = Pair(bed, "manual")
     p.policy = "manual"
     try:

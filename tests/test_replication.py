@@ -104,8 +104,8 @@ def test_features_of_openzfs_2():
 
 def test_features_of_a_real_openzfs_2_3():
     """Recorded from OpenZFS 2.3.2 (zfs-2.3.2-2~bpo12+2 in the qemu guest of
-    contrib/test-openzfs.sh) with 'zfs 2>&1; zfs get 2>&1', the command the
-    feature detection runs."""
+    contrib/test-openzfs.sh) with 'zfs 2>&1; zfs get 2>&1': the text the
+    ssh gate's features request prints, which feature detection reads."""
     path = os.path.join(os.path.dirname(__file__), "data", "openzfs-2.3.2-usage.txt")
     with open(path) as f:
         f = ff.parse_zfs_features(f.read())
@@ -167,11 +167,15 @@ def test_receive_never_forces_or_rolls_back():
     #     test_drop_empty_divergence_destroys_only_changeless_snapshots)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded)
+    #   _gate_zfs_destroy: the ssh gate passes on the master's retention
+    #     destroys of flocker replication snapshots, and nothing else
+    #     (test_gate.py)
     sites = []
     for m in re.finditer(r'"destroy"', source):
         sites.append(re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1])
-    assert sites == ["destroy_commands", "destroy_commands", "_snapshot_if_changed",
-                     "_drop_empty_leftover", "discard_preserved", "_drop_empty_divergence"]
+    assert sites == ["destroy_commands", "destroy_commands", "_gate_zfs_destroy",
+                     "_snapshot_if_changed", "_drop_empty_leftover", "discard_preserved",
+                     "_drop_empty_divergence"]
 
 
 def snap(name, guid, refs=0, order=None):
@@ -246,8 +250,8 @@ def test_explain_transfer_names_each_end():
 
 
 def test_replication_status_lag_and_pending():
-    ok = {"snapshot": "flocker-1-20260101T000000.000Z", "guid": "2", "finished": 5.0,
-          "result": "ok"}
+    ok = {"snapshot": "flocker-1-20260101T000000.000Z", "guid": "2", "started": 4.0,
+          "finished": 5.0, "result": "ok"}
     failed = {"error": "boom", "finished": 9.0, "result": "failed", "id": 2}
     ok["id"] = 1
     local = listing(snap("flocker-1-20260101T000000.000Z", "2"),
@@ -256,7 +260,8 @@ def test_replication_status_lag_and_pending():
     r = ff.replication_status({"last_ok": ok, "last_failed": failed, "last": failed},
                               "master", local, 1767225630.0)
     assert r == {"slave_newest_snapshot": ok["snapshot"], "lag_seconds": 30.0,
-                 "last_ok_at": 5.0, "pending": 1, "last_result": "failed",
+                 "last_ok_at": 5.0, "last_ok_started": 4.0, "pending": 1,
+                 "last_result": "failed",
                  "last_error": "boom", "last_error_at": 9.0}
     none = {"last_ok": None, "last_failed": None, "last": None}
     r = ff.replication_status(none, "slave", local, 1767225630.0)

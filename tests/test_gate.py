@@ -1,0 +1,438 @@
+"""The ssh gate (issue 7): the peer's key runs only the requests replication
+needs, on this node's dataset.  The request language is checked in
+microseconds against the exact commands the replication code builds; then,
+for real, through the bed's sshd whose authorized_keys forces the gate on
+flocker's key (the whole suite replicates through it): hostile requests are
+refused, change nothing, and are logged on the peer with their reason."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import bed as bedmod
+from conftest import ff
+from test_replication import mnt, ok, fails, prepare, snaps, sync, write
+
+D = "tank/shop"
+NODES = ("alpha", "beta")
+FUSE = ff.ZfsFeatures()
+
+
+def parse(text, dataset=D, recursive=False):
+    return ff.parse_gate_request(text, dataset, recursive, NODES)
+
+
+def refused(text, *needles, recursive=False):
+    with pytest.raises(ff.GateRefused) as e:
+        parse(text, recursive=recursive)
+    for n in needles:
+        assert n in e.value.reason, e.value.reason
+    return e.value.reason
+
+
+def request(words):
+    """The request text the client sends for an argument list."""
+    return " ".join(ff.shlex.quote(w) for w in words)
+
+
+# ---------------------------------------------------------------------------
+# the request language (pure)
+# ---------------------------------------------------------------------------
+
+def test_every_request_replication_makes_is_allowed():
+    """Built by the same functions the replication cycle uses, for zfs-fuse
+    and for modern OpenZFS, recursive or not."""
+    modern = ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
+                            list_parsable=True, createtxg=True)
+    snaps_ = ["flocker-2-20260101T000000.000Z", "flocker-2-20260101T000010.500Z-2"]
+    for features in (FUSE, modern):
+        for r in (False, True):
+            made = [["zfs"] + ff.listing_args(D, features),
+                    ["zfs", "get", "-H", "-p", "-o", "value", "written", D],
+                    ["zfs", "list", "-H", "-o", "name", "tank"],
+                    ["zfs", "list", "-H", "-o", "name", D],
+                    ["zfs", "set", "readonly=on", D],
+                    ["zfs", "set", "%s=%s" % (ff.ROLE_PROPERTY,
+                                              ff.role_marker("alpha", "master", 12)), D],
+                    ["zfs", "recv", "-A", D],
+                    ff.build_recv_argv(D, features.resumable)]
+            made += [["zfs"] + c for c in ff.hold_commands(D, snaps_ + ["users own"], r)]
+            made += [["zfs"] + c for c in ff.release_commands(D, snaps_, r)]
+            made += [["zfs"] + c for c in ff.destroy_commands(D, snaps_, r, features)]
+            for words in made:
+                req = parse(request(words), recursive=r)
+                assert req.kind == "zfs" and list(req.args) == words[1:], words
+    assert parse(request(ff.build_recv_argv(D, False))).stream
+    assert not parse("zfs recv -A " + D).stream
+    for text in ("features", "session"):
+        assert parse(text) == ff.GateRequest(text, ())
+    assert parse("flocker status --json") == ff.GateRequest("flocker", ("status", "--json"))
+    # a dataset deeper down: its parents may be listed, not its siblings
+    assert parse("zfs list -H -o name tank/a", dataset="tank/a/b").args[-1] == "tank/a"
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("", ["no request", "no login shell"]),
+    ("   ", ["no request"]),
+    ("rm -rf /", ["'rm' is not a request of the gate"]),
+    ("sh -c id", ["'sh' is not a request"]),
+    ("/bin/bash", ["is not a request"]),
+    ("zfs", ["needs one of"]),
+    ("zfs rollback -r %s@flocker-1-20260101T000000.000Z" % D, ["zfs rollback is not allowed"]),
+    ("zfs rename %s tank/x" % D, ["zfs rename is not allowed"]),
+    ("zfs create tank/x", ["zfs create is not allowed"]),
+    ("zfs send %s@x" % D, ["zfs send is not allowed"]),
+    ("zfs mount %s" % D, ["zfs mount is not allowed"]),
+    ("zfs upgrade -a", ["zfs upgrade is not allowed"]),
+    # other datasets, for every operation
+    ("zfs get -H -p -o name,property,value guid -d 1 tank/other", ["tank/other is not tank/shop"]),
+    ("zfs get -H -p -o name,property,value guid -d 1 tank/shop/kid", ["is not tank/shop"]),
+    ("zfs recv -u tank/other", ["tank/other is not tank/shop"]),
+    ("zfs recv -u tank", ["tank is not tank/shop"]),
+    ("zfs recv -A tank/other", ["is not tank/shop"]),
+    ("zfs hold flocker tank/other@s", ["tank/other is not tank/shop"]),
+    ("zfs release flocker tank/other@s", ["is not tank/shop"]),
+    ("zfs set readonly=on tank/other", ["tank/other is not tank/shop"]),
+    ("zfs list -H -o name tank/other", ["of tank/shop or one of its parents"]),
+    ("zfs list -H -o name tank/shop/kid", ["of tank/shop or one of its parents"]),
+    ("zfs destroy tank/other@flocker-1-20260101T000000.000Z", ["tank/other is not tank/shop"]),
+    # destroy: only flocker replication snapshots of the dataset
+    ("zfs destroy %s" % D, ["a dataset is never destroyed"]),
+    ("zfs destroy tank", ["a dataset is never destroyed"]),
+    ("zfs destroy %s@mine" % D, ["@mine: not a flocker replication snapshot"]),
+    ("zfs destroy %s@flocker-1-20260101T000000.000Z,mine" % D, ["@mine: not a flocker"]),
+    ("zfs destroy %s@flocker-x" % D, ["not a flocker replication snapshot"]),
+    ("zfs destroy %s@" % D, ["not a flocker replication snapshot"]),
+    ("zfs destroy -r %s@flocker-1-20260101T000000.000Z" % D,
+     ["-r (child datasets too) is allowed only with recursive = yes"]),
+    ("zfs destroy -R %s@flocker-1-20260101T000000.000Z" % D, ["with no other option"]),
+    ("zfs destroy -f %s@flocker-1-20260101T000000.000Z" % D, ["with no other option"]),
+    ("zfs destroy -d %s@flocker-1-20260101T000000.000Z" % D, ["with no other option"]),
+    ("zfs destroy %s@flocker-1-20260101T000000.000Z %s@flocker-2-20260101T000000.000Z"
+     % (D, D), ["with no other option"]),
+    # receive: never forced, no other options
+    ("zfs recv -F -u %s" % D, ["never -F"]),
+    ("zfs recv -u -F %s" % D, ["never -F"]),
+    ("zfs recv -u -d %s" % D, ["only 'zfs recv -u [-s] tank/shop'"]),
+    ("zfs recv %s" % D, ["only 'zfs recv -u [-s] tank/shop'"]),
+    ("zfs recv -u -o mountpoint=/ %s" % D, ["only"]),
+    # holds: only the flocker tag
+    ("zfs hold mine %s@s" % D, ["only 'zfs hold [-r] flocker"]),
+    ("zfs release -r flocker %s@s" % D, ["allowed only with recursive = yes"]),
+    ("zfs hold flocker %s" % D, ["only snapshots"]),
+    # set: readonly=on and flocker:role only, well formed
+    ("zfs set readonly=off %s" % D, ["only 'zfs set readonly=on"]),
+    ("zfs set mountpoint=/ %s" % D, ["only 'zfs set readonly=on"]),
+    ("zfs set 'flocker:role=mallory master 3' %s" % D, ["only 'zfs set readonly=on"]),
+    ("zfs set 'flocker:role=alpha master x' %s" % D, ["only"]),
+    ("zfs set 'flocker:role=alpha  master 3' %s" % D, ["only"]),
+    ("zfs set readonly=on %s tank/other" % D, ["only"]),
+    # get: only the properties and fields replication reads
+    ("zfs get -H -p -o name,property,value all -d 1 %s" % D, ["PROPERTIES among"]),
+    ("zfs get -H -p -o name,property,value guid,mountpoint -d 1 %s" % D, ["PROPERTIES among"]),
+    ("zfs get -H -p -o name,source,value guid -d 1 %s" % D, ["FIELDS one of"]),
+    ("zfs get -H -p -o name,property,value guid -r %s" % D, ["only the form"]),
+    ("zfs get -H -p -o name,property,value guid -d 2 %s" % D, ["only the form"]),
+    ("zfs get guid %s" % D, ["only the form"]),
+    # the gate's own requests take no arguments; flocker: status only (so far)
+    ("features now", ["takes no arguments"]),
+    ("session 1", ["takes no arguments"]),
+    ("flocker promote", ["only flocker-failover command the gate runs"]),
+    ("flocker status", ["only flocker-failover command"]),
+    ("flocker status --json --config /tmp/x", ["only flocker-failover command"]),
+    # shell syntax never gets in, whatever follows it
+    ("zfs list -H -o name %s; rm -rf /" % D, ["';'", "no shell runs here"]),
+    ("zfs list -H -o name %s | sh" % D, ["'|'"]),
+    ("zfs list -H -o name %s && reboot" % D, ["'&'"]),
+    ("zfs list -H -o name $(reboot)" % (), ["'$'", "'('", "')'"]),
+    ("zfs list -H -o name `reboot`", ["'`'"]),
+    ("zfs list -H -o name %s\nreboot" % D, ["'\\n'"]),
+    ("zfs list -H -o name %s\rreboot" % D, ["'\\r'"]),
+    ("zfs list -H -o name %s > /etc/passwd" % D, ["'>'"]),
+    ("zfs recv -u %s < /dev/zero" % D, ["'<'"]),
+    ("zfs list -H -o name ${HOME}", ["'$'", "'{'"]),
+    ('zfs list -H -o name "%s"' % D, ["'\"'"]),
+    ("zfs list -H -o name %s\\" % D, ["'\\\\'"]),
+    ("zfs list -H -o name tank/*", ["'*'"]),
+    ("zfs\tlist -H -o name %s" % D, ["'\\t'"]),
+    ("zfs destroy %s@flocker-1-20260101T000000.000Z%%flocker-9-20260101T000000.000Z" % D,
+     ["'%'"]),
+    ("zfs list -H -o name 'tank/shop", ["cannot be split into words"]),
+    ("x" * 5000, ["more than 4096"]),
+])
+def test_refused(text, needles):
+    refused(text, *needles)
+
+
+def test_recursive_allows_r_exactly_where_children_follow():
+    snap = "%s@flocker-1-20260101T000000.000Z" % D
+    for sub in ("hold -r flocker", "release -r flocker", "destroy -r"):
+        assert parse("zfs %s %s" % (sub, snap), recursive=True).args[1] == "-r"
+    refused("zfs destroy -r -r %s" % snap, "with no other option", recursive=True)
+    refused("zfs destroy -r %s" % D, "a dataset is never destroyed", recursive=True)
+    refused("zfs destroy -R %s" % snap, "with no other option", recursive=True)
+
+
+# ---------------------------------------------------------------------------
+# for real: ssh with flocker's key into the bed's gate
+# ---------------------------------------------------------------------------
+
+WARNING = 3 * 8 + 4    # syslog facility daemon, severity warning
+
+
+def gated(bed, remote, stdin=subprocess.DEVNULL, timeout=60):
+    """ssh alpha -> beta with flocker's key; remote is the request text."""
+    argv = bed.a.ssh_argv(bed.b, [remote] if remote is not None else [], gated=True)
+    return subprocess.run(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+def test_hostile_requests_are_refused_change_nothing_and_are_logged(bed):
+    prepare(bed)
+    write(bed, "x.bin", 20000)
+    ok(sync(bed))
+    b = bed.b
+    ds = b.dataset
+    other = b.pool.name + "/other"
+    bedmod.sh(["zfs", "create", other])
+    bedmod.sh(["zfs", "snapshot", ds + "@mine"])
+    bedmod.sh(["zfs", "snapshot", other + "@flocker-1-20260101T000000.000Z"])
+    flocker_snap = [n for n in snaps(ds) if ff.is_flocker_snapshot(n)][0]
+    mark = os.path.join(bed.workdir, "pwned")
+    canary = os.path.join(bed.workdir, "canary")
+    open(canary, "w").close()
+    before = {d: snaps(d) for d in (ds, other)}
+    ro = bedmod.sh(["zfs", "get", "-H", "-o", "value", "readonly", ds]).stdout
+
+    cases = [
+        ("rm -rf %s" % canary, "'rm' is not a request of the gate"),
+        ("rm -rf /", "'rm' is not a request of the gate"),
+        ("touch %s" % mark, "'touch' is not a request"),
+        (None, "no request"),                                      # a login shell
+        ("zfs destroy %s" % ds, "a dataset is never destroyed"),
+        ("zfs destroy %s@mine" % ds, "not a flocker replication snapshot"),
+        ("zfs destroy -r %s@%s" % (ds, flocker_snap), "allowed only with recursive = yes"),
+        ("zfs destroy -R %s@%s" % (ds, flocker_snap), "with no other option"),
+        ("zfs destroy %s" % other, "a dataset is never destroyed"),
+        ("zfs destroy %s@flocker-1-20260101T000000.000Z" % other, "is not %s" % ds),
+        ("zfs get -H -p -o name,property,value guid -d 1 %s" % other, "is not %s" % ds),
+        ("zfs recv -u %s" % other, "is not %s" % ds),
+        ("zfs recv -F -u %s" % ds, "never -F"),
+        ("zfs rollback %s@mine" % ds, "zfs rollback is not allowed"),
+        ("zfs set readonly=off %s" % ds, "only 'zfs set readonly=on"),
+        ("zfs list -H -o name %s; touch %s" % (ds, mark), "';'"),
+        ("zfs list -H -o name %s | touch %s" % (ds, mark), "'|'"),
+        ("zfs list -H -o name %s && touch %s" % (ds, mark), "'&'"),
+        ("zfs list -H -o name $(touch %s)" % mark, "'$'"),
+        ("zfs list -H -o name `touch %s`" % mark, "'`'"),
+        ("zfs list -H -o name %s\ntouch %s" % (ds, mark), "'\\n'"),
+        ("zfs list -H -o name %s > %s" % (ds, mark), "'>'"),
+        ("zfs recv -u %s < %s" % (ds, canary), "'<'"),
+        ("flocker promote", "only flocker-failover command the gate runs"),
+    ]
+    for text, reason in cases:
+        p = gated(bed, text)
+        assert p.returncode == ff.EXIT_REFUSED, (text, p.returncode, p.stdout, p.stderr)
+        assert "ssh-gate on beta: refused: " in p.stderr and reason in p.stderr, (text, p.stderr)
+        assert p.stdout == ""
+        # the reason is logged on beta (syslog), with the request
+        prio, line = bed.gate_log.wait_for(reason, repr(text or "")[1:-1][:40])
+        assert prio == WARNING and "flocker-failover[" in line and "refused" in line
+
+    # nothing happened
+    assert not os.path.exists(mark) and os.path.exists(canary)
+    assert {d: snaps(d) for d in (ds, other)} == before
+    assert bedmod.sh(["zfs", "get", "-H", "-o", "value", "readonly", ds]).stdout == ro
+    # and what is allowed still works (once the operator removed @mine,
+    # which is history the master lacks)
+    bedmod.sh(["zfs", "destroy", ds + "@mine"])
+    write(bed, "y.bin", 20000)
+    ok(sync(bed))
+    p = gated(bed, "zfs list -H -o name " + ds)
+    assert p.returncode == 0 and p.stdout.strip() == ds, p.stderr
+
+
+def test_destroy_through_the_gate_takes_only_flocker_snapshots(bed):
+    prepare(bed)
+    ds = bed.b.dataset
+    bedmod.sh(["zfs", "create", ds])
+    names = ["flocker-1-20260101T000000.000Z", "flocker-1-20260101T000001.000Z", "keep"]
+    for n in names:
+        bedmod.sh(["zfs", "snapshot", "%s@%s" % (ds, n)])
+    p = gated(bed, "zfs destroy %s@%s" % (ds, names[0]))
+    assert p.returncode == 0, p.stderr
+    assert sorted(snaps(ds)) == names[1:]
+    p = gated(bed, "zfs destroy %s@%s,keep" % (ds, names[1]))
+    assert p.returncode == ff.EXIT_REFUSED and "@keep: not a flocker" in p.stderr
+    assert sorted(snaps(ds)) == names[1:]
+    # a held replication snapshot: the gate lets it through, zfs refuses it
+    assert gated(bed, "zfs hold flocker %s@%s" % (ds, names[1])).returncode == 0
+    p = gated(bed, "zfs destroy %s@%s" % (ds, names[1]))
+    assert p.returncode not in (0, ff.EXIT_REFUSED) and names[1] in snaps(ds)
+
+
+def read_frame(f):
+    head = f.readline().split()
+    rc, nout, nerr = (int(w) for w in head)
+    return rc, f.read(nout).decode(), f.read(nerr).decode()
+
+
+def test_session_answers_framed_refuses_the_same_and_ends_when_idle(bed):
+    prepare(bed, cluster={"ssh_control_persist": "2"})
+    ds = bed.b.dataset
+    bedmod.sh(["zfs", "create", ds])
+    argv = bed.a.ssh_argv(bed.b, ["session"], gated=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"flocker-gate 1 beta\n"
+
+        def ask(text):
+            proc.stdin.write(text.encode() + b"\n")
+            proc.stdin.flush()
+            return read_frame(proc.stdout)
+
+        rc, out, err = ask("zfs list -H -o name " + ds)
+        assert (rc, out, err) == (0, ds + "\n", "")
+        rc, out, err = ask("zfs list -H -o name %s; touch /tmp/x" % ds)
+        assert rc == ff.EXIT_REFUSED and out == "" and "';'" in err
+        rc, out, err = ask("zfs recv -u " + ds)     # its stream needs its own connection
+        assert rc == ff.EXIT_REFUSED and "not taken within a session" in err
+        rc, out, err = ask("zfs list -H -o name %s/nothing" % bed.b.pool.name)
+        assert rc == ff.EXIT_REFUSED
+        rc, out, err = ask("zfs hold flocker %s@nosuch" % ds)    # allowed; zfs says no
+        assert rc not in (0, ff.EXIT_REFUSED) and out == "" and "nosuch" in err
+        rc, out, err = ask("features")
+        assert rc == 0 and ff.parse_zfs_features(out) == ff.parse_zfs_features(
+            ff.gate_features_text().decode())
+        rc, out, err = ask("flocker status --json")
+        assert rc == 0 and json.loads(out)["node"] == "beta", err
+        # idle for ssh_control_persist (2 s): the gate ends the session
+        t0 = time.monotonic()
+        assert proc.stdout.read() == b""
+        assert proc.wait(timeout=30) == 0 and 1.5 < time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_peer_without_the_gate_is_named_with_the_fix(bed):
+    """A key without the forced command: replication refuses to guess and
+    says which authorized_keys line to write."""
+    prepare(bed, cluster={"ssh_identity": bed.admin_key})
+    write(bed, "x.bin", 10000)
+    fails(sync(bed), ff.EXIT_SSH, "node beta", "runs no flocker-failover ssh gate",
+          'restrict,command="/usr/local/sbin/flocker_failover.py --config '
+          '/etc/flocker/flocker.conf ssh-gate"', bed.admin_key + ".pub")
+    assert snaps(bed.b.dataset) is None
+
+
+def test_gate_that_cannot_read_its_configuration(bed):
+    """The request is refused with the gate's own reason (run on beta by
+    hand, as sshd would run it)."""
+    prepare(bed)
+    env = dict(os.environ, SSH_ORIGINAL_COMMAND="zfs list -H -o name " + bed.b.dataset,
+               SSH_CONNECTION="192.0.2.1 5555 192.0.2.2 22")
+    p = bed.b.run([sys.executable, bedmod.PROGRAM, "--config", bed.config_path + ".missing",
+                   "--syslog-socket", bed.gate_log.path, "ssh-gate"], check=False, env=env)
+    assert p.returncode == ff.EXIT_CONFIG and p.stdout == ""
+    assert "ssh-gate: cannot serve requests: " in p.stderr and ".missing" in p.stderr
+    bed.gate_log.wait_for("cannot serve the peer")
+    # without SSH_ORIGINAL_COMMAND and outside sshd: how to use it
+    env.pop("SSH_ORIGINAL_COMMAND")
+    env.pop("SSH_CONNECTION")
+    p = bed.b.run([sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "ssh-gate"],
+                  check=False, env=env)
+    assert p.returncode == ff.EXIT_USAGE and "forced command" in p.stderr
+    assert "SSH_ORIGINAL_COMMAND='zfs list" in p.stderr
+
+
+def test_by_hand_and_without_a_syslog_socket(bed):
+    """Run as sshd runs it: an allowed request replaces the gate with zfs;
+    a refusal without a syslog socket tells the client it was not logged."""
+    prepare(bed)
+    base = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path,
+            "--syslog-socket", os.path.join(bed.workdir, "none.sock"), "ssh-gate"]
+    env = dict(os.environ, SSH_CONNECTION="192.0.2.1 5555 192.0.2.2 22",
+               SSH_ORIGINAL_COMMAND="zfs list -H -o name " + bed.b.pool.name)
+    p = bed.b.run(base, check=False, env=env)
+    assert p.returncode == 0 and p.stdout == bed.b.pool.name + "\n", p.stderr
+    env["SSH_ORIGINAL_COMMAND"] = "rm -rf /"
+    p = bed.b.run(base, check=False, env=env)
+    assert p.returncode == ff.EXIT_REFUSED and p.stdout == ""
+    assert "refused: 'rm' is not a request" in p.stderr
+    assert "not logged on beta: no syslog socket there" in p.stderr
+
+
+def _gate_sessions_on(h):
+    """pids of the gate processes serving sessions on host h."""
+    out = []
+    for pid in bedmod._netns_pids(h.ns):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                words = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"ssh-gate" in words and bedmod.PROGRAM.encode() in words:
+            out.append(pid)
+    return out
+
+
+CYCLES = r"""
+import sys
+sys.path.insert(0, %(root)r)
+import flocker_failover as ff
+cfg = ff.load_config(%(config)r, "alpha")
+with ff.StateStore.open(cfg.local.state_db, lock_for="test") as store:
+    for i in range(3):
+        r = ff.replicate_once(cfg, store, ff.Zfs(), ff.peer_zfs(cfg))
+        print("cycle", i, r.message, flush=True)
+        sys.stdin.readline()
+"""
+
+
+def test_cycles_share_one_gate_session_and_survive_its_death(bed):
+    """Like the daemon: cycles in one process reuse one session (a no-change
+    cycle starts no gate process); when the session's gate dies, the next
+    cycle opens a new one by itself."""
+    prepare(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    code = CYCLES % {"root": bedmod.ROOT, "config": bed.config_path}
+    proc = bed.a.popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
+    try:
+        assert "up to date" in proc.stdout.readline()
+        first = _gate_sessions_on(bed.b)
+        assert len(first) == 1
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert "up to date" in proc.stdout.readline()
+        assert _gate_sessions_on(bed.b) == first          # the same session
+        os.kill(first[0], signal.SIGKILL)
+        write(bed, "y.bin", 10000)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert "beta: sent flocker-" in line, (line, proc.stderr.read())
+        again = _gate_sessions_on(bed.b)
+        assert len(again) == 1 and again != first
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the process closed its session on the way out
+    deadline = time.monotonic() + 10
+    while _gate_sessions_on(bed.b) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gate_sessions_on(bed.b) == []
