@@ -4386,6 +4386,7 @@ def discard_preserved(ctx: Context, name: str) -> None:
 # No replication runs meanwhile, and nothing is rolled back.
 
 RESOLVE_WAIT = 120.0     # seconds to wait for the peer's published facts
+CHOICE_SETTLE = 3.0      # seconds an unresolved verdict waits for a choice on its way
 UNRESOLVED_RETRY = 60.0  # seconds between two looks at an unresolved divergence
 
 
@@ -4449,19 +4450,23 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                        winner_choice: Optional[str] = None, dry_run: bool = False,
-                       quiesce=None, peer_stopped=None,
-                       decided: Optional[Tuple[str, str]] = None) -> Tuple[Verdict, str]:
+                       quiesce=None, peer_stopped=None) -> Tuple[Verdict, str]:
     """Reach the verdict with the peer and carry out this node's part;
-    returns it and the GUID of the common snapshot.  decided: (common
-    GUID, winner) of a divergence this node resolved before: the same
-    divergence (same common snapshot) keeps its verdict, even though the
-    winner's epoch has moved since."""
+    returns it and the GUID of the common snapshot."""
     cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
     remote = peer.listing(cfg.peer.dataset)
     if remote is None:
         raise ActionError("%s does not exist on %s; nothing to resolve"
                           % (cfg.peer.dataset, cfg.peer.name))
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
+    # A divergence (named by its common snapshot) is measured once: a later
+    # attempt on the same one, e.g. by a winner whose epoch has moved since,
+    # reuses the published epoch and changes, so the verdict cannot turn.
+    # The policy and an operator's choice are taken as they are now.
+    mine = zfs.listing(ds)
+    before = parse_divergence(mine.props.get(DIVERGENCE_PROPERTY) if mine else None)
+    if before is not None and before["common_guid"] == common.guid:
+        me = Side(me.node, before["epoch"], me.policy, before["changes"])
     facts = format_divergence(common.guid, me.epoch, me.changes, me.policy, winner_choice)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
@@ -4472,6 +4477,12 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
         if theirs is not None and theirs["common_guid"] == common.guid:
             break
+        moved = find_common(zfs.listing(ds) or Listing(ds, {}, ()), remote)
+        if not dry_run and moved is not None and moved.guid != common.guid:
+            # the newest common snapshot moved meanwhile (a transfer that
+            # was on its way): measure again against the new one
+            return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
+                                      peer_stopped)
         if dry_run or time.monotonic() > deadline or stop.is_set():
             if dry_run:
                 after = snaps_after(remote, common.guid)
@@ -4486,11 +4497,17 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         remote = peer.listing(cfg.peer.dataset) or remote
     other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
-    if decided is not None and decided[0] == common.guid and not winner_choice:
-        w = decided[1]
-        loser = other if w == me.node else me
-        v = Verdict(VERDICT_RESOLVED, w, loser.node, loser.changes > 0,
-                    "%s wins: this divergence (since %s) was decided before" % (w, common.name))
+    settle = time.monotonic() + CHOICE_SETTLE
+    while v.status != VERDICT_RESOLVED and not dry_run and time.monotonic() < settle:
+        # an operator's choice may be on its way in the peer's facts (it
+        # began the attempt this node joined): look again for a moment
+        time.sleep(0.3)
+        fresh = parse_divergence((peer.listing(cfg.peer.dataset) or remote).props.get(
+            DIVERGENCE_PROPERTY))
+        if fresh is not None and fresh["common_guid"] == common.guid and fresh != theirs:
+            theirs = fresh
+            other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
+            v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     if dry_run:
         return v, common.guid
     text = ("split brain since %s@%s: %s: %d bytes changed, epoch %d; %s: %d bytes "
@@ -5170,7 +5187,6 @@ class Daemon:
         self.resolving = False     # a divergence is being resolved (flag to the peer)
         self.unresolved = None     # type: Optional[str]  # why an operator must decide
         self.winner_choice = None  # type: Optional[str]  # 'resolve --winner NAME'
-        self.last_resolution = None  # type: Optional[Tuple[str, str]]  # (common GUID, winner)
         self._joined = False       # took part in the peer's current attempt
         self.last_verdict = None   # type: Optional[str]
         self.role_changed = float("-inf")   # monotonic time of the last role change
@@ -5227,9 +5243,12 @@ class Daemon:
     def _job_replicate(self, stop: threading.Event):
         """The sync command's cycle, in a job thread (never on the loop);
         only while this node serves as master and changes no role."""
+        hb = self.tracker.last
         if (self.role != ROLE_MASTER or not self.serving or self.jobs.busy("role")
-                or self.unresolved is not None or self.resolving):
-            return None
+                or self.unresolved is not None or self.resolving
+                or self.tracker.state != "alive" or hb is None or hb.role != ROLE_SLAVE
+                or hb.flags & FLAG_RESOLVING):
+            return None     # only to a live slave that is not resolving a divergence
         self._cycle_started = wall_clock()
         with self.open_store() as store:
             return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop)
@@ -5368,9 +5387,10 @@ class Daemon:
             self.generation = store.next_generation()
             if store.unfinished_intent() is not None:
                 # a crash cut a role change short: finish it before anything else
-                recover_intent(Context(self.cfg, store, Zfs()))
+                action = recover_intent(Context(self.cfg, store, Zfs()))
                 st = store.node_state()
-                self.serving = st.role == ROLE_MASTER
+                # only a finished promotion leaves the user system running
+                self.serving = action == "promote" and st.role == ROLE_MASTER
             self.role, self.epoch, self.outdated = st.role, st.epoch, st.outdated
             changed = store.last_role_change()
             if changed is not None:
@@ -5692,6 +5712,14 @@ class Daemon:
         if hb is None:
             return
         self.peer_epoch_seen = max(self.peer_epoch_seen, hb.epoch)
+        if (self.unresolved is not None and t.state == "alive" and hb.role == ROLE_SLAVE
+                and not hb.flags & FLAG_RESOLVING and not self.jobs.busy("role")):
+            # the peer gave way (e.g. an operator chose this side there);
+            # should the two still differ, replication finds it again
+            log.info("the split brain is over: %s is slave", self.cfg.peer.name)
+            self._event("split-brain", "over: %s is slave" % self.cfg.peer.name)
+            self.unresolved = None
+            self._role_retry_at = 0.0
         if self.released and hb.role == ROLE_MASTER and hb.epoch > self.epoch:
             self.released = False   # the peer took over
         if self.role != ROLE_SLAVE or hb.role != ROLE_MASTER or t.state != "alive":
@@ -5768,6 +5796,8 @@ class Daemon:
             # also while waiting for an operator (it may carry one's choice)
             return self._resolve("%s is resolving a divergence" % self.cfg.peer.name,
                                  join=True)
+        else:
+            return     # our part is done: the peer is still carrying out its own
         if now < self._role_retry_at:
             return
         d = decide(self._facts(now), self._timing())
@@ -5809,12 +5839,10 @@ class Daemon:
         self._answer_soon()    # tell the peer at once
 
         def action(ctx, stop):
-            v, common = resolve_divergence(ctx, peer_zfs(self.cfg), stop,
-                                           winner_choice=self.winner_choice,
-                                           quiesce=self._stop_replication,
-                                           peer_stopped=self._wait_peer_stopped,
-                                           decided=self.last_resolution)
-            self.last_resolution = (common, v.winner)
+            resolve_divergence(ctx, peer_zfs(self.cfg), stop,
+                               winner_choice=self.winner_choice,
+                               quiesce=self._stop_replication,
+                               peer_stopped=self._wait_peer_stopped)
         self._role_job(DECIDE_RESOLVE, action)
 
     def _wait_peer_stopped(self, timeout: float) -> bool:

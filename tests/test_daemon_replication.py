@@ -63,15 +63,17 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
     assert snaps(b.dataset) == before           # nothing half-received on the slave
     assert "daemon stopped by signal 15" in a.flocker("history", check=True).stdout
 
-    # the next daemon finishes the job: the slave gets the whole increment
+    # the next daemons finish the job: the slave gets the whole increment
+    # (a master replicates only to a slave whose daemon it hears)
     bed.throttle(a, None)
-    da = Running(a).wait_ready()
+    da, db = Running(a, tag="-2").wait_ready(), Running(b, tag="-2").wait_ready()
     try:
         wait_for(lambda: len(snaps(b.dataset)) > len(before) and
                  ff.StateStore.open(a.state_db).last_replication()["result"] == "ok", 60,
                  step=0.2)
     finally:
         da.stop()
+        db.stop()
     bedmod.sh(["zfs", "mount", b.dataset], check=False)
     assert bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop")) == \
         bedmod.tree_digest(mnt)
