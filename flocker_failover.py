@@ -4971,60 +4971,74 @@ class PeerTracker:
 
 class JobRunner:
     """Runs slow work off the event loop.  start(name, fn, on_done) runs
-    fn(stop) in a new thread (stop: a threading.Event set when the daemon
-    stops; long work should check it and abort cleanly); at most one job of
-    a name runs at a time.  on_done(result, error) runs later on the loop,
-    from collect(), which the loop calls when `wake` told it to."""
+    fn(stop) in the worker thread of that name (stop: a threading.Event set
+    when the daemon stops; long work should check it and abort cleanly); at
+    most one job of a name runs at a time.  on_done(result, error) runs
+    later on the loop, from collect(), which the loop calls when `wake`
+    told it to.
+
+    Each name has one long-lived worker, made the first time: starting a
+    job only hands it over (a queue put), so the loop never waits for a new
+    thread to be scheduled, which on a busy host took long enough to delay
+    heartbeats."""
 
     class _Job:
         def __init__(self, name, fn, on_done):
             self.name, self.fn, self.on_done = name, fn, on_done
             self.stop = threading.Event()
+            self.done = threading.Event()
             self.started = time.monotonic()
             self.result = self.error = None
-            self.thread = None
 
     def __init__(self, wake) -> None:
         self._wake = wake
         self._lock = threading.Lock()
         self._running = {}   # type: Dict[str, JobRunner._Job]
         self._done = []      # type: List[JobRunner._Job]
+        self._workers = {}   # type: Dict[str, queue.Queue]
         self.finished = 0
 
     def start(self, name: str, fn, on_done=None) -> bool:
         if name in self._running:
             return False
         job = self._Job(name, fn, on_done)
-        job.thread = threading.Thread(target=self._run, args=(job,),
-                                      name="job-" + name, daemon=True)
         self._running[name] = job
-        job.thread.start()
+        q = self._workers.get(name)
+        if q is None:
+            q = self._workers[name] = queue.Queue()
+            threading.Thread(target=self._worker, args=(q,), name="job-" + name,
+                             daemon=True).start()
+        q.put(job)
         return True
 
-    def _run(self, job) -> None:
+    def _worker(self, q: "queue.Queue") -> None:
         with contextlib.suppress(OSError, AttributeError):   # never real-time (see Daemon)
             if os.sched_getscheduler(0) != os.SCHED_OTHER:
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        try:
-            job.result = job.fn(job.stop)
-        except BaseException as e:  # delivered to on_done on the loop
-            job.error = e
-        with self._lock:
-            self._done.append(job)
-        self._wake()
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            try:
+                job.result = job.fn(job.stop)
+            except BaseException as e:  # delivered to on_done on the loop
+                job.error = e
+            with self._lock:
+                self._done.append(job)
+            job.done.set()
+            self._wake()
 
     def busy(self, name: str) -> bool:
         return name in self._running
 
     def cancel(self, name: str, timeout: float) -> bool:
-        """Ask job `name` to stop and wait for its thread (from another
-        job's thread: never from the loop).  True when it is not running."""
+        """Ask job `name` to stop and wait for it to end (from another job's
+        thread: never from the loop).  True when it is not running."""
         job = self._running.get(name)
         if job is None:
             return True
         job.stop.set()
-        job.thread.join(timeout)
-        return not job.thread.is_alive()
+        return job.done.wait(timeout)
 
     def collect(self) -> None:
         with self._lock:
@@ -5045,15 +5059,19 @@ class JobRunner:
         return {n: round(now - j.started, 3) for n, j in self._running.items()}
 
     def stop_all(self, timeout: float) -> List[str]:
-        """Ask every job to stop and wait for them; returns those still running."""
+        """Ask every job to stop and wait for them; returns those still
+        running.  The workers end (they are daemon threads: one still busy
+        is abandoned at exit)."""
         jobs = list(self._running.values())
         for job in jobs:
             job.stop.set()
+        for q in self._workers.values():
+            q.put(None)
         deadline = time.monotonic() + timeout
         for job in jobs:
-            job.thread.join(max(0.0, deadline - time.monotonic()))
+            job.done.wait(max(0.0, deadline - time.monotonic()))
         self.collect()
-        return [j.name for j in jobs if j.thread.is_alive()]
+        return [j.name for j in jobs if not j.done.is_set()]
 
 
 class _BorrowedLock:
