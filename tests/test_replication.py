@@ -587,9 +587,11 @@ def _freeze_sender_mid_stream(bed):
     _slow_link(bed, "8mbit")       # 16 MB at 1 MB/s: far from done when frozen
     proc = _sync_in_background(bed)
     try:
+        # the receiver first: before the transfer, the cycle may run a short
+        # zfs send of its own (zfs-fuse's empty-stream check)
+        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
         send = _wait_for(lambda: _pids_of(["zfs", "send"], bed.a.dataset),
                          what="zfs send")[0]
-        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
         time.sleep(0.3)
         os.kill(send, signal.SIGSTOP)
         assert bedmod._pid_alive(send), "the sender finished before it was frozen"
