@@ -1539,6 +1539,24 @@ def _is_noise(line: str) -> bool:
     return any(n in line for n in _NOISE)
 
 
+# What zfs means by its error texts: the one place that reads them.  Each
+# kind lists its wordings in OpenZFS 2.x and zfs-fuse (the suite runs on both).
+_ZFS_SAYS = {
+    "missing": ("does not exist",),                  # no such dataset/snapshot
+    "busy": ("is busy",),                            # zfs-fuse: unmount still ending
+    "hold_exists": ("already exists",),              # zfs hold: the tag is there
+    "no_tag": ("no such tag",),                      # zfs release: nothing to release
+    "no_space": ("out of space", "No space left"),   # zfs recv: the pool is full
+    "modified": ("has been modified",),              # zfs recv: replica written to
+    "no_property": ("invalid property",),            # zfs-fuse: no receive_resume_token
+}
+
+
+def zfs_says(kind: str, text: str) -> bool:
+    """True when zfs output `text` reports an error of this kind (pure)."""
+    return any(words in (text or "") for words in _ZFS_SAYS[kind])
+
+
 # -- what a zfs command line supports -----------------------------------------
 #
 # zfs has no "list your features" command, so we read its usage text:
@@ -1657,7 +1675,7 @@ def parse_listing(text: str, dataset: str) -> Listing:
 
 
 def _missing(stderr: str) -> bool:
-    return "does not exist" in stderr or "dataset does not exist" in stderr
+    return zfs_says("missing", stderr)
 
 
 class ZfsBase:
@@ -1722,6 +1740,28 @@ class ZfsBase:
         exactly a BEGIN and an END record (312 bytes each, types 0 and 5)."""
         raise NotImplementedError
 
+    def abort_partial_receive(self, dataset: str) -> bool:
+        """Discard the partial state of an interrupted resumable receive
+        (OpenZFS 'recv -s', named by receive_resume_token): 'zfs recv -A'.
+        It holds only part of a stream whose whole exists on its sender;
+        complete snapshots and the dataset's own data are never touched (a
+        partial first receive is a dataset that was never complete, and
+        goes).  Returns True when there was some.  Where the ZFS has no
+        resumable receive (zfs-fuse), an interrupted receive leaves nothing
+        behind and nothing is run."""
+        if not self.features().resumable:
+            return False
+        proc = self.run(["get", "-H", "-p", "-o", "value", "receive_resume_token", dataset],
+                        check=False)
+        if proc.returncode != 0:
+            if zfs_says("no_property", proc.stderr):
+                return False
+            raise self._fail(["get", "receive_resume_token", dataset], proc.stderr)
+        if proc.stdout.strip() in ("", "-"):
+            return False
+        self.run(["receive", "-A", dataset])
+        return True
+
 
 def hold_commands(dataset: str, names: Sequence[str], recursive: bool) -> List[List[str]]:
     r = ["-r"] if recursive else []
@@ -1772,7 +1812,7 @@ class Zfs(ZfsBase):
             except subprocess.TimeoutExpired:
                 raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
                                % (" ".join(argv), self.timeout)) from None
-            if not (retry_busy and proc.returncode != 0 and "is busy" in proc.stderr
+            if not (retry_busy and proc.returncode != 0 and zfs_says("busy", proc.stderr)
                     and pause is not None):
                 break
             log.warning("'%s': %s; trying again in %g s", " ".join(argv),
@@ -1811,7 +1851,7 @@ class Zfs(ZfsBase):
         proc = self.run(["list", "-H", "-o", "name", dataset], check=False)
         if proc.returncode == 0:
             return True
-        if "does not exist" in proc.stderr:
+        if _missing(proc.stderr):
             return False
         raise ZfsError("'zfs list %s' failed: %s" % (dataset, _stderr_text(proc.stderr)))
 
@@ -1821,7 +1861,7 @@ class Zfs(ZfsBase):
         proc = self.run(["list", "-H", "-o", "name", pool], check=False)
         if proc.returncode != 0:
             text = _stderr_text(proc.stderr)
-            if "does not exist" in text:
+            if _missing(text):
                 raise ZfsError("the pool %s of dataset %s does not exist on this "
                                "host ('zpool list' shows the pools there are)"
                                % (pool, dataset))
@@ -1860,23 +1900,6 @@ class Zfs(ZfsBase):
         """The snapshot a clone was made from, or '' for a plain dataset."""
         value = self.get(dataset, ["origin"]).get("origin", "-")
         return "" if value == "-" else value
-
-    def abort_partial_receive(self, dataset: str) -> bool:
-        """Discard the partial state of an interrupted resumable receive
-        (OpenZFS 'recv -s'); complete snapshots are never touched.  Returns
-        True when there was some.  Where the ZFS has no resumable receive
-        (zfs-fuse), an interrupted receive leaves nothing behind."""
-        proc = self.run(["get", "-H", "-p", "-o", "value", "receive_resume_token", dataset],
-                        check=False)
-        if proc.returncode != 0:
-            if "invalid property" in proc.stderr:
-                return False
-            raise ZfsError("cannot read receive_resume_token of %s: %s"
-                           % (dataset, _stderr_text(proc.stderr)))
-        if proc.stdout.strip() in ("", "-"):
-            return False
-        self.run(["receive", "-A", dataset])
-        return True
 
     def get(self, dataset: str, props: Sequence[str]) -> Dict[str, str]:
         """Parsed 'zfs get -H -p' values of one dataset."""
@@ -2382,10 +2405,10 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
         parts.append("no data moved for %g s (transfer_stall_timeout), so the "
                      "transfer was stopped; the link or the peer's pool may be hung"
                      % stall_timeout)
-    if "out of space" in both or "No space left" in both:
+    if zfs_says("no_space", both):
         parts.append("the pool of %s on %s is full: free space there (or lower "
                      "snapshot_keep), then sync again" % (peer_dataset, peer))
-    if "has been modified" in both:
+    if zfs_says("modified", both):
         parts.append("the replica %s on %s was changed there since its newest "
                      "snapshot (someone wrote to it while it was slave); it was "
                      "not rolled back. Copy out what you need from it on %s, then "
@@ -3037,7 +3060,7 @@ def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
     """A hold (or readonly=on) that failed fails the cycle, so the next one
     tries again; a hold that is already there is fine."""
     for rc, out in results:
-        if rc != 0 and "already exists" not in out:
+        if rc != 0 and not zfs_says("hold_exists", out):
             raise ZfsError("could not hold the new common snapshot (or set the "
                            "replica read-only) %s: %s; the next cycle tries again"
                            % (z.where, _stderr_text(out)))
@@ -3046,7 +3069,7 @@ def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
 def _check_releases(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
     """A release that failed leaves a snapshot held: safe, but say so."""
     for rc, out in results:
-        if rc != 0 and "no such tag" not in out:
+        if rc != 0 and not zfs_says("no_tag", out):
             log.warning("could not release an old hold %s: %s", z.where,
                         _stderr_text(out))
 

@@ -161,11 +161,75 @@ def test_receive_never_forces_or_rolls_back():
     #     test_full_incremental_catchup_and_status)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded)
-    sites = []
-    for m in re.finditer(r'"destroy"', source):
-        sites.append(re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1])
-    assert sites == ["destroy_commands", "destroy_commands", "_snapshot_if_changed",
-                     "discard_preserved"]
+    def sites(pattern):
+        return [re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1]
+                for m in re.finditer(pattern, source)]
+
+    assert sites(r'"destroy"') == ["destroy_commands", "destroy_commands",
+                                   "_snapshot_if_changed", "discard_preserved"]
+    # zfs recv -A: only the partial state of an interrupted resumable
+    # receive, part of a stream whose whole exists on its sender
+    # (test_abort_partial_receive_discards_only_the_partial_stream), called
+    # by a promotion
+    assert sites(r'"-A"') == ["abort_partial_receive"]
+    assert sites(r"\.abort_partial_receive\(") == ["_promote_steps"]
+
+
+def test_abort_partial_receive_discards_only_the_partial_stream(pool):
+    """zfs recv -A (OpenZFS) removes what an interrupted resumable receive
+    kept, never a complete snapshot, the data of the newest one or a
+    dataset without partial state.  zfs-fuse keeps nothing of an interrupted
+    receive, and nothing is run there."""
+    p = pool.name
+    src, dst, mine = p + "/src", p + "/dst", p + "/mine"
+    for ds in (src, mine):
+        bedmod.sh(["zfs", "create", ds])
+        with open(os.path.join(pool.mountpoint, ds.split("/", 1)[1], "one.bin"), "wb") as f:
+            f.write(os.urandom(200000))
+    bedmod.sh(["zfs", "snapshot", src + "@s1"])
+    at_s1 = bedmod.tree_digest(os.path.join(pool.mountpoint, "src"))
+    bedmod.sh(["sh", "-c", "zfs send %s@s1 | zfs recv -u %s" % (src, dst)])
+    with open(os.path.join(pool.mountpoint, "src", "two.bin"), "wb") as f:
+        f.write(os.urandom(4 << 20))
+    bedmod.sh(["zfs", "snapshot", src + "@s2"])
+    stream = subprocess.run(["zfs", "send", "-i", "s1", src + "@s2"], check=True,
+                            stdout=subprocess.PIPE).stdout
+    z = ff.Zfs()
+    resumable = z.features().resumable
+    half = subprocess.run(["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dst],
+                          input=stream[:len(stream) // 2], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert half.returncode != 0
+    before = snaps(dst)
+    mine_before = bedmod.tree_digest(os.path.join(pool.mountpoint, "mine"))
+    ran = []
+    real_run = z.run
+    z.run = lambda args, **kw: ran.append(list(args)) or real_run(args, **kw)
+
+    assert z.abort_partial_receive(mine) is False      # no partial state: untouched
+    assert bedmod.tree_digest(os.path.join(pool.mountpoint, "mine")) == mine_before
+    if resumable:      # OpenZFS kept the half stream, named by a token
+        assert prop(dst, "receive_resume_token") not in ("", "-")
+        assert z.abort_partial_receive(dst) is True
+        assert ["receive", "-A", dst] in ran
+        assert prop(dst, "receive_resume_token") == "-"
+        assert z.abort_partial_receive(dst) is False    # nothing left to discard
+    else:              # zfs-fuse kept nothing; abort runs no zfs command
+        assert z.abort_partial_receive(dst) is False and ran == []
+    assert snaps(dst) == before == {"s1": (snaps(src)["s1"][0], 0)}
+    bedmod.sh(["zfs", "mount", dst])
+    assert bedmod.tree_digest(os.path.join(pool.mountpoint, "dst")) == at_s1
+    # the first receive of a dataset, interrupted: what it kept is only a
+    # part of the sender's stream, and goes entirely
+    first = p + "/first"
+    whole = subprocess.run(["zfs", "send", src + "@s2"], check=True,
+                           stdout=subprocess.PIPE).stdout
+    half = subprocess.run(["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [first],
+                          input=whole[:len(whole) // 2], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert half.returncode != 0
+    assert z.abort_partial_receive(first) is resumable
+    assert snaps(first) is None
 
 
 def snap(name, guid, refs=0, order=None):
