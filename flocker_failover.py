@@ -2392,9 +2392,10 @@ def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
 
 def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
                      peer_dataset: str, stall_timeout: float,
-                     ssh_explain=None) -> str:
+                     ssh_explain=None, note: str = "") -> str:
     """One message from the exit statuses and stderr of zfs send, ssh and
-    the remote zfs recv (pure)."""
+    the remote zfs recv, and a note on what became of the partial receive
+    (pure)."""
     parts = []
     if outcome.stopped:
         parts.append("the transfer was stopped because flocker-failover is shutting down")
@@ -2435,6 +2436,8 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
     if not parts:
         parts.append("zfs send exited %s, ssh/zfs recv exited %s"
                      % (outcome.send_status, outcome.recv_status))
+    if note:
+        parts.append(note)
     return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
             "either node; the next cycle tries again"
             % (what, peer, outcome.bytes, "; ".join(parts)))
@@ -3139,12 +3142,35 @@ def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
                             abort=ssh.reset, stop=stop)
     if not outcome.ok:
         ssh.reset()
+        note = _discard_unresumable(cfg, peer, outcome)
         raise ReplicationError(explain_transfer(
             outcome, "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
-            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain)
-            + "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
-            % (cfg.peer.name, cfg.peer.dataset))
+            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain, note)
+            + ("" if note else "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
+               % (cfg.peer.name, cfg.peer.dataset)))
     return True
+
+
+def _discard_unresumable(cfg, peer: ZfsBase, outcome: TransferOutcome) -> str:
+    """After a failed resumable transfer.  What the peer received stays for
+    the next cycle to resume from, unless the receive failed because the
+    peer's pool is full: resuming cannot succeed before space is freed
+    there, and the partial state only holds space that freeing needs.  That
+    is discarded (abort_partial_receive: never a complete snapshot), so the
+    peer is as it was before the transfer.  Returns a note for the message
+    ('' when nothing was discarded)."""
+    if not zfs_says("no_space", outcome.send_stderr + "\n" + outcome.recv_stderr):
+        return ""
+    name, pds = cfg.peer.name, cfg.peer.dataset
+    try:
+        if not peer.abort_partial_receive(pds):
+            return ""
+    except FlockerError as e:
+        return ("the part of the stream %s received could not be discarded (%s); it "
+                "holds space there: run 'zfs recv -A %s' on %s" % (name, e.message, pds,
+                                                                  name))
+    return ("the part of the stream %s received was discarded there (zfs recv -A): "
+            "a full pool cannot take the rest" % name)
 
 
 def usable_send_flags(wanted: Sequence[str], local: ZfsFeatures,
@@ -3173,9 +3199,10 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
                 if base else "%s@%s (full copy)" % (local.dataset, target.name))
+        note = _discard_unresumable(cfg, peer, outcome) if "-s" in recv else ""
         raise ReplicationError(explain_transfer(
             outcome, what, cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout,
-            ssh.explain))
+            ssh.explain, note))
     names = [s.name for s in local.snaps]
     sent = names[names.index(base) + 1:] if base in names else [target.name]
     return sent, outcome.bytes, outcome.seconds

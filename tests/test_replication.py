@@ -170,9 +170,10 @@ def test_receive_never_forces_or_rolls_back():
     # zfs recv -A: only the partial state of an interrupted resumable
     # receive, part of a stream whose whole exists on its sender
     # (test_abort_partial_receive_discards_only_the_partial_stream), called
-    # by a promotion
+    # by a promotion and after a receive that failed for a full pool
+    # (test_target_pool_full)
     assert sites(r'"-A"') == ["abort_partial_receive"]
-    assert sites(r"\.abort_partial_receive\(") == ["_promote_steps"]
+    assert sites(r"\.abort_partial_receive\(") == ["_discard_unresumable", "_promote_steps"]
 
 
 def test_abort_partial_receive_discards_only_the_partial_stream(pool):
@@ -586,17 +587,35 @@ def test_peer_pool_or_parent_missing(bed):
 
 
 def test_target_pool_full(bed):
+    """The slave's pool cannot take the stream.  zfs-fuse keeps nothing of
+    the failed receive.  OpenZFS (recv -s) keeps the part received for
+    resuming, but a full pool cannot take the rest and that part only holds
+    space that freeing needs: it is discarded (zfs recv -A).  On both the
+    slave is as before and the message says to free space there."""
     small = bedmod.Pool(bed.workdir, "s", size_mb=64)
     bed.pools.append(small)
     replica = small.name + "/shop"
     prepare(bed, nodes={"beta": {"dataset": replica}})
     write(bed, "big.bin", 90 * 1024 * 1024)
+    resumable = ff.Zfs().features().resumable
     err = fails(sync(bed, timeout=300), ff.EXIT_REPLICATION, "is full", "free space there",
                 "Nothing was changed")
     assert "zfs recv on beta exited" in err
+    if resumable:      # OpenZFS: the part received was kept, and discarded
+        assert ("the part of the stream beta received was discarded there (zfs recv -A): "
+                "a full pool cannot take the rest") in err
+    else:              # zfs-fuse: nothing was kept, nothing to discard
+        assert "discarded" not in err and "recv -A" not in err
     assert snaps(replica) is None
     assert bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", small.name]).stdout.split() \
         == [small.name]
+    # once the data fits, the next cycle makes the full copy
+    os.unlink(os.path.join(mnt(bed.a), "big.bin"))
+    write(bed, "small.bin", 100000)
+    assert "full copy" in ok(sync(bed)).stdout
+    bedmod.sh(["zfs", "mount", replica])
+    assert bedmod.tree_digest(os.path.join(small.mountpoint, "shop")) == master_digest(bed)
+    bedmod.sh(["zfs", "unmount", replica])
 
 
 def _pids_of(argv_prefix, must_contain):
