@@ -2933,6 +2933,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     me, other = cfg.local, cfg.peer
     ds, pds = me.dataset, other.dataset
     r = cfg.recursive
+    resumed, resumed_snaps = None, []   # an interrupted transfer finished first
     local = zfs.listing(ds)
     if local is None:
         raise ReplicationError(
@@ -2964,11 +2965,14 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 "on either node. Decide which node stays master before replicating "
                 "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
                            pds, st.epoch))
-        if _resume_partial(cfg, zfs, peer, remote, stop):
+        resumed = _resume_partial(cfg, zfs, peer, remote, stop)
+        if resumed is not None:
+            had = remote.guids
             remote = peer.listing(pds)
             if remote is None:
                 raise ReplicationError("%s vanished on %s after resuming its receive"
                                        % (pds, other.name))
+            resumed_snaps = [s.name for s in remote.snaps if s.guid not in had]
 
     # 2. the newest common snapshot, by GUID; refuse what is unsafe
     common = None
@@ -3018,6 +3022,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         after = peer.listing(pds)
     else:
         after = remote     # the live listing above already shows the target
+    arrived = resumed_snaps + sent
     got = after.snap(target.name) if after else None
     if got is None or got.guid != target.guid:
         raise ReplicationError(
@@ -3032,9 +3037,9 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
     # (userrefs counts every tag: a snapshot just sent is held with ours
     # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
-    if sent or target.userrefs == 0:
+    if arrived or target.userrefs == 0:
         _check_holds(zfs, zfs.run_many(hold_commands(ds, [target.name], r)))
-    cmds = hold_commands(pds, [target.name], r) if (sent or got.userrefs == 0) else []
+    cmds = hold_commands(pds, [target.name], r) if (arrived or got.userrefs == 0) else []
     if after.props.get("readonly") != "on":
         cmds.append(["set", "readonly=on", pds])
     _check_holds(peer, peer.run_many(cmds))
@@ -3048,15 +3053,24 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
     pruned_peer = plan_prune(after.snaps, cfg.snapshot_keep, keep_peer)
     _destroy(peer, pds, pruned_peer, r)
-    if old or sent or target.userrefs == 0:
+    if old or arrived or target.userrefs == 0:
         local = zfs.listing(ds) or local
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, [target.name], r)
-    msg = ("%s: sent %s (%d bytes in %.2f s, from %s)"
-           % (other.name, ", ".join(sent), nbytes, seconds, common.name if common else
-              "nothing: full copy") if sent else
+    said = []
+    if resumed is not None:
+        said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
+                    % (", ".join(resumed_snaps) or "a stream", resumed.bytes,
+                       resumed.seconds))
+    if sent:
+        said.append("sent %s (%d bytes in %.2f s, from %s)"
+                    % (", ".join(sent), nbytes, seconds,
+                       common.name if common else "nothing: full copy"))
+    if resumed is not None:
+        nbytes, seconds = nbytes + resumed.bytes, seconds + resumed.seconds
+    msg = ("%s: %s" % (other.name, "; ".join(said)) if said else
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
-                             sent, nbytes, seconds, pruned_local, pruned_peer, msg)
+                             arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
 
 
 def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
@@ -3125,14 +3139,16 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
     return fresh
 
 
-def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None) -> bool:
+def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
+                    ) -> Optional[TransferOutcome]:
     """OpenZFS keeps the received part of an interrupted `zfs recv -s` and
     names it by receive_resume_token: finish it with `zfs send -t` before
-    anything else (it can only be the stream this master sent).  Returns
-    True when something was resumed (the caller lists the peer again)."""
+    anything else (it can only be the stream this master sent), sending
+    only what is missing.  Returns the transfer's outcome when something
+    was resumed (the caller lists the peer again), else None."""
     token = remote.props.get("receive_resume_token", "-")
     if token in ("-", "") or not (zfs.features().resumable and peer.features().resumable):
-        return False
+        return None
     ssh = peer.ssh
     ssh.ensure_master()
     outcome = pipe_transfer(build_resume_send_argv(token),
@@ -3148,7 +3164,7 @@ def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
             cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain, note)
             + ("" if note else "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
                % (cfg.peer.name, cfg.peer.dataset)))
-    return True
+    return outcome
 
 
 def _discard_unresumable(cfg, peer: ZfsBase, outcome: TransferOutcome) -> str:
