@@ -383,6 +383,47 @@ def test_written_property_skips_the_snapshot():
     assert z.commands[0][:2] == ["snapshot", "-r"]
 
 
+def test_openzfs_features_for_real(pool):
+    """What the fakes above simulate, on a real OpenZFS: the features are
+    detected from the real zfs; 'written' reads 0 after zpool sync when
+    nothing changed, and then no snapshot is taken; listings are ordered by
+    createtxg, not by name; one destroy removes several snapshots."""
+    z = ff.Zfs()
+    f = z.features()
+    if not f.written:
+        pytest.skip("not on this ZFS: zfs-fuse has no 'written', 'createtxg' or "
+                    "multi-snapshot destroy (its fallbacks run in the cycles below)")
+    assert f.resumable and f.createtxg and f.destroy_multi and f.list_parsable
+    ds = pool.name + "/w"
+    bedmod.sh(["zfs", "create", ds])
+    path = os.path.join(pool.mountpoint, "w", "f.bin")
+    for name in ("b", "a"):                 # created b first, a second
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(100000))
+        bedmod.sh(["zfs", "snapshot", "%s@%s" % (ds, name)])
+    listing = z.listing(ds)
+    assert [s.name for s in listing.snaps] == ["b", "a"]
+    assert z.settle(pool.name) and z.written(ds) == "0"
+
+    ran = []
+    real_run = z.run
+    z.run = lambda args, **kw: ran.append(list(args)) or real_run(args, **kw)
+    cfg = ff.Config(path="x", name="c", secret_file="s", secret=b"")
+    assert ff._snapshot_if_changed(cfg, z, listing, 1, time.time) is listing
+    assert [a for a in ran if a[0] == "snapshot"] == []          # nothing changed
+    with open(path, "ab") as fh:
+        fh.write(b"more")
+    assert z.settle(pool.name) and int(z.written(ds)) > 0
+    fresh = ff._snapshot_if_changed(cfg, z, listing, 1, time.time)
+    assert [a[0] for a in ran].count("snapshot") == 1
+    assert [s.name for s in fresh.snaps][:2] == ["b", "a"] and len(fresh.snaps) == 3
+
+    cmds = ff.destroy_commands(ds, ["b", "a"], False, f)
+    assert cmds == [["destroy", "%s@b,a" % ds]]
+    assert z.run_many(cmds)[0][0] == 0
+    assert [s.name for s in z.listing(ds).snaps] == [fresh.snaps[-1].name]
+
+
 # ---------------------------------------------------------------------------
 # the real thing
 # ---------------------------------------------------------------------------
