@@ -1669,6 +1669,24 @@ def _is_noise(line: str) -> bool:
     return any(n in line for n in _NOISE)
 
 
+# What zfs means by its error texts: the one place that reads them.  Each
+# kind lists its wordings in OpenZFS 2.x and zfs-fuse (the suite runs on both).
+_ZFS_SAYS = {
+    "missing": ("does not exist",),                  # no such dataset/snapshot
+    "busy": ("is busy",),                            # zfs-fuse: unmount still ending
+    "hold_exists": ("already exists",),              # zfs hold: the tag is there
+    "no_tag": ("no such tag",),                      # zfs release: nothing to release
+    "no_space": ("out of space", "No space left"),   # zfs recv: the pool is full
+    "modified": ("has been modified",),              # zfs recv: replica written to
+    "no_property": ("invalid property",),            # zfs-fuse: no receive_resume_token
+}
+
+
+def zfs_says(kind: str, text: str) -> bool:
+    """True when zfs output `text` reports an error of this kind (pure)."""
+    return any(words in (text or "") for words in _ZFS_SAYS[kind])
+
+
 # -- what a zfs command line supports -----------------------------------------
 #
 # zfs has no "list your features" command, so we read its usage text:
@@ -1785,7 +1803,7 @@ def parse_listing(text: str, dataset: str) -> Listing:
 
 
 def _missing(stderr: str) -> bool:
-    return "does not exist" in stderr or "dataset does not exist" in stderr
+    return zfs_says("missing", stderr)
 
 
 class ZfsBase:
@@ -1850,6 +1868,28 @@ class ZfsBase:
         exactly a BEGIN and an END record (312 bytes each, types 0 and 5)."""
         raise NotImplementedError
 
+    def abort_partial_receive(self, dataset: str) -> bool:
+        """Discard the partial state of an interrupted resumable receive
+        (OpenZFS 'recv -s', named by receive_resume_token): 'zfs recv -A'.
+        It holds only part of a stream whose whole exists on its sender;
+        complete snapshots and the dataset's own data are never touched (a
+        partial first receive is a dataset that was never complete, and
+        goes).  Returns True when there was some.  Where the ZFS has no
+        resumable receive (zfs-fuse), an interrupted receive leaves nothing
+        behind and nothing is run."""
+        if not self.features().resumable:
+            return False
+        proc = self.run(["get", "-H", "-p", "-o", "value", "receive_resume_token", dataset],
+                        check=False)
+        if proc.returncode != 0:
+            if zfs_says("no_property", proc.stderr):
+                return False
+            raise self._fail(["get", "receive_resume_token", dataset], proc.stderr)
+        if proc.stdout.strip() in ("", "-"):
+            return False
+        self.run(["recv", "-A", dataset])
+        return True
+
 
 def hold_commands(dataset: str, names: Sequence[str], recursive: bool) -> List[List[str]]:
     r = ["-r"] if recursive else []
@@ -1900,7 +1940,7 @@ class Zfs(ZfsBase):
             except subprocess.TimeoutExpired:
                 raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
                                % (" ".join(argv), self.timeout)) from None
-            if not (retry_busy and proc.returncode != 0 and "is busy" in proc.stderr
+            if not (retry_busy and proc.returncode != 0 and zfs_says("busy", proc.stderr)
                     and pause is not None):
                 break
             log.warning("'%s': %s; trying again in %g s", " ".join(argv),
@@ -1963,7 +2003,7 @@ class Zfs(ZfsBase):
         proc = self.run(["list", "-H", "-o", "name", dataset], check=False)
         if proc.returncode == 0:
             return True
-        if "does not exist" in proc.stderr:
+        if _missing(proc.stderr):
             return False
         raise ZfsError("'zfs list %s' failed: %s" % (dataset, _stderr_text(proc.stderr)))
 
@@ -1973,7 +2013,7 @@ class Zfs(ZfsBase):
         proc = self.run(["list", "-H", "-o", "name", pool], check=False)
         if proc.returncode != 0:
             text = _stderr_text(proc.stderr)
-            if "does not exist" in text:
+            if _missing(text):
                 raise ZfsError("the pool %s of dataset %s does not exist on this "
                                "host ('zpool list' shows the pools there are)"
                                % (pool, dataset))
@@ -2012,23 +2052,6 @@ class Zfs(ZfsBase):
         """The snapshot a clone was made from, or '' for a plain dataset."""
         value = self.get(dataset, ["origin"]).get("origin", "-")
         return "" if value == "-" else value
-
-    def abort_partial_receive(self, dataset: str) -> bool:
-        """Discard the partial state of an interrupted resumable receive
-        (OpenZFS 'recv -s'); complete snapshots are never touched.  Returns
-        True when there was some.  Where the ZFS has no resumable receive
-        (zfs-fuse), an interrupted receive leaves nothing behind."""
-        proc = self.run(["get", "-H", "-p", "-o", "value", "receive_resume_token", dataset],
-                        check=False)
-        if proc.returncode != 0:
-            if "invalid property" in proc.stderr:
-                return False
-            raise ZfsError("cannot read receive_resume_token of %s: %s"
-                           % (dataset, _stderr_text(proc.stderr)))
-        if proc.stdout.strip() in ("", "-"):
-            return False
-        self.run(["receive", "-A", dataset])
-        return True
 
     def get(self, dataset: str, props: Sequence[str]) -> Dict[str, str]:
         """Parsed 'zfs get -H -p' values of one dataset."""
@@ -3075,9 +3098,10 @@ def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
 
 def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
                      peer_dataset: str, stall_timeout: float,
-                     ssh_explain=None) -> str:
+                     ssh_explain=None, note: str = "") -> str:
     """One message from the exit statuses and stderr of zfs send, ssh and
-    the remote zfs recv (pure)."""
+    the remote zfs recv, and a note on what became of the partial receive
+    (pure)."""
     parts = []
     if outcome.stopped:
         parts.append("the transfer was stopped because flocker-failover is shutting down")
@@ -3088,10 +3112,10 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
         parts.append("no data moved for %g s (transfer_stall_timeout), so the "
                      "transfer was stopped; the link or the peer's pool may be hung"
                      % stall_timeout)
-    if "out of space" in both or "No space left" in both:
+    if zfs_says("no_space", both):
         parts.append("the pool of %s on %s is full: free space there (or lower "
                      "snapshot_keep), then sync again" % (peer_dataset, peer))
-    if "has been modified" in both:
+    if zfs_says("modified", both):
         parts.append("the replica %s on %s was changed there since its newest "
                      "snapshot (someone wrote to it while it was slave); it was "
                      "not rolled back. Copy out what you need from it on %s, then "
@@ -3118,6 +3142,8 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
     if not parts:
         parts.append("zfs send exited %s, ssh/zfs recv exited %s"
                      % (outcome.send_status, outcome.recv_status))
+    if note:
+        parts.append(note)
     return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
             "either node; the next cycle tries again"
             % (what, peer, outcome.bytes, "; ".join(parts)))
@@ -3711,6 +3737,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     me, other = cfg.local, cfg.peer
     ds, pds = me.dataset, other.dataset
     r = cfg.recursive
+    resumed, resumed_snaps = None, []   # an interrupted transfer finished first
     local = zfs.listing(ds)
     if local is None:
         raise ReplicationError(
@@ -3742,11 +3769,14 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 "on either node. Decide which node stays master before replicating "
                 "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
                            pds, st.epoch))
-        if _resume_partial(cfg, zfs, peer, remote, stop):
+        resumed = _resume_partial(cfg, zfs, peer, remote, stop)
+        if resumed is not None:
+            had = remote.guids
             remote = peer.listing(pds)
             if remote is None:
                 raise ReplicationError("%s vanished on %s after resuming its receive"
                                        % (pds, other.name))
+            resumed_snaps = [s.name for s in remote.snaps if s.guid not in had]
 
     # 2. the newest common snapshot, by GUID; refuse what is unsafe
     common = None
@@ -3796,6 +3826,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         after = peer.listing(pds)
     else:
         after = remote     # the live listing above already shows the target
+    arrived = resumed_snaps + sent
     got = after.snap(target.name) if after else None
     if got is None or got.guid != target.guid:
         raise ReplicationError(
@@ -3810,9 +3841,9 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
     # (userrefs counts every tag: a snapshot just sent is held with ours
     # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
-    if sent or target.userrefs == 0:
+    if arrived or target.userrefs == 0:
         _check_holds(zfs, zfs.run_many(hold_commands(ds, [target.name], r)))
-    cmds = hold_commands(pds, [target.name], r) if (sent or got.userrefs == 0) else []
+    cmds = hold_commands(pds, [target.name], r) if (arrived or got.userrefs == 0) else []
     if after.props.get("readonly") != "on":
         cmds.append(["set", "readonly=on", pds])
     _check_holds(peer, peer.run_many(cmds))
@@ -3826,22 +3857,31 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
     pruned_peer = plan_prune(after.snaps, cfg.snapshot_keep, keep_peer)
     _destroy(peer, pds, pruned_peer, r)
-    if old or sent or target.userrefs == 0:
+    if old or arrived or target.userrefs == 0:
         local = zfs.listing(ds) or local
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, [target.name], r)
-    msg = ("%s: sent %s (%d bytes in %.2f s, from %s)"
-           % (other.name, ", ".join(sent), nbytes, seconds, common.name if common else
-              "nothing: full copy") if sent else
+    said = []
+    if resumed is not None:
+        said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
+                    % (", ".join(resumed_snaps) or "a stream", resumed.bytes,
+                       resumed.seconds))
+    if sent:
+        said.append("sent %s (%d bytes in %.2f s, from %s)"
+                    % (", ".join(sent), nbytes, seconds,
+                       common.name if common else "nothing: full copy"))
+    if resumed is not None:
+        nbytes, seconds = nbytes + resumed.bytes, seconds + resumed.seconds
+    msg = ("%s: %s" % (other.name, "; ".join(said)) if said else
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
-                             sent, nbytes, seconds, pruned_local, pruned_peer, msg)
+                             arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
 
 
 def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
     """A hold (or readonly=on) that failed fails the cycle, so the next one
     tries again; a hold that is already there is fine."""
     for rc, out in results:
-        if rc != 0 and "already exists" not in out:
+        if rc != 0 and not zfs_says("hold_exists", out):
             raise ZfsError("could not hold the new common snapshot (or set the "
                            "replica read-only) %s: %s; the next cycle tries again"
                            % (z.where, _stderr_text(out)))
@@ -3850,7 +3890,7 @@ def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
 def _check_releases(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
     """A release that failed leaves a snapshot held: safe, but say so."""
     for rc, out in results:
-        if rc != 0 and "no such tag" not in out:
+        if rc != 0 and not zfs_says("no_tag", out):
             log.warning("could not release an old hold %s: %s", z.where,
                         _stderr_text(out))
 
@@ -3903,14 +3943,16 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
     return fresh
 
 
-def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None) -> bool:
+def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
+                    ) -> Optional[TransferOutcome]:
     """OpenZFS keeps the received part of an interrupted `zfs recv -s` and
     names it by receive_resume_token: finish it with `zfs send -t` before
-    anything else (it can only be the stream this master sent).  Returns
-    True when something was resumed (the caller lists the peer again)."""
+    anything else (it can only be the stream this master sent), sending
+    only what is missing.  Returns the transfer's outcome when something
+    was resumed (the caller lists the peer again), else None."""
     token = remote.props.get("receive_resume_token", "-")
     if token in ("-", "") or not (zfs.features().resumable and peer.features().resumable):
-        return False
+        return None
     ssh = peer.ssh
     ssh.ensure_master()
     outcome = pipe_transfer(build_resume_send_argv(token),
@@ -3920,12 +3962,35 @@ def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
                             abort=ssh.reset, stop=stop)
     if not outcome.ok:
         ssh.reset()
+        note = _discard_unresumable(cfg, peer, outcome)
         raise ReplicationError(explain_transfer(
             outcome, "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
-            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain)
-            + "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
-            % (cfg.peer.name, cfg.peer.dataset))
-    return True
+            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain, note)
+            + ("" if note else "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
+               % (cfg.peer.name, cfg.peer.dataset)))
+    return outcome
+
+
+def _discard_unresumable(cfg, peer: ZfsBase, outcome: TransferOutcome) -> str:
+    """After a failed resumable transfer.  What the peer received stays for
+    the next cycle to resume from, unless the receive failed because the
+    peer's pool is full: resuming cannot succeed before space is freed
+    there, and the partial state only holds space that freeing needs.  That
+    is discarded (abort_partial_receive: never a complete snapshot), so the
+    peer is as it was before the transfer.  Returns a note for the message
+    ('' when nothing was discarded)."""
+    if not zfs_says("no_space", outcome.send_stderr + "\n" + outcome.recv_stderr):
+        return ""
+    name, pds = cfg.peer.name, cfg.peer.dataset
+    try:
+        if not peer.abort_partial_receive(pds):
+            return ""
+    except FlockerError as e:
+        return ("the part of the stream %s received could not be discarded (%s); it "
+                "holds space there: run 'zfs recv -A %s' on %s" % (name, e.message, pds,
+                                                                  name))
+    return ("the part of the stream %s received was discarded there (zfs recv -A): "
+            "a full pool cannot take the rest" % name)
 
 
 def usable_send_flags(wanted: Sequence[str], local: ZfsFeatures,
@@ -3954,10 +4019,11 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
                 if base else "%s@%s (full copy)" % (local.dataset, target.name))
-        modified = "has been modified" in outcome.recv_stderr + outcome.send_stderr
+        modified = zfs_says("modified", outcome.recv_stderr + outcome.send_stderr)
+        note = _discard_unresumable(cfg, peer, outcome) if "-s" in recv else ""
         raise (DivergenceError if modified else ReplicationError)(explain_transfer(
             outcome, what, cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout,
-            ssh.explain))
+            ssh.explain, note))
     names = [s.name for s in local.snaps]
     sent = names[names.index(base) + 1:] if base in names else [target.name]
     return sent, outcome.bytes, outcome.seconds

@@ -26,6 +26,25 @@ export VM_SRC="$src"
 "$vm/stop-vm.sh" >/dev/null 2>&1 || true     # a VM sharing another directory cannot be reused
 trap '"$vm/stop-vm.sh" >/dev/null 2>&1 || true' EXIT
 "$vm/start-vm.sh" >/dev/null
+# How much slower the guest runs than this host (much slower under TCG):
+# the same calibration on both, the ratios passed to the tests, which scale
+# their heartbeat timings and packet rates by them (see tests/bed.py).
+# Set FLOCKER_TEST_SLOW (and FLOCKER_TEST_SLOW_PACKETS) to skip measuring.
+if [ -z "${FLOCKER_TEST_SLOW:-}" ]; then
+    read -r host_cpu host_pkt < <(/usr/bin/python3 "$src/tests/bed.py" calibrate)
+    read -r guest_cpu guest_pkt < <("$vm/vm-run.sh" "python3 tests/bed.py calibrate")
+    read -r FLOCKER_TEST_SLOW FLOCKER_TEST_SLOW_PACKETS < <(/usr/bin/python3 -c '
+import math, sys
+h, hp, g, gp = map(float, sys.argv[1:])
+print(*(max(1, math.ceil(x)) for x in (g / h, gp / hp)))' \
+        "$host_cpu" "$host_pkt" "$guest_cpu" "$guest_pkt")
+fi
+FLOCKER_TEST_SLOW_PACKETS="${FLOCKER_TEST_SLOW_PACKETS:-$FLOCKER_TEST_SLOW}"
+echo "guest timing scale: FLOCKER_TEST_SLOW=$FLOCKER_TEST_SLOW" \
+     "FLOCKER_TEST_SLOW_PACKETS=$FLOCKER_TEST_SLOW_PACKETS"
 args=""
 for a in "$@"; do args="$args $(printf '%q' "$a")"; done
-"$vm/vm-run.sh" "echo \"testing against: \$(zfs version | tr '\n' ' ')\"; python3 -m pytest -p no:cacheprovider -q -rs tests/$args"
+"$vm/vm-run.sh" "export FLOCKER_TEST_SLOW=$(printf '%q' "$FLOCKER_TEST_SLOW")\
+ FLOCKER_TEST_SLOW_PACKETS=$(printf '%q' "$FLOCKER_TEST_SLOW_PACKETS");\
+ echo \"testing against: \$(zfs version | tr '\n' ' ')\";\
+ python3 -m pytest -p no:cacheprovider -q -rs tests/$args"

@@ -39,6 +39,72 @@ ZFS_FUSE_PIDFILE = "/run/zfs-fuse.pid"
 _counter = itertools.count(1)
 
 
+def _factor(name, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 1.0 <= value <= 1000.0:
+        raise SystemExit("%s=%r: expected a number from 1 to 1000 (how many times "
+                         "slower than ordinary hardware this machine runs the tests; "
+                         "contrib/test-openzfs.sh measures it for its qemu guest); "
+                         "unset it on ordinary hardware" % (name, raw))
+    return value
+
+
+# How many times slower than ordinary hardware this machine runs the tests
+# (default 1: as written).  contrib/test-openzfs.sh measures both for its
+# qemu guest, which under software emulation (TCG) is about 7 times slower
+# at computing and about 40 times slower at system calls:
+#   FLOCKER_TEST_SLOW          the bed's heartbeat timings, and the timing
+#                              margins and waits of the tests that measure
+#                              them, are multiplied by it;
+#   FLOCKER_TEST_SLOW_PACKETS  packet rates (the forged-packet flood) are
+#                              divided by it (default: FLOCKER_TEST_SLOW).
+SLOW = _factor("FLOCKER_TEST_SLOW", 1.0)
+SLOW_PACKETS = _factor("FLOCKER_TEST_SLOW_PACKETS", SLOW)
+
+
+def scaled(seconds):
+    """A duration of the test bed (a heartbeat timing, a margin, a wait)
+    on this machine: seconds * FLOCKER_TEST_SLOW."""
+    return seconds * SLOW
+
+
+def calibrate(rounds=5):
+    """Seconds this machine takes for a fixed piece of computing and for a
+    fixed number of UDP packets (sent, received, HMAC-checked over
+    loopback), the best of `rounds`; comparing them between two machines
+    gives FLOCKER_TEST_SLOW and FLOCKER_TEST_SLOW_PACKETS."""
+    import hashlib
+    import hmac
+    import socket
+    cpu = packets = float("inf")
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        b.settimeout(5)
+        packet = b"x" * 200
+        for _ in range(rounds):
+            t = time.perf_counter()
+            sum(i * i for i in range(1000000))
+            cpu = min(cpu, time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(2000):
+                a.sendto(packet, b.getsockname())
+                hmac.new(b"k" * 32, b.recv(2048), hashlib.sha256).digest()
+            packets = min(packets, time.perf_counter() - t)
+    finally:
+        a.close()
+        b.close()
+    return cpu, packets
+
+
 class BedUnavailable(Exception):
     """The machine lacks something the bed needs (root, zfs, netns...)."""
 
@@ -484,8 +550,9 @@ class Bed:
         (value None removes one).  Returns its path."""
         sections = {
             "cluster": {"name": "bed", "secret_file": self.secret_file,
-                        "heartbeat_interval": "0.2", "dead_time": "1.0",
-                        "startup_wait": "1.0", "ssh_identity": self.client_key,
+                        "heartbeat_interval": "%g" % scaled(0.2),
+                        "dead_time": "%g" % scaled(1.0),
+                        "startup_wait": "%g" % scaled(1.0), "ssh_identity": self.client_key,
                         "ssh_known_hosts": self.known_hosts,
                         "ssh_connect_timeout": "5"},
             "service": {},
@@ -646,3 +713,10 @@ def tree_digest(path):
             with open(full, "rb") as f:
                 out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+if __name__ == "__main__":
+    # contrib/test-openzfs.sh: "python3 tests/bed.py calibrate"
+    if sys.argv[1:] != ["calibrate"]:
+        raise SystemExit("usage: python3 tests/bed.py calibrate")
+    print("%.6f %.6f" % calibrate())

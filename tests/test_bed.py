@@ -77,3 +77,39 @@ def test_stale_leftovers_of_a_dead_run_are_removed(zfs_ready, tmp_path):
         bedmod.sh(["ip", "netns", "del", live], check=False)
         bedmod.sh(["zpool", "destroy", "-f", stale + "p"], check=False)
         bedmod.sh(["ip", "netns", "del", stale + "n"], check=False)
+
+
+def test_slow_factors_scale_timings_and_reject_nonsense():
+    """FLOCKER_TEST_SLOW and FLOCKER_TEST_SLOW_PACKETS (measured and set by
+    contrib/test-openzfs.sh under emulation) scale the bed's timings and
+    packet rates; a value that is not a factor >= 1 stops the run with a
+    message saying what to set."""
+    import subprocess, sys
+    code = "import bed; print(bed.SLOW, bed.SLOW_PACKETS, bed.scaled(0.2))"
+
+    def run(**env_vars):
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+        for k in ("FLOCKER_TEST_SLOW", "FLOCKER_TEST_SLOW_PACKETS"):
+            env.pop(k, None)
+        env.update(env_vars)
+        return subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+
+    assert run().stdout.split() == ["1.0", "1.0", "0.2"]
+    assert run(FLOCKER_TEST_SLOW="").stdout.split() == ["1.0", "1.0", "0.2"]
+    assert run(FLOCKER_TEST_SLOW="6").stdout.split() == ["6.0", "6.0", "%s" % (0.2 * 6)]
+    assert run(FLOCKER_TEST_SLOW="6", FLOCKER_TEST_SLOW_PACKETS="40").stdout.split() == [
+        "6.0", "40.0", "%s" % (0.2 * 6)]
+    for name in ("FLOCKER_TEST_SLOW", "FLOCKER_TEST_SLOW_PACKETS"):
+        for bad in ("x", "0.5", "nan", "1e9", "-3"):
+            p = run(**{name: bad})
+            assert p.returncode != 0 and "%s=%r: expected a number from 1 to 1000" % (
+                name, bad) in p.stderr and "unset it on ordinary hardware" in p.stderr, bad
+
+
+def test_calibration_measures_this_machine():
+    import subprocess, sys
+    p = subprocess.run([sys.executable, bedmod.__file__, "calibrate"],
+                       stdout=subprocess.PIPE, universal_newlines=True, check=True)
+    cpu, packets = (float(x) for x in p.stdout.split())
+    assert 0 < cpu < 60 and 0 < packets < 60

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import bed as bedmod
 from conftest import ff
 from test_daemon import Running, init, wait_for
 from test_replication import FAST, fails, ok, prepare, snaps, sync, write
@@ -65,7 +66,7 @@ def test_each_exit_code_for_real(bed):
         # 0: both daemons, peer alive
         e = Running(bed.b).wait_ready()
         try:
-            wait_for(lambda: check()[0] == 0, 10)
+            wait_for(lambda: check()[0] == 0, bedmod.scaled(10))
             code, out = check()
             assert out.startswith("FLOCKER OK - alpha master epoch 2, peer beta alive | epoch=2 peer_alive=1")
             assert check("--quiet") == (0, "")

@@ -15,8 +15,13 @@ from conftest import ff
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WRAPPER = os.path.join(HERE, "daemon_wrapper.py")
-INTERVAL = 0.2      # the bed's heartbeat_interval
-DEAD = 1.0          # the bed's dead_time
+# The bed's heartbeat_interval and dead_time.  Under FLOCKER_TEST_SLOW=N
+# (software emulation, see bed.py) they, and every margin and wait below,
+# are N times longer, and the flood's rate is FLOCKER_TEST_SLOW_PACKETS
+# times lower: the same tests in proportion.
+INTERVAL = bedmod.scaled(0.2)
+DEAD = bedmod.scaled(1.0)
+S = bedmod.scaled
 
 
 class Running:
@@ -115,14 +120,14 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
     a = Running(bed.a, "--pidfile", pidfile)
     b = Running(bed.b)
     a.wait_ready(), b.wait_ready()
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
     now = time.monotonic()
     sa, sb = a.status(), b.status()
     # when each started and when each saw its peer, on the shared monotonic clock
     started = max(now - sa["uptime_seconds"], now - sb["uptime_seconds"])
     seen = max(now - sa["peer"]["state_age_seconds"], now - sb["peer"]["state_age_seconds"])
     print("peers alive %.3f s after the second daemon started" % (seen - started))
-    assert seen - started <= 2 * INTERVAL + 0.05
+    assert seen - started <= 2 * INTERVAL + S(0.05)
     assert with_pid(pidfile) == a.proc.pid
     sock = ff.control_socket_path(bed.a.state_db)
     assert os.stat(sock).st_mode & 0o777 == 0o600
@@ -140,7 +145,7 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
 
     cut = time.monotonic()
     bed.cut_link()
-    wait_for(lambda: both(a, b, "state") == ("dead", "dead"), DEAD + 3)
+    wait_for(lambda: both(a, b, "state") == ("dead", "dead"), DEAD + S(3))
     took = time.monotonic() - cut
     for d in (a, b):
         p = d.status()["peer"]
@@ -149,13 +154,13 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
         assert p["dead_verdicts"] == 1
         assert DEAD <= p["silence_at_last_verdict_seconds"] <= DEAD + INTERVAL
     print("both saw the peer dead %.3f s after the cut" % took)
-    assert DEAD - INTERVAL <= took <= DEAD + INTERVAL + 0.3
+    assert DEAD - INTERVAL <= took <= DEAD + INTERVAL + S(0.3)
 
     restored = time.monotonic()
     bed.restore_link()
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
     print("alive again %.3f s after the restore" % (time.monotonic() - restored))
-    assert time.monotonic() - restored <= 2 * INTERVAL + 0.3
+    assert time.monotonic() - restored <= 2 * INTERVAL + S(0.3)
     assert a.status()["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
 
     # without the daemon, status falls back to the persisted observation
@@ -164,7 +169,7 @@ def test_see_each_other_cut_restore_status_and_clean_stop(bed):
     assert not os.path.exists(ff.control_socket_path(bed.a.state_db))
     out = json.loads(bed.a.flocker("status", "--json", check=True).stdout)
     assert out["daemon"] is None
-    assert out["peer"]["role"] == "slave" and out["peer"]["age_seconds"] < 10
+    assert out["peer"]["role"] == "slave" and out["peer"]["age_seconds"] < S(10)
     with sqlite3.connect(bed.a.state_db) as db:
         kinds = [r[0] for r in db.execute("SELECT message FROM events ORDER BY id")]
     assert any("daemon started" in k for k in kinds)
@@ -179,7 +184,7 @@ def with_pid(path):
 def test_two_links_cutting_one_keeps_the_peer_alive(bed2):
     init(bed2)
     a, b = start_pair(bed2)
-    wait_for(lambda: all(l["state"] == "up" for d in (a, b) for l in d.status()["links"]), 5)
+    wait_for(lambda: all(l["state"] == "up" for d in (a, b) for l in d.status()["links"]), S(5))
     bed2.cut_link(1)
     time.sleep(DEAD + 3 * INTERVAL)
     for d in (a, b):
@@ -189,7 +194,7 @@ def test_two_links_cutting_one_keeps_the_peer_alive(bed2):
     text = bed2.a.flocker("status", check=True).stdout
     assert "link 1      192.0.2.17 <-> 192.0.2.18: down" in text
     bed2.restore_link(1)
-    wait_for(lambda: all(l["state"] == "up" for d in (a, b) for l in d.status()["links"]), 5)
+    wait_for(lambda: all(l["state"] == "up" for d in (a, b) for l in d.status()["links"]), S(5))
     bed2.cut_link(0)
     time.sleep(DEAD + 3 * INTERVAL)
     assert [l["state"] for l in a.status()["links"]] == ["down", "up"]
@@ -233,12 +238,12 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
     # capture beta's heartbeats on alpha's address before alpha's daemon runs
     run_py(bed.a, CAPTURE, bed.a.address, port, capture, 3)
     a = Running(bed.a).wait_ready()
-    wait_for(lambda: a.status()["peer"]["state"] == "alive", 5)
+    wait_for(lambda: a.status()["peer"]["state"] == "alive", S(5))
 
     def replay():
         out = run_py(bed.b, REPLAY, bed.b.address, bed.a.address, capture, port)
         assert out.stdout.strip() == "3"
-        time.sleep(0.3)
+        time.sleep(S(0.3))
         return a.status()
 
     s = replay()
@@ -249,7 +254,7 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
     # beta restarts: a new boot generation, accepted at once
     assert b.stop() == 0
     b = Running(bed.b, tag="2").wait_ready()
-    wait_for(lambda: a.status()["peer"].get("generation") == gen1 + 1, 5)
+    wait_for(lambda: a.status()["peer"].get("generation") == gen1 + 1, S(5))
     s = replay()
     assert s["rejected"]["old_generation"] == 3 and s["rejected"]["replay"] == 3
     assert s["peer"]["generation"] == gen1 + 1 and s["peer"]["state"] == "alive"
@@ -258,7 +263,7 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
     time.sleep(1.2)            # the peer row is saved at most once a second
     assert a.stop() == 0
     a = Running(bed.a, tag="2").wait_ready()
-    wait_for(lambda: a.status()["peer"]["state"] == "alive", 5)
+    wait_for(lambda: a.status()["peer"]["state"] == "alive", S(5))
     s = replay()
     assert s["rejected"]["old_generation"] == 3 and s["peer"]["generation"] == gen1 + 1
     assert "REJECTED" not in a.log_text()   # right key: replays are not "wrong key"
@@ -273,7 +278,7 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
     replayer = bed.b.popen([sys.executable, "-c", REPLAY, bed.b.address, bed.a.address,
                             capture, str(port), str(INTERVAL)], stdout=subprocess.PIPE)
     states = set()
-    deadline = time.monotonic() + DEAD + 1.0
+    deadline = time.monotonic() + DEAD + S(1.0)
     while time.monotonic() < deadline:
         states.add(a.status()["peer"]["state"])
         time.sleep(0.05)
@@ -289,7 +294,7 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
 def test_second_daemon_refused_sighup_reload_and_stall(bed):
     init(bed)
     a, b = start_pair(bed)
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
     second = bed.a.flocker("daemon")
     assert second.returncode == ff.EXIT_BUSY
     assert "in use by another flocker-failover process" in second.stderr
@@ -312,34 +317,35 @@ def test_second_daemon_refused_sighup_reload_and_stall(bed):
     good = bed.config_path
     bed.write_config(cluster={"dead_time": "0.1"})
     a.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "keeping the old one" in a.log_text(), 5)
+    wait_for(lambda: "keeping the old one" in a.log_text(), S(5))
     assert a.proc.poll() is None and a.status()["dead_time"] == DEAD
     # a change that needs a restart is refused too
     bed.write_config(cluster={"heartbeat_port": "7790"})
     a.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "heartbeat_port needs a restart" in a.log_text(), 5)
+    wait_for(lambda: "heartbeat_port needs a restart" in a.log_text(), S(5))
     assert a.status()["dead_time"] == DEAD
     # a valid one is taken
-    bed.write_config(cluster={"dead_time": "1.5"}, path=good)
+    longer = "%g" % S(1.5)
+    bed.write_config(cluster={"dead_time": longer}, path=good)
     a.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: a.status()["dead_time"] == 1.5, 5)
+    wait_for(lambda: a.status()["dead_time"] == float(longer), S(5))
     assert a.status()["peer"]["state"] == "alive"
     bed.write_config()
     a.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: a.status()["dead_time"] == DEAD, 5)
+    wait_for(lambda: a.status()["dead_time"] == DEAD, S(5))
 
     # alpha is stopped (not scheduled) for 3 dead times; when it runs again
     # it must not call beta dead from its own stall
     a.proc.send_signal(signal.SIGSTOP)
     time.sleep(3 * DEAD)
     a.proc.send_signal(signal.SIGCONT)
-    wait_for(lambda: b.status()["peer"]["state"] == "alive", 5)
+    wait_for(lambda: b.status()["peer"]["state"] == "alive", S(5))
     time.sleep(2 * INTERVAL)
     s = a.status()
     print("after a %.1f s stall: worst lag %.3f s, stalls %d, peer %s, verdicts %d"
           % (3 * DEAD, s["worst_lag_seconds"], s["stalls"], s["peer"]["state"],
              s["peer"]["dead_verdicts"]))
-    assert s["worst_lag_seconds"] >= 3 * DEAD - 0.2 and s["stalls"] >= 1
+    assert s["worst_lag_seconds"] >= 3 * DEAD - S(0.2) and s["stalls"] >= 1
     assert s["peer"]["dead_verdicts"] == 0 and s["peer"]["state"] == "alive"
     assert b.status()["peer"]["dead_verdicts"] == 1     # beta did see alpha go
     assert a.stop() == 0 and b.stop() == 0
@@ -380,15 +386,16 @@ print(sent, errors, round(time.monotonic() - start, 3))
 def test_flood_of_forged_packets_keeps_heartbeats_on_time(bed):
     init(bed)
     a, b = start_pair(bed)
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
-    time.sleep(0.5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
+    time.sleep(S(0.5))
     assert a.request("reset-stats")["ok"] and b.request("reset-stats")["ok"]
     lines_before = a.log_lines()
     kid = ff.key_id(open(bed.secret_file, "rb").read().strip())
-    out = run_py(bed.b, FLOOD, bed.b.address, bed.a.address, 7788, kid, 20000, 10,
+    rate = int(20000 / bedmod.SLOW_PACKETS)      # packets per second, for 10 s
+    out = run_py(bed.b, FLOOD, bed.b.address, bed.a.address, 7788, kid, rate, 10,
                  timeout=120)
     sent, errors, took = out.stdout.split()
-    time.sleep(0.3)
+    time.sleep(S(0.3))
     sa, sb = a.status(), b.status()
     gap_at_beta = sb["links"][0]["max_gap_seconds"]
     rejected = sum(sa["rejected"].values())
@@ -398,9 +405,9 @@ def test_flood_of_forged_packets_keeps_heartbeats_on_time(bed):
           "largest gap of beta's at alpha %.4f s; alpha's log grew by %d lines"
           % (sent, took, errors, rejected, {k: v for k, v in sa["rejected"].items() if v},
              sa["worst_lag_seconds"], gap_at_beta, sa["links"][0]["max_gap_seconds"], grew))
-    assert int(sent) == 200000 and float(took) < 12.0
+    assert int(sent) == 10 * rate and float(took) < 10 + S(2.0)
     assert rejected >= 0.95 * int(sent)        # nearly all reached alpha and were judged
-    assert gap_at_beta < INTERVAL + 0.05
+    assert gap_at_beta < INTERVAL + S(0.05)
     assert sa["peer"]["dead_verdicts"] == 0 and sb["peer"]["dead_verdicts"] == 0
     assert sa["peer"]["state"] == "alive" and sb["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
     assert grew <= 12, a.log_text()[-3000:]
@@ -429,14 +436,14 @@ def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
                               "check_interval": "0.5"})
     b = Running(bed.b).wait_ready()
     a = Running(bed.a, wrapper=True, env={"FFT_SLOW_JOB": json.dumps(job)}).wait_ready()
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
     assert b.request("reset-stats")["ok"] and a.request("reset-stats")["ok"]
     seen_jobs = set()
 
     def finished():
         seen_jobs.update(a.status()["jobs"])
         return os.path.exists(report)
-    wait_for(finished, 60, step=0.5)
+    wait_for(finished, 30 + S(30), step=0.5)
     sa, sb = a.status(), b.status()
     with open(report) as f:
         result = json.loads(f.readline())
@@ -457,7 +464,7 @@ def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
     last = json.loads(bed.a.flocker("status", "--json", check=True).stdout)["last_replication"]
     assert last["result"] == "ok" and last["bytes"] == size and last["snapshot"] == snap
     assert sb["stats_age_seconds"] >= 29
-    assert sb["links"][0]["max_gap_seconds"] < INTERVAL + 0.05
+    assert sb["links"][0]["max_gap_seconds"] < INTERVAL + S(0.05)
     assert sb["peer"]["dead_verdicts"] == 0 and sa["peer"]["dead_verdicts"] == 0
     kills = a.log_text().count("did not finish within 4 s")
     assert kills >= 1 and sa["health"] == "failed"
@@ -481,24 +488,24 @@ def test_wall_clock_step_of_an_hour_changes_nothing(bed):
         daemons.append(Running(h, wrapper=True,
                                env={"FFT_WALL_OFFSET_FILE": offsets[h.name]}))
     a, b = (d.wait_ready() for d in daemons)
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
     for name, step in (("alpha", 3600), ("beta", -3600)):
         with open(offsets[name], "w") as f:
             f.write(str(step))
     stepped = time.time()
-    time.sleep(3 * DEAD + 1.5)
+    time.sleep(3 * DEAD + S(1.5))
     for d in (a, b):
         s = d.status()
         assert s["peer"]["state"] == "alive" and s["peer"]["dead_verdicts"] == 0
         assert s["rejected"] == dict.fromkeys(ff.REJECT_REASONS, 0)
-        assert s["peer"]["last_seen_age_seconds"] < 2 * INTERVAL + 0.1
+        assert s["peer"]["last_seen_age_seconds"] < 2 * INTERVAL + S(0.1)
     # the step really reached the code: alpha stored beta's last-seen time
     # an hour ahead, beta stored alpha's an hour behind
     with sqlite3.connect(bed.a.state_db) as db:
         seen_a = db.execute("SELECT seen FROM peer").fetchone()[0]
     with sqlite3.connect(bed.b.state_db) as db:
         seen_b = db.execute("SELECT seen FROM peer").fetchone()[0]
-    assert abs(seen_a - (stepped + 3600)) < 5 and abs(seen_b - (stepped - 3600)) < 5
+    assert abs(seen_a - (stepped + 3600)) < S(5) and abs(seen_b - (stepped - 3600)) < S(5)
     assert a.stop() == 0 and b.stop() == 0
 
 
@@ -514,7 +521,7 @@ def test_key_change_without_downtime(bed):
         bed.write_config(path=conf[h.name])
     a = Running(bed.a, config=conf["alpha"]).wait_ready()
     b = Running(bed.b, config=conf["beta"]).wait_ready()
-    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), 5)
+    wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))
     kid = lambda path: ff.key_id(open(path, "rb").read().strip())
 
     def switch(d, **cluster):
@@ -522,14 +529,14 @@ def test_key_change_without_downtime(bed):
         d.proc.send_signal(signal.SIGHUP)
         want = [kid(cluster.get("secret_file", old))] + (
             [kid(cluster["secret_file_previous"])] if "secret_file_previous" in cluster else [])
-        wait_for(lambda: d.status()["key_ids"] == want, 5)
+        wait_for(lambda: d.status()["key_ids"] == want, S(5))
         time.sleep(3 * INTERVAL)
 
     switch(a, secret_file=new, secret_file_previous=old)
     # beta knows only the old key: alpha keeps signing with it
     assert b.status()["peer"]["key_id"] == kid(old)
     switch(b, secret_file=new, secret_file_previous=old)
-    wait_for(lambda: both(a, b, "key_id") == (kid(new), kid(new)), 5)
+    wait_for(lambda: both(a, b, "key_id") == (kid(new), kid(new)), S(5))
     switch(a, secret_file=new)
     switch(b, secret_file=new)
     assert both(a, b, "key_id") == (kid(new), kid(new))
@@ -591,7 +598,7 @@ def test_sigterm_aborts_a_running_job_cleanly(bed):
            "report": report,
            "recv_argv": bed.a.ssh_command(bed.b, ["zfs", "recv", "-u", target])}
     a = Running(bed.a, wrapper=True, env={"FFT_SLOW_JOB": json.dumps(job)}).wait_ready()
-    wait_for(lambda: "slow-transfer" in a.status()["jobs"], 5)
+    wait_for(lambda: "slow-transfer" in a.status()["jobs"], S(5))
     time.sleep(2)
     asked = time.monotonic()
     assert a.stop() == 0

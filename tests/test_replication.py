@@ -125,10 +125,10 @@ def test_resume_only_when_both_ends_can():
     fuse = ff.ZfsFeatures()
     tok = ff.Listing("p/d", {"receive_resume_token": "1-abc"}, ())
     cfg = ff.Config(path="x", name="c", secret_file="s", secret=b"")
-    assert ff._resume_partial(cfg, FakePeer(fuse), FakePeer(fuse), tok) is False
+    assert ff._resume_partial(cfg, FakePeer(fuse), FakePeer(fuse), tok) is None
     modern = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
     none = ff.Listing("p/d", {"receive_resume_token": "-"}, ())
-    assert ff._resume_partial(cfg, FakePeer(modern), FakePeer(modern), none) is False
+    assert ff._resume_partial(cfg, FakePeer(modern), FakePeer(modern), none) is None
 
 
 def test_features_of_zfs_fuse(zfs_ready):
@@ -170,12 +170,79 @@ def test_receive_never_forces_or_rolls_back():
     #   _gate_zfs_destroy: the ssh gate passes on the master's retention
     #     destroys of flocker replication snapshots, and nothing else
     #     (test_gate.py)
-    sites = []
-    for m in re.finditer(r'"destroy"', source):
-        sites.append(re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1])
-    assert sites == ["destroy_commands", "destroy_commands", "_gate_zfs_destroy",
-                     "_snapshot_if_changed", "_drop_empty_leftover", "discard_preserved",
-                     "_drop_empty_divergence"]
+    def sites(pattern):
+        return [re.findall(r"^\s*def (\w+)", source[:m.start()], re.M)[-1]
+                for m in re.finditer(pattern, source)]
+
+    assert sites(r'"destroy"') == ["destroy_commands", "destroy_commands",
+                                   "_gate_zfs_destroy", "_snapshot_if_changed",
+                                   "_drop_empty_leftover", "discard_preserved",
+                                   "_drop_empty_divergence"]
+    # zfs recv -A: only the partial state of an interrupted resumable
+    # receive, part of a stream whose whole exists on its sender
+    # (test_abort_partial_receive_discards_only_the_partial_stream), called
+    # by a promotion and after a receive that failed for a full pool
+    # (test_target_pool_full)
+    # (kill_receives names "-A" only to leave such a 'zfs recv -A' alone)
+    assert sites(r'"-A"') == ["abort_partial_receive", "kill_receives"]
+    assert sites(r"\.abort_partial_receive\(") == ["_discard_unresumable", "_promote_steps"]
+
+
+def test_abort_partial_receive_discards_only_the_partial_stream(pool):
+    """zfs recv -A (OpenZFS) removes what an interrupted resumable receive
+    kept, never a complete snapshot, the data of the newest one or a
+    dataset without partial state.  zfs-fuse keeps nothing of an interrupted
+    receive, and nothing is run there."""
+    p = pool.name
+    src, dst, mine = p + "/src", p + "/dst", p + "/mine"
+    for ds in (src, mine):
+        bedmod.sh(["zfs", "create", ds])
+        with open(os.path.join(pool.mountpoint, ds.split("/", 1)[1], "one.bin"), "wb") as f:
+            f.write(os.urandom(200000))
+    bedmod.sh(["zfs", "snapshot", src + "@s1"])
+    at_s1 = bedmod.tree_digest(os.path.join(pool.mountpoint, "src"))
+    bedmod.sh(["sh", "-c", "zfs send %s@s1 | zfs recv -u %s" % (src, dst)])
+    with open(os.path.join(pool.mountpoint, "src", "two.bin"), "wb") as f:
+        f.write(os.urandom(4 << 20))
+    bedmod.sh(["zfs", "snapshot", src + "@s2"])
+    stream = subprocess.run(["zfs", "send", "-i", "s1", src + "@s2"], check=True,
+                            stdout=subprocess.PIPE).stdout
+    z = ff.Zfs()
+    resumable = z.features().resumable
+    half = subprocess.run(["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dst],
+                          input=stream[:len(stream) // 2], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert half.returncode != 0
+    before = snaps(dst)
+    mine_before = bedmod.tree_digest(os.path.join(pool.mountpoint, "mine"))
+    ran = []
+    real_run = z.run
+    z.run = lambda args, **kw: ran.append(list(args)) or real_run(args, **kw)
+
+    assert z.abort_partial_receive(mine) is False      # no partial state: untouched
+    assert bedmod.tree_digest(os.path.join(pool.mountpoint, "mine")) == mine_before
+    if resumable:      # OpenZFS kept the half stream, named by a token
+        assert prop(dst, "receive_resume_token") not in ("", "-")
+        assert z.abort_partial_receive(dst) is True
+        assert ["recv", "-A", dst] in ran
+        assert prop(dst, "receive_resume_token") == "-"
+        assert z.abort_partial_receive(dst) is False    # nothing left to discard
+    else:              # zfs-fuse kept nothing; abort runs no zfs command
+        assert z.abort_partial_receive(dst) is False and ran == []
+    assert snaps(dst) == before == {"s1": (snaps(src)["s1"][0], 0)}
+    bedmod.sh(["zfs", "mount", dst])
+    assert bedmod.tree_digest(os.path.join(pool.mountpoint, "dst")) == at_s1
+    # the first receive of a dataset, interrupted: what it kept is only a
+    # part of the sender's stream, and goes entirely
+    first = p + "/first"
+    whole = subprocess.run(["zfs", "send", src + "@s2"], check=True,
+                           stdout=subprocess.PIPE).stdout
+    half = subprocess.run(["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [first],
+                          input=whole[:len(whole) // 2], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert half.returncode != 0
+    assert z.abort_partial_receive(first) is resumable
+    assert snaps(first) is None
 
 
 def snap(name, guid, refs=0, order=None):
@@ -327,6 +394,47 @@ def test_written_property_skips_the_snapshot():
     with pytest.raises(ff.ReplicationError):
         ff._snapshot_if_changed(rec, z, unchanged, 1, time.time)
     assert z.commands[0][:2] == ["snapshot", "-r"]
+
+
+def test_openzfs_features_for_real(pool):
+    """What the fakes above simulate, on a real OpenZFS: the features are
+    detected from the real zfs; 'written' reads 0 after zpool sync when
+    nothing changed, and then no snapshot is taken; listings are ordered by
+    createtxg, not by name; one destroy removes several snapshots."""
+    z = ff.Zfs()
+    f = z.features()
+    if not f.written:
+        pytest.skip("not on this ZFS: zfs-fuse has no 'written', 'createtxg' or "
+                    "multi-snapshot destroy (its fallbacks run in the cycles below)")
+    assert f.resumable and f.createtxg and f.destroy_multi and f.list_parsable
+    ds = pool.name + "/w"
+    bedmod.sh(["zfs", "create", ds])
+    path = os.path.join(pool.mountpoint, "w", "f.bin")
+    for name in ("b", "a"):                 # created b first, a second
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(100000))
+        bedmod.sh(["zfs", "snapshot", "%s@%s" % (ds, name)])
+    listing = z.listing(ds)
+    assert [s.name for s in listing.snaps] == ["b", "a"]
+    assert z.settle(pool.name) and z.written(ds) == "0"
+
+    ran = []
+    real_run = z.run
+    z.run = lambda args, **kw: ran.append(list(args)) or real_run(args, **kw)
+    cfg = ff.Config(path="x", name="c", secret_file="s", secret=b"")
+    assert ff._snapshot_if_changed(cfg, z, listing, 1, time.time) is listing
+    assert [a for a in ran if a[0] == "snapshot"] == []          # nothing changed
+    with open(path, "ab") as fh:
+        fh.write(b"more")
+    assert z.settle(pool.name) and int(z.written(ds)) > 0
+    fresh = ff._snapshot_if_changed(cfg, z, listing, 1, time.time)
+    assert [a[0] for a in ran].count("snapshot") == 1
+    assert [s.name for s in fresh.snaps][:2] == ["b", "a"] and len(fresh.snaps) == 3
+
+    cmds = ff.destroy_commands(ds, ["b", "a"], False, f)
+    assert cmds == [["destroy", "%s@b,a" % ds]]
+    assert z.run_many(cmds)[0][0] == 0
+    assert [s.name for s in z.listing(ds).snaps] == [fresh.snaps[-1].name]
 
 
 # ---------------------------------------------------------------------------
@@ -533,17 +641,35 @@ def test_peer_pool_or_parent_missing(bed):
 
 
 def test_target_pool_full(bed):
+    """The slave's pool cannot take the stream.  zfs-fuse keeps nothing of
+    the failed receive.  OpenZFS (recv -s) keeps the part received for
+    resuming, but a full pool cannot take the rest and that part only holds
+    space that freeing needs: it is discarded (zfs recv -A).  On both the
+    slave is as before and the message says to free space there."""
     small = bedmod.Pool(bed.workdir, "s", size_mb=64)
     bed.pools.append(small)
     replica = small.name + "/shop"
     prepare(bed, nodes={"beta": {"dataset": replica}})
     write(bed, "big.bin", 90 * 1024 * 1024)
+    resumable = ff.Zfs().features().resumable
     err = fails(sync(bed, timeout=300), ff.EXIT_REPLICATION, "is full", "free space there",
                 "Nothing was changed")
     assert "zfs recv on beta exited" in err
+    if resumable:      # OpenZFS: the part received was kept, and discarded
+        assert ("the part of the stream beta received was discarded there (zfs recv -A): "
+                "a full pool cannot take the rest") in err
+    else:              # zfs-fuse: nothing was kept, nothing to discard
+        assert "discarded" not in err and "recv -A" not in err
     assert snaps(replica) is None
     assert bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", small.name]).stdout.split() \
         == [small.name]
+    # once the data fits, the next cycle makes the full copy
+    os.unlink(os.path.join(mnt(bed.a), "big.bin"))
+    write(bed, "small.bin", 100000)
+    assert "full copy" in ok(sync(bed)).stdout
+    bedmod.sh(["zfs", "mount", replica])
+    assert bedmod.tree_digest(os.path.join(small.mountpoint, "shop")) == master_digest(bed)
+    bedmod.sh(["zfs", "unmount", replica])
 
 
 def _pids_of(argv_prefix, must_contain):
@@ -632,6 +758,80 @@ def test_sender_killed_mid_stream_then_retried(bed):
     bedmod.sh(["tc", "-n", bed.a.ns, "qdisc", "del", "dev", "eth0", "root"])
     assert snaps(bed.b.dataset) == before_b     # nothing arrives late either
     ok(sync(bed))
+    assert slave_digest(bed) == master_digest(bed)
+
+
+def _link_bytes(h, column):
+    """Bytes host h received (column 0) or sent (column 8) on its link, from
+    its namespace's interface counters: what crossed the wire, counted by
+    the kernel."""
+    for line in h.run(["cat", "/proc/net/dev"]).stdout.splitlines():
+        name, _, data = line.partition(":")
+        if name.strip() == "eth0":
+            return int(data.split()[column])
+    raise AssertionError("no eth0 in namespace %s" % h.ns)
+
+
+def test_interrupted_transfer_resumes_from_its_token(bed):
+    """kill -9 of zfs send when half the stream has reached the slave.
+    OpenZFS (recv -s) keeps what arrived, and the next cycle resumes from
+    the receive_resume_token, sending measurably less than the whole stream
+    again.  zfs-fuse has no resume tokens: the next cycle sends the whole
+    increment again.  The same files on both sides at the end."""
+    prepare(bed)
+    a, b = bed.a, bed.b
+    write(bed, "base.bin", 50000)
+    ok(sync(bed))
+    first = rows(bed)[-1]["snapshot"]
+    resumable = ff.Zfs().features().resumable
+    size = 16 << 20
+    write(bed, "big.bin", size)
+    bed.throttle(a, 8)                 # 1 MB/s: the stream is on the wire for ~16 s
+    try:
+        rx = _link_bytes(b, 0)
+        proc = _sync_in_background(bed)
+        try:
+            _wait_for(lambda: _pids_of(["zfs", "recv"], b.dataset), what="zfs recv")
+            send = _wait_for(lambda: _pids_of(["zfs", "send"], a.dataset), what="zfs send")
+            _wait_for(lambda: _link_bytes(b, 0) - rx > size // 2, timeout=60,
+                      what="half the stream to reach beta")
+            os.kill(send[0], signal.SIGKILL)
+            out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        bed.throttle(a, None)
+    assert proc.returncode == ff.EXIT_REPLICATION, err
+    assert "zfs send was killed by signal 9" in err
+    _wait_for(lambda: _settled(bed), what="the peer's zfs recv to end")
+    pending = rows(bed)[-1]["snapshot"]
+    assert pending not in snaps(b.dataset)
+    full = len(subprocess.run(["zfs", "send", "-I", "%s@%s" % (a.dataset, first),
+                               "%s@%s" % (a.dataset, pending)], check=True,
+                              stdout=subprocess.PIPE).stdout)
+    token = prop(b.dataset, "receive_resume_token") if resumable else None
+
+    tx = _link_bytes(a, 8)
+    p = ok(sync(bed))
+    tx = _link_bytes(a, 8) - tx
+    row = rows(bed)[-1]
+    print("%s: whole stream %d bytes; the next cycle sent %d bytes (%.2f of it), "
+          "%d bytes on the wire: %s" % ("OpenZFS" if resumable else "zfs-fuse", full,
+                                        row["bytes"], row["bytes"] / full, tx,
+                                        p.stdout.strip()))
+    if resumable:      # resumed from the token: only what had not arrived
+        assert token not in ("", "-")
+        assert "resumed the interrupted transfer of %s" % pending in p.stdout
+        assert 0 < row["bytes"] < 0.8 * full and tx < 0.8 * full
+        assert prop(b.dataset, "receive_resume_token") == "-"
+    else:              # no token: the whole increment again
+        assert "sent %s" % pending in p.stdout and row["base"] == first
+        assert row["bytes"] == full and tx > full
+    assert row["result"] == "ok" and row["snapshot"] == pending
+    sa, sb = snaps(a.dataset), snaps(b.dataset)
+    # same GUID, held on both (zfs-fuse leaks the hold of the killed zfs send)
+    assert sa[pending][0] == sb[pending][0] and sa[pending][1] >= 1 and sb[pending][1] == 1
     assert slave_digest(bed) == master_digest(bed)
 
 
