@@ -3030,6 +3030,12 @@ def snapshot_time(name: str) -> Optional[float]:
     return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
 
 
+def snapshot_epoch(name: str) -> Optional[int]:
+    """The epoch written in a flocker snapshot name, else None."""
+    m = _SNAPSHOT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def role_marker(node: str, role: str, epoch: int) -> str:
     """The value of the flocker:role property a node keeps on its dataset."""
     return "%s %s %d" % (node, role, epoch)
@@ -4511,7 +4517,17 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
     after = snaps_after(local, common.guid)
     changes = zfs.stream_size(ds, common.name, after[-1].name) if after else 0
-    return Side(cfg.local_name, st.epoch, cfg.divergence_policy, changes), common, st.epoch
+    # the epoch this side wrote its divergent data under: the one in the
+    # name of its first snapshot after the common one, which a later
+    # promotion does not change.  A side that changed nothing offers its
+    # current epoch if it is master, else 0: with no change on either side
+    # the master of the newer epoch simply continues.
+    if changes:
+        epoch = next((e for e in map(snapshot_epoch, (x.name for x in after))
+                      if e is not None), st.epoch)
+    else:
+        epoch = st.epoch if st.role == ROLE_MASTER else 0
+    return Side(cfg.local_name, epoch, cfg.divergence_policy, changes), common, st.epoch
 
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
@@ -4525,14 +4541,6 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         raise ActionError("%s does not exist on %s; nothing to resolve"
                           % (cfg.peer.dataset, cfg.peer.name))
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
-    # A divergence (named by its common snapshot) is measured once: a later
-    # attempt on the same one, e.g. by a winner whose epoch has moved since,
-    # reuses the published epoch and changes, so the verdict cannot turn.
-    # The policy and an operator's choice are taken as they are now.
-    mine = zfs.listing(ds)
-    before = parse_divergence(mine.props.get(DIVERGENCE_PROPERTY) if mine else None)
-    if before is not None and before["common_guid"] == common.guid:
-        me = Side(me.node, before["epoch"], me.policy, before["changes"])
     facts = format_divergence(common.guid, me.epoch, me.changes, me.policy, winner_choice)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
@@ -4586,7 +4594,8 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     if v.status != VERDICT_RESOLVED:
         raise NeedsOperator(v.reason)
     failpoint("resolve:verdict")
-    top = max(me.epoch, other.epoch)
+    marker = parse_role_marker(remote.props.get(ROLE_PROPERTY))
+    top = max(epoch, me.epoch, other.epoch, marker[2] if marker else 0)  # epochs now
     if v.loser == cfg.local_name:
         _lose(ctx, common, top, v, quiesce, facts)
     else:
