@@ -172,3 +172,33 @@ def test_promote_force_without_a_daemon(lanbed):
     assert (st.role, st.epoch) == ("master", 3)
     assert zget(b.dataset, "mounted") == "yes"
     b.flocker("demote")        # stops the writer again (final sync fails: alpha is dead)
+
+
+def test_switchover_without_daemons(lanbed):
+    """No daemon runs: 'demote' on the master stops the user system, sends
+    the final snapshot and demotes; 'promote --force' on the slave takes
+    over; every acknowledged write is there."""
+    bed = lanbed
+    setup_writer(bed)
+    a, b = bed.a, bed.b
+    da, db = start_pair(bed)
+    wait_for(lambda: len(acknowledged(bed)) > 20, 30, step=0.05)
+    db.stop()
+    da.stop()                  # (stopping the master's daemon stops the writer)
+    # start the writer again by hand, as an operator's service
+    assert a.flocker("promote").returncode == 1     # already master, no daemon
+    bedmod.sh(["sh", "-c", START.format(w=bed.workdir, py=sys.executable)],
+              env=dict(os.environ, FLOCKER_NODE="alpha", FLOCKER_DATASET=a.dataset))
+    wait_for(lambda: len([x for x in acknowledged(bed)
+                          if x[0].startswith("w-alpha-")]) > 30, 30, step=0.05)
+    r = a.flocker("demote", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "final snapshot sent to beta" in r.stdout
+    r = b.flocker("promote", "--force", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with ff.StateStore.open(b.state_db) as s:
+        assert s.node_state().role == "master"
+    with ff.StateStore.open(a.state_db) as s:
+        assert s.node_state().role == "slave"
+    assert missing_on(b, acknowledged(bed)) == []
+    b.flocker("demote")        # stops beta's writer (its final sync to alpha may fail)
