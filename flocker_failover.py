@@ -4532,10 +4532,14 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                        winner_choice: Optional[str] = None, dry_run: bool = False,
-                       quiesce=None, peer_stopped=None) -> Tuple[Verdict, str]:
+                       quiesce=None, peer_stopped=None, pause=None) -> Tuple[Verdict, str]:
     """Reach the verdict with the peer and carry out this node's part;
-    returns it and the GUID of the common snapshot."""
+    returns it and the GUID of the common snapshot.  pause: called first,
+    ends the replication cycle in flight (none runs while resolving);
+    quiesce: called by a loser once its user system is stopped."""
     cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    if pause is not None and not dry_run:
+        pause()
     remote = peer.listing(cfg.peer.dataset)
     if remote is None:
         raise ActionError("%s does not exist on %s; nothing to resolve"
@@ -4556,7 +4560,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             # the newest common snapshot moved meanwhile (a transfer that
             # was on its way): measure again against the new one
             return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
-                                      peer_stopped)
+                                      peer_stopped, pause)
         if dry_run or time.monotonic() > deadline or stop.is_set():
             if dry_run:
                 after = snaps_after(remote, common.guid)
@@ -5935,7 +5939,8 @@ class Daemon:
             resolve_divergence(ctx, peer_zfs(self.cfg), stop,
                                winner_choice=self.winner_choice,
                                quiesce=self._stop_replication,
-                               peer_stopped=self._wait_peer_stopped)
+                               peer_stopped=self._wait_peer_stopped,
+                               pause=self._end_replication)
         self._role_job(DECIDE_RESOLVE, action)
 
     def _wait_peer_stopped(self, timeout: float) -> bool:
@@ -5957,6 +5962,10 @@ class Daemon:
         timeouts can keep the rest of the step-down waiting; the user system
         is already stopped then."""
         self.serving = False
+        self._end_replication()
+
+    def _end_replication(self) -> None:
+        """From a role job: end the replication cycle in flight, if any."""
         if not self.jobs.cancel("replicate", timeout=60.0):
             raise ActionError("the replication cycle did not stop within 60 s")
 
@@ -6022,7 +6031,9 @@ class Daemon:
             if failure is None:
                 self.unresolved = None
                 self.winner_choice = None
-            elif isinstance(failure, NeedsOperator):
+            elif not isinstance(failure, NeedsOperator):
+                self._joined = False   # take part again in an attempt the peer still runs
+            if isinstance(failure, NeedsOperator):
                 self.unresolved = failure.message
                 self._role_retry_at = time.monotonic() + UNRESOLVED_RETRY
                 self._log_quietly("unresolved", logging.ERROR, "SPLIT BRAIN, an operator must "
