@@ -106,3 +106,22 @@ def bed(zfs_ready):
         yield b
     finally:
         b.close()
+
+
+def dataset_context(ds, zfs):
+    """An action Context for one local dataset, with no configuration or
+    state file behind it: the events it records are kept in .store.events."""
+    class Cfg:
+        recursive = False
+
+        class local:
+            dataset = ds
+
+    class Store:
+        def __init__(self):
+            self.events = []
+
+        def record_event(self, kind, message, level="info"):
+            self.events.append(message)
+
+    return ff.Context(Cfg, Store(), zfs)

@@ -10,7 +10,7 @@ import signal
 import time
 
 import bed as bedmod
-from conftest import ff
+from conftest import dataset_context, ff
 from test_daemon import Running, init, wait_for
 from test_failover import START, STOP, lanbed, serving, replicated, zget  # noqa: F401
 
@@ -275,17 +275,7 @@ def test_drop_empty_divergence_destroys_only_changeless_snapshots(pool):
     z = ff.Zfs()
     mnt = zget(ds, "mountpoint")
 
-    class Cfg:
-        recursive = False
-
-        class local:
-            dataset = ds
-
-    class Store:
-        def record_event(self, kind, message, level="info"):
-            pass
-
-    ctx = ff.Context(Cfg, Store(), z)
+    ctx = dataset_context(ds, z)
     with open(os.path.join(mnt, "a"), "w") as f:
         f.write("a")
     z.snapshot(ds, "common", False)

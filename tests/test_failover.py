@@ -9,7 +9,7 @@ import time
 import pytest
 
 import bed as bedmod
-from conftest import ff, need
+from conftest import dataset_context, ff, need
 from test_daemon import Running, init, wait_for
 
 DEAD = 1.0   # the bed's dead_time (heartbeat_interval 0.2 s)
@@ -434,19 +434,7 @@ def test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot(pool)
     if z.features().written:
         pytest.skip("not on this ZFS: with 'written' no empty cycle snapshot is taken")
     mnt = zget(ds, "mountpoint")
-    class Cfg:
-        recursive = False
-
-        class local:
-            dataset = ds
-
-    class Store:
-        events = []
-
-        def record_event(self, kind, message, level="info"):
-            self.events.append(message)
-
-    ctx = ff.Context(Cfg, Store(), z)
+    ctx = dataset_context(ds, z)
     with open(os.path.join(mnt, "a"), "w") as f:
         f.write("a")
     a = ff.snapshot_name(2, time.time())
