@@ -4555,8 +4555,10 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
         if theirs is not None and theirs["common_guid"] == common.guid:
             break
-        moved = find_common(zfs.listing(ds) or Listing(ds, {}, ()), remote)
-        if not dry_run and moved is not None and moved.guid != common.guid:
+        # the peer published for another common snapshot: has ours moved?
+        moved = (find_common(zfs.listing(ds) or Listing(ds, {}, ()), remote)
+                 if theirs is not None and not dry_run else None)
+        if moved is not None and moved.guid != common.guid:
             # the newest common snapshot moved meanwhile (a transfer that
             # was on its way): measure again against the new one
             return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
@@ -5263,7 +5265,6 @@ class Daemon:
         self.epoch = 0
         self.snapshot = ("", 0)    # newest own snapshot (name, GUID), as sent
         self.health = "unchecked"
-        self.flags = 0             # FLAG_* bits sent in every heartbeat
         self.serving = False       # this daemon runs the user system now
         self.outdated = False      # persisted: this replica lacks the master's data
         self.decision = None       # type: Optional[Decision]  # the newest one
@@ -5779,7 +5780,7 @@ class Daemon:
     # recover_intent() on the next try, after a growing pause.
 
     def _flags(self) -> int:
-        f = self.flags
+        f = 0
         if self.serving:
             f |= FLAG_SERVING
         if self.released and self.role == ROLE_SLAVE:
