@@ -4,6 +4,7 @@ the clients' view of the service address and the arbitrator."""
 
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -116,11 +117,24 @@ def lanbed(zfs_ready):
     try:
         yield b
     finally:
-        for name in sorted(os.listdir(b.workdir)):   # shown when the test failed
-            if name.startswith("daemon-"):
-                with open(os.path.join(b.workdir, name), errors="replace") as f:
-                    print("==== %s\n%s" % (name, "".join(f.readlines()[-80:])))
+        # shown when the test failed: the newest logs first (CI keeps only
+        # the beginning of a long output)
+        logs = [os.path.join(b.workdir, n) for n in os.listdir(b.workdir)
+                if n.startswith("daemon-")]
+        for path in sorted(logs, key=os.path.getmtime, reverse=True):
+            with open(path, errors="replace") as f:
+                print("==== %s\n%s" % (os.path.basename(path), "".join(f.readlines()[-40:])))
         b.close()
+
+
+def killed(d, timeout=30):
+    """The daemon d, started with a FLOCKER_FAILPOINT, died at it: its
+    exit status; fails with the end of its log when it is still running."""
+    try:
+        return d.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("%s still runs %d s later; its log ends:\n%s" % (
+            os.path.basename(d.log), timeout, "".join(d.log_text().splitlines(True)[-30:])))
 
 
 def start(bed, **kw):
@@ -477,7 +491,7 @@ def test_kill_9_at_every_step_of_promotion_and_demotion(lanbed):
                                  tag="-p%d" % i).wait_ready()
             wait_for(lambda: running[y].status()["peer"]["state"] == "alive", 10)
             x.kill_all()                                  # the master host dies
-            assert running[y].proc.wait(timeout=30) != 0  # killed at promote:<p>
+            assert killed(running[y]) != 0  # killed at promote:<p>
             running[y] = Running(y, tag="-p%d-after" % i).wait_ready()
             wait_for(lambda: serving(running[y]), 20, step=0.05)
             assert svc_running(y) and zget(y.dataset, "mounted") == "yes", p
@@ -487,7 +501,7 @@ def test_kill_9_at_every_step_of_promotion_and_demotion(lanbed):
             bed._wait_for_sshd()
             running[x] = Running(x, env={"FLOCKER_FAILPOINT": "demote:" + d},
                                  tag="-d%d" % i).wait_ready()
-            assert running[x].proc.wait(timeout=30) != 0  # killed at demote:<d>
+            assert killed(running[x]) != 0  # killed at demote:<d>
             running[x] = Running(x, tag="-d%d-after" % i).wait_ready()
             wait_for(lambda: running[x].status()["role"] == "slave", 20, step=0.05)
             assert not svc_running(x), d
