@@ -5292,7 +5292,8 @@ class Daemon:
         self.demotions = 0         # role changes to slave by this daemon
         self.last_transfer = None  # type: Optional[Tuple[float, int, float]]  # (cycle start wall time, bytes, seconds)
         self.peer_epoch_seen = 0   # persisted: the highest epoch the peer announced
-        self._role_retry_at = 0.0
+        self._role_retry_at = 0.0  # a failed role action is retried after this
+        self._role_failed = None   # type: Optional[str]  # ... of this kind
         self._cycle_started = 0.0
         self._role_backoff = 0.0
         self._refresh_at = 0.0
@@ -5891,13 +5892,14 @@ class Daemon:
             self._joined = False
         elif not self._joined:
             # the peer began an attempt we took no part in: join in at once,
-            # also while waiting for an operator (it may carry one's choice)
+            # also while waiting for an operator (it may carry one's choice);
+            # after a failed attempt of our own, once its backoff is over
+            if self._role_failed in (DECIDE_RESOLVE, "role") and now < self._role_retry_at:
+                return
             return self._resolve("%s is resolving a divergence" % self.cfg.peer.name,
                                  join=True)
         else:
             return     # our part is done: the peer is still carrying out its own
-        if now < self._role_retry_at:
-            return
         d = decide(self._facts(now), self._timing())
         self.decision = d
         key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
@@ -5908,7 +5910,15 @@ class Daemon:
             if d.kind == DECIDE_SPLIT_BRAIN:
                 self._event("split-brain", d.reason + "; nothing is changed automatically "
                             "yet: decide which node's data continues", "error")
-        if d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving):
+        resolve = d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving)
+        if now < self._role_retry_at and self._role_failed in (
+                DECIDE_RESOLVE if resolve else d.kind, "role"):
+            # the same action failed a moment ago (or the daemon itself
+            # erred): it waits for its backoff.  Another one (the peer died
+            # while a resolution kept failing: promote) runs at once; a
+            # failed action never delays a failover.
+            return
+        if resolve:
             # two masters, or a former master meeting a newer one: whose
             # data continues is the divergence verdict's to say
             self._resolve(d.reason)
@@ -6036,12 +6046,14 @@ class Daemon:
                 self._joined = False   # take part again in an attempt the peer still runs
             if isinstance(failure, NeedsOperator):
                 self.unresolved = failure.message
+                self._role_failed = DECIDE_RESOLVE
                 self._role_retry_at = time.monotonic() + UNRESOLVED_RETRY
                 self._log_quietly("unresolved", logging.ERROR, "SPLIT BRAIN, an operator must "
                                   "decide: %s" % failure.message, 300)
                 return
         if failure is None:
             self._role_backoff = 0.0
+            self._role_failed = None
             if kind == DECIDE_HANDOVER:
                 self.released = True
             if kind != DECIDE_FENCE:
@@ -6054,6 +6066,9 @@ class Daemon:
             self._event("handover", failure.message, "error")
             log.error("%s", failure.message)
             return
+        if kind != self._role_failed:
+            self._role_backoff = 0.0     # another action: its own backoff
+        self._role_failed = kind
         self._role_backoff = min(60.0, max(1.0, self._role_backoff * 2))
         self._role_retry_at = time.monotonic() + self._role_backoff
         why = failure.message if isinstance(failure, FlockerError) else repr(failure)

@@ -11,6 +11,8 @@ host's namespace:
                              zfs send | ssh | zfs recv transfer, pumped through
                              the job thread at a throttled rate so that it
                              lasts `seconds`; its outcome goes to `report`.
+  FFT_EXTRA_FLAGS=N          every heartbeat also carries these flag bits
+                             (e.g. 16: "resolving", which a peer joins)
 """
 
 import hashlib
@@ -111,6 +113,11 @@ if os.environ.get("FFT_SLOW_JOB"):
         self.add_periodic("slow-transfer", lambda cfg: _spec["every"],
                           _slow_transfer(_spec, self))
     ff.Daemon.install_jobs = install_jobs
+
+if os.environ.get("FFT_EXTRA_FLAGS"):
+    _extra = int(os.environ["FFT_EXTRA_FLAGS"])
+    _flags = ff.Daemon._flags
+    ff.Daemon._flags = lambda self: _flags(self) | _extra
 
 if __name__ == "__main__":
     sys.exit(ff.main(sys.argv[1:]))

@@ -8,7 +8,7 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import Running, init, wait_for
+from test_daemon import S, Running, init, wait_for
 from test_replication import FAST, fails, ok, prepare, snaps, sync, write
 
 
@@ -238,7 +238,7 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
 
     da, db = Running(bed.a).wait_ready(), Running(b).wait_ready()
     try:
-        wait_for(settled, 60, step=0.3)
+        wait_for(settled, S(60), step=0.3)
         code, out = seen["check"]
         assert "since" not in out and re.search(r"replication lag [01] s", out), out
         da.stop()
@@ -247,7 +247,7 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
                                   path=os.path.join(bed.workdir, "alpha-no-ssh.conf"))
         da = Running(bed.a, config=broken, tag="-no-ssh").wait_ready()
         write(bed, "y.bin", 20000)      # snapshotted by alpha, never sent
-        wait_for(lambda: set(snaps(bed.a.dataset)) - set(snaps(b.dataset)), 30, step=0.3)
+        wait_for(lambda: set(snaps(bed.a.dataset)) - set(snaps(b.dataset)), S(30), step=0.3)
 
         def lagging(code, needle, crit="300"):
             seen["check"] = check(crit)
@@ -256,9 +256,9 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
         # master, which is CRITICAL too)
         try:
             wait_for(lambda: lagging(1, "> warn 3 s (age of the slave's newest snapshot "
-                                        "flocker-"), 30, step=0.3)
+                                        "flocker-"), S(30), step=0.3)
             wait_for(lambda: lagging(2, "> crit 5 s (age of the slave's newest snapshot ",
-                                     crit="5"), 30, step=0.3)
+                                     crit="5"), S(30), step=0.3)
         except AssertionError as e:
             raise AssertionError("%s; last check: %r" % (e, seen["check"])) from None
     finally:

@@ -41,15 +41,15 @@ class Running:
                                    env=full_env)
 
     def status(self):
-        answer = ff.query_daemon(self.host.state_db, {"cmd": "status"}, timeout=5)
+        answer = ff.query_daemon(self.host.state_db, {"cmd": "status"}, timeout=S(5))
         assert answer is not None and answer["ok"], answer
         return answer["status"]
 
     def request(self, cmd):
-        return ff.query_daemon(self.host.state_db, {"cmd": cmd}, timeout=5)
+        return ff.query_daemon(self.host.state_db, {"cmd": cmd}, timeout=S(5))
 
     def wait_ready(self, timeout=15):
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + S(timeout)
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_text()
             try:
@@ -70,7 +70,7 @@ class Running:
     def stop(self, timeout=30):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)   # nsenter passes it on by exec
-        return self.proc.wait(timeout=timeout)
+        return self.proc.wait(timeout=S(timeout))
 
 
 def wait_for(predicate, timeout, step=0.02):

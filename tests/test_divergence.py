@@ -11,10 +11,8 @@ import time
 
 import bed as bedmod
 from conftest import dataset_context, ff
-from test_daemon import Running, init, wait_for
+from test_daemon import S, Running, init, wait_for
 from test_failover import START, STOP, lanbed, serving, replicated, zget  # noqa: F401
-
-DEAD = 1.0
 
 
 def configure(bed, policy, policy_b=None):
@@ -44,7 +42,7 @@ class Pair:
         self.d = {}
         for h in bed.hosts:
             self.start(h)
-        wait_for(lambda: serving(self.d[bed.a]) and replicated(self.d[bed.a]), 30, step=0.05)
+        wait_for(lambda: serving(self.d[bed.a]) and replicated(self.d[bed.a]), S(30), step=0.05)
 
     def start(self, host, **kw):
         self.d[host] = Running(host, tag="-%d" % time.monotonic_ns(),
@@ -57,7 +55,7 @@ class Pair:
         for d in self.d.values():
             d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: all(d.log_text().count("configuration reloaded") > before[h]
-                             for h, d in self.d.items()), 10)
+                             for h, d in self.d.items()), S(10))
 
     def roles(self):
         m = [h for h, d in self.d.items() if d.status()["role"] == "master"][0]
@@ -72,7 +70,7 @@ class Pair:
         return {host: {file: sha256}} of what each wrote."""
         bed = self.bed
         bed.cut_link()
-        wait_for(lambda: all(serving(d) for d in self.d.values()), 15, step=0.05)
+        wait_for(lambda: all(serving(d) for d in self.d.values()), S(15), step=0.05)
         written = {}
         for h, size in writes.items():
             written[h] = {}
@@ -138,7 +136,7 @@ def check_nothing_lost(winner, loser, written, kept_before=()):
             assert name not in have
     else:
         assert kept == []
-    wait_for(lambda: files_in(loser.dataset) == files_in(winner.dataset), 30, step=0.2)
+    wait_for(lambda: files_in(loser.dataset) == files_in(winner.dataset), S(30), step=0.2)
 
 
 def run_scenario(p, policy, writes, expect, policy_b=None):
@@ -151,7 +149,7 @@ def run_scenario(p, policy, writes, expect, policy_b=None):
     kept = {h: preserved(h) for h in (m, s)}
     written = p.split({m: writes[0], s: writes[1]})
     p.heal()
-    winner = wait_for(p.settled, 60, step=0.1)
+    winner = wait_for(p.settled, S(60), step=0.1)
     assert winner is (m if expect == "master" else s), (policy, writes, winner)
     loser = s if winner is m else m
     check_nothing_lost(winner, loser, written, kept[loser])
@@ -201,7 +199,7 @@ def test_manual_and_mismatched_policies_wait_for_the_operator(lanbed):
             written = p.split({m: 100000, s: 200000})
             p.heal()
             wait_for(lambda: all(d.status()["divergence"]["unresolved"]
-                                 for d in p.d.values()), 30, step=0.1)
+                                 for d in p.d.values()), S(30), step=0.1)
             for h, d in p.d.items():
                 st = d.status()
                 assert why in st["divergence"]["unresolved"], st["divergence"]
@@ -213,10 +211,10 @@ def test_manual_and_mismatched_policies_wait_for_the_operator(lanbed):
             assert r.returncode == 0 and "an operator decides" in r.stdout, r.stdout + r.stderr
             # the operator picks the slave's version, on the master's node
             kept = preserved(m)
-            r = m.flocker("resolve", "--winner", s.name, "--wait", "60", timeout=90,
+            r = m.flocker("resolve", "--winner", s.name, "--wait", "%g" % S(60), timeout=S(90),
                           config=p.config[m])
             assert r.returncode == 0, r.stdout + r.stderr
-            assert wait_for(p.settled, 60, step=0.1) is s
+            assert wait_for(p.settled, S(60), step=0.1) is s
             check_nothing_lost(s, m, written, kept)
             assert "an operator chose it" in m.flocker("history").stdout
             # a preserved dataset waits: WARNING
@@ -251,13 +249,13 @@ def test_kill_9_at_steps_of_a_resolution_loses_nothing(lanbed):
             # that clears once the master is back and the slave holds its
             # newest snapshot)
             wait_for(lambda: all(d.status()["peer"]["state"] == "alive" and
-                                 not d.status()["outdated"] for d in p.d.values()), 20)
+                                 not d.status()["outdated"] for d in p.d.values()), S(20))
             kept = {h: preserved(h) for h in (m, s)}
             written = p.split({m: 200000, s: 100000})
             p.heal()
-            assert p.d[victim].proc.wait(timeout=60) != 0, point   # died at the step
+            assert p.d[victim].proc.wait(timeout=S(60)) != 0, point   # died at the step
             p.start(victim)
-            winner = wait_for(p.settled, 60, step=0.1)
+            winner = wait_for(p.settled, S(60), step=0.1)
             assert winner is m, point
             check_nothing_lost(m, s, written, kept[s])
             for h in (m, s):

@@ -11,9 +11,8 @@ import pytest
 
 import bed as bedmod
 from conftest import dataset_context, ff, need
-from test_daemon import Running, init, wait_for
+from test_daemon import DEAD, INTERVAL, S, Running, init, wait_for  # the bed's timings
 
-DEAD = 1.0   # the bed's dead_time (heartbeat_interval 0.2 s)
 
 # The user system: a sleeping process whose pid is kept in the work dir.
 # start is idempotent (a running one is kept), refuses to run unless the
@@ -131,10 +130,10 @@ def killed(d, timeout=30):
     """The daemon d, started with a FLOCKER_FAILPOINT, died at it: its
     exit status; fails with the end of its log when it is still running."""
     try:
-        return d.proc.wait(timeout=timeout)
+        return d.proc.wait(timeout=S(timeout))
     except subprocess.TimeoutExpired:
         raise AssertionError("%s still runs %d s later; its log ends:\n%s" % (
-            os.path.basename(d.log), timeout, "".join(d.log_text().splitlines(True)[-30:])))
+            os.path.basename(d.log), S(timeout), "".join(d.log_text().splitlines(True)[-30:])))
 
 
 def start(bed, **kw):
@@ -144,8 +143,8 @@ def start(bed, **kw):
     for h in bed.hosts:
         bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
     da, db = Running(bed.a, **kw).wait_ready(), Running(bed.b, **kw).wait_ready()
-    wait_for(lambda: serving(da), 15, step=0.05)
-    wait_for(lambda: replicated(da), 30, step=0.05)   # the slave holds a replica
+    wait_for(lambda: serving(da), S(15), step=0.05)
+    wait_for(lambda: replicated(da), S(30), step=0.05)   # the slave holds a replica
     return da, db
 
 
@@ -189,7 +188,7 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
     init(bed)
     da = Running(a).wait_ready()
     db = Running(b, config=cfg_b).wait_ready()
-    wait_for(lambda: serving(da) and replicated(da), 30, step=0.05)
+    wait_for(lambda: serving(da) and replicated(da), S(30), step=0.05)
     try:
         assert svc_running(a) and not svc_running(b)
         # the event loop runs real-time (SCHED_RR = 2); its job threads and
@@ -202,13 +201,13 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         assert sched_policy(svc, svc) == 0
         t = time.time()
         mnt = write_files(a)
-        wait_for(lambda: replicated(da, since=t), 30, step=0.1)
+        wait_for(lambda: replicated(da, since=t), S(30), step=0.1)
         want = bedmod.tree_digest(mnt)
-        wait_for(lambda: reachable_from_lan(bed, bed.SERVICE_ADDRESS), 5)
+        wait_for(lambda: reachable_from_lan(bed, bed.SERVICE_ADDRESS), S(5))
         assert bed.neighbour(bed.SERVICE_ADDRESS) == bed.lan_mac(a)
-        wait_for(lambda: da.status()["jobs"].get("replicate") is None, 10, step=0.01)
+        wait_for(lambda: da.status()["jobs"].get("replicate") is None, S(10), step=0.01)
         wait_for(lambda: metrics(a).get("flocker_replication_last_transfer_bytes{}") is not None
-                 and metrics(b).get('flocker_peer_alive{peer="alpha"}') == 1, 15, step=0.2)
+                 and metrics(b).get('flocker_peer_alive{peer="alpha"}') == 1, S(15), step=0.2)
         ma, mb = metrics(a), metrics(b)
         assert (ma["flocker_master{}"], ma["flocker_serving{}"], ma["flocker_epoch{}"]) == \
             (1, 1, 2)
@@ -218,23 +217,23 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
 
         killed = time.time()
         a.kill_all()                  # the master host dies: daemon, user system, sshd
-        wait_for(lambda: serving(db), 15, step=0.02)
+        wait_for(lambda: serving(db), S(15), step=0.02)
         starts = [e for e in svc_log(b) if e[0] == "start"]
         assert len(starts) == 1 and starts[0][1] == 3       # beta's first epoch above 2
         took = starts[0][2] - killed
         # silence counts from the last heartbeat, up to one interval before the kill
-        assert DEAD - 0.2 - 0.05 <= took < DEAD + 5, took
+        assert DEAD - INTERVAL - S(0.05) <= took < DEAD + S(5), took
         sb = db.status()
         assert (sb["role"], sb["epoch"], sb["serving"]) == ("master", 3, True)
         assert zget(b.dataset, "mounted") == "yes" and svc_running(b)
         assert bedmod.tree_digest(zget(b.dataset, "mountpoint")) == want
         # the service address moved: the LAN's ARP table learnt beta's MAC
         # from the gratuitous ARP, and the address answers
-        wait_for(lambda: bed.neighbour(bed.SERVICE_ADDRESS) == bed.lan_mac(b), 5)
+        wait_for(lambda: bed.neighbour(bed.SERVICE_ADDRESS) == bed.lan_mac(b), S(5))
         assert reachable_from_lan(bed, bed.SERVICE_ADDRESS)
         history = b.flocker("history", check=True).stdout
         assert "promote begins: no valid heartbeat for" in history
-        wait_for(lambda: metrics(b)["flocker_promotions_total{}"] == 1, 15, step=0.2)
+        wait_for(lambda: metrics(b)["flocker_promotions_total{}"] == 1, S(15), step=0.2)
         mb = metrics(b)
         assert (mb["flocker_master{}"], mb["flocker_serving{}"], mb["flocker_epoch{}"]) == \
             (1, 1, 3)
@@ -245,7 +244,7 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         a.start_sshd()
         bed._wait_for_sshd()
         da = Running(a, tag="-2").wait_ready()
-        wait_for(lambda: da.status()["role"] == "slave", 15, step=0.05)
+        wait_for(lambda: da.status()["role"] == "slave", S(15), step=0.05)
         assert not svc_running(a) and da.status()["epoch"] == 3
         assert zget(a.dataset, "mounted") == "no" and zget(a.dataset, "readonly") == "on"
         assert a.flocker("status", check=True).returncode == 0
@@ -254,7 +253,7 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         t = time.time()
         write_files(b, n=1)
         wait_for(lambda: replicated(db, since=t) and
-                 snaps(a.dataset)[-1] == snaps(b.dataset)[-1], 30, step=0.1)
+                 snaps(a.dataset)[-1] == snaps(b.dataset)[-1], S(30), step=0.1)
         # nothing was lost: every snapshot alpha had is still there
         assert all(s in snaps(a.dataset) for s in snaps(b.dataset)[:1])
     finally:
@@ -264,21 +263,21 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
 
 def test_isolated_master_steps_down_before_the_slave_promotes(lanbed):
     bed = lanbed
-    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR, "arbitrator_timeout": "0.3"})
+    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR, "arbitrator_timeout": "%g" % S(0.3)})
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
         wait_for(lambda: da.status()["arbitrator"] and db.status()["arbitrator"] and
                  da.status()["arbitrator"]["reachable"] and
-                 db.status()["arbitrator"]["reachable"], 10)
+                 db.status()["arbitrator"]["reachable"], S(10))
         # alpha loses the heartbeat link and the LAN: it is the isolated one
         bed.cut_lan(a)
         bed.cut_link()
-        wait_for(lambda: serving(db), 15, step=0.02)
-        wait_for(lambda: not da.status()["serving"], 5, step=0.02)
+        wait_for(lambda: serving(db), S(15), step=0.02)
+        wait_for(lambda: not da.status()["serving"], S(5), step=0.02)
         # (the replication cycle in flight may keep the rest of the step-down
         # waiting for its ssh timeouts; the user system stopped first)
-        wait_for(lambda: da.status()["role"] == "slave", 60, step=0.1)
+        wait_for(lambda: da.status()["role"] == "slave", S(60), step=0.1)
         stop_a = [e for e in svc_log(a) if e[0] == "stop"]
         start_b = [e for e in svc_log(b) if e[0] == "start"]
         assert stop_a and start_b
@@ -296,15 +295,15 @@ def test_isolated_master_steps_down_before_the_slave_promotes(lanbed):
 
 def test_no_promotion_when_the_slave_cannot_reach_the_arbitrator(lanbed):
     bed = lanbed
-    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR, "arbitrator_timeout": "0.3"})
+    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR, "arbitrator_timeout": "%g" % S(0.3)})
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
         wait_for(lambda: db.status()["arbitrator"] and
-                 db.status()["arbitrator"]["reachable"], 10)
+                 db.status()["arbitrator"]["reachable"], S(10))
         bed.cut_lan(b)
         bed.cut_link()
-        wait_for(lambda: db.status()["peer"]["state"] == "dead", 5)
+        wait_for(lambda: db.status()["peer"]["state"] == "dead", S(5))
         time.sleep(4 * DEAD)
         sa, sb = da.status(), db.status()
         assert (sa["role"], sa["serving"]) == ("master", True)   # the master keeps serving
@@ -314,7 +313,7 @@ def test_no_promotion_when_the_slave_cannot_reach_the_arbitrator(lanbed):
         # the link comes back: nothing happened, the peers see each other again
         bed.restore_link()
         bed.restore_lan(b)
-        wait_for(lambda: db.status()["peer"]["state"] == "alive", 5)
+        wait_for(lambda: db.status()["peer"]["state"] == "alive", S(5))
         assert db.status()["role"] == "slave" and da.status()["role"] == "master"
     finally:
         da.stop()
@@ -332,14 +331,14 @@ def test_failing_check_hands_over_and_a_flapping_service_does_not_ping_pong(lanb
     try:
         t = time.time()
         mnt = write_files(a)
-        wait_for(lambda: replicated(da, since=t), 30, step=0.1)
+        wait_for(lambda: replicated(da, since=t), S(30), step=0.1)
         # a writer keeps writing until the service is stopped
         with open(os.path.join(mnt, "last-words.txt"), "w") as f:
             f.write("written after the last replication\n")
         want = bedmod.tree_digest(mnt)
         open(os.path.join(w, "fail-alpha"), "w").close()
-        wait_for(lambda: serving(db), 30, step=0.05)
-        wait_for(lambda: da.status()["role"] == "slave", 10, step=0.05)
+        wait_for(lambda: serving(db), S(30), step=0.05)
+        wait_for(lambda: da.status()["role"] == "slave", S(10), step=0.05)
         assert not svc_running(a) and svc_running(b)
         # the final snapshot carried what was written after the last cycle
         assert bedmod.tree_digest(zget(b.dataset, "mountpoint")) == want
@@ -350,8 +349,8 @@ def test_failing_check_hands_over_and_a_flapping_service_does_not_ping_pong(lanb
 
         # now the service fails on beta too: the hold-down keeps it there
         open(os.path.join(w, "fail-beta"), "w").close()
-        wait_for(lambda: db.status()["check_failures"] >= 3, 10, step=0.1)
-        time.sleep(1.0)
+        wait_for(lambda: db.status()["check_failures"] >= 3, S(10), step=0.1)
+        time.sleep(S(1.0))
         sb = db.status()
         assert (sb["role"], sb["serving"]) == ("master", True)
         assert "hold-down 60 s" in sb["decision"]["reason"], sb["decision"]
@@ -382,7 +381,7 @@ def test_cold_start_with_the_master_slow_to_boot(lanbed):
     # beta boots alone; wait_for_peer = yes: it never promotes
     db = Running(b, tag="-2").wait_ready()
     try:
-        time.sleep(1.0 + DEAD + 2.0)      # startup_wait + dead_time + margin
+        time.sleep(S(1.0) + DEAD + S(2.0))      # startup_wait + dead_time + margin
         sb = db.status()
         assert (sb["role"], sb["serving"]) == ("slave", False)
         assert "wait_for_peer = yes" in sb["decision"]["reason"]
@@ -396,13 +395,13 @@ def test_cold_start_with_the_master_slow_to_boot(lanbed):
     db = Running(b, tag="-3").wait_ready()
     da = None
     try:
-        wait_for(lambda: serving(db), 15, step=0.05)
+        wait_for(lambda: serving(db), S(15), step=0.05)
         took = time.monotonic() - started
-        assert took >= 1.0 + DEAD, took
+        assert took >= S(1.0) + DEAD, took
         assert "promote begins: no valid heartbeat for" in b.flocker("history").stdout
         # the master boots at last: it yields to the newer epoch
         da = Running(a, tag="-2").wait_ready()
-        wait_for(lambda: da.status()["role"] == "slave", 15, step=0.05)
+        wait_for(lambda: da.status()["role"] == "slave", S(15), step=0.05)
         assert not svc_running(a) and svc_running(b)
     finally:
         if da is not None:
@@ -419,10 +418,10 @@ def test_outdated_replica_never_promotes_by_itself(lanbed):
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
-        wait_for(lambda: replicated(da), 30, step=0.1)
+        wait_for(lambda: replicated(da), S(30), step=0.1)
         b.kill_sshd()                    # replication to beta fails from now on
         write_files(a, n=1)
-        wait_for(lambda: db.status()["outdated"], 30, step=0.1)
+        wait_for(lambda: db.status()["outdated"], S(30), step=0.1)
     finally:
         da.stop()
         db.stop()
@@ -431,11 +430,38 @@ def test_outdated_replica_never_promotes_by_itself(lanbed):
         assert s.node_state().outdated
     db = Running(b, tag="-2").wait_ready()
     try:
-        time.sleep(1.0 + DEAD + 2.0)
+        time.sleep(S(1.0) + DEAD + S(2.0))
         sb = db.status()
         assert (sb["role"], sb["serving"]) == ("slave", False)
         assert "known to be outdated" in sb["decision"]["reason"]
     finally:
+        db.stop()
+
+
+def test_failed_resolution_attempts_never_delay_the_promotion(lanbed):
+    """The slave's attempts to join a resolution its master announces fail
+    one after the other (the master's sshd is gone) and back off, up to
+    60 s; when the master then dies, the slave promotes after dead_time
+    like any slave: a failed action never delays a failover."""
+    bed = lanbed
+    service_config(bed)
+    a, b = bed.a, bed.b
+    init(bed)
+    da = Running(a, wrapper=True, env={"FFT_EXTRA_FLAGS": str(ff.FLAG_RESOLVING)}).wait_ready()
+    db = Running(b).wait_ready()
+    try:
+        wait_for(lambda: serving(da) and replicated(da), S(30), step=0.05)
+        a.kill_sshd()            # beta's part of a resolution needs alpha's datasets
+        wait_for(lambda: db.log_text().count("resolve failed") >= 4, S(30), step=0.1)
+        assert "next try in 8 s" in db.log_text()
+        killed = time.monotonic()
+        a.kill_all()
+        wait_for(lambda: serving(db), DEAD + S(10), step=0.05)
+        took = time.monotonic() - killed
+        assert took < DEAD + S(5), took
+        assert svc_running(b)
+    finally:
+        da.stop()
         db.stop()
 
 
@@ -485,15 +511,15 @@ def test_kill_9_at_every_step_of_promotion_and_demotion(lanbed):
         for i in range(steps):
             p = ff.PROMOTE_STEPS[i % len(ff.PROMOTE_STEPS)]
             d = ff.DEMOTE_STEPS[i % len(ff.DEMOTE_STEPS)]
-            wait_for(lambda: replicated(running[x]), 30, step=0.05)
+            wait_for(lambda: replicated(running[x]), S(30), step=0.05)
             running[y].stop()
             running[y] = Running(y, env={"FLOCKER_FAILPOINT": "promote:" + p},
                                  tag="-p%d" % i).wait_ready()
-            wait_for(lambda: running[y].status()["peer"]["state"] == "alive", 10)
+            wait_for(lambda: running[y].status()["peer"]["state"] == "alive", S(10))
             x.kill_all()                                  # the master host dies
             assert killed(running[y]) != 0  # killed at promote:<p>
             running[y] = Running(y, tag="-p%d-after" % i).wait_ready()
-            wait_for(lambda: serving(running[y]), 20, step=0.05)
+            wait_for(lambda: serving(running[y]), S(20), step=0.05)
             assert svc_running(y) and zget(y.dataset, "mounted") == "yes", p
             assert not svc_running(x)
 
@@ -503,7 +529,7 @@ def test_kill_9_at_every_step_of_promotion_and_demotion(lanbed):
                                  tag="-d%d" % i).wait_ready()
             assert killed(running[x]) != 0  # killed at demote:<d>
             running[x] = Running(x, tag="-d%d-after" % i).wait_ready()
-            wait_for(lambda: running[x].status()["role"] == "slave", 20, step=0.05)
+            wait_for(lambda: running[x].status()["role"] == "slave", S(20), step=0.05)
             assert not svc_running(x), d
             assert zget(x.dataset, "mounted") == "no" and zget(x.dataset, "readonly") == "on"
             assert serving(running[y]) and svc_running(y)

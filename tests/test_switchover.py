@@ -8,7 +8,7 @@ import time
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import Running, init, wait_for
+from test_daemon import S, Running, init, wait_for
 from test_failover import lanbed, serving, replicated, zget  # noqa: F401 - fixture
 
 # The user system is a writer: it writes numbered files into the dataset,
@@ -79,7 +79,7 @@ def start_pair(bed):
     for h in bed.hosts:
         bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
     da, db = Running(bed.a).wait_ready(), Running(bed.b).wait_ready()
-    wait_for(lambda: serving(da) and replicated(da), 30, step=0.05)
+    wait_for(lambda: serving(da) and replicated(da), S(30), step=0.05)
     return da, db
 
 
@@ -89,9 +89,9 @@ def test_planned_switchover_loses_no_acknowledged_write_and_back_again(lanbed):
     a, b = bed.a, bed.b
     da, db = start_pair(bed)
     try:
-        wait_for(lambda: len(acknowledged(bed)) > 50, 30, step=0.05)
+        wait_for(lambda: len(acknowledged(bed)) > 50, S(30), step=0.05)
         # promote on the slave while the writer keeps writing on the master
-        r = b.flocker("promote", "--wait", "60", timeout=90)
+        r = b.flocker("promote", "--wait", "%g" % S(60), timeout=S(90))
         assert r.returncode == 0, r.stdout + r.stderr
         assert "beta is master now (epoch 3), serving" in r.stdout
         acks_a = [x for x in acknowledged(bed) if x[0].startswith("w-alpha-")]
@@ -102,10 +102,10 @@ def test_planned_switchover_loses_no_acknowledged_write_and_back_again(lanbed):
 
         # and back again, this time with demote on the master (beta)
         wait_for(lambda: len([x for x in acknowledged(bed) if x[0].startswith("w-beta-")])
-                 > 30 and replicated(db), 30, step=0.05)
-        r = b.flocker("demote", "--wait", "60", timeout=90)
+                 > 30 and replicated(db), S(30), step=0.05)
+        r = b.flocker("demote", "--wait", "%g" % S(60), timeout=S(90))
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_for(lambda: serving(da), 30, step=0.05)
+        wait_for(lambda: serving(da), S(30), step=0.05)
         acks = acknowledged(bed)
         assert missing_on(a, acks) == []            # both writers' files, all of them
         assert da.status()["epoch"] == 4 and db.status()["role"] == "slave"
@@ -127,7 +127,7 @@ def test_promote_refuses_what_it_cannot_do(lanbed):
         r = b.flocker("promote", "--force")
         assert r.returncode == 1
         assert "the peer alpha is alive" in r.stderr and "--i-know-the-peer-is-alive" in r.stderr
-        time.sleep(1.0)
+        time.sleep(S(1.0))
         assert serving(da) and db.status()["role"] == "slave"   # nothing changed
     finally:
         da.stop()
@@ -141,12 +141,12 @@ def test_promote_force_takes_over_an_outdated_replica_from_a_dead_master(lanbed)
     da, db = start_pair(bed)
     try:
         b.kill_sshd()                         # replication fails: beta falls behind
-        wait_for(lambda: db.status()["outdated"], 30, step=0.1)
+        wait_for(lambda: db.status()["outdated"], S(30), step=0.1)
         a.kill_all()                          # then the master dies
-        time.sleep(1.0 + 2.0)                 # dead_time + margin: no automatic takeover
+        time.sleep(S(1.0 + 2.0))                 # dead_time + margin: no automatic takeover
         assert db.status()["role"] == "slave"
         assert "known to be outdated" in db.status()["decision"]["reason"]
-        r = b.flocker("promote", "--force", "--wait", "30", timeout=60)
+        r = b.flocker("promote", "--force", "--wait", "%g" % S(30), timeout=S(60))
         assert r.returncode == 0, r.stdout + r.stderr
         sb = db.status()
         assert (sb["role"], sb["serving"], sb["epoch"]) == ("master", True, 3)
@@ -182,7 +182,7 @@ def test_switchover_without_daemons(lanbed):
     setup_writer(bed)
     a, b = bed.a, bed.b
     da, db = start_pair(bed)
-    wait_for(lambda: len(acknowledged(bed)) > 20, 30, step=0.05)
+    wait_for(lambda: len(acknowledged(bed)) > 20, S(30), step=0.05)
     db.stop()
     da.stop()                  # (stopping the master's daemon stops the writer)
     # start the writer again by hand, as an operator's service
@@ -190,11 +190,11 @@ def test_switchover_without_daemons(lanbed):
     bedmod.sh(["sh", "-c", START.format(w=bed.workdir, py=sys.executable)],
               env=dict(os.environ, FLOCKER_NODE="alpha", FLOCKER_DATASET=a.dataset))
     wait_for(lambda: len([x for x in acknowledged(bed)
-                          if x[0].startswith("w-alpha-")]) > 30, 30, step=0.05)
-    r = a.flocker("demote", timeout=120)
+                          if x[0].startswith("w-alpha-")]) > 30, S(30), step=0.05)
+    r = a.flocker("demote", timeout=S(120))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "final snapshot sent to beta" in r.stdout
-    r = b.flocker("promote", "--force", timeout=120)
+    r = b.flocker("promote", "--force", timeout=S(120))
     assert r.returncode == 0, r.stdout + r.stderr
     with ff.StateStore.open(b.state_db) as s:
         assert s.node_state().role == "master"
