@@ -2637,6 +2637,10 @@ class Ssh:
             return ("cannot reach %s over ssh (ssh: %s); check the link between the "
                     "nodes and that sshd runs there; replication resumes by itself "
                     "once it answers" % (self.where, text))
+        if text == "(no message)":
+            return ("the ssh connection to %s ended without a word from ssh (the peer's "
+                    "sshd, or the peer itself, may have stopped); it is tried again"
+                    % self.where)
         return "ssh to %s failed (ssh: %s)" % (self.where, text)
 
 

@@ -419,3 +419,21 @@ def test_example_is_a_valid_config(tmp_path):
                               "secret_file = %s" % secret)
     cfg = ff.parse_config(text, "flocker.conf.example")
     assert len(cfg.nodes) == 2
+
+
+def test_ssh_failures_are_explained_with_what_to_do(env):
+    """Each kind of ssh failure (exit 255) gets a message naming the peer
+    and what to do, also when ssh said nothing at all."""
+    cfg = env.parse()
+    ssh = ff.Ssh(cfg, cfg.nodes[1], env.dir)
+    where = "node beta (root@192.0.2.2 port 22)"
+    said = ssh.explain("ssh: connect to host 192.0.2.2 port 22: Connection refused\n")
+    assert said.startswith("cannot reach %s over ssh (ssh: ssh: connect to host " % where)
+    assert "check the link between the nodes and that sshd runs there" in said
+    assert "refused our key" in ssh.explain("root@192.0.2.2: Permission denied (publickey).")
+    assert "do not proceed" in ssh.explain("Host key verification failed.")
+    assert ssh.explain("") == ssh.explain("\n") == (
+        "the ssh connection to %s ended without a word from ssh (the peer's sshd, or "
+        "the peer itself, may have stopped); it is tried again" % where)
+    assert ssh.explain("kex_exchange_identification: odd") == (
+        "ssh to %s failed (ssh: kex_exchange_identification: odd)" % where)
