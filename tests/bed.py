@@ -124,6 +124,33 @@ def sh(argv, check=True, timeout=60, **kw):
     return proc
 
 
+def zfs_pipe(send_args, recv_args, timeout=60):
+    """zfs send SEND_ARGS | zfs recv RECV_ARGS on the machine itself (a
+    test's set-up, not the product's replication).  zfs-fuse's client talks
+    to its daemon over a socket, and once in a few hundred runs a receive
+    died of SIGPIPE there with nothing on stderr and nothing received: that
+    case, and only it, is tried once more (and said on stdout)."""
+    for attempt in (1, 2):
+        send = subprocess.Popen(["zfs", "send"] + list(send_args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        recv = subprocess.run(["zfs", "recv"] + list(recv_args), stdin=send.stdout,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout)
+        send.stdout.close()
+        send_err = send.stderr.read().decode(errors="replace")
+        send.stderr.close()
+        send_rc = send.wait(timeout=timeout)
+        if recv.returncode == 0 and send_rc == 0:
+            return
+        if attempt == 1 and recv.returncode == -signal.SIGPIPE and not recv.stderr.strip():
+            print("zfs_pipe: zfs recv %s died of SIGPIPE without a word (zfs-fuse's "
+                  "socket); trying once more" % " ".join(recv_args))
+            continue
+        raise RuntimeError("zfs send %s | zfs recv %s: send exited %d (%s), recv exited %d "
+                           "(%s)" % (" ".join(send_args), " ".join(recv_args), send_rc,
+                                     send_err.strip(), recv.returncode, recv.stderr.strip()))
+
+
 def _pid_alive(pid):
     """True while pid runs; a zombie has ended (its parent reaps it)."""
     try:

@@ -33,8 +33,7 @@ def pair(bed, tmp_path):
             f.write(os.urandom(50000))
     bedmod.sh(["zfs", "snapshot", a.dataset + "@flocker-2-20260101T000000Z"])
     want = bedmod.tree_digest(mnt)
-    bedmod.sh(["sh", "-c", "zfs send %s@flocker-2-20260101T000000Z | zfs recv -u %s"
-               % (a.dataset, b.dataset)])
+    bedmod.zfs_pipe([a.dataset + "@flocker-2-20260101T000000Z"], ["-u", b.dataset])
     bedmod.sh(["zfs", "set", "readonly=on", b.dataset])
     assert b.flocker("init", "--role", "slave").returncode == 0
     # alpha learns new neighbours from gratuitous ARP (a switch or router would)

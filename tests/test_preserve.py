@@ -71,11 +71,11 @@ def test_preserve_keeps_everything_and_resets_to_the_common_snapshot(diverged):
     # the dataset can now receive the winner's increment from the common
     # snapshot, without -F: here a winner made from the same common base
     winner = bed.b.pool.name + "/winner"
-    bedmod.sh(["sh", "-c", "zfs send %s@%s | zfs recv -u %s" % (a.dataset, COMMON, winner)])
+    bedmod.zfs_pipe(["%s@%s" % (a.dataset, COMMON)], ["-u", winner])
     bedmod.sh(["zfs", "snapshot", winner + "@flocker-3-20260101T020000Z"])
     bedmod.sh(["zfs", "unmount", a.dataset], check=False)
-    bedmod.sh(["sh", "-c", "zfs send -i @%s %s@flocker-3-20260101T020000Z | zfs recv -u %s"
-               % (COMMON, winner, a.dataset)])
+    bedmod.zfs_pipe(["-i", "@" + COMMON, winner + "@flocker-3-20260101T020000Z"],
+                    ["-u", a.dataset])
     assert guid(a.dataset + "@flocker-3-20260101T020000Z") == guid(winner + "@flocker-3-20260101T020000Z")
 
 

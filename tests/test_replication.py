@@ -202,7 +202,7 @@ def test_abort_partial_receive_discards_only_the_partial_stream(pool):
             f.write(os.urandom(200000))
     bedmod.sh(["zfs", "snapshot", src + "@s1"])
     at_s1 = bedmod.tree_digest(os.path.join(pool.mountpoint, "src"))
-    bedmod.sh(["sh", "-c", "zfs send %s@s1 | zfs recv -u %s" % (src, dst)])
+    bedmod.zfs_pipe([src + "@s1"], ["-u", dst])
     with open(os.path.join(pool.mountpoint, "src", "two.bin"), "wb") as f:
         f.write(os.urandom(4 << 20))
     bedmod.sh(["zfs", "snapshot", src + "@s2"])
