@@ -166,9 +166,13 @@ def test_replication_lag_warning_and_critical_for_real(bed):
     and a snapshot pending, the lag is the slave's newest snapshot's age."""
     prepare(bed)
     a = bed.a
+    # thresholds on the bed's time scale: a check run itself must take far
+    # less than --warn (it takes seconds in an emulated guest)
+    warn, crit = S(4), S(8)
 
     def check(*args):
-        p = a.flocker("check", "--no-daemon", "--warn", "4", "--crit", "8", *args)
+        p = a.flocker("check", "--no-daemon", "--warn", "%g" % warn, "--crit", "%g" % crit,
+                      *args)
         return p.returncode, p.stdout
 
     code, out = check()
@@ -179,14 +183,15 @@ def test_replication_lag_warning_and_critical_for_real(bed):
     code, out = check()
     assert code == 0 and "replication lag " in out and "pending=0" in out, out
     assert check("--quiet") == (0, "")
-    time.sleep(max(0.0, after + 4.3 - time.time()))
+    time.sleep(max(0.0, after + warn + 0.3 - time.time()))
     code, out = check()
     assert code == 1 and out.startswith("FLOCKER WARNING - replication lag "), out
-    assert "> warn 4 s (since the last successful cycle)" in out and ";4;8;0" in out
-    time.sleep(max(0.0, after + 8.3 - time.time()))
+    assert "> warn %g s (since the last successful cycle)" % warn in out, out
+    assert ";%g;%g;0" % (warn, crit) in out, out
+    time.sleep(max(0.0, after + crit + 0.3 - time.time()))
     code, out = check("--quiet")
     assert code == 2 and out.startswith("FLOCKER CRITICAL - replication lag "), out
-    assert "> crit 8 s" in out
+    assert "> crit %g s" % crit in out
     ok(sync(bed))                       # nothing changed, nothing sent: in sync again
     code, out = check()
     assert code == 0, out
@@ -213,13 +218,16 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
     newest snapshot: no lag, however old that snapshot.  The master still
     heartbeats but cannot replicate (ssh to beta refused): once it names a
     newer snapshot, the slave's lag is its own newest snapshot's age, past
-    --warn 3 s (WARNING), then past --crit 5 s (CRITICAL)."""
+    --warn 3 s (WARNING), then past --crit 5 s (CRITICAL) (both on the
+    bed's time scale)."""
     prepare(bed, cluster={"replication_interval": "0.5"}, init=True)
     write(bed, "x.bin", 20000)
     b = bed.b
 
-    def check(crit="300"):
-        p = b.flocker("check", "--warn", "3", "--crit", crit)
+    warn, crit5 = S(3), S(5)
+
+    def check(crit="%g" % S(300)):
+        p = b.flocker("check", "--warn", "%g" % warn, "--crit", crit)
         return p.returncode, p.stdout
 
     def newest_age():
@@ -234,7 +242,7 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
         # master's snapshot scan, every 5 s, caught up with its last cycle)
         age = newest_age()
         seen["check"] = check()
-        return age > 3.5 and seen["check"][0] == 0
+        return age > warn + S(0.5) and seen["check"][0] == 0
 
     da, db = Running(bed.a).wait_ready(), Running(b).wait_ready()
     try:
@@ -249,16 +257,16 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
         write(bed, "y.bin", 20000)      # snapshotted by alpha, never sent
         wait_for(lambda: set(snaps(bed.a.dataset)) - set(snaps(b.dataset)), S(30), step=0.3)
 
-        def lagging(code, needle, crit="300"):
+        def lagging(code, needle, crit="%g" % S(300)):
             seen["check"] = check(crit)
             return seen["check"][0] == code and needle in seen["check"][1]
         # (judged by the text: while alpha's daemon restarted, beta heard no
         # master, which is CRITICAL too)
         try:
-            wait_for(lambda: lagging(1, "> warn 3 s (age of the slave's newest snapshot "
-                                        "flocker-"), S(30), step=0.3)
-            wait_for(lambda: lagging(2, "> crit 5 s (age of the slave's newest snapshot ",
-                                     crit="5"), S(30), step=0.3)
+            wait_for(lambda: lagging(1, "> warn %g s (age of the slave's newest snapshot "
+                                        "flocker-" % warn), S(30), step=0.3)
+            wait_for(lambda: lagging(2, "> crit %g s (age of the slave's newest snapshot "
+                                     % crit5, crit="%g" % crit5), S(30), step=0.3)
         except AssertionError as e:
             raise AssertionError("%s; last check: %r" % (e, seen["check"])) from None
     finally:
