@@ -4450,9 +4450,16 @@ def discard_preserved(ctx: Context, name: str) -> None:
 # "resolving" makes the second join in).  Each measures its own side, with
 # everything written so far snapshotted first, and publishes it on its own
 # dataset as the user property flocker:divergence:
-#     v1 <common GUID> <epoch> <changes in bytes> <policy> <operator's winner or ->
+#     v2 <common GUID> <attempt> <epoch> <changes in bytes> <policy> <winner or ->
 # then reads the peer's over ssh and computes verdict() from the two: both
-# get the same answer from the same facts.  The changes of a side are the
+# get the same answer from the same facts.  <attempt> is the newest epoch of
+# the pair when the attempt began (the higher of this node's epoch and the
+# one in the peer's role marker): both sides compute the same, a crash and
+# restart keeps it, and a later divergence on the same common snapshot
+# (nothing written in between) has a newer one, since a promotion came
+# between the two: facts of an older attempt are never read as this one's.
+# A winner promoted above both publishes its facts again under its new
+# epoch, for a loser that restarts and so begins from that epoch.  The changes of a side are the
 # size of its incremental stream from the newest common snapshot to its
 # newest snapshot (0 when that stream carries no change): a measure both
 # zfs-fuse and OpenZFS give alike.  The loser stops its user system, keeps
@@ -4471,18 +4478,21 @@ class NeedsOperator(ActionError):
     policy mismatch, both changed under zero-changes-only)."""
 
 
-def format_divergence(common_guid: str, epoch: int, changes: int, policy: str,
+def format_divergence(common_guid: str, attempt: int, epoch: int, changes: int, policy: str,
                       winner: Optional[str]) -> str:
-    return "v1 %s %d %d %s %s" % (common_guid, epoch, changes, policy, winner or "-")
+    return "v2 %s %d %d %d %s %s" % (common_guid, attempt, epoch, changes, policy,
+                                     winner or "-")
 
 
 def parse_divergence(value: Optional[str]) -> Optional[dict]:
+    """A node's published facts, or None (none, or another version's: a
+    node of an older version never resolves with this one)."""
     words = (value or "").split()
-    if len(words) != 6 or words[0] != "v1" or not words[2].isdigit() or \
-            not words[3].isdigit():
+    if len(words) != 7 or words[0] != "v2" or not all(w.isdigit() for w in words[2:5]):
         return None
-    return {"common_guid": words[1], "epoch": int(words[2]), "changes": int(words[3]),
-            "policy": words[4], "winner": None if words[5] == "-" else words[5]}
+    return {"common_guid": words[1], "attempt": int(words[2]), "epoch": int(words[3]),
+            "changes": int(words[4]), "policy": words[5],
+            "winner": None if words[6] == "-" else words[6]}
 
 
 def divergence_verdict(me: Side, peer: Side, my_choice: Optional[str],
@@ -4549,7 +4559,10 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         raise ActionError("%s does not exist on %s; nothing to resolve"
                           % (cfg.peer.dataset, cfg.peer.name))
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
-    facts = format_divergence(common.guid, me.epoch, me.changes, me.policy, winner_choice)
+    marker = parse_role_marker(remote.props.get(ROLE_PROPERTY))
+    attempt = max(epoch, marker[2] if marker else 0)
+    facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
+                              winner_choice)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
         failpoint("resolve:published")
@@ -4557,8 +4570,11 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     theirs = None
     while True:
         theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
-        if theirs is not None and theirs["common_guid"] == common.guid:
+        if theirs is not None and theirs["common_guid"] == common.guid and \
+                theirs["attempt"] >= attempt:
             break
+        if theirs is not None and theirs["common_guid"] == common.guid:
+            theirs = None    # an earlier attempt's: wait for this one's
         # the peer published for another common snapshot: has ours moved?
         moved = (find_common(zfs.listing(ds) or Listing(ds, {}, ()), remote)
                  if theirs is not None and not dry_run else None)
@@ -4588,7 +4604,8 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         time.sleep(0.3)
         fresh = parse_divergence((peer.listing(cfg.peer.dataset) or remote).props.get(
             DIVERGENCE_PROPERTY))
-        if fresh is not None and fresh["common_guid"] == common.guid and fresh != theirs:
+        if fresh is not None and fresh["common_guid"] == common.guid and \
+                fresh["attempt"] >= attempt and fresh != theirs:
             theirs = fresh
             other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])
@@ -4610,6 +4627,12 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         _lose(ctx, common, top, v, quiesce, facts)
     else:
         _win(ctx, top, v, peer_stopped)
+        won = ctx.store.node_state().epoch
+        if won > attempt:
+            # promoted above both: the same facts, under the new newest
+            # epoch, for a loser that restarts and begins again from there
+            zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
+                common.guid, won, me.epoch, me.changes, me.policy, winner_choice))
     return v, common.guid
 
 
