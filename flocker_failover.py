@@ -102,6 +102,10 @@ class StateError(FlockerError):
     exit_code = EXIT_STATE
 
 
+class CorruptState(StateError):
+    """The state file is not a usable flocker-failover database."""
+
+
 class LockBusy(StateError):
     exit_code = EXIT_BUSY
 
@@ -1050,11 +1054,29 @@ class StateStore:
         if lock is None and lock_for is not None:
             lock = StateLock(path)
             lock.acquire(lock_for)
+        # sqlite opens a file whose header says WAL by creating -wal and -shm
+        # beside it, even to read it: a file refused as corrupt leaves none
+        # behind (only the empty ones this open created: nothing else could
+        # have used a file that is not a database)
+        sidecars = [path + s for s in ("-wal", "-shm") if not os.path.exists(path + s)]
+        conn = None
         try:
             conn = cls._connect(path, exists)
             store = cls(path, conn, lock)
             store._check_and_migrate(may_write=lock is not None, fresh=not exists)
             return store
+        except CorruptState:
+            conn.close()
+            if exists and os.path.exists(path + "-wal") and \
+                    os.path.getsize(path + "-wal") == 0:
+                for extra in sidecars:
+                    try:
+                        os.unlink(extra)
+                    except FileNotFoundError:
+                        pass
+            if lock is not None:
+                lock.release()
+            raise
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -1080,9 +1102,9 @@ class StateStore:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             app_id = c.execute("PRAGMA application_id").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise StateError(self._corrupt_message(str(e))) from None
+            raise CorruptState(self._corrupt_message(str(e))) from None
         if check != "ok":
-            raise StateError(self._corrupt_message("integrity check: " + check))
+            raise CorruptState(self._corrupt_message("integrity check: " + check))
         if version > SCHEMA_VERSION:
             raise StateError(
                 "the state file %s has schema version %d, written by a newer "
@@ -1091,7 +1113,7 @@ class StateStore:
                 "a backup made for this version" % (self.path, version, VERSION,
                                                      SCHEMA_VERSION))
         if not fresh and app_id != STATE_APPLICATION_ID:
-            raise StateError(self._corrupt_message(
+            raise CorruptState(self._corrupt_message(
                 "it is an sqlite database, but not a flocker-failover state file"))
         if version == SCHEMA_VERSION:
             self._tune()
@@ -4495,6 +4517,15 @@ def parse_divergence(value: Optional[str]) -> Optional[dict]:
             "winner": None if words[6] == "-" else words[6]}
 
 
+def facts_of_this_attempt(theirs: Optional[dict], common_guid: str, attempt: int) -> bool:
+    """The peer's published facts belong to this attempt: the same common
+    snapshot, and an attempt at least as new (older ones are left from an
+    earlier resolution on the same snapshot; a newer one is a winner's
+    republished facts)."""
+    return (theirs is not None and theirs["common_guid"] == common_guid and
+            theirs["attempt"] >= attempt)
+
+
 def divergence_verdict(me: Side, peer: Side, my_choice: Optional[str],
                        peer_choice: Optional[str]) -> Verdict:
     """verdict(), unless an operator chose a winner on either node (pure,
@@ -4570,8 +4601,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     theirs = None
     while True:
         theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
-        if theirs is not None and theirs["common_guid"] == common.guid and \
-                theirs["attempt"] >= attempt:
+        if facts_of_this_attempt(theirs, common.guid, attempt):
             break
         if theirs is not None and theirs["common_guid"] == common.guid:
             theirs = None    # an earlier attempt's: wait for this one's
@@ -4604,8 +4634,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         time.sleep(0.3)
         fresh = parse_divergence((peer.listing(cfg.peer.dataset) or remote).props.get(
             DIVERGENCE_PROPERTY))
-        if fresh is not None and fresh["common_guid"] == common.guid and \
-                fresh["attempt"] >= attempt and fresh != theirs:
+        if facts_of_this_attempt(fresh, common.guid, attempt) and fresh != theirs:
             theirs = fresh
             other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])

@@ -79,3 +79,25 @@ def test_reasons_are_explicit():
 def test_manual_never_resolves():
     for ca, cb in itertools.product([0, 1, 100], repeat=2):
         assert both(S("alpha", 2, "manual", ca), S("beta", 3, "manual", cb)).status == "operator"
+
+
+def test_divergence_facts_round_trip_and_belong_to_one_attempt():
+    """The published facts name their common snapshot and their attempt
+    (the newest epoch of the pair when it began); facts an earlier
+    resolution left on the same snapshot (a lower attempt) are never read
+    as this attempt's, a winner's republished ones (higher) are."""
+    text = ff.format_divergence("123", 4, 0, 0, "most-changes", None)
+    assert text == "v2 123 4 0 0 most-changes -"
+    facts = ff.parse_divergence(text)
+    assert facts == {"common_guid": "123", "attempt": 4, "epoch": 0, "changes": 0,
+                     "policy": "most-changes", "winner": None}
+    assert ff.parse_divergence(ff.format_divergence("9", 7, 6, 10, "manual", "beta"))[
+        "winner"] == "beta"
+    for bad in (None, "", "v1 123 0 0 most-changes -", "v2 123 x 0 0 most-changes -",
+                "v2 123 4 0 0 most-changes"):
+        assert ff.parse_divergence(bad) is None, bad
+    assert ff.facts_of_this_attempt(facts, "123", 4)
+    assert not ff.facts_of_this_attempt(facts, "123", 5)    # left from an earlier attempt
+    assert ff.facts_of_this_attempt(dict(facts, attempt=6), "123", 5)   # republished by a winner
+    assert not ff.facts_of_this_attempt(facts, "456", 4)    # another common snapshot
+    assert not ff.facts_of_this_attempt(None, "123", 4)
