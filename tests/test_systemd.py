@@ -11,7 +11,7 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import Running, init
+from test_daemon import S, Running, init
 
 
 def receive_all(sock, until, timeout):
@@ -52,7 +52,7 @@ def test_ready_status_watchdog_stopping(bed):
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert max(gaps) < 0.6 and min(gaps) > 0.15, gaps
         # the variables are not passed on to the commands the daemon starts
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + S(10)
         while not os.path.exists(dump) and time.monotonic() < deadline:
             time.sleep(0.05)
         env = open(dump).read()
