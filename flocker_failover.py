@@ -1065,19 +1065,13 @@ class StateStore:
             store = cls(path, conn, lock)
             store._check_and_migrate(may_write=lock is not None, fresh=not exists)
             return store
-        except CorruptState:
-            conn.close()
-            if exists and os.path.exists(path + "-wal") and \
-                    os.path.getsize(path + "-wal") == 0:
-                for extra in sidecars:
-                    try:
-                        os.unlink(extra)
-                    except FileNotFoundError:
-                        pass
-            if lock is not None:
-                lock.release()
-            raise
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, CorruptState):
+                conn.close()
+                if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") == 0:
+                    for extra in sidecars:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(extra)
             if lock is not None:
                 lock.release()
             raise
@@ -4590,8 +4584,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         raise ActionError("%s does not exist on %s; nothing to resolve"
                           % (cfg.peer.dataset, cfg.peer.name))
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
-    marker = parse_role_marker(remote.props.get(ROLE_PROPERTY))
-    attempt = max(epoch, marker[2] if marker else 0)
+    attempt = max(epoch, _marker_epoch(remote))
     facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
                               winner_choice)
     if not dry_run:
@@ -4616,8 +4609,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         if dry_run or time.monotonic() > deadline or stop.is_set():
             if dry_run:
                 after = snaps_after(remote, common.guid)
-                theirs = {"epoch": (parse_role_marker(remote.props.get(ROLE_PROPERTY)) or
-                                    ("", "", 0))[2],
+                theirs = {"epoch": _marker_epoch(remote),
                           "changes": -1 if after else 0,
                           "policy": cfg.divergence_policy, "winner": None}
                 break
@@ -4650,8 +4642,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     if v.status != VERDICT_RESOLVED:
         raise NeedsOperator(v.reason)
     failpoint("resolve:verdict")
-    marker = parse_role_marker(remote.props.get(ROLE_PROPERTY))
-    top = max(epoch, me.epoch, other.epoch, marker[2] if marker else 0)  # epochs now
+    top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
     if v.loser == cfg.local_name:
         _lose(ctx, common, top, v, quiesce, facts)
     else:
@@ -4663,6 +4654,12 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
                 common.guid, won, me.epoch, me.changes, me.policy, winner_choice))
     return v, common.guid
+
+
+def _marker_epoch(listing: Listing) -> int:
+    """The epoch in a dataset's flocker:role marker (0 without one)."""
+    marker = parse_role_marker(listing.props.get(ROLE_PROPERTY))
+    return marker[2] if marker else 0
 
 
 def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str) -> None:
@@ -5950,7 +5947,7 @@ class Daemon:
             # the peer began an attempt we took no part in: join in at once,
             # also while waiting for an operator (it may carry one's choice);
             # after a failed attempt of our own, once its backoff is over
-            if self._role_failed in (DECIDE_RESOLVE, "role") and now < self._role_retry_at:
+            if self.unresolved is None and self._backing_off(DECIDE_RESOLVE, now):
                 return
             return self._resolve("%s is resolving a divergence" % self.cfg.peer.name,
                                  join=True)
@@ -5967,12 +5964,7 @@ class Daemon:
                 self._event("split-brain", d.reason + "; nothing is changed automatically "
                             "yet: decide which node's data continues", "error")
         resolve = d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving)
-        if now < self._role_retry_at and self._role_failed in (
-                DECIDE_RESOLVE if resolve else d.kind, "role"):
-            # the same action failed a moment ago (or the daemon itself
-            # erred): it waits for its backoff.  Another one (the peer died
-            # while a resolution kept failing: promote) runs at once; a
-            # failed action never delays a failover.
+        if self._backing_off(DECIDE_RESOLVE if resolve else d.kind, now):
             return
         if resolve:
             # two masters, or a former master meeting a newer one: whose
@@ -5992,6 +5984,13 @@ class Daemon:
                 quiesce=self._stop_replication))
         elif d.kind == DECIDE_FENCE:
             self._role_job(d.kind, self._fence)
+
+    def _backing_off(self, kind: str, now: float) -> bool:
+        """The role action `kind` failed a moment ago (or the daemon itself
+        erred: kind "role"), and waits for its backoff.  Another action (the
+        peer died while a resolution kept failing: promote) runs at once: a
+        failed action never delays a failover."""
+        return now < self._role_retry_at and self._role_failed in (kind, "role")
 
     def _resolve(self, why: str, join: bool = False) -> None:
         """Start (or retry) resolving a divergence with the peer."""

@@ -57,8 +57,8 @@ def _factor(name, default):
 
 # How many times slower than ordinary hardware this machine runs the tests
 # (default 1: as written).  contrib/test-openzfs.sh measures both for its
-# qemu guest, which under software emulation (TCG) is about 7 times slower
-# at computing and about 40 times slower at system calls:
+# qemu guest, which under software emulation (TCG) here is about 19 times
+# slower at computing and about 36 times slower at system calls:
 #   FLOCKER_TEST_SLOW          the bed's heartbeat timings, and the timing
 #                              margins and waits of the tests that measure
 #                              them, are multiplied by it;
@@ -133,10 +133,16 @@ def zfs_pipe(send_args, recv_args, timeout=60):
     for attempt in (1, 2):
         send = subprocess.Popen(["zfs", "send"] + list(send_args), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        recv = subprocess.run(["zfs", "recv"] + list(recv_args), stdin=send.stdout,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=timeout)
-        send.stdout.close()
+        try:
+            recv = subprocess.run(["zfs", "recv"] + list(recv_args), stdin=send.stdout,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            send.kill()          # the receive hung: the sender goes too
+            send.wait()
+            raise
+        finally:
+            send.stdout.close()
         send_err = send.stderr.read().decode(errors="replace")
         send.stderr.close()
         send_rc = send.wait(timeout=timeout)

@@ -12,7 +12,7 @@ import time
 import bed as bedmod
 from conftest import dataset_context, ff
 from test_daemon import S, Running, init, wait_for
-from test_failover import START, STOP, lanbed, serving, replicated, zget  # noqa: F401
+from test_failover import START, STOP, killed, lanbed, serving, replicated, zget  # noqa: F401
 
 
 def configure(bed, policy, policy_b=None):
@@ -253,7 +253,7 @@ def test_kill_9_at_steps_of_a_resolution_loses_nothing(lanbed):
             kept = {h: preserved(h) for h in (m, s)}
             written = p.split({m: 200000, s: 100000})
             p.heal()
-            assert p.d[victim].proc.wait(timeout=S(60)) != 0, point   # died at the step
+            assert killed(p.d[victim], 60) != 0, point   # died at the step
             p.start(victim)
             winner = wait_for(p.settled, S(60), step=0.1)
             assert winner is m, point

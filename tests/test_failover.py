@@ -215,12 +215,12 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         assert 0 <= ma["flocker_replication_lag_seconds{}"] < 30
         assert ma['flocker_heartbeats_rejected_total{reason="bad_mac"}'] == 0
 
-        killed = time.time()
+        t_kill = time.time()
         a.kill_all()                  # the master host dies: daemon, user system, sshd
         wait_for(lambda: serving(db), S(15), step=0.02)
         starts = [e for e in svc_log(b) if e[0] == "start"]
         assert len(starts) == 1 and starts[0][1] == 3       # beta's first epoch above 2
-        took = starts[0][2] - killed
+        took = starts[0][2] - t_kill
         # silence counts from the last heartbeat, up to one interval before the kill
         assert DEAD - INTERVAL - S(0.05) <= took < DEAD + S(5), took
         sb = db.status()
@@ -454,10 +454,10 @@ def test_failed_resolution_attempts_never_delay_the_promotion(lanbed):
         a.kill_sshd()            # beta's part of a resolution needs alpha's datasets
         wait_for(lambda: db.log_text().count("resolve failed") >= 4, S(30), step=0.1)
         assert "next try in 8 s" in db.log_text()
-        killed = time.monotonic()
+        t_kill = time.monotonic()
         a.kill_all()
         wait_for(lambda: serving(db), DEAD + S(10), step=0.05)
-        took = time.monotonic() - killed
+        took = time.monotonic() - t_kill
         assert took < DEAD + S(5), took
         assert svc_running(b)
     finally:

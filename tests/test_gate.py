@@ -149,7 +149,7 @@ def test_every_request_replication_makes_is_allowed():
     ("zfs list -H -o name %s; rm -rf /" % D, ["';'", "no shell runs here"]),
     ("zfs list -H -o name %s | sh" % D, ["'|'"]),
     ("zfs list -H -o name %s && reboot" % D, ["'&'"]),
-    ("zfs list -H -o name $(reboot)" % (), ["'$'", "'('", "')'"]),
+    ("zfs list -H -o name $(reboot)", ["'$'", "'('", "')'"]),
     ("zfs list -H -o name `reboot`", ["'`'"]),
     ("zfs list -H -o name %s\nreboot" % D, ["'\\n'"]),
     ("zfs list -H -o name %s\rreboot" % D, ["'\\r'"]),
