@@ -34,7 +34,9 @@ def receive_all(sock, until, timeout):
 
 def test_ready_status_watchdog_stopping(bed):
     dump = os.path.join(bed.workdir, "check-env")
-    bed.write_config(service={"check_command": "sh -c 'env > %s'" % dump,
+    # written aside then renamed: the test never reads a half-written file
+    bed.write_config(service={"check_command": "sh -c 'env > %s.new && mv %s.new %s'"
+                                               % (dump, dump, dump),
                               "check_interval": "0.2"})
     init(bed)
     path = os.path.join(bed.workdir, "notify.sock")
