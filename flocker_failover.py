@@ -1066,7 +1066,7 @@ class StateStore:
             store._check_and_migrate(may_write=lock is not None, fresh=not exists)
             return store
         except BaseException as e:
-            if isinstance(e, CorruptState):
+            if isinstance(e, CorruptState) and conn is not None:
                 conn.close()
                 if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") == 0:
                     for extra in sidecars:
@@ -4475,8 +4475,8 @@ def discard_preserved(ctx: Context, name: str) -> None:
 # (nothing written in between) has a newer one, since a promotion came
 # between the two: facts of an older attempt are never read as this one's.
 # A winner promoted above both publishes its facts again under its new
-# epoch, for a loser that restarts and so begins from that epoch.  The changes of a side are the
-# size of its incremental stream from the newest common snapshot to its
+# epoch, for a loser that restarts and so begins from that epoch.  The
+# changes of a side are the size of its incremental stream from the newest common snapshot to its
 # newest snapshot (0 when that stream carries no change): a measure both
 # zfs-fuse and OpenZFS give alike.  The loser stops its user system, keeps
 # its divergent data (preserve_divergence, or nothing when it has none),

@@ -58,7 +58,7 @@ def _factor(name, default):
 # How many times slower than ordinary hardware this machine runs the tests
 # (default 1: as written).  contrib/test-openzfs.sh measures both for its
 # qemu guest, which under software emulation (TCG) here is about 19 times
-# slower at computing and about 36 times slower at system calls:
+# slower at computing and 36 to 42 times slower at system calls:
 #   FLOCKER_TEST_SLOW          the bed's heartbeat timings, and the timing
 #                              margins and waits of the tests that measure
 #                              them, are multiplied by it;
@@ -130,7 +130,7 @@ def zfs_pipe(send_args, recv_args, timeout=60):
     to its daemon over a socket, and once in a few hundred runs under the
     suite's load a receive failed there with nothing received: died of
     SIGPIPE with nothing on stderr, or "I/O error" (neither reproduced in
-    thousands of the same receives run alone).  On zfs-fuse those two cases,
+    360 of the same receives run in a loop with both cores busy).  On zfs-fuse those two cases,
     and only when the target snapshot does not exist afterwards, are tried
     once more, said on stdout with the target's state."""
     target = "%s@%s" % (recv_args[-1], send_args[-1].rpartition("@")[2])
