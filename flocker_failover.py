@@ -2338,6 +2338,12 @@ def gate_features_text() -> bytes:
     return b"\n".join(out)
 
 
+# what the gate refuses when its own node is master: the peer never writes
+# into a live dataset (a peer that took itself for master in the middle of a
+# cycle, or on the other side of a one-way link loss, is stopped here)
+GATE_MASTER_REFUSES = ("recv", "set", "destroy", "hold", "release")
+
+
 class Gate:
     """The gate serving one ssh connection of the peer on this node."""
 
@@ -2349,8 +2355,30 @@ class Gate:
         self.client = client or (os.environ.get("SSH_CLIENT", "").split() or ["?"])[0]
 
     def parse(self, text: str) -> GateRequest:
-        return parse_gate_request(text, self.cfg.local.dataset, self.cfg.recursive,
-                                  [n.name for n in self.cfg.nodes])
+        req = parse_gate_request(text, self.cfg.local.dataset, self.cfg.recursive,
+                                 [n.name for n in self.cfg.nodes])
+        if req.kind == "zfs" and req.args[:1] and req.args[0] in GATE_MASTER_REFUSES:
+            epoch = self._master_epoch()
+            if epoch is not None:
+                raise GateRefused(
+                    "node %s is master here (epoch %d): it takes no '%s' from its peer. "
+                    "Only a slave's replica is written by the peer; if %s should be "
+                    "slave, its daemon demotes it (see 'status' on both nodes)"
+                    % (self.cfg.local.name, epoch, req.args[0], self.cfg.local.name))
+        return req
+
+    def _master_epoch(self) -> Optional[int]:
+        """This node's epoch when its state file says it is master, else None
+        (no state file yet: a slave being filled for the first time)."""
+        try:
+            with StateStore.open(self.cfg.local.state_db) as store:
+                st = store.node_state()
+        except StateError as e:
+            if not os.path.exists(self.cfg.local.state_db):
+                return None
+            raise GateRefused("cannot read this node's role from %s: %s"
+                              % (self.cfg.local.state_db, e.message)) from None
+        return st.epoch if st is not None and st.role == ROLE_MASTER else None
 
     def refusal(self, text: str, reason: str) -> str:
         """Log a refusal here; return the line for the ssh client."""
@@ -3490,6 +3518,11 @@ class Facts:
     peer_requests_handover: bool = False  # the slave's operator ran 'promote'
     operator_handover: bool = False  # this master's operator ran 'demote'
     force_peer_alive: bool = False   # 'promote --force' although the peer is heard
+    # the epoch of the peer's newest authentic packet within dead_time when
+    # it says "master, serving", also when it does not echo ours (it does
+    # not hear us: one direction of the link is lost); None otherwise.
+    # Acted on only in the safe direction: never promote, step down.
+    peer_claim_epoch: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3537,6 +3570,11 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
         return Decision(DECIDE_WAIT, "no master: both nodes are slaves; run 'promote' on "
                                      "the node that holds the newest data")
     if not f.force:
+        if f.peer_claim_epoch is not None:
+            return Decision(DECIDE_WAIT, "the peer's heartbeats arrive (master, epoch %d, "
+                                         "serving) but it does not hear this node: one "
+                                         "direction of the link is lost; not taking over"
+                            % f.peer_claim_epoch)
         if not f.peer_heard:
             if t.wait_for_peer:
                 return Decision(DECIDE_WAIT, "the peer was never heard since start and "
@@ -3569,6 +3607,10 @@ def _decide_starting_master(f: Facts, t: Timing) -> Decision:
                                        "newer epoch (%d > %s)" % (f.epoch, f.peer_epoch))
     if peer_alive(f, t):
         return Decision(DECIDE_RESUME, "the peer is slave")
+    if f.peer_claim_epoch is not None and f.peer_claim_epoch > f.epoch:
+        return Decision(DECIDE_WAIT, "the peer's heartbeats say it is master with a newer "
+                                     "epoch (%d > %d) but it does not hear this node: not "
+                                     "resuming" % (f.peer_claim_epoch, f.epoch))
     if f.uptime >= t.startup_wait:
         return Decision(DECIDE_RESUME, "the peer is silent: serving alone; replication "
                                        "and failover are suspended until it returns")
@@ -3576,7 +3618,15 @@ def _decide_starting_master(f: Facts, t: Timing) -> Decision:
 
 
 def _decide_serving_master(f: Facts, t: Timing) -> Decision:
-    # first: isolation_time is shorter than dead_time on purpose
+    if (not peer_alive(f, t) and f.peer_claim_epoch is not None
+            and f.peer_claim_epoch > f.epoch):
+        # the peer took over while it could not hear us, and we still hear
+        # it: the safe direction is ours to take
+        return Decision(DECIDE_STEP_DOWN, "the peer's heartbeats say it is master with a "
+                                          "newer epoch (%d > %d) but it does not hear this "
+                                          "node (one direction of the link is lost)"
+                        % (f.peer_claim_epoch, f.epoch))
+    # then: isolation_time is shorter than dead_time on purpose
     if f.arbitrator is False and f.peer_silence >= t.isolation_time:
         return Decision(DECIDE_STEP_DOWN, "isolated: neither the peer nor the arbitrator "
                                           "answers for %.1f s" % f.peer_silence)
@@ -5009,6 +5059,14 @@ class PeerTracker:
         self.dead_verdicts = 0
         self.silence_at_verdict = None  # type: Optional[float]
         self.stalls = 0
+        # the newest authentic, new packet, confirmed or not, and when it
+        # came: a peer that does not hear us (one direction of the link
+        # lost) still tells us that it is master (see Facts.peer_claim_epoch)
+        self.claim = None          # type: Optional[Heartbeat]
+        self.claim_seen = None     # type: Optional[float]
+        # (old, new) boot generation of a peer that restarted from older
+        # state and proved it is live; the daemon logs it once and clears it
+        self.generation_dropped = None  # type: Optional[Tuple[int, int]]
 
     def receive(self, packet: bytes, link: int,
                 now: float) -> Tuple[Optional[Heartbeat], Optional[WireReject]]:
@@ -5019,7 +5077,18 @@ class PeerTracker:
         try:
             hb = decode_heartbeat(packet, self.keys)
             check_origin(hb, self.cluster, self.peer)
+            sent_at = (self._sent_at.get(hb.echo_sequence)
+                       if hb.echo_generation == self.generation else None)
+            confirmed = sent_at is not None and now - sent_at <= self.dead_time
             reason = self.window.check(hb.generation, hb.sequence)
+            if reason == "old_generation" and confirmed:
+                # it answers a packet of ours from this boot, so it is live:
+                # the peer restarted from older state (its state file was
+                # restored from a backup, a VM snapshot reverted).  Its
+                # generation counts from there; never lock it out.
+                self.generation_dropped = (self.window.generation, hb.generation)
+                self.window = ReplayWindow(hb.generation)
+                reason = None
             if reason is not None:
                 raise WireReject(reason, "generation %d, sequence %d"
                                  % (hb.generation, hb.sequence))
@@ -5027,9 +5096,8 @@ class PeerTracker:
             self.rejected[e.reason] += 1
             return None, e
         self.window.accept(hb.generation, hb.sequence)
-        sent_at = (self._sent_at.get(hb.echo_sequence)
-                   if hb.echo_generation == self.generation else None)
-        if sent_at is None or now - sent_at > self.dead_time:
+        self.claim, self.claim_seen = hb, now
+        if not confirmed:
             self.unconfirmed += 1
             return None, None
         lv = self.links[link]
@@ -5057,6 +5125,14 @@ class PeerTracker:
     def woke_from_stall(self, now: float) -> None:
         self.awake_since = now
         self.stalls += 1
+
+    def fresh_claim(self, now: float) -> Optional[Heartbeat]:
+        """The peer's newest authentic packet when it came within dead_time
+        (and after a stall), confirmed or not; else None."""
+        if (self.claim_seen is None or self.claim_seen < self.awake_since
+                or now - self.claim_seen > self.dead_time):
+            return None
+        return self.claim
 
     def evaluate(self, now: float) -> List[str]:
         """Update link and peer states; returns messages for what changed."""
@@ -5861,6 +5937,17 @@ class Daemon:
         hb = t.last
         if t.state == "alive":
             self.fenced = None      # a new silence needs a new fence
+        if t.generation_dropped is not None:
+            old, new = t.generation_dropped
+            t.generation_dropped = None
+            message = ("%s answers with boot generation %d, below the %d it had: it restarted "
+                       "from older state (a restored state file, a reverted VM snapshot); "
+                       "accepted, since it answers this boot's heartbeats"
+                       % (self.cfg.peer.name, new, old))
+            log.warning("%s", message)
+            self._event("liveness", message, "warning")
+        if t.claim is not None:   # epochs only grow: an authentic one is never unseen
+            self.peer_epoch_seen = max(self.peer_epoch_seen, t.claim.epoch)
         if hb is None:
             return
         self.peer_epoch_seen = max(self.peer_epoch_seen, hb.epoch)
@@ -5935,7 +6022,14 @@ class Daemon:
             peer_requests_handover=bool(hb and hb.flags & FLAG_HANDOVER_REQUEST and
                                         hb.role == ROLE_SLAVE),
             operator_handover=self.operator_handover,
-            force_peer_alive=self.force_peer_alive)
+            force_peer_alive=self.force_peer_alive,
+            peer_claim_epoch=self._peer_claim_epoch(now))
+
+    def _peer_claim_epoch(self, now: float) -> Optional[int]:
+        claim = self.tracker.fresh_claim(now)
+        if claim is None or claim.role != ROLE_MASTER or not claim.flags & FLAG_SERVING:
+            return None
+        return claim.epoch
 
     def _decide_roles(self, now: float) -> None:
         if self._stop_signal or self.jobs.busy("role"):
@@ -6167,8 +6261,10 @@ class Daemon:
         else:
             hint = ""
             if reason == "old_generation":
-                hint = ("; a replay, or node %s's state file was made anew (init "
-                        "--force restarts its generation count)" % self.cfg.peer.name)
+                hint = ("; a replay of recorded packets, or node %s restarted from older "
+                        "state (its state file restored from a backup or made anew with "
+                        "'init --force', a VM snapshot reverted): such a peer is accepted "
+                        "as soon as it answers this node's heartbeats" % self.cfg.peer.name)
             log.warning("rejected a packet from %s: %s%s (further ones are counted and "
                         "summarised every %g s)", source, rej, hint, REJECT_SUMMARY_EVERY)
 

@@ -94,6 +94,17 @@ def test_slave_takes_over_when_the_master_hands_over_with_its_newest_snapshot():
     assert d.kind == "wait" and "handed the master role over" in d.reason
 
 
+def test_slave_never_promotes_while_a_serving_master_is_heard_one_way():
+    """One direction of the link is lost: the master's authentic packets
+    still arrive but do not echo ours (it does not hear us), so the peer is
+    not 'alive'; the slave must not take over from a master it hears."""
+    d = ff.decide(facts(peer_silence=60, peer_claim_epoch=2, arbitrator=True), T)
+    assert d.kind == "wait" and "one direction of the link is lost" in d.reason
+    assert kind(peer_silence=60, arbitrator=True) == "promote"
+    # the operator may still force it
+    assert kind(peer_silence=60, peer_claim_epoch=2, force=True) == "promote"
+
+
 # -- the master ------------------------------------------------------------
 
 M = dict(role="master", index=0, epoch=4, highest_epoch_seen=4, peer_role="slave", peer_epoch=4)
@@ -136,6 +147,21 @@ def test_two_serving_masters_are_a_split_brain():
 
 def test_serving_master_keeps_serving_alone_without_arbitrator():
     assert kind(serving=True, peer_silence=1e6, **M) == "wait"
+
+
+def test_master_steps_down_when_it_hears_a_newer_master_that_does_not_hear_it():
+    """The slave took over while it could not hear this master (one
+    direction of the link lost); this master still hears it: it steps down
+    (the safe direction) instead of serving beside it, arbitrator or not."""
+    for arbitrator in (None, True):
+        d = ff.decide(facts(serving=True, peer_silence=60, peer_claim_epoch=5,
+                            arbitrator=arbitrator, **M), T)
+        assert d.kind == "step-down" and "one direction of the link is lost" in d.reason
+    # a claim of an older epoch is the other side's to act on
+    assert kind(serving=True, peer_silence=60, peer_claim_epoch=3, **M) == "wait"
+    # a starting master does not resume beside it
+    d = ff.decide(facts(serving=False, peer_silence=60, uptime=1e6, peer_claim_epoch=5, **M), T)
+    assert d.kind == "wait" and "not resuming" in d.reason
 
 
 def test_isolated_master_steps_down():

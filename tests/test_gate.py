@@ -18,6 +18,10 @@ import bed as bedmod
 from conftest import ff
 from test_replication import mnt, ok, fails, prepare, snaps, sync, write
 
+
+def zget(ds, prop):
+    return bedmod.sh(["zfs", "get", "-H", "-o", "value", prop, ds]).stdout.strip()
+
 D = "tank/shop"
 NODES = ("alpha", "beta")
 FUSE = ff.ZfsFeatures()
@@ -274,6 +278,35 @@ def test_destroy_through_the_gate_takes_only_flocker_snapshots(bed):
     assert gated(bed, "zfs hold flocker %s@%s" % (ds, names[1])).returncode == 0
     p = gated(bed, "zfs destroy %s@%s" % (ds, names[1]))
     assert p.returncode not in (0, ff.EXIT_REFUSED) and names[1] in snaps(ds)
+
+
+def test_a_master_takes_no_writes_from_its_peer_through_the_gate(bed):
+    """A peer that takes itself for master (mid-cycle, or across a one-way
+    link loss) must not write into a live dataset: the gate of a node whose
+    state says master refuses recv, set, destroy, hold and release, and
+    still answers what only reads."""
+    prepare(bed)
+    write(bed, "x.bin", 20000)
+    ok(sync(bed))
+    ds = bed.b.dataset
+    snap = sorted(snaps(ds))[-1]
+    # beta becomes master in its state file (as a promotion records it)
+    assert bed.drive(bed.b, "promote", 3).returncode == 0
+    for request in ("zfs set readonly=on %s" % ds,
+                    "zfs destroy %s@%s" % (ds, snap),
+                    "zfs hold flocker %s@%s" % (ds, snap),
+                    "zfs release flocker %s@%s" % (ds, snap),
+                    "zfs recv -u %s" % ds):
+        p = gated(bed, request)
+        assert p.returncode == ff.EXIT_REFUSED, (request, p.stderr)
+        assert "node beta is master here (epoch 3)" in p.stderr, p.stderr
+    assert snap in snaps(ds) and snaps(ds)[snap][1] > 0       # still there, still held
+    assert zget(ds, "readonly") == "off"         # as the promotion left it
+    p = gated(bed, "zfs list -H -o name " + ds)
+    assert p.returncode == 0 and p.stdout.strip() == ds, p.stderr
+    # and the master's own cycle says why it cannot send
+    r = sync(bed)
+    assert r.returncode != 0 and "beta says it is master" in r.stderr, r.stderr
 
 
 def read_frame(f):

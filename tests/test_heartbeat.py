@@ -81,7 +81,8 @@ def test_origin_generation_and_replay_through_the_tracker():
         (hb(cluster="other", sequence=6), "wrong_cluster"),
         (hb(sender="gamma", sequence=6), "wrong_sender"),
         (hb(sender="alpha", sequence=6), "wrong_sender"),      # our own name
-        (hb(generation=2, sequence=99), "old_generation"),
+        # recorded in an older generation: it echoes our previous boot
+        (hb(generation=2, sequence=99, echo_generation=OWN_GEN - 1), "old_generation"),
         (hb(sequence=100), "replay"),
         (hb(sequence=100 - ff.ReplayWindow.WINDOW), "replay"),
     ]
@@ -101,15 +102,46 @@ def test_origin_generation_and_replay_through_the_tracker():
     assert t.receive(ff.encode_heartbeat(hb(sequence=102), K1), 0, now)[1].reason == "replay"
     # the peer restarted: a new generation starts again at sequence 1
     assert t.receive(ff.encode_heartbeat(hb(generation=4, sequence=1), K1), 0, now)[0]
-    assert t.receive(ff.encode_heartbeat(hb(generation=3, sequence=101), K1),
+    assert t.receive(ff.encode_heartbeat(hb(generation=3, sequence=101,
+                                            echo_generation=OWN_GEN - 1), K1),
                      0, now)[1].reason == "old_generation"
 
 
 def test_generation_known_from_the_state_file_is_enforced():
     t = tracker(min_generation=9)
-    assert t.receive(ff.encode_heartbeat(hb(generation=8, sequence=50), K1),
-                     0, 1)[1].reason == "old_generation"
-    assert t.receive(ff.encode_heartbeat(hb(generation=9, sequence=50), K1), 0, 1)[0]
+    assert t.receive(ff.encode_heartbeat(hb(generation=8, sequence=50,
+                                            echo_generation=OWN_GEN - 1), K1),
+                     0, 100)[1].reason == "old_generation"
+    assert t.receive(ff.encode_heartbeat(hb(generation=9, sequence=50), K1), 0, 100)[0]
+
+
+def test_a_peer_restarted_from_older_state_is_recognised_never_locked_out():
+    """The peer's state file was restored from a backup (or its VM
+    reverted): its boot generation is below the one we stored.  A packet
+    that answers one of our packets of this boot is live, so its generation
+    becomes the new floor; recordings of the higher generation echo
+    nothing recent of ours and stay no sign of life."""
+    t = tracker(min_generation=9)
+    recorded = ff.encode_heartbeat(hb(generation=9, sequence=70,
+                                      echo_generation=OWN_GEN - 1), K1)
+    # a packet of generation 5 that echoes our packet 1: accepted, and noted
+    got, rej = t.receive(ff.encode_heartbeat(hb(generation=5, sequence=3), K1), 0, 100.2)
+    assert rej is None and got is not None and got.generation == 5
+    assert t.generation_dropped == (9, 5) and t.echo() == (5, 3)
+    assert t.rejected["old_generation"] == 0
+    t.sent(2, 100.3)
+    assert t.receive(ff.encode_heartbeat(hb(generation=5, sequence=4, echo_sequence=2), K1),
+                     0, 100.4)[0] is not None
+    # a replay of its older (higher) generation proves nothing ...
+    assert t.receive(recorded, 0, 100.5) == (None, None)
+    # ... and the live peer is accepted again right after it
+    t.sent(3, 100.6)
+    assert t.receive(ff.encode_heartbeat(hb(generation=5, sequence=5, echo_sequence=3), K1),
+                     0, 100.7)[0] is not None
+    # an old generation that answers nothing of ours stays refused
+    assert t.receive(ff.encode_heartbeat(hb(generation=4, sequence=9,
+                                            echo_generation=OWN_GEN - 1), K1),
+                     0, 100.8)[1].reason == "old_generation"
 
 
 def test_replay_window_never_accepts_twice():
