@@ -637,6 +637,31 @@ class Bed:
             for h in self.hosts:
                 sh(["ip", "-n", h.ns, "link", "set", "eth%d" % n, "down"])
 
+    HEARTBEAT_TABLE = 117   # a routing table of the hosts' own, for drop_heartbeats
+
+    def drop_heartbeats(self, host, port=7788):
+        """One direction of the heartbeat link fails: every UDP packet to
+        `port` that arrives at host on a link is dropped on arrival (policy
+        routing into a blackhole, as a firewall rule would), while host's
+        own packets, and ssh both ways, still flow.  (These machines have no
+        netfilter: the local table moves behind a rule that sends heartbeats
+        into a table holding only blackholes.)"""
+        ns, t = host.ns, str(self.HEARTBEAT_TABLE)
+        for addr in host.addresses:
+            sh(["ip", "-n", ns, "route", "replace", "blackhole", addr, "table", t])
+        for n in range(self.links):
+            sh(["ip", "-n", ns, "rule", "add", "pref", "10", "iif", "eth%d" % n,
+                "ipproto", "udp", "dport", str(port), "table", t])
+        if "20:" not in sh(["ip", "-n", ns, "rule", "show"]).stdout:
+            sh(["ip", "-n", ns, "rule", "add", "pref", "20", "table", "local"])
+            sh(["ip", "-n", ns, "rule", "del", "pref", "0", "table", "local"])
+
+    def allow_heartbeats(self, host, port=7788):
+        for n in range(self.links):
+            sh(["ip", "-n", host.ns, "rule", "del", "pref", "10", "iif", "eth%d" % n,
+                "ipproto", "udp", "dport", str(port), "table", str(self.HEARTBEAT_TABLE)],
+               check=False)
+
     def throttle(self, host, mbit):
         """Limit what host sends on every link to mbit Mbit/s (None: no limit),
         e.g. to keep a transfer on the wire long enough to interrupt it."""
