@@ -961,6 +961,11 @@ MIGRATIONS = (
         finished REAL
     );
     """,
+    # 3: the master role handed over by a planned switchover, announced to
+    #    the peer until it takes over (whatever path finished the demotion)
+    """
+    ALTER TABLE node_state ADD COLUMN released INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -973,6 +978,7 @@ class NodeState:
     generation: int
     outdated: bool
     created: float
+    released: bool = False    # handed the master role over; the peer may take it
 
 
 class StateLock:
@@ -1181,11 +1187,11 @@ class StateStore:
 
     def node_state(self) -> Optional[NodeState]:
         row = self.conn.execute(
-            "SELECT node, role, epoch, generation, outdated, created "
+            "SELECT node, role, epoch, generation, outdated, created, released "
             "FROM node_state WHERE id = 1").fetchone()
         if row is None:
             return None
-        return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
+        return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5], bool(row[6]))
 
     def events(self, limit: int = 20, since: float = 0.0) -> List[dict]:
         """The newest `limit` events at or after `since`, oldest first."""
@@ -1256,8 +1262,9 @@ class StateStore:
             if epoch < old[1]:
                 raise StateError("internal error: epoch would go back from %d to %d"
                                  % (old[1], epoch))
-            conn.execute("UPDATE node_state SET role = ?, epoch = ? WHERE id = 1",
-                         (role, epoch))
+            # a promotion takes back any release; a demotion records its own
+            conn.execute("UPDATE node_state SET role = ?, epoch = ?, released = 0 "
+                         "WHERE id = 1", (role, epoch))
             self._event(conn, "role", "%s -> %s, epoch %d -> %d: %s"
                         % (old[0], role, old[1], epoch, reason))
 
@@ -1268,6 +1275,17 @@ class StateStore:
             self._event(conn, "outdated", ("replica marked OUTDATED: " if outdated else
                                            "replica no longer outdated: ") + reason,
                         "warning" if outdated else "info")
+
+    def set_released(self, released: bool, reason: str) -> None:
+        """Persist that this slave handed the master role over (a planned
+        switchover's demotion finished) or that the peer took it."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT released FROM node_state WHERE id = 1").fetchone()
+            if bool(row[0]) == released:
+                return
+            conn.execute("UPDATE node_state SET released = ? WHERE id = 1", (int(released),))
+            self._event(conn, "handover", ("master role released: " if released else
+                                           "release ended: ") + reason)
 
     def last_role_change(self) -> Optional[float]:
         """Wall-clock time of the newest role change, None if none."""
@@ -3457,6 +3475,9 @@ DECIDE_STEP_DOWN = "step-down"    # an isolated master stops serving
 DECIDE_HANDOVER = "handover"      # planned switchover to the healthy slave
 DECIDE_SPLIT_BRAIN = "split-brain"  # two serving masters: the divergence verdict decides
 DECIDE_RESOLVE = "resolve"        # (the daemon's job that carries the verdict out)
+ROLE_RECOVER = "recover"          # (the daemon's job that finishes an interrupted action)
+# the role jobs whose success leaves a master running the user system
+SERVING_KINDS = (DECIDE_PROMOTE, DECIDE_RESUME, DECIDE_RESOLVE)
 
 
 def node_index(cfg_node_names: Sequence[str], name: str) -> int:
@@ -4257,9 +4278,35 @@ def _notify(ctx: Context, old_role: str, new_role: str, epoch: int, reason: str)
         ctx.store.record_event("notify", "notify_command: " + result.describe(), "warning")
 
 
+def fence_peer(ctx: Context, epoch: int, stop: Optional[threading.Event] = None) -> bool:
+    """Run fence_command against the peer before a takeover; False when
+    none is configured.  Raises ActionError when it fails."""
+    argv = ctx.cfg.service.fence_command
+    if argv is None:
+        return False
+    env = _service_env(ctx, epoch, {"FLOCKER_PEER": ctx.cfg.peer.name,
+                                    "FLOCKER_PEER_ADDRESS": ctx.cfg.peer.addresses[0]})
+    result = run_command(argv, ctx.cfg.service.command_timeout, env, stop=stop)
+    ctx.store.record_event("fence", "fence_command %s" % (
+        "succeeded" if result.ok else "FAILED: " + result.describe()),
+        "info" if result.ok else "error")
+    if not result.ok:
+        raise ActionError("fence_command failed: %s; nothing was changed: the takeover "
+                          "waits until the peer is fenced" % result.describe())
+    return True
+
+
 class HandoverAborted(ActionError):
-    """A planned switchover could not send the final snapshot; this node
-    went back to serving as master."""
+    """A planned switchover could not send the final snapshot and was
+    called off; the node stays master.  resumed: it serves again (only the
+    daemon's own handover, decided with the peer a live slave, resumes; a
+    recovery after a crash, or 'demote' without a daemon, leaves the user
+    system stopped: the peer may be master by now, and nobody would
+    supervise it)."""
+
+    def __init__(self, message: str, resumed: bool) -> None:
+        super().__init__(message)
+        self.resumed = resumed
 
 
 def promote(ctx: Context, epoch: int, reason: str) -> None:
@@ -4272,17 +4319,19 @@ def promote(ctx: Context, epoch: int, reason: str) -> None:
 
 
 def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
-           stop: Optional[threading.Event] = None, quiesce=None) -> None:
+           stop: Optional[threading.Event] = None, quiesce=None, resume: bool = False) -> None:
     """Make this node slave; epoch is the highest epoch it knows of.
     handover: a planned switchover: after the user system stopped, the
-    final snapshot goes to the peer before the dataset is given up; when
-    that fails the node serves again and HandoverAborted is raised.
+    final snapshot goes to the peer before the dataset is given up, and
+    the finished demotion records the release (announced to the peer until
+    it takes over); when the final snapshot cannot be sent, HandoverAborted
+    is raised and the node stays master, serving again only when `resume`.
     quiesce: called once the user system is stopped, before the dataset
     changes (the daemon ends its replication cycle there)."""
     old = ctx.store.node_state()
     data = {"epoch": max(epoch, old.epoch), "reason": reason, "old_role": old.role,
             "handover": handover}
-    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data, stop, quiesce)
+    _demote_steps(ctx, ctx.store.begin_intent("demote", data), data, stop, quiesce, resume)
 
 
 def stop_serving(ctx: Context, reason: str) -> None:
@@ -4295,17 +4344,25 @@ def stop_serving(ctx: Context, reason: str) -> None:
     ctx.store.record_event("service", "user system stopped, role kept: %s" % reason)
 
 
-def recover_intent(ctx: Context) -> Optional[str]:
-    """Finish an action a crash interrupted.  Returns its name, or None."""
+def recover_intent(ctx: Context, stop: Optional[threading.Event] = None,
+                   quiesce=None) -> Optional[str]:
+    """Finish an action a crash (or a failure) interrupted.  Returns its
+    name, or None.  A planned switchover's final snapshot is tried again;
+    if it cannot be sent the node stays master without serving
+    (HandoverAborted, never resumed from here).  quiesce: as for demote()."""
     intent = ctx.store.unfinished_intent()
     if intent is None:
         return None
     log.warning("finishing the %s interrupted at step %s", intent["action"], intent["step"])
     ctx.store.record_event("recover", "finishing the %s interrupted at step %s"
                            % (intent["action"], intent["step"]), "warning")
-    steps = {"promote": _promote_steps, "demote": _demote_steps,
-             "preserve": _preserve_steps}[intent["action"]]
-    steps(ctx, intent["id"], intent["data"])
+    iid, data = intent["id"], intent["data"]
+    if intent["action"] == "promote":
+        _promote_steps(ctx, iid, data)
+    elif intent["action"] == "demote":
+        _demote_steps(ctx, iid, data, stop, quiesce, resume=False)
+    else:
+        _preserve_steps(ctx, iid, data)
     return intent["action"]
 
 
@@ -4346,7 +4403,8 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
 
 
 def _demote_steps(ctx: Context, intent_id: int, data: dict,
-                  stop: Optional[threading.Event] = None, quiesce=None) -> None:
+                  stop: Optional[threading.Event] = None, quiesce=None,
+                  resume: bool = False) -> None:
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
     env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
     for step in DEMOTE_STEPS:   # the reverse order of promotion
@@ -4361,7 +4419,7 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
             if quiesce is not None:
                 quiesce()
             if data.get("handover"):
-                _final_sync(ctx, intent_id, data, stop)
+                _final_sync(ctx, intent_id, data, stop, resume)
         elif step == "readonly":
             if zfs.exists(ds):
                 zfs.set_prop(ds, "readonly", "on")
@@ -4376,6 +4434,9 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
                 ctx.store.set_role(ROLE_SLAVE, epoch, data["reason"])
             if zfs.exists(ds):
                 zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_SLAVE, epoch))
+            if data.get("handover"):   # the final snapshot is on the peer
+                ctx.store.set_released(True, "%s holds the final snapshot and may take over"
+                                       % cfg.peer.name)
         elif step == "notify":
             _notify(ctx, data["old_role"], ROLE_SLAVE, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
@@ -4406,18 +4467,28 @@ def _drop_empty_leftover(ctx: Context) -> Optional[str]:
 
 
 def _final_sync(ctx: Context, intent_id: int, data: dict,
-                stop: Optional[threading.Event]) -> None:
+                stop: Optional[threading.Event], resume: bool) -> None:
     """The user system is stopped: snapshot and send what it wrote last.
-    If that fails, the switchover is called off and this node serves again."""
+    If that fails, the switchover is called off: this node stays master,
+    and serves again only when `resume` (see HandoverAborted)."""
     try:
         result = replicate_once(ctx.cfg, ctx.store, ctx.zfs, peer_zfs(ctx.cfg), stop=stop)
     except FlockerError as e:
         ctx.store.finish_intent(intent_id)
-        why = ("the switchover to %s was called off: the final snapshot could not be "
-               "sent (%s); serving again as master" % (ctx.cfg.peer.name, e.message))
+        peer = ctx.cfg.peer.name
+        if resume:
+            why = ("the switchover to %s was called off: the final snapshot could not be "
+                   "sent (%s); serving again as master" % (peer, e.message))
+            ctx.store.record_event("handover", why, "error")
+            promote(ctx, data["epoch"], "resumed after a failed switchover")
+            raise HandoverAborted(why, resumed=True) from None
+        why = ("the switchover to %s was called off: the final snapshot could not be sent "
+               "(%s); this node stays master with its user system STOPPED (%s may be "
+               "master by now, and nothing would supervise it): the daemon resumes "
+               "serving once it sees %s is not master; or fix the cause and run 'demote' "
+               "again" % (peer, e.message, peer, peer))
         ctx.store.record_event("handover", why, "error")
-        promote(ctx, data["epoch"], "resumed after a failed switchover")
-        raise HandoverAborted(why) from None
+        raise HandoverAborted(why, resumed=False) from None
     ctx.store.record_event("handover", "final snapshot %s is on %s: handing over"
                            % (result.snapshot, ctx.cfg.peer.name))
 
@@ -5404,7 +5475,8 @@ class Daemon:
         self.arbitrator_lost = None  # type: Optional[float]  # newest probe without answer
         self.check_failures = 0    # consecutive failed runs of check_command
         self.repl_failures = 0     # consecutive failed replication cycles
-        self.released = False      # handed the master role over; the peer may promote
+        self.released = False      # persisted: handed the master role over; the peer may promote
+        self.recovering = False    # an interrupted role action waits to be finished
         self.leaving = False       # a master's daemon is stopping
         self.force = False         # an operator forces a takeover
         self.force_peer_alive = False  # ... even though the peer is heard
@@ -5613,13 +5685,11 @@ class Daemon:
                     "fix --node or state_db in the configuration" % (db, st.node,
                                                                      self.cfg.local_name))
             self.generation = store.next_generation()
-            if store.unfinished_intent() is not None:
-                # a crash cut a role change short: finish it before anything else
-                action = recover_intent(Context(self.cfg, store, Zfs()))
-                st = store.node_state()
-                # only a finished promotion leaves the user system running
-                self.serving = action == "promote" and st.role == ROLE_MASTER
+            # a crash cut a role change short: the loop's first role job
+            # finishes it, with heartbeats flowing and a backoff when it fails
+            self.recovering = store.unfinished_intent() is not None
             self.role, self.epoch, self.outdated = st.role, st.epoch, st.outdated
+            self.released = st.released
             changed = store.last_role_change()
             if changed is not None:
                 self.role_changed = time.monotonic() - max(0.0, wall_clock() - changed)
@@ -5959,8 +6029,7 @@ class Daemon:
             self._event("split-brain", "over: %s is slave" % self.cfg.peer.name)
             self.unresolved = None
             self._role_retry_at = 0.0
-        if self.released and hb.role == ROLE_MASTER and hb.epoch > self.epoch:
-            self.released = False   # the peer took over
+        self._released_until_taken(hb)
         if self.role != ROLE_SLAVE or hb.role != ROLE_MASTER or t.state != "alive":
             return
         if hb.guid and hb.guid != self.snapshot[1] and now >= self._refresh_at:
@@ -6034,6 +6103,12 @@ class Daemon:
     def _decide_roles(self, now: float) -> None:
         if self._stop_signal or self.jobs.busy("role"):
             return
+        if self.recovering:
+            # an action a crash or a failure cut short is finished first,
+            # after the backoff of whatever failed last
+            if now >= self._role_retry_at:
+                self._role_job(ROLE_RECOVER, None)
+            return
         hb = self.tracker.last
         if not (self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING):
             self._joined = False
@@ -6075,7 +6150,7 @@ class Daemon:
         elif d.kind == DECIDE_HANDOVER:
             self._role_job(d.kind, lambda ctx, stop: demote(
                 ctx, self.epoch, d.reason, handover=True, stop=stop,
-                quiesce=self._stop_replication))
+                quiesce=self._stop_replication, resume=True))
         elif d.kind == DECIDE_FENCE:
             self._role_job(d.kind, self._fence)
 
@@ -6130,39 +6205,39 @@ class Daemon:
             raise ActionError("the replication cycle did not stop within 60 s")
 
     def _fence(self, ctx: Context, stop: threading.Event) -> None:
-        argv = self.cfg.service.fence_command
-        env = _service_env(ctx, self.epoch, {"FLOCKER_PEER": self.cfg.peer.name,
-                                             "FLOCKER_PEER_ADDRESS": self.cfg.peer.addresses[0]})
-        result = run_command(argv, self.cfg.service.command_timeout, env, stop=stop)
-        ctx.store.record_event("fence", "fence_command %s" % (
-            "succeeded" if result.ok else "FAILED: " + result.describe()),
-            "info" if result.ok else "error")
-        if not result.ok:
-            raise ActionError("fence_command failed: %s; the takeover waits until it "
-                              "succeeds" % result.describe())
+        fence_peer(ctx, self.epoch, stop)
         self.fenced = True
 
     def _role_job(self, kind: str, action) -> None:
+        """Run a role action in the job "role" (action None: only finish an
+        interrupted one).  Its result reaches _role_done() on the loop as
+        (node state, failure, kind, the action a recovery finished or
+        None, whether an action is still unfinished)."""
         def job(stop):
             if self.writer is not None:
                 self.writer.flush(2.0)   # the events that led here come first
             with self.open_store() as store:
                 ctx = Context(self.cfg, store, Zfs())
+                done, failure, ran = None, None, kind
                 try:
                     if kind != DECIDE_FENCE and store.unfinished_intent() is not None:
-                        recover_intent(ctx)      # finish what failed before, then decide again
-                        return store.node_state(), None, "recover"
-                    action(ctx, stop)
-                    return store.node_state(), None, kind
+                        # finish what failed before, then decide again
+                        ran = ROLE_RECOVER
+                        done = recover_intent(ctx, stop, quiesce=self._stop_replication)
+                    elif action is not None:
+                        action(ctx, stop)
                 except FlockerError as e:
-                    return store.node_state(), e, kind
+                    failure = e
+                return (store.node_state(), failure, ran, done,
+                        store.unfinished_intent() is not None)
         self.jobs.start("role", job, self._role_done)
 
     def _role_done(self, result, error) -> None:
         if error is not None:     # an internal error: logged, retried later
-            result = (None, error, "role")
-        st, failure, kind = result
+            result = (None, error, "role", None, self.recovering)
+        st, failure, kind, recovered, self.recovering = result
         if st is not None:
+            self.released = st.released
             if (st.role, st.epoch) != (self.role, self.epoch):
                 self.role_changed = time.monotonic()
             if st.role != self.role:
@@ -6174,9 +6249,11 @@ class Daemon:
             self.role, self.epoch = st.role, st.epoch
             if st.role == ROLE_SLAVE:
                 self.serving = False
-            elif failure is None or isinstance(failure, HandoverAborted):
-                # a promotion, a resumption, a recovered promotion, or a
-                # switchover called off (the node serves again)
+            elif isinstance(failure, HandoverAborted):
+                self.serving = failure.resumed   # a switchover called off
+            elif failure is None and (kind in SERVING_KINDS or recovered == "promote"):
+                # a promotion, a resumption, a won resolution, a recovered
+                # promotion: only these leave the user system running
                 self.serving = True
             if st.role != was:
                 self.operator_handover = False
@@ -6203,8 +6280,6 @@ class Daemon:
         if failure is None:
             self._role_backoff = 0.0
             self._role_failed = None
-            if kind == DECIDE_HANDOVER:
-                self.released = True
             if kind != DECIDE_FENCE:
                 log.info("%s done: role %s, epoch %d, %s", kind, self.role, self.epoch,
                          "serving" if self.serving else "not serving")
@@ -6223,6 +6298,13 @@ class Daemon:
         why = failure.message if isinstance(failure, FlockerError) else repr(failure)
         log.error("%s failed: %s (next try in %g s)", kind, why, self._role_backoff)
         self._event("role", "%s failed: %s" % (kind, why), "error")
+
+    def _released_until_taken(self, hb: Heartbeat) -> None:
+        """The release is announced until the peer has taken over."""
+        if self.released and hb.role == ROLE_MASTER and hb.epoch > self.epoch:
+            self.released = False
+            why = "%s took over (epoch %d)" % (self.cfg.peer.name, hb.epoch)
+            self._submit(lambda store: store.set_released(False, why))
 
     def _persist_peer(self, now: float) -> None:
         t = self.tracker
@@ -7034,7 +7116,9 @@ def cmd_promote(args, cfg_path: str) -> int:
             peer = store.peer(cfg.peer.name) or {}
             epoch = next_epoch(max(st.epoch, peer.get("epoch") or 0),
                                node_index([n.name for n in cfg.nodes], cfg.local_name))
-            promote(Context(cfg, store, Zfs()), epoch,
+            ctx = Context(cfg, store, Zfs())
+            fence_peer(ctx, st.epoch)    # as the daemon does: no takeover unfenced
+            promote(ctx, epoch,
                     "the operator forced a takeover (promote --force, no daemon running)")
         print("%s is master now (epoch %d), its user system started; start the daemon "
               "to supervise it" % (cfg.local_name, epoch))
@@ -7067,11 +7151,16 @@ def cmd_demote(args, cfg_path: str) -> int:
             st = store.node_state()
             if st.role != ROLE_MASTER:
                 raise FlockerError("this node is not master (role %s)" % st.role)
-            demote(Context(cfg, store, Zfs()), st.epoch,
-                   "the operator ran demote (no daemon running)", handover=True)
-        print("%s is slave now: user system stopped, final snapshot sent to %s; %s takes "
-              "over when its daemon sees this node's daemon release the role, or run "
-              "'promote --force' there" % (cfg.local_name, cfg.peer.name, cfg.peer.name))
+            try:
+                demote(Context(cfg, store, Zfs()), st.epoch,
+                       "the operator ran demote (no daemon running)", handover=True)
+            except HandoverAborted as e:
+                raise ActionError(e.message) from None
+        print("%s is slave now: user system stopped, final snapshot sent to %s, the master "
+              "role released (recorded in the state file). %s's daemon takes over as soon "
+              "as this node's daemon runs and announces the release; or run 'promote "
+              "--force' on %s" % (cfg.local_name, cfg.peer.name, cfg.peer.name,
+                                  cfg.peer.name))
         return EXIT_OK
     if not answer["ok"]:
         raise FlockerError(answer["error"])

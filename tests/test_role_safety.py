@@ -2,13 +2,15 @@
 on the paths a fault can take, with two real daemons on the bed.  Each
 test samples, every 0.1 s, which hosts run the user system."""
 
+import os
 import threading
 import time
 
 import bed as bedmod
 from conftest import ff
 from test_daemon import DEAD, INTERVAL, S, Running, wait_for
-from test_failover import lanbed, service_config, serving, start, svc_running  # noqa: F401
+from test_failover import (STOP, lanbed, service_config, serving, start,  # noqa: F401
+                           svc_running)
 
 
 class Roles:
@@ -109,3 +111,138 @@ def test_one_way_heartbeat_loss_never_leaves_two_masters(lanbed):
         roles.stop()
         da.stop()
         db.stop()
+
+
+# a stop_command that fails the first 3 times on alpha (an unhealthy
+# service is why a switchover is asked for), then stops as usual
+FLAKY_STOP = ("sh -c 'if [ $FLOCKER_NODE = alpha ]; then n=$(cat {w}/stopfail 2>/dev/null "
+              "|| echo 0); if [ $n -lt 3 ]; then echo $((n+1)) > {w}/stopfail; exit 1; fi; "
+              "fi; " + STOP.split("sh -c '", 1)[1])
+
+
+def test_a_handover_finished_by_a_retry_still_releases_the_role(lanbed):
+    """Issue 12, item 2: the planned switchover's demotion fails (stop_command
+    fails three times) and is finished by the retry: the release is part of
+    the persisted demotion, announced by whatever path finished it, and the
+    slave takes over without an operator."""
+    bed = lanbed
+    service_config(bed, service={"stop_command": FLAKY_STOP.format(w=bed.workdir)},
+                   cluster={"replication_interval": "1"})
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    roles = Roles(bed)
+    try:
+        asked = time.monotonic()
+        r = a.flocker("demote", "--wait", "%g" % S(60), timeout=S(90))
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: serving(db), S(30), step=0.05)
+        assert da.status()["role"] == "slave" and not svc_running(a) and svc_running(b)
+        history = a.flocker("history", check=True).stdout
+        assert "stop_command failed 3 times" in history
+        assert "master role released" in history
+        wait_for(lambda: not da.status()["released"], S(10))   # beta took it: the end
+        with ff.StateStore.open(a.state_db) as s:
+            assert not s.node_state().released
+        roles.stop()
+        assert roles.both(since=asked) == 0.0
+    finally:
+        roles.stop()
+        da.stop()
+        db.stop()
+
+
+def test_a_demote_without_daemons_is_released_when_the_daemons_start(lanbed):
+    """Issue 12, item 2: 'demote' with no daemon running hands the role
+    over; the release is in the state file, so the daemons started later
+    end with one master (the slave, holding the final snapshot), not with
+    'no master: both nodes are slaves'."""
+    bed = lanbed
+    service_config(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    db.stop()
+    da.stop()
+    r = a.flocker("demote", timeout=S(120))
+    assert r.returncode == 0, r.stdout + r.stderr
+    da, db = Running(a, tag="-2").wait_ready(), Running(b, tag="-2").wait_ready()
+    try:
+        wait_for(lambda: serving(db), S(20), step=0.05)
+        assert "master role released" in r.stdout + a.flocker("history", check=True).stdout
+        assert da.status()["role"] == "slave" and svc_running(b) and not svc_running(a)
+        assert db.status()["epoch"] == 3
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_recovery_runs_in_the_loop_and_a_failed_final_sync_never_resumes_serving(lanbed):
+    """Issue 12, item 3: the master's daemon dies in the middle of a
+    switchover (after the user system stopped, before the final snapshot
+    went out); the slave, hearing nobody, promotes.  The restarted old
+    master finishes its demotion inside the loop: the final sync is refused
+    (beta is master now), and the user system is NOT started again: the
+    daemon keeps running and ends as slave."""
+    bed = lanbed
+    service_config(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    try:
+        da.stop()
+        da = Running(a, env={"FLOCKER_FAILPOINT": "demote:final-sync"}, tag="-fp").wait_ready()
+        wait_for(lambda: serving(da), S(15), step=0.05)
+        assert da.request("demote")["ok"]
+        da.proc.wait(timeout=S(30))            # killed at demote:final-sync
+        assert not svc_running(a)
+        wait_for(lambda: serving(db), S(20), step=0.05)
+        back = time.monotonic()
+        roles = Roles(bed)
+        da = Running(a, tag="-after").wait_ready()
+        wait_for(lambda: da.status()["role"] == "slave", S(30), step=0.1)
+        roles.stop()
+        assert da.proc.poll() is None, da.log_text()       # the daemon lives on
+        assert not any(s[1] for s in roles.samples), "alpha served again"
+        assert roles.both(since=back) == 0.0
+        assert serving(db) and svc_running(b)
+        assert "this node stays master with its user system STOPPED" in \
+            a.flocker("history", check=True).stdout
+        with ff.StateStore.open(a.state_db) as s:
+            assert s.unfinished_intent() is None
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_commands_without_a_daemon_never_leave_the_user_system_unsupervised(lanbed):
+    """Issue 12, items 6 and 9: 'promote --force' without a daemon runs
+    fence_command first and refuses when it fails; 'demote' without a
+    daemon whose final snapshot cannot be sent leaves the user system
+    stopped (it used to start it again, with no daemon watching it)."""
+    bed = lanbed
+    w = bed.workdir
+    service_config(bed, service={"fence_command": "sh -c 'echo fenced >> %s/fence.log; "
+                                                  "[ ! -e %s/fence-fails ]'" % (w, w)})
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    db.stop()
+    da.stop()
+    a.kill_sshd()                              # alpha's sshd gone: no final sync to... beta
+    b.kill_sshd()                              # ... nor from beta to alpha
+    open(w + "/fence-fails", "w").close()
+    r = b.flocker("promote", "--force")
+    assert r.returncode != 0 and "fence_command failed" in r.stderr, r.stdout + r.stderr
+    with ff.StateStore.open(b.state_db) as s:
+        assert s.node_state().role == "slave"
+    assert not svc_running(b)
+    os.unlink(w + "/fence-fails")
+    r = b.flocker("promote", "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(w + "/fence.log") as f:
+        assert f.read().split() == ["fenced", "fenced"]
+    assert svc_running(b)
+    # beta's demote: its final snapshot cannot reach alpha (no sshd there)
+    r = b.flocker("demote", timeout=S(120))
+    assert r.returncode != 0 and "user system STOPPED" in r.stderr, r.stdout + r.stderr
+    assert not svc_running(b)
+    with ff.StateStore.open(b.state_db) as s:
+        st = s.node_state()
+        assert (st.role, st.released) == ("master", False) and s.unfinished_intent() is None
