@@ -2523,6 +2523,9 @@ class Ssh:
         self.node = node
         self.ssh = ssh
         self.control_dir = control_dir
+        # set: the work this connection serves was ended (a master gives up
+        # its role): every wait on the network ends at once with SshError
+        self.stop = None   # type: Optional[threading.Event]
         # the name changes with anything that decides which connection it
         # is, so a changed configuration never reuses an old connection
         ident = "\x00".join([node.ssh, str(node.ssh_port), cfg.ssh_identity,
@@ -2587,18 +2590,32 @@ class Ssh:
                            "parent writable" % (self.control_dir, e.strerror)) from None
         with tempfile.TemporaryFile() as err:
             try:
-                proc = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=err,
-                                      timeout=self.command_timeout)
+                proc = subprocess.Popen(self.master_argv(), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=err)
             except FileNotFoundError:
                 raise SshError("the ssh command (%s) was not found; install the "
                                "OpenSSH client" % self.ssh) from None
-            except subprocess.TimeoutExpired:
-                raise SshError(self.explain("Connection timed out")) from None
+            deadline = time.monotonic() + self.command_timeout
+            while proc.poll() is None:
+                if time.monotonic() >= deadline or self.stopped():
+                    proc.kill()
+                    proc.wait()
+                    self.check_stop()
+                    raise SshError(self.explain("Connection timed out"))
+                time.sleep(0.02)
             err.seek(0)
             text = err.read().decode("utf-8", "replace")
         if proc.returncode != 0:
             raise SshError(self.explain(text))
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def check_stop(self) -> None:
+        if self.stopped():
+            raise SshError("the talk with %s was cut short: the replication cycle was "
+                           "ended (this node gives up the master role, or the daemon "
+                           "stops)" % self.where)
 
     def reset(self) -> None:
         """Close the gate session and the master connection (after a
@@ -2789,13 +2806,17 @@ class GateSession:
         fd = self.proc.stdout.fileno()
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(timeout=left):
-                self.close()
-                ssh.reset()
-                raise SshError("%s did not answer within %g s over ssh; the link or "
-                               "the host may be down; check both, then retry"
-                               % (ssh.where, ssh.command_timeout))
+            while True:   # in short slices, so that ssh.stop ends the wait at once
+                left = deadline - time.monotonic()
+                if left > 0 and not ssh.stopped() and sel.select(timeout=min(left, 0.05)):
+                    break
+                if left <= 0 or ssh.stopped():
+                    self.kill()
+                    ssh.check_stop()
+                    ssh.reset()
+                    raise SshError("%s did not answer within %g s over ssh; the link or "
+                                   "the host may be down; check both, then retry"
+                                   % (ssh.where, ssh.command_timeout))
         chunk = os.read(fd, 65536)
         if not chunk:
             raise _SessionLost(self._ended(ssh))
@@ -2837,6 +2858,13 @@ class GateSession:
             "restrict,command=\"/usr/local/sbin/flocker_failover.py --config "
             "/etc/flocker/flocker.conf ssh-gate\" (README: \"The ssh gate\")"
             % (ssh.where, status, _stderr_text(text), ssh.cfg.ssh_identity))
+
+    def kill(self) -> None:
+        """End the session now, without waiting for the peer."""
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        self.close()
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -3811,6 +3839,8 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
             "this node (%s) is %s: replication runs on the master only; run sync "
             "on %s" % (cfg.local.name, st.role, cfg.peer.name))
     started = clock()
+    if isinstance(peer, RemoteZfs):
+        peer.ssh.stop = stop      # ending the cycle ends its waits on the network
     store.fail_interrupted_replications(started)
     rid = store.begin_replication(started)
     try:

@@ -2,7 +2,9 @@
 on the paths a fault can take, with two real daemons on the bed.  Each
 test samples, every 0.1 s, which hosts run the user system."""
 
+import contextlib
 import os
+import signal
 import threading
 import time
 
@@ -10,7 +12,7 @@ import bed as bedmod
 from conftest import ff
 from test_daemon import DEAD, INTERVAL, S, Running, wait_for
 from test_failover import (STOP, lanbed, service_config, serving, start,  # noqa: F401
-                           svc_running)
+                           svc_running, zget)
 
 
 class Roles:
@@ -246,3 +248,59 @@ def test_commands_without_a_daemon_never_leave_the_user_system_unsupervised(lanb
     with ff.StateStore.open(b.state_db) as s:
         st = s.node_state()
         assert (st.role, st.released) == ("master", False) and s.unfinished_intent() is None
+
+
+def _gate_pids(host):
+    """The ssh gate processes serving the peer's sessions on host."""
+    pids = []
+    for pid in bedmod._netns_pids(host.ns):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                if b"ssh-gate" in f.read():
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_an_isolated_master_steps_down_without_waiting_for_a_hung_cycle(lanbed):
+    """Issue 12, item 10: the master is cut from everything while its
+    replication cycle waits on the peer (here: the peer's gate frozen, so a
+    request over the gate session never gets its answer).  The step-down
+    ends that cycle at once: the master is slave, its dataset read-only and
+    unmounted, within moments of stopping its user system, not after the
+    ssh timeouts (ssh_connect_timeout + 3 x ssh_alive_interval + 60 s)."""
+    bed = lanbed
+    service_config(bed, cluster={"arbitrator": bed.ARBITRATOR,
+                                 "arbitrator_timeout": "%g" % S(0.3),
+                                 "replication_interval": "0.3"})
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    frozen = []
+    try:
+        wait_for(lambda: da.status()["arbitrator"] and da.status()["arbitrator"]["reachable"]
+                 and db.status()["arbitrator"] and db.status()["arbitrator"]["reachable"],
+                 S(10))
+        wait_for(lambda: _gate_pids(b), S(10))
+        frozen = _gate_pids(b)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        # a cycle is now stuck in a request over the frozen session
+        wait_for(lambda: (da.status()["jobs"].get("replicate") or 0) > S(1.0), S(10))
+        bed.cut_lan(a)
+        bed.cut_link()
+        wait_for(lambda: not svc_running(a), S(15), step=0.05)
+        stopped = time.monotonic()
+        wait_for(lambda: da.status()["role"] == "slave", S(60), step=0.1)
+        took = time.monotonic() - stopped
+        print("stepped down %.2f s after the user system stopped" % took)
+        assert took < S(8), took
+        assert zget(a.dataset, "readonly") == "on" and zget(a.dataset, "mounted") == "no"
+        assert da.status()["jobs"].get("replicate") is None
+        wait_for(lambda: serving(db), S(15), step=0.05)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        da.stop()
+        db.stop()
