@@ -364,7 +364,7 @@ CLUSTER_OPTIONS = (
            "Peer is dead when no valid heartbeat came for this long."),
     Option("startup_wait", _p_seconds, "10.0", "seconds",
            "At start, listen this long for the peer before deciding a role."),
-    Option("wait_for_peer", _p_bool, "no", "yes/no",
+    Option("wait_for_peer", _p_bool, "yes", "yes/no",
            "A starting slave never promotes before it has heard its peer."),
     Option("state_db", _p_abspath, "/var/lib/flocker/state.db", "path",
            "sqlite file holding role, epoch and history."),
@@ -493,7 +493,7 @@ class Config:
     heartbeat_interval: float = 1.0
     dead_time: float = 5.0
     startup_wait: float = 10.0
-    wait_for_peer: bool = False
+    wait_for_peer: bool = True
     state_db: str = ""       # cluster default; each node's own is NodeConfig.state_db
     replication_interval: float = 10.0
     snapshot_keep: int = 10

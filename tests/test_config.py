@@ -65,7 +65,7 @@ def test_good_config_parses_with_documented_defaults(env):
     assert cfg.name == "shop"
     assert cfg.heartbeat_port == 7788
     assert cfg.heartbeat_interval == 1.0 and cfg.dead_time == 5.0
-    assert cfg.wait_for_peer is False and cfg.snapshot_keep == 10
+    assert cfg.wait_for_peer is True and cfg.snapshot_keep == 10
     assert cfg.service.start_command == ("systemctl", "start", "shop")
     assert cfg.service.check_command is None and cfg.service.service_address is None
     alpha, beta = cfg.nodes
