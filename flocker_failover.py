@@ -3728,6 +3728,7 @@ class Side:
     epoch: int
     policy: str          # this node's divergence_policy
     changes: int         # bytes written since the newest common snapshot (0: none)
+    serving: bool = False  # it ran the user system as master when the attempt began
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3739,18 +3740,23 @@ class Verdict:
     reason: str
 
 
+def is_split_brain(a: Side, b: Side) -> bool:
+    """Both served as master, or both changed: a split brain.  Otherwise
+    a node that was away (judged dead and replaced, or stepped down)
+    rejoins the one that serves, or one side alone changed."""
+    return (a.serving and b.serving) or (a.changes > 0 and b.changes > 0)
+
+
 def verdict(a: Side, b: Side) -> Verdict:
-    """Which side's data continues.  Symmetric in its arguments."""
+    """Which side's data continues.  Symmetric in its arguments.
+
+    A node that serves continues, whatever the policy, when the other did
+    not serve as the attempt began: that one was judged dead and replaced
+    (or stepped down) and rejoins as slave, its own changes kept.  Then a
+    change on one side only continues; no change on either side continues
+    the newer epoch; only when both served and both changed does the
+    policy decide."""
     a, b = sorted((a, b), key=lambda s: s.node)   # the same order on both hosts
-    if a.policy != b.policy:
-        return Verdict(VERDICT_MISMATCH, None, None, False,
-                       "the nodes disagree on divergence_policy (%s: %s, %s: %s); fix the "
-                       "configuration, nothing is resolved automatically"
-                       % (a.node, a.policy, b.node, b.policy))
-    policy = a.policy
-    if policy == "manual":
-        return Verdict(VERDICT_OPERATOR, None, None, False,
-                       "divergence_policy = manual: an operator decides")
 
     def won(w: Side, why: str) -> Verdict:
         loser = b if w is a else a
@@ -3762,12 +3768,29 @@ def verdict(a: Side, b: Side) -> Verdict:
             return won(a if a.epoch > b.epoch else b, why + "; the newer epoch breaks the tie")
         return won(a, why + "; the first node by name breaks the tie")
 
+    if a.serving != b.serving:
+        w, r = (a, b) if a.serving else (b, a)
+        return won(w, "it serves, and %s rejoins it as slave (it was away: judged dead "
+                      "and replaced, or stepped down)%s"
+                   % (r.node, "; %s's own %d bytes are kept" % (r.node, r.changes)
+                      if r.changes else ""))
+    if a.policy != b.policy:
+        return Verdict(VERDICT_MISMATCH, None, None, False,
+                       "the nodes disagree on divergence_policy (%s: %s, %s: %s); fix the "
+                       "configuration, nothing is resolved automatically"
+                       % (a.node, a.policy, b.node, b.policy))
+    policy = a.policy
     if (a.changes > 0) != (b.changes > 0):
         w = a if a.changes > 0 else b
         return won(w, "only %s changed since the common snapshot (%d bytes); nothing is lost"
                    % (w.node, w.changes))
     if a.changes == 0:
         return tie_break("neither side changed since the common snapshot")
+    if policy == "manual":
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "both sides changed (%s: %d bytes, %s: %d bytes) and "
+                       "divergence_policy = manual: an operator decides"
+                       % (a.node, a.changes, b.node, b.changes))
     if policy == "zero-changes-only":
         return Verdict(VERDICT_OPERATOR, None, None, False,
                        "both sides changed (%s: %d bytes, %s: %d bytes) and "
@@ -4618,7 +4641,7 @@ def discard_preserved(ctx: Context, name: str) -> None:
 # "resolving" makes the second join in).  Each measures its own side, with
 # everything written so far snapshotted first, and publishes it on its own
 # dataset as the user property flocker:divergence:
-#     v2 <common GUID> <attempt> <epoch> <changes in bytes> <policy> <winner or ->
+#     v3 <common GUID> <attempt> <epoch> <changes in bytes> <serving> <policy> <winner or ->
 # then reads the peer's over ssh and computes verdict() from the two: both
 # get the same answer from the same facts.  <attempt> is the newest epoch of
 # the pair when the attempt began (the higher of this node's epoch and the
@@ -4647,20 +4670,21 @@ class NeedsOperator(ActionError):
 
 
 def format_divergence(common_guid: str, attempt: int, epoch: int, changes: int, policy: str,
-                      winner: Optional[str]) -> str:
-    return "v2 %s %d %d %d %s %s" % (common_guid, attempt, epoch, changes, policy,
-                                     winner or "-")
+                      winner: Optional[str], serving: bool = False) -> str:
+    return "v3 %s %d %d %d %d %s %s" % (common_guid, attempt, epoch, changes, int(serving),
+                                        policy, winner or "-")
 
 
 def parse_divergence(value: Optional[str]) -> Optional[dict]:
     """A node's published facts, or None (none, or another version's: a
     node of an older version never resolves with this one)."""
     words = (value or "").split()
-    if len(words) != 7 or words[0] != "v2" or not all(w.isdigit() for w in words[2:5]):
+    if (len(words) != 8 or words[0] != "v3" or not all(w.isdigit() for w in words[2:5])
+            or words[5] not in ("0", "1")):
         return None
     return {"common_guid": words[1], "attempt": int(words[2]), "epoch": int(words[3]),
-            "changes": int(words[4]), "policy": words[5],
-            "winner": None if words[6] == "-" else words[6]}
+            "changes": int(words[4]), "serving": words[5] == "1", "policy": words[6],
+            "winner": None if words[7] == "-" else words[7]}
 
 
 def facts_of_this_attempt(theirs: Optional[dict], common_guid: str, attempt: int) -> bool:
@@ -4723,11 +4747,14 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                        winner_choice: Optional[str] = None, dry_run: bool = False,
-                       quiesce=None, peer_stopped=None, pause=None) -> Tuple[Verdict, str]:
+                       quiesce=None, peer_stopped=None, pause=None,
+                       serving: bool = False) -> Tuple[Verdict, str]:
     """Reach the verdict with the peer and carry out this node's part;
     returns it and the GUID of the common snapshot.  pause: called first,
     ends the replication cycle in flight (none runs while resolving);
-    quiesce: called by a loser once its user system is stopped."""
+    quiesce: called by a loser once its user system is stopped; serving:
+    this node ran the user system as master when the attempt began (kept
+    from its facts already published for this attempt, across a restart)."""
     cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
     if pause is not None and not dry_run:
         pause()
@@ -4737,8 +4764,13 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                           % (cfg.peer.dataset, cfg.peer.name))
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
     attempt = max(epoch, _marker_epoch(remote))
+    mine = parse_divergence(ctx.zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY)
+                            if not dry_run else None)
+    if facts_of_this_attempt(mine, common.guid, attempt):
+        serving = serving or mine["serving"]    # what it was when this attempt began
+    me = dataclasses.replace(me, serving=serving)
     facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
-                              winner_choice)
+                              winner_choice, me.serving)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
         failpoint("resolve:published")
@@ -4762,14 +4794,15 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             if dry_run:
                 after = snaps_after(remote, common.guid)
                 theirs = {"epoch": _marker_epoch(remote),
-                          "changes": -1 if after else 0,
+                          "changes": -1 if after else 0, "serving": False,
                           "policy": cfg.divergence_policy, "winner": None}
                 break
             raise ActionError("%s did not publish its side of the divergence within %g s; "
                               "is its daemon running?" % (cfg.peer.name, RESOLVE_WAIT))
         time.sleep(0.3)
         remote = peer.listing(cfg.peer.dataset) or remote
-    other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
+    other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"],
+                 theirs["serving"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     settle = time.monotonic() + CHOICE_SETTLE
     while v.status != VERDICT_RESOLVED and not dry_run and time.monotonic() < settle:
@@ -4780,17 +4813,21 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             DIVERGENCE_PROPERTY))
         if facts_of_this_attempt(fresh, common.guid, attempt) and fresh != theirs:
             theirs = fresh
-            other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"])
+            other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"],
+                         theirs["changes"], theirs["serving"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     if dry_run:
         return v, common.guid
-    text = ("split brain since %s@%s: %s: %d bytes changed, epoch %d; %s: %d bytes "
-            "changed, epoch %d. Verdict: %s" % (ds, common.name, me.node, me.changes,
-                                                me.epoch, other.node, other.changes,
-                                                other.epoch, v.reason))
-    log.warning("%s", text)
-    ctx.store.record_event("verdict", text, "warning" if v.status == VERDICT_RESOLVED
-                           else "error")
+    split = is_split_brain(me, other)
+    text = ("%s since %s@%s: %s: %d bytes changed, epoch %d%s; %s: %d bytes changed, "
+            "epoch %d%s. Verdict: %s" % (
+                "split brain" if split else "the nodes rejoin", ds, common.name,
+                me.node, me.changes, me.epoch, ", serving" if me.serving else "",
+                other.node, other.changes, other.epoch, ", serving" if other.serving else "",
+                v.reason))
+    log.log(logging.WARNING if split else logging.INFO, "%s", text)
+    ctx.store.record_event("verdict", text, "error" if v.status != VERDICT_RESOLVED else
+                           "warning" if split else "info")
     if v.status != VERDICT_RESOLVED:
         raise NeedsOperator(v.reason)
     failpoint("resolve:verdict")
@@ -4804,7 +4841,8 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             # promoted above both: the same facts, under the new newest
             # epoch, for a loser that restarts and begins again from there
             zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
-                common.guid, won, me.epoch, me.changes, me.policy, winner_choice))
+                common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
+                me.serving))
     return v, common.guid
 
 
@@ -6161,8 +6199,8 @@ class Daemon:
             level = logging.ERROR if d.kind == DECIDE_SPLIT_BRAIN else logging.INFO
             log.log(level, "decision: %s: %s", d.kind, d.reason)
             if d.kind == DECIDE_SPLIT_BRAIN:
-                self._event("split-brain", d.reason + "; nothing is changed automatically "
-                            "yet: decide which node's data continues", "error")
+                self._event("split-brain", d.reason + "; the divergence verdict decides "
+                            "which node's data continues", "error")
         resolve = d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving)
         if self._backing_off(DECIDE_RESOLVE if resolve else d.kind, now):
             return
@@ -6196,7 +6234,12 @@ class Daemon:
         """Start (or retry) resolving a divergence with the peer."""
         if not join and self.unresolved is not None and time.monotonic() < self._role_retry_at:
             return
-        log.warning("resolving a divergence with %s: %s", self.cfg.peer.name, why)
+        serving = self.serving
+        hb = self.tracker.last
+        if not serving and hb is not None and hb.flags & FLAG_SERVING:
+            log.info("rejoining %s, which serves: %s", self.cfg.peer.name, why)
+        else:
+            log.warning("resolving a divergence with %s: %s", self.cfg.peer.name, why)
         self.resolving = True
         self._joined = True    # this attempt answers one the peer may have begun
         self._answer_soon()    # tell the peer at once
@@ -6206,7 +6249,7 @@ class Daemon:
                                winner_choice=self.winner_choice,
                                quiesce=self._stop_replication,
                                peer_stopped=self._wait_peer_stopped,
-                               pause=self._end_replication)
+                               pause=self._end_replication, serving=serving)
         self._role_job(DECIDE_RESOLVE, action)
 
     def _wait_peer_stopped(self, timeout: float) -> bool:

@@ -12,7 +12,7 @@ import bed as bedmod
 from conftest import ff
 from test_daemon import DEAD, INTERVAL, S, Running, wait_for
 from test_failover import (STOP, lanbed, service_config, serving, start,  # noqa: F401
-                           svc_running, zget)
+                           svc_running, write_files, zget)
 
 
 class Roles:
@@ -329,6 +329,111 @@ def test_a_stopping_master_is_heard_even_when_its_first_packets_are_lost(lanbed)
         assert "known to be outdated" in sb["decision"]["reason"]
         assert not svc_running(b)
         assert "heard that this daemon is stopping" in da.log_text()
+    finally:
+        da.stop()
+        db.stop()
+
+
+def _preserved(host):
+    with ff.StateStore.open(host.state_db) as s:
+        return [p["dataset"] for p in s.preserved()]
+
+
+def _files(dataset):
+    mounted = zget(dataset, "mounted") == "yes"
+    if not mounted:
+        bedmod.sh(["zfs", "mount", dataset])
+    try:
+        return bedmod.tree_digest(zget(dataset, "mountpoint"))
+    finally:
+        if not mounted:
+            bedmod.sh(["zfs", "unmount", dataset], check=False)
+
+
+def _crash_and_return(bed, tail):
+    """alpha (master) writes `tail` bytes that never reach beta (its
+    cycle hangs on beta's frozen gate), and dies (kill -9 of the host);
+    beta takes over and writes 100 kB; alpha comes back.  Returns the
+    daemons and what each wrote."""
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    frozen = []
+    try:
+        wait_for(lambda: _gate_pids(b), S(10))
+        frozen = _gate_pids(b)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: (da.status()["jobs"].get("replicate") or 0) > S(0.5), S(10))
+        before = _files(a.dataset)
+        if tail:
+            write_files(a, n=3, size=tail // 3)
+        tail_files = {k: v for k, v in _files(a.dataset).items() if k not in before}
+        a.kill_all()
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: serving(db), S(15), step=0.05)
+    before = _files(b.dataset)
+    write_files(b, n=1, size=100000)
+    new_files = {k: v for k, v in _files(b.dataset).items() if k not in before}
+    a.start_sshd()
+    bed._wait_for_sshd()
+    da = Running(a, tag="-back").wait_ready()
+    return da, db, tail_files, new_files
+
+
+def _settled_on_beta(da, db):
+    sa, sb = da.status(), db.status()
+    return (sa["role"] == "slave" and sb["role"] == "master" and sb["serving"]
+            and not sa["divergence"]["resolving"] and not sb["divergence"]["resolving"]
+            and sb["snapshot"] and sb["peer"].get("snapshot") == sb["snapshot"])
+
+
+def test_a_crashed_master_returns_as_slave_whatever_the_policy(lanbed):
+    """Issue 12, item 5: under most-changes, the crashed master's own tail
+    (300 kB it wrote before dying, never replicated) outweighs what the new
+    master wrote since (100 kB): it used to win and take the service back
+    from the node that replaced it.  Now the node that serves continues,
+    and the returning node's tail is kept in its preserved dataset."""
+    bed = lanbed
+    service_config(bed, cluster={"divergence_policy": "most-changes"})
+    a, b = bed.a, bed.b
+    da, db, tail, new = _crash_and_return(bed, 300000)
+    try:
+        wait_for(lambda: _settled_on_beta(da, db), S(60), step=0.1)
+        assert svc_running(b) and not svc_running(a)
+        assert len(tail) == 3 and len(new) == 1
+        kept = _preserved(a)
+        assert len(kept) == 1, kept
+        assert all(_files(kept[0]).get(k) == v for k, v in tail.items())
+        have = _files(b.dataset)
+        assert all(have.get(k) == v for k, v in new.items())
+        assert not any(k in have for k in tail)
+        assert "alpha rejoins it as slave" in a.flocker("history", check=True).stdout
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_the_routine_failback_is_a_rejoin_not_a_split_brain_even_under_manual(lanbed):
+    """Issue 12, item 5: the crashed master comes back having written
+    nothing after its last replicated snapshot.  No operator is needed even
+    with divergence_policy = manual (README: a one-sided change continues
+    whatever the policy), and nothing says "split brain": a rejoin is
+    logged at INFO."""
+    bed = lanbed
+    service_config(bed, cluster={"divergence_policy": "manual"})
+    a, b = bed.a, bed.b
+    da, db, tail, new = _crash_and_return(bed, 0)
+    try:
+        wait_for(lambda: _settled_on_beta(da, db), S(60), step=0.1)
+        assert svc_running(b) and not svc_running(a) and _preserved(a) == []
+        for d in (da, db):
+            assert "split brain" not in d.log_text().lower(), d.log_text()[-3000:]
+            assert d.status()["divergence"]["unresolved"] is None
+        assert "the nodes rejoin since" in a.flocker("history", check=True).stdout
+        assert "rejoining beta, which serves" in da.log_text()
     finally:
         da.stop()
         db.stop()

@@ -22,13 +22,21 @@ def test_symmetric_and_sound_over_random_histories():
     for _ in range(20000):
         policy = rnd.choice(POLICIES)
         pa = policy if rnd.random() < 0.95 else rnd.choice(POLICIES)
-        a = S("alpha", rnd.choice([0, 2, 4, 6]), pa, rnd.choice([0, 0, 1, 4096, rnd.randrange(10**9)]))
-        b = S("beta", rnd.choice([1, 3, 5, 7]), policy, rnd.choice([0, 0, 1, 4096, rnd.randrange(10**9)]))
+        a = S("alpha", rnd.choice([0, 2, 4, 6]), pa, rnd.choice([0, 0, 1, 4096, rnd.randrange(10**9)]),
+              rnd.random() < 0.5)
+        b = S("beta", rnd.choice([1, 3, 5, 7]), policy, rnd.choice([0, 0, 1, 4096, rnd.randrange(10**9)]),
+              rnd.random() < 0.5)
         v = both(a, b)
+        if a.serving != b.serving:
+            # a node that was away rejoins the one that serves, whatever
+            # the policy; what it changed meanwhile is kept
+            assert v.status == "resolved" and v.winner == ("alpha" if a.serving else "beta")
+            assert v.preserve == ((b if a.serving else a).changes > 0)
+            continue
         if pa != policy:
             assert v.status == "policy-mismatch" and v.winner is None
             continue
-        if policy == "manual":
+        if policy == "manual" and a.changes and b.changes:
             assert v.status == "operator"
             continue
         if v.status == "resolved":
@@ -39,7 +47,8 @@ def test_symmetric_and_sound_over_random_histories():
                 assert v.winner == ("alpha" if a.changes else "beta") and not v.preserve
         else:
             assert v.status == "operator"
-            assert policy == "zero-changes-only" and a.changes and b.changes
+            assert policy in ("zero-changes-only", "prefer-node:gamma") or policy == "manual"
+            assert a.changes and b.changes
 
 
 @pytest.mark.parametrize("policy,a,b,winner", [
@@ -76,9 +85,46 @@ def test_reasons_are_explicit():
     assert v.status == "operator" and "gamma, which is neither alpha nor beta" in v.reason
 
 
-def test_manual_never_resolves():
+def test_manual_asks_the_operator_only_when_both_changed():
+    """README: a change on one side only continues whatever the policy
+    (nothing is lost); with no change on either side the newer epoch
+    continues; 'manual' hands the operator only what both sides changed
+    (it used to hand over every failback, even with 0 bytes on each side)."""
     for ca, cb in itertools.product([0, 1, 100], repeat=2):
-        assert both(S("alpha", 2, "manual", ca), S("beta", 3, "manual", cb)).status == "operator"
+        v = both(S("alpha", 2, "manual", ca), S("beta", 3, "manual", cb))
+        if ca and cb:
+            assert v.status == "operator" and "divergence_policy = manual" in v.reason
+        else:
+            assert v.status == "resolved" and not v.preserve
+            assert v.winner == ("alpha" if ca else "beta")
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_node_that_was_away_rejoins_the_serving_one_whatever_the_policy(policy):
+    """The crashed master returns (not serving) to the slave that took
+    over: the one that serves continues, whatever the policy, and what
+    the returning node wrote before it died (an unreplicated tail, or only
+    access-time noise that outweighs real writes) is kept, never handed
+    the service back.  Two serving masters are a split brain: the policy
+    decides as before."""
+    back = S("alpha", 2, policy, 700000, serving=False)     # crash recovery, atime...
+    new = S("beta", 3, policy, 1000, serving=True)
+    v = both(back, new)
+    assert (v.status, v.winner, v.loser, v.preserve) == ("resolved", "beta", "alpha", True)
+    assert "alpha rejoins it as slave" in v.reason and "700000 bytes are kept" in v.reason
+    assert ff.is_split_brain(back, new)       # both changed: data is set aside
+    # the routine failback: the crashed node changed nothing (or only the
+    # new master wrote): a rejoin, no split brain
+    for changes in (0, 1000):
+        quiet = S("alpha", 2, policy, 0)
+        v = both(quiet, S("beta", 3, policy, changes, serving=True))
+        assert (v.status, v.winner, v.preserve) == ("resolved", "beta", False)
+        assert not ff.is_split_brain(quiet, S("beta", 3, policy, changes, serving=True))
+    assert ff.is_split_brain(S("alpha", 2, policy, 0, True), S("beta", 3, policy, 0, True))
+    assert ff.is_split_brain(S("alpha", 2, policy, 5), S("beta", 3, policy, 6))
+    # an operator's choice still comes first
+    v = ff.divergence_verdict(back, new, "alpha", None)
+    assert v.winner == "alpha" and "an operator chose it" in v.reason
 
 
 def test_divergence_facts_round_trip_and_belong_to_one_attempt():
@@ -87,14 +133,15 @@ def test_divergence_facts_round_trip_and_belong_to_one_attempt():
     resolution left on the same snapshot (a lower attempt) are never read
     as this attempt's, a winner's republished ones (higher) are."""
     text = ff.format_divergence("123", 4, 0, 0, "most-changes", None)
-    assert text == "v2 123 4 0 0 most-changes -"
+    assert text == "v3 123 4 0 0 0 most-changes -"      # pinned: the peer parses it
     facts = ff.parse_divergence(text)
     assert facts == {"common_guid": "123", "attempt": 4, "epoch": 0, "changes": 0,
-                     "policy": "most-changes", "winner": None}
-    assert ff.parse_divergence(ff.format_divergence("9", 7, 6, 10, "manual", "beta"))[
-        "winner"] == "beta"
-    for bad in (None, "", "v1 123 0 0 most-changes -", "v2 123 x 0 0 most-changes -",
-                "v2 123 4 0 0 most-changes"):
+                     "serving": False, "policy": "most-changes", "winner": None}
+    f = ff.parse_divergence(ff.format_divergence("9", 7, 6, 10, "manual", "beta", True))
+    assert f["winner"] == "beta" and f["serving"] is True
+    for bad in (None, "", "v1 123 0 0 most-changes -", "v2 123 4 0 0 most-changes -",
+                "v3 123 x 0 0 0 most-changes -", "v3 123 4 0 0 2 most-changes -",
+                "v3 123 4 0 0 0 most-changes"):
         assert ff.parse_divergence(bad) is None, bad
     assert ff.facts_of_this_attempt(facts, "123", 4)
     assert not ff.facts_of_this_attempt(facts, "123", 5)    # left from an earlier attempt
