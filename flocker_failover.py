@@ -4764,8 +4764,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                           % (cfg.peer.dataset, cfg.peer.name))
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
     attempt = max(epoch, _marker_epoch(remote))
-    mine = parse_divergence(ctx.zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY)
-                            if not dry_run else None)
+    mine = parse_divergence(ctx.zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
     if facts_of_this_attempt(mine, common.guid, attempt):
         serving = serving or mine["serving"]    # what it was when this attempt began
     me = dataclasses.replace(me, serving=serving)
@@ -6652,6 +6651,7 @@ class Daemon:
              "age_seconds": age(self.arbitrator_last[2])},
             "fenced": self.fenced, "check_failures": self.check_failures,
             "replication_failures": self.repl_failures, "released": self.released,
+            "recovering": self.recovering,
             "promotions": self.promotions, "demotions": self.demotions,
             "divergence": {"resolving": self.resolving, "unresolved": self.unresolved,
                            "winner_choice": self.winner_choice},
@@ -7282,9 +7282,11 @@ def _add_demote(p) -> None:
 def cmd_resolve(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
     if args.dry_run:
+        live = (query_daemon(cfg.local.state_db, {"cmd": "status"}) or {}).get("status")
         with StateStore.open(cfg.local.state_db) as store:
             v, _ = resolve_divergence(Context(cfg, store, Zfs()), peer_zfs(cfg),
-                                      threading.Event(), dry_run=True)
+                                      threading.Event(), dry_run=True,
+                                      serving=bool(live and live.get("serving")))
         print("verdict (dry run, nothing changed): %s%s" % (
             v.reason, "" if v.status == VERDICT_RESOLVED else
             " -> an operator decides: 'resolve --winner NODE'"))

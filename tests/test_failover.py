@@ -414,9 +414,10 @@ def test_cold_start_with_the_master_slow_to_boot(lanbed):
 def test_outdated_replica_never_promotes_by_itself(lanbed):
     """The master tells a slave that missed its writes (replication failed
     3 times); the slave remembers it across a restart and does not take
-    over with that replica when the master is gone."""
+    over with that replica when the master is gone.  (wait_for_peer = no:
+    the outdated mark alone must hold it back.)"""
     bed = lanbed
-    service_config(bed)
+    service_config(bed, cluster={"wait_for_peer": "no"})
     a, b = bed.a, bed.b
     da, db = start(bed)
     try:
@@ -531,7 +532,9 @@ def test_kill_9_at_every_step_of_promotion_and_demotion(lanbed):
                                  tag="-d%d" % i).wait_ready()
             assert killed(running[x]) != 0  # killed at demote:<d>
             running[x] = Running(x, tag="-d%d-after" % i).wait_ready()
-            wait_for(lambda: running[x].status()["role"] == "slave", S(20), step=0.05)
+            # (the loop's first role job finishes the demotion)
+            wait_for(lambda: running[x].status()["role"] == "slave" and
+                     not running[x].status()["recovering"], S(20), step=0.05)
             assert not svc_running(x), d
             assert zget(x.dataset, "mounted") == "no" and zget(x.dataset, "readonly") == "on"
             assert serving(running[y]) and svc_running(y)
