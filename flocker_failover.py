@@ -1343,12 +1343,24 @@ class StateStore:
         with self.transaction() as conn:
             conn.execute("UPDATE intents SET step = ? WHERE id = ?", (step, intent_id))
 
-    def finish_intent(self, intent_id: int) -> None:
+    def finish_intent(self, intent_id: int,
+                      then: Optional[Tuple[str, dict]] = None) -> Optional[int]:
+        """Record an intent done; with then=(action, data), begin that one in
+        the same transaction (a crash between the two cannot lose it) and
+        return its id."""
         with self.transaction() as conn:
             row = conn.execute("SELECT action FROM intents WHERE id = ?", (intent_id,)).fetchone()
             conn.execute("UPDATE intents SET finished = ?, step = 'done' WHERE id = ?",
                          (time.time(), intent_id))
             self._event(conn, row[0], "%s completed" % row[0])
+            if then is None:
+                return None
+            action, data = then
+            cur = conn.execute("INSERT INTO intents (action, started, step, data) "
+                               "VALUES (?, ?, 'begin', ?)",
+                               (action, time.time(), json.dumps(data, sort_keys=True)))
+            self._event(conn, action, "%s begins: %s" % (action, data.get("reason", "")))
+            return cur.lastrowid
 
     def unfinished_intent(self) -> Optional[dict]:
         row = self.conn.execute(
@@ -4565,10 +4577,14 @@ def preserved_name(dataset: str, epoch: int, now: float) -> str:
                                   time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
 
 
-def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str) -> str:
+def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
+                        then_demote: bool = False) -> str:
     """Keep this node's data written after snapshot `common` (a snapshot
     name without the dataset) as a separate dataset; returns its name.
-    The service must be stopped (the dataset is unmounted)."""
+    The service must be stopped (the dataset is unmounted).  then_demote:
+    the demotion to slave (in `epoch`) follows as part of the same recorded
+    action, so that a crash in between never leaves a master that resumes
+    serving the rolled-back dataset."""
     ds = ctx.cfg.local.dataset
     if ctx.cfg.recursive:
         raise ActionError("keeping divergent data of recursive datasets is not supported yet; "
@@ -4578,7 +4594,7 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str) -> s
                           % (ds, common))
     now = time.time()
     data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
-            "preserved": preserved_name(ds, epoch, now),
+            "then_demote": then_demote, "preserved": preserved_name(ds, epoch, now),
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
                                                                    time.gmtime(now)))}
     _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
@@ -4612,7 +4628,14 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
             zfs.unmount(ds)
         elif step == "record":
             ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
-    ctx.store.finish_intent(intent_id)
+    if not data.get("then_demote"):
+        ctx.store.finish_intent(intent_id)
+        return
+    old = ctx.store.node_state()
+    demotion = {"epoch": max(data["epoch"], old.epoch), "reason": data["reason"],
+                "old_role": old.role, "handover": False}
+    _demote_steps(ctx, ctx.store.finish_intent(intent_id, then=("demote", demotion)),
+                  demotion)
 
 
 def discard_preserved(ctx: Context, name: str) -> None:
@@ -4863,14 +4886,15 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str)
     local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
     after = snaps_after(local, common.guid)
     if after and zfs.stream_size(ds, common.name, after[-1].name) > 0:
-        kept = preserve_divergence(ctx, common.name, top, v.reason)
+        # (the demotion is part of the preservation: see then_demote)
+        kept = preserve_divergence(ctx, common.name, top, v.reason, then_demote=True)
         log.warning("kept this node's divergent data as %s", kept)
         # the dataset under the old name is new: publish the facts there
         # again, for a peer that has not read them yet
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
     else:
         _drop_empty_divergence(ctx, common)
-    demote(ctx, top, v.reason)
+        demote(ctx, top, v.reason)
 
 
 def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:

@@ -437,3 +437,43 @@ def test_the_routine_failback_is_a_rejoin_not_a_split_brain_even_under_manual(la
     finally:
         da.stop()
         db.stop()
+
+
+def test_a_loser_killed_while_preserving_ends_as_slave_even_alone(lanbed):
+    """Issue 12, item 8: two masters wrote during a split; the loser's
+    daemon dies (kill -9) in the middle of keeping its divergent data.
+    Restarted while it cannot hear the winner, it finishes the preservation
+    AND the demotion that follows it (recorded as one action): it never
+    serves the rolled-back dataset."""
+    from test_divergence import Pair, check_nothing_lost, preserved  # one split brain
+    bed = lanbed
+    p = Pair(bed, "most-changes")
+    p.policy = "most-changes"
+    try:
+        m, s = p.roles()
+        p.d[s].stop()
+        p.start(s, env={"FLOCKER_FAILPOINT": "preserve:promote"})
+        wait_for(lambda: all(d.status()["peer"]["state"] == "alive" and
+                             not d.status()["outdated"] for d in p.d.values()), S(20))
+        kept = preserved(s)
+        written = p.split({m: 200000, s: 100000})     # m changed more: s loses
+        p.heal()
+        p.d[s].proc.wait(timeout=S(60))                # died at preserve:promote
+        bed.cut_link()                                 # it comes back alone
+        roles = Roles(bed)
+        p.start(s)
+        wait_for(lambda: p.d[s].status()["role"] == "slave" and
+                 not p.d[s].status()["recovering"], S(30), step=0.1)
+        time.sleep(2 * DEAD + S(1.0))                  # startup_wait + dead_time and more
+        roles.stop()
+        served = [x for x in roles.samples if (x[2] if s is bed.b else x[1])]
+        assert served == [], "the loser served its rolled-back dataset"
+        assert p.d[s].status()["role"] == "slave"
+        with ff.StateStore.open(s.state_db) as st:
+            assert st.unfinished_intent() is None
+        p.heal()
+        winner = wait_for(p.settled, S(60), step=0.1)
+        assert winner is m
+        check_nothing_lost(m, s, written, kept)
+    finally:
+        p.stop()
