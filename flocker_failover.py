@@ -3534,6 +3534,22 @@ def next_epoch(highest_seen: int, index: int) -> int:
     return epoch
 
 
+def state_behind_dataset(node: str, role: str, epoch: int,
+                         marker: Optional[Tuple[str, str, int]]) -> Optional[Tuple[str, int]]:
+    """The (role, epoch) this node must take when its state file is older
+    than its own dataset's flocker:role marker (the file was restored from
+    a backup, a VM snapshot reverted): the marker is written after the
+    state at every role change, so a newer epoch there, or the same epoch
+    as slave where the file says master, is what the node did since.
+    None when the state file is current."""
+    if marker is None or marker[0] != node:
+        return None
+    m_role, m_epoch = marker[1], marker[2]
+    if m_epoch > epoch or (m_epoch == epoch and role == ROLE_MASTER and m_role == ROLE_SLAVE):
+        return m_role, m_epoch
+    return None
+
+
 def isolation_time(dead_time: float, heartbeat_interval: float) -> float:
     """How long an isolated master waits before it steps down.  The slave
     promotes after dead_time of silence as it measures it; the master's
@@ -5777,6 +5793,7 @@ class Daemon:
                     "fix --node or state_db in the configuration" % (db, st.node,
                                                                      self.cfg.local_name))
             self.generation = store.next_generation()
+            st = self._catch_up_with_dataset(store, st)
             # a crash cut a role change short: the loop's first role job
             # finishes it, with heartbeats flowing and a backoff when it fails
             self.recovering = store.unfinished_intent() is not None
@@ -5806,7 +5823,33 @@ class Daemon:
         if peer is not None:
             self._peer_saved = (peer["role"], peer["epoch"], peer["generation"],
                                 peer["snapshot"], peer["guid"], peer["health"])
-            self.peer_epoch_seen = peer["epoch"] or 0
+            self.peer_epoch_seen = max(self.peer_epoch_seen, peer["epoch"] or 0)
+
+    def _catch_up_with_dataset(self, store: StateStore, st: NodeState) -> NodeState:
+        """A state file restored from an older copy must not bring back a
+        role or an epoch the node has left: what its dataset says (the role
+        marker, the epochs in its snapshot names) wins, and an epoch is
+        never used twice."""
+        try:
+            listing = Zfs().listing(self.cfg.local.dataset)
+        except FlockerError as e:
+            log.warning("cannot read the dataset at start (%s); the role comes from the "
+                        "state file alone", e.message)
+            return st
+        if listing is None:
+            return st
+        epochs = [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None]
+        self.peer_epoch_seen = max([self.peer_epoch_seen] + epochs)
+        adopt = state_behind_dataset(self.cfg.local_name, st.role, st.epoch,
+                                     parse_role_marker(listing.props.get(ROLE_PROPERTY)))
+        if adopt is None:
+            return st
+        why = ("the state file is older than the dataset %s, which says %s in epoch %d (was "
+               "it restored from a backup, or a VM snapshot reverted?): taking the "
+               "dataset's role and epoch" % (self.cfg.local.dataset, adopt[0], adopt[1]))
+        log.warning("%s", why)
+        store.set_role(adopt[0], adopt[1], why)
+        return store.node_state()
 
     def _write_pidfile(self) -> None:
         if self.pidfile is None:

@@ -105,6 +105,22 @@ def test_slave_never_promotes_while_a_serving_master_is_heard_one_way():
     assert kind(peer_silence=60, peer_claim_epoch=2, force=True) == "promote"
 
 
+def test_a_state_file_older_than_the_dataset_takes_the_datasets_role_and_epoch():
+    """Issue 12, item 1: restored from a backup, the state file says master
+    in epoch 2; the dataset's own marker, written after the state at every
+    role change, says slave in epoch 5: the node is slave in epoch 5, and
+    never promotes into an epoch it used before."""
+    f = ff.state_behind_dataset
+    assert f("alpha", "master", 2, ("alpha", "slave", 5)) == ("slave", 5)
+    assert f("alpha", "slave", 2, ("alpha", "master", 6)) == ("master", 6)
+    assert f("alpha", "master", 4, ("alpha", "slave", 4)) == ("slave", 4)   # a step-down
+    assert f("alpha", "slave", 4, ("alpha", "slave", 4)) is None           # current
+    assert f("alpha", "slave", 4, ("alpha", "master", 4)) is None   # never toward serving
+    assert f("alpha", "master", 6, ("alpha", "slave", 5)) is None
+    assert f("alpha", "slave", 2, ("beta", "master", 9)) is None     # the master's, replicated
+    assert f("alpha", "slave", 2, None) is None
+
+
 # -- the master ------------------------------------------------------------
 
 M = dict(role="master", index=0, epoch=4, highest_epoch_seen=4, peer_role="slave", peer_epoch=4)

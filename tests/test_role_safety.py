@@ -11,8 +11,8 @@ import time
 import bed as bedmod
 from conftest import ff
 from test_daemon import DEAD, INTERVAL, S, Running, wait_for
-from test_failover import (STOP, lanbed, service_config, serving, start,  # noqa: F401
-                           svc_running, write_files, zget)
+from test_failover import (STOP, lanbed, replicated, service_config, serving,  # noqa: F401
+                           start, svc_running, write_files, zget)
 
 
 class Roles:
@@ -477,3 +477,101 @@ def test_a_loser_killed_while_preserving_ends_as_slave_even_alone(lanbed):
         check_nothing_lost(m, s, written, kept)
     finally:
         p.stop()
+
+
+def test_faults_as_an_operator_meets_them_one_serving_node_throughout(lanbed):
+    """Issue 12: items 5, 4, 2 and 1 in a row on one running pair, as an
+    operator meets them, sampled every 0.1 s: never two nodes serving for
+    longer than dead_time (plus one interval), and never none for longer
+    than dead_time + startup_wait (plus the time of a resolution) after a
+    fault healed.
+      5. the master host crashes, the slave takes over, the old master
+         returns: a rejoin (no split brain);
+      4. the new master's heartbeats stop reaching the old one (one way):
+         it takes over, the other steps down;
+      2. a planned switchover whose stop_command fails three times: the
+         retry finishes it and the role is released;
+      1. a node's state file is restored from a copy made before all of
+         this (older boot generation, older role and epoch): the peer
+         accepts it, it takes its dataset's role and epoch, and nothing
+         moves."""
+    bed = lanbed
+    w = bed.workdir
+    service_config(bed, service={"stop_command": FLAKY_STOP.format(w=w)},
+                   cluster={"arbitrator": bed.ARBITRATOR,
+                            "arbitrator_timeout": "%g" % S(0.3)})
+    open(w + "/stopfail", "w").write("3")          # alpha's stop works ... for now
+    a, b = bed.a, bed.b
+    import sqlite3
+    from test_daemon import init
+    init(bed)
+    copy = w + "/alpha-state-backup.db"             # the operator's backup, made now
+    with sqlite3.connect(a.state_db) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    for h in bed.hosts:
+        bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
+    da, db = Running(a).wait_ready(), Running(b).wait_ready()
+    wait_for(lambda: serving(da) and replicated(da), S(30), step=0.05)
+    wait_for(lambda: db.status()["arbitrator"] and db.status()["arbitrator"]["reachable"],
+             S(10))
+    roles = Roles(bed)
+    settle = DEAD + S(1.0) + S(10)                  # dead_time + startup_wait + resolution
+    try:
+        # 5: the master host crashes; it returns and rejoins
+        a.kill_all()
+        wait_for(lambda: serving(db), S(15), step=0.05)
+        a.start_sshd()
+        bed._wait_for_sshd()
+        da = Running(a, tag="-5").wait_ready()
+        wait_for(lambda: da.status()["role"] == "slave" and serving(db), S(30), step=0.1)
+        assert "split brain" not in (da.log_text() + db.log_text()).lower()
+
+        # 4: beta -> alpha lost: alpha takes over, beta steps down
+        wait_for(lambda: db.status()["arbitrator"]["reachable"]
+                 and da.status()["arbitrator"]["reachable"], S(10))
+        bed.drop_heartbeats(a)
+        wait_for(lambda: serving(da) and db.status()["role"] == "slave", S(30), step=0.1)
+        bed.allow_heartbeats(a)
+        wait_for(lambda: da.status()["peer"]["state"] == "alive"
+                 and db.status()["peer"]["state"] == "alive", S(10))
+        wait_for(lambda: serving(da) and db.status()["role"] == "slave"
+                 and not da.status()["divergence"]["resolving"], S(30), step=0.1)
+
+        # 2: a planned switchover; alpha's stop_command fails three times
+        os.unlink(w + "/stopfail")
+        wait_for(lambda: replicated(da), S(30), step=0.1)
+        r = a.flocker("demote", "--wait", "%g" % S(60), timeout=S(90))
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: serving(db) and not da.status()["released"], S(30), step=0.1)
+        assert "stop_command failed 3 times" in a.flocker("history", check=True).stdout
+
+        # 1: alpha's state file restored from the backup made at init
+        epoch_before = da.status()["epoch"]
+        assert epoch_before > 2
+        da.stop()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(a.state_db + suffix)
+        with sqlite3.connect(copy) as src, sqlite3.connect(a.state_db) as dst:
+            src.backup(dst)
+        da = Running(a, tag="-1").wait_ready()
+        wait_for(lambda: da.status()["peer"]["state"] == "alive"
+                 and db.status()["peer"]["state"] == "alive", S(10))
+        time.sleep(DEAD + S(2.0))
+        sa = da.status()
+        assert (sa["role"], sa["serving"]) == ("slave", False), sa["decision"]
+        assert sa["epoch"] == epoch_before and serving(db)     # not the backup's 2
+        assert "the state file is older than the dataset" in da.log_text()
+        assert "restarted from older state" in db.log_text()
+        roles.stop()
+        both = roles.both()
+        neither = roles.neither()
+        print("longest overlap %.2f s, longest time without a serving node %.2f s"
+              % (both, neither))
+        assert both <= DEAD + INTERVAL, both
+        assert neither <= settle, neither
+        assert svc_running(b) and not svc_running(a)
+    finally:
+        roles.stop()
+        da.stop()
+        db.stop()
