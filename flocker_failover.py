@@ -5243,6 +5243,10 @@ class PeerTracker:
         # lost) still tells us that it is master (see Facts.peer_claim_epoch)
         self.claim = None          # type: Optional[Heartbeat]
         self.claim_seen = None     # type: Optional[float]
+        # since when every authentic packet has been unconfirmed (None: the
+        # newest was confirmed): a link that just healed confirms within
+        # moments, a direction that stays lost never does
+        self.unconfirmed_since = None  # type: Optional[float]
         # (old, new) boot generation of a peer that restarted from older
         # state and proved it is live; the daemon logs it once and clears it
         self.generation_dropped = None  # type: Optional[Tuple[int, int]]
@@ -5278,7 +5282,10 @@ class PeerTracker:
         self.claim, self.claim_seen = hb, now
         if not confirmed:
             self.unconfirmed += 1
+            if self.unconfirmed_since is None:
+                self.unconfirmed_since = now
             return None, None
+        self.unconfirmed_since = None
         lv = self.links[link]
         if lv.last_seen is not None:
             lv.max_gap = max(lv.max_gap, now - lv.last_seen)
@@ -5305,11 +5312,14 @@ class PeerTracker:
         self.awake_since = now
         self.stalls += 1
 
-    def fresh_claim(self, now: float) -> Optional[Heartbeat]:
+    def one_way_claim(self, now: float, settle: float) -> Optional[Heartbeat]:
         """The peer's newest authentic packet when it came within dead_time
-        (and after a stall), confirmed or not; else None."""
+        (and after a stall) while none of its packets has echoed ours for
+        at least `settle` seconds: it does not hear us (one direction of
+        the link is lost), though we hear it.  Else None."""
         if (self.claim_seen is None or self.claim_seen < self.awake_since
-                or now - self.claim_seen > self.dead_time):
+                or now - self.claim_seen > self.dead_time
+                or self.unconfirmed_since is None or now - self.unconfirmed_since < settle):
             return None
         return self.claim
 
@@ -6230,7 +6240,8 @@ class Daemon:
             peer_claim_epoch=self._peer_claim_epoch(now))
 
     def _peer_claim_epoch(self, now: float) -> Optional[int]:
-        claim = self.tracker.fresh_claim(now)
+        # two intervals: a link that just healed has confirmed both ways by then
+        claim = self.tracker.one_way_claim(now, 2 * self.cfg.heartbeat_interval)
         if claim is None or claim.role != ROLE_MASTER or not claim.flags & FLAG_SERVING:
             return None
         return claim.epoch

@@ -238,6 +238,28 @@ def test_recorded_packets_replayed_after_a_restart_are_no_sign_of_life():
     assert t.state == "dead" and t.unconfirmed == len(recorded)
 
 
+def test_a_peer_heard_one_way_is_told_apart_from_a_link_that_just_healed():
+    """Authentic packets that do not echo ours (the peer does not hear us)
+    are a one-way claim only once that has lasted `settle` seconds with no
+    confirmed packet between: right after a heal the first packets of
+    either side echo old ones, and confirm each other within moments."""
+    t = tracker(dead_time=1.0, start=0.0)
+    master = dict(role=ff.ROLE_MASTER, flags=ff.FLAG_SERVING, echo_generation=OWN_GEN - 1)
+    t.receive(ff.encode_heartbeat(hb(sequence=1, **master), K1), 0, 0.5)
+    assert t.one_way_claim(0.5, 0.4) is None
+    t.receive(ff.encode_heartbeat(hb(sequence=2, **master), K1), 0, 0.7)
+    assert t.one_way_claim(0.7, 0.4) is None            # 0.2 s of it: a heal, maybe
+    t.receive(ff.encode_heartbeat(hb(sequence=3, **master), K1), 0, 0.95)
+    assert t.one_way_claim(0.95, 0.4).sequence == 3     # 0.45 s: one way
+    assert t.one_way_claim(1.96, 0.4) is None           # and stale after dead_time
+    # a confirmed packet ends the streak (the link healed)
+    t.sent(5, 1.0)
+    t.receive(ff.encode_heartbeat(hb(sequence=4, echo_sequence=5, **dict(
+        master, echo_generation=OWN_GEN)), K1), 0, 1.05)
+    t.receive(ff.encode_heartbeat(hb(sequence=5, **master), K1), 0, 1.1)
+    assert t.one_way_claim(1.2, 0.4) is None
+
+
 def test_a_stalled_node_needs_fresh_evidence_before_calling_the_peer_dead():
     t = tracker(dead_time=1.0, start=0.0)
     t.receive(ff.encode_heartbeat(hb(sequence=1), K1), 0, 0.1)
