@@ -5,6 +5,7 @@ test_witness_bed.py)."""
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -476,3 +477,80 @@ def test_check_says_when_the_witness_makes_failover_impossible():
                                             reachable=False))
     assert code == ff.CHECK_CRITICAL and "failover is not possible: the master is gone and " \
         "the witness 192.0.2.158:7789 does not answer" in text
+
+
+def test_the_node_takes_only_the_answer_to_its_own_request(conf):
+    """A fake witness on loopback answers with garbage, a forged answer, a
+    recorded answer to an earlier request, then the real one."""
+    import socket
+    import threading
+    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fake.bind(("127.0.0.1", 0))
+    cfg = ff.parse_config(conf("witness = 127.0.0.1:%d\nwitness_timeout = 1\n"
+                               % fake.getsockname()[1]))
+    key = cfg.secret
+    old = ff.encode_witness(ff.dataclasses.replace(
+        request(seq=1, nonce=b"\x01" * 16), kind=ff.WITNESS_ANSWER,
+        answer=ff.WITNESS_GRANTED), key)
+
+    def serve():
+        data, addr = fake.recvfrom(2048)
+        m = ff.decode_witness(data, ff.wire_keys(key))
+        good = ff.dataclasses.replace(m, kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_GRANTED)
+        for packet in (b"garbage", ff.encode_witness(good, OTHER), old,
+                       ff.encode_witness(good, key)):
+            fake.sendto(packet, addr)
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        sent_at, got, why, refused = ff.ask_witness(cfg, request(seq=2, nonce=b"\x02" * 16))
+    finally:
+        t.join()
+        fake.close()
+    assert got is not None and got.nonce == b"\x02" * 16 and got.sequence == 2, why
+    assert refused == 3
+
+
+def test_no_witness_listening_is_said_plainly(conf):
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()           # nothing listens there now: the kernel answers ICMP
+    cfg = ff.parse_config(conf("witness = 127.0.0.1:%d\n" % port))
+    _, got, why, _ = ff.ask_witness(cfg, request())
+    assert got is None and why == "Connection refused"
+
+
+def test_witness_command_line_errors_say_what_to_do(tmp_path):
+    assert ff.parse_witness_listen("192.0.2.7:9000") == ("192.0.2.7", 9000)
+    assert ff.parse_witness_listen(":9000") == ("0.0.0.0", 9000)
+    assert ff.parse_witness_listen("[2001:db8::1]") == ("2001:db8::1", ff.WITNESS_PORT)
+    for bad in ("witness.lan:7789", "192.0.2.7:0", "192.0.2.7:x"):
+        with pytest.raises(ff.ConfigError) as e:
+            ff.parse_witness_listen(bad)
+        assert "expected ADDRESS:PORT, e.g. 192.0.2.254:7789" in e.value.message
+    secret = tmp_path / "s"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    name, keys = ff.parse_witness_cluster("bed=%s" % secret)
+    assert name == "bed" and len(keys) == 1
+    for bad in ("bed", "bed=relative", "b/d=%s" % secret, "bed=%s,%s,%s" % ((secret,) * 3)):
+        with pytest.raises(ff.ConfigError) as e:
+            ff.parse_witness_cluster(bad)
+        assert "expected NAME=SECRET_FILE or NAME=SECRET_FILE,PREVIOUS_SECRET_FILE" in \
+            e.value.message
+    secret.chmod(0o644)
+    with pytest.raises(ff.ConfigError) as e:
+        ff.parse_witness_cluster("bed=%s" % secret)
+    assert "run: chmod 600" in e.value.message
+    proc = ff.subprocess.run([sys.executable, ff.__file__, "witness", "--cluster",
+                              "bed=%s" % secret, "--max-lease", "0.5"],
+                             capture_output=True, text=True)
+    assert proc.returncode == ff.EXIT_CONFIG and "chmod 600" in proc.stderr
+    secret.chmod(0o600)
+    proc = ff.subprocess.run([sys.executable, ff.__file__, "witness", "--cluster",
+                              "bed=%s" % secret, "--max-lease", "0.5"],
+                             capture_output=True, text=True)
+    assert proc.returncode == ff.EXIT_CONFIG and "--max-lease 0.5: expected seconds from 1" \
+        in proc.stderr

@@ -81,9 +81,9 @@ class Sampler:
         return [s for s in self.samples if s[1] and s[2]]
 
 
-def overlap(bed):
+def overlap(bed, killed=None):
     """Seconds both hosts ran the user system, from its own start/stop log
-    (until now for one still running)."""
+    (until now for one still running; killed: {host: when kill -9 ended it})."""
     spans = []
     for h in (bed.a, bed.b):
         run, began = [], None
@@ -94,7 +94,7 @@ def overlap(bed):
                 run.append((began, at))
                 began = None
         if began is not None:
-            run.append((began, time.time()))      # still running
+            run.append((began, (killed or {}).get(h, time.time())))  # still running
         spans.append(run)
     return sum(max(0.0, min(e1, e2) - max(s1, s2))
                for s1, e1 in spans[0] for s2, e2 in spans[1])
@@ -189,3 +189,193 @@ def test_link_cut_without_a_witness_gives_two_masters(lanbed):
             sampler.stop()
         da.stop()
         db.stop()
+
+
+def test_master_cut_from_everything_stops_serving_before_the_slave_promotes(wbed):
+    bed = wbed
+    bed.witness()
+    with_witness(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    sampler = None
+    try:
+        wait_for(lambda: holds_lease(da), S(10))
+        sampler = Sampler(bed)
+        t_cut = time.time()
+        bed.cut_lan(a)
+        bed.cut_link()
+        wait_for(lambda: serving(db), S(20), step=0.05)
+        wait_for(lambda: not svc_running(a), S(5))
+        stop_a = [e for e in svc_log(a) if e[0] == "stop"]
+        start_b = [e for e in svc_log(b) if e[0] == "start"]
+        assert stop_a and len(start_b) == 1
+        # alpha's last renewal was answered at most an interval (and the
+        # answer's way) before the cut; beta had to wait for its lease to
+        # run out at the witness, and the margin after it
+        took = start_b[0][2] - t_cut
+        print("master cut from everything: alpha stopped %.2f s, beta started %.2f s after "
+              "the cut (lease %g s, margin %g s)" % (stop_a[0][2] - t_cut, took, LEASE, MARGIN))
+        assert took >= LEASE + MARGIN - INTERVAL - TIMEOUT - S(0.1), took
+        assert stop_a[0][2] < start_b[0][2]
+        assert stop_a[0][2] - t_cut < LEASE, stop_a        # before its lease ran out
+        wait_for(lambda: da.status()["role"] == "slave", S(60), step=0.1)
+        assert "the witness's lease was not renewed" in a.flocker("history", check=True).stdout
+        # alpha, still cut off, stays a slave without the lease
+        time.sleep(2 * (LEASE + MARGIN))
+        assert da.status()["role"] == "slave" and not svc_running(a)
+        sampler.stop()
+        print("overlap: %d samples, both serving in %d, %.3f s by the service's log"
+              % (len(sampler.samples), len(sampler.both), overlap(bed)))
+        assert not sampler.both and overlap(bed) == 0.0
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        da.stop()
+        db.stop()
+
+
+def test_a_restarted_witness_lends_no_second_lease_early(wbed):
+    """kill -9 of the witness while alpha holds the lease, alpha cut from
+    everything at once, the witness back at once: beta must wait out the
+    whole lease, counted from the restart, and the margin."""
+    bed = wbed
+    w = bed.witness()
+    with_witness(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    sampler = None
+    try:
+        wait_for(lambda: holds_lease(da), S(10))
+        sampler = Sampler(bed)
+        w.kill()
+        bed.cut_lan(a)
+        bed.cut_link()
+        t_restart = time.time()
+        w = bed.witness(tag="-2")
+        assert "alpha held the lease" in w.text()
+        wait_for(lambda: serving(db), S(20), step=0.05)
+        start_b = [e for e in svc_log(b) if e[0] == "start"]
+        print("witness restarted: beta started %.2f s after the restart (lease %g s + "
+              "margin %g s)" % (start_b[0][2] - t_restart, LEASE, MARGIN))
+        # a witness that forgot would have lent it after dead_time (1 s)
+        assert start_b[0][2] - t_restart >= LEASE + MARGIN, start_b
+        wait_for(lambda: not svc_running(a), S(5))
+        sampler.stop()
+        assert not sampler.both and overlap(bed) == 0.0
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        da.stop()
+        db.stop()
+
+
+def test_witness_down_changes_nothing_then_no_failover_without_it(wbed):
+    bed = wbed
+    w = bed.witness()
+    with_witness(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    sampler = None
+    try:
+        wait_for(lambda: holds_lease(da), S(10))
+        sampler = Sampler(bed)
+        w.kill()
+        time.sleep(DEAD + 3 * (LEASE + MARGIN))
+        sa, sb = da.status(), db.status()
+        assert (sa["role"], sa["serving"], sb["role"]) == ("master", True, "slave")
+        assert sa["witness"]["lease_left_seconds"] == 0 and not sa["witness"]["reachable"]
+        assert [e[0] for e in svc_log(a)] == ["start"]
+        for host in (a, b):
+            code, out = check(host)
+            assert code == 1 and "the witness 192.0.2.158:7789 does not answer" in out, out
+            assert "no failover is possible until it answers again" in out
+        assert "does NOT answer" in a.flocker("status", check=True).stdout
+
+        # the master dies while the witness is down: no promotion
+        a.kill_all()
+        t_kill = time.time()
+        time.sleep(DEAD + 2 * (LEASE + MARGIN))
+        sb = db.status()
+        assert (sb["role"], sb["serving"]) == ("slave", False)
+        assert "does not hold the witness's lease" in sb["decision"]["reason"]
+        code, out = check(b)
+        assert code == 2 and "failover is not possible: the master is gone and the witness " \
+            "192.0.2.158:7789 does not answer" in out, out
+        # the witness returns: it knows alpha held the lease and waits it out
+        t_back = time.time()
+        bed.witness(tag="-2")
+        wait_for(lambda: serving(db), S(20), step=0.05)
+        start_b = [e for e in svc_log(b) if e[0] == "start"][0][2]
+        print("witness back %.1f s after the master died; beta started %.2f s after that"
+              % (t_back - t_kill, start_b - t_back))
+        assert start_b - t_back >= LEASE + MARGIN
+        sampler.stop()
+        assert not sampler.both and overlap(bed, killed={a: t_kill}) == 0.0
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        da.stop()
+        db.stop()
+
+
+@pytest.mark.parametrize("witness", [False, True], ids=["without-witness", "with-witness"])
+def test_kill_9_of_the_master_failover_time(wbed, witness):
+    bed = wbed
+    if witness:
+        bed.witness()
+        with_witness(bed)
+    else:
+        service_config(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    try:
+        if witness:
+            wait_for(lambda: holds_lease(da), S(10))
+        time.sleep(S(1))
+        t_kill = time.time()
+        a.kill_all()
+        wait_for(lambda: serving(db), S(20), step=0.05)
+        took = [e for e in svc_log(b) if e[0] == "start"][0][2] - t_kill
+        print("kill -9 of the master -> slave serving: %.2f s %s (dead_time %g s%s)" % (
+            took, "with a witness" if witness else "without a witness", DEAD,
+            ", lease %g s, margin %g s" % (LEASE, MARGIN) if witness else ""))
+        least = (LEASE + MARGIN if witness else DEAD) - INTERVAL - TIMEOUT - S(0.1)
+        assert least <= took < least + S(5), took
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_forged_and_replayed_requests_get_no_answer(wbed):
+    """From the LAN: a valid question is answered; the same datagram again,
+    one signed with another key, and one with a flipped bit are not."""
+    bed = wbed
+    bed.witness()
+    code = r"""
+import importlib.util, json, os, socket, sys
+spec = importlib.util.spec_from_file_location("ff", sys.argv[1])
+ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
+key = open(sys.argv[2], "rb").read().strip()
+keys = ff.wire_keys(key)
+m = ff.WitnessMessage(kind=ff.WITNESS_REQUEST, cluster="bed", node="gamma",
+                      nonce=os.urandom(16), generation=1, sequence=1, lease_ms=0)
+good = ff.encode_witness(m, key)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[3], int(sys.argv[4])))
+def ask(packet):
+    s.send(packet)
+    s.settimeout(1.0)
+    try:
+        a = ff.decode_witness(s.recv(2048), keys)
+        return [a.answer, a.nonce == m.nonce]
+    except socket.timeout:
+        return None
+print(json.dumps({"good": ask(good), "replayed": ask(good),
+                  "other_key": ask(ff.encode_witness(
+                      ff.dataclasses.replace(m, sequence=2), os.urandom(32).hex().encode())),
+                  "flipped": ask(good[:-1] + bytes([good[-1] ^ 1]))}))
+"""
+    out = bed.lan_run([sys.executable, "-c", code, bedmod.PROGRAM, bed.secret_file,
+                       WITNESS[0], str(WITNESS[1])]).stdout
+    assert json.loads(out) == {"good": [ff.WITNESS_HELD, True], "replayed": None,
+                               "other_key": None, "flipped": None}
