@@ -554,3 +554,61 @@ def test_witness_command_line_errors_say_what_to_do(tmp_path):
                              capture_output=True, text=True)
     assert proc.returncode == ff.EXIT_CONFIG and "--max-lease 0.5: expected seconds from 1" \
         in proc.stderr
+
+
+# -- running it at boot ------------------------------------------------------------
+
+CONTRIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib")
+
+
+def test_the_systemd_unit_starts_the_witness_with_arguments_it_takes():
+    with open(os.path.join(CONTRIB, "systemd", "flocker-witness.service")) as f:
+        line = [x for x in f if x.startswith("ExecStart=")][0]
+    argv = line.split("=", 1)[1].split()
+    assert argv[:2] == ["/usr/bin/python3", "/usr/local/sbin/flocker_failover.py"]
+    args = ff.build_parser().parse_args(argv[2:])
+    assert args.handler is ff.cmd_witness and args.cluster == ["shop=/etc/flocker/secret"]
+    assert ff.parse_witness_listen(args.listen) == ("0.0.0.0", ff.WITNESS_PORT)
+    assert args.state == ff.WITNESS_STATE
+
+
+def test_the_init_script_starts_answers_and_stops(tmp_path):
+    """On loopback: start, status, a real question answered, stop."""
+    import socket
+    secret = tmp_path / "secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    pidfile, defaults = tmp_path / "w.pid", tmp_path / "default"
+    defaults.write_text(
+        'PYTHON=%s\nPROGRAM=%s\nWITNESS_ARGS="--listen 127.0.0.1:%d --cluster bed=%s '
+        '--state %s"\nPIDFILE=%s\nLOGFILE=%s\n' % (
+            sys.executable, ff.__file__, port, secret, tmp_path / "w.json", pidfile,
+            tmp_path / "w.log"))
+    env = dict(os.environ, FLOCKER_WITNESS_DEFAULTS=str(defaults))
+
+    def script(action):
+        return ff.subprocess.run(["sh", os.path.join(CONTRIB, "init.d", "flocker-witness"),
+                                  action], env=env, capture_output=True, text=True,
+                                 timeout=60)
+    assert script("status").returncode == 3
+    st = script("start")
+    try:
+        assert st.returncode == 0 and st.stdout.startswith("flocker-witness started (pid "), st
+        assert script("status").returncode == 0
+        key = secret.read_text().strip().encode()
+        q = ff.dataclasses.replace(request(lease=0), cluster="bed")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(5)
+            c.sendto(ff.encode_witness(q, key), ("127.0.0.1", port))
+            a = ff.decode_witness(c.recv(2048), ff.wire_keys(key))
+        # a first start without a state file: it answers, but lends nothing yet
+        assert (a.answer, a.nonce) == (ff.WITNESS_WAITING, NONCE)
+    finally:
+        st = script("stop")
+    assert (st.returncode, st.stdout) == (0, "flocker-witness stopped\n")
+    assert not pidfile.exists() and script("status").returncode == 3
+    assert "witness listening on UDP 127.0.0.1" in (tmp_path / "w.log").read_text()
