@@ -3893,6 +3893,14 @@ def witness_lead(lease: float) -> float:
     return lease / 2
 
 
+def wants_lease(role: str, peer_state: str) -> bool:
+    """Does this node ask the witness for its lease (else only about it)?
+    A master always (it renews); a slave only once its peer is judged dead
+    (not while it is still "unknown" at start-up: a slave that took the
+    lease before its master's first renewal would only delay that master's)."""
+    return role == ROLE_MASTER or peer_state == "dead"
+
+
 def _witness_step_down(f: Facts, t: Timing) -> Optional[Decision]:
     """The serving master's witness rule (None: it does not apply).  Like
     the arbitrator's, it counts the silence from isolation_time, shorter
@@ -5896,7 +5904,7 @@ class Daemon:
         cfg = self.cfg
         if cfg.witness is None or self.tracker is None:
             return None
-        want = self.role == ROLE_MASTER or self.tracker.state != "alive"
+        want = wants_lease(self.role, self.tracker.state)
         self._witness_seq += 1
         request = WitnessMessage(
             kind=WITNESS_REQUEST, cluster=cfg.name, node=cfg.local_name,
@@ -7255,6 +7263,13 @@ def render_metrics(cfg: Config, live: dict, now: float) -> str:
            [({}, live.get("demotions", 0))])
     metric("check_failures", "gauge", "Failed runs of check_command in a row.",
            [({}, live.get("check_failures", 0))])
+    w = live.get("witness")
+    if w:
+        metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
+               "possible only then).", [({}, int(bool(w["reachable"])))])
+        metric("witness_lease_left_seconds", "gauge", "Seconds left of this node's lease "
+               "of the witness, by its own clock (0: it holds none).",
+               [({}, float(w["lease_left_seconds"]))])
     return "\n".join(out) + "\n"
 
 

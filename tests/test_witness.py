@@ -612,3 +612,22 @@ def test_the_init_script_starts_answers_and_stops(tmp_path):
     assert (st.returncode, st.stdout) == (0, "flocker-witness stopped\n")
     assert not pidfile.exists() and script("status").returncode == 3
     assert "witness listening on UDP 127.0.0.1" in (tmp_path / "w.log").read_text()
+
+
+def test_who_asks_for_the_lease():
+    assert ff.wants_lease("master", "alive") and ff.wants_lease("master", "unknown")
+    assert ff.wants_lease("slave", "dead")
+    assert not ff.wants_lease("slave", "alive") and not ff.wants_lease("slave", "unknown")
+
+
+def test_metrics_show_the_witness(conf):
+    cfg = ff.parse_config(conf(""))
+    live = {"role": "master", "epoch": 2, "serving": True, "rejected": {},
+            "peer": {"node": "beta", "state": "alive", "dead_verdicts": 0},
+            "witness": {"reachable": False, "lease_left_seconds": 3.5}}
+    text = ff.render_metrics(cfg, live, 0.0)
+    assert 'flocker_witness_reachable{cluster="bed",node=""} 0' in text
+    assert 'flocker_witness_lease_left_seconds{cluster="bed",node=""} 3.5' in text
+    del live["witness"]
+    assert "witness" not in ff.render_metrics(cfg, live, 0.0)
+
