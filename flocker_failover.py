@@ -3544,16 +3544,17 @@ def ask_witness(cfg: Config, request: WitnessMessage,
     its answer: (monotonic time the request left, the answer or None, why
     there is none, how many other datagrams came and were refused).  Only
     the answer that echoes this request's nonce, generation and sequence
-    counts."""
+    counts; from whichever address it comes (the socket is not connected:
+    a witness listening on 0.0.0.0 of a host with several addresses may
+    answer from another one than it was asked at; the answer is signed)."""
     host, port = cfg.witness
     keys = wire_keys(cfg.secret, cfg.secret_previous)
     refused = 0
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                        socket.SOCK_DGRAM) as s:
         try:
-            s.connect((host, port))
             sent_at = time.monotonic()
-            s.send(encode_witness(request, cfg.secret))
+            s.sendto(encode_witness(request, cfg.secret), (host, port))
         except OSError as e:
             return time.monotonic(), None, e.strerror or str(e), refused
         deadline = sent_at + cfg.witness_timeout
@@ -3566,7 +3567,7 @@ def ask_witness(cfg: Config, request: WitnessMessage,
                 data = s.recv(2048)
             except socket.timeout:
                 break
-            except OSError as e:     # ICMP: port unreachable (no witness runs there)
+            except OSError as e:
                 return sent_at, None, e.strerror or str(e), refused
             try:
                 m = decode_witness(data, keys)

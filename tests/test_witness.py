@@ -516,10 +516,10 @@ def test_no_witness_listening_is_said_plainly(conf):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-    s.close()           # nothing listens there now: the kernel answers ICMP
-    cfg = ff.parse_config(conf("witness = 127.0.0.1:%d\n" % port))
+    s.close()           # nothing listens there now
+    cfg = ff.parse_config(conf("witness = 127.0.0.1:%d\nwitness_timeout = 0.2\n" % port))
     _, got, why, _ = ff.ask_witness(cfg, request())
-    assert got is None and why == "Connection refused"
+    assert got is None and why == "no answer within 0.2 s"
 
 
 def test_witness_command_line_errors_say_what_to_do(tmp_path):
@@ -631,3 +631,31 @@ def test_metrics_show_the_witness(conf):
     del live["witness"]
     assert "witness" not in ff.render_metrics(cfg, live, 0.0)
 
+
+
+def test_an_answer_from_another_address_of_the_witness_counts(conf):
+    """A witness listening on 0.0.0.0 of a host with several addresses may
+    answer from another address than the one it was asked at."""
+    import socket
+    import threading
+    asked = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    asked.bind(("127.0.0.1", 0))
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.2", 0))
+    cfg = ff.parse_config(conf("witness = 127.0.0.1:%d\nwitness_timeout = 1\n"
+                               % asked.getsockname()[1]))
+
+    def serve():
+        data, addr = asked.recvfrom(2048)
+        m = ff.decode_witness(data, ff.wire_keys(cfg.secret))
+        other.sendto(ff.encode_witness(ff.dataclasses.replace(
+            m, kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_GRANTED), cfg.secret), addr)
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        _, got, why, _ = ff.ask_witness(cfg, request())
+    finally:
+        t.join()
+        asked.close()
+        other.close()
+    assert got is not None and got.answer == ff.WITNESS_GRANTED, why
