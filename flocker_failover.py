@@ -5766,6 +5766,9 @@ class Daemon:
         self._witness_seq = 0      # the witness job's request counter (its thread only)
         self._witness_stalls = 0   # tracker.stalls when the lease was last judged
         self._witness_said = None  # type: Optional[str]  # what was last logged about it
+        self._witness_forcing = False  # slave: the operator forces the coming takeover
+        self._witness_waived = False   # master by 'promote --force': it serves without
+        #                                the lease until it has held it once
         self.check_failures = 0    # consecutive failed runs of check_command
         self.repl_failures = 0     # consecutive failed replication cycles
         self.released = False      # handed the master role over; the peer may promote
@@ -5957,7 +5960,10 @@ class Daemon:
         return "the witness refuses: %s" % a.holder
 
     def _witness_facts(self, now: float) -> Tuple[Optional[float], bool]:
-        """(Facts.witness, Facts.witness_other); a stall voids the lease."""
+        """(Facts.witness, Facts.witness_other); a stall voids the lease.
+        A master that an operator made so by 'promote --force' (the master
+        dead, the witness down) is not held to the lease (None) until it
+        has held it once: the operator's word stands in for it."""
         if self.cfg.witness is None:
             return None, False
         if self.tracker.stalls != self._witness_stalls:
@@ -5966,7 +5972,16 @@ class Daemon:
                 log.warning("this daemon was stalled: it no longer counts on the witness's "
                             "lease")
             self.witness.lost(now)
-        return self.witness.left(now), self.witness.other_holds()
+        left = self.witness.left(now)
+        if self.role == ROLE_SLAVE:
+            self._witness_forcing, self._witness_waived = self.force, False
+        elif self._witness_forcing:
+            self._witness_forcing, self._witness_waived = False, True
+        if left > 0:
+            self._witness_waived = False
+        if self._witness_waived:
+            return None, False
+        return left, self.witness.other_holds()
 
     def _witness_status(self, now: float) -> Optional[dict]:
         if self.cfg.witness is None:
@@ -5977,6 +5992,7 @@ class Daemon:
             "address": self._witness_name(),
             "reachable": w.reachable(now, 3 * cfg.heartbeat_interval + cfg.witness_timeout),
             "lease_left_seconds": round(w.left(now), 3),
+            "waived": self._witness_waived,
             "holder": None if a is None else (
                 cfg.local_name if a.answer == WITNESS_GRANTED else
                 (a.holder or None) if a.answer == WITNESS_HELD else None),

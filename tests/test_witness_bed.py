@@ -379,3 +379,36 @@ print(json.dumps({"good": ask(good), "replayed": ask(good),
                        WITNESS[0], str(WITNESS[1])]).stdout
     assert json.loads(out) == {"good": [ff.WITNESS_HELD, True], "replayed": None,
                                "other_key": None, "flipped": None}
+
+
+def test_promote_force_takes_over_without_the_witness_and_keeps_serving(wbed):
+    """The master is dead and the witness down: check says CRITICAL and names
+    'promote --force'; the operator runs it: the slave serves, and does not
+    step down for want of a lease it cannot get; once the witness is back
+    it obtains the lease and goes on as usual."""
+    bed = wbed
+    w = bed.witness()
+    with_witness(bed)
+    a, b = bed.a, bed.b
+    da, db = start(bed)
+    try:
+        wait_for(lambda: holds_lease(da), S(10))
+        w.kill()
+        a.kill_all()
+        time.sleep(DEAD + LEASE + MARGIN)
+        assert not serving(db)
+        assert "'promote --force' takes over without it" in check(b)[1]
+        out = b.flocker("promote", "--force", "--wait", "%g" % S(30))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert serving(db)
+        time.sleep(DEAD + 2 * (LEASE + MARGIN))
+        sb = db.status()
+        assert (sb["role"], sb["serving"]) == ("master", True), sb["decision"]
+        assert [e[0] for e in svc_log(b)] == ["start"]
+        bed.witness(tag="-2")
+        wait_for(lambda: holds_lease(db), S(20))
+        time.sleep(DEAD)
+        assert serving(db) and [e[0] for e in svc_log(b)] == ["start"]
+    finally:
+        da.stop()
+        db.stop()
