@@ -9,11 +9,12 @@ This file reads top to bottom in layers that only call downward:
   1. constants, exit codes, errors
   2. configuration (parse and validate everything up front)
   3. the state store (sqlite)
-  4. the wire protocol                      (heartbeats)
+  4. the wire protocol                      (heartbeats, the witness's datagrams)
   5. ZFS and ssh adapters
-  6. the decision core (pure functions)     (later)
+  6. the decision core (pure functions)     (roles, divergence, the witness's lease)
   7. actions
-  8. the daemon                             (heartbeats, jobs, control socket)
+  8. the daemon                             (heartbeats, jobs, control socket;
+                                             the witness's server)
   9. the command line
 
 Standard library only; Python 3.8 or newer.
