@@ -3767,6 +3767,10 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                                            f.peer_epoch or 0), f.index))
         if f.peer_role == ROLE_MASTER:
             return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
+        if f.peer_released and (f.peer_epoch or 0) < f.epoch:
+            return Decision(DECIDE_WAIT, "the peer handed over the master role of epoch %s, "
+                                         "which this node took already (epoch %d)"
+                            % (f.peer_epoch, f.epoch))
         if f.peer_released:
             if not f.holds_peer_newest:
                 return Decision(DECIDE_WAIT, "the peer handed the master role over, but "
