@@ -7127,7 +7127,12 @@ class WitnessServer:
             log.warning("no state file %s: lending no lease for %.1f s (the longest this "
                         "witness may have lent, plus its margin)", self.state_path,
                         self.book.blocked_until - now)
-            self._save()             # so that the next start knows it started before
+            try:
+                self._save()         # so that the next start knows it started before
+            except OSError as e:
+                raise StateError("cannot write the witness's state file %s: %s; it must be "
+                                 "writable (--state names another)"
+                                 % (self.state_path, e.strerror or e)) from None
         for name, rec in sorted((saved or {}).items()):
             if rec.get("holder"):
                 log.info("cluster %s: %s held the lease (%g s) before this start; only it "

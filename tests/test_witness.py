@@ -659,3 +659,14 @@ def test_an_answer_from_another_address_of_the_witness_counts(conf):
         asked.close()
         other.close()
     assert got is not None and got.answer == ff.WITNESS_GRANTED, why
+
+
+def test_an_unwritable_state_file_at_the_first_start_is_said_as_such(tmp_path):
+    s = ff.WitnessServer(("127.0.0.1", 0), {"bed": KEYS},
+                         str(tmp_path / "missing" / "witness.json"), 60.0)
+    with pytest.raises(ff.StateError) as e:
+        s.open(0.0)
+    assert e.value.message == ("cannot write the witness's state file %s: No such file or "
+                               "directory; it must be writable (--state names another)"
+                               % (tmp_path / "missing" / "witness.json"))
+    s.close()
