@@ -9,11 +9,12 @@ This file reads top to bottom in layers that only call downward:
   1. constants, exit codes, errors
   2. configuration (parse and validate everything up front)
   3. the state store (sqlite)
-  4. the wire protocol                      (heartbeats)
+  4. the wire protocol                      (heartbeats, the witness's datagrams)
   5. ZFS and ssh adapters
-  6. the decision core (pure functions)     (later)
+  6. the decision core (pure functions)     (roles, divergence, the witness's lease)
   7. actions
-  8. the daemon                             (heartbeats, jobs, control socket)
+  8. the daemon                             (heartbeats, jobs, control socket;
+                                             the witness's server)
   9. the command line
 
 Standard library only; Python 3.8 or newer.
@@ -326,6 +327,13 @@ def _p_arbitrator(value: str) -> Tuple[str, int]:
     return (host, port)
 
 
+def _p_witness(value: str) -> Tuple[str, int]:
+    try:
+        return _p_arbitrator(value)
+    except _Invalid as e:
+        raise _Invalid(e.expected.replace("192.0.2.254:22", "192.0.2.254:7789")) from None
+
+
 def _p_service_address(value: str) -> ServiceAddress:
     expected = "ADDRESS/PREFIX dev INTERFACE, e.g. 192.0.2.100/24 dev eth0"
     words = value.split()
@@ -415,6 +423,19 @@ CLUSTER_OPTIONS = (
     Option("arbitrator_timeout", _p_seconds, "1.0", "seconds",
            "Longest time one arbitrator check may take (at most twice "
            "heartbeat_interval); it runs every heartbeat_interval."),
+    Option("witness", _p_witness, "", "HOST:PORT",
+           "The UDP address of a witness ('flocker_failover.py witness' on a "
+           "third machine): it lends its lease to one node at a time. A slave "
+           "promotes only holding it; a master that cannot renew it while its "
+           "peer is silent steps down before it runs out (empty: none)."),
+    Option("witness_lease", _p_seconds, "10.0", "seconds",
+           "Length of the witness's lease, renewed every heartbeat_interval; "
+           "at least 4 heartbeat_interval and at least dead_time. After the "
+           "master dies the slave gets the lease after this plus the witness's "
+           "margin (max(1 s, a tenth of it))."),
+    Option("witness_timeout", _p_seconds, "0.5", "seconds",
+           "Longest wait for the witness's answer to one request (at most "
+           "heartbeat_interval)."),
 )
 
 SERVICE_OPTIONS = (
@@ -511,6 +532,9 @@ class Config:
     arbitrator: Optional[Tuple[str, int]] = None
     arbitrator_command: Optional[Tuple[str, ...]] = None
     arbitrator_timeout: float = 1.0
+    witness: Optional[Tuple[str, int]] = None
+    witness_lease: float = 10.0
+    witness_timeout: float = 0.5
     service: Optional[ServiceConfig] = None
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
@@ -643,6 +667,36 @@ def load_config(path: str, node: Optional[str] = None,
     return cfg
 
 
+WITNESS_MAX_LEASE = 3600.0   # seconds: no node asks for a longer lease
+
+
+def witness_timing_problem(interval: float, dead_time: float, lease: float,
+                           timeout: float) -> Optional[str]:
+    """Why these witness timings are unsafe (None: they are safe).
+
+    The master renews every interval and, while its peer is silent, steps
+    down once half its lease is gone (see witness_lead): so half a lease
+    must hold two renewals; a stall shorter than dead_time * STALL_FRACTION
+    goes unnoticed (the monotonic clock may not count a suspended VM), so
+    half a lease must outlast it too; and an answer must come within one
+    interval, or renewals would queue up."""
+    if lease < 4 * interval:
+        return ("witness_lease: expected at least 4 times heartbeat_interval (%g s): the "
+                "master steps down when half its lease is gone, which must leave room "
+                "for two renewals, found %g" % (4 * interval, lease))
+    if lease < dead_time:
+        return ("witness_lease: expected at least dead_time (%g s): half a lease must "
+                "outlast a stall of the daemon too short to be noticed (half of "
+                "dead_time), found %g" % (dead_time, lease))
+    if lease > WITNESS_MAX_LEASE:
+        return ("witness_lease: expected at most %g s (a dead master's lease blocks "
+                "the failover this long), found %g" % (WITNESS_MAX_LEASE, lease))
+    if timeout > interval:
+        return ("witness_timeout: expected at most heartbeat_interval (%g s): one "
+                "request is sent every interval, found %g" % (interval, timeout))
+    return None
+
+
 def parse_config(text: str, path: str = "<config>") -> Config:
     # default_section is set to a name no file uses, so that a [DEFAULT]
     # section is rejected as unknown instead of silently applying everywhere.
@@ -713,6 +767,11 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "(%g s): an isolated master must learn that the arbitrator is gone before "
             "the slave may promote, found %g" % (path, 2 * c["heartbeat_interval"],
                                                  c["arbitrator_timeout"]))
+    if c["witness"] is not None:
+        problem = witness_timing_problem(c["heartbeat_interval"], c["dead_time"],
+                                         c["witness_lease"], c["witness_timeout"])
+        if problem is not None:
+            raise ConfigError("%s: [cluster] %s" % (path, problem))
     if c["arbitrator"] is not None and c["arbitrator_command"] is not None:
         raise ConfigError(
             "%s: [cluster] arbitrator_command: set together with arbitrator; "
@@ -796,6 +855,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         divergence_policy=c["divergence_policy"], metrics_file=c["metrics_file"],
         arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
         arbitrator_timeout=c["arbitrator_timeout"],
+        witness=c["witness"], witness_lease=c["witness_lease"],
+        witness_timeout=c["witness_timeout"],
         service=svc, nodes=tuple(nodes),
         secret_file_previous=c["secret_file_previous"], secret_previous=previous)
 
@@ -854,7 +915,7 @@ def _format_value(opt: Option, value) -> str:
         return ", ".join(value)
     if opt.parse is _p_send_flags:
         return " ".join(value)
-    if opt.parse is _p_arbitrator:
+    if opt.parse in (_p_arbitrator, _p_witness):
         return ("[%s]:%d" if ":" in value[0] else "%s:%d") % value
     if isinstance(value, float):
         return "%g" % value
@@ -1692,6 +1753,137 @@ class ReplayWindow:
             self.highest = sequence
         else:
             self.seen |= 1 << (self.highest - sequence)
+
+
+# -- the witness's datagrams ----------------------------------------------------
+#
+# A node asks the witness for its lease with one UDP datagram and gets one
+# back (at most WIRE_MAX bytes each).  Both are signed like heartbeats:
+# HMAC-SHA256 with the cluster's secret, the key chosen by its key id (a
+# witness serving several clusters holds each cluster's keys under its
+# name).  Version 1 layout, integers big-endian:
+#
+#   offset size  field
+#    0     4     magic "FLKW"
+#    4     1     version (1)
+#    5     1     kind (1 request, 2 answer)
+#    6     4     key id: the first 4 bytes of the signing key's id
+#   10    16     nonce: random, made by the node for this request; the
+#                answer echoes it
+#   26     8     the node's boot generation   } the request's; the answer
+#   34     8     the node's request sequence  } echoes both
+#   42     4     lease in milliseconds: asked for / granted (0: not granted)
+#   46     1     answer: 0 (a request), 1 granted, 2 held by another node,
+#                3 waiting (a restarted witness waits out the leases it may
+#                have granted), 4 refused (see the holder field for why)
+#   47     4     wait in milliseconds: when the asker may get it at the
+#                earliest (answers 2 and 3)
+#   51     ...   cluster name, node name (the requester, also in the
+#                answer), holder (answer 2: the holding node; answer 4:
+#                the reason): each one length byte + UTF-8
+#   end-32 32    HMAC-SHA256 over all bytes before it
+#
+# Freshness: the witness accepts each node's (generation, sequence) only
+# when it is above the last it accepted from that node, so a recorded
+# request replayed is dropped without an answer; the node accepts only the
+# answer that echoes the nonce (and generation, sequence) of the request it
+# is waiting for, so a recorded answer replayed is worth nothing.
+
+WITNESS_MAGIC = b"FLKW"
+WITNESS_VERSION = 1
+WITNESS_REQUEST, WITNESS_ANSWER = 1, 2
+WITNESS_GRANTED, WITNESS_HELD, WITNESS_WAITING, WITNESS_REFUSED = 1, 2, 3, 4
+WITNESS_ANSWERS = {WITNESS_GRANTED: "granted", WITNESS_HELD: "held",
+                   WITNESS_WAITING: "waiting", WITNESS_REFUSED: "refused"}
+_WITNESS_HEAD = struct.Struct("!4sBB4s16sQQIBI")
+_WITNESS_MIN = _WITNESS_HEAD.size + 3 + _WIRE_MAC
+_U32_MAX = 2 ** 32 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WitnessMessage:
+    kind: int                 # WITNESS_REQUEST or WITNESS_ANSWER
+    cluster: str
+    node: str                 # the requester
+    nonce: bytes
+    generation: int
+    sequence: int
+    lease_ms: int = 0
+    answer: int = 0           # 0 in a request
+    wait_ms: int = 0
+    holder: str = ""          # answer HELD: the holder; REFUSED: why
+    key_id: str = ""          # set by decode_witness
+
+
+def encode_witness(m: WitnessMessage, secret: bytes) -> bytes:
+    def text(value: str, limit: int) -> bytes:
+        raw = value.encode("utf-8")
+        if len(raw) > limit:
+            raise ValueError("witness message field too long: %r" % value)
+        return bytes([len(raw)]) + raw
+    if len(m.nonce) != 16:
+        raise ValueError("the nonce must be 16 bytes")
+    packet = _WITNESS_HEAD.pack(
+        WITNESS_MAGIC, WITNESS_VERSION, m.kind, _key_bytes(key_id(secret)), m.nonce,
+        m.generation, m.sequence, min(m.lease_ms, _U32_MAX), m.answer,
+        min(m.wait_ms, _U32_MAX)) + text(m.cluster, 32) + text(m.node, 32) + \
+        text(m.holder, 200)
+    return packet + hmac.new(secret, packet, hashlib.sha256).digest()
+
+
+def witness_cluster(packet: bytes) -> Optional[str]:
+    """The cluster a datagram names, UNVERIFIED: only to choose the keys to
+    verify it with (a witness serves several clusters)."""
+    try:
+        n = packet[_WITNESS_HEAD.size]
+        return packet[_WITNESS_HEAD.size + 1:_WITNESS_HEAD.size + 1 + n].decode("utf-8")
+    except (IndexError, UnicodeDecodeError):
+        return None
+
+
+def decode_witness(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> WitnessMessage:
+    """Verify and parse one witness datagram; raise WireReject(reason)
+    otherwise (the reasons of REJECT_REASONS).  keys: see wire_keys()."""
+    n = len(packet)
+    if n > WIRE_MAX:
+        raise WireReject("oversized", "%d bytes" % n)
+    if n < _WITNESS_MIN:
+        raise WireReject("truncated", "%d bytes" % n)
+    (magic, version, kind, kid, nonce, generation, sequence, lease_ms, answer,
+     wait_ms) = _WITNESS_HEAD.unpack_from(packet)
+    if magic != WITNESS_MAGIC:
+        raise WireReject("malformed", "not a flocker-failover witness message")
+    if version != WITNESS_VERSION:
+        raise WireReject("bad_version", "version %d, this program speaks %d"
+                         % (version, WITNESS_VERSION))
+    key = keys.get(kid)
+    if key is None:
+        raise WireReject("unknown_key", "key id %s" % kid.hex())
+    mac = hmac.new(key[1], packet[:-_WIRE_MAC], hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, packet[-_WIRE_MAC:]):
+        raise WireReject("bad_mac", "key id %s" % key[0])
+    body = packet[_WITNESS_HEAD.size:-_WIRE_MAC]
+    fields, pos = [], 0
+    try:
+        for limit in (32, 32, 200):
+            length = body[pos]
+            if length > limit or pos + 1 + length > len(body):
+                raise WireReject("malformed", "text field too long")
+            fields.append(body[pos + 1:pos + 1 + length].decode("utf-8"))
+            pos += 1 + length
+    except (IndexError, UnicodeDecodeError):
+        raise WireReject("malformed", "body does not parse") from None
+    if pos != len(body):
+        raise WireReject("malformed", "%d bytes after the end" % (len(body) - pos))
+    cluster, node, holder = fields
+    if (kind not in (WITNESS_REQUEST, WITNESS_ANSWER) or sequence == 0
+            or (kind == WITNESS_REQUEST) != (answer == 0)
+            or (kind == WITNESS_ANSWER and answer not in WITNESS_ANSWERS)
+            or not _NAME_RE.match(cluster) or not _NAME_RE.match(node)):
+        raise WireReject("malformed", "bad kind, answer, sequence or name")
+    return WitnessMessage(kind=kind, cluster=cluster, node=node, nonce=nonce,
+                          generation=generation, sequence=sequence, lease_ms=lease_ms,
+                          answer=answer, wait_ms=wait_ms, holder=holder, key_id=key[0])
 
 
 # ===========================================================================
@@ -3433,6 +3625,52 @@ def probe_arbitrator(cfg: Config, stop: Optional[threading.Event] = None) -> Tup
             return False, e.strerror or str(e)
 
 
+def ask_witness(cfg: Config, request: WitnessMessage,
+                stop: Optional[threading.Event] = None
+                ) -> Tuple[float, Optional[WitnessMessage], str, int]:
+    """Send one request to the witness and wait up to witness_timeout for
+    its answer: (monotonic time the request left, the answer or None, why
+    there is none, how many other datagrams came and were refused).  Only
+    the answer that echoes this request's nonce, generation and sequence
+    counts; from whichever address it comes (the socket is not connected:
+    a witness listening on 0.0.0.0 of a host with several addresses may
+    answer from another one than it was asked at; the answer is signed)."""
+    host, port = cfg.witness
+    keys = wire_keys(cfg.secret, cfg.secret_previous)
+    refused = 0
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_DGRAM) as s:
+        try:
+            sent_at = time.monotonic()
+            s.sendto(encode_witness(request, cfg.secret), (host, port))
+        except OSError as e:
+            return time.monotonic(), None, e.strerror or str(e), refused
+        deadline = sent_at + cfg.witness_timeout
+        while not (stop is not None and stop.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            s.settimeout(left)
+            try:
+                data = s.recv(2048)
+            except socket.timeout:
+                break
+            except OSError as e:
+                return sent_at, None, e.strerror or str(e), refused
+            try:
+                m = decode_witness(data, keys)
+            except WireReject:
+                refused += 1
+                continue
+            if (m.kind != WITNESS_ANSWER or m.nonce != request.nonce
+                    or (m.generation, m.sequence) != (request.generation, request.sequence)
+                    or m.cluster != request.cluster or m.node != request.node):
+                refused += 1
+                continue
+            return sent_at, m, "", refused
+        return sent_at, None, "no answer within %g s" % cfg.witness_timeout, refused
+
+
 # -- the service address -------------------------------------------------------
 
 def _ip(args: Sequence[str]) -> subprocess.CompletedProcess:
@@ -3566,6 +3804,8 @@ class Timing:
     isolation_time: float
     check_failures: int = 3       # consecutive failed checks before a handover
     hold_down: float = 300.0      # seconds before the role may move again
+    witness_lead: float = 0.0     # a master whose peer is silent steps down with this
+    #                               much of the witness's lease left (witness_lead())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3601,6 +3841,9 @@ class Facts:
     # not hear us: one direction of the link is lost); None otherwise.
     # Acted on only in the safe direction: never promote, step down.
     peer_claim_epoch: Optional[int] = None
+    witness: Optional[float] = None  # None: no witness configured; else seconds
+    #                                  left of this node's lease (0: holds none)
+    witness_other: bool = False      # the witness said the peer holds its lease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3635,6 +3878,10 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                                            f.peer_epoch or 0), f.index))
         if f.peer_role == ROLE_MASTER:
             return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
+        if f.peer_released and (f.peer_epoch or 0) < f.epoch:
+            return Decision(DECIDE_WAIT, "the peer handed over the master role of epoch %s, "
+                                         "which this node took already (epoch %d)"
+                            % (f.peer_epoch, f.epoch))
         if f.peer_released:
             if not f.holds_peer_newest:
                 return Decision(DECIDE_WAIT, "the peer handed the master role over, but "
@@ -3665,6 +3912,12 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
         if f.arbitrator is False:
             return Decision(DECIDE_WAIT, "the peer is silent, but the arbitrator is not "
                                          "reachable either: this node may be the isolated one")
+        if f.witness is not None and f.witness <= 0:
+            return Decision(DECIDE_WAIT, "the peer is silent, but this node does not hold "
+                                         "the witness's lease: %s" % (
+                                             "the peer holds it" if f.witness_other else
+                                             "the peer may still serve, or the witness "
+                                             "does not answer"))
     if f.fence is False:
         return Decision(DECIDE_FENCE, "the peer is silent: fence it before taking over")
     epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
@@ -3689,6 +3942,9 @@ def _decide_starting_master(f: Facts, t: Timing) -> Decision:
         return Decision(DECIDE_WAIT, "the peer's heartbeats say it is master with a newer "
                                      "epoch (%d > %d) but it does not hear this node: not "
                                      "resuming" % (f.peer_claim_epoch, f.epoch))
+    if f.witness is not None and f.witness <= 0 and f.uptime >= t.startup_wait:
+        return Decision(DECIDE_WAIT, "the peer is silent and this node does not hold the "
+                                     "witness's lease: it may be the isolated one")
     if f.uptime >= t.startup_wait:
         return Decision(DECIDE_RESUME, "the peer is silent: serving alone; replication "
                                        "and failover are suspended until it returns")
@@ -3708,6 +3964,9 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
     if f.arbitrator is False and f.peer_silence >= t.isolation_time:
         return Decision(DECIDE_STEP_DOWN, "isolated: neither the peer nor the arbitrator "
                                           "answers for %.1f s" % f.peer_silence)
+    step_down = _witness_step_down(f, t)
+    if step_down is not None:
+        return step_down
     if peer_alive(f, t):
         if f.peer_role == ROLE_MASTER:
             if not f.peer_serving and (f.peer_epoch or 0) < f.epoch:
@@ -3734,6 +3993,180 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
         return Decision(DECIDE_WAIT, "serving")
     return Decision(DECIDE_WAIT, "serving alone: the peer is silent; replication and "
                                  "failover are suspended until it returns")
+
+
+# -- the witness's lease -------------------------------------------------------
+#
+# A witness (a third machine running 'flocker_failover.py witness') lends
+# one lease per cluster, to one node at a time.  Each side times it on its
+# own monotonic clock, and each assumes the worse case:
+#
+#   node      sends request at s ........ its lease ends at s + L
+#   witness        answers at a >= s .... it ends at a + L; another node
+#                                         gets it only after a + L + margin
+#
+# The serving master renews every heartbeat_interval.  While its peer is
+# silent it keeps serving only as long as more than witness_lead (half a
+# lease) is left; so an isolated master has stopped serving at the latest
+# at s + L/2, and its slave can promote at the earliest at s + L + margin
+# (it promotes only holding the lease).  While the two hear each other
+# nothing depends on the witness.  A node that was stalled (its loop
+# stopped) drops what it held: a suspended machine's monotonic clock may
+# not have counted the pause.
+
+def witness_margin(lease: float) -> float:
+    """How long the witness waits, after a lease ran out by its clock,
+    before it lends it to another node: clock rates differ a little, and
+    an answer takes a while to arrive."""
+    return max(1.0, lease / 10)
+
+
+def witness_lead(lease: float) -> float:
+    """A master whose peer is silent steps down with this much of its lease
+    left (see witness_timing_problem for why half)."""
+    return lease / 2
+
+
+def wants_lease(role: str, peer_state: str) -> bool:
+    """Does this node ask the witness for its lease (else only about it)?
+    A master always (it renews); a slave only once its peer is judged dead
+    (not while it is still "unknown" at start-up: a slave that took the
+    lease before its master's first renewal would only delay that master's)."""
+    return role == ROLE_MASTER or peer_state == "dead"
+
+
+def _witness_step_down(f: Facts, t: Timing) -> Optional[Decision]:
+    """The serving master's witness rule (None: it does not apply).  Like
+    the arbitrator's, it counts the silence from isolation_time, shorter
+    than dead_time on purpose."""
+    if f.witness is None or f.peer_silence < t.isolation_time or f.witness >= t.witness_lead:
+        return None
+    if f.witness_other:
+        return Decision(DECIDE_STEP_DOWN, "the witness lent its lease to the peer, which "
+                                          "is silent for %.1f s" % f.peer_silence)
+    return Decision(DECIDE_STEP_DOWN, "the witness's lease was not renewed (%.1f s left) "
+                                      "and the peer is silent for %.1f s"
+                    % (f.witness, f.peer_silence))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseAnswer:
+    """What the witness answers one request (see LeaseBook.request)."""
+    answer: int              # WITNESS_GRANTED, _HELD, _WAITING or _REFUSED
+    lease: float = 0.0       # granted: its length
+    wait: float = 0.0        # held or waiting: seconds until the asker may get it
+    holder: str = ""         # held: who holds it; refused: why
+    persist: bool = False    # the record changed: write it down before answering
+
+
+class _ClusterLease:
+    def __init__(self) -> None:
+        self.holder = None          # type: Optional[str]
+        self.expires = float("-inf")  # the holder's lease, by the witness's clock
+        self.lease = 0.0            # the longest lease granted to the holder since it got it
+        self.last = {}              # type: Dict[str, Tuple[int, int]]  # per node
+
+
+class LeaseBook:
+    """The witness's ledger: who holds each cluster's lease until when.  No
+    I/O and no clock of its own (callers pass monotonic `now`).
+
+    saved: what the state file held when the witness started (see
+    record()), or None when there was none.  A restarted witness cannot
+    know how long ago it answered: it counts each recorded holder's lease
+    as granted again at the restart (so no other node gets it for a lease
+    plus the margin, while the holder may renew it at once), and without a
+    state file it lends nothing to anyone for max_lease plus the margin."""
+
+    def __init__(self, max_lease: float, now: float, saved: Optional[dict]) -> None:
+        self.max_lease = max_lease
+        self.clusters = {}   # type: Dict[str, _ClusterLease]
+        self.blocked_until = (now + max_lease + witness_margin(max_lease)
+                              if saved is None else float("-inf"))
+        for name, rec in (saved or {}).items():
+            c = self.clusters[name] = _ClusterLease()
+            c.holder = rec.get("holder") or None
+            c.lease = float(rec.get("lease") or 0.0)
+            c.expires = now + c.lease if c.holder else float("-inf")
+            c.last = {n: (int(g), int(q)) for n, (g, q) in (rec.get("nodes") or {}).items()}
+
+    def record(self) -> dict:
+        """What must survive a restart, as JSON-able data."""
+        return {name: {"holder": c.holder, "lease": c.lease,
+                       "nodes": {n: list(v) for n, v in sorted(c.last.items())}}
+                for name, c in sorted(self.clusters.items())}
+
+    def request(self, cluster: str, node: str, generation: int, sequence: int,
+                lease: float, now: float) -> Optional[LeaseAnswer]:
+        """Node asks for (lease > 0) or about (lease 0) the cluster's lease.
+        None: not fresh (a replay): no answer at all."""
+        c = self.clusters.setdefault(cluster, _ClusterLease())
+        if (generation, sequence) <= c.last.get(node, (0, 0)):
+            return None
+        c.last[node] = (generation, sequence)
+        if lease > self.max_lease:
+            return LeaseAnswer(WITNESS_REFUSED, holder="a lease of %g s was asked for; this "
+                               "witness lends at most %g s (its --max-lease)"
+                               % (lease, self.max_lease))
+        if c.holder == node and lease > 0:
+            grew = lease > c.lease
+            c.lease = max(c.lease, lease)
+            c.expires = max(c.expires, now + lease)
+            return LeaseAnswer(WITNESS_GRANTED, lease, persist=grew)
+        held_until = c.expires + witness_margin(c.lease) if c.holder else float("-inf")
+        free_at = max(held_until, self.blocked_until)
+        if c.holder == node or now < free_at or lease <= 0:
+            if now < held_until:
+                return LeaseAnswer(WITNESS_HELD, wait=free_at - now, holder=c.holder or "")
+            if now < free_at:
+                return LeaseAnswer(WITNESS_WAITING, wait=free_at - now)
+            return LeaseAnswer(WITNESS_HELD, holder="")    # a question: nobody holds it
+        c.holder, c.lease, c.expires = node, lease, now + lease
+        return LeaseAnswer(WITNESS_GRANTED, lease, persist=True)
+
+
+class WitnessView:
+    """The lease as one node knows it, from the witness's answers.  No I/O
+    and no clock of its own (callers pass monotonic times)."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.expires = None        # type: Optional[float]  # own clock: request sent + lease
+        self.answer = None         # type: Optional[WitnessMessage]  # the newest answer
+        self.answered_at = None    # type: Optional[float]
+        self.failed_at = None      # type: Optional[float]
+        self.error = ""            # why the newest request got no answer
+        self.lost_at = float("-inf")  # answers to requests sent before this are void
+        self.rejected = 0          # datagrams that were not the awaited answer
+        self.grants = 0
+
+    def answered(self, sent_at: float, m: WitnessMessage, now: float) -> None:
+        if sent_at < self.lost_at:
+            return
+        self.answer, self.answered_at, self.error = m, now, ""
+        if m.answer == WITNESS_GRANTED and m.lease_ms > 0:
+            self.grants += 1
+            self.expires = max(self.expires or sent_at, sent_at + m.lease_ms / 1000.0)
+        elif m.answer == WITNESS_HELD and m.holder not in ("", self.me):
+            self.expires = None
+
+    def failed(self, error: str, now: float) -> None:
+        self.failed_at, self.error = now, error
+
+    def lost(self, now: float) -> None:
+        """This node was stalled: whatever it held is gone."""
+        self.expires, self.lost_at = None, now
+
+    def left(self, now: float) -> float:
+        return 0.0 if self.expires is None else max(0.0, self.expires - now)
+
+    def other_holds(self) -> bool:
+        a = self.answer
+        return bool(a is not None and a.answer == WITNESS_HELD and a.holder not in ("", self.me)
+                    and (self.failed_at is None or self.answered_at > self.failed_at))
+
+    def reachable(self, now: float, within: float) -> bool:
+        return self.answered_at is not None and now - self.answered_at <= within
 
 
 # -- the divergence verdict ---------------------------------------------------
@@ -5086,6 +5519,14 @@ def format_status(r: dict) -> str:
             lines.append("arbitrator  %s (%s, checked %s)" % (
                 "reachable" if d["arbitrator"]["reachable"] else "NOT reachable",
                 d["arbitrator"]["how"], _fmt_age(d["arbitrator"]["age_seconds"])))
+        w = d.get("witness")
+        if w:
+            lines.append("witness     %s %s; %s%s" % (
+                w["address"], "answers" if w["reachable"] else "does NOT answer" + (
+                    " (%s)" % w["error"] if w["error"] else ""),
+                "this node holds its lease (%.1f s left)" % w["lease_left_seconds"]
+                if w["lease_left_seconds"] > 0 else "this node holds no lease",
+                "" if w["reachable"] else ": no failover is possible until it answers"))
     if p["last_seen"] is None:
         lines.append("peer        %s: never seen" % p["node"])
     else:
@@ -5591,6 +6032,13 @@ class Daemon:
         self.arbitrator_seen = None  # type: Optional[float]  # start of the newest probe that got an answer
         self.arbitrator_last = None  # type: Optional[Tuple[bool, str, float]]
         self.arbitrator_lost = None  # type: Optional[float]  # newest probe without answer
+        self.witness = WitnessView(cfg.local_name)  # the witness's lease, as known here
+        self._witness_seq = 0      # the witness job's request counter (its thread only)
+        self._witness_stalls = 0   # tracker.stalls when the lease was last judged
+        self._witness_said = None  # type: Optional[str]  # what was last logged about it
+        self._witness_forcing = False  # slave: the operator forces the coming takeover
+        self._witness_waived = False   # master by 'promote --force': it serves without
+        #                                the lease until it has held it once
         self.check_failures = 0    # consecutive failed runs of check_command
         self.repl_failures = 0     # consecutive failed replication cycles
         self.released = False      # persisted: handed the master role over; the peer may promote
@@ -5657,6 +6105,8 @@ class Daemon:
                           self._job_replicate, self._replicate_done)
         self.add_periodic("arbitrator", lambda c: c.heartbeat_interval,
                           self._job_arbitrator, self._arbitrator_done)
+        self.add_periodic("witness", lambda c: c.heartbeat_interval,
+                          self._job_witness, self._witness_done)
 
     def _job_replicate(self, stop: threading.Event):
         """The sync command's cycle, in a job thread (never on the loop);
@@ -5716,6 +6166,116 @@ class Daemon:
             self.arbitrator_seen = max(self.arbitrator_seen or started, started)
         else:
             self.arbitrator_lost = time.monotonic()
+
+    # -- the witness (see "the witness's lease" in section 6) ----------------
+    #
+    # Every heartbeat_interval a job asks the witness: for the lease when
+    # this node is master or its peer is not alive, else only about it (a
+    # question, lease 0: does it answer, who holds it), so that status and
+    # check can tell whether a failover is possible.  The loop only reads
+    # the outcome (WitnessView); it never waits for the witness.
+
+    def _job_witness(self, stop: threading.Event):
+        cfg = self.cfg
+        if cfg.witness is None or self.tracker is None:
+            return None
+        want = wants_lease(self.role, self.tracker.state)
+        self._witness_seq += 1
+        request = WitnessMessage(
+            kind=WITNESS_REQUEST, cluster=cfg.name, node=cfg.local_name,
+            nonce=secrets.token_bytes(16), generation=self.generation,
+            sequence=self._witness_seq,
+            lease_ms=int(round(cfg.witness_lease * 1000)) if want else 0)
+        return ask_witness(cfg, request, stop)
+
+    def _witness_done(self, result, error) -> None:
+        if error is not None:
+            self._log_quietly("witness", logging.ERROR, "cannot ask the witness: %s" % error)
+            return
+        if result is None:
+            return
+        sent_at, answer, why, refused = result
+        now = time.monotonic()
+        self.witness.rejected += refused
+        if refused:
+            self._log_quietly("witness-refused", logging.WARNING,
+                              "refused %d datagram(s) that were not the witness's answer "
+                              "to this node's request (forged, replayed or late)" % refused)
+        if answer is None:
+            self.witness.failed(why, now)
+            said = "the witness %s does NOT answer: %s" % (self._witness_name(), why)
+        else:
+            self.witness.answered(sent_at, answer, now)
+            said = self._witness_summary(answer)
+        key = re.sub(r"[0-9.]+ s\b", "", said)
+        if key != self._witness_said:
+            self._witness_said = key
+            bad = answer is None or answer.answer == WITNESS_REFUSED
+            log.log(logging.WARNING if bad else logging.INFO, "%s", said)
+            self._event("witness", said, "warning" if bad else "info")
+
+    def _witness_name(self) -> str:
+        return ("[%s]:%d" if ":" in self.cfg.witness[0] else "%s:%d") % self.cfg.witness
+
+    def _witness_summary(self, a: WitnessMessage) -> str:
+        if a.answer == WITNESS_GRANTED:
+            return "the witness lends this node its lease (%g s)" % (a.lease_ms / 1000.0)
+        if a.answer == WITNESS_HELD:
+            return ("the witness lends its lease to %s" % a.holder if a.holder and
+                    a.holder != self.cfg.local_name else
+                    "the witness answers; %s" % ("this node holds its lease" if a.holder else
+                                                 "nobody holds its lease"))
+        if a.answer == WITNESS_WAITING:
+            return ("the witness answers, but lends nothing for %.1f s (it restarted and "
+                    "waits out the leases it may have lent)" % (a.wait_ms / 1000.0))
+        return "the witness refuses: %s" % a.holder
+
+    def _witness_facts(self, now: float) -> Tuple[Optional[float], bool]:
+        """(Facts.witness, Facts.witness_other); a stall voids the lease.
+        A master that an operator made so by 'promote --force' (the master
+        dead, the witness down) is not held to the lease (None) until it
+        has held it once: the operator's word stands in for it."""
+        if self.cfg.witness is None:
+            return None, False
+        if self.tracker.stalls != self._witness_stalls:
+            self._witness_stalls = self.tracker.stalls
+            if self.witness.expires is not None:
+                log.warning("this daemon was stalled: it no longer counts on the witness's "
+                            "lease")
+            self.witness.lost(now)
+        left = self.witness.left(now)
+        if self.role == ROLE_SLAVE:
+            self._witness_forcing, self._witness_waived = self.force, False
+        elif self._witness_forcing:
+            self._witness_forcing, self._witness_waived = False, True
+        if left > 0:
+            self._witness_waived = False
+        if self._witness_waived:
+            return None, False
+        return left, self.witness.other_holds()
+
+    def _witness_status(self, now: float) -> Optional[dict]:
+        if self.cfg.witness is None:
+            return None
+        w, cfg = self.witness, self.cfg
+        a = w.answer
+        return {
+            "address": self._witness_name(),
+            "reachable": w.reachable(now, 3 * cfg.heartbeat_interval + cfg.witness_timeout),
+            "lease_left_seconds": round(w.left(now), 3),
+            "waived": self._witness_waived,
+            "holder": None if a is None else (
+                cfg.local_name if a.answer == WITNESS_GRANTED else
+                (a.holder or None) if a.answer == WITNESS_HELD else None),
+            "answer": None if a is None else WITNESS_ANSWERS[a.answer],
+            "said": self._witness_said,
+            "answer_age_seconds": None if w.answered_at is None else
+            round(now - w.answered_at, 3),
+            "error": w.error or None,
+            "grants": w.grants,
+            "refused": w.rejected,
+            "lease_seconds": cfg.witness_lease,
+        }
 
     def _job_check(self, stop: threading.Event):
         cfg = self.cfg
@@ -6144,7 +6704,8 @@ class Daemon:
         return Timing(dead_time=c.dead_time, startup_wait=c.startup_wait,
                       wait_for_peer=c.wait_for_peer,
                       isolation_time=isolation_time(c.dead_time, c.heartbeat_interval),
-                      check_failures=c.service.check_failures, hold_down=c.service.hold_down)
+                      check_failures=c.service.check_failures, hold_down=c.service.hold_down,
+                      witness_lead=witness_lead(c.witness_lease))
 
     def _observe_peer(self, now: float) -> None:
         """What the peer's newest heartbeat tells beyond liveness."""
@@ -6212,6 +6773,7 @@ class Daemon:
             if self.role == ROLE_SLAVE and self.arbitrator_lost is not None:
                 arbitrator = arbitrator and now - self.arbitrator_lost >= cfg.dead_time
         own_guid = self.snapshot[1]
+        witness, witness_other = self._witness_facts(now)
         return Facts(
             role=self.role, epoch=self.epoch,
             index=node_index([n.name for n in cfg.nodes], cfg.local_name),
@@ -6237,7 +6799,8 @@ class Daemon:
                                         hb.role == ROLE_SLAVE),
             operator_handover=self.operator_handover,
             force_peer_alive=self.force_peer_alive,
-            peer_claim_epoch=self._peer_claim_epoch(now))
+            peer_claim_epoch=self._peer_claim_epoch(now),
+            witness=witness, witness_other=witness_other)
 
     def _peer_claim_epoch(self, now: float) -> Optional[int]:
         # two intervals: a link that just healed has confirmed both ways by then
@@ -6727,6 +7290,7 @@ class Daemon:
             "arbitrator": None if self.arbitrator_last is None else
             {"reachable": self.arbitrator_last[0], "how": self.arbitrator_last[1],
              "age_seconds": age(self.arbitrator_last[2])},
+            "witness": self._witness_status(now),
             "fenced": self.fenced, "check_failures": self.check_failures,
             "replication_failures": self.repl_failures, "released": self.released,
             "recovering": self.recovering,
@@ -6849,6 +7413,169 @@ class Daemon:
             log.info("stopped by signal %d", self._stop_signal)
 
 
+# -- the witness's server ------------------------------------------------------
+#
+# 'flocker_failover.py witness' on a third machine: one UDP socket, one
+# thread, no sqlite.  Each request is judged by the LeaseBook (section 6);
+# when the answer changes what a restart must know (a new holder, a longer
+# lease), the state file is replaced and synced to disk BEFORE the answer
+# leaves, so a witness that crashes right after answering still knows,
+# when it comes back, whom it lent the lease to.  Requests that fail
+# verification or are not fresh get no answer at all (nothing to learn,
+# nothing to amplify); a summary of them is logged every minute.
+
+WITNESS_PORT = 7789
+WITNESS_STATE = "/var/lib/flocker/witness.json"
+WITNESS_MAX_LEASE_DEFAULT = 60.0
+WITNESS_SUMMARY_EVERY = 60.0
+
+
+def write_durably(path: str, text: str) -> None:
+    """write_atomically, and the rename itself synced to disk too."""
+    write_atomically(path, text, 0o644)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_witness_state(path: str) -> Optional[dict]:
+    """{cluster: record} from the witness's state file; None when there is
+    none yet.  Raises StateError when it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise StateError(
+            "the witness's state file %s cannot be used (%s); it says which node holds "
+            "each lease: restore it, or move it aside and the witness lends nothing for "
+            "--max-lease seconds after it starts" % (path, e)) from None
+    if not isinstance(data, dict) or data.get("version") != 1 or \
+            not isinstance(data.get("clusters"), dict):
+        raise StateError("the witness's state file %s is not one this program wrote (no "
+                         "version 1); move it aside (the witness then lends nothing for "
+                         "--max-lease seconds after it starts)" % path)
+    return data["clusters"]
+
+
+class WitnessServer:
+    """The witness's process: answers the nodes' lease requests."""
+
+    def __init__(self, listen: Tuple[str, int], clusters: Dict[str, Dict[bytes, Tuple[str, bytes]]],
+                 state_path: str, max_lease: float) -> None:
+        self.listen = listen
+        self.clusters = clusters         # cluster name -> its keys (wire_keys)
+        self.state_path = state_path
+        self.max_lease = max_lease
+        self.book = None                 # type: Optional[LeaseBook]
+        self.dirty = False               # the book holds a change not yet on disk
+        self.sock = None                 # type: Optional[socket.socket]
+        self.stop = False
+        self.rejected = {r: 0 for r in REJECT_REASONS}
+        self.answered = 0
+        self._summary_at = 0.0
+
+    def open(self, now: float) -> None:
+        saved = read_witness_state(self.state_path)
+        self.book = LeaseBook(self.max_lease, now, saved)
+        if saved is None:
+            log.warning("no state file %s: lending no lease for %.1f s (the longest this "
+                        "witness may have lent, plus its margin)", self.state_path,
+                        self.book.blocked_until - now)
+            try:
+                self._save()         # so that the next start knows it started before
+            except OSError as e:
+                raise StateError("cannot write the witness's state file %s: %s; it must be "
+                                 "writable (--state names another)"
+                                 % (self.state_path, e.strerror or e)) from None
+        for name, rec in sorted((saved or {}).items()):
+            if rec.get("holder"):
+                log.info("cluster %s: %s held the lease (%g s) before this start; only it "
+                         "may have it for the next %.1f s", name, rec["holder"],
+                         rec.get("lease") or 0,
+                         (rec.get("lease") or 0) + witness_margin(rec.get("lease") or 0))
+        host, port = self.listen
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.bind((host, port))
+
+    def _save(self) -> None:
+        text = json.dumps({"version": 1, "clusters": self.book.record()}, indent=1,
+                          sort_keys=True) + "\n"
+        write_durably(self.state_path, text)
+
+    def handle(self, packet: bytes, now: float) -> Optional[bytes]:
+        """The answer to one datagram, or None (none is sent)."""
+        cluster = witness_cluster(packet)
+        keys = self.clusters.get(cluster or "")
+        try:
+            if keys is None:
+                raise WireReject("wrong_cluster", "cluster %r is not served here" % cluster)
+            m = decode_witness(packet, keys)
+            if m.kind != WITNESS_REQUEST:
+                raise WireReject("malformed", "an answer sent to the witness")
+        except WireReject as e:
+            self.rejected[e.reason] += 1
+            return None
+        before = self.book.clusters.get(m.cluster)
+        holder = before.holder if before is not None else None
+        a = self.book.request(m.cluster, m.node, m.generation, m.sequence,
+                              m.lease_ms / 1000.0, now)
+        if a is None:
+            self.rejected["replay"] += 1
+            return None
+        if a.persist or self.dirty:
+            try:
+                self._save()
+                self.dirty = False
+            except OSError as e:
+                self.dirty = True
+                log.error("cannot write the state file %s: %s; lending nothing until it "
+                          "can be written", self.state_path, e.strerror or e)
+                return None
+        if a.answer == WITNESS_GRANTED and holder != m.node:
+            log.info("cluster %s: lease lent to %s (%g s)%s", m.cluster, m.node, a.lease,
+                     " after %s's ran out" % holder if holder else "")
+        secret = [k[1] for k in keys.values() if k[0] == m.key_id][0]
+        self.answered += 1
+        return encode_witness(dataclasses.replace(
+            m, kind=WITNESS_ANSWER, lease_ms=int(round(a.lease * 1000)), answer=a.answer,
+            wait_ms=int(max(0.0, a.wait) * 1000), holder=a.holder[:200]), secret)
+
+    def serve(self) -> None:
+        """Answer until stop is set (the signal handlers set it)."""
+        self.sock.settimeout(0.5)
+        while not self.stop:
+            try:
+                packet, addr = self.sock.recvfrom(2048)
+            except socket.timeout:
+                packet = None
+            except InterruptedError:
+                continue
+            except OSError as e:
+                log.warning("receive: %s", e.strerror or e)
+                continue
+            now = time.monotonic()
+            if packet is not None:
+                answer = self.handle(packet, now)
+                if answer is not None:
+                    with contextlib.suppress(OSError):
+                        self.sock.sendto(answer, addr)
+            if now >= self._summary_at:
+                self._summary_at = now + WITNESS_SUMMARY_EVERY
+                bad = ", ".join("%s %d" % kv for kv in sorted(self.rejected.items()) if kv[1])
+                if bad:
+                    log.warning("refused datagrams (no answer sent): %s", bad)
+                    self.rejected = {r: 0 for r in REJECT_REASONS}
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
 def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
     """Replace path with text so that a reader sees the old or the new
     file, never half of one (a temporary file beside it, then rename)."""
@@ -6921,6 +7648,13 @@ def render_metrics(cfg: Config, live: dict, now: float) -> str:
            [({}, live.get("demotions", 0))])
     metric("check_failures", "gauge", "Failed runs of check_command in a row.",
            [({}, live.get("check_failures", 0))])
+    w = live.get("witness")
+    if w:
+        metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
+               "possible only then).", [({}, int(bool(w["reachable"])))])
+        metric("witness_lease_left_seconds", "gauge", "Seconds left of this node's lease "
+               "of the witness, by its own clock (0: it holds none).",
+               [({}, float(w["lease_left_seconds"]))])
     return "\n".join(out) + "\n"
 
 
@@ -7083,6 +7817,7 @@ def check_verdict(report: dict, expect_daemon: bool = True,
     if daemon is not None and not alive:
         problems.append((CHECK_WARNING, "peer %s %s: running on one host"
                          % (peer["node"], peer.get("state") or "unknown")))
+    problems += _witness_problems(report)
     if report["preserved"]:
         problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
                          "operator: %s" % (len(report["preserved"]), ", ".join(
@@ -7124,6 +7859,21 @@ def check_verdict(report: dict, expect_daemon: bool = True,
     if rep.get("pending") is not None:
         perf += " pending=%d" % rep["pending"]
     return code, text, perf
+
+
+def _witness_problems(report: dict) -> List[Tuple[int, str]]:
+    """check: what the witness's state means for a failover."""
+    w = (report.get("daemon") or {}).get("witness")
+    if not w or w["reachable"]:
+        return []
+    why = "the witness %s does not answer%s" % (w["address"], " (%s)" % w["error"]
+                                                 if w.get("error") else "")
+    peer = report["peer"]
+    if report["role"] == ROLE_SLAVE and peer.get("state") != "alive":
+        return [(CHECK_CRITICAL, "failover is not possible: the master is gone and %s, so "
+                                 "this node cannot obtain its lease ('promote --force' takes "
+                                 "over without it, if the master is surely down)" % why)]
+    return [(CHECK_WARNING, "%s: no failover is possible until it answers again" % why)]
 
 
 _RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -7424,6 +8174,115 @@ def _add_daemon(p) -> None:
                    help="write the daemon's pid to FILE (removed at a clean stop)")
 
 
+def parse_witness_listen(text: str) -> Tuple[str, int]:
+    """--listen ADDRESS:PORT (IPv6: [ADDRESS]:PORT), or :PORT / ADDRESS alone."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$", text) or \
+        re.match(r"^([^:\s]*)(?::(\d+))?$", text)
+    try:
+        if not m:
+            raise ValueError
+        host = m.group(1) or "0.0.0.0"
+        ipaddress.ip_address(host)
+        port = int(m.group(2) or WITNESS_PORT)
+        if not 1 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError("--listen %s: expected ADDRESS:PORT, e.g. 192.0.2.254:%d or "
+                          "[2001:db8::1]:%d (an IP address of this machine)"
+                          % (text, WITNESS_PORT, WITNESS_PORT)) from None
+    return host, port
+
+
+def parse_witness_cluster(text: str) -> Tuple[str, Dict[bytes, Tuple[str, bytes]]]:
+    """--cluster NAME=SECRET_FILE[,PREVIOUS_SECRET_FILE]: the cluster's name
+    (its [cluster] name) and the keys its nodes sign with."""
+    name, sep, files = text.partition("=")
+    paths = [x.strip() for x in files.split(",")] if sep else []
+    if not _NAME_RE.match(name) or not 1 <= len(paths) <= 2 or \
+            not all(x.startswith("/") for x in paths):
+        raise ConfigError("--cluster %s: expected NAME=SECRET_FILE or "
+                          "NAME=SECRET_FILE,PREVIOUS_SECRET_FILE (the cluster's [cluster] name "
+                          "and absolute paths of copies of its secret_file)" % text)
+    keys = [read_secret(x, "witness", "--cluster %s" % name, "command line") for x in paths]
+    return name, wire_keys(*keys)
+
+
+def cmd_witness(args, cfg_path: str) -> int:
+    listen = parse_witness_listen(args.listen)
+    clusters = {}   # type: Dict[str, Dict[bytes, Tuple[str, bytes]]]
+    for text in args.cluster or []:
+        name, keys = parse_witness_cluster(text)
+        if name in clusters:
+            raise ConfigError("--cluster %s: the cluster %s is named twice" % (text, name))
+        clusters[name] = keys
+    if not clusters:
+        raise ConfigError("witness: expected at least one --cluster NAME=SECRET_FILE")
+    if not 1.0 <= args.max_lease <= WITNESS_MAX_LEASE:
+        raise ConfigError("--max-lease %g: expected seconds from 1 to %g (no node's "
+                          "witness_lease may be longer)" % (args.max_lease, WITNESS_MAX_LEASE))
+    state = os.path.abspath(args.state)
+    if not os.path.isdir(os.path.dirname(state)):
+        raise ConfigError("--state %s: the directory %s does not exist; create it (e.g. "
+                          "mkdir -p %s)" % (args.state, os.path.dirname(state),
+                                            os.path.dirname(state)))
+    root = logging.getLogger()
+    if args.verbose == 0:
+        root.setLevel(logging.INFO)
+    if not os.environ.get("JOURNAL_STREAM"):
+        for handler in root.handlers:
+            if isinstance(handler, logging.StreamHandler) and \
+                    not isinstance(handler, logging.NullHandler):
+                handler.setFormatter(logging.Formatter(
+                    "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s"))
+    server = WitnessServer(listen, clusters, state, args.max_lease)
+
+    def on_stop(signum, frame):
+        server.stop = True
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    try:
+        try:
+            server.open(time.monotonic())
+        except OSError as e:
+            raise FlockerError("cannot listen on UDP %s:%d: %s" % (
+                listen[0], listen[1], e.strerror or e)) from None
+        if args.pidfile:
+            write_atomically(args.pidfile, "%d\n" % os.getpid())
+        log.info("witness listening on UDP %s port %d for cluster(s) %s; leases up to %g s; "
+                 "state in %s", listen[0], listen[1], ", ".join(sorted(clusters)),
+                 args.max_lease, state)
+        server.serve()
+        log.info("witness stopped")
+        return EXIT_OK
+    finally:
+        server.close()
+        if args.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pidfile)
+
+
+def _add_witness(p) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("Run it on a third machine that both nodes reach (not on either node). "
+                "It needs no configuration file: --config is not read.\n"
+                "Nodes use it with 'witness = ADDRESS:PORT' in [cluster].")
+    p.add_argument("--listen", default="0.0.0.0:%d" % WITNESS_PORT, metavar="ADDRESS:PORT",
+                   help="UDP address to answer on (default: %(default)s)")
+    p.add_argument("--cluster", action="append", metavar="NAME=SECRET_FILE[,PREVIOUS]",
+                   help="a cluster this witness serves: its name and a copy of its "
+                        "secret_file (mode 0600), during a key change also the previous "
+                        "one; repeat for more clusters")
+    p.add_argument("--state", default=WITNESS_STATE, metavar="FILE",
+                   help="where the witness records who holds each lease (default: "
+                        "%(default)s)")
+    p.add_argument("--max-lease", type=float, default=WITNESS_MAX_LEASE_DEFAULT,
+                   metavar="SECONDS",
+                   help="the longest lease lent; a witness that starts without its state "
+                        "file lends nothing for this long (default: %(default)g)")
+    p.add_argument("--pidfile", metavar="FILE",
+                   help="write the witness's pid to FILE (removed at a clean stop)")
+
+
 GATE_HELP = """\
 The forced command of the peer's key in root's authorized_keys:
 
@@ -7547,6 +8406,9 @@ COMMANDS = (
     ("ssh-gate", cmd_ssh_gate, _add_ssh_gate,
      "serve the peer's ssh requests, only those replication needs: the forced command "
      "of its key in authorized_keys"),
+    ("witness", cmd_witness, _add_witness,
+     "on a third machine: lend a lease to one node of a cluster at a time, so that a "
+     "cut between the nodes never leaves two masters (see README, Failover)"),
     ("config-check", cmd_config_check, lambda p: None,
      "validate the configuration and print it, secrets masked"),
     ("genkey", cmd_genkey, _add_genkey,

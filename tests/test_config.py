@@ -182,7 +182,8 @@ BROKEN = [
      "replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
-     "startup_wait, state_db, transfer_stall_timeout, wait_for_peer"),
+     "startup_wait, state_db, transfer_stall_timeout, wait_for_peer, witness, witness_lease, "
+     "witness_timeout"),
     ("divergence policy unknown",
      dict(replace={"name = shop": "name = shop\ndivergence_policy = biggest"}),
      "{path}: [cluster] divergence_policy: expected one of most-changes, newest-master, "

@@ -89,6 +89,15 @@ def test_slave_takes_over_when_the_master_hands_over_with_its_newest_snapshot():
     assert d.reason == "the peer handed the master role over"
     d = ff.decide(facts(peer_role="slave", peer_released=True, holds_peer_newest=False), T)
     assert d.kind == "wait" and "lacks its newest snapshot" in d.reason
+    # a release this node already took (its own reign, epoch 7, came after the
+    # peer's epoch 6) is not taken again: it stepped down since (isolated,
+    # or without the witness's lease) and the peer's last heartbeats, still
+    # within dead_time, carry the old release
+    d = ff.decide(facts(peer_role="slave", peer_released=True, holds_peer_newest=True,
+                        epoch=7, peer_epoch=6, highest_epoch_seen=7), T)
+    assert d.kind == "wait" and d.reason == (
+        "the peer handed over the master role of epoch 6, which this node took "
+        "already (epoch 7)"), d
     # the node that handed over waits for its peer; it does not take it back
     d = ff.decide(facts(peer_role="slave", released=True, epoch=4, peer_epoch=4), T)
     assert d.kind == "wait" and "handed the master role over" in d.reason
