@@ -6972,6 +6972,11 @@ class Daemon:
             if st.role != was:
                 self.operator_handover = False
                 self.switchover_until = 0.0
+            if was == ROLE_MASTER and st.role == ROLE_SLAVE:
+                # a lease held as master is no slave's ticket to promote: a
+                # node that stepped down (isolated, or hearing a newer
+                # master) must be granted one anew after its peer fell silent
+                self.witness.lost(time.monotonic())
             if st.role == ROLE_MASTER and was != ROLE_MASTER:
                 self.fenced, self.check_failures, self.repl_failures = None, 0, 0
                 self.force = self.force_peer_alive = False
