@@ -3823,6 +3823,8 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 "does, the nodes have diverged: decide which data is right first"
                 % (pds, other.name, ds, other.name, pds, pds))
         extra = snaps_after(remote, common.guid)
+        if extra and not any(is_flocker_snapshot(s.name) for s in extra):
+            raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
         if extra:
             raise DivergenceError(
                 "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
@@ -3901,6 +3903,25 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
                              arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def foreign_snapshots_message(cfg, foreign: Sequence[Snap], common: str) -> str:
+    """The replica has snapshots after the common one that flocker-failover
+    did not make (zfs-auto-snapshot, sanoid, an operator): no divergence
+    (this node's history continues), but 'zfs recv' without -F takes an
+    increment only onto the replica's newest snapshot, and nothing here
+    destroys a snapshot it did not make: the operator decides."""
+    pds, name = cfg.peer.dataset, cfg.peer.name
+    names = [s.name for s in foreign]
+    return ("%s on %s has %d snapshot(s) not made by flocker-failover after the newest "
+            "common snapshot %s (%s): zfs receive takes an increment only onto the "
+            "replica's newest snapshot, and flocker-failover never destroys snapshots it "
+            "did not make, so nothing was sent and nothing was changed. On %s, copy out "
+            "anything you need from them, then run 'zfs destroy %s@%s'; and keep snapshot "
+            "tools off the replica (zfs-auto-snapshot: 'zfs set com.sun:auto-snapshot=false "
+            "%s'; sanoid: no template for it): its snapshots come from the master"
+            % (pds, name, len(names), common, ", ".join(names[:5]) +
+               (", ..." if len(names) > 5 else ""), name, pds, ",".join(names), pds))
 
 
 def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
@@ -4688,7 +4709,10 @@ def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     """The loser changed nothing since the common snapshot: the snapshots
     it took after it carry no change (the stream from common to the newest
     is empty), so they hold nothing common lacks; destroy them, newest
-    first, so that the winner can send its increment."""
+    first, so that the winner can send its increment.  Only flocker
+    snapshots: one not named by us (an operator's, zfs-auto-snapshot's)
+    stays, and the winner's replication names it until an operator removes
+    it (foreign_snapshots_message)."""
     zfs, ds = ctx.zfs, ctx.cfg.local.dataset
     local = zfs.listing(ds)
     after = snaps_after(local, common.guid)
@@ -4697,11 +4721,17 @@ def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     if zfs.stream_size(ds, common.name, after[-1].name) != 0:
         raise ActionError("%s changed since %s after all; nothing was destroyed" % (ds,
                                                                                    common.name))
-    names = [s.name for s in reversed(after)]
+    names = [s.name for s in reversed(after) if is_flocker_snapshot(s.name)]
+    foreign = [s.name for s in after if not is_flocker_snapshot(s.name)]
     for name in names:
         zfs.run(["destroy", "%s@%s" % (ds, name)], retry_busy=True)
-    ctx.store.record_event("verdict", "destroyed %d snapshot(s) of %s after %s that held no "
-                           "change: %s" % (len(names), ds, common.name, ", ".join(names)))
+    text = ("destroyed %d snapshot(s) of %s after %s that held no change: %s"
+            % (len(names), ds, common.name, ", ".join(names) or "none"))
+    if foreign:
+        text += ("; kept %d snapshot(s) not made by flocker-failover (%s): replication "
+                 "to this node waits until an operator removes them"
+                 % (len(foreign), ", ".join(foreign)))
+    ctx.store.record_event("verdict", text, "warning" if foreign else "info")
     return names
 
 

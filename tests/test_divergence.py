@@ -12,7 +12,8 @@ import time
 import bed as bedmod
 from conftest import dataset_context, ff
 from test_daemon import S, Running, init, wait_for
-from test_failover import START, STOP, killed, lanbed, serving, replicated, zget  # noqa: F401
+from test_failover import (START, STOP, killed, lanbed, serving, replicated,  # noqa: F401
+                           svc_log, zget)
 
 
 def configure(bed, policy, policy_b=None):
@@ -274,29 +275,82 @@ def test_drop_empty_divergence_destroys_only_changeless_snapshots(pool):
     mnt = zget(ds, "mountpoint")
 
     ctx = dataset_context(ds, z)
+    X1, X2, X3 = (ff.snapshot_name(3, 1e9 + i) for i in range(3))
     with open(os.path.join(mnt, "a"), "w") as f:
         f.write("a")
     z.snapshot(ds, "common", False)
     common = z.listing(ds).snap("common")
-    z.snapshot(ds, "flocker-3-x1", False)        # nothing changed: empty
-    z.snapshot(ds, "flocker-3-x2", False)
+    z.snapshot(ds, X1, False)        # nothing changed: empty
+    z.snapshot(ds, X2, False)
     with open(os.path.join(mnt, "b"), "w") as f:
         f.write("b")
-    z.snapshot(ds, "flocker-3-x3", False)        # holds b: the stream is not empty
+    z.snapshot(ds, X3, False)        # holds b: the stream is not empty
     try:
         ff._drop_empty_divergence(ctx, common)
         raise AssertionError("destroyed snapshots although one carries a change")
     except ff.ActionError as e:
         assert "changed since common after all; nothing was destroyed" in e.message
-    assert [s.name for s in z.listing(ds).snaps] == ["common", "flocker-3-x1",
-                                                     "flocker-3-x2", "flocker-3-x3"]
-    bedmod.sh(["zfs", "destroy", ds + "@flocker-3-x3"])   # (the test's own clean-up)
+    assert [s.name for s in z.listing(ds).snaps] == ["common", X1, X2, X3]
+    bedmod.sh(["zfs", "destroy", ds + "@" + X3])   # (the test's own clean-up)
     os.remove(os.path.join(mnt, "b"))
     with open(os.path.join(mnt, "a")) as f:
         assert f.read() == "a"
     # b was removed again, but the dataset has unsnapshotted changes; the
     # snapshots after common are empty: those go, the data stays
-    assert ff._drop_empty_divergence(ctx, common) == ["flocker-3-x2", "flocker-3-x1"]
+    assert ff._drop_empty_divergence(ctx, common) == [X2, X1]
     assert [s.name for s in z.listing(ds).snaps] == ["common"]
     with open(os.path.join(mnt, "a")) as f:
         assert f.read() == "a"
+
+
+def test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept(bed):
+    """An operator's (or zfs-auto-snapshot's, sanoid's) snapshot of the
+    replica after the common one blocks the incremental receive; it is no
+    divergence: no resolution, no restart of the service, and the snapshot
+    is never destroyed.  The master says which snapshot blocks and what to
+    do; once the operator removed it, replication goes on."""
+    p = Pair(bed, "most-changes")
+    m, s = bed.a, bed.b
+    try:
+        foreign = s.dataset + "@hourly-test"
+        bedmod.sh(["zfs", "snapshot", foreign])
+        with open(os.path.join(zget(m.dataset, "mountpoint"), "new.bin"), "wb") as f:
+            f.write(os.urandom(50000))
+        wait_for(lambda: "hourly-test" in p.d[m].log_text(), S(30), step=0.1)
+        time.sleep(S(4))       # many cycles of 0.5 s
+        text = {h: p.d[h].log_text() for h in (m, s)}
+        for h in (m, s):
+            assert "resolving a divergence" not in text[h], text[h]
+            assert "split brain" not in h.flocker("history").stdout
+        assert [e[0] for e in svc_log(m)] == ["start"]       # never restarted
+        assert serving(p.d[m]) and p.d[s].status()["role"] == "slave"
+        assert bedmod.sh(["zfs", "list", "-H", "-o", "name", foreign]).returncode == 0
+        line = [x for x in text[m].splitlines() if "hourly-test" in x][0]
+        assert "not made by flocker-failover" in line and "zfs destroy" in line, line
+        # the same refusal once a minute, not every cycle
+        assert len([x for x in text[m].splitlines() if "hourly-test" in x]) == 1, text[m]
+        bedmod.sh(["zfs", "destroy", foreign])      # the operator's choice
+        since = time.time()
+        wait_for(lambda: replicated(p.d[m], since), S(30), step=0.1)
+    finally:
+        p.stop()
+
+
+def test_drop_empty_divergence_never_destroys_a_foreign_snapshot(pool):
+    """A loser's empty snapshots after the common one go, except those not
+    named by flocker-failover (an operator's, zfs-auto-snapshot's): they
+    stay, and the event says so."""
+    ds = pool.name + "/d"
+    bedmod.sh(["zfs", "create", ds])
+    z = ff.Zfs()
+    ctx = dataset_context(ds, z)
+    z.snapshot(ds, "common", False)
+    common = z.listing(ds).snap("common")
+    x1, x2 = ff.snapshot_name(3, 1e9), ff.snapshot_name(3, 1e9 + 1)
+    for name in (x1, "hourly-test", x2, "zfs-auto-snap_daily"):
+        z.snapshot(ds, name, False)
+    assert ff._drop_empty_divergence(ctx, common) == [x2, x1]
+    assert [s.name for s in z.listing(ds).snaps] == ["common", "hourly-test",
+                                                     "zfs-auto-snap_daily"]
+    assert "kept 2 snapshot(s) not made by flocker-failover" in ctx.store.events[-1]
+    assert "hourly-test" in ctx.store.events[-1]

@@ -163,8 +163,11 @@ def test_receive_never_forces_or_rolls_back():
     #   _drop_empty_leftover: what a crash left of the same (test_failover.py::
     #     test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot)
     #   _drop_empty_divergence: a losing side's snapshots after the common
-    #     one, only when they carry no change (test_divergence.py::
-    #     test_drop_empty_divergence_destroys_only_changeless_snapshots)
+    #     one, only when they carry no change, and only flocker-named ones
+    #     (test_divergence.py::
+    #     test_drop_empty_divergence_destroys_only_changeless_snapshots,
+    #     test_drop_empty_divergence_never_destroys_a_foreign_snapshot,
+    #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded)
     #   _gate_zfs_destroy: the ssh gate passes on the master's retention
