@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 # ===========================================================================
 # 1. Constants, exit codes, errors
@@ -1695,6 +1695,7 @@ _ZFS_SAYS = {
     "no_space": ("out of space", "No space left"),   # zfs recv: the pool is full
     "modified": ("has been modified",),              # zfs recv: replica written to
     "no_property": ("invalid property",),            # zfs-fuse: no receive_resume_token
+    "cloned": ("dependent clones", "snapshot is cloned"),   # zfs destroy: a clone pins it
 }
 
 
@@ -1716,6 +1717,7 @@ class ZfsFeatures:
     destroy_multi: bool = False    # zfs destroy ds@a,b,c in one command
     list_parsable: bool = False    # zfs list -p
     createtxg: bool = False        # the 'createtxg' property
+    clones: bool = False           # the snapshots' 'clones' property (not zfs-fuse)
     send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
 
 
@@ -1737,6 +1739,7 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
                                      usage, re.M)),
         list_parsable="p" in synopsis_flags("list"),
         createtxg="createtxg" in props,
+        clones="clones" in props,
         send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send))
 
 
@@ -1755,6 +1758,7 @@ class Snap:
     guid: str
     userrefs: int    # holds of any tag
     order: int       # createtxg where known, else position in the listing
+    pinned: bool = False   # a clone depends on it (where zfs lists 'clones')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1783,6 +1787,8 @@ def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
         props.append("written")
     if features.createtxg:
         props.append("createtxg")
+    if features.clones:
+        props.append("clones")
     if features.resumable:
         props.append("receive_resume_token")
     return ["get", "-H", "-p", "-o", "name,property,value", ",".join(props),
@@ -1813,7 +1819,8 @@ def parse_listing(text: str, dataset: str) -> Listing:
         txg = p.get("createtxg", "")
         snaps.append(Snap(name=name.split("@", 1)[1], guid=p.get("guid", ""),
                           userrefs=int(refs) if refs.isdigit() else 0,
-                          order=int(txg) if txg.isdigit() else position))
+                          order=int(txg) if txg.isdigit() else position,
+                          pinned=p.get("clones", "-") not in ("-", "")))
     snaps.sort(key=lambda s: s.order)
     return Listing(dataset, rows.get(dataset, {}), tuple(snaps))
 
@@ -2150,7 +2157,7 @@ _GATE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                         "0123456789 _.:/@=,'-")
 _GATE_FIELDS = ("name,property,value", "property,value", "value")
 _GATE_PROPS = ("guid", "userrefs", "readonly", ROLE_PROPERTY, DIVERGENCE_PROPERTY,
-               "written", "createtxg", "receive_resume_token")
+               "written", "createtxg", "receive_resume_token", "clones")
 _GATE_SNAP_RE = re.compile(r"^[A-Za-z0-9_.: -]+$")   # what zfs allows after '@'
 GATE_REQUESTS = ("features, session, zfs get|list|recv|hold|release|destroy|set "
                  "(on this node's dataset), flocker status --json")
@@ -3092,12 +3099,13 @@ def snaps_after(listing: Listing, guid: str) -> List[Snap]:
 
 def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
     """Retention: names to destroy so that at most `keep` flocker snapshots
-    remain besides the protected ones.  Never a protected, a held or a
-    foreign (not flocker-named) snapshot."""
+    remain besides the protected ones.  Never a protected, a held, a pinned
+    (a clone depends on it) or a foreign (not flocker-named) snapshot."""
     ours = [s for s in snaps if is_flocker_snapshot(s.name)]
     keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
     return [s.name for s in ours
-            if s.name not in keep_names and s.name not in protect and s.userrefs == 0]
+            if s.name not in keep_names and s.name not in protect and s.userrefs == 0
+            and not s.pinned]
 
 
 def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
@@ -3782,7 +3790,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
         last_ok = store.replication_summary()["last_ok"]
         protect = [local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
-        _prune(zfs, ds, local, cfg.snapshot_keep, protect, r)
+        _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds), r)
         raise
     if remote is None:
         _check_peer_parent(peer, pds, other.name)
@@ -3883,11 +3891,11 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     # 5. retention: the slave first, never its common snapshot (the target)
     #    or anything after it; snapshots just released are pruned next cycle
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
-    pruned_peer = plan_prune(after.snaps, cfg.snapshot_keep, keep_peer)
-    _destroy(peer, pds, pruned_peer, r)
+    pruned_peer = _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r)
     if old or arrived or target.userrefs == 0:
         local = zfs.listing(ds) or local
-    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, [target.name], r)
+    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
+                          [target.name] + preserved_origins(store, ds), r)
     said = []
     if resumed is not None:
         said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
@@ -4076,19 +4084,49 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
     return sent, outcome.bytes, outcome.seconds
 
 
-def _destroy(z: ZfsBase, ds: str, names: List[str], recursive: bool) -> None:
+# Snapshots a destroy found pinned by a clone, by (where, dataset): where
+# zfs has no 'clones' property (zfs-fuse) the listing cannot tell, so the
+# first destroy learns it and later cycles of this process skip them.  Only
+# names still listed are kept (bounded by the listing); only the
+# replication job's thread reads and writes it.
+_PINNED_SEEN = {}   # type: Dict[Tuple[str, str], Set[str]]
+
+
+def preserved_origins(store: StateStore, ds: str) -> List[str]:
+    """Snapshots of ds that a preserved dataset of this node was cloned
+    from: retention keeps them, silently (the clone pins them anyway)."""
+    return [p["origin"].split("@", 1)[1] for p in store.preserved()
+            if (p["origin"] or "").startswith(ds + "@")]
+
+
+def _destroy(z: ZfsBase, ds: str, names: List[str], recursive: bool) -> List[str]:
+    """Retention's destroy; returns the names it destroyed.  A snapshot a
+    clone depends on (a preserved dataset, an operator's clone) is pinned:
+    not destroyed, and no warning, since that is what it is for."""
     if not names:
-        return
-    for rc, out in z.run_many(destroy_commands(ds, names, recursive, z.features())):
-        if rc != 0:
+        return []
+    done = list(names)
+    commands = destroy_commands(ds, names, recursive, z.features())
+    for cmd, (rc, out) in zip(commands, z.run_many(commands)):
+        if rc == 0:
+            continue
+        mine = cmd[-1].split("@", 1)[1].split(",")
+        done = [n for n in done if n not in mine]
+        if zfs_says("cloned", out) and len(mine) == 1:
+            _PINNED_SEEN.setdefault((z.where, ds), set()).add(mine[0])
+            log.debug("retention: %s@%s %s is pinned by a clone: kept", ds, mine[0],
+                      z.where)
+        else:
             log.warning("retention: could not destroy a snapshot of %s %s: %s",
                         ds, z.where, _stderr_text(out))
+    return done
 
 
-def _prune(zfs: ZfsBase, ds: str, local: Listing, keep: int, protect, r) -> List[str]:
-    names = plan_prune(local.snaps, keep, protect)
-    _destroy(zfs, ds, names, r)
-    return names
+def _prune(z: ZfsBase, ds: str, listing: Listing, keep: int, protect, r) -> List[str]:
+    listed = set(s.name for s in listing.snaps)
+    seen = _PINNED_SEEN.get((z.where, ds), set()) & listed
+    _PINNED_SEEN[(z.where, ds)] = seen
+    return _destroy(z, ds, plan_prune(listing.snaps, keep, list(protect) + sorted(seen)), r)
 
 
 def initial_epoch(role: str, index: int) -> int:

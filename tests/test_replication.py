@@ -67,6 +67,7 @@ The following properties are supported:
 	PROPERTY       EDIT  INHERIT   VALUES
 
 	available        NO       NO   <size>
+	clones           NO       NO   <dataset>[,...]
 	createtxg        NO       NO   <uint64>
 	guid             NO       NO   <uint64>
 	receive_resume_token  NO       NO   <string token>
@@ -91,11 +92,11 @@ def zfs_fuse_usage():
 def test_features_of_openzfs_2():
     f = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
-                               list_parsable=True, createtxg=True,
+                               list_parsable=True, createtxg=True, clones=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
     # the modern path of every command built from features
-    assert ff.listing_args("t/s", f)[5].split(",")[-3:] == [
-        "written", "createtxg", "receive_resume_token"]
+    assert ff.listing_args("t/s", f)[5].split(",")[-4:] == [
+        "written", "createtxg", "clones", "receive_resume_token"]
     assert ff.build_recv_argv("t/r", f.resumable) == ["zfs", "recv", "-u", "-s", "t/r"]
     assert ff.destroy_commands("t/s", ["a", "b"], False, f) == [["destroy", "t/s@a,b"]]
     assert ff.usable_send_flags(("-c", "-w"), f, f) == ["-c", "-w"]
@@ -110,7 +111,7 @@ def test_features_of_a_real_openzfs_2_3():
     with open(path) as f:
         f = ff.parse_zfs_features(f.read())
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
-                               list_parsable=True, createtxg=True,
+                               list_parsable=True, createtxg=True, clones=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
 
 
@@ -274,6 +275,18 @@ def test_plan_prune_keeps_newest_protected_held_and_foreign():
     # keep=1: everything old goes except the protected and the held one
     assert ff.plan_prune(snaps, 1, []) == [names[0], names[2], names[3], names[4]]
     assert ff.plan_prune(snaps, 10, []) == []
+
+
+def test_plan_prune_never_a_snapshot_a_clone_depends_on():
+    """The listing's 'clones' (OpenZFS) marks a snapshot pinned: retention
+    never plans it (a multi-snapshot destroy would fail as a whole)."""
+    names = ["flocker-1-20260101T00000%d.000Z" % i for i in range(4)]
+    text = "".join("p/d@%s\tguid\t%d\np/d@%s\tuserrefs\t0\np/d@%s\tclones\t%s\n"
+                   % (n, i + 1, n, n, "p/d-diverged-1-x" if i == 1 else "")
+                   for i, n in enumerate(names))
+    got = ff.parse_listing(text, "p/d")
+    assert [s.pinned for s in got.snaps] == [False, True, False, False]
+    assert ff.plan_prune(got.snaps, 1, []) == [names[0], names[2]]
 
 
 def test_snapshot_names():
@@ -1044,3 +1057,40 @@ def test_connection_is_reused_and_rebuilt_after_its_master_dies(bed):
     n = opens()
     ok(sync(bed))
     assert opens() == n
+
+
+def test_retention_skips_snapshots_pinned_by_clones_silently(bed):
+    """A preserved dataset (a clone) pins the snapshot it was cloned from,
+    on either node: retention keeps that snapshot and says nothing about
+    it, cycle after cycle, and prunes the others as usual."""
+    prepare(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    pinned = rows(bed)[-1]["snapshot"]
+    # what preservation leaves: the dataset's snapshot with a clone of it
+    # (here on both nodes: the master was a loser once, so was the slave)
+    for h in bed.hosts:
+        bedmod.sh(["zfs", "clone", "%s@%s" % (h.dataset, pinned),
+                   h.dataset + "-diverged-2-20260101T000000Z"])
+    # alpha recorded its clone as a preserved dataset, as preservation does
+    with ff.StateStore.open(bed.a.state_db, lock_for="test") as st:
+        st.add_preserved(bed.a.dataset + "-diverged-2-20260101T000000Z", 2,
+                         "%s@%s" % (bed.a.dataset, pinned), "test")
+    out = []
+    for i in range(4):
+        write(bed, "y%d.bin" % i, 5000)
+        out.append(ok(bed.a.flocker("-vv", "sync", timeout=120)).stderr)
+    text = "\n".join(out)
+    said = [x for x in text.splitlines() if "WARNING" in x]
+    assert said == [], text
+    # alpha knows its preserved dataset's origin: it never tries to destroy
+    # it; beta's is learnt from the destroy (zfs-fuse has no 'clones') or
+    # read from the listing (OpenZFS), and never said above debug
+    tried = [x for x in text.splitlines() if "pinned by a clone" in x]
+    assert not [x for x in tried if "on this host" in x], tried
+    sa, sb = snaps(bed.a.dataset), snaps(bed.b.dataset)
+    assert pinned in sa and pinned in sb
+    # the pinned one and the newest (the slave also the one released in
+    # this cycle, which the next cycle prunes)
+    assert len(sa) == 2 and len(sb) <= 3, (sa, sb)
+    assert slave_digest(bed) == master_digest(bed)
