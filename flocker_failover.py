@@ -2065,8 +2065,65 @@ class Zfs(ZfsBase):
     def rename(self, old: str, new: str) -> None:
         self.run(["rename", old, new], retry_busy=True)
 
-    def clone(self, snapshot: str, dataset: str) -> None:
+    def clone(self, snapshot: str, dataset: str,
+              props: Optional[Dict[str, str]] = None) -> None:
+        """Clone snapshot as dataset, with props set at creation (zfs clone
+        -o; zfs-fuse and OpenZFS both take it).  Should zfs refuse one of
+        them, the clone is made without: the caller sets them one by one."""
+        opts = [a for p, v in sorted((props or {}).items()) for a in ("-o", "%s=%s" % (p, v))]
+        if opts:
+            proc = self.run(["clone"] + opts + [snapshot, dataset], check=False)
+            if proc.returncode == 0:
+                return
+            log.warning("'zfs clone -o ...' of %s refused the dataset's own properties "
+                        "(%s); cloning without them and setting them one by one",
+                        dataset, _stderr_text(proc.stderr))
         self.run(["clone", snapshot, dataset])
+
+    def local_props(self, dataset: str) -> Dict[str, str]:
+        """The properties set on the dataset itself (source local, or
+        received: OpenZFS), user properties included, as 'zfs set' takes
+        them (parsable values)."""
+        proc = self.run(["get", "-H", "-p", "-o", "property,value", "-s", "local,received",
+                         "all", dataset])
+        out = {}
+        for line in proc.stdout.splitlines():
+            prop, tab, value = line.partition("\t")
+            if tab:
+                out[prop] = value
+        return out
+
+    def descendants(self, dataset: str) -> List[str]:
+        """The file systems and volumes below dataset (not itself), parents
+        before their children."""
+        proc = self.run(["list", "-H", "-o", "name", "-r", "-t", "filesystem,volume",
+                         dataset])
+        return sorted(n for n in proc.stdout.split("\n") if n.startswith(dataset + "/"))
+
+    def unmount_tree(self, dataset: str) -> None:
+        """Unmount the dataset and every file system below it, the deepest
+        first (OpenZFS will not unmount a parent with a child mounted in it)."""
+        for name in reversed(self.descendants(dataset)):
+            self.unmount(name)
+        self.unmount(dataset)
+
+    def mount_tree(self, dataset: str) -> List[str]:
+        """Mount the dataset, then the file systems below it that mount
+        automatically (canmount=on), parents first.  Returns what of the
+        latter could not be mounted (with why): the dataset itself must
+        mount, or this raises."""
+        self.mount(dataset)
+        failed = []
+        for name in self.descendants(dataset):
+            got = self.get(name, ["type", "canmount", "mountpoint"])
+            if (got.get("type") != "filesystem" or got.get("canmount") != "on"
+                    or got.get("mountpoint") in ("none", "legacy")):
+                continue
+            try:
+                self.mount(name)
+            except ZfsError as e:
+                failed.append("%s (%s)" % (name, e.message))
+        return failed
 
     def promote_clone(self, dataset: str) -> None:
         self.run(["promote", dataset])
@@ -4340,7 +4397,12 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "writable":
             zfs.set_prop(ds, "readonly", "off")
         elif step == "mount":
-            zfs.mount(ds)
+            failed = zfs.mount_tree(ds)
+            if failed:
+                text = ("%s is mounted, but not the file system(s) below it: %s"
+                        % (ds, "; ".join(failed)))
+                log.warning("%s", text)
+                ctx.store.record_event("promote", text, "warning")
         elif step == "start":
             _run_service_command(ctx, "start_command", cfg.service.start_command, env)
         elif step == "address":
@@ -4376,7 +4438,7 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
                 zfs.set_prop(ds, "readonly", "on")
         elif step == "unmount":
             if zfs.exists(ds):
-                zfs.unmount(ds)
+                zfs.unmount_tree(ds)
         elif step == "tidy":
             _drop_empty_leftover(ctx)
         elif step == "role":
@@ -4440,8 +4502,16 @@ def _final_sync(ctx: Context, intent_id: int, data: dict,
 # DS then holds the snapshots up to @common (same GUIDs) and the contents
 # of @common, ready for an incremental receive from the winner; PRESERVED is
 # a read-only clone of DS@common holding every divergent snapshot.
+# DS keeps what is its own: every property set on it (mountpoint, atime,
+# compression, quota, user properties...; read before anything changes and
+# given to the clone) and its child datasets (the user's, not replicated
+# with recursive = no: moved back under DS after the clone, untouched).
+# PRESERVED is set aside: canmount=noauto, and a mountpoint of its own
+# (the service's with its -diverged-... suffix) when DS had one set, so it
+# never takes the service's path, at boot or when mounted by hand.
 
-PRESERVE_STEPS = ("snapshot", "unmount", "rename", "clone", "promote", "protect", "record")
+PRESERVE_STEPS = ("snapshot", "unmount", "rename", "aside", "clone", "properties", "promote",
+                  "children", "protect", "record")
 
 
 def preserved_name(dataset: str, epoch: int, now: float) -> str:
@@ -4464,13 +4534,19 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str) -> s
     data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
             "preserved": preserved_name(ds, epoch, now),
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
-                                                                   time.gmtime(now)))}
+                                                                   time.gmtime(now))),
+            # what is the live dataset's own, read before anything changes
+            "props": ctx.zfs.local_props(ds),
+            "children": [c[len(ds) + 1:] for c in ctx.zfs.descendants(ds)
+                         if "/" not in c[len(ds) + 1:]]}
     _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
     return data["preserved"]
 
 
 def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
     zfs, ds, kept, common = ctx.zfs, data["dataset"], data["preserved"], data["common"]
+    props = data.get("props", {})      # (an intent of an older version has neither)
+    children = data.get("children", [])
     for step in PRESERVE_STEPS:
         ctx.store.intent_step(intent_id, step)
         failpoint("preserve:" + step)
@@ -4480,23 +4556,60 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 zfs.snapshot(ds, data["snapshot"], recursive=False)
         elif step == "unmount":
             if not renamed:
-                zfs.unmount(ds)
+                zfs.unmount_tree(ds)
         elif step == "rename":
             if not renamed:
                 zfs.rename(ds, kept)
+        elif step == "aside":
+            _set_aside(zfs, ds, kept, props)
         elif step == "clone":
             if not zfs.exists(ds):
-                zfs.clone("%s@%s" % (kept, common), ds)
+                zfs.clone("%s@%s" % (kept, common), ds, props)
+        elif step == "properties":
+            _restore_props(ctx, ds, props)
         elif step == "promote":
             if zfs.origin(ds) == "%s@%s" % (kept, common):
                 zfs.promote_clone(ds)
+        elif step == "children":    # the user's own: back under the live dataset
+            for child in children:
+                if zfs.exists("%s/%s" % (kept, child)) and not zfs.exists(
+                        "%s/%s" % (ds, child)):
+                    zfs.rename("%s/%s" % (kept, child), "%s/%s" % (ds, child))
         elif step == "protect":   # both read-only; the replica also unmounted
             zfs.set_prop(kept, "readonly", "on")
             zfs.set_prop(ds, "readonly", "on")
-            zfs.unmount(ds)
+            zfs.unmount_tree(ds)
         elif step == "record":
             ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
     ctx.store.finish_intent(intent_id)
+
+
+def _set_aside(zfs: ZfsBase, ds: str, kept: str, props: Dict[str, str]) -> None:
+    """The preserved copy never mounts by itself, and never at the live
+    dataset's mountpoint: when that was set on the dataset (and so moved
+    with the rename), the copy gets the same path with its own suffix."""
+    zfs.set_prop(kept, "canmount", "noauto")
+    mp = props.get("mountpoint", "")
+    if mp.startswith("/") and zfs.get(kept, ["mountpoint"]).get("mountpoint") == mp:
+        zfs.set_prop(kept, "mountpoint", mp.rstrip("/") + kept[len(ds):])
+
+
+def _restore_props(ctx: Context, ds: str, props: Dict[str, str]) -> None:
+    """Give the live dataset (the clone) every property it had set on
+    itself, where the clone did not get it at creation.  One zfs refuses
+    is said (log and event), not fatal: the data is in place either way."""
+    have = ctx.zfs.local_props(ds)
+    for prop, value in sorted(props.items()):
+        if have.get(prop) == value:
+            continue
+        try:
+            ctx.zfs.set_prop(ds, prop, value)
+        except ZfsError as e:
+            text = ("could not give %s its own property %s=%s again after keeping its "
+                    "divergent data (%s): set it by hand ('zfs set %s=%s %s')"
+                    % (ds, prop, value, e.message, prop, value, ds))
+            log.warning("%s", text)
+            ctx.store.record_event("preserve", text, "warning")
 
 
 def discard_preserved(ctx: Context, name: str) -> None:
@@ -4514,6 +4627,14 @@ def discard_preserved(ctx: Context, name: str) -> None:
                 "%s is no longer a clone (was 'zfs promote' run on it?), so it may hold the "
                 "only copy of older snapshots; refusing to destroy it: check it and use "
                 "'zfs destroy' yourself" % name)
+        below = ctx.zfs.descendants(name)
+        if below:
+            raise FlockerError(
+                "%s has %d dataset(s) below it that flocker-failover did not preserve (%s): "
+                "they may hold data that exists nowhere else (an older version moved the "
+                "user's child datasets there); refusing to destroy anything. Move them "
+                "out ('zfs rename %s NEWNAME') or destroy them yourself, then discard "
+                "again" % (name, len(below), ", ".join(below[:5]), below[0]))
         # -r: its own snapshots; never -R, which would reach other datasets' clones
         ctx.zfs.run(["destroy", "-r", name], retry_busy=True)
     ctx.store.remove_preserved(name)

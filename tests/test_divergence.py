@@ -354,3 +354,54 @@ def test_drop_empty_divergence_never_destroys_a_foreign_snapshot(pool):
                                                      "zfs-auto-snap_daily"]
     assert "kept 2 snapshot(s) not made by flocker-failover" in ctx.store.events[-1]
     assert "hourly-test" in ctx.store.events[-1]
+
+
+def test_loser_keeps_its_settings_and_child_and_serves_them_after_a_failover(bed):
+    """The loser's dataset has its own mountpoint, atime=off, compression
+    and recordsize, and an unrelated child dataset of the user's.  After the
+    resolution it keeps all of them (the preserved copy is set aside); when
+    it is promoted later, the service finds the winner's data at its usual
+    path, the child mounted in it, untouched; discard-preserved removes only
+    what diverged."""
+    p = Pair(bed, "most-changes")
+    m, s = bed.a, bed.b
+    mp = os.path.join(m.pool.mountpoint, "srv", "shop")
+    own = {"mountpoint": mp, "atime": "off", "compression": "on", "recordsize": "16384"}
+    try:
+        for prop, value in own.items():
+            bedmod.sh(["zfs", "set", "%s=%s" % (prop, value), m.dataset])
+        kid = m.dataset + "/kid"
+        bedmod.sh(["zfs", "create", kid])
+        with open(os.path.join(mp, "kid", "child.txt"), "w") as f:
+            f.write("the user's own child dataset\n")
+        kid_files = bedmod.tree_digest(os.path.join(mp, "kid"))
+        written = p.split({m: 100000, s: 300000})       # the slave changed more: m loses
+        p.heal()
+        assert wait_for(p.settled, S(60), step=0.1) is s
+        [kept] = preserved(m)
+        got = {prop: bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value,source", prop,
+                                m.dataset]).stdout.split() for prop in own}
+        assert got == {prop: [value, "local"] for prop, value in own.items()}, got
+        assert zget(kept, "canmount") == "noauto" and zget(kept, "mountpoint") != mp
+        assert bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", kept]).stdout.split() == [kept]
+        wait_for(lambda: files_in(m.dataset) == files_in(s.dataset), S(30), step=0.2)
+        # the winner's host dies: the loser takes over, on its own path
+        s.kill_all()
+        wait_for(lambda: serving(p.d[m]), S(30), step=0.1)
+        assert zget(m.dataset, "mountpoint") == mp and zget(kid, "mounted") == "yes"
+        have = {k: v for k, v in bedmod.tree_digest(mp).items() if not k.startswith("kid/")}
+        for name, digest in written[s].items():
+            assert have.get(name) == digest, name
+        assert not set(written[m]) & set(have)
+        assert bedmod.tree_digest(os.path.join(mp, "kid")) == kid_files
+        old = files_in(kept)
+        assert all(old.get(n) == d for n, d in written[m].items())
+        p.d[m].stop()           # (discard-preserved takes the state lock)
+        r = m.flocker("discard-preserved", kept, "--yes", config=p.config[m])
+        assert r.returncode == 0, r.stdout + r.stderr
+        names = bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", m.pool.name]).stdout.split()
+        assert kept not in names and m.dataset in names and kid in names
+        bedmod.sh(["zfs", "mount", kid], check=False)
+        assert bedmod.tree_digest(os.path.join(mp, "kid")) == kid_files
+    finally:
+        p.stop()
