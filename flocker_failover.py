@@ -1372,6 +1372,17 @@ class StateStore:
                 "finished' WHERE result = 'running'", (now,))
             return cur.rowcount
 
+    def unconfirmed_targets(self) -> List[str]:
+        """Snapshots a cycle after the newest successful one began to send
+        and never confirmed (it failed, or its process died): the peer may
+        hold any of them.  Retention keeps them until a cycle sees the peer
+        again (then each is either common history or absent there)."""
+        rows = self.conn.execute(
+            "SELECT snapshot FROM replications WHERE snapshot != '' AND result != 'ok' "
+            "AND id > COALESCE((SELECT MAX(id) FROM replications WHERE result = 'ok'), 0)"
+        ).fetchall()
+        return sorted(set(r[0] for r in rows))
+
     def trim_replications(self, keep: int = 1000) -> None:
         """Keep the history bounded (a cycle every few seconds adds up)."""
         with self.transaction() as conn:
@@ -3843,10 +3854,14 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         remote = peer.listing(pds)
     except SshError:
         # the peer is away: keep taking snapshots, bounded by retention that
-        # spares the newest, the held ones and the last one known replicated
+        # spares the newest, the held ones, the last one known replicated and
+        # every one a transfer since then may have delivered unconfirmed (the
+        # peer may hold it: pruned here, it would look like history this
+        # master lacks, a divergence)
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
         last_ok = store.replication_summary()["last_ok"]
-        protect = [local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+        protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+                   + store.unconfirmed_targets())
         _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds), r)
         raise
     if remote is None:
@@ -3888,8 +3903,12 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 "does, the nodes have diverged: decide which data is right first"
                 % (pds, other.name, ds, other.name, pds, pds))
         extra = snaps_after(remote, common.guid)
-        if extra and not any(is_flocker_snapshot(s.name) for s in extra):
+        ours = [s for s in extra if is_flocker_snapshot(s.name)]
+        if extra and not ours:
             raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
+        if ours and all(snapshot_epoch(s.name) == st.epoch for s in ours):
+            raise ReplicationError(lost_own_snapshots_message(cfg, extra, common.name,
+                                                              st.epoch))
         if extra:
             raise DivergenceError(
                 "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
@@ -3915,6 +3934,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         base = common.name if common else None
         store.update_replication(rid, base=base, snapshot=target.name)
         sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop)
+        failpoint("replicate:sent")
     if sent:
         after = peer.listing(pds)
     else:
@@ -3987,6 +4007,26 @@ def foreign_snapshots_message(cfg, foreign: Sequence[Snap], common: str) -> str:
             "%s'; sanoid: no template for it): its snapshots come from the master"
             % (pds, name, len(names), common, ", ".join(names[:5]) +
                (", ..." if len(names) > 5 else ""), name, pds, ",".join(names), pds))
+
+
+def lost_own_snapshots_message(cfg, extra: Sequence[Snap], common: str, epoch: int) -> str:
+    """The replica has flocker snapshots after the common one, all of this
+    master's own epoch, which only this node takes while it is master: a
+    transfer delivered them and its cycle never confirmed them, and this
+    node no longer has them (its record of that transfer was lost, so
+    retention pruned them).  An older state of this node's own data, not a
+    divergent side: no resolution; the operator removes them."""
+    pds, name = cfg.peer.dataset, cfg.peer.name
+    names = [s.name for s in extra]
+    return ("%s on %s has %d snapshot(s) after the newest common snapshot %s that were "
+            "made by this master in its epoch %d and that it no longer has (%s): a "
+            "transfer delivered them and was never confirmed, then this node pruned its "
+            "own copies. They hold an older state of this node's data, not a divergence; "
+            "but zfs receive takes an increment only onto the replica's newest snapshot, "
+            "so nothing was sent and nothing was changed. On %s, copy out anything you "
+            "need from them, then run 'zfs destroy %s@%s' and sync again"
+            % (pds, name, len(names), common, epoch, ", ".join(names[:5]) +
+               (", ..." if len(names) > 5 else ""), name, pds, ",".join(names)))
 
 
 def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:

@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -1094,3 +1095,65 @@ def test_retention_skips_snapshots_pinned_by_clones_silently(bed):
     # this cycle, which the next cycle prunes)
     assert len(sa) == 2 and len(sb) <= 3, (sa, sb)
     assert slave_digest(bed) == master_digest(bed)
+
+
+def test_sent_but_unconfirmed_snapshot_is_kept_until_the_slave_is_seen(bed):
+    """The transfer of T' completes, then the cycle ends before it confirms
+    and holds T' (here: killed; the same as ssh breaking at that moment).
+    While ssh stays down the master keeps snapshotting and pruning, but
+    never T': the slave may hold it (it does), and without it on the master
+    the slave's T' would look like history the master lacks, a divergence
+    that could even win.  Once ssh is back, replication goes on from T'."""
+    prepare(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    write(bed, "y.bin", 10000)
+    argv = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "--node",
+            bed.a.name, "sync"]
+    p = bed.a.run(argv, check=False, timeout=120,
+                  env=dict(os.environ, FLOCKER_FAILPOINT="replicate:sent"))
+    assert p.returncode == -9, p.stderr
+    sent = rows(bed)[-1]["snapshot"]
+    assert sent in snaps(bed.b.dataset) and snaps(bed.b.dataset)[sent][1] == 0   # unheld
+    prepare(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+            init=False)   # ssh is down; (the daemon's heartbeats would still flow)
+    for i in range(4):
+        write(bed, "z%d.bin" % i, 5000)
+        fails(sync(bed), ff.EXIT_SSH, "cannot reach node beta")
+        assert sent in snaps(bed.a.dataset), i
+    prepare(bed, cluster={"snapshot_keep": "1"}, init=False)
+    out = ok(sync(bed)).stdout
+    assert "from %s" % sent in out or sent in json.dumps(rows(bed)[-1]), out
+    assert slave_digest(bed) == master_digest(bed)
+
+
+def test_slave_holding_a_snapshot_the_master_made_and_lost_is_no_divergence(bed):
+    """Should the master have pruned a snapshot it sent without knowing
+    (its state file lost the attempt), the slave's copy carries this
+    master's own epoch: its own older history, not a divergent side.  The
+    cycle refuses, says so and what to do, and starts no resolution (exit
+    code of a replication error, not of a divergence); nothing is changed."""
+    prepare(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    write(bed, "y.bin", 10000)
+    argv = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "--node",
+            bed.a.name, "sync"]
+    p = bed.a.run(argv, check=False, timeout=120,
+                  env=dict(os.environ, FLOCKER_FAILPOINT="replicate:sent"))
+    assert p.returncode == -9, p.stderr
+    sent = rows(bed)[-1]["snapshot"]
+    conn = sqlite3.connect(bed.a.state_db)
+    with conn:
+        conn.execute("DELETE FROM replications WHERE result != 'ok'")   # the attempt lost
+    conn.close()
+    prepare(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+            init=False)
+    write(bed, "z.bin", 5000)
+    fails(sync(bed), ff.EXIT_SSH, "cannot reach node beta")
+    assert sent not in snaps(bed.a.dataset)          # pruned here, as feared
+    prepare(bed, cluster={"snapshot_keep": "1"}, init=False)
+    before_b = snaps(bed.b.dataset)
+    err = fails(sync(bed), ff.EXIT_REPLICATION, sent, "made by this master", "zfs destroy")
+    assert "not a divergence" in err and "(divergence)" not in err, err
+    assert snaps(bed.b.dataset) == before_b
