@@ -208,6 +208,26 @@ def _p_count(value: str) -> int:
     return count
 
 
+def _p_event_rows(value: str) -> int:
+    try:
+        count = int(value, 10)
+    except ValueError:
+        raise _Invalid("a whole number of at least 100") from None
+    if count < 100:
+        raise _Invalid("a whole number of at least 100")
+    return count
+
+
+def _p_days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise _Invalid("a number of days, 0 or more (0: no age limit)") from None
+    if not (days >= 0 and days < 10 ** 6):    # also rejects nan and inf
+        raise _Invalid("a number of days, 0 or more (0: no age limit)")
+    return days
+
+
 _BOOLS = {"yes": True, "true": True, "on": True, "1": True,
           "no": False, "false": False, "off": False, "0": False}
 
@@ -368,6 +388,11 @@ CLUSTER_OPTIONS = (
            "A starting slave never promotes before it has heard its peer."),
     Option("state_db", _p_abspath, "/var/lib/flocker/state.db", "path",
            "sqlite file holding role, epoch and history."),
+    Option("event_log_keep_rows", _p_event_rows, "100000", "events",
+           "The event log keeps at most this many events; the daemon trims "
+           "the oldest at start-up and hourly, and records each trim."),
+    Option("event_log_keep_days", _p_days, "365", "days",
+           "The daemon also trims events older than this (0: no age limit)."),
     Option("replication_interval", _p_seconds, "10.0", "seconds",
            "Time between two replication cycles on the master."),
     Option("snapshot_keep", _p_count, "10", "snapshots",
@@ -495,6 +520,8 @@ class Config:
     startup_wait: float = 10.0
     wait_for_peer: bool = False
     state_db: str = ""       # cluster default; each node's own is NodeConfig.state_db
+    event_log_keep_rows: int = 100000
+    event_log_keep_days: float = 365.0
     replication_interval: float = 10.0
     snapshot_keep: int = 10
     recursive: bool = False
@@ -785,6 +812,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         heartbeat_interval=c["heartbeat_interval"], dead_time=c["dead_time"],
         startup_wait=c["startup_wait"], wait_for_peer=c["wait_for_peer"],
         state_db=c["state_db"], replication_interval=c["replication_interval"],
+        event_log_keep_rows=c["event_log_keep_rows"],
+        event_log_keep_days=c["event_log_keep_days"],
         snapshot_keep=c["snapshot_keep"], recursive=c["recursive"],
         transfer_stall_timeout=c["transfer_stall_timeout"],
         ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
@@ -961,6 +990,20 @@ MIGRATIONS = (
         finished REAL
     );
     """,
+    # 3: the event log is bounded: a recorded trim removes its oldest events
+    #    (each trim is a row here and an event); nothing else may delete one
+    """
+    DROP TRIGGER events_no_delete;
+    CREATE TABLE event_trims (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        up_to INTEGER NOT NULL,
+        removed INTEGER NOT NULL
+    );
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN OLD.id > (SELECT COALESCE(MAX(up_to), 0) FROM event_trims)
+        BEGIN SELECT RAISE(ABORT, 'the event log is append-only: only a recorded trim removes its oldest events'); END;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1032,11 +1075,15 @@ class StateStore:
 
     @classmethod
     def open(cls, path: str, *, create: bool = False, lock_for: Optional[str] = None,
-             lock: Optional[StateLock] = None) -> "StateStore":
+             lock: Optional[StateLock] = None, deep_check: bool = False) -> "StateStore":
         """Open the state file.  create: make it (and its directory) when
         missing.  lock_for: take the single-writer lock, naming the purpose
         (the lock is required to create or migrate the file); or pass a lock
-        this process already holds."""
+        this process already holds.  deep_check: run PRAGMA quick_check,
+        which reads the whole file: where it matters (the daemon's start-up,
+        init, 'check --deep', before a migration), not at every open (a
+        replication cycle, the gate's status, a cron check), which only
+        reads the header and the schema."""
         directory = os.path.dirname(path) or "."
         exists = os.path.exists(path)
         if not exists and not create:
@@ -1063,7 +1110,8 @@ class StateStore:
         try:
             conn = cls._connect(path, exists)
             store = cls(path, conn, lock)
-            store._check_and_migrate(may_write=lock is not None, fresh=not exists)
+            store._check_and_migrate(may_write=lock is not None, fresh=not exists,
+                                     deep=deep_check)
             return store
         except BaseException as e:
             if isinstance(e, CorruptState) and conn is not None:
@@ -1089,12 +1137,14 @@ class StateStore:
             raise StateError(_unwritable_message(path, str(e))) from None
         return conn
 
-    def _check_and_migrate(self, may_write: bool, fresh: bool) -> None:
+    def _check_and_migrate(self, may_write: bool, fresh: bool, deep: bool = False) -> None:
         c = self.conn
         try:
-            check = c.execute("PRAGMA quick_check").fetchone()[0]
+            c.execute("SELECT count(*) FROM sqlite_master").fetchone()   # header, schema
             version = c.execute("PRAGMA user_version").fetchone()[0]
             app_id = c.execute("PRAGMA application_id").fetchone()[0]
+            deep = deep or (may_write and not fresh and version < SCHEMA_VERSION)
+            check = c.execute("PRAGMA quick_check").fetchone()[0] if deep else "ok"
         except sqlite3.DatabaseError as e:
             raise CorruptState(self._corrupt_message(str(e))) from None
         if check != "ok":
@@ -1239,6 +1289,46 @@ class StateStore:
     def record_event(self, kind: str, message: str, level: str = "info") -> None:
         with self.transaction() as conn:
             self._event(conn, kind, message, level)
+
+    def trim_events(self, keep_rows: int, keep_days: float,
+                    now: Optional[float] = None) -> int:
+        """Bound the event log: remove its oldest events beyond the newest
+        keep_rows, and those older than keep_days (0: no age bound).  The
+        trim is recorded (event_trims, and an event that says what went);
+        returns how many were removed.  Cheap when there is nothing to do."""
+        now = wall_clock() if now is None else now
+        c = self.conn
+        oldest = c.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
+        if oldest is None:
+            return 0
+        def nth_newest(n):
+            row = c.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?",
+                            (n,)).fetchone()
+            return row[0] if row else None
+        up_to = 0
+        if nth_newest(keep_rows) is not None:    # more than keep_rows: keep_rows - 1
+            up_to = nth_newest(keep_rows - 1)     # stay, and the trim's own event
+        cutoff = now - keep_days * 86400.0
+        if keep_days > 0 and oldest[1] < cutoff:
+            up_to = max(up_to, c.execute("SELECT MAX(id) FROM events WHERE ts < ?",
+                                         (cutoff,)).fetchone()[0] or 0)
+        if up_to < oldest[0]:
+            return 0
+        with self.transaction() as conn:
+            removed = conn.execute("SELECT count(*) FROM events WHERE id <= ?",
+                                   (up_to,)).fetchone()[0]
+            conn.execute("INSERT INTO event_trims (ts, up_to, removed) VALUES (?, ?, ?)",
+                         (now, up_to, removed))
+            conn.execute("DELETE FROM events WHERE id <= ?", (up_to,))
+            self._event(conn, "trim", "event log trimmed: removed %d event(s) (keep at "
+                        "most %d, none older than %s)" % (
+                            removed, keep_rows, "%g days" % keep_days if keep_days > 0
+                            else "any age"))
+        return removed
+
+    def event_trims(self) -> List[dict]:
+        rows = self.conn.execute("SELECT ts, up_to, removed FROM event_trims ORDER BY id")
+        return [dict(ts=r[0], up_to=r[1], removed=r[2]) for r in rows.fetchall()]
 
     def initialise(self, node: str, role: str, epoch: int, generation: int = 0) -> None:
         with self.transaction() as conn:
@@ -4260,7 +4350,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
     generation = int(wall_clock())
     exists = os.path.exists(me.state_db)
     try:
-        store = StateStore.open(me.state_db, create=True, lock_for="init")
+        store = StateStore.open(me.state_db, create=True, lock_for="init", deep_check=True)
     except LockBusy:
         raise
     except StateError:
@@ -5181,6 +5271,17 @@ CONTROL_MAX_REQUEST = 4096   # bytes
 STALL_FRACTION = 0.5         # loop later than dead_time * this: it was stalled
 
 
+EVENT_TRIM_INTERVAL = 3600.0   # seconds between two trims of the event log
+
+
+def _trim_events(store: StateStore, cfg: Config) -> None:
+    removed = store.trim_events(cfg.event_log_keep_rows, cfg.event_log_keep_days)
+    if removed:
+        log.info("event log: removed the %d oldest event(s) (event_log_keep_rows = %d, "
+                 "event_log_keep_days = %g)", removed, cfg.event_log_keep_rows,
+                 cfg.event_log_keep_days)
+
+
 def control_socket_path(state_db: str) -> str:
     """The daemon's control socket, in a private directory beside the state file."""
     return os.path.join(state_db + ".ctl", "control.sock")
@@ -5620,6 +5721,12 @@ class Daemon:
                           self._job_replicate, self._replicate_done)
         self.add_periodic("arbitrator", lambda c: c.heartbeat_interval,
                           self._job_arbitrator, self._arbitrator_done)
+        self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self._job_trim_events)
+
+    def _job_trim_events(self, stop: threading.Event) -> None:
+        """Bound the event log (as at start-up), in a job thread."""
+        with self.open_store() as store:
+            _trim_events(store, self.cfg)
 
     def _job_replicate(self, stop: threading.Event):
         """The sync command's cycle, in a job thread (never on the loop);
@@ -5754,7 +5861,7 @@ class Daemon:
 
     def _open_state(self) -> None:
         db = self.cfg.local.state_db
-        store = StateStore.open(db, lock_for="daemon")
+        store = StateStore.open(db, lock_for="daemon", deep_check=True)
         try:
             st = store.node_state()
             if st is None:
@@ -5779,6 +5886,7 @@ class Daemon:
             if self.cfg.service.check_command is not None:
                 self.health = "unknown"   # until the first check has run
             peer = store.peer(self.cfg.peer.name)
+            _trim_events(store, self.cfg)
         except BaseException:
             store.close()
             raise
@@ -7020,6 +7128,13 @@ def cmd_check(args, cfg_path: str) -> int:
             raise FlockerError("--warn %s is more than --crit %s; the warning threshold must "
                                "be the smaller one" % (args.warn, args.crit))
         cfg = load_config(cfg_path, args.node)
+        if args.deep:
+            try:   # the whole file read and checked (PRAGMA quick_check)
+                StateStore.open(cfg.local.state_db, deep_check=True).close()
+            except CorruptState as e:
+                code, text, perf = CHECK_CRITICAL, e.message, ""
+                print("FLOCKER %s - %s" % (CHECK_NAMES[code], text))
+                return code
         code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon,
                                          warn=warn, crit=crit)
     except FlockerError as e:
@@ -7056,6 +7171,9 @@ def _add_check(p) -> None:
                         "2h, 1d)")
     p.add_argument("--crit", "-c", metavar="SECONDS",
                    help="CRITICAL when the replication lag is above this")
+    p.add_argument("--deep", action="store_true",
+                   help="also read and check the whole state file (PRAGMA quick_check; "
+                        "CRITICAL when it is damaged): e.g. once a day")
 
 
 def parse_since(text: str, now: float) -> float:
