@@ -4092,11 +4092,18 @@ def foreign_snapshots_message(cfg, foreign: Sequence[Snap], common: str) -> str:
             "common snapshot %s (%s): zfs receive takes an increment only onto the "
             "replica's newest snapshot, and flocker-failover never destroys snapshots it "
             "did not make, so nothing was sent and nothing was changed. On %s, copy out "
-            "anything you need from them, then run 'zfs destroy %s@%s'; and keep snapshot "
+            "anything you need from them, then run %s; and keep snapshot "
             "tools off the replica (zfs-auto-snapshot: 'zfs set com.sun:auto-snapshot=false "
             "%s'; sanoid: no template for it): its snapshots come from the master"
             % (pds, name, len(names), common, ", ".join(names[:5]) +
-               (", ..." if len(names) > 5 else ""), name, pds, ",".join(names), pds))
+               (", ..." if len(names) > 5 else ""), name, _destroy_hint(pds, names), pds))
+
+
+def _destroy_hint(ds: str, names: Sequence[str]) -> str:
+    """The commands an operator runs to destroy these snapshots (one each:
+    zfs-fuse's destroy takes one snapshot at a time)."""
+    return ", ".join("'zfs destroy %s@%s'" % (ds, n) for n in names[:5]) + (
+        " and the same for the other %d" % (len(names) - 5) if len(names) > 5 else "")
 
 
 def lost_own_snapshots_message(cfg, extra: Sequence[Snap], common: str, epoch: int) -> str:
@@ -4114,9 +4121,9 @@ def lost_own_snapshots_message(cfg, extra: Sequence[Snap], common: str, epoch: i
             "own copies. They hold an older state of this node's data, not a divergence; "
             "but zfs receive takes an increment only onto the replica's newest snapshot, "
             "so nothing was sent and nothing was changed. On %s, copy out anything you "
-            "need from them, then run 'zfs destroy %s@%s' and sync again"
+            "need from them, then run %s and sync again"
             % (pds, name, len(names), common, epoch, ", ".join(names[:5]) +
-               (", ..." if len(names) > 5 else ""), name, pds, ",".join(names)))
+               (", ..." if len(names) > 5 else ""), name, _destroy_hint(pds, names)))
 
 
 def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
@@ -4721,7 +4728,8 @@ def _set_aside(zfs: ZfsBase, ds: str, kept: str, props: Dict[str, str]) -> None:
     zfs.set_prop(kept, "canmount", "noauto")
     mp = props.get("mountpoint", "")
     if mp.startswith("/") and zfs.get(kept, ["mountpoint"]).get("mountpoint") == mp:
-        zfs.set_prop(kept, "mountpoint", mp.rstrip("/") + kept[len(ds):])
+        zfs.set_prop(kept, "mountpoint", (mp.rstrip("/") or "/" + ds.rsplit("/", 1)[-1])
+                     + kept[len(ds):])
 
 
 def _restore_props(ctx: Context, ds: str, props: Dict[str, str]) -> None:

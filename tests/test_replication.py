@@ -157,7 +157,10 @@ def test_receive_never_forces_or_rolls_back():
     assert '"-F"' not in source and "'-F'" not in source
     # every place that destroys, by function, each with the test that shows
     # it cannot destroy data that exists nowhere else:
-    #   destroy_commands: retention (test_retention_* here)
+    #   destroy_commands: retention (test_retention_* here; never a snapshot
+    #     a clone depends on: test_retention_skips_snapshots_pinned_by_clones_silently;
+    #     never one the slave may hold unconfirmed:
+    #     test_sent_but_unconfirmed_snapshot_is_kept_until_the_slave_is_seen)
     #   _snapshot_if_changed: the snapshot it just took, only when its stream
     #     from the previous one is empty, i.e. it holds nothing that one does
     #     not (test_stream_is_empty; the no-change cycle of
@@ -171,7 +174,9 @@ def test_receive_never_forces_or_rolls_back():
     #     test_drop_empty_divergence_never_destroys_a_foreign_snapshot,
     #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept)
     #   discard_preserved: the operator's discard (test_preserve.py::
-    #     test_discard_preserved_destroys_only_what_was_recorded)
+    #     test_discard_preserved_destroys_only_what_was_recorded,
+    #     test_discard_preserved_refuses_a_dataset_with_unrecorded_children,
+    #     test_promoted_loser_serves_its_own_path_and_the_copy_stays_aside)
     #   _gate_zfs_destroy: the ssh gate passes on the master's retention
     #     destroys of flocker replication snapshots, and nothing else
     #     (test_gate.py)
