@@ -1819,7 +1819,14 @@ class ZfsFeatures:
     list_parsable: bool = False    # zfs list -p
     createtxg: bool = False        # the 'createtxg' property
     clones: bool = False           # the snapshots' 'clones' property (not zfs-fuse)
+    recv_exclude: bool = False     # zfs recv -x PROPERTY (not zfs-fuse)
     send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
+
+
+def zfs_properties(usage: str) -> Set[str]:
+    """The native properties named in the property table of `zfs get`'s
+    usage text (pure)."""
+    return set(re.findall(r"^\s+([a-z_]+)\s+(?:YES|NO)\s+(?:YES|NO)\s", usage, re.M))
 
 
 def parse_zfs_features(usage: str) -> ZfsFeatures:
@@ -1829,7 +1836,7 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
         for m in re.finditer(r"^\s*%s \[-([A-Za-z]+)\]" % command, usage, re.M):
             found.update(m.group(1))
         return found
-    props = set(re.findall(r"^\s+([a-z_]+)\s+(?:YES|NO)\s+(?:YES|NO)\s", usage, re.M))
+    props = zfs_properties(usage)
     send = synopsis_flags("send")
     recv = synopsis_flags("receive") | synopsis_flags("recv")
     send_t = re.search(r"^\s*send \[[^\n]*-t <?receive_resume_token", usage, re.M)
@@ -1841,6 +1848,8 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
         list_parsable="p" in synopsis_flags("list"),
         createtxg="createtxg" in props,
         clones="clones" in props,
+        recv_exclude=bool(re.search(r"^\s*rec(?:ei)?v(?:e)? \[[^\n]*\[-x <?property>?\]",
+                                    usage, re.M)),
         send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send))
 
 
@@ -2544,6 +2553,8 @@ class Gate:
         log.info("ssh-gate: %s from %s", text, self.client)
         if req.kind == "session":
             return self.session(sys.stdin.fileno(), sys.stdout.fileno())
+        if req.stream:
+            return self.receive(req)
         if req.kind == "features":
             sys.stdout.buffer.write(gate_features_text())
             sys.stdout.flush()
@@ -2556,6 +2567,52 @@ class Gate:
             sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
                              % (PROG, self.cfg.local.name, argv[0], e.strerror))
             return 127
+
+    def receive(self, req: GateRequest) -> int:
+        """zfs recv of the peer's stream, which replaces this process as
+        every zfs request does (the stream, signals and exit status are
+        zfs recv's own).  A stream carries properties that receive applies
+        ('send -p', '-R'): none of RECV_GUARDED may change here, since they
+        decide where the replica mounts, whether, and what may run from it.
+        Where zfs takes 'recv -x' (OpenZFS) they are excluded.  Otherwise
+        (zfs-fuse) a watcher process notes them first and, the moment zfs
+        recv ends (its end of a pipe closes), puts back what the stream
+        changed (the replica is received unmounted: -u) and logs it."""
+        usage = gate_features_text().decode("utf-8", "replace")
+        args, guarded = gate_recv_args(req.args, usage)
+        if guarded and not parse_zfs_features(usage).recv_exclude:
+            self._watch_receive(guarded)
+        argv = ["zfs"] + args
+        logging.shutdown()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
+                             % (PROG, self.cfg.local.name, argv[0], e.strerror))
+            return 127
+
+    def _watch_receive(self, guarded: List[str]) -> None:
+        ds = self.cfg.local.dataset
+        before = _guarded_state(ds, guarded)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:      # the watcher: away from the ssh session's pipes
+            try:
+                os.close(wfd)
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                while os.read(rfd, 1):
+                    pass          # (nothing is written: EOF when zfs recv ended)
+                _restore_guarded(ds, guarded, before, self.client)
+            except BaseException:   # pragma: no cover - logged, never raised
+                log.exception("ssh-gate: checking the received properties of %s failed", ds)
+            finally:
+                logging.shutdown()
+                os._exit(0)
+        os.close(rfd)
+        os.set_inheritable(wfd, True)     # held by zfs recv across exec
 
     def answer(self, text: str) -> Tuple[int, bytes, bytes]:
         """One request of a session: (exit status, stdout, stderr)."""
@@ -2613,6 +2670,76 @@ class Gate:
             return EXIT_OK      # the client went away
         finally:
             sel.close()
+
+
+# Properties a received stream must never set on this node: where the
+# replica mounts and whether, whether it is writable, what may run from it,
+# what is shared from it.
+RECV_GUARDED = ("mountpoint", "canmount", "readonly", "exec", "setuid", "devices",
+                "sharenfs", "sharesmb", "zoned", "overlay")
+
+
+def gate_recv_args(args: Sequence[str], usage: str) -> Tuple[List[str], List[str]]:
+    """The zfs arguments of the gate's receive ('recv -u [-s] DS' with
+    '-x P' for each guarded property where this zfs takes -x) and the
+    guarded properties this zfs knows (pure)."""
+    guarded = [p for p in RECV_GUARDED if p in zfs_properties(usage)]
+    args = list(args)
+    if parse_zfs_features(usage).recv_exclude:
+        args = args[:1] + [a for p in guarded for a in ("-x", p)] + args[1:]
+    return args, guarded
+
+
+def _guarded_state(ds: str, props: Sequence[str]) -> Dict[str, Dict[str, Tuple[str, str]]]:
+    """{dataset: {property: (value, source)}} of ds and the datasets below
+    it ({} when ds does not exist yet)."""
+    if not props:
+        return {}
+    proc = subprocess.run(["zfs", "get", "-H", "-r", "-o", "name,property,value,source",
+                           ",".join(props), ds], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=ZFS_TIMEOUT)
+    out = {}    # type: Dict[str, Dict[str, Tuple[str, str]]]
+    for line in proc.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and "@" not in parts[0]:
+            out.setdefault(parts[0], {})[parts[1]] = (parts[2], parts[3])
+    return out
+
+
+def _restore_guarded(ds: str, props: Sequence[str], before, client: str) -> str:
+    """Put back every guarded property a receive set on ds or below (source
+    'received' and not so before): the value set here before, else
+    inherited (canmount, which is not inherited: on).  A value set here
+    ('local': the master's 'set readonly=on' may come meanwhile) is never
+    touched.  Returns '' or what could not be put back."""
+    failed = []
+    for name, now in sorted(_guarded_state(ds, props).items()):
+        for prop, (value, source) in sorted(now.items()):
+            old = before.get(name, {}).get(prop)
+            if source != "received" or (value, source) == old:
+                continue
+            if old is not None and old[1] == "local":
+                cmd = ["set", "%s=%s" % (prop, old[0]), name]
+            elif prop == "canmount":
+                cmd = ["set", "canmount=%s" % (old[0] if old else "on"), name]
+            else:
+                cmd = ["inherit", prop, name]
+            proc = subprocess.run(["zfs"] + cmd, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=ZFS_TIMEOUT)
+            log.log(logging.WARNING if proc.returncode == 0 else logging.ERROR,
+                    "ssh-gate: the stream from %s set %s=%s on %s; %s ('zfs %s')",
+                    client, prop, value, name,
+                    "put back" if proc.returncode == 0 else "COULD NOT put it back: "
+                    + _stderr_text(proc.stderr), " ".join(cmd))
+            if proc.returncode != 0:
+                failed.append("%s %s=%s" % (name, prop, value))
+    if failed:
+        return ("the received stream set properties that could not be put back: %s; "
+                "set them on this node by hand before mounting the replica"
+                % ", ".join(failed))
+    return ""
 
 
 def _gate_frame(rc: int, out: bytes, err: bytes) -> bytes:
