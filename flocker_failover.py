@@ -1002,7 +1002,9 @@ MIGRATIONS = (
     );
     CREATE TRIGGER events_no_delete BEFORE DELETE ON events
         WHEN OLD.id > (SELECT COALESCE(MAX(up_to), 0) FROM event_trims)
-        BEGIN SELECT RAISE(ABORT, 'the event log is append-only: only a recorded trim removes its oldest events'); END;
+        BEGIN SELECT RAISE(ABORT,
+            'the event log is append-only: only a recorded trim removes its oldest events');
+        END;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

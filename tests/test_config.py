@@ -178,7 +178,8 @@ BROKEN = [
      dict(replace={"name = shop": "name = shop\ndead_tme = 3"}),
      "{path}: [cluster] dead_tme: unknown option; the options of this section are: "
      "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, divergence_policy, "
-     "event_log_keep_days, event_log_keep_rows, heartbeat_interval, heartbeat_port, metrics_file, name, realtime_priority, recursive, "
+     "event_log_keep_days, event_log_keep_rows, heartbeat_interval, heartbeat_port, "
+     "metrics_file, name, realtime_priority, recursive, "
      "replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
