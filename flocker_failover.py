@@ -5858,12 +5858,18 @@ class Daemon:
                           self._job_replicate, self._replicate_done)
         self.add_periodic("arbitrator", lambda c: c.heartbeat_interval,
                           self._job_arbitrator, self._arbitrator_done)
-        self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self._job_trim_events)
+        self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self._job_trim_events,
+                          self._trim_events_done)
 
     def _job_trim_events(self, stop: threading.Event) -> None:
         """Bound the event log (as at start-up), in a job thread."""
         with self.open_store() as store:
             _trim_events(store, self.cfg)
+
+    def _trim_events_done(self, result, error) -> None:
+        if error is not None:
+            self._log_quietly("trim-events", logging.WARNING,
+                              "cannot trim the event log: %s" % error)
 
     def _job_replicate(self, stop: threading.Event):
         """The sync command's cycle, in a job thread (never on the loop);
