@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 # ===========================================================================
 # 1. Constants, exit codes, errors
@@ -207,6 +207,26 @@ def _p_count(value: str) -> int:
     if count < 1:
         raise _Invalid("a whole number of at least 1")
     return count
+
+
+def _p_event_rows(value: str) -> int:
+    try:
+        count = int(value, 10)
+    except ValueError:
+        raise _Invalid("a whole number of at least 100") from None
+    if count < 100:
+        raise _Invalid("a whole number of at least 100")
+    return count
+
+
+def _p_days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise _Invalid("a number of days, 0 or more (0: no age limit)") from None
+    if not (days >= 0 and days < 10 ** 6):    # also rejects nan and inf
+        raise _Invalid("a number of days, 0 or more (0: no age limit)")
+    return days
 
 
 _BOOLS = {"yes": True, "true": True, "on": True, "1": True,
@@ -376,6 +396,11 @@ CLUSTER_OPTIONS = (
            "A starting slave never promotes before it has heard its peer."),
     Option("state_db", _p_abspath, "/var/lib/flocker/state.db", "path",
            "sqlite file holding role, epoch and history."),
+    Option("event_log_keep_rows", _p_event_rows, "100000", "events",
+           "The event log keeps at most this many events; the daemon trims "
+           "the oldest at start-up and hourly, and records each trim."),
+    Option("event_log_keep_days", _p_days, "365", "days",
+           "The daemon also trims events older than this (0: no age limit)."),
     Option("replication_interval", _p_seconds, "10.0", "seconds",
            "Time between two replication cycles on the master."),
     Option("snapshot_keep", _p_count, "10", "snapshots",
@@ -516,6 +541,8 @@ class Config:
     startup_wait: float = 10.0
     wait_for_peer: bool = True
     state_db: str = ""       # cluster default; each node's own is NodeConfig.state_db
+    event_log_keep_rows: int = 100000
+    event_log_keep_days: float = 365.0
     replication_interval: float = 10.0
     snapshot_keep: int = 10
     recursive: bool = False
@@ -844,6 +871,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         heartbeat_interval=c["heartbeat_interval"], dead_time=c["dead_time"],
         startup_wait=c["startup_wait"], wait_for_peer=c["wait_for_peer"],
         state_db=c["state_db"], replication_interval=c["replication_interval"],
+        event_log_keep_rows=c["event_log_keep_rows"],
+        event_log_keep_days=c["event_log_keep_days"],
         snapshot_keep=c["snapshot_keep"], recursive=c["recursive"],
         transfer_stall_timeout=c["transfer_stall_timeout"],
         ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
@@ -1027,6 +1056,22 @@ MIGRATIONS = (
     """
     ALTER TABLE node_state ADD COLUMN released INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the event log is bounded: a recorded trim removes its oldest events
+    #    (each trim is a row here and an event); nothing else may delete one
+    """
+    DROP TRIGGER events_no_delete;
+    CREATE TABLE event_trims (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        up_to INTEGER NOT NULL,
+        removed INTEGER NOT NULL
+    );
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN OLD.id > (SELECT COALESCE(MAX(up_to), 0) FROM event_trims)
+        BEGIN SELECT RAISE(ABORT,
+            'the event log is append-only: only a recorded trim removes its oldest events');
+        END;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1099,11 +1144,15 @@ class StateStore:
 
     @classmethod
     def open(cls, path: str, *, create: bool = False, lock_for: Optional[str] = None,
-             lock: Optional[StateLock] = None) -> "StateStore":
+             lock: Optional[StateLock] = None, deep_check: bool = False) -> "StateStore":
         """Open the state file.  create: make it (and its directory) when
         missing.  lock_for: take the single-writer lock, naming the purpose
         (the lock is required to create or migrate the file); or pass a lock
-        this process already holds."""
+        this process already holds.  deep_check: run PRAGMA quick_check,
+        which reads the whole file: where it matters (the daemon's start-up,
+        init, 'check --deep', before a migration), not at every open (a
+        replication cycle, the gate's status, a cron check), which only
+        reads the header and the schema."""
         directory = os.path.dirname(path) or "."
         exists = os.path.exists(path)
         if not exists and not create:
@@ -1130,7 +1179,8 @@ class StateStore:
         try:
             conn = cls._connect(path, exists)
             store = cls(path, conn, lock)
-            store._check_and_migrate(may_write=lock is not None, fresh=not exists)
+            store._check_and_migrate(may_write=lock is not None, fresh=not exists,
+                                     deep=deep_check)
             return store
         except BaseException as e:
             if isinstance(e, CorruptState) and conn is not None:
@@ -1156,12 +1206,14 @@ class StateStore:
             raise StateError(_unwritable_message(path, str(e))) from None
         return conn
 
-    def _check_and_migrate(self, may_write: bool, fresh: bool) -> None:
+    def _check_and_migrate(self, may_write: bool, fresh: bool, deep: bool = False) -> None:
         c = self.conn
         try:
-            check = c.execute("PRAGMA quick_check").fetchone()[0]
+            c.execute("SELECT count(*) FROM sqlite_master").fetchone()   # header, schema
             version = c.execute("PRAGMA user_version").fetchone()[0]
             app_id = c.execute("PRAGMA application_id").fetchone()[0]
+            deep = deep or (may_write and not fresh and version < SCHEMA_VERSION)
+            check = c.execute("PRAGMA quick_check").fetchone()[0] if deep else "ok"
         except sqlite3.DatabaseError as e:
             raise CorruptState(self._corrupt_message(str(e))) from None
         if check != "ok":
@@ -1306,6 +1358,46 @@ class StateStore:
     def record_event(self, kind: str, message: str, level: str = "info") -> None:
         with self.transaction() as conn:
             self._event(conn, kind, message, level)
+
+    def trim_events(self, keep_rows: int, keep_days: float,
+                    now: Optional[float] = None) -> int:
+        """Bound the event log: remove its oldest events beyond the newest
+        keep_rows, and those older than keep_days (0: no age bound).  The
+        trim is recorded (event_trims, and an event that says what went);
+        returns how many were removed.  Cheap when there is nothing to do."""
+        now = wall_clock() if now is None else now
+        c = self.conn
+        oldest = c.execute("SELECT id, ts FROM events ORDER BY id LIMIT 1").fetchone()
+        if oldest is None:
+            return 0
+        def nth_newest(n):
+            row = c.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?",
+                            (n,)).fetchone()
+            return row[0] if row else None
+        up_to = 0
+        if nth_newest(keep_rows) is not None:    # more than keep_rows: keep_rows - 1
+            up_to = nth_newest(keep_rows - 1)     # stay, and the trim's own event
+        cutoff = now - keep_days * 86400.0
+        if keep_days > 0 and oldest[1] < cutoff:
+            up_to = max(up_to, c.execute("SELECT MAX(id) FROM events WHERE ts < ?",
+                                         (cutoff,)).fetchone()[0] or 0)
+        if up_to < oldest[0]:
+            return 0
+        with self.transaction() as conn:
+            removed = conn.execute("SELECT count(*) FROM events WHERE id <= ?",
+                                   (up_to,)).fetchone()[0]
+            conn.execute("INSERT INTO event_trims (ts, up_to, removed) VALUES (?, ?, ?)",
+                         (now, up_to, removed))
+            conn.execute("DELETE FROM events WHERE id <= ?", (up_to,))
+            self._event(conn, "trim", "event log trimmed: removed %d event(s) (keep at "
+                        "most %d, none older than %s)" % (
+                            removed, keep_rows, "%g days" % keep_days if keep_days > 0
+                            else "any age"))
+        return removed
+
+    def event_trims(self) -> List[dict]:
+        rows = self.conn.execute("SELECT ts, up_to, removed FROM event_trims ORDER BY id")
+        return [dict(ts=r[0], up_to=r[1], removed=r[2]) for r in rows.fetchall()]
 
     def initialise(self, node: str, role: str, epoch: int, generation: int = 0) -> None:
         with self.transaction() as conn:
@@ -1462,6 +1554,17 @@ class StateStore:
                 "'interrupted: the process running this cycle ended before it "
                 "finished' WHERE result = 'running'", (now,))
             return cur.rowcount
+
+    def unconfirmed_targets(self) -> List[str]:
+        """Snapshots a cycle after the newest successful one began to send
+        and never confirmed (it failed, or its process died): the peer may
+        hold any of them.  Retention keeps them until a cycle sees the peer
+        again (then each is either common history or absent there)."""
+        rows = self.conn.execute(
+            "SELECT snapshot FROM replications WHERE snapshot != '' AND result != 'ok' "
+            "AND id > COALESCE((SELECT MAX(id) FROM replications WHERE result = 'ok'), 0)"
+        ).fetchall()
+        return sorted(set(r[0] for r in rows))
 
     def trim_replications(self, keep: int = 1000) -> None:
         """Keep the history bounded (a cycle every few seconds adds up)."""
@@ -1917,6 +2020,7 @@ _ZFS_SAYS = {
     "no_space": ("out of space", "No space left"),   # zfs recv: the pool is full
     "modified": ("has been modified",),              # zfs recv: replica written to
     "no_property": ("invalid property",),            # zfs-fuse: no receive_resume_token
+    "cloned": ("dependent clones", "snapshot is cloned"),   # zfs destroy: a clone pins it
 }
 
 
@@ -1938,7 +2042,15 @@ class ZfsFeatures:
     destroy_multi: bool = False    # zfs destroy ds@a,b,c in one command
     list_parsable: bool = False    # zfs list -p
     createtxg: bool = False        # the 'createtxg' property
+    clones: bool = False           # the snapshots' 'clones' property (not zfs-fuse)
+    recv_exclude: bool = False     # zfs recv -x PROPERTY (not zfs-fuse)
     send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
+
+
+def zfs_properties(usage: str) -> Set[str]:
+    """The native properties named in the property table of `zfs get`'s
+    usage text (pure)."""
+    return set(re.findall(r"^\s+([a-z_]+)\s+(?:YES|NO)\s+(?:YES|NO)\s", usage, re.M))
 
 
 def parse_zfs_features(usage: str) -> ZfsFeatures:
@@ -1948,7 +2060,7 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
         for m in re.finditer(r"^\s*%s \[-([A-Za-z]+)\]" % command, usage, re.M):
             found.update(m.group(1))
         return found
-    props = set(re.findall(r"^\s+([a-z_]+)\s+(?:YES|NO)\s+(?:YES|NO)\s", usage, re.M))
+    props = zfs_properties(usage)
     send = synopsis_flags("send")
     recv = synopsis_flags("receive") | synopsis_flags("recv")
     send_t = re.search(r"^\s*send \[[^\n]*-t <?receive_resume_token", usage, re.M)
@@ -1959,6 +2071,9 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
                                      usage, re.M)),
         list_parsable="p" in synopsis_flags("list"),
         createtxg="createtxg" in props,
+        clones="clones" in props,
+        recv_exclude=bool(re.search(r"^\s*rec(?:ei)?v(?:e)? \[[^\n]*\[-x <?property>?\]",
+                                    usage, re.M)),
         send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send))
 
 
@@ -1977,6 +2092,7 @@ class Snap:
     guid: str
     userrefs: int    # holds of any tag
     order: int       # createtxg where known, else position in the listing
+    pinned: bool = False   # a clone depends on it (where zfs lists 'clones')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2005,6 +2121,8 @@ def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
         props.append("written")
     if features.createtxg:
         props.append("createtxg")
+    if features.clones:
+        props.append("clones")
     if features.resumable:
         props.append("receive_resume_token")
     return ["get", "-H", "-p", "-o", "name,property,value", ",".join(props),
@@ -2035,7 +2153,8 @@ def parse_listing(text: str, dataset: str) -> Listing:
         txg = p.get("createtxg", "")
         snaps.append(Snap(name=name.split("@", 1)[1], guid=p.get("guid", ""),
                           userrefs=int(refs) if refs.isdigit() else 0,
-                          order=int(txg) if txg.isdigit() else position))
+                          order=int(txg) if txg.isdigit() else position,
+                          pinned=p.get("clones", "-") not in ("-", "")))
     snaps.sort(key=lambda s: s.order)
     return Listing(dataset, rows.get(dataset, {}), tuple(snaps))
 
@@ -2280,8 +2399,65 @@ class Zfs(ZfsBase):
     def rename(self, old: str, new: str) -> None:
         self.run(["rename", old, new], retry_busy=True)
 
-    def clone(self, snapshot: str, dataset: str) -> None:
+    def clone(self, snapshot: str, dataset: str,
+              props: Optional[Dict[str, str]] = None) -> None:
+        """Clone snapshot as dataset, with props set at creation (zfs clone
+        -o; zfs-fuse and OpenZFS both take it).  Should zfs refuse one of
+        them, the clone is made without: the caller sets them one by one."""
+        opts = [a for p, v in sorted((props or {}).items()) for a in ("-o", "%s=%s" % (p, v))]
+        if opts:
+            proc = self.run(["clone"] + opts + [snapshot, dataset], check=False)
+            if proc.returncode == 0:
+                return
+            log.warning("'zfs clone -o ...' of %s refused the dataset's own properties "
+                        "(%s); cloning without them and setting them one by one",
+                        dataset, _stderr_text(proc.stderr))
         self.run(["clone", snapshot, dataset])
+
+    def local_props(self, dataset: str) -> Dict[str, str]:
+        """The properties set on the dataset itself (source local, or
+        received: OpenZFS), user properties included, as 'zfs set' takes
+        them (parsable values)."""
+        proc = self.run(["get", "-H", "-p", "-o", "property,value", "-s", "local,received",
+                         "all", dataset])
+        out = {}
+        for line in proc.stdout.splitlines():
+            prop, tab, value = line.partition("\t")
+            if tab:
+                out[prop] = value
+        return out
+
+    def descendants(self, dataset: str) -> List[str]:
+        """The file systems and volumes below dataset (not itself), parents
+        before their children."""
+        proc = self.run(["list", "-H", "-o", "name", "-r", "-t", "filesystem,volume",
+                         dataset])
+        return sorted(n for n in proc.stdout.split("\n") if n.startswith(dataset + "/"))
+
+    def unmount_tree(self, dataset: str) -> None:
+        """Unmount the dataset and every file system below it, the deepest
+        first (OpenZFS will not unmount a parent with a child mounted in it)."""
+        for name in reversed(self.descendants(dataset)):
+            self.unmount(name)
+        self.unmount(dataset)
+
+    def mount_tree(self, dataset: str) -> List[str]:
+        """Mount the dataset, then the file systems below it that mount
+        automatically (canmount=on), parents first.  Returns what of the
+        latter could not be mounted (with why): the dataset itself must
+        mount, or this raises."""
+        self.mount(dataset)
+        failed = []
+        for name in self.descendants(dataset):
+            got = self.get(name, ["type", "canmount", "mountpoint"])
+            if (got.get("type") != "filesystem" or got.get("canmount") != "on"
+                    or got.get("mountpoint") in ("none", "legacy")):
+                continue
+            try:
+                self.mount(name)
+            except ZfsError as e:
+                failed.append("%s (%s)" % (name, e.message))
+        return failed
 
     def promote_clone(self, dataset: str) -> None:
         self.run(["promote", dataset])
@@ -2372,7 +2548,7 @@ _GATE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                         "0123456789 _.:/@=,'-")
 _GATE_FIELDS = ("name,property,value", "property,value", "value")
 _GATE_PROPS = ("guid", "userrefs", "readonly", ROLE_PROPERTY, DIVERGENCE_PROPERTY,
-               "written", "createtxg", "receive_resume_token")
+               "written", "createtxg", "receive_resume_token", "clones")
 _GATE_SNAP_RE = re.compile(r"^[A-Za-z0-9_.: -]+$")   # what zfs allows after '@'
 GATE_REQUESTS = ("features, session, zfs get|list|recv|hold|release|destroy|set "
                  "(on this node's dataset), flocker status --json")
@@ -2630,6 +2806,8 @@ class Gate:
         log.info("ssh-gate: %s from %s", text, self.client)
         if req.kind == "session":
             return self.session(sys.stdin.fileno(), sys.stdout.fileno())
+        if req.stream:
+            return self.receive(req)
         if req.kind == "features":
             sys.stdout.buffer.write(gate_features_text())
             sys.stdout.flush()
@@ -2642,6 +2820,52 @@ class Gate:
             sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
                              % (PROG, self.cfg.local.name, argv[0], e.strerror))
             return 127
+
+    def receive(self, req: GateRequest) -> int:
+        """zfs recv of the peer's stream, which replaces this process as
+        every zfs request does (the stream, signals and exit status are
+        zfs recv's own).  A stream carries properties that receive applies
+        ('send -p', '-R'): none of RECV_GUARDED may change here, since they
+        decide where the replica mounts, whether, and what may run from it.
+        Where zfs takes 'recv -x' (OpenZFS) they are excluded.  Otherwise
+        (zfs-fuse) a watcher process notes them first and, the moment zfs
+        recv ends (its end of a pipe closes), puts back what the stream
+        changed (the replica is received unmounted: -u) and logs it."""
+        usage = gate_features_text().decode("utf-8", "replace")
+        args, guarded = gate_recv_args(req.args, usage)
+        if guarded and not parse_zfs_features(usage).recv_exclude:
+            self._watch_receive(guarded)
+        argv = ["zfs"] + args
+        logging.shutdown()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
+                             % (PROG, self.cfg.local.name, argv[0], e.strerror))
+            return 127
+
+    def _watch_receive(self, guarded: List[str]) -> None:
+        ds = self.cfg.local.dataset
+        before = _guarded_state(ds, guarded)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:      # the watcher: away from the ssh session's pipes
+            try:
+                os.close(wfd)
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                while os.read(rfd, 1):
+                    pass          # (nothing is written: EOF when zfs recv ended)
+                _restore_guarded(ds, guarded, before, self.client)
+            except BaseException:   # pragma: no cover - logged, never raised
+                log.exception("ssh-gate: checking the received properties of %s failed", ds)
+            finally:
+                logging.shutdown()
+                os._exit(0)
+        os.close(rfd)
+        os.set_inheritable(wfd, True)     # held by zfs recv across exec
 
     def answer(self, text: str) -> Tuple[int, bytes, bytes]:
         """One request of a session: (exit status, stdout, stderr)."""
@@ -2699,6 +2923,76 @@ class Gate:
             return EXIT_OK      # the client went away
         finally:
             sel.close()
+
+
+# Properties a received stream must never set on this node: where the
+# replica mounts and whether, whether it is writable, what may run from it,
+# what is shared from it.
+RECV_GUARDED = ("mountpoint", "canmount", "readonly", "exec", "setuid", "devices",
+                "sharenfs", "sharesmb", "zoned", "overlay")
+
+
+def gate_recv_args(args: Sequence[str], usage: str) -> Tuple[List[str], List[str]]:
+    """The zfs arguments of the gate's receive ('recv -u [-s] DS' with
+    '-x P' for each guarded property where this zfs takes -x) and the
+    guarded properties this zfs knows (pure)."""
+    guarded = [p for p in RECV_GUARDED if p in zfs_properties(usage)]
+    args = list(args)
+    if parse_zfs_features(usage).recv_exclude:
+        args = args[:1] + [a for p in guarded for a in ("-x", p)] + args[1:]
+    return args, guarded
+
+
+def _guarded_state(ds: str, props: Sequence[str]) -> Dict[str, Dict[str, Tuple[str, str]]]:
+    """{dataset: {property: (value, source)}} of ds and the datasets below
+    it ({} when ds does not exist yet)."""
+    if not props:
+        return {}
+    proc = subprocess.run(["zfs", "get", "-H", "-r", "-o", "name,property,value,source",
+                           ",".join(props), ds], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=ZFS_TIMEOUT)
+    out = {}    # type: Dict[str, Dict[str, Tuple[str, str]]]
+    for line in proc.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and "@" not in parts[0]:
+            out.setdefault(parts[0], {})[parts[1]] = (parts[2], parts[3])
+    return out
+
+
+def _restore_guarded(ds: str, props: Sequence[str], before, client: str) -> str:
+    """Put back every guarded property a receive set on ds or below (source
+    'received' and not so before): the value set here before, else
+    inherited (canmount, which is not inherited: on).  A value set here
+    ('local': the master's 'set readonly=on' may come meanwhile) is never
+    touched.  Returns '' or what could not be put back."""
+    failed = []
+    for name, now in sorted(_guarded_state(ds, props).items()):
+        for prop, (value, source) in sorted(now.items()):
+            old = before.get(name, {}).get(prop)
+            if source != "received" or (value, source) == old:
+                continue
+            if old is not None and old[1] == "local":
+                cmd = ["set", "%s=%s" % (prop, old[0]), name]
+            elif prop == "canmount":
+                cmd = ["set", "canmount=%s" % (old[0] if old else "on"), name]
+            else:
+                cmd = ["inherit", prop, name]
+            proc = subprocess.run(["zfs"] + cmd, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=ZFS_TIMEOUT)
+            log.log(logging.WARNING if proc.returncode == 0 else logging.ERROR,
+                    "ssh-gate: the stream from %s set %s=%s on %s; %s ('zfs %s')",
+                    client, prop, value, name,
+                    "put back" if proc.returncode == 0 else "COULD NOT put it back: "
+                    + _stderr_text(proc.stderr), " ".join(cmd))
+            if proc.returncode != 0:
+                failed.append("%s %s=%s" % (name, prop, value))
+    if failed:
+        return ("the received stream set properties that could not be put back: %s; "
+                "set them on this node by hand before mounting the replica"
+                % ", ".join(failed))
+    return ""
 
 
 def _gate_frame(rc: int, out: bytes, err: bytes) -> bytes:
@@ -3371,12 +3665,13 @@ def snaps_after(listing: Listing, guid: str) -> List[Snap]:
 
 def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
     """Retention: names to destroy so that at most `keep` flocker snapshots
-    remain besides the protected ones.  Never a protected, a held or a
-    foreign (not flocker-named) snapshot."""
+    remain besides the protected ones.  Never a protected, a held, a pinned
+    (a clone depends on it) or a foreign (not flocker-named) snapshot."""
     ours = [s for s in snaps if is_flocker_snapshot(s.name)]
     keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
     return [s.name for s in ours
-            if s.name not in keep_names and s.name not in protect and s.userrefs == 0]
+            if s.name not in keep_names and s.name not in protect and s.userrefs == 0
+            and not s.pinned]
 
 
 def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
@@ -4364,11 +4659,15 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         remote = peer.listing(pds)
     except SshError:
         # the peer is away: keep taking snapshots, bounded by retention that
-        # spares the newest, the held ones and the last one known replicated
+        # spares the newest, the held ones, the last one known replicated and
+        # every one a transfer since then may have delivered unconfirmed (the
+        # peer may hold it: pruned here, it would look like history this
+        # master lacks, a divergence)
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
         last_ok = store.replication_summary()["last_ok"]
-        protect = [local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
-        _prune(zfs, ds, local, cfg.snapshot_keep, protect, r)
+        protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+                   + store.unconfirmed_targets())
+        _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds), r)
         raise
     if remote is None:
         _check_peer_parent(peer, pds, other.name)
@@ -4409,6 +4708,12 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 "does, the nodes have diverged: decide which data is right first"
                 % (pds, other.name, ds, other.name, pds, pds))
         extra = snaps_after(remote, common.guid)
+        ours = [s for s in extra if is_flocker_snapshot(s.name)]
+        if extra and not ours:
+            raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
+        if ours and all(snapshot_epoch(s.name) == st.epoch for s in ours):
+            raise ReplicationError(lost_own_snapshots_message(cfg, extra, common.name,
+                                                              st.epoch))
         if extra:
             raise DivergenceError(
                 "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
@@ -4434,6 +4739,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         base = common.name if common else None
         store.update_replication(rid, base=base, snapshot=target.name)
         sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop)
+        failpoint("replicate:sent")
     if sent:
         after = peer.listing(pds)
     else:
@@ -4467,11 +4773,11 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     # 5. retention: the slave first, never its common snapshot (the target)
     #    or anything after it; snapshots just released are pruned next cycle
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
-    pruned_peer = plan_prune(after.snaps, cfg.snapshot_keep, keep_peer)
-    _destroy(peer, pds, pruned_peer, r)
+    pruned_peer = _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r)
     if old or arrived or target.userrefs == 0:
         local = zfs.listing(ds) or local
-    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, [target.name], r)
+    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
+                          [target.name] + preserved_origins(store, ds), r)
     said = []
     if resumed is not None:
         said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
@@ -4487,6 +4793,52 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
                              arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def foreign_snapshots_message(cfg, foreign: Sequence[Snap], common: str) -> str:
+    """The replica has snapshots after the common one that flocker-failover
+    did not make (zfs-auto-snapshot, sanoid, an operator): no divergence
+    (this node's history continues), but 'zfs recv' without -F takes an
+    increment only onto the replica's newest snapshot, and nothing here
+    destroys a snapshot it did not make: the operator decides."""
+    pds, name = cfg.peer.dataset, cfg.peer.name
+    names = [s.name for s in foreign]
+    return ("%s on %s has %d snapshot(s) not made by flocker-failover after the newest "
+            "common snapshot %s (%s): zfs receive takes an increment only onto the "
+            "replica's newest snapshot, and flocker-failover never destroys snapshots it "
+            "did not make, so nothing was sent and nothing was changed. On %s, copy out "
+            "anything you need from them, then run %s; and keep snapshot "
+            "tools off the replica (zfs-auto-snapshot: 'zfs set com.sun:auto-snapshot=false "
+            "%s'; sanoid: no template for it): its snapshots come from the master"
+            % (pds, name, len(names), common, ", ".join(names[:5]) +
+               (", ..." if len(names) > 5 else ""), name, _destroy_hint(pds, names), pds))
+
+
+def _destroy_hint(ds: str, names: Sequence[str]) -> str:
+    """The commands an operator runs to destroy these snapshots (one each:
+    zfs-fuse's destroy takes one snapshot at a time)."""
+    return ", ".join("'zfs destroy %s@%s'" % (ds, n) for n in names[:5]) + (
+        " and the same for the other %d" % (len(names) - 5) if len(names) > 5 else "")
+
+
+def lost_own_snapshots_message(cfg, extra: Sequence[Snap], common: str, epoch: int) -> str:
+    """The replica has flocker snapshots after the common one, all of this
+    master's own epoch, which only this node takes while it is master: a
+    transfer delivered them and its cycle never confirmed them, and this
+    node no longer has them (its record of that transfer was lost, so
+    retention pruned them).  An older state of this node's own data, not a
+    divergent side: no resolution; the operator removes them."""
+    pds, name = cfg.peer.dataset, cfg.peer.name
+    names = [s.name for s in extra]
+    return ("%s on %s has %d snapshot(s) after the newest common snapshot %s that were "
+            "made by this master in its epoch %d and that it no longer has (%s): a "
+            "transfer delivered them and was never confirmed, then this node pruned its "
+            "own copies. They hold an older state of this node's data, not a divergence; "
+            "but zfs receive takes an increment only onto the replica's newest snapshot, "
+            "so nothing was sent and nothing was changed. On %s, copy out anything you "
+            "need from them, then run %s and sync again"
+            % (pds, name, len(names), common, epoch, ", ".join(names[:5]) +
+               (", ..." if len(names) > 5 else ""), name, _destroy_hint(pds, names)))
 
 
 def _check_holds(z: ZfsBase, results: List[Tuple[int, str]]) -> None:
@@ -4641,19 +4993,49 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
     return sent, outcome.bytes, outcome.seconds
 
 
-def _destroy(z: ZfsBase, ds: str, names: List[str], recursive: bool) -> None:
+# Snapshots a destroy found pinned by a clone, by (where, dataset): where
+# zfs has no 'clones' property (zfs-fuse) the listing cannot tell, so the
+# first destroy learns it and later cycles of this process skip them.  Only
+# names still listed are kept (bounded by the listing); only the
+# replication job's thread reads and writes it.
+_PINNED_SEEN = {}   # type: Dict[Tuple[str, str], Set[str]]
+
+
+def preserved_origins(store: StateStore, ds: str) -> List[str]:
+    """Snapshots of ds that a preserved dataset of this node was cloned
+    from: retention keeps them, silently (the clone pins them anyway)."""
+    return [p["origin"].split("@", 1)[1] for p in store.preserved()
+            if (p["origin"] or "").startswith(ds + "@")]
+
+
+def _destroy(z: ZfsBase, ds: str, names: List[str], recursive: bool) -> List[str]:
+    """Retention's destroy; returns the names it destroyed.  A snapshot a
+    clone depends on (a preserved dataset, an operator's clone) is pinned:
+    not destroyed, and no warning, since that is what it is for."""
     if not names:
-        return
-    for rc, out in z.run_many(destroy_commands(ds, names, recursive, z.features())):
-        if rc != 0:
+        return []
+    done = list(names)
+    commands = destroy_commands(ds, names, recursive, z.features())
+    for cmd, (rc, out) in zip(commands, z.run_many(commands)):
+        if rc == 0:
+            continue
+        mine = cmd[-1].split("@", 1)[1].split(",")
+        done = [n for n in done if n not in mine]
+        if zfs_says("cloned", out) and len(mine) == 1:
+            _PINNED_SEEN.setdefault((z.where, ds), set()).add(mine[0])
+            log.debug("retention: %s@%s %s is pinned by a clone: kept", ds, mine[0],
+                      z.where)
+        else:
             log.warning("retention: could not destroy a snapshot of %s %s: %s",
                         ds, z.where, _stderr_text(out))
+    return done
 
 
-def _prune(zfs: ZfsBase, ds: str, local: Listing, keep: int, protect, r) -> List[str]:
-    names = plan_prune(local.snaps, keep, protect)
-    _destroy(zfs, ds, names, r)
-    return names
+def _prune(z: ZfsBase, ds: str, listing: Listing, keep: int, protect, r) -> List[str]:
+    listed = set(s.name for s in listing.snaps)
+    seen = _PINNED_SEEN.get((z.where, ds), set()) & listed
+    _PINNED_SEEN[(z.where, ds)] = seen
+    return _destroy(z, ds, plan_prune(listing.snaps, keep, list(protect) + sorted(seen)), r)
 
 
 def initial_epoch(role: str, index: int) -> int:
@@ -4690,7 +5072,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
     generation = int(wall_clock())
     exists = os.path.exists(me.state_db)
     try:
-        store = StateStore.open(me.state_db, create=True, lock_for="init")
+        store = StateStore.open(me.state_db, create=True, lock_for="init", deep_check=True)
     except LockBusy:
         raise
     except StateError:
@@ -4903,7 +5285,12 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "writable":
             zfs.set_prop(ds, "readonly", "off")
         elif step == "mount":
-            zfs.mount(ds)
+            failed = zfs.mount_tree(ds)
+            if failed:
+                text = ("%s is mounted, but not the file system(s) below it: %s"
+                        % (ds, "; ".join(failed)))
+                log.warning("%s", text)
+                ctx.store.record_event("promote", text, "warning")
         elif step == "start":
             _run_service_command(ctx, "start_command", cfg.service.start_command, env)
         elif step == "address":
@@ -4940,7 +5327,7 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
                 zfs.set_prop(ds, "readonly", "on")
         elif step == "unmount":
             if zfs.exists(ds):
-                zfs.unmount(ds)
+                zfs.unmount_tree(ds)
         elif step == "tidy":
             _drop_empty_leftover(ctx)
         elif step == "role":
@@ -5017,8 +5404,16 @@ def _final_sync(ctx: Context, intent_id: int, data: dict,
 # DS then holds the snapshots up to @common (same GUIDs) and the contents
 # of @common, ready for an incremental receive from the winner; PRESERVED is
 # a read-only clone of DS@common holding every divergent snapshot.
+# DS keeps what is its own: every property set on it (mountpoint, atime,
+# compression, quota, user properties...; read before anything changes and
+# given to the clone) and its child datasets (the user's, not replicated
+# with recursive = no: moved back under DS after the clone, untouched).
+# PRESERVED is set aside: canmount=noauto, and a mountpoint of its own
+# (the service's with its -diverged-... suffix) when DS had one set, so it
+# never takes the service's path, at boot or when mounted by hand.
 
-PRESERVE_STEPS = ("snapshot", "unmount", "rename", "clone", "promote", "protect", "record")
+PRESERVE_STEPS = ("snapshot", "unmount", "rename", "aside", "clone", "properties", "promote",
+                  "children", "protect", "record")
 
 
 def preserved_name(dataset: str, epoch: int, now: float) -> str:
@@ -5045,13 +5440,19 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
     data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
             "then_demote": then_demote, "preserved": preserved_name(ds, epoch, now),
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
-                                                                   time.gmtime(now)))}
+                                                                   time.gmtime(now))),
+            # what is the live dataset's own, read before anything changes
+            "props": ctx.zfs.local_props(ds),
+            "children": [c[len(ds) + 1:] for c in ctx.zfs.descendants(ds)
+                         if "/" not in c[len(ds) + 1:]]}
     _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
     return data["preserved"]
 
 
 def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
     zfs, ds, kept, common = ctx.zfs, data["dataset"], data["preserved"], data["common"]
+    props = data.get("props", {})      # (an intent of an older version has neither)
+    children = data.get("children", [])
     for step in PRESERVE_STEPS:
         ctx.store.intent_step(intent_id, step)
         failpoint("preserve:" + step)
@@ -5061,20 +5462,29 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 zfs.snapshot(ds, data["snapshot"], recursive=False)
         elif step == "unmount":
             if not renamed:
-                zfs.unmount(ds)
+                zfs.unmount_tree(ds)
         elif step == "rename":
             if not renamed:
                 zfs.rename(ds, kept)
+        elif step == "aside":
+            _set_aside(zfs, ds, kept, props)
         elif step == "clone":
             if not zfs.exists(ds):
-                zfs.clone("%s@%s" % (kept, common), ds)
+                zfs.clone("%s@%s" % (kept, common), ds, props)
+        elif step == "properties":
+            _restore_props(ctx, ds, props)
         elif step == "promote":
             if zfs.origin(ds) == "%s@%s" % (kept, common):
                 zfs.promote_clone(ds)
+        elif step == "children":    # the user's own: back under the live dataset
+            for child in children:
+                if zfs.exists("%s/%s" % (kept, child)) and not zfs.exists(
+                        "%s/%s" % (ds, child)):
+                    zfs.rename("%s/%s" % (kept, child), "%s/%s" % (ds, child))
         elif step == "protect":   # both read-only; the replica also unmounted
             zfs.set_prop(kept, "readonly", "on")
             zfs.set_prop(ds, "readonly", "on")
-            zfs.unmount(ds)
+            zfs.unmount_tree(ds)
         elif step == "record":
             ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
     if not data.get("then_demote"):
@@ -5085,6 +5495,35 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 "old_role": old.role, "handover": False}
     _demote_steps(ctx, ctx.store.finish_intent(intent_id, then=("demote", demotion)),
                   demotion)
+
+
+def _set_aside(zfs: ZfsBase, ds: str, kept: str, props: Dict[str, str]) -> None:
+    """The preserved copy never mounts by itself, and never at the live
+    dataset's mountpoint: when that was set on the dataset (and so moved
+    with the rename), the copy gets the same path with its own suffix."""
+    zfs.set_prop(kept, "canmount", "noauto")
+    mp = props.get("mountpoint", "")
+    if mp.startswith("/") and zfs.get(kept, ["mountpoint"]).get("mountpoint") == mp:
+        zfs.set_prop(kept, "mountpoint", (mp.rstrip("/") or "/" + ds.rsplit("/", 1)[-1])
+                     + kept[len(ds):])
+
+
+def _restore_props(ctx: Context, ds: str, props: Dict[str, str]) -> None:
+    """Give the live dataset (the clone) every property it had set on
+    itself, where the clone did not get it at creation.  One zfs refuses
+    is said (log and event), not fatal: the data is in place either way."""
+    have = ctx.zfs.local_props(ds)
+    for prop, value in sorted(props.items()):
+        if have.get(prop) == value:
+            continue
+        try:
+            ctx.zfs.set_prop(ds, prop, value)
+        except ZfsError as e:
+            text = ("could not give %s its own property %s=%s again after keeping its "
+                    "divergent data (%s): set it by hand ('zfs set %s=%s %s')"
+                    % (ds, prop, value, e.message, prop, value, ds))
+            log.warning("%s", text)
+            ctx.store.record_event("preserve", text, "warning")
 
 
 def discard_preserved(ctx: Context, name: str) -> None:
@@ -5102,6 +5541,14 @@ def discard_preserved(ctx: Context, name: str) -> None:
                 "%s is no longer a clone (was 'zfs promote' run on it?), so it may hold the "
                 "only copy of older snapshots; refusing to destroy it: check it and use "
                 "'zfs destroy' yourself" % name)
+        below = ctx.zfs.descendants(name)
+        if below:
+            raise FlockerError(
+                "%s has %d dataset(s) below it that flocker-failover did not preserve (%s): "
+                "they may hold data that exists nowhere else (an older version moved the "
+                "user's child datasets there); refusing to destroy anything. Move them "
+                "out ('zfs rename %s NEWNAME') or destroy them yourself, then discard "
+                "again" % (name, len(below), ", ".join(below[:5]), below[0]))
         # -r: its own snapshots; never -R, which would reach other datasets' clones
         ctx.zfs.run(["destroy", "-r", name], retry_busy=True)
     ctx.store.remove_preserved(name)
@@ -5350,7 +5797,10 @@ def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     """The loser changed nothing since the common snapshot: the snapshots
     it took after it carry no change (the stream from common to the newest
     is empty), so they hold nothing common lacks; destroy them, newest
-    first, so that the winner can send its increment."""
+    first, so that the winner can send its increment.  Only flocker
+    snapshots: one not named by us (an operator's, zfs-auto-snapshot's)
+    stays, and the winner's replication names it until an operator removes
+    it (foreign_snapshots_message)."""
     zfs, ds = ctx.zfs, ctx.cfg.local.dataset
     local = zfs.listing(ds)
     after = snaps_after(local, common.guid)
@@ -5359,11 +5809,17 @@ def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     if zfs.stream_size(ds, common.name, after[-1].name) != 0:
         raise ActionError("%s changed since %s after all; nothing was destroyed" % (ds,
                                                                                    common.name))
-    names = [s.name for s in reversed(after)]
+    names = [s.name for s in reversed(after) if is_flocker_snapshot(s.name)]
+    foreign = [s.name for s in after if not is_flocker_snapshot(s.name)]
     for name in names:
         zfs.run(["destroy", "%s@%s" % (ds, name)], retry_busy=True)
-    ctx.store.record_event("verdict", "destroyed %d snapshot(s) of %s after %s that held no "
-                           "change: %s" % (len(names), ds, common.name, ", ".join(names)))
+    text = ("destroyed %d snapshot(s) of %s after %s that held no change: %s"
+            % (len(names), ds, common.name, ", ".join(names) or "none"))
+    if foreign:
+        text += ("; kept %d snapshot(s) not made by flocker-failover (%s): replication "
+                 "to this node waits until an operator removes them"
+                 % (len(foreign), ", ".join(foreign)))
+    ctx.store.record_event("verdict", text, "warning" if foreign else "info")
     return names
 
 
@@ -5620,6 +6076,17 @@ CONTROL_MAX_CLIENTS = 8
 CONTROL_TIMEOUT = 5.0        # seconds a control client may take
 CONTROL_MAX_REQUEST = 4096   # bytes
 STALL_FRACTION = 0.5         # loop later than dead_time * this: it was stalled
+
+
+EVENT_TRIM_INTERVAL = 3600.0   # seconds between two trims of the event log
+
+
+def _trim_events(store: StateStore, cfg: Config) -> None:
+    removed = store.trim_events(cfg.event_log_keep_rows, cfg.event_log_keep_days)
+    if removed:
+        log.info("event log: removed the %d oldest event(s) (event_log_keep_rows = %d, "
+                 "event_log_keep_days = %g)", removed, cfg.event_log_keep_rows,
+                 cfg.event_log_keep_days)
 
 
 def control_socket_path(state_db: str) -> str:
@@ -6107,6 +6574,18 @@ class Daemon:
                           self._job_arbitrator, self._arbitrator_done)
         self.add_periodic("witness", lambda c: c.heartbeat_interval,
                           self._job_witness, self._witness_done)
+        self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self._job_trim_events,
+                          self._trim_events_done)
+
+    def _job_trim_events(self, stop: threading.Event) -> None:
+        """Bound the event log (as at start-up), in a job thread."""
+        with self.open_store() as store:
+            _trim_events(store, self.cfg)
+
+    def _trim_events_done(self, result, error) -> None:
+        if error is not None:
+            self._log_quietly("trim-events", logging.WARNING,
+                              "cannot trim the event log: %s" % error)
 
     def _job_replicate(self, stop: threading.Event):
         """The sync command's cycle, in a job thread (never on the loop);
@@ -6351,7 +6830,7 @@ class Daemon:
 
     def _open_state(self) -> None:
         db = self.cfg.local.state_db
-        store = StateStore.open(db, lock_for="daemon")
+        store = StateStore.open(db, lock_for="daemon", deep_check=True)
         try:
             st = store.node_state()
             if st is None:
@@ -6375,6 +6854,7 @@ class Daemon:
             if self.cfg.service.check_command is not None:
                 self.health = "unknown"   # until the first check has run
             peer = store.peer(self.cfg.peer.name)
+            _trim_events(store, self.cfg)
         except BaseException:
             store.close()
             raise
@@ -7904,6 +8384,13 @@ def cmd_check(args, cfg_path: str) -> int:
             raise FlockerError("--warn %s is more than --crit %s; the warning threshold must "
                                "be the smaller one" % (args.warn, args.crit))
         cfg = load_config(cfg_path, args.node)
+        if args.deep:
+            try:   # the whole file read and checked (PRAGMA quick_check)
+                StateStore.open(cfg.local.state_db, deep_check=True).close()
+            except CorruptState as e:
+                code, text, perf = CHECK_CRITICAL, e.message, ""
+                print("FLOCKER %s - %s" % (CHECK_NAMES[code], text))
+                return code
         code, text, perf = check_verdict(gather_report(cfg), expect_daemon=not args.no_daemon,
                                          warn=warn, crit=crit)
     except FlockerError as e:
@@ -7940,6 +8427,9 @@ def _add_check(p) -> None:
                         "2h, 1d)")
     p.add_argument("--crit", "-c", metavar="SECONDS",
                    help="CRITICAL when the replication lag is above this")
+    p.add_argument("--deep", action="store_true",
+                   help="also read and check the whole state file (PRAGMA quick_check; "
+                        "CRITICAL when it is damaged): e.g. once a day")
 
 
 def parse_since(text: str, now: float) -> float:

@@ -276,3 +276,40 @@ def test_slave_lag_follows_the_masters_heartbeat_for_real(bed):
     finally:
         da.stop()
         db.stop()
+
+
+def test_daemon_trims_the_event_log_and_check_deep_reads_the_whole_file(bed):
+    """The daemon bounds the event log at start-up (event_log_keep_rows) and
+    records the trim; an open reads only the header and schema, so damage in
+    the middle of the file is found by 'check --deep' (CRITICAL), which
+    reads it all."""
+    import sqlite3
+    init(bed)
+    a = bed.a
+    conn = sqlite3.connect(a.state_db)
+    with conn:
+        conn.executemany("INSERT INTO events (ts, level, kind, message) VALUES (?, 'info', "
+                         "'liveness', ?)", ((time.time() - 86400 + i, "event %d " % i + "x" * 200)
+                                            for i in range(3000)))
+    conn.close()
+    bed.write_config(cluster={"event_log_keep_rows": "1000"})
+    d = Running(a).wait_ready()
+    try:
+        with ff.StateStore.open(a.state_db) as store:
+            events = store.events(limit=10 ** 6)
+        assert len(events) <= 1000 + 5, len(events)     # (+ the daemon's own since)
+        assert any(e["kind"] == "trim" and "removed" in e["message"] for e in events)
+    finally:
+        d.stop()
+    # damage a page of the events kept (the newest were appended last, at
+    # the end of the file; 'status' reads only the newest few)
+    pages = os.path.getsize(a.state_db) // 4096
+    with open(a.state_db, "r+b") as f:
+        f.seek((pages - 10) * 4096)
+        f.write(b"\x00" * 4096)
+    proc = a.flocker("check", "--no-daemon")
+    assert "cannot be used" not in proc.stdout, proc.stdout       # not read: not seen
+    proc = a.flocker("check", "--no-daemon", "--deep")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("FLOCKER CRITICAL - the state file %s cannot be used ("
+                                  % a.state_db), proc.stdout

@@ -178,12 +178,21 @@ BROKEN = [
      dict(replace={"name = shop": "name = shop\ndead_tme = 3"}),
      "{path}: [cluster] dead_tme: unknown option; the options of this section are: "
      "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, divergence_policy, "
-     "heartbeat_interval, heartbeat_port, metrics_file, name, realtime_priority, recursive, "
+     "event_log_keep_days, event_log_keep_rows, heartbeat_interval, heartbeat_port, "
+     "metrics_file, name, realtime_priority, recursive, "
      "replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
      "startup_wait, state_db, transfer_stall_timeout, wait_for_peer, witness, witness_lease, "
      "witness_timeout"),
+    ("event log bound too small",
+     dict(replace={"name = shop": "name = shop\nevent_log_keep_rows = 10"}),
+     "{path}: [cluster] event_log_keep_rows: expected a whole number of at least 100, "
+     "found '10'"),
+    ("event log age negative",
+     dict(replace={"name = shop": "name = shop\nevent_log_keep_days = -1"}),
+     "{path}: [cluster] event_log_keep_days: expected a number of days, 0 or more (0: no "
+     "age limit), found '-1'"),
     ("divergence policy unknown",
      dict(replace={"name = shop": "name = shop\ndivergence_policy = biggest"}),
      "{path}: [cluster] divergence_policy: expected one of most-changes, newest-master, "

@@ -12,7 +12,8 @@ import time
 import bed as bedmod
 from conftest import dataset_context, ff
 from test_daemon import S, Running, init, wait_for
-from test_failover import START, STOP, killed, lanbed, serving, replicated, zget  # noqa: F401
+from test_failover import (START, STOP, killed, lanbed, serving, replicated,  # noqa: F401
+                           svc_log, zget)
 
 
 def configure(bed, policy, policy_b=None):
@@ -274,29 +275,133 @@ def test_drop_empty_divergence_destroys_only_changeless_snapshots(pool):
     mnt = zget(ds, "mountpoint")
 
     ctx = dataset_context(ds, z)
+    X1, X2, X3 = (ff.snapshot_name(3, 1e9 + i) for i in range(3))
     with open(os.path.join(mnt, "a"), "w") as f:
         f.write("a")
     z.snapshot(ds, "common", False)
     common = z.listing(ds).snap("common")
-    z.snapshot(ds, "flocker-3-x1", False)        # nothing changed: empty
-    z.snapshot(ds, "flocker-3-x2", False)
+    z.snapshot(ds, X1, False)        # nothing changed: empty
+    z.snapshot(ds, X2, False)
     with open(os.path.join(mnt, "b"), "w") as f:
         f.write("b")
-    z.snapshot(ds, "flocker-3-x3", False)        # holds b: the stream is not empty
+    z.snapshot(ds, X3, False)        # holds b: the stream is not empty
     try:
         ff._drop_empty_divergence(ctx, common)
         raise AssertionError("destroyed snapshots although one carries a change")
     except ff.ActionError as e:
         assert "changed since common after all; nothing was destroyed" in e.message
-    assert [s.name for s in z.listing(ds).snaps] == ["common", "flocker-3-x1",
-                                                     "flocker-3-x2", "flocker-3-x3"]
-    bedmod.sh(["zfs", "destroy", ds + "@flocker-3-x3"])   # (the test's own clean-up)
+    assert [s.name for s in z.listing(ds).snaps] == ["common", X1, X2, X3]
+    bedmod.sh(["zfs", "destroy", ds + "@" + X3])   # (the test's own clean-up)
     os.remove(os.path.join(mnt, "b"))
     with open(os.path.join(mnt, "a")) as f:
         assert f.read() == "a"
     # b was removed again, but the dataset has unsnapshotted changes; the
     # snapshots after common are empty: those go, the data stays
-    assert ff._drop_empty_divergence(ctx, common) == ["flocker-3-x2", "flocker-3-x1"]
+    assert ff._drop_empty_divergence(ctx, common) == [X2, X1]
     assert [s.name for s in z.listing(ds).snaps] == ["common"]
     with open(os.path.join(mnt, "a")) as f:
         assert f.read() == "a"
+
+
+def test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept(bed):
+    """An operator's (or zfs-auto-snapshot's, sanoid's) snapshot of the
+    replica after the common one blocks the incremental receive; it is no
+    divergence: no resolution, no restart of the service, and the snapshot
+    is never destroyed.  The master says which snapshot blocks and what to
+    do; once the operator removed it, replication goes on."""
+    p = Pair(bed, "most-changes")
+    m, s = bed.a, bed.b
+    try:
+        foreign = s.dataset + "@hourly-test"
+        bedmod.sh(["zfs", "snapshot", foreign])
+        with open(os.path.join(zget(m.dataset, "mountpoint"), "new.bin"), "wb") as f:
+            f.write(os.urandom(50000))
+        wait_for(lambda: "hourly-test" in p.d[m].log_text(), S(30), step=0.1)
+        time.sleep(S(4))       # many cycles of 0.5 s
+        text = {h: p.d[h].log_text() for h in (m, s)}
+        for h in (m, s):
+            assert "resolving a divergence" not in text[h], text[h]
+            assert "split brain" not in h.flocker("history").stdout
+        assert [e[0] for e in svc_log(m)] == ["start"]       # never restarted
+        assert serving(p.d[m]) and p.d[s].status()["role"] == "slave"
+        assert bedmod.sh(["zfs", "list", "-H", "-o", "name", foreign]).returncode == 0
+        line = [x for x in text[m].splitlines() if "hourly-test" in x][0]
+        assert "not made by flocker-failover" in line and "zfs destroy" in line, line
+        # the same refusal once a minute, not every cycle
+        assert len([x for x in text[m].splitlines() if "hourly-test" in x]) == 1, text[m]
+        bedmod.sh(["zfs", "destroy", foreign])      # the operator's choice
+        since = time.time()
+        wait_for(lambda: replicated(p.d[m], since), S(30), step=0.1)
+    finally:
+        p.stop()
+
+
+def test_drop_empty_divergence_never_destroys_a_foreign_snapshot(pool):
+    """A loser's empty snapshots after the common one go, except those not
+    named by flocker-failover (an operator's, zfs-auto-snapshot's): they
+    stay, and the event says so."""
+    ds = pool.name + "/d"
+    bedmod.sh(["zfs", "create", ds])
+    z = ff.Zfs()
+    ctx = dataset_context(ds, z)
+    z.snapshot(ds, "common", False)
+    common = z.listing(ds).snap("common")
+    x1, x2 = ff.snapshot_name(3, 1e9), ff.snapshot_name(3, 1e9 + 1)
+    for name in (x1, "hourly-test", x2, "zfs-auto-snap_daily"):
+        z.snapshot(ds, name, False)
+    assert ff._drop_empty_divergence(ctx, common) == [x2, x1]
+    assert [s.name for s in z.listing(ds).snaps] == ["common", "hourly-test",
+                                                     "zfs-auto-snap_daily"]
+    assert "kept 2 snapshot(s) not made by flocker-failover" in ctx.store.events[-1]
+    assert "hourly-test" in ctx.store.events[-1]
+
+
+def test_loser_keeps_its_settings_and_child_and_serves_them_after_a_failover(bed):
+    """The loser's dataset has its own mountpoint, atime=off, compression
+    and recordsize, and an unrelated child dataset of the user's.  After the
+    resolution it keeps all of them (the preserved copy is set aside); when
+    it is promoted later, the service finds the winner's data at its usual
+    path, the child mounted in it, untouched; discard-preserved removes only
+    what diverged."""
+    p = Pair(bed, "most-changes")
+    m, s = bed.a, bed.b
+    mp = os.path.join(m.pool.mountpoint, "srv", "shop")
+    own = {"mountpoint": mp, "atime": "off", "compression": "on", "recordsize": "16384"}
+    try:
+        for prop, value in own.items():
+            bedmod.sh(["zfs", "set", "%s=%s" % (prop, value), m.dataset])
+        kid = m.dataset + "/kid"
+        bedmod.sh(["zfs", "create", kid])
+        with open(os.path.join(mp, "kid", "child.txt"), "w") as f:
+            f.write("the user's own child dataset\n")
+        kid_files = bedmod.tree_digest(os.path.join(mp, "kid"))
+        written = p.split({m: 100000, s: 300000})       # the slave changed more: m loses
+        p.heal()
+        assert wait_for(p.settled, S(60), step=0.1) is s
+        [kept] = preserved(m)
+        got = {prop: bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value,source", prop,
+                                m.dataset]).stdout.split() for prop in own}
+        assert got == {prop: [value, "local"] for prop, value in own.items()}, got
+        assert zget(kept, "canmount") == "noauto" and zget(kept, "mountpoint") != mp
+        assert bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", kept]).stdout.split() == [kept]
+        wait_for(lambda: files_in(m.dataset) == files_in(s.dataset), S(30), step=0.2)
+        # the winner's host dies: the loser takes over, on its own path
+        s.kill_all()
+        wait_for(lambda: serving(p.d[m]), S(30), step=0.1)
+        assert zget(m.dataset, "mountpoint") == mp and zget(kid, "mounted") == "yes"
+        have = {k: v for k, v in bedmod.tree_digest(mp).items() if not k.startswith("kid/")}
+        for name, digest in written[s].items():
+            assert have.get(name) == digest, name
+        assert not set(written[m]) & set(have)
+        assert bedmod.tree_digest(os.path.join(mp, "kid")) == kid_files
+        old = files_in(kept)
+        assert all(old.get(n) == d for n, d in written[m].items())
+        p.d[m].stop()           # (discard-preserved takes the state lock)
+        r = m.flocker("discard-preserved", kept, "--yes", config=p.config[m])
+        assert r.returncode == 0, r.stdout + r.stderr
+        names = bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", m.pool.name]).stdout.split()
+        assert kept not in names and m.dataset in names and kid in names
+        bedmod.sh(["zfs", "mount", kid], check=False)
+        assert bedmod.tree_digest(os.path.join(mp, "kid")) == kid_files
+    finally:
+        p.stop()

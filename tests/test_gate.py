@@ -16,6 +16,7 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
+from test_daemon import wait_for
 from test_replication import mnt, ok, fails, prepare, snaps, sync, write
 
 
@@ -469,3 +470,78 @@ def test_cycles_share_one_gate_session_and_survive_its_death(bed):
     while _gate_sessions_on(bed.b) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gate_sessions_on(bed.b) == []
+
+
+GUARDED = ("mountpoint", "canmount", "exec", "setuid", "devices", "readonly")
+
+
+def test_receive_excludes_every_guarded_property_where_zfs_can(zfs_ready):
+    """OpenZFS 2.3.2 (recorded usage): 'zfs recv -x P' for each property
+    that places, mounts, shares or runs files; zfs-fuse has no -x: the
+    same receive, and the gate puts back what the stream changed."""
+    path = os.path.join(os.path.dirname(__file__), "data", "openzfs-2.3.2-usage.txt")
+    with open(path) as f:
+        args, guarded = ff.gate_recv_args(("recv", "-u", "-s", D), f.read())
+    assert guarded == list(ff.RECV_GUARDED)
+    assert args == ["recv"] + [w for p in ff.RECV_GUARDED for w in ("-x", p)] + [
+        "-u", "-s", D]
+    if zfs_ready == "zfs-fuse":
+        here = ff.gate_features_text().decode()
+        args, guarded = ff.gate_recv_args(("recv", "-u", D), here)
+        assert args == ["recv", "-u", D]
+        assert set(guarded) == set(ff.RECV_GUARDED) - {"overlay"}, guarded
+
+
+def guarded_props(ds):
+    return {p: bedmod.sh(["zfs", "get", "-H", "-o", "value,source", p, ds]).stdout.split()
+            for p in GUARDED}
+
+
+def test_a_stream_cannot_place_or_enable_files_through_the_gate(bed):
+    """(issue 13, item 5) A 'zfs send -p' stream carries properties that
+    zfs recv applies: whoever holds the peer's key could mount the replica
+    over /usr/local/bin, with exec and setuid, at this node's next boot or
+    promotion.  Through the gate, a stream never changes where the replica
+    mounts, whether it mounts, or what may run from it (OpenZFS: 'zfs recv
+    -x' keeps them out; zfs-fuse, which has no -x: the gate puts back what
+    the stream changed, before anything mounts the replica)."""
+    prepare(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    a, b = bed.a, bed.b
+    common = [n for n in snaps(a.dataset) if ff.is_flocker_snapshot(n)][-1]
+    # the slave's operator hardened the replica; the master's stream says otherwise
+    for kv in ("exec=off", "setuid=off", "devices=off"):
+        bedmod.sh(["zfs", "set", kv, b.dataset])
+    before = guarded_props(b.dataset)
+    evil = os.path.join(bed.workdir, "evil-bin")
+    for kv in ("mountpoint=" + evil, "exec=on", "setuid=on", "devices=on", "canmount=on",
+               "readonly=off"):
+        bedmod.sh(["zfs", "set", kv, a.dataset])
+    bedmod.sh(["zfs", "snapshot", a.dataset + "@evil"])
+    send = subprocess.Popen(a.argv(["zfs", "send", "-p", "-i", "@" + common,
+                                    a.dataset + "@evil"]), stdout=subprocess.PIPE)
+    recv = subprocess.run(a.ssh_argv(b, ["zfs", "recv", "-u", b.dataset], gated=True),
+                          stdin=send.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    send.stdout.close()
+    assert send.wait(timeout=60) == 0
+    assert recv.returncode == 0, recv.stderr
+    assert "evil" in snaps(b.dataset)                       # the data arrived
+    # (zfs-fuse: put back by the gate's watcher the moment zfs recv ended)
+    wait_for(lambda: not any(v[1] == "received" for v in guarded_props(b.dataset).values()),
+             5)
+    after = guarded_props(b.dataset)
+    # the same values, none of them the stream's (canmount cannot be
+    # inherited: put back as a local 'on', its default)
+    assert {p: v[0] for p, v in after.items()} == {p: v[0] for p, v in before.items()}, after
+    assert all(v[1] != "received" for v in after.values()), after
+    assert {p: v for p, v in after.items() if p != "canmount"} == \
+        {p: v for p, v in before.items() if p != "canmount"}
+    # said on the slave, with the client and the property
+    bed.gate_log.wait_for("set mountpoint=" + evil, "put back")
+    # and replication goes on (the cycle sets readonly=on as always)
+    bedmod.sh(["zfs", "inherit", "mountpoint", a.dataset])
+    write(bed, "y.bin", 10000)
+    ok(sync(bed))
+    assert guarded_props(b.dataset)["mountpoint"] == before["mountpoint"]

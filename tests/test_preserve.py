@@ -2,6 +2,7 @@
 unsnapshotted writes too), crash-safe, and never destroyed by the tool
 except by the operator's discard-preserved of a recorded dataset."""
 
+import hashlib
 import json
 import os
 
@@ -11,6 +12,9 @@ from conftest import ff
 import bed as bedmod
 
 COMMON = "flocker-2-20260101T000000Z"
+# the live dataset's own settings, which preservation must leave on it
+OWN = {"atime": "off", "compression": "on", "recordsize": "16384", "quota": "104857600",
+       "flocker:note": "the operator's own user property"}
 
 
 def guid(name):
@@ -22,37 +26,79 @@ def write(path, data):
         f.write(data)
 
 
+def zget(name, prop):
+    return bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", prop, name]).stdout.strip()
+
+
+def local_props(name):
+    out = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "property,value", "-s", "local",
+                     "all", name]).stdout
+    return dict(line.split("\t", 1) for line in out.splitlines())
+
+
 @pytest.fixture
 def diverged(bed):
     """alpha's dataset: a common snapshot, then a divergent snapshot and
-    unsnapshotted writes (as a master cut off from its peer would have)."""
+    unsnapshotted writes (as a master cut off from its peer would have).
+    The dataset has its own mountpoint and settings (OWN), and a child
+    dataset of the user's (not replicated: recursive = no) with a file."""
     a = bed.a
     assert a.flocker("init", "--role", "master").returncode == 0
-    mnt = os.path.join(a.pool.mountpoint, "shop")
+    mnt = os.path.join(a.pool.mountpoint, "custom", "shop")
+    bedmod.sh(["zfs", "set", "mountpoint=" + mnt, a.dataset])
+    for prop, value in OWN.items():
+        bedmod.sh(["zfs", "set", "%s=%s" % (prop, value), a.dataset])
+    bedmod.sh(["zfs", "create", a.dataset + "/kid"])
+    write(os.path.join(mnt, "kid", "child.txt"), b"the user's own child dataset\n")
     write(os.path.join(mnt, "common.bin"), os.urandom(80000))
     bedmod.sh(["zfs", "snapshot", "%s@%s" % (a.dataset, COMMON)])
-    common_digest = bedmod.tree_digest(mnt)
+    common_digest = digest(mnt)
     common_guid = guid("%s@%s" % (a.dataset, COMMON))
     write(os.path.join(mnt, "divergent.bin"), os.urandom(60000))
     write(os.path.join(mnt, "common.bin"), os.urandom(1000))       # overwritten after the split
     bedmod.sh(["zfs", "snapshot", "%s@flocker-2-20260101T010000Z" % a.dataset])
     write(os.path.join(mnt, "unsnapshotted.txt"), b"written after the last snapshot\n")
-    everything = bedmod.tree_digest(mnt)
+    everything = digest(mnt)
     return bed, a, mnt, common_digest, common_guid, everything
+
+
+def digest(mnt):
+    """The dataset's own files (not its child's)."""
+    return {k: v for k, v in bedmod.tree_digest(mnt).items() if not k.startswith("kid/")}
+
+
+KID = {"child.txt": hashlib.sha256(b"the user's own child dataset\n").hexdigest()}
+
+
+def check_settings(a, mnt, kept):
+    """The live dataset keeps its own settings and its child; the preserved
+    copy is kept out of the service's way."""
+    own = local_props(a.dataset)
+    assert own.get("mountpoint") == mnt, own
+    for prop, value in OWN.items():
+        assert own.get(prop) == value, (prop, own)
+    assert zget(a.dataset + "/kid", "type") == "filesystem"
+    assert zget(a.dataset + "/kid", "mountpoint") == mnt + "/kid"
+    assert bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", kept]).stdout.split() == [kept]
+    assert zget(kept, "canmount") == "noauto"
+    assert not zget(kept, "mountpoint").startswith(mnt + "/") and zget(kept, "mountpoint") != mnt
 
 
 def check_preserved(bed, a, mnt, common_digest, common_guid, everything, kept):
     assert kept.startswith(a.dataset + "-diverged-2-")
+    check_settings(a, mnt, kept)
     # the dataset is back at the common snapshot, same GUID, read-only
     assert guid("%s@%s" % (a.dataset, COMMON)) == common_guid
     assert bedmod.sh(["zfs", "get", "-H", "-o", "value", "readonly,mounted",
                       a.dataset]).stdout.split() == ["on", "no"]
     bedmod.sh(["zfs", "mount", a.dataset])
-    assert bedmod.tree_digest(mnt) == common_digest
+    assert digest(mnt) == common_digest
+    bedmod.sh(["zfs", "mount", a.dataset + "/kid"], check=False)
+    assert bedmod.tree_digest(os.path.join(mnt, "kid")) == KID
     # every byte written after the split is in the preserved dataset
     bedmod.sh(["zfs", "mount", kept], check=False)
     kept_mnt = bedmod.sh(["zfs", "get", "-H", "-o", "value", "mountpoint", kept]).stdout.strip()
-    assert bedmod.tree_digest(kept_mnt) == everything
+    assert digest(kept_mnt) == everything
     # it is a clone: no data was copied
     assert bedmod.sh(["zfs", "get", "-H", "-o", "value", "origin", kept]).stdout.strip() == \
         "%s@%s" % (a.dataset, COMMON)
@@ -133,3 +179,47 @@ def test_discard_preserved_destroys_only_what_was_recorded(diverged):
     assert json.loads(a.flocker("status", "--json", check=True).stdout)["preserved"] == []
     assert "the operator discarded the preserved dataset %s" % kept in \
         a.flocker("history", check=True).stdout
+
+
+def test_promoted_loser_serves_its_own_path_and_the_copy_stays_aside(diverged):
+    """After a preservation, a promotion of that node finds the live data
+    at the dataset's own mountpoint with its settings and its child; the
+    preserved copy, mounted by hand, does not take that path; discarding
+    it removes only what diverged."""
+    bed, a, mnt, common_digest = diverged[:4]
+    kept = bed.drive(a, "preserve", COMMON, 2).stdout.strip()
+    proc = bed.drive(a, "promote", 4)
+    assert proc.returncode == 0, proc.stderr
+    assert zget(a.dataset, "mounted") == "yes" and zget(a.dataset, "readonly") == "off"
+    assert zget(a.dataset + "/kid", "mounted") == "yes"
+    assert digest(mnt) == common_digest
+    assert bedmod.tree_digest(os.path.join(mnt, "kid")) == KID
+    check_settings(a, mnt, kept)
+    bedmod.sh(["zfs", "mount", kept])
+    assert digest(mnt) == common_digest              # still the live data there
+    assert zget(kept, "mountpoint") == mnt + kept[len(a.dataset):]
+    bedmod.sh(["zfs", "unmount", kept])
+    proc = a.flocker("discard-preserved", kept, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    names = bedmod.sh(["zfs", "list", "-H", "-o", "name", "-r", a.pool.name]).stdout.split()
+    assert a.dataset in names and a.dataset + "/kid" in names and kept not in names
+    assert bedmod.tree_digest(os.path.join(mnt, "kid")) == KID
+
+
+def test_discard_preserved_refuses_a_dataset_with_unrecorded_children(diverged):
+    """A child below a preserved dataset (one an older version moved there,
+    or the operator's) may hold the only copy of its data: refused, and
+    nothing is destroyed."""
+    bed, a = diverged[0], diverged[1]
+    kept = bed.drive(a, "preserve", COMMON, 2).stdout.strip()
+    bedmod.sh(["zfs", "create", "-o", "readonly=off", kept + "/old-kid"])
+    before = bedmod.sh(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r",
+                        a.pool.name]).stdout
+    proc = a.flocker("discard-preserved", kept, "--yes")
+    assert proc.returncode == 1, proc.stderr
+    assert "did not preserve (%s/old-kid)" % kept in proc.stderr, proc.stderr
+    assert "refusing to destroy anything" in proc.stderr
+    assert bedmod.sh(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r",
+                      a.pool.name]).stdout == before
+    assert [p["dataset"] for p in json.loads(
+        a.flocker("status", "--json", check=True).stdout)["preserved"]] == [kept]

@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -67,6 +68,7 @@ The following properties are supported:
 	PROPERTY       EDIT  INHERIT   VALUES
 
 	available        NO       NO   <size>
+	clones           NO       NO   <dataset>[,...]
 	createtxg        NO       NO   <uint64>
 	guid             NO       NO   <uint64>
 	receive_resume_token  NO       NO   <string token>
@@ -91,11 +93,12 @@ def zfs_fuse_usage():
 def test_features_of_openzfs_2():
     f = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
-                               list_parsable=True, createtxg=True,
+                               list_parsable=True, createtxg=True, clones=True,
+                               recv_exclude=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
     # the modern path of every command built from features
-    assert ff.listing_args("t/s", f)[5].split(",")[-3:] == [
-        "written", "createtxg", "receive_resume_token"]
+    assert ff.listing_args("t/s", f)[5].split(",")[-4:] == [
+        "written", "createtxg", "clones", "receive_resume_token"]
     assert ff.build_recv_argv("t/r", f.resumable) == ["zfs", "recv", "-u", "-s", "t/r"]
     assert ff.destroy_commands("t/s", ["a", "b"], False, f) == [["destroy", "t/s@a,b"]]
     assert ff.usable_send_flags(("-c", "-w"), f, f) == ["-c", "-w"]
@@ -110,7 +113,8 @@ def test_features_of_a_real_openzfs_2_3():
     with open(path) as f:
         f = ff.parse_zfs_features(f.read())
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
-                               list_parsable=True, createtxg=True,
+                               list_parsable=True, createtxg=True, clones=True,
+                               recv_exclude=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
 
 
@@ -155,7 +159,10 @@ def test_receive_never_forces_or_rolls_back():
     assert '"-F"' not in source and "'-F'" not in source
     # every place that destroys, by function, each with the test that shows
     # it cannot destroy data that exists nowhere else:
-    #   destroy_commands: retention (test_retention_* here)
+    #   destroy_commands: retention (test_retention_* here; never a snapshot
+    #     a clone depends on: test_retention_skips_snapshots_pinned_by_clones_silently;
+    #     never one the slave may hold unconfirmed:
+    #     test_sent_but_unconfirmed_snapshot_is_kept_until_the_slave_is_seen)
     #   _snapshot_if_changed: the snapshot it just took, only when its stream
     #     from the previous one is empty, i.e. it holds nothing that one does
     #     not (test_stream_is_empty; the no-change cycle of
@@ -163,10 +170,15 @@ def test_receive_never_forces_or_rolls_back():
     #   _drop_empty_leftover: what a crash left of the same (test_failover.py::
     #     test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot)
     #   _drop_empty_divergence: a losing side's snapshots after the common
-    #     one, only when they carry no change (test_divergence.py::
-    #     test_drop_empty_divergence_destroys_only_changeless_snapshots)
+    #     one, only when they carry no change, and only flocker-named ones
+    #     (test_divergence.py::
+    #     test_drop_empty_divergence_destroys_only_changeless_snapshots,
+    #     test_drop_empty_divergence_never_destroys_a_foreign_snapshot,
+    #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept)
     #   discard_preserved: the operator's discard (test_preserve.py::
-    #     test_discard_preserved_destroys_only_what_was_recorded)
+    #     test_discard_preserved_destroys_only_what_was_recorded,
+    #     test_discard_preserved_refuses_a_dataset_with_unrecorded_children,
+    #     test_promoted_loser_serves_its_own_path_and_the_copy_stays_aside)
     #   _gate_zfs_destroy: the ssh gate passes on the master's retention
     #     destroys of flocker replication snapshots, and nothing else
     #     (test_gate.py)
@@ -271,6 +283,18 @@ def test_plan_prune_keeps_newest_protected_held_and_foreign():
     # keep=1: everything old goes except the protected and the held one
     assert ff.plan_prune(snaps, 1, []) == [names[0], names[2], names[3], names[4]]
     assert ff.plan_prune(snaps, 10, []) == []
+
+
+def test_plan_prune_never_a_snapshot_a_clone_depends_on():
+    """The listing's 'clones' (OpenZFS) marks a snapshot pinned: retention
+    never plans it (a multi-snapshot destroy would fail as a whole)."""
+    names = ["flocker-1-20260101T00000%d.000Z" % i for i in range(4)]
+    text = "".join("p/d@%s\tguid\t%d\np/d@%s\tuserrefs\t0\np/d@%s\tclones\t%s\n"
+                   % (n, i + 1, n, n, "p/d-diverged-1-x" if i == 1 else "")
+                   for i, n in enumerate(names))
+    got = ff.parse_listing(text, "p/d")
+    assert [s.pinned for s in got.snaps] == [False, True, False, False]
+    assert ff.plan_prune(got.snaps, 1, []) == [names[0], names[2]]
 
 
 def test_snapshot_names():
@@ -1041,3 +1065,102 @@ def test_connection_is_reused_and_rebuilt_after_its_master_dies(bed):
     n = opens()
     ok(sync(bed))
     assert opens() == n
+
+
+def test_retention_skips_snapshots_pinned_by_clones_silently(bed):
+    """A preserved dataset (a clone) pins the snapshot it was cloned from,
+    on either node: retention keeps that snapshot and says nothing about
+    it, cycle after cycle, and prunes the others as usual."""
+    prepare(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    pinned = rows(bed)[-1]["snapshot"]
+    # what preservation leaves: the dataset's snapshot with a clone of it
+    # (here on both nodes: the master was a loser once, so was the slave)
+    for h in bed.hosts:
+        bedmod.sh(["zfs", "clone", "%s@%s" % (h.dataset, pinned),
+                   h.dataset + "-diverged-2-20260101T000000Z"])
+    # alpha recorded its clone as a preserved dataset, as preservation does
+    with ff.StateStore.open(bed.a.state_db, lock_for="test") as st:
+        st.add_preserved(bed.a.dataset + "-diverged-2-20260101T000000Z", 2,
+                         "%s@%s" % (bed.a.dataset, pinned), "test")
+    out = []
+    for i in range(4):
+        write(bed, "y%d.bin" % i, 5000)
+        out.append(ok(bed.a.flocker("-vv", "sync", timeout=120)).stderr)
+    text = "\n".join(out)
+    said = [x for x in text.splitlines() if "WARNING" in x]
+    assert said == [], text
+    # alpha knows its preserved dataset's origin: it never tries to destroy
+    # it; beta's is learnt from the destroy (zfs-fuse has no 'clones') or
+    # read from the listing (OpenZFS), and never said above debug
+    tried = [x for x in text.splitlines() if "pinned by a clone" in x]
+    assert not [x for x in tried if "on this host" in x], tried
+    sa, sb = snaps(bed.a.dataset), snaps(bed.b.dataset)
+    assert pinned in sa and pinned in sb
+    # the pinned one and the newest (the slave also the one released in
+    # this cycle, which the next cycle prunes)
+    assert len(sa) == 2 and len(sb) <= 3, (sa, sb)
+    assert slave_digest(bed) == master_digest(bed)
+
+
+def test_sent_but_unconfirmed_snapshot_is_kept_until_the_slave_is_seen(bed):
+    """The transfer of T' completes, then the cycle ends before it confirms
+    and holds T' (here: killed; the same as ssh breaking at that moment).
+    While ssh stays down the master keeps snapshotting and pruning, but
+    never T': the slave may hold it (it does), and without it on the master
+    the slave's T' would look like history the master lacks, a divergence
+    that could even win.  Once ssh is back, replication goes on from T'."""
+    prepare(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    write(bed, "y.bin", 10000)
+    argv = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "--node",
+            bed.a.name, "sync"]
+    p = bed.a.run(argv, check=False, timeout=120,
+                  env=dict(os.environ, FLOCKER_FAILPOINT="replicate:sent"))
+    assert p.returncode == -9, p.stderr
+    sent = rows(bed)[-1]["snapshot"]
+    assert sent in snaps(bed.b.dataset) and snaps(bed.b.dataset)[sent][1] == 0   # unheld
+    prepare(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+            init=False)   # ssh is down; (the daemon's heartbeats would still flow)
+    for i in range(4):
+        write(bed, "z%d.bin" % i, 5000)
+        fails(sync(bed), ff.EXIT_SSH, "cannot reach node beta")
+        assert sent in snaps(bed.a.dataset), i
+    prepare(bed, cluster={"snapshot_keep": "1"}, init=False)
+    out = ok(sync(bed)).stdout
+    assert "from %s" % sent in out or sent in json.dumps(rows(bed)[-1]), out
+    assert slave_digest(bed) == master_digest(bed)
+
+
+def test_slave_holding_a_snapshot_the_master_made_and_lost_is_no_divergence(bed):
+    """Should the master have pruned a snapshot it sent without knowing
+    (its state file lost the attempt), the slave's copy carries this
+    master's own epoch: its own older history, not a divergent side.  The
+    cycle refuses, says so and what to do, and starts no resolution (exit
+    code of a replication error, not of a divergence); nothing is changed."""
+    prepare(bed, cluster={"snapshot_keep": "1"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    write(bed, "y.bin", 10000)
+    argv = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "--node",
+            bed.a.name, "sync"]
+    p = bed.a.run(argv, check=False, timeout=120,
+                  env=dict(os.environ, FLOCKER_FAILPOINT="replicate:sent"))
+    assert p.returncode == -9, p.stderr
+    sent = rows(bed)[-1]["snapshot"]
+    conn = sqlite3.connect(bed.a.state_db)
+    with conn:
+        conn.execute("DELETE FROM replications WHERE result != 'ok'")   # the attempt lost
+    conn.close()
+    prepare(bed, cluster={"snapshot_keep": "1"}, nodes={"beta": {"ssh_port": "2222"}},
+            init=False)
+    write(bed, "z.bin", 5000)
+    fails(sync(bed), ff.EXIT_SSH, "cannot reach node beta")
+    assert sent not in snaps(bed.a.dataset)          # pruned here, as feared
+    prepare(bed, cluster={"snapshot_keep": "1"}, init=False)
+    before_b = snaps(bed.b.dataset)
+    err = fails(sync(bed), ff.EXIT_REPLICATION, sent, "made by this master", "zfs destroy")
+    assert "not a divergence" in err and "(divergence)" not in err, err
+    assert snaps(bed.b.dataset) == before_b

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -48,6 +49,62 @@ def test_event_log_is_append_only(tmp_path):
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             s.conn.execute("DELETE FROM events")
         assert [e["message"] for e in s.events()][-1] == "hello"
+
+
+def fill_events(db, n, first_ts, step):
+    """n events straight into the file (as years of a daemon's life would)."""
+    c = sqlite3.connect(str(db))
+    with c:
+        c.executemany("INSERT INTO events (ts, level, kind, message) VALUES (?, 'info', "
+                      "'liveness', ?)", ((first_ts + i * step, "event %d" % i)
+                                         for i in range(n)))
+    c.close()
+
+
+def test_event_log_is_bounded_by_rows_and_age_and_trimming_is_recorded(tmp_path):
+    db = tmp_path / "s.db"
+    now = time.time()
+    new_store(db).close()
+    fill_events(db, 3000, now - 3000 * 3600.0, 3600.0)     # one an hour, 125 days
+    with ff.StateStore.open(str(db), lock_for="test") as s:
+        assert s.trim_events(keep_rows=1000, keep_days=365, now=now) == 3001 - 999
+        left = s.events(limit=10 ** 6)
+        assert len(left) == 1000
+        assert left[-1]["kind"] == "trim" and left[-1]["level"] == "info"
+        assert "removed 2002 event(s) (keep at most 1000, none older than 365 days)" in \
+            left[-1]["message"]
+        assert s.trim_events(keep_rows=1000, keep_days=365, now=now) == 0   # nothing more
+        # by age: 30 days keep 720 of the hourly ones
+        removed = s.trim_events(keep_rows=100000, keep_days=30, now=now)
+        assert removed > 0
+        assert min(e["ts"] for e in s.events(limit=10 ** 6)) >= now - 30 * 86400
+        # anything else still cannot delete or rewrite the log
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            s.conn.execute("DELETE FROM events")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            s.conn.execute("UPDATE events SET message = 'rewritten'")
+        assert [t["removed"] for t in s.event_trims()] == [2002, removed]
+
+
+def test_open_runs_the_full_check_only_where_it_matters(tmp_path, monkeypatch):
+    """PRAGMA quick_check reads the whole file: at the daemon's start-up,
+    init and 'check --deep', not at every open (a replication cycle, the
+    gate's status, a cron check)."""
+    db = tmp_path / "s.db"
+    new_store(db).close()
+    seen = []
+    real = ff.StateStore._connect
+
+    def traced(path, exists):
+        conn = real(path, exists)
+        conn.set_trace_callback(seen.append)
+        return conn
+    monkeypatch.setattr(ff.StateStore, "_connect", staticmethod(traced))
+    for kw in ({}, {"lock_for": "test"}):
+        ff.StateStore.open(str(db), **kw).close()
+    assert not [q for q in seen if "quick_check" in q], seen
+    ff.StateStore.open(str(db), deep_check=True).close()
+    assert [q for q in seen if "quick_check" in q]
 
 
 def test_epoch_never_goes_back(tmp_path):
