@@ -359,7 +359,21 @@ class Host:
         return sh(self.argv(argv), check=check, timeout=timeout, **kw)
 
     def popen(self, argv, **kw):
-        return subprocess.Popen(self.argv(argv), **kw)
+        """Start argv on this host; returns once it runs in the host's
+        namespace (nsenter enters it a moment after it starts), so the
+        host's process list (kill_all) holds it from then on."""
+        proc = subprocess.Popen(self.argv(argv), **kw)
+        ns = os.stat("/run/netns/" + self.ns)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                net = os.stat("/proc/%d/ns/net" % proc.pid)
+            except OSError:
+                break
+            if (net.st_dev, net.st_ino) == (ns.st_dev, ns.st_ino):
+                break
+            time.sleep(0.001)
+        return proc
 
     def flocker(self, *args, check=False, timeout=60, config=None):
         """Run flocker_failover.py on this host against the bed's config."""
