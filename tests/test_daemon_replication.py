@@ -40,12 +40,15 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         assert status["jobs"] is not None
         # a 40 MB increment over a link throttled to 1 MB/s: the transfer is on
         # the wire for ~40 s; stop the master's daemon in the middle of it
-        before = snaps(b.dataset)
         with open(os.path.join(mnt, "big.bin"), "wb") as f:
             for _ in range(40):
                 f.write(os.urandom(1 << 20))
         bed.throttle(a, 8)
         wait_for(lambda: da.status()["jobs"].get("replicate", 0) > 1.5, 30, step=0.05)
+        # what the slave holds while that transfer is on the wire (cycles that
+        # ran while the file was being written may have sent parts of it:
+        # under load, writing 40 MB takes longer than a cycle's 0.5 s)
+        before = snaps(b.dataset)
         started = time.monotonic()
         assert da.stop(timeout=60) == 0
         stop_seconds = time.monotonic() - started
