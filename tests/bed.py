@@ -1,9 +1,10 @@
 """The test bed: real ZFS, two hosts in network namespaces, real sshd.
 
 Everything this module creates carries the name prefix ``fft<pid>x``, where
-<pid> is the pytest process that made it.  A later run removes what a dead
-run left behind (its pid no longer exists), and never touches what a live
-run (another checkout, a helper) is using.
+<pid> is the pytest process that made it (in a parallel run, the xdist
+worker: each has its own).  A later run removes what a dead run left behind
+(its pid no longer exists), and never touches what a live run (another
+worker, another checkout, a helper) is using.
 
 Addresses: only 192.0.2.0/24 (TEST-NET-1), and only inside namespaces made
 here.  Link i joins <host A> 192.0.2.(16*i+1)/28 and <host B>
@@ -17,6 +18,8 @@ holds a bridge 192.0.2.158/28; each host joins it with its interface lan0
 listens: the LAN's kernel refuses the connection, which proves the path).
 """
 
+import contextlib
+import fcntl
 import itertools
 import os
 import pwd
@@ -36,6 +39,7 @@ TAG = "%s%dx" % (PREFIX, OWNER)
 _STALE_RE = re.compile(r"^%s(\d+)x" % PREFIX)
 WORK_BASE = "/var/tmp"          # not /tmp: a RAM disk in the OpenZFS guest
 ZFS_FUSE_PIDFILE = "/run/zfs-fuse.pid"
+MACHINE_LOCK = "/run/flocker-test-bed.lock"
 _counter = itertools.count(1)
 
 
@@ -753,6 +757,20 @@ elif action == "recover":
 else:
     raise SystemExit("unknown action " + action)
 """
+
+
+@contextlib.contextmanager
+def machine_lock():
+    """Held while a run makes ZFS answer and removes what dead runs left
+    (conftest's zfs_ready): the workers of a parallel run (pytest-xdist),
+    and other runs on this machine, start their sessions at the same time,
+    and two of them must never both start zfs-fuse."""
+    with open(MACHINE_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cleanup_stale():
