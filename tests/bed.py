@@ -269,11 +269,23 @@ def _start_zfs_fuse():
         time.sleep(0.2)
 
 
+def _destroy_pool(name):
+    """zpool destroy -f, tried again for a few seconds: zfs-fuse calls a
+    pool busy for a moment (under load, right after it was made, or while
+    a process still sits in it).  True when it is gone."""
+    for pause in (0.1, 0.3, 1.0, 2.0, None):
+        if sh(["zpool", "destroy", "-f", name], check=False).returncode == 0:
+            return True
+        if pause:
+            time.sleep(pause)
+    return False
+
+
 def _remove_stale_pools():
     proc = sh(["zpool", "list", "-H", "-o", "name"], check=False)
     for name in proc.stdout.split():
         if _stale(name):
-            sh(["zpool", "destroy", "-f", name], check=False)
+            _destroy_pool(name)
     for entry in os.listdir(WORK_BASE):
         if _stale(entry):
             _remove_workdir(os.path.join(WORK_BASE, entry))
@@ -297,11 +309,7 @@ class Pool:
         sh(["zpool", "create", "-f", "-m", self.mountpoint, self.name, self.vdev])
 
     def destroy(self):
-        for pause in (0.1, 0.3, 1.0, 2.0, None):   # zfs-fuse: "pool is busy" for a moment
-            if sh(["zpool", "destroy", "-f", self.name], check=False).returncode == 0:
-                break
-            if pause:
-                time.sleep(pause)
+        _destroy_pool(self.name)
         if os.path.exists(self.vdev):
             os.unlink(self.vdev)
 

@@ -97,6 +97,34 @@ def test_stale_leftovers_of_a_dead_run_are_removed(zfs_ready, tmp_path):
         bedmod.sh(["ip", "netns", "del", stale + "n"], check=False)
 
 
+def test_a_stale_pool_busy_for_a_moment_is_removed_all_the_same(zfs_ready):
+    """zfs-fuse calls a pool busy for a moment (under load right after it
+    was made, or while a process still sits in it): removing a dead run's
+    pool tries again, as Pool.destroy does (in a parallel run the test
+    above once found the pool it had just made still there)."""
+    import shutil, subprocess, sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = "%s%dx1" % (bedmod.PREFIX, dead.pid)
+    workdir = os.path.join(bedmod.WORK_BASE, stale + "bed")
+    os.makedirs(workdir)
+    vdev = os.path.join(workdir, "v.img")
+    with open(vdev, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    mnt = os.path.join(workdir, "m")
+    bedmod.sh(["zpool", "create", "-f", "-m", mnt, stale + "p", vdev])
+    busy = subprocess.Popen(["sleep", "1"], cwd=mnt)     # "pool is busy" for 1 s
+    try:
+        bedmod.cleanup_stale()
+        assert stale + "p" not in bedmod.sh(["zpool", "list", "-H", "-o", "name"]).stdout.split()
+        assert not os.path.exists(workdir)
+    finally:
+        busy.kill()
+        busy.wait()
+        bedmod.sh(["zpool", "destroy", "-f", stale + "p"], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_slow_factors_scale_timings_and_reject_nonsense():
     """FLOCKER_TEST_SLOW and FLOCKER_TEST_SLOW_PACKETS (measured and set by
     contrib/test-openzfs.sh under emulation) scale the bed's timings and
