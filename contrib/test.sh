@@ -6,9 +6,11 @@
 #   bash contrib/test.sh -k config    # extra arguments go to pytest
 #   bash contrib/test.sh -n 2         # 2 tests at a time (-n 0: one)
 # The tests mostly wait (for daemons, dead times, ssh, zfs), so pytest-xdist
-# runs 4 at a time (measured on 2 cores: see README), each worker with its
-# own test beds; the longest tests start first (tests/conftest.py), handed
-# out one after the other as workers finish (--dist loadgroup).
+# runs 3 at a time (on 2 cores 3 and 4 both kept them busy; see README),
+# each worker with its own test beds; the longest tests start first
+# (tests/conftest.py), handed out as workers finish (--dist loadgroup),
+# and the heartbeat-timing tests one after the other (conftest's
+# HEARTBEAT_TIMING).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/setup-debian.sh"
@@ -16,4 +18,4 @@ flocker_setup_debian
 cd "$here/.."
 # Debian's interpreter and its python3-pytest, whatever else is on PATH
 exec /usr/bin/python3 -m pytest -p no:cacheprovider -q -rs \
-    -n 4 --dist loadgroup tests/ "$@"
+    -n 3 --dist loadgroup tests/ "$@"

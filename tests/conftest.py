@@ -133,6 +133,12 @@ def dataset_context(ds, zfs):
     return ff.Context(Cfg, Store(), zfs)
 
 
+def pytest_configure(config):
+    # pytest-xdist's marker, declared here too for runs without xdist
+    config.addinivalue_line("markers", "xdist_group(name): run in one xdist worker, "
+                                       "one after the other (--dist loadgroup)")
+
+
 def pytest_unconfigure(config):
     """pytest-benchmark, where it is installed (not Debian's python3-pytest
     that contrib/test.sh runs), leaves an empty .benchmarks directory in
@@ -147,12 +153,21 @@ def pytest_unconfigure(config):
 # Parallel runs (pytest-xdist)
 # ---------------------------------------------------------------------------
 
+# The tests that measure heartbeat timing or assert that no dead verdict
+# came, and the forged-packet flood (20000 packets a second for 10 s), run
+# one after the other in a parallel run (--dist loadgroup): never two of
+# them at once, so none has to keep its margins against another of them.
+HEARTBEAT_TIMING = pytest.mark.xdist_group("heartbeat-timing")
+
 DURATIONS = os.path.join(os.path.dirname(__file__), "data", "durations.txt")
 
 
 def short_id(nodeid):
-    """A test's id without its directory: the same from any rootdir."""
+    """A test's id without its directory (the same from any rootdir) and
+    without the "@group" that xdist appends to a grouped test's id."""
     path, sep, name = nodeid.partition("::")
+    if name.rfind("@") > name.rfind("]"):
+        name = name[:name.rfind("@")]
     return os.path.basename(path) + sep + name
 
 
