@@ -1,6 +1,7 @@
 #!/bin/bash
 # Installs what the test suite and the demo need on a Debian machine, as root:
-# ZFS (zfs-fuse: real ZFS without a kernel module), ssh, iproute2, pytest.
+# ZFS (zfs-fuse: real ZFS without a kernel module), ssh, iproute2, pytest
+# and pytest-xdist (the suite runs in parallel).
 # Sourced by contrib/test.sh and contrib/demo.sh; installs only what is missing.
 set -euo pipefail
 
@@ -12,7 +13,8 @@ flocker_setup_debian() {
     local missing=() pkg
     # zfs-fuse is only needed where no ZFS is installed (an OpenZFS host has zfs already)
     command -v zfs >/dev/null 2>&1 || missing+=(zfs-fuse)
-    for pkg in openssh-server openssh-client iproute2 util-linux python3 python3-pytest; do
+    for pkg in openssh-server openssh-client iproute2 util-linux python3 python3-pytest \
+               python3-pytest-xdist; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then

@@ -4,10 +4,18 @@
 # namespaces (the test bed starts the zfs-fuse daemon when no ZFS answers).
 #   bash contrib/test.sh              # everything
 #   bash contrib/test.sh -k config    # extra arguments go to pytest
+#   bash contrib/test.sh -n 2         # 2 tests at a time (-n 0: one)
+# The tests mostly wait (for daemons, dead times, ssh, zfs), so pytest-xdist
+# runs 3 at a time (on 2 cores 3 and 4 both kept them busy; see README),
+# each worker with its own test beds; the longest tests start first
+# (tests/conftest.py), handed out as workers finish (--dist loadgroup),
+# and the heartbeat-timing tests one after the other (conftest's
+# HEARTBEAT_TIMING).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/setup-debian.sh"
 flocker_setup_debian
 cd "$here/.."
 # Debian's interpreter and its python3-pytest, whatever else is on PATH
-exec /usr/bin/python3 -m pytest -p no:cacheprovider -q -rs tests/ "$@"
+exec /usr/bin/python3 -m pytest -p no:cacheprovider -q -rs \
+    -n 3 --dist loadgroup tests/ "$@"

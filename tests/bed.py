@@ -1,9 +1,10 @@
 """The test bed: real ZFS, two hosts in network namespaces, real sshd.
 
 Everything this module creates carries the name prefix ``fft<pid>x``, where
-<pid> is the pytest process that made it.  A later run removes what a dead
-run left behind (its pid no longer exists), and never touches what a live
-run (another checkout, a helper) is using.
+<pid> is the pytest process that made it (in a parallel run, the xdist
+worker: each has its own).  A later run removes what a dead run left behind
+(its pid no longer exists), and never touches what a live run (another
+worker, another checkout, a helper) is using.
 
 Addresses: only 192.0.2.0/24 (TEST-NET-1), and only inside namespaces made
 here.  Link i joins <host A> 192.0.2.(16*i+1)/28 and <host B>
@@ -17,6 +18,8 @@ holds a bridge 192.0.2.158/28; each host joins it with its interface lan0
 listens: the LAN's kernel refuses the connection, which proves the path).
 """
 
+import contextlib
+import fcntl
 import itertools
 import os
 import pwd
@@ -36,6 +39,7 @@ TAG = "%s%dx" % (PREFIX, OWNER)
 _STALE_RE = re.compile(r"^%s(\d+)x" % PREFIX)
 WORK_BASE = "/var/tmp"          # not /tmp: a RAM disk in the OpenZFS guest
 ZFS_FUSE_PIDFILE = "/run/zfs-fuse.pid"
+MACHINE_LOCK = "/run/flocker-test-bed.lock"
 _counter = itertools.count(1)
 
 
@@ -265,11 +269,23 @@ def _start_zfs_fuse():
         time.sleep(0.2)
 
 
+def _destroy_pool(name):
+    """zpool destroy -f, tried again for a few seconds: zfs-fuse calls a
+    pool busy for a moment (under load, right after it was made, or while
+    a process still sits in it).  True when it is gone."""
+    for pause in (0.1, 0.3, 1.0, 2.0, None):
+        if sh(["zpool", "destroy", "-f", name], check=False).returncode == 0:
+            return True
+        if pause:
+            time.sleep(pause)
+    return False
+
+
 def _remove_stale_pools():
     proc = sh(["zpool", "list", "-H", "-o", "name"], check=False)
     for name in proc.stdout.split():
         if _stale(name):
-            sh(["zpool", "destroy", "-f", name], check=False)
+            _destroy_pool(name)
     for entry in os.listdir(WORK_BASE):
         if _stale(entry):
             _remove_workdir(os.path.join(WORK_BASE, entry))
@@ -293,11 +309,7 @@ class Pool:
         sh(["zpool", "create", "-f", "-m", self.mountpoint, self.name, self.vdev])
 
     def destroy(self):
-        for pause in (0.1, 0.3, 1.0, 2.0, None):   # zfs-fuse: "pool is busy" for a moment
-            if sh(["zpool", "destroy", "-f", self.name], check=False).returncode == 0:
-                break
-            if pause:
-                time.sleep(pause)
+        _destroy_pool(self.name)
         if os.path.exists(self.vdev):
             os.unlink(self.vdev)
 
@@ -359,7 +371,21 @@ class Host:
         return sh(self.argv(argv), check=check, timeout=timeout, **kw)
 
     def popen(self, argv, **kw):
-        return subprocess.Popen(self.argv(argv), **kw)
+        """Start argv on this host; returns once it runs in the host's
+        namespace (nsenter enters it a moment after it starts), so the
+        host's process list (kill_all) holds it from then on."""
+        proc = subprocess.Popen(self.argv(argv), **kw)
+        ns = os.stat("/run/netns/" + self.ns)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                net = os.stat("/proc/%d/ns/net" % proc.pid)
+            except OSError:
+                break
+            if (net.st_dev, net.st_ino) == (ns.st_dev, ns.st_ino):
+                break
+            time.sleep(0.001)
+        return proc
 
     def flocker(self, *args, check=False, timeout=60, config=None):
         """Run flocker_failover.py on this host against the bed's config."""
@@ -764,6 +790,20 @@ elif action == "recover":
 else:
     raise SystemExit("unknown action " + action)
 """
+
+
+@contextlib.contextmanager
+def machine_lock():
+    """Held while a run makes ZFS answer and removes what dead runs left
+    (conftest's zfs_ready): the workers of a parallel run (pytest-xdist),
+    and other runs on this machine, start their sessions at the same time,
+    and two of them must never both start zfs-fuse."""
+    with open(MACHINE_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cleanup_stale():

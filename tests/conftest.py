@@ -1,7 +1,11 @@
 """Fixtures for the real test bed (see bed.py) and the CI rule:
 when CI is set, a skipped test is a failed test, except tests marked as
 belonging to another ZFS implementation (reason "not on this ZFS: ...") or
-checks that depend on an optional interpreter (reason "optional: ...")."""
+checks that depend on an optional interpreter (reason "optional: ...").
+
+contrib/test.sh runs the suite in parallel (pytest-xdist, --dist loadgroup):
+each worker has its own test beds (bed.py names them after its pid), and
+the longest tests start first (tests/data/durations.txt)."""
 
 import importlib.util
 import os
@@ -56,11 +60,13 @@ _zfs_state = {}
 @pytest.fixture(scope="session")
 def zfs_ready():
     """Real ZFS is running (zfs-fuse started if needed); stale pools,
-    namespaces and work directories of dead runs are gone."""
+    namespaces and work directories of dead runs are gone.  Each worker
+    of a parallel run comes here once, under the machine's lock."""
     if "error" not in _zfs_state and "ok" not in _zfs_state:
         try:
-            bedmod.ensure_zfs()
-            bedmod.cleanup_stale()
+            with bedmod.machine_lock():
+                bedmod.ensure_zfs()
+                bedmod.cleanup_stale()
             _zfs_state["ok"] = bedmod.zfs_kind()
         except bedmod.BedUnavailable as e:
             _zfs_state["error"] = str(e)
@@ -127,6 +133,12 @@ def dataset_context(ds, zfs):
     return ff.Context(Cfg, Store(), zfs)
 
 
+def pytest_configure(config):
+    # pytest-xdist's marker, declared here too for runs without xdist
+    config.addinivalue_line("markers", "xdist_group(name): run in one xdist worker, "
+                                       "one after the other (--dist loadgroup)")
+
+
 def pytest_unconfigure(config):
     """pytest-benchmark, where it is installed (not Debian's python3-pytest
     that contrib/test.sh runs), leaves an empty .benchmarks directory in
@@ -135,3 +147,50 @@ def pytest_unconfigure(config):
         os.rmdir(os.path.join(str(config.rootpath), ".benchmarks"))
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------
+# Parallel runs (pytest-xdist)
+# ---------------------------------------------------------------------------
+
+# The tests that measure heartbeat timing or assert that no dead verdict
+# came, and the forged-packet flood (20000 packets a second for 10 s), run
+# one after the other in a parallel run (--dist loadgroup): never two of
+# them at once, so none has to keep its margins against another of them.
+HEARTBEAT_TIMING = pytest.mark.xdist_group("heartbeat-timing")
+
+DURATIONS = os.path.join(os.path.dirname(__file__), "data", "durations.txt")
+
+
+def short_id(nodeid):
+    """A test's id without its directory (the same from any rootdir) and
+    without the "@group" that xdist appends to a grouped test's id."""
+    path, sep, name = nodeid.partition("::")
+    if name.rfind("@") > name.rfind("]"):
+        name = name[:name.rfind("@")]
+    return os.path.basename(path) + sep + name
+
+
+def measured_durations():
+    """{short_id: seconds} of the longest tests, as measured (see the file)."""
+    out = {}
+    with open(DURATIONS) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                seconds, nodeid = line.split()
+                out[nodeid] = float(seconds)
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """In a parallel run (each worker collects; all must get the same
+    order): the longest tests first, so the run does not end with one of
+    them still running alone.  --dist loadgroup hands the tests out in
+    this order, a test or two ahead, to each worker as it finishes one
+    (plain --dist load would give each worker a block of consecutive tests
+    first: the longest all to one)."""
+    if not hasattr(config, "workerinput"):
+        return
+    seconds = measured_durations()
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-seconds.get(short_id(item.nodeid), 0.0), order[id(item)]))

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import bed as bedmod
-from conftest import ff
+from conftest import HEARTBEAT_TIMING, ff
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WRAPPER = os.path.join(HERE, "daemon_wrapper.py")
@@ -114,6 +114,7 @@ def bed2(zfs_ready):
         b.close()
 
 
+@HEARTBEAT_TIMING
 def test_see_each_other_cut_restore_status_and_clean_stop(bed):
     init(bed)
     pidfile = os.path.join(bed.workdir, "alpha.pid")
@@ -181,6 +182,7 @@ def with_pid(path):
         return int(f.read())
 
 
+@HEARTBEAT_TIMING
 def test_two_links_cutting_one_keeps_the_peer_alive(bed2):
     init(bed2)
     a, b = start_pair(bed2)
@@ -230,6 +232,7 @@ print(n)
 """
 
 
+@HEARTBEAT_TIMING
 def test_replay_and_older_generation_rejected_restart_accepted(bed):
     init(bed)
     port = 7788
@@ -291,6 +294,7 @@ def test_replay_and_older_generation_rejected_restart_accepted(bed):
     assert a.stop() == 0
 
 
+@HEARTBEAT_TIMING
 def test_second_daemon_refused_sighup_reload_and_stall(bed):
     init(bed)
     a, b = start_pair(bed)
@@ -383,6 +387,7 @@ print(sent, errors, round(time.monotonic() - start, 3))
 """
 
 
+@HEARTBEAT_TIMING
 def test_flood_of_forged_packets_keeps_heartbeats_on_time(bed):
     init(bed)
     a, b = start_pair(bed)
@@ -415,6 +420,7 @@ def test_flood_of_forged_packets_keeps_heartbeats_on_time(bed):
     assert a.stop() == 0 and b.stop() == 0
 
 
+@HEARTBEAT_TIMING
 def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
     """A real zfs send | ssh | zfs recv, pumped through a job thread for 30 s
     (plugged in through Daemon.add_periodic, as the replication cycle will
@@ -477,6 +483,7 @@ def test_heartbeats_on_time_during_a_30s_transfer_and_a_hanging_hook(bed):
     assert b.stop() == 0
 
 
+@HEARTBEAT_TIMING
 def test_wall_clock_step_of_an_hour_changes_nothing(bed):
     init(bed)
     offsets = {}
@@ -509,6 +516,7 @@ def test_wall_clock_step_of_an_hour_changes_nothing(bed):
     assert a.stop() == 0 and b.stop() == 0
 
 
+@HEARTBEAT_TIMING
 def test_key_change_without_downtime(bed):
     """secret_file_previous: each node in turn moves to the new key; no
     heartbeat is rejected and the peer never looks dead."""

@@ -17,6 +17,21 @@ def snaps(ds):
                   for line in out.splitlines() if "@" in line)
 
 
+def receives_into(dataset):
+    """pids of the zfs recv processes into dataset on this machine."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except (OSError, ValueError):
+            continue
+        if len(argv) >= 3 and os.path.basename(argv[0]) == b"zfs" and argv[1] == b"recv" \
+                and argv[-1] == dataset.encode():
+            pids.append(int(entry))
+    return pids
+
+
 def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
     bed.write_config(cluster={"replication_interval": "0.5"})
     init(bed)
@@ -32,6 +47,11 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         wait_for(lambda: snaps(b.dataset) == [s for s in snaps(a.dataset)
                                               if s.split("=")[0] in
                                               {x.split("=")[0] for x in snaps(b.dataset)}], 30)
+        # the cycle ends by making the replica read-only (after the transfer):
+        # read before that, the replica's atimes change and every later
+        # receive refuses it as modified
+        wait_for(lambda: bedmod.sh(["zfs", "get", "-H", "-o", "value", "readonly",
+                                    b.dataset]).stdout.strip() == "on", 30)
         bedmod.sh(["zfs", "mount", b.dataset], check=False)
         got = bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop"))
         bedmod.sh(["zfs", "unmount", b.dataset], check=False)
@@ -40,12 +60,26 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         assert status["jobs"] is not None
         # a 40 MB increment over a link throttled to 1 MB/s: the transfer is on
         # the wire for ~40 s; stop the master's daemon in the middle of it
-        before = snaps(b.dataset)
         with open(os.path.join(mnt, "big.bin"), "wb") as f:
             for _ in range(40):
                 f.write(os.urandom(1 << 20))
         bed.throttle(a, 8)
-        wait_for(lambda: da.status()["jobs"].get("replicate", 0) > 1.5, 30, step=0.05)
+        # on the wire: the slave's zfs recv has run for 1.5 s (the cycle's
+        # own age says less: under load its other steps, through the ssh
+        # gate, take that long too, and a SIGTERM then lets the cycle end)
+        seen = {}
+
+        def receiving_for(seconds):
+            now = time.monotonic()
+            pids = set(receives_into(b.dataset))
+            for pid in set(seen) - pids:
+                del seen[pid]
+            return any(now - seen.setdefault(pid, now) >= seconds for pid in pids)
+        wait_for(lambda: receiving_for(1.5), 30, step=0.05)
+        # what the slave holds while that transfer is on the wire (cycles that
+        # ran while the file was being written may have sent parts of it:
+        # under load, writing 40 MB takes longer than a cycle's 0.5 s)
+        before = snaps(b.dataset)
         started = time.monotonic()
         assert da.stop(timeout=60) == 0
         stop_seconds = time.monotonic() - started

@@ -194,7 +194,7 @@ def test_newer_schema_refused_and_untouched(tmp_path):
 @pytest.mark.parametrize("content,detail", [
     (b"this is not a database at all, just some text\n" * 100, "file is not a database"),
     (b"SQLite format 3\x00" + os.urandom(4000), None),
-])
+], ids=["text", "sqlite-header-then-random"])   # stable: a parallel run's workers compare them
 def test_corrupt_file_refused_and_untouched(tmp_path, content, detail):
     db = str(tmp_path / "bad.db")
     with open(db, "wb") as f:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import bed as bedmod
-from conftest import ff
+from conftest import HEARTBEAT_TIMING, ff
 from test_daemon import S, Running, init
 
 
@@ -32,6 +32,7 @@ def receive_all(sock, until, timeout):
     return got
 
 
+@HEARTBEAT_TIMING      # the gaps between watchdog pings are measured
 def test_ready_status_watchdog_stopping(bed):
     dump = os.path.join(bed.workdir, "check-env")
     # written aside then renamed: the test never reads a half-written file
