@@ -7812,18 +7812,15 @@ class Daemon:
 
     def _stop_serving_at_exit(self) -> None:
         """A master's daemon stops: the user system stops with it (it never
-        runs unsupervised), the role stays, and the last heartbeats tell the
-        slave that it lacks what was written since the last replication, so
-        that it does not take over by itself (see README, "Stopping")."""
+        runs unsupervised) and the role stays.  (_shutdown told the slave
+        first that it lacks what was written since the last replication, so
+        that it does not take over by itself: see README, "Stopping".)"""
         try:
             with self.open_store() as store:
                 stop_serving(Context(self.cfg, store, Zfs()), "the daemon is stopping")
         except FlockerError as e:
             log.error("stopping the user system failed: %s", e.message)
         self.serving = False
-        self.leaving = True
-        if self.tracker is not None and self.socks:
-            self._announce_leaving()
 
     def _announce_leaving(self) -> None:
         """Tell the slave that it lacks what was written since the last
@@ -7859,6 +7856,12 @@ class Daemon:
         """Leave everything consistent: jobs stopped (their commands
         killed), the last peer observation and a 'stopped' event written,
         sockets, pid file and lock released."""
+        if self.role == ROLE_MASTER and self.serving and self.tracker is not None and self.socks:
+            # first of all (ending a transfer may take longer than dead_time,
+            # and no heartbeat goes out meanwhile): the slave lacks what was
+            # written since the last replication and must not take over
+            self.leaving = True
+            self._announce_leaving()
         left = self.jobs.stop_all(timeout=30.0)
         if left:
             log.error("jobs still running at exit, abandoned: %s", ", ".join(left))
