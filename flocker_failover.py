@@ -199,24 +199,22 @@ def _p_seconds(value: str) -> float:
     return seconds
 
 
-def _p_count(value: str) -> int:
+def _whole_number(value: str, least: int) -> int:
     try:
         count = int(value, 10)
     except ValueError:
-        raise _Invalid("a whole number of at least 1") from None
-    if count < 1:
-        raise _Invalid("a whole number of at least 1")
+        count = least - 1
+    if count < least:
+        raise _Invalid("a whole number of at least %d" % least)
     return count
+
+
+def _p_count(value: str) -> int:
+    return _whole_number(value, 1)
 
 
 def _p_event_rows(value: str) -> int:
-    try:
-        count = int(value, 10)
-    except ValueError:
-        raise _Invalid("a whole number of at least 100") from None
-    if count < 100:
-        raise _Invalid("a whole number of at least 100")
-    return count
+    return _whole_number(value, 100)
 
 
 def _p_days(value: str) -> float:

@@ -11,6 +11,7 @@ import time
 import bed as bedmod
 from conftest import ff
 from test_daemon import DEAD, INTERVAL, S, Running, wait_for
+from test_divergence import files_in, preserved
 from test_failover import (STOP, lanbed, replicated, service_config, serving,  # noqa: F401
                            start, svc_running, write_files, zget)
 
@@ -334,22 +335,6 @@ def test_a_stopping_master_is_heard_even_when_its_first_packets_are_lost(lanbed)
         db.stop()
 
 
-def _preserved(host):
-    with ff.StateStore.open(host.state_db) as s:
-        return [p["dataset"] for p in s.preserved()]
-
-
-def _files(dataset):
-    mounted = zget(dataset, "mounted") == "yes"
-    if not mounted:
-        bedmod.sh(["zfs", "mount", dataset])
-    try:
-        return bedmod.tree_digest(zget(dataset, "mountpoint"))
-    finally:
-        if not mounted:
-            bedmod.sh(["zfs", "unmount", dataset], check=False)
-
-
 def _crash_and_return(bed, tail):
     """alpha (master) writes `tail` bytes that never reach beta (its
     cycle hangs on beta's frozen gate), and dies (kill -9 of the host);
@@ -364,19 +349,19 @@ def _crash_and_return(bed, tail):
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         wait_for(lambda: (da.status()["jobs"].get("replicate") or 0) > S(0.5), S(10))
-        before = _files(a.dataset)
+        before = files_in(a.dataset)
         if tail:
             write_files(a, n=3, size=tail // 3)
-        tail_files = {k: v for k, v in _files(a.dataset).items() if k not in before}
+        tail_files = {k: v for k, v in files_in(a.dataset).items() if k not in before}
         a.kill_all()
     finally:
         for pid in frozen:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGCONT)
     wait_for(lambda: serving(db), S(15), step=0.05)
-    before = _files(b.dataset)
+    before = files_in(b.dataset)
     write_files(b, n=1, size=100000)
-    new_files = {k: v for k, v in _files(b.dataset).items() if k not in before}
+    new_files = {k: v for k, v in files_in(b.dataset).items() if k not in before}
     a.start_sshd()
     bed._wait_for_sshd()
     da = Running(a, tag="-back").wait_ready()
@@ -404,10 +389,10 @@ def test_a_crashed_master_returns_as_slave_whatever_the_policy(lanbed):
         wait_for(lambda: _settled_on_beta(da, db), S(60), step=0.1)
         assert svc_running(b) and not svc_running(a)
         assert len(tail) == 3 and len(new) == 1
-        kept = _preserved(a)
+        kept = preserved(a)
         assert len(kept) == 1, kept
-        assert all(_files(kept[0]).get(k) == v for k, v in tail.items())
-        have = _files(b.dataset)
+        assert all(files_in(kept[0]).get(k) == v for k, v in tail.items())
+        have = files_in(b.dataset)
         assert all(have.get(k) == v for k, v in new.items())
         assert not any(k in have for k in tail)
         assert "alpha rejoins it as slave" in a.flocker("history", check=True).stdout
@@ -428,7 +413,7 @@ def test_the_routine_failback_is_a_rejoin_not_a_split_brain_even_under_manual(la
     da, db, tail, new = _crash_and_return(bed, 0)
     try:
         wait_for(lambda: _settled_on_beta(da, db), S(60), step=0.1)
-        assert svc_running(b) and not svc_running(a) and _preserved(a) == []
+        assert svc_running(b) and not svc_running(a) and preserved(a) == []
         for d in (da, db):
             assert "split brain" not in d.log_text().lower(), d.log_text()[-3000:]
             assert d.status()["divergence"]["unresolved"] is None
@@ -445,7 +430,7 @@ def test_a_loser_killed_while_preserving_ends_as_slave_even_alone(lanbed):
     Restarted while it cannot hear the winner, it finishes the preservation
     AND the demotion that follows it (recorded as one action): it never
     serves the rolled-back dataset."""
-    from test_divergence import Pair, check_nothing_lost, preserved  # one split brain
+    from test_divergence import Pair, check_nothing_lost  # one split brain
     bed = lanbed
     p = Pair(bed, "most-changes")
     p.policy = "most-changes"
