@@ -1740,6 +1740,27 @@ def wire_keys(*secrets_: Optional[bytes]) -> Dict[bytes, Tuple[str, bytes]]:
     return {_key_bytes(key_id(s)): (key_id(s), s) for s in secrets_ if s is not None}
 
 
+def _signed_by(keys: Dict[bytes, Tuple[str, bytes]], magic: bytes, version: int, kid: bytes,
+               want_magic: bytes, want_version: int, what: str) -> Tuple[str, bytes]:
+    """The key a datagram says it is signed with, after its magic and
+    version were checked (the MAC is checked by _check_mac)."""
+    if magic != want_magic:
+        raise WireReject("malformed", "not a flocker-failover %s" % what)
+    if version != want_version:
+        raise WireReject("bad_version", "version %d, this program speaks %d"
+                         % (version, want_version))
+    key = keys.get(kid)
+    if key is None:
+        raise WireReject("unknown_key", "key id %s" % kid.hex())
+    return key
+
+
+def _check_mac(packet: bytes, key: Tuple[str, bytes]) -> None:
+    mac = hmac.new(key[1], packet[:-_WIRE_MAC], hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, packet[-_WIRE_MAC:]):
+        raise WireReject("bad_mac", "key id %s" % key[0])
+
+
 def decode_heartbeat(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Heartbeat:
     """Verify and parse one datagram; raise WireReject(reason) otherwise.
     keys: see wire_keys()."""
@@ -1750,22 +1771,13 @@ def decode_heartbeat(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Hea
         raise WireReject("truncated", "%d bytes" % n)
     (magic, version, flags, kid, generation, sequence, echo_generation, echo_sequence,
      epoch, role, health, body_len) = _WIRE_HEAD.unpack_from(packet)
-    if magic != WIRE_MAGIC:
-        raise WireReject("malformed", "not a flocker-failover heartbeat")
-    if version != WIRE_VERSION:
-        raise WireReject("bad_version", "version %d, this program speaks %d"
-                         % (version, WIRE_VERSION))
-    key = keys.get(kid)
-    if key is None:
-        raise WireReject("unknown_key", "key id %s" % kid.hex())
+    key = _signed_by(keys, magic, version, kid, WIRE_MAGIC, WIRE_VERSION, "heartbeat")
     expected_len = _WIRE_HEAD.size + body_len + _WIRE_MAC
     if n < expected_len:
         raise WireReject("truncated", "%d of %d bytes" % (n, expected_len))
     if n > expected_len:
         raise WireReject("malformed", "%d bytes after the end" % (n - expected_len))
-    mac = hmac.new(key[1], packet[:-_WIRE_MAC], hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, packet[-_WIRE_MAC:]):
-        raise WireReject("bad_mac", "key id %s" % key[0])
+    _check_mac(packet, key)
     # authenticated from here on; still parse defensively
     body = packet[_WIRE_HEAD.size:-_WIRE_MAC]
     pos = 0
@@ -1952,17 +1964,9 @@ def decode_witness(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Witne
         raise WireReject("truncated", "%d bytes" % n)
     (magic, version, kind, kid, nonce, generation, sequence, lease_ms, answer,
      wait_ms) = _WITNESS_HEAD.unpack_from(packet)
-    if magic != WITNESS_MAGIC:
-        raise WireReject("malformed", "not a flocker-failover witness message")
-    if version != WITNESS_VERSION:
-        raise WireReject("bad_version", "version %d, this program speaks %d"
-                         % (version, WITNESS_VERSION))
-    key = keys.get(kid)
-    if key is None:
-        raise WireReject("unknown_key", "key id %s" % kid.hex())
-    mac = hmac.new(key[1], packet[:-_WIRE_MAC], hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, packet[-_WIRE_MAC:]):
-        raise WireReject("bad_mac", "key id %s" % key[0])
+    key = _signed_by(keys, magic, version, kid, WITNESS_MAGIC, WITNESS_VERSION,
+                     "witness message")
+    _check_mac(packet, key)
     body = packet[_WITNESS_HEAD.size:-_WIRE_MAC]
     fields, pos = [], 0
     try:
