@@ -6065,6 +6065,12 @@ def format_status(r: dict) -> str:
 #   {"cmd": "status"}       -> {"ok": true, "status": {...live values...}}
 #   {"cmd": "reset-stats"}  -> {"ok": true}  (rejection counters, largest
 #                              gaps and worst lag start again from zero)
+#   {"cmd": "promote"|"demote", ...}, {"cmd": "resolve", "winner": NODE}:
+#                              the operator's commands (see section 9)
+#   {"cmd": "discard-preserved", "dataset": NAME}
+#                           -> {"ok": true}: a job destroys it with the checks
+#                              of discard_preserved(); status's "discard"
+#                              says when it is done or why it failed
 #   anything else           -> {"ok": false, "error": "..."}
 
 PEER_SAVE_EVERY = 5.0        # seconds between refreshes of the persisted peer row
@@ -6512,6 +6518,7 @@ class Daemon:
         self.repl_failures = 0     # consecutive failed replication cycles
         self.released = False      # persisted: handed the master role over; the peer may promote
         self.recovering = False    # an interrupted role action waits to be finished
+        self.discard = None        # type: Optional[dict]  # the operator's newest discard
         self.leaving = False       # a master's daemon is stopping
         self.force = False         # an operator forces a takeover
         self.force_peer_alive = False  # ... even though the peer is heard
@@ -7698,13 +7705,43 @@ class Daemon:
             log.warning("operator: resolve --winner %s", winner)
             self._event("operator", "resolve --winner %s" % winner, "warning")
             return {"ok": True}
+        if cmd == "discard-preserved":
+            return self._discard_request(req.get("dataset"))
         if cmd == "reset-stats":
             self.tracker.reset_stats()
             self.worst_lag = 0.0
             self.stats_since = time.monotonic()
             return {"ok": True}
         return {"ok": False, "error": "unknown command %r; known: ping, status, promote, "
-                                      "demote, reset-stats" % (cmd,)}
+                                      "demote, resolve, discard-preserved, reset-stats"
+                % (cmd,)}
+
+    def _discard_request(self, name) -> dict:
+        """'discard-preserved' while the daemon holds the state lock: the
+        same checks and destroy, in a job (the loop never waits on zfs);
+        the command line follows it in status's 'discard'."""
+        if not isinstance(name, str) or not name:
+            return {"ok": False, "error": "discard-preserved needs the dataset's name"}
+        if self.jobs.busy("discard"):
+            return {"ok": False, "error": "a discard of %s is still running; wait for it"
+                    % self.discard["dataset"]}
+        self.discard = {"dataset": name, "state": "running", "error": None}
+        log.warning("operator: discard-preserved %s", name)
+
+        def job(stop):
+            with self.open_store() as store:
+                discard_preserved(Context(self.cfg, store, Zfs()), name)
+        self.jobs.start("discard", job, self._discard_done)
+        return {"ok": True}
+
+    def _discard_done(self, result, error) -> None:
+        if error is None:
+            self.discard = dict(self.discard, state="done")
+            log.info("discarded the preserved dataset %s", self.discard["dataset"])
+            return
+        text = error.message if isinstance(error, FlockerError) else repr(error)
+        self.discard = dict(self.discard, state="failed", error=text)
+        log.error("discard-preserved %s: %s", self.discard["dataset"], text)
 
     def _switchover_request(self, cmd: str, req: dict) -> dict:
         """'promote' on the slave, 'demote' on the master (see the CLI)."""
@@ -7780,7 +7817,7 @@ class Daemon:
             "witness": self._witness_status(now),
             "fenced": self.fenced, "check_failures": self.check_failures,
             "replication_failures": self.repl_failures, "released": self.released,
-            "recovering": self.recovering,
+            "recovering": self.recovering, "discard": self.discard,
             "promotions": self.promotions, "demotions": self.demotions,
             "divergence": {"resolving": self.resolving, "unresolved": self.unresolved,
                            "winner_choice": self.winner_choice},
@@ -8486,10 +8523,30 @@ def cmd_discard_preserved(args, cfg_path: str) -> int:
                        "Type its name to confirm: " % args.name)
         if answer.strip() != args.name:
             raise FlockerError("not confirmed; nothing was destroyed")
-    with StateStore.open(cfg.local.state_db, lock_for="discard-preserved") as store:
-        discard_preserved(Context(cfg, store, Zfs()), args.name)
-    print("destroyed %s" % args.name)
-    return EXIT_OK
+    answer = query_daemon(cfg.local.state_db, {"cmd": "discard-preserved",
+                                               "dataset": args.name})
+    if answer is None:       # no daemon: this process does it, under the lock
+        with StateStore.open(cfg.local.state_db, lock_for="discard-preserved") as store:
+            discard_preserved(Context(cfg, store, Zfs()), args.name)
+        print("destroyed %s" % args.name)
+        return EXIT_OK
+    if not answer["ok"]:
+        raise FlockerError(answer["error"])
+    deadline = time.monotonic() + 300.0
+    while time.monotonic() < deadline:     # the running daemon does it, in a job
+        live = (query_daemon(cfg.local.state_db, {"cmd": "status"}) or {}).get("status")
+        if live is None:
+            raise FlockerError("the daemon stopped while discarding %s; see its log and "
+                               "'status'" % args.name)
+        d = live.get("discard") or {}
+        if d.get("dataset") == args.name and d.get("state") == "done":
+            print("destroyed %s (by the running daemon)" % args.name)
+            return EXIT_OK
+        if d.get("dataset") == args.name and d.get("state") == "failed":
+            raise FlockerError(d["error"])
+        time.sleep(0.2)
+    raise ActionError("the daemon did not finish discarding %s within 300 s; see 'status' "
+                      "and its log" % args.name)
 
 
 def _add_discard_preserved(p) -> None:

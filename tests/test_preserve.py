@@ -223,3 +223,28 @@ def test_discard_preserved_refuses_a_dataset_with_unrecorded_children(diverged):
                       a.pool.name]).stdout == before
     assert [p["dataset"] for p in json.loads(
         a.flocker("status", "--json", check=True).stdout)["preserved"]] == [kept]
+
+
+def test_discard_preserved_goes_through_a_running_daemon(diverged):
+    """Issue 13, item 6: discard-preserved needs the state lock, which a
+    running daemon holds; it hands the request to the daemon (control
+    socket) instead of asking for the service to stop, with the same
+    checks: a name it did not record is refused, the preserved one goes."""
+    from test_daemon import Running, S, wait_for
+    bed, a = diverged[0], diverged[1]
+    kept = bed.drive(a, "preserve", COMMON, 2).stdout.strip()
+    d = Running(a).wait_ready()
+    try:
+        proc = a.flocker("discard-preserved", a.dataset, "--yes")
+        assert proc.returncode == 1 and "is not a preserved dataset of this node" in \
+            proc.stderr, proc.stderr
+        assert bedmod.sh(["zfs", "list", "-H", "-o", "name", a.dataset]).returncode == 0
+        proc = a.flocker("discard-preserved", kept, "--yes", timeout=S(120))
+        assert proc.returncode == 0, proc.stderr
+        assert "by the running daemon" in proc.stdout
+        assert bedmod.sh(["zfs", "list", "-H", "-o", "name", kept],
+                         check=False).returncode != 0
+        assert d.status()["discard"] == {"dataset": kept, "state": "done", "error": None}
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
