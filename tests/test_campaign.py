@@ -124,4 +124,3 @@ def test_a_foreign_snapshot_on_the_slave_is_never_destroyed(lanbed):
     finally:
         da.stop()
         db.stop()
-
