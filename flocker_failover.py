@@ -4138,6 +4138,7 @@ class Facts:
     # not hear us: one direction of the link is lost); None otherwise.
     # Acted on only in the safe direction: never promote, step down.
     peer_claim_epoch: Optional[int] = None
+    has_peer_newest: bool = False    # the peer's newest snapshot is among ours
     witness: Optional[float] = None  # None: no witness configured; else seconds
     #                                  left of this node's lease (0: holds none)
     witness_other: bool = False      # the witness said the peer holds its lease
@@ -4189,8 +4190,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
         if f.released:
             return Decision(DECIDE_WAIT, "this node handed the master role over; waiting "
                                          "for the peer to take it")
-        return Decision(DECIDE_WAIT, "no master: both nodes are slaves; run 'promote' on "
-                                     "the node that holds the newest data")
+        return _decide_between_slaves(f)
     if not f.force:
         if f.peer_claim_epoch is not None:
             return Decision(DECIDE_WAIT, "the peer's heartbeats arrive (master, epoch %d, "
@@ -4221,6 +4221,31 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
     why = ("the operator forced a takeover" if f.force else
            "no valid heartbeat for %.1f s" % f.peer_silence)
     return Decision(DECIDE_PROMOTE, why, epoch)
+
+
+def _decide_between_slaves(f: Facts) -> Decision:
+    """Both nodes are slaves and hear each other, neither handed over (a
+    master stepped down while its slave could not take over: outdated, or
+    the fault healed before dead_time).  The node whose replica holds the
+    other's newest snapshot and more promotes; with the same newest
+    snapshot, the newer epoch (then the first node by name).  Both decide
+    from the same facts, so exactly one promotes; when neither holds the
+    other's newest (they diverged) an operator decides."""
+    epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    if f.has_peer_newest and not f.holds_peer_newest:
+        return Decision(DECIDE_PROMOTE, "both nodes are slaves, and this one holds the newer "
+                                        "data (the peer's newest snapshot and more)", epoch)
+    if f.holds_peer_newest:
+        if (f.epoch, -f.index) > (f.peer_epoch or 0, f.index - 1):
+            return Decision(DECIDE_PROMOTE, "both nodes are slaves with the same newest "
+                                            "snapshot; this one has the newer epoch (or "
+                                            "comes first by name)", epoch)
+        return Decision(DECIDE_WAIT, "both nodes are slaves with the same newest snapshot: "
+                                     "the peer takes over")
+    return Decision(DECIDE_WAIT, "no master: both nodes are slaves, and this replica lacks "
+                                 "the peer's newest snapshot: the peer takes over if it "
+                                 "holds this one's; if not, they diverged: run 'promote' on "
+                                 "the node that holds the newest data")
 
 
 def _decide_starting_master(f: Facts, t: Timing) -> Decision:
@@ -6518,6 +6543,7 @@ class Daemon:
         self.repl_failures = 0     # consecutive failed replication cycles
         self.released = False      # persisted: handed the master role over; the peer may promote
         self.recovering = False    # an interrupted role action waits to be finished
+        self.snapshot_guids = frozenset()  # GUIDs of all own snapshots (snapshot scan)
         self.discard = None        # type: Optional[dict]  # the operator's newest discard
         self.leaving = False       # a master's daemon is stopping
         self.force = False         # an operator forces a takeover
@@ -6797,20 +6823,23 @@ class Daemon:
             self._event("health", "service health %s -> %s" % (old, self.health))
 
     def _job_snapshots(self, stop: threading.Event):
-        """(name, guid) of the newest snapshot of our dataset, ("", 0) if none
-        (the same listing the replication cycle reads)."""
+        """((name, guid) of the newest snapshot of our dataset, ("", 0) if
+        none; the GUIDs of all of them), from the same listing the
+        replication cycle reads."""
         listing = Zfs().listing(self.cfg.local.dataset)
         if listing is None or not listing.snaps:
-            return ("", 0)
+            return ("", 0), frozenset()
+        guids = frozenset(int(x.guid) & _U64_MAX for x in listing.snaps if x.guid.isdigit())
         newest = listing.snaps[-1]
-        return (newest.name[:255], int(newest.guid) & _U64_MAX if newest.guid.isdigit() else 0)
+        return ((newest.name[:255], int(newest.guid) & _U64_MAX
+                 if newest.guid.isdigit() else 0), guids)
 
     def _snapshots_done(self, result, error) -> None:
         if error is not None:
             self._log_quietly("snapshots", logging.WARNING,
                               "cannot read the newest snapshot: %s" % error)
             return
-        self.snapshot = result
+        self.snapshot, self.snapshot_guids = result
 
     # -- running ------------------------------------------------------------
 
@@ -7289,6 +7318,8 @@ class Daemon:
             operator_handover=self.operator_handover,
             force_peer_alive=self.force_peer_alive,
             peer_claim_epoch=self._peer_claim_epoch(now),
+            has_peer_newest=bool(hb and hb.guid and (hb.guid == own_guid or
+                                                     hb.guid in self.snapshot_guids)),
             witness=witness, witness_other=witness_other)
 
     def _peer_claim_epoch(self, now: float) -> Optional[int]:

@@ -8,8 +8,6 @@ import io
 import os
 import time
 
-import pytest
-
 import bed as bedmod
 from conftest import need
 from test_daemon import DEAD, S, wait_for
@@ -30,10 +28,10 @@ def load_campaign():
 def test_a_short_campaign_holds_every_audit(zfs_ready):
     """About a minute of faults drawn from seed 22 against a running pair
     (two links, arbitrator, the fsyncing server and the LAN client): no
-    audit violated, no acknowledged write lost.  Left out until they are
-    fixed: the foreign snapshot (its finding is the xfail test below), and
-    seeds whose schedule isolates the master for 0.5-1.3 s (the two-slaves
-    finding below); seed 22 draws neither in its first 14 steps."""
+    audit violated, no acknowledged write lost.  Left out: the foreign
+    snapshot, which (fixed: test below) now stops replication until an
+    operator removes it, as its message says, so the pair cannot converge
+    by itself within a short run."""
     campaign = load_campaign()
     faults = [f for f in campaign.Campaign.FAULTS if f != "foreign_snapshot"]
     out = io.StringIO()
@@ -48,11 +46,6 @@ def test_a_short_campaign_holds_every_audit(zfs_ready):
     assert c.violations == [], c.report
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15, campaign seed 1 step 3: an isolated master "
-                   "steps down; when the slave did not take over (its replica outdated, or "
-                   "the isolation healed before dead_time), the pair ends with two slaves "
-                   "('no master: both nodes are slaves') and nobody serves until an operator "
-                   "runs promote")
 def test_an_isolated_master_whose_slave_did_not_take_over_serves_again(lanbed):
     """The slave's replica is outdated (its sshd gone: replication fails),
     so it must not take over; then the master is cut from everything
@@ -90,10 +83,6 @@ def test_an_isolated_master_whose_slave_did_not_take_over_serves_again(lanbed):
         db.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15, campaign seed 3 step 5: a snapshot taken by "
-                   "someone else on the slave after the newest common snapshot makes the "
-                   "master's replication fail and call it a divergence; the slave, '0 bytes "
-                   "changed', rejoins and loses that snapshot (not ours: never to be destroyed)")
 def test_a_foreign_snapshot_on_the_slave_is_never_destroyed(lanbed):
     """An operator (or a backup tool) snapshots the slave's replica; the
     master goes on writing and replicating.  The snapshot is not ours:

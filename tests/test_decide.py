@@ -77,9 +77,28 @@ def test_starting_slave_that_never_heard_its_peer():
     assert ff.decide(facts(uptime=1e6, peer_silence=1e6, force=True, **never), t).kind == "promote"
 
 
-def test_two_slaves_wait_for_the_operator():
+def test_two_slaves_wait_for_the_operator_only_when_they_diverged():
     d = ff.decide(facts(peer_role="slave"), T)
     assert d.kind == "wait" and d.reason.startswith("no master")
+
+
+def test_of_two_slaves_the_one_holding_the_newest_data_promotes():
+    """A master stepped down (isolated) while its slave could not take over
+    (outdated, or the fault healed too soon): both are slaves and hear each
+    other (found by the fault campaign, seed 1 step 3).  The one whose
+    replica holds the other's newest snapshot and more takes over; with the
+    same newest snapshot, the newer epoch; exactly one of the two."""
+    ahead = facts(peer_role="slave", index=0, epoch=2, peer_epoch=0, has_peer_newest=True)
+    behind = facts(peer_role="slave", index=1, epoch=0, peer_epoch=2, outdated=True)
+    d = ff.decide(ahead, T)
+    assert (d.kind, d.epoch) == ("promote", 4) and "holds the newer data" in d.reason
+    assert ff.decide(behind, T).kind == "wait"
+    # the same newest snapshot: the newer epoch; epochs alike: the first by name
+    for (ea, eb), winner in (((2, 3), 1), ((4, 1), 0), ((0, 0), 0)):
+        kinds = [ff.decide(facts(peer_role="slave", index=i, epoch=(ea, eb)[i],
+                                 peer_epoch=(ea, eb)[1 - i], has_peer_newest=True,
+                                 holds_peer_newest=True), T).kind for i in (0, 1)]
+        assert kinds[winner] == "promote" and kinds[1 - winner] == "wait", (ea, eb, kinds)
 
 
 def test_slave_takes_over_when_the_master_hands_over_with_its_newest_snapshot():
@@ -296,8 +315,13 @@ def simulate(seed, steps=3000):
             if me.serving and rnd.random() < 0.01:
                 me.failures += 1                          # the service check fails
             if d.kind == "promote" and ff.peer_alive(f, t):
-                # only a planned switchover: the peer is alive and gave the role up
-                assert me.role == "slave" and f.peer_released and me.peer[0] == "slave"
+                # only a planned switchover (the peer is alive and gave the role
+                # up), or of two slaves the one with the newest data (here they
+                # hold the same: the newer epoch, then the first by name)
+                assert me.role == "slave" and me.peer[0] == "slave"
+                assert f.peer_released or (
+                    "both nodes are slaves" in d.reason
+                    and (me.epoch, -me.index) > (me.peer[1], -other.index)), d.reason
                 assert d.epoch > me.highest and d.epoch % 2 == me.index
                 me.role, me.epoch, me.serving, me.failures = "master", d.epoch, True, 0
                 me.highest = d.epoch
