@@ -4190,7 +4190,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
         if f.released:
             return Decision(DECIDE_WAIT, "this node handed the master role over; waiting "
                                          "for the peer to take it")
-        return _decide_between_slaves(f)
+        return _decide_between_slaves(f, t)
     if not f.force:
         if f.peer_claim_epoch is not None:
             return Decision(DECIDE_WAIT, "the peer's heartbeats arrive (master, epoch %d, "
@@ -4223,15 +4223,23 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
     return Decision(DECIDE_PROMOTE, why, epoch)
 
 
-def _decide_between_slaves(f: Facts) -> Decision:
+def _decide_between_slaves(f: Facts, t: Timing) -> Decision:
     """Both nodes are slaves and hear each other, neither handed over (a
     master stepped down while its slave could not take over: outdated, or
     the fault healed before dead_time).  The node whose replica holds the
     other's newest snapshot and more promotes; with the same newest
     snapshot, the newer epoch (then the first node by name).  Both decide
     from the same facts, so exactly one promotes; when neither holds the
-    other's newest (they diverged) an operator decides."""
+    other's newest (they diverged) an operator decides.  Only while the
+    peer is heard right now (a node that stepped down as isolated still
+    counts its peer alive for a moment, on its last packets) and the
+    arbitrator, where there is one, answers."""
     epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    if f.peer_silence >= t.isolation_time or f.arbitrator is False:
+        return Decision(DECIDE_WAIT, "no master: both nodes are slaves, but the peer was "
+                                     "last heard %.1f s ago%s" % (
+                                         f.peer_silence, "" if f.arbitrator is not False else
+                                         " and the arbitrator does not answer"))
     if f.has_peer_newest and not f.holds_peer_newest:
         return Decision(DECIDE_PROMOTE, "both nodes are slaves, and this one holds the newer "
                                         "data (the peer's newest snapshot and more)", epoch)
