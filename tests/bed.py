@@ -215,6 +215,7 @@ def ensure_zfs():
     if shutil.which("zfs") is None or shutil.which("zpool") is None:
         raise BedUnavailable("no zfs/zpool command (apt-get install zfs-fuse)")
     _share_root_mounts()
+    _restart_worn_zfs_fuse()
     if not _zpool_works():
         if shutil.which("zfs-fuse") is None:
             raise BedUnavailable("ZFS does not answer and zfs-fuse is not installed")
@@ -231,6 +232,38 @@ def ensure_zfs():
             else:
                 time.sleep(0.5)
     _remove_stale_pools()
+
+
+ZFS_FUSE_WORN_THREADS = 600
+
+
+def _restart_worn_zfs_fuse():
+    """zfs-fuse keeps threads of pools long destroyed: after a few hundred
+    pools (two runs of the suite, or a fault campaign with 2 GB pools) it has
+    over a thousand and 'zfs create' takes half a minute, then hangs (seen
+    here at 1,298 and 3,279 threads).  At the start of a run, when no live
+    run has a pool in it (only pools of dead runs, or none), a worn daemon
+    is stopped and started afresh; one with live pools is left alone."""
+    proc = sh(["pgrep", "-x", "zfs-fuse"], check=False)
+    pids = [int(p) for p in proc.stdout.split()]
+    if len(pids) != 1:
+        return
+    try:
+        threads = len(os.listdir("/proc/%d/task" % pids[0]))
+    except OSError:
+        return
+    pools = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
+    if threads < ZFS_FUSE_WORN_THREADS or any(not _stale(p) for p in pools):
+        return
+    print("zfs-fuse has %d threads and no live pools: starting it afresh" % threads)
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _pid_alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("/var/lib/zfs/zpool.cache")   # the dead runs' pools are not wanted back
+    # (ensure_zfs starts the new one, trying again while the old one's
+    # socket is still being let go)
 
 
 def _share_root_mounts():
@@ -261,7 +294,9 @@ def _start_zfs_fuse():
             sh(["umount", "-l", mnt.replace("\\040", " ")], check=False)
     if os.path.exists(ZFS_FUSE_PIDFILE):
         os.unlink(ZFS_FUSE_PIDFILE)
-    sh(["zfs-fuse", "-p", ZFS_FUSE_PIDFILE])
+    if sh(["zfs-fuse", "-p", ZFS_FUSE_PIDFILE], check=False).returncode != 0:
+        time.sleep(0.5)          # e.g. the socket of one just killed: the caller tries again
+        return
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if _zpool_works():
