@@ -257,7 +257,7 @@ def _restart_worn_zfs_fuse():
         return
     print("zfs-fuse has %d threads and no live pools: starting it afresh" % threads)
     os.kill(pids[0], signal.SIGKILL)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90     # a wedged one takes a while to die
     while _pid_alive(pids[0]) and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(FileNotFoundError):
