@@ -2814,7 +2814,11 @@ class Gate:
             sys.stdout.buffer.write(gate_features_text())
             sys.stdout.flush()
             return EXIT_OK
-        argv = self.argv(req)
+        return self._become(self.argv(req))
+
+    def _become(self, argv: List[str]) -> int:
+        """Replace this process with argv (its stream, signals and exit
+        status are the request's own); 127 when it cannot run."""
         logging.shutdown()
         try:
             os.execvp(argv[0], argv)
@@ -2837,14 +2841,7 @@ class Gate:
         args, guarded = gate_recv_args(req.args, usage)
         if guarded and not parse_zfs_features(usage).recv_exclude:
             self._watch_receive(guarded)
-        argv = ["zfs"] + args
-        logging.shutdown()
-        try:
-            os.execvp(argv[0], argv)
-        except OSError as e:
-            sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
-                             % (PROG, self.cfg.local.name, argv[0], e.strerror))
-            return 127
+        return self._become(["zfs"] + args)
 
     def _watch_receive(self, guarded: List[str]) -> None:
         ds = self.cfg.local.dataset
