@@ -4228,15 +4228,14 @@ def _decide_between_slaves(f: Facts, t: Timing) -> Decision:
     snapshot, the newer epoch (then the first node by name).  Both decide
     from the same facts, so exactly one promotes; when neither holds the
     other's newest (they diverged) an operator decides.  Only while the
-    peer is heard right now (a node that stepped down as isolated still
-    counts its peer alive for a moment, on its last packets) and the
-    arbitrator, where there is one, answers."""
+    peer is heard right now: a node that stepped down as isolated still
+    counts its peer alive for a moment, on its last packets.  (Not the
+    arbitrator: a peer that is heard proves the path, and the arbitrator
+    fact only counts answers that came after the peer's last packet.)"""
     epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
-    if f.peer_silence >= t.isolation_time or f.arbitrator is False:
+    if f.peer_silence >= t.isolation_time:
         return Decision(DECIDE_WAIT, "no master: both nodes are slaves, but the peer was "
-                                     "last heard %.1f s ago%s" % (
-                                         f.peer_silence, "" if f.arbitrator is not False else
-                                         " and the arbitrator does not answer"))
+                                     "last heard %.1f s ago" % f.peer_silence)
     if f.has_peer_newest and not f.holds_peer_newest:
         return Decision(DECIDE_PROMOTE, "both nodes are slaves, and this one holds the newer "
                                         "data (the peer's newest snapshot and more)", epoch)
