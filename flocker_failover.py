@@ -5149,8 +5149,11 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
 # crash recover_intent() simply runs the unfinished action's steps again and
 # ends in a consistent role: the service runs exactly when the role is
 # master.  Start and stop commands must be idempotent (as systemctl is).
+# The service address comes up before start_command and goes after
+# stop_command, as keepalived and Pacemaker order them: a user system may
+# bind it (PostgreSQL's listen_addresses).
 
-PROMOTE_STEPS = ("role", "discard-partial", "writable", "mount", "start", "address", "notify")
+PROMOTE_STEPS = ("role", "discard-partial", "writable", "mount", "address", "start", "notify")
 DEMOTE_STEPS = ("stop", "address", "final-sync", "readonly", "unmount", "tidy", "role",
                 "notify")
 COMMAND_TRIES = 3
@@ -5322,13 +5325,20 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
                         % (ds, "; ".join(failed)))
                 log.warning("%s", text)
                 ctx.store.record_event("promote", text, "warning")
-        elif step == "start":
-            _run_service_command(ctx, "start_command", cfg.service.start_command, env)
         elif step == "address":
             sa = cfg.service.service_address
             if sa is not None:
                 add_service_address(sa)
                 gratuitous_arp(sa)
+        elif step == "start":
+            try:
+                _run_service_command(ctx, "start_command", cfg.service.start_command, env)
+            except ActionError:
+                # nothing answers on the address: give it back (the step
+                # runs again when the promotion is finished off)
+                if cfg.service.service_address is not None:
+                    remove_service_address(cfg.service.service_address)
+                raise
         elif step == "notify":
             if data["old_role"] != ROLE_MASTER:   # a resumption is no role change
                 _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"])

@@ -145,3 +145,43 @@ def test_failing_start_command_is_retried_and_reported(pair):
     assert "start_command failed 3 times, last: 'false' exited 1" in proc.stderr
     r, epoch, intent = role_of(b)
     assert (r, epoch, intent["step"]) == ("master", 3, "start")   # left open to be finished
+
+
+def test_the_service_address_is_up_before_the_start_and_down_after_the_stop(pair):
+    """A user system that binds the service address (PostgreSQL's usual HA
+    setting, listen_addresses = '<service address>') starts: the address
+    comes up before start_command and goes only after stop_command, as
+    keepalived and Pacemaker order them.  A failed start gives the address
+    back, so a node whose user system is not running never answers on it."""
+    p, b = pair, pair.b
+    script = os.path.join(p.marks, "svc.sh")
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\n"
+                "if [ \"$1\" = start ]; then\n"
+                "  python3 -c 'import socket; socket.socket().bind((\"%s\", 0))' || exit 1\n"
+                "fi\n"
+                "if ip -o addr show dev eth0 | grep -q ' %s/'; then\n"
+                "  echo \"$1 had the address\" >> %s/order\n"
+                "else\n"
+                "  echo \"$1 without the address\" >> %s/order\n"
+                "fi\n" % (SERVICE_ADDR, SERVICE_ADDR, p.marks, p.marks))
+    os.chmod(script, 0o755)
+    p.bed.write_config(service={"start_command": script + " start",
+                                "stop_command": script + " stop",
+                                "service_address": SERVICE_ADDR + "/28 dev eth0",
+                                "command_timeout": "5"})
+    proc = p.drive(b, "promote", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert has_address(b)
+    proc = p.drive(b, "demote", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert not has_address(b)
+    with open(os.path.join(p.marks, "order")) as f:
+        assert f.read().splitlines() == ["start had the address", "stop had the address"]
+
+    p.bed.write_config(service={"start_command": "false", "stop_command": "true",
+                                "service_address": SERVICE_ADDR + "/28 dev eth0",
+                                "command_timeout": "5"})
+    proc = p.drive(b, "promote", 5)
+    assert proc.returncode == 1 and "start_command failed" in proc.stderr
+    assert not has_address(b)
