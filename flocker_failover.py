@@ -443,22 +443,25 @@ CLUSTER_OPTIONS = (
     Option("arbitrator_command", _p_command, "", "command",
            "Instead of arbitrator: a command that exits 0 while the "
            "arbitrator is reachable (e.g. ping -c 1 -W 1 ADDRESS)."),
-    Option("arbitrator_timeout", _p_seconds, "1.0", "seconds",
+    Option("arbitrator_timeout", _p_seconds, "", "seconds",
            "Longest time one arbitrator check may take (at most twice "
-           "heartbeat_interval); it runs every heartbeat_interval."),
+           "heartbeat_interval); it runs every heartbeat_interval (empty: "
+           "1 s or twice heartbeat_interval, whichever is shorter)."),
     Option("witness", _p_witness, "", "HOST:PORT",
            "The UDP address of a witness ('flocker_failover.py witness' on a "
            "third machine): it lends its lease to one node at a time. A slave "
            "promotes only holding it; a master that cannot renew it while its "
            "peer is silent steps down before it runs out (empty: none)."),
-    Option("witness_lease", _p_seconds, "10.0", "seconds",
+    Option("witness_lease", _p_seconds, "", "seconds",
            "Length of the witness's lease, renewed every heartbeat_interval; "
            "at least 4 heartbeat_interval and at least dead_time. After the "
            "master dies the slave gets the lease after this plus the witness's "
-           "margin (max(1 s, a tenth of it))."),
-    Option("witness_timeout", _p_seconds, "0.5", "seconds",
+           "margin (max(1 s, a tenth of it)) (empty: 10 s, or 4 heartbeat_interval "
+           "or dead_time when one of those is longer)."),
+    Option("witness_timeout", _p_seconds, "", "seconds",
            "Longest wait for the witness's answer to one request (at most "
-           "heartbeat_interval)."),
+           "heartbeat_interval) (empty: 0.5 s or heartbeat_interval, whichever "
+           "is shorter)."),
 )
 
 SERVICE_OPTIONS = (
@@ -589,6 +592,19 @@ def key_id(secret: bytes) -> str:
     """A short public fingerprint of a secret: compare it across hosts
     without showing the secret."""
     return hashlib.sha256(b"flocker-failover key id\x00" + secret).hexdigest()[:8]
+
+
+def _derive_timeouts(c: Dict[str, object]) -> None:
+    """Timeouts left unset follow the heartbeat timings they are bound to,
+    so that a user who changes heartbeat_interval or dead_time need not
+    learn their rules (a value set by hand is checked against them)."""
+    interval, dead = c["heartbeat_interval"], c["dead_time"]
+    if c["arbitrator_timeout"] is None:
+        c["arbitrator_timeout"] = min(1.0, 2 * interval)
+    if c["witness_lease"] is None:
+        c["witness_lease"] = max(10.0, 4 * interval, dead)
+    if c["witness_timeout"] is None:
+        c["witness_timeout"] = min(0.5, interval)
 
 
 def _parse_section(path, section, options, raw) -> Dict[str, object]:
@@ -785,6 +801,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "%s: [service] %s: missing; expected a command because %s is set "
             "(a master must be able to stop what it started)" % (path, missing, have))
 
+    _derive_timeouts(c)
     if ((c["arbitrator"] is not None or c["arbitrator_command"] is not None)
             and c["arbitrator_timeout"] > 2 * c["heartbeat_interval"]):
         raise ConfigError(

@@ -447,3 +447,29 @@ def test_ssh_failures_are_explained_with_what_to_do(env):
         "the peer itself, may have stopped); it is tried again" % where)
     assert ssh.explain("kex_exchange_identification: odd") == (
         "ssh to %s failed (ssh: kex_exchange_identification: odd)" % where)
+
+
+@pytest.mark.parametrize("interval,dead,want", [
+    # heartbeat_interval, dead_time -> arbitrator_timeout, witness_lease, witness_timeout
+    ("1.0", "5.0", (1.0, 10.0, 0.5)),       # the defaults
+    ("0.2", "1.0", (0.4, 10.0, 0.2)),       # the demo's timings
+    ("0.01", "0.03", (0.02, 10.0, 0.01)),
+    ("3.0", "20.0", (1.0, 20.0, 0.5)),      # a slow link: the lease outlasts dead_time
+])
+def test_timeouts_left_unset_follow_the_heartbeat_timings(env, interval, dead, want):
+    """A user who changes heartbeat_interval (the demo's 0.2 s) or dead_time
+    need not learn the rules of the timeouts that depend on them: left
+    unset, arbitrator_timeout, witness_lease and witness_timeout are derived
+    from them, and the configuration is valid as it stands."""
+    cfg = env.parse(append="", replace={
+        "state_db = ": "heartbeat_interval = %s\ndead_time = %s\narbitrator = 192.0.2.254:22\n"
+                       "witness = 192.0.2.253:7789\nstate_db = " % (interval, dead)})
+    assert (cfg.arbitrator_timeout, cfg.witness_lease, cfg.witness_timeout) == want
+    described = ff.describe_config(cfg)
+    assert "arbitrator_timeout = %g" % want[0] in described
+    # a value set by hand is still held to the rule, with its reason
+    if float(interval) < 0.5:
+        msg = env.error(replace={"state_db = ": "heartbeat_interval = %s\ndead_time = %s\n"
+                                 "arbitrator = 192.0.2.254:22\narbitrator_timeout = 1.0\n"
+                                 "state_db = " % (interval, dead)})
+        assert "arbitrator_timeout: expected at most twice heartbeat_interval" in msg
