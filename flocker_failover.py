@@ -6065,14 +6065,23 @@ def format_status(r: dict) -> str:
             lines.append("jobs        %s" % ", ".join(
                 "%s (%.1f s)" % kv for kv in sorted(d["jobs"].items())))
     last = r["last_replication"]
-    if last is None:
+    rep = r.get("replication")
+    if r["role"] == ROLE_SLAVE:
+        # the master runs the cycles: what tells here is the replica held
+        newest = rep["slave_newest_snapshot"] if rep else None
+        made = snapshot_time(newest) if newest else None
+        lines.append("replica     %s" % (
+            "holds no replication snapshot yet" if newest is None else
+            "holds %s, made %s (%s)" % (newest, _fmt_time(made), _fmt_age(rep["lag_seconds"]))
+            if made is not None else "holds %s" % newest))
+        rep = None
+    elif last is None:
         lines.append("replicated  never")
     else:
         lines.append("replicated  %s %s at %s%s" % (
             last["snapshot"] or "(a cycle)", last["result"],
             _fmt_time(last["finished"] or last["started"]),
             (": " + last["error"]) if last["error"] else ""))
-    rep = r.get("replication")
     if rep and rep["slave_newest_snapshot"]:
         lines.append("lag         newest snapshot on the slave: %s%s%s" % (
             rep["slave_newest_snapshot"],

@@ -185,3 +185,16 @@ def test_the_service_address_is_up_before_the_start_and_down_after_the_stop(pair
     proc = p.drive(b, "promote", 5)
     assert proc.returncode == 1 and "start_command failed" in proc.stderr
     assert not has_address(b)
+
+
+def test_status_on_a_slave_shows_the_replica_it_holds(pair):
+    """A slave holding a current copy is not 'replicated never': status
+    names the newest snapshot its replica holds and its age."""
+    p, b = pair, pair.b
+    text = b.flocker("status", check=True).stdout
+    assert "replicated  never" not in text, text
+    line = [ln for ln in text.splitlines() if ln.startswith("replica ")]
+    assert line and "holds flocker-2-20260101T000000Z, made 2026-01-01 00:00:00 UTC" in line[0], text
+    # the master, which has not replicated yet, still says so
+    text = p.a.flocker("status", check=True).stdout
+    assert "replicated  never" in text and "\nreplica " not in text
