@@ -2481,6 +2481,18 @@ class Zfs(ZfsBase):
     def promote_clone(self, dataset: str) -> None:
         self.run(["promote", dataset])
 
+    def clones_of(self, dataset: str) -> List[str]:
+        """The datasets cloned from a snapshot of dataset (read from every
+        dataset's origin in the pool: zfs-fuse has no 'clones' property)."""
+        proc = self.run(["get", "-H", "-o", "name,value", "-r", "origin",
+                         dataset.split("/", 1)[0]])
+        out = []
+        for line in proc.stdout.splitlines():
+            name, _, origin = line.partition("\t")
+            if "@" not in name and origin.split("@", 1)[0] == dataset:
+                out.append(name)
+        return out
+
     def origin(self, dataset: str) -> str:
         """The snapshot a clone was made from, or '' for a plain dataset."""
         value = self.get(dataset, ["origin"]).get("origin", "-")
@@ -5607,9 +5619,44 @@ def discard_preserved(ctx: Context, name: str) -> None:
                 "user's child datasets there); refusing to destroy anything. Move them "
                 "out ('zfs rename %s NEWNAME') or destroy them yourself, then discard "
                 "again" % (name, len(below), ", ".join(below[:5]), below[0]))
+        copies = ctx.zfs.clones_of(name)
+        if copies:
+            raise FlockerError(
+                "%s has %d clone(s) that depend on it (%s; copy-preserved makes one "
+                "named %s-copy); refusing to destroy anything: destroy them first "
+                "('zfs destroy %s'), then discard again"
+                % (name, len(copies), ", ".join(copies), name, copies[0]))
         # -r: its own snapshots; never -R, which would reach other datasets' clones
         ctx.zfs.run(["destroy", "-r", name], retry_busy=True)
     ctx.store.remove_preserved(name)
+
+
+def copy_preserved(ctx: Context, name: str, mountpoint: str) -> Tuple[str, str]:
+    """A writable copy of a preserved dataset (a clone of its newest
+    snapshot, which holds every byte written after the split), mounted at
+    mountpoint, to run a second instance of a database on and look at what
+    the loser wrote.  The preserved dataset does not change, nor the state
+    file (this runs beside a running daemon).  Returns (the copy's name,
+    the snapshot it was made from)."""
+    recorded = {p["dataset"] for p in ctx.store.preserved()}
+    if name not in recorded or not ctx.zfs.exists(name):
+        raise FlockerError(
+            "%s is not a preserved dataset of this node (status lists them: %s)"
+            % (name, ", ".join(sorted(recorded)) or "there are none"))
+    if not mountpoint.startswith("/"):
+        raise FlockerError("--mountpoint: expected an absolute path, found %r" % mountpoint)
+    copy = name + "-copy"
+    if ctx.zfs.exists(copy):
+        raise FlockerError("%s already exists (an earlier copy); look there, or destroy it "
+                           "('zfs destroy %s') and copy again" % (copy, copy))
+    listing = ctx.zfs.listing(name)
+    if listing is None or not listing.snaps:
+        raise FlockerError("%s has no snapshot to copy from; nothing was changed" % name)
+    snap = listing.snaps[-1].name
+    ctx.zfs.clone("%s@%s" % (name, snap), copy,
+                  {"mountpoint": mountpoint, "readonly": "off", "canmount": "on"})
+    ctx.zfs.mount(copy)
+    return copy, snap
 
 
 # -- resolving a divergence ------------------------------------------------------
@@ -8620,6 +8667,24 @@ def cmd_discard_preserved(args, cfg_path: str) -> int:
                       "and its log" % args.name)
 
 
+def cmd_copy_preserved(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    with StateStore.open(cfg.local.state_db) as store:
+        copy, snap = copy_preserved(Context(cfg, store, Zfs()), args.name, args.mountpoint)
+    print("made %s, a writable copy of %s@%s, mounted at %s.\n"
+          "Look into it there (a database: start a second instance on it, on another port); "
+          "the preserved dataset does not change. When done: zfs destroy %s"
+          % (copy, args.name, snap, args.mountpoint, copy))
+    return EXIT_OK
+
+
+def _add_copy_preserved(p) -> None:
+    p.add_argument("name", metavar="DATASET",
+                   help="a preserved dataset, as 'status' lists it")
+    p.add_argument("--mountpoint", required=True, metavar="DIR",
+                   help="where the copy is mounted (an absolute path)")
+
+
 def _add_discard_preserved(p) -> None:
     p.add_argument("name", metavar="DATASET",
                    help="a preserved dataset, as 'status' lists it")
@@ -9028,6 +9093,9 @@ COMMANDS = (
      "a split brain: show the verdict (--dry-run) or choose the winner (--winner NODE)"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
      "destroy divergent data kept by an earlier split-brain resolution"),
+    ("copy-preserved", cmd_copy_preserved, _add_copy_preserved,
+     "a writable copy of divergent data kept by a split-brain resolution, to look into "
+     "(e.g. a second database instance); the kept data does not change"),
     ("daemon", cmd_daemon, _add_daemon,
      "run in the foreground: heartbeats, liveness, control socket (SIGTERM stops, "
      "SIGHUP reloads the configuration)"),

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Installs what the test suite and the demo need on a Debian machine, as root:
 # ZFS (zfs-fuse: real ZFS without a kernel module), ssh, iproute2, pytest
-# and pytest-xdist (the suite runs in parallel).
+# and pytest-xdist (the suite runs in parallel); extra packages as arguments
+# (contrib/test.sh adds postgresql, for contrib/examples/postgresql's test).
 # Sourced by contrib/test.sh and contrib/demo.sh; installs only what is missing.
 set -euo pipefail
 
@@ -14,7 +15,7 @@ flocker_setup_debian() {
     # zfs-fuse is only needed where no ZFS is installed (an OpenZFS host has zfs already)
     command -v zfs >/dev/null 2>&1 || missing+=(zfs-fuse)
     for pkg in openssh-server openssh-client iproute2 util-linux python3 python3-pytest \
-               python3-pytest-xdist; do
+               python3-pytest-xdist "$@"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then

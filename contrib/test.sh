@@ -14,7 +14,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/setup-debian.sh"
-flocker_setup_debian
+flocker_setup_debian postgresql    # the example user system's test runs it
 cd "$here/.."
 # Debian's interpreter and its python3-pytest, whatever else is on PATH
 exec /usr/bin/python3 -m pytest -p no:cacheprovider -q -rs \

@@ -248,3 +248,45 @@ def test_discard_preserved_goes_through_a_running_daemon(diverged):
         assert d.proc.poll() is None
     finally:
         d.stop()
+
+
+def test_copy_preserved_gives_a_writable_copy_and_changes_nothing_kept(diverged):
+    """The kept data of a database is a crash image on a read-only dataset:
+    to look into it the operator needs a writable copy to run a second
+    instance on.  copy-preserved clones the preserved dataset's newest
+    snapshot (every byte written after the split) at a path of their
+    choice; the preserved dataset stays as it was, and discard-preserved
+    refuses while the copy depends on it."""
+    bed, a, everything = diverged[0], diverged[1], diverged[5]
+    kept = bed.drive(a, "preserve", COMMON, 2).stdout.strip()
+    snaps_before = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,value", "guid", "-r",
+                              kept]).stdout
+    target = os.path.join(bed.workdir, "inspect")
+    for name in (a.dataset, kept + "x"):
+        proc = a.flocker("copy-preserved", name, "--mountpoint", target)
+        assert proc.returncode == 1 and "is not a preserved dataset of this node" in \
+            proc.stderr, proc.stderr
+    proc = a.flocker("copy-preserved", kept, "--mountpoint", "relative/path")
+    assert proc.returncode == 1 and "an absolute path" in proc.stderr, proc.stderr
+
+    proc = a.flocker("copy-preserved", kept, "--mountpoint", target)
+    assert proc.returncode == 0, proc.stderr
+    copy = kept + "-copy"
+    assert copy in proc.stdout and "zfs destroy %s" % copy in proc.stdout, proc.stdout
+    assert digest(target) == everything
+    write(os.path.join(target, "scratch"), b"a second instance writes here\n")
+    assert zget(copy, "readonly") == "off"
+    # the kept data did not change
+    assert bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,value", "guid", "-r",
+                      kept]).stdout == snaps_before
+    assert zget(kept, "readonly") == "on"
+    # a second copy of the same name is refused, nothing changed
+    proc = a.flocker("copy-preserved", kept, "--mountpoint", target + "2")
+    assert proc.returncode == 1 and "already exists" in proc.stderr, proc.stderr
+    # the copy keeps the kept data from being discarded, and says so
+    proc = a.flocker("discard-preserved", kept, "--yes")
+    assert proc.returncode == 1 and copy in proc.stderr, proc.stderr
+    assert zget(kept, "type") == "filesystem"
+    ff.Zfs().run(["destroy", copy], retry_busy=True)   # zfs-fuse: busy for a moment
+    proc = a.flocker("discard-preserved", kept, "--yes")
+    assert proc.returncode == 0, proc.stderr
