@@ -7341,11 +7341,18 @@ class Daemon:
             self.unresolved = None
             self._role_retry_at = 0.0
         self._released_until_taken(hb)
-        if self.role != ROLE_SLAVE or hb.role != ROLE_MASTER or t.state != "alive":
+        if self.role != ROLE_SLAVE or t.state != "alive":
             return
-        if hb.guid and hb.guid != self.snapshot[1] and now >= self._refresh_at:
-            self._refresh_at = now + 1.0   # our newest snapshot may have arrived
+        handed_over = hb.role != ROLE_MASTER and bool(hb.flags & FLAG_RELEASE)
+        if (hb.role == ROLE_MASTER or handed_over) and hb.guid and \
+                hb.guid != self.snapshot[1] and now >= self._refresh_at:
+            # our newest snapshot may have arrived: once a second while the
+            # master serves; every interval once it handed over, since the
+            # takeover waits for exactly that (the final snapshot)
+            self._refresh_at = now + (self.cfg.heartbeat_interval if handed_over else 1.0)
             self.jobs.start("snapshots", self._job_snapshots, self._snapshots_done)
+        if hb.role != ROLE_MASTER:
+            return
         behind = bool(hb.flags & FLAG_PEER_OUTDATED)
         if behind and not self.outdated:
             self._set_outdated(True, "master %s (epoch %d) says this node lacks data it "

@@ -649,3 +649,48 @@ def test_run_command_statuses_timeouts_and_stop(tmp_path):
     started = time.monotonic()
     assert ff.run_command(["sleep", "600"], 60, stop=stop).returncode is None
     assert time.monotonic() - started < 3
+
+
+def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_path):
+    """A slave learns that it holds its master's newest snapshot from a scan
+    of its own snapshots.  While the master serves, it looks again once a
+    second when the master names a snapshot it lacks.  A master that handed
+    over (slave, release flag) waits for exactly that, so the slave looks
+    every heartbeat interval then; it did not look at all, and waited for
+    the periodic scan (every max(5 s, replication_interval)): the
+    switchover of issue 16 took 6.5 s under load.  Pure: the daemon
+    object is not run."""
+    secret = tmp_path / "secret"
+    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
+    secret.chmod(0o600)
+    cfg = ff.parse_config(
+        "[cluster]\nname = shop\nsecret_file = %s\nheartbeat_interval = 0.2\n"
+        "dead_time = 1.0\n[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
+        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, local_name="beta")
+    d = ff.Daemon(cfg)
+    d.role, d.epoch, d.snapshot = ff.ROLE_SLAVE, 2, ("flocker-2-old", 11)
+    d.tracker = ff.PeerTracker("shop", "beta", "alpha", ff.wire_keys(cfg.secret),
+                               [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
+                               generation=1)
+    scans = []
+    d.jobs.start = lambda name, *a, **kw: scans.append((name, now))
+    seq = 0
+    for tick in range(1, 31):             # 3 s of heartbeats every 0.1 s
+        now = tick / 10.0
+        seq += 1
+        d.tracker.sent(seq, now - 0.05)
+        released = now > 1.0                # the master hands over at 1.0 s
+        h = ff.Heartbeat("shop", "alpha", 1, seq, ff.ROLE_SLAVE if released else ff.ROLE_MASTER,
+                         2, snapshot="flocker-2-final", guid=22,
+                         flags=ff.FLAG_RELEASE if released else ff.FLAG_SERVING,
+                         echo_generation=1, echo_sequence=seq)
+        assert d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
+        d.tracker.evaluate(now)
+        d._observe_peer(now)
+    times = [t for name, t in scans if name == "snapshots"]
+    before, after = [t for t in times if t <= 1.0], [t for t in times if t > 1.0]
+    assert before == [0.1], times                   # once a second while it serves
+    assert len(after) >= 8, times                   # every interval (0.2 s) once released
+    assert all(b - a >= 0.2 - 1e-9 for a, b in zip(after, after[1:])), times

@@ -99,7 +99,9 @@ def inspect(bed, host, kept):
                         "-XAtq", "-c", "SELECT id FROM acks"]).stdout
     finally:
         host.run(ctl + ["-m", "fast", "stop"], timeout=120)
-        ff.Zfs().run(["destroy", kept + "-copy"], retry_busy=True)
+        zfs = ff.Zfs()     # zfs-fuse calls a just-stopped server's file system busy a while
+        zfs.run(["unmount", kept + "-copy"], retry_busy=True)
+        zfs.run(["destroy", kept + "-copy"], retry_busy=True)
     return [int(x) for x in out.split()]
 
 
