@@ -227,6 +227,22 @@ def _p_days(value: str) -> float:
     return days
 
 
+_RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _p_rate(value: str) -> int:
+    """Bytes per second: 0 (no limit), or a whole number with K, M or G
+    (powers of 1024), e.g. 20M."""
+    expected = "bytes per second: 0 (no limit) or a whole number with K, M or G, e.g. 20M"
+    m = re.match(r"^(\d+)([KMG]?)(?:i?B)?(?:/s)?$", value.strip(), re.I)
+    if not m:
+        raise _Invalid(expected)
+    rate = int(m.group(1)) * _RATE_UNITS[m.group(2).upper()]
+    if 0 < rate < 4096 or rate > 1 << 40:
+        raise _Invalid(expected + " (at least 4K, at most 1024G)")
+    return rate
+
+
 _BOOLS = {"yes": True, "true": True, "on": True, "1": True,
           "no": False, "false": False, "off": False, "0": False}
 
@@ -407,6 +423,11 @@ CLUSTER_OPTIONS = (
            "catch-up carries at most this many."),
     Option("recursive", _p_bool, "no", "yes/no",
            "Replicate child datasets too."),
+    Option("replication_bandwidth", _p_rate, "0", "bytes per second",
+           "Upper limit of the replication stream, so that replication over a "
+           "shared link does not starve the user system: a number with K, M or "
+           "G (powers of 1024), e.g. 20M; smooth, never more than one second's "
+           "worth at once (0: no limit)."),
     Option("transfer_stall_timeout", _p_seconds, "60.0", "seconds",
            "Kill a transfer that moved no data for this long (after the last "
            "byte left, the peer gets this plus ssh timeouts plus 60 s to finish)."),
@@ -548,6 +569,7 @@ class Config:
     snapshot_keep: int = 10
     recursive: bool = False
     transfer_stall_timeout: float = 60.0
+    replication_bandwidth: int = 0
     ssh_identity: str = ""
     ssh_known_hosts: str = ""
     ssh_connect_timeout: float = 10.0
@@ -890,6 +912,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         event_log_keep_days=c["event_log_keep_days"],
         snapshot_keep=c["snapshot_keep"], recursive=c["recursive"],
         transfer_stall_timeout=c["transfer_stall_timeout"],
+        replication_bandwidth=c["replication_bandwidth"],
         ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
         ssh_connect_timeout=c["ssh_connect_timeout"],
         ssh_alive_interval=c["ssh_alive_interval"],
@@ -3490,9 +3513,43 @@ def _read_all(f) -> str:
     return f.read().decode("utf-8", "replace")
 
 
+class TokenBucket:
+    """replication_bandwidth: at most `rate` bytes a second on average, and
+    never more than one second's worth at once (the bucket holds that
+    much; it starts empty).  No clock of its own: callers pass monotonic
+    `now`, so tests drive it with invented times."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = float(rate)
+        self.tokens = 0.0
+        self.at = now
+        # the least worth a write: no trickle of tiny writes (a twentieth
+        # of a second's worth, at least a page)
+        self.quantum = max(4096.0, self.rate / 20)
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def allowed(self, want: int, now: float) -> int:
+        """How many of `want` bytes may go now (0: wait until ready_at)."""
+        self._refill(now)
+        if self.tokens + 1.0 < min(want, self.quantum):    # (a byte: float rounding)
+            return 0
+        return max(1, min(want, int(self.tokens + 1.0)))
+
+    def spend(self, n: int) -> None:
+        self.tokens -= n
+
+    def ready_at(self, want: int, now: float) -> float:
+        self._refill(now)
+        return now + max(0.001, (min(want, self.quantum) - self.tokens) / self.rate)
+
+
 def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                   stall_timeout: float, finish_timeout: float = 120.0,
-                  abort=None, stop: Optional[threading.Event] = None) -> TransferOutcome:
+                  abort=None, stop: Optional[threading.Event] = None,
+                  rate: int = 0) -> TransferOutcome:
     """Run send_argv | recv_argv, relaying the stream through this process
     in chunks, so the bytes moved are counted and a stall is seen: when no
     byte moved for stall_timeout, both are killed.
@@ -3503,8 +3560,12 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
     even finishes writing the stream after its zfs client was killed).  On
     failure abort() is called (closing the ssh connection, so the peer ends
     its zfs recv at once) before the receiver is killed.  Setting stop
-    aborts the transfer the same way (the daemon is shutting down)."""
+    aborts the transfer the same way (the daemon is shutting down).  rate:
+    at most that many bytes a second (TokenBucket; 0: no limit); a stream
+    held back by it is not stalled."""
     started = time.monotonic()
+    bucket = TokenBucket(rate, started) if rate else None
+    held_until = 0.0      # the bucket is empty: writing resumes then
     send_err, recv_err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     send = recv = None
     moved, stalled, failed, stopped = 0, False, False, False
@@ -3541,7 +3602,16 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                 if not pending:
                     break
                 sel.register(dst, selectors.EVENT_WRITE)
-            for key, _ in sel.select(timeout=min(1.0, stall_timeout)):
+            wait = min(1.0, stall_timeout)
+            if held_until:
+                now = time.monotonic()
+                if now >= held_until:
+                    held_until = 0.0
+                    sel.register(dst, selectors.EVENT_WRITE)
+                else:
+                    wait = min(wait, held_until - now)
+                    last = now          # held back by the limit, not stalled
+            for key, _ in sel.select(timeout=wait):
                 if key.fd == src:
                     try:
                         chunk = os.read(src, TRANSFER_CHUNK)
@@ -3561,13 +3631,22 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                     sel.unregister(src)
                     sel.register(dst, selectors.EVENT_WRITE)
                 else:
+                    size = len(pending)
+                    if bucket is not None:
+                        size = bucket.allowed(size, time.monotonic())
+                        if not size:
+                            sel.unregister(dst)
+                            held_until = bucket.ready_at(len(pending), time.monotonic())
+                            continue
                     try:
-                        n = os.write(dst, pending)
+                        n = os.write(dst, pending[:size])
                     except BlockingIOError:
                         continue
                     except (BrokenPipeError, ConnectionResetError):
                         failed = True    # the receiving side ended early
                         break
+                    if bucket is not None:
+                        bucket.spend(n)
                     moved += n
                     last = time.monotonic()
                     pending = pending[n:]
@@ -4983,7 +5062,7 @@ def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
                             ssh.argv(build_recv_argv(cfg.peer.dataset, True)),
                             cfg.transfer_stall_timeout,
                             finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                            abort=ssh.reset, stop=stop)
+                            abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth)
     if not outcome.ok:
         ssh.reset()
         note = _discard_unresumable(cfg, peer, outcome)
@@ -5038,7 +5117,7 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
     # remote zfs recv now, instead of after it drained what is in flight
     outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
                             finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                            abort=ssh.reset, stop=stop)
+                            abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth)
     if not outcome.ok:
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
