@@ -180,7 +180,7 @@ BROKEN = [
      "arbitrator, arbitrator_command, arbitrator_timeout, dead_time, divergence_policy, "
      "event_log_keep_days, event_log_keep_rows, heartbeat_interval, heartbeat_port, "
      "metrics_file, name, realtime_priority, recursive, "
-     "replication_interval, "
+     "replication_bandwidth, replication_interval, "
      "secret_file, secret_file_previous, send_flags, snapshot_keep, ssh_alive_interval, "
      "ssh_connect_timeout, ssh_control_persist, ssh_identity, ssh_known_hosts, "
      "startup_wait, state_db, transfer_stall_timeout, wait_for_peer, witness, witness_lease, "
