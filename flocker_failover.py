@@ -199,6 +199,16 @@ def _p_seconds(value: str) -> float:
     return seconds
 
 
+def _p_seconds_or_0(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise _Invalid("a number of seconds, 0 or more (e.g. 5)") from None
+    if not (seconds >= 0 and seconds < 10 ** 7):  # also rejects nan and inf
+        raise _Invalid("a number of seconds, 0 or more (e.g. 5)")
+    return seconds
+
+
 def _whole_number(value: str, least: int) -> int:
     try:
         count = int(value, 10)
@@ -511,6 +521,14 @@ SERVICE_OPTIONS = (
            "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
            "Address the master owns: ADDRESS/PREFIX dev INTERFACE."),
+    Option("announce_count", _p_count, "5", "packets",
+           "Gratuitous ARP packets (IPv6: unsolicited neighbour advertisements) "
+           "in each announcement of the service address."),
+    Option("announce_interval", _p_seconds, "0.05", "seconds",
+           "Time between two packets of an announcement."),
+    Option("announce_again", _p_seconds_or_0, "5", "seconds",
+           "A second announcement this long after the first, for neighbours "
+           "that missed it (a switch port still coming up); 0: none."),
 )
 
 NODE_OPTIONS = (
@@ -549,6 +567,9 @@ class ServiceConfig:
     check_failures: int = 3
     hold_down: float = 300.0
     fence_command: Optional[Tuple[str, ...]] = None
+    announce_count: int = 5
+    announce_interval: float = 0.05
+    announce_again: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -890,7 +911,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         command_timeout=s["command_timeout"],
         service_address=s["service_address"],
         check_failures=s["check_failures"], hold_down=s["hold_down"],
-        fence_command=s["fence_command"])
+        fence_command=s["fence_command"], announce_count=s["announce_count"],
+        announce_interval=s["announce_interval"], announce_again=s["announce_again"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
@@ -4098,7 +4120,10 @@ def add_service_address(sa: ServiceAddress) -> bool:
     """Add the address (idempotent).  Returns True when it was added."""
     if address_present(sa):
         return False
-    proc = _ip(["addr", "add", "%s/%d" % (sa.address, sa.prefix), "dev", sa.device])
+    # IPv6: no duplicate address detection, which would keep the address
+    # unusable (tentative) for a second; the old master has given it up
+    proc = _ip(["addr", "add", "%s/%d" % (sa.address, sa.prefix), "dev", sa.device]
+               + (["nodad"] if ":" in sa.address else []))
     if proc.returncode != 0:
         raise FlockerError("cannot add %s: %s" % (sa, _stderr_text(proc.stderr)))
     return True
@@ -4113,14 +4138,15 @@ def remove_service_address(sa: ServiceAddress) -> bool:
     return True
 
 
-def gratuitous_arp(sa: ServiceAddress, count: int = 3) -> int:
-    """Announce that this host now owns the IPv4 service address: broadcast
-    ARP requests whose sender and target are the address itself (what
-    arping -U does), so neighbours update their ARP caches at once.  Returns
-    the number of packets sent.  IPv6 addresses are announced by the kernel
-    (unsolicited neighbour advertisement), so nothing is sent for them."""
+def announce_address(sa: ServiceAddress, count: int = 5, interval: float = 0.05) -> int:
+    """Announce that this host now owns the service address, so neighbours
+    update their caches at once: for IPv4, gratuitous ARP (broadcast ARP
+    requests whose sender and target are the address itself, what arping
+    -U does); for IPv6, unsolicited neighbour advertisements with the
+    override flag to all nodes (ff02::1), as keepalived sends them.
+    Returns the number of packets sent."""
     if ":" in sa.address:
-        return 0
+        return _unsolicited_na(sa, count, interval)
     ip4 = socket.inet_aton(sa.address)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((sa.device, 0x0806))
@@ -4131,7 +4157,29 @@ def gratuitous_arp(sa: ServiceAddress, count: int = 3) -> int:
         for i in range(count):
             s.send(frame)
             if i + 1 < count:
-                time.sleep(0.05)
+                time.sleep(interval)
+    return count
+
+
+def _unsolicited_na(sa: ServiceAddress, count: int, interval: float) -> int:
+    """ICMPv6 neighbour advertisements for sa (RFC 4861 7.2.6): from the
+    address itself, hop limit 255, flags override, with the target's
+    link-layer address; the kernel fills in the checksum."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as p:
+        p.bind((sa.device, 0x86DD))
+        mac = p.getsockname()[4]       # this interface's hardware address
+    target = socket.inet_pton(socket.AF_INET6, sa.address)
+    message = (struct.pack("!BBHI", 136, 0, 0, 0x20000000) + target
+               + struct.pack("!BB", 2, 1) + mac)
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF,
+                     socket.if_nametoindex(sa.device))
+        s.bind((sa.address, 0))
+        for i in range(count):
+            s.sendto(message, ("ff02::1", 0, 0, socket.if_nametoindex(sa.device)))
+            if i + 1 < count:
+                time.sleep(interval)
     return count
 
 
@@ -5437,7 +5485,7 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
             sa = cfg.service.service_address
             if sa is not None:
                 add_service_address(sa)
-                gratuitous_arp(sa)
+                announce_address(sa, cfg.service.announce_count, cfg.service.announce_interval)
         elif step == "start":
             try:
                 _run_service_command(ctx, "start_command", cfg.service.start_command, env)
@@ -6019,8 +6067,8 @@ def _win(ctx: Context, top: int, v: Verdict, peer_stopped) -> None:
     if sa is not None:
         if peer_stopped is not None:
             peer_stopped(cfg.service.command_timeout + 10)
-        add_service_address(sa)
-        gratuitous_arp(sa)    # the loser may have held the address too
+        add_service_address(sa)     # the loser may have held the address too
+        announce_address(sa, cfg.service.announce_count, cfg.service.announce_interval)
 
 
 def _move_aside(path: str) -> str:
@@ -6739,6 +6787,7 @@ class Daemon:
         self.started_wall = 0.0
         self._stop_signal = 0
         self._reload_pending = False
+        self._announce_at = 0.0     # announce the service address again then (monotonic)
         self._peer_saved = None    # what was last persisted
         self._peer_saved_at = -1e9
         self._reject_window = {}   # type: Dict[str, int]
@@ -7185,9 +7234,13 @@ class Daemon:
 
         def on_hup(signum, frame):
             self._reload_pending = True
+
+        def on_usr2(signum, frame):
+            self._announce_at = 0.001       # announce the service address now
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGUSR2, on_usr2)
         # SIGUSR1: the stack of every thread to stderr, for a daemon that
         # seems stuck (see README)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -7236,6 +7289,7 @@ class Daemon:
             _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self._summarise_rejections,
                    now + REJECT_SUMMARY_EVERY),
             _Timer("control", lambda: 1.0, self._reap_clients, now + 1.0),
+            _Timer("announce", lambda: 0.1, self._announce_due, now + 0.1),
         ]
         self.timers.append(_Timer("systemd", lambda: self.systemd.watchdog or 5.0,
                                   self._notify_systemd, now))
@@ -7662,6 +7716,8 @@ class Daemon:
                 # a promotion, a resumption, a won resolution, a recovered
                 # promotion: only these leave the user system running
                 self.serving = True
+                if self.cfg.service.announce_again:   # for neighbours that missed it
+                    self._announce_at = time.monotonic() + self.cfg.service.announce_again
             if st.role != was:
                 self.operator_handover = False
                 self.switchover_until = 0.0
@@ -7911,14 +7967,43 @@ class Daemon:
             return {"ok": True}
         if cmd == "discard-preserved":
             return self._discard_request(req.get("dataset"))
+        if cmd == "announce":
+            if not self.serving or self.cfg.service.service_address is None:
+                return {"ok": False, "error": "this node does not serve the service address "
+                        "(%s); only the serving master announces it"
+                        % (self.cfg.service.service_address or "none is configured")}
+            self._announce_at = time.monotonic()
+            return {"ok": True}
         if cmd == "reset-stats":
             self.tracker.reset_stats()
             self.worst_lag = 0.0
             self.stats_since = time.monotonic()
             return {"ok": True}
         return {"ok": False, "error": "unknown command %r; known: ping, status, promote, "
-                                      "demote, resolve, discard-preserved, reset-stats"
+                                      "demote, resolve, discard-preserved, announce, "
+                                      "reset-stats"
                 % (cmd,)}
+
+    def _announce_due(self, now: float) -> None:
+        """The service address announced again: announce_again after the
+        user system started here, and on request (SIGUSR2, 'announce')."""
+        if not self._announce_at or now < self._announce_at:
+            return
+        self._announce_at = 0.0
+        sa = self.cfg.service.service_address
+        if sa is None or not self.serving or self.jobs.busy("announce"):
+            return
+        svc = self.cfg.service
+        self.jobs.start("announce", lambda stop: announce_address(
+            sa, svc.announce_count, svc.announce_interval), self._announced)
+
+    def _announced(self, result, error) -> None:
+        if error is not None:
+            self._log_quietly("announce", logging.WARNING, "cannot announce %s: %s" % (
+                self.cfg.service.service_address, error))
+        else:
+            log.info("announced %s again (%d packets)", self.cfg.service.service_address,
+                     result)
 
     def _discard_request(self, name) -> dict:
         """'discard-preserved' while the daemon holds the state lock: the
@@ -8771,6 +8856,18 @@ def _add_copy_preserved(p) -> None:
                    help="where the copy is mounted (an absolute path)")
 
 
+def cmd_announce(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    answer = query_daemon(cfg.local.state_db, {"cmd": "announce"})
+    if answer is None:
+        raise FlockerError("no daemon runs on this node; the serving master's daemon "
+                           "announces the service address")
+    if not answer["ok"]:
+        raise FlockerError(answer["error"])
+    print("the daemon announces %s again" % cfg.service.service_address)
+    return EXIT_OK
+
+
 def _add_discard_preserved(p) -> None:
     p.add_argument("name", metavar="DATASET",
                    help="a preserved dataset, as 'status' lists it")
@@ -9179,6 +9276,9 @@ COMMANDS = (
      "a split brain: show the verdict (--dry-run) or choose the winner (--winner NODE)"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,
      "destroy divergent data kept by an earlier split-brain resolution"),
+    ("announce", cmd_announce, lambda p: None,
+     "on the serving master: announce the service address again (gratuitous ARP, "
+     "IPv6 neighbour advertisements), e.g. after a switch was replaced"),
     ("copy-preserved", cmd_copy_preserved, _add_copy_preserved,
      "a writable copy of divergent data kept by a split-brain resolution, to look into "
      "(e.g. a second database instance); the kept data does not change"),
