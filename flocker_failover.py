@@ -517,6 +517,17 @@ SERVICE_OPTIONS = (
            "Run by a slave before it takes over from a silent peer (e.g. power "
            "the peer off through its BMC); the takeover waits until it exits 0. "
            "FLOCKER_PEER names the peer."),
+    Option("snapshot_command", _p_command, "", "command",
+           "Run on the master right before each replication snapshot, to make "
+           "the user system's data consistent (a database CHECKPOINT or lock, "
+           "fsfreeze -f). When it fails, no snapshot is taken that cycle."),
+    Option("snapshot_done_command", _p_command, "", "command",
+           "Run right after the snapshot (also when it or snapshot_command "
+           "failed: FLOCKER_SNAPSHOT_RESULT says which), to let go of what "
+           "snapshot_command held (fsfreeze -u, an unlock)."),
+    Option("snapshot_timeout", _p_seconds, "30.0", "seconds",
+           "Longest snapshot_command or snapshot_done_command may run; then "
+           "it is killed (and for the first, no snapshot is taken)."),
     Option("command_timeout", _p_seconds, "60.0", "seconds",
            "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
@@ -570,6 +581,9 @@ class ServiceConfig:
     announce_count: int = 5
     announce_interval: float = 0.05
     announce_again: float = 5.0
+    snapshot_command: Optional[Tuple[str, ...]] = None
+    snapshot_done_command: Optional[Tuple[str, ...]] = None
+    snapshot_timeout: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -912,7 +926,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         service_address=s["service_address"],
         check_failures=s["check_failures"], hold_down=s["hold_down"],
         fence_command=s["fence_command"], announce_count=s["announce_count"],
-        announce_interval=s["announce_interval"], announce_again=s["announce_again"])
+        announce_interval=s["announce_interval"], announce_again=s["announce_again"],
+        snapshot_command=s["snapshot_command"],
+        snapshot_done_command=s["snapshot_done_command"],
+        snapshot_timeout=s["snapshot_timeout"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
@@ -4850,7 +4867,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
         # every one a transfer since then may have delivered unconfirmed (the
         # peer may hold it: pruned here, it would look like history this
         # master lacks, a divergence)
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
         last_ok = store.replication_summary()["last_ok"]
         protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
                    + store.unconfirmed_targets())
@@ -4919,7 +4936,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                                     remote.snaps[-1].name))
 
     # 3. snapshot (when something changed) and send the increment
-    local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
+    local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
     target = local.snaps[-1]
     sent, nbytes, seconds = [], 0, 0.0
     if common is None or common.guid != target.guid:
@@ -5062,12 +5079,15 @@ def _check_peer_parent(peer: ZfsBase, pds: str, name: str) -> None:
             "with 'zfs create -p %s'; nothing was sent" % (parent, pds, name, parent))
 
 
-def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing:
+def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock,
+                         hooks: bool = False) -> Listing:
     """Take a cycle snapshot unless the dataset is unchanged since its newest
     one.  With the 'written' property that is a property read; without it
     (zfs-fuse) the snapshot is taken and, when its incremental stream from
     the previous one is empty (the two are identical, so it holds nothing
-    the previous one does not), destroyed again."""
+    the previous one does not), destroyed again.  hooks: a replication
+    cycle's snapshot, bracketed by snapshot_command and
+    snapshot_done_command (_hooked_snapshot)."""
     ds = local.dataset
     newest = local.snaps[-1] if local.snaps else None
     # (written and the stream check see the top dataset only: with child
@@ -5077,12 +5097,19 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
     if newest is not None and zfs.features().written and not cfg.recursive:
         if zfs.settle(ds.split("/")[0]) and zfs.written(ds) == "0":
             return local
-    name = snapshot_name(epoch, clock())
-    n = 1
-    while local.snap(name) is not None:
-        n += 1
-        name = "%s-%d" % (snapshot_name(epoch, clock()), n)
-    zfs.snapshot(ds, name, cfg.recursive)
+    def make_name() -> str:
+        """flocker-<epoch>-<now>: the snapshot's name is its time"""
+        name = snapshot_name(epoch, clock())
+        n = 1
+        while local.snap(name) is not None:
+            n += 1
+            name = "%s-%d" % (snapshot_name(epoch, clock()), n)
+        return name
+    if hooks:
+        name = _hooked_snapshot(cfg, zfs, ds, make_name, epoch)
+    else:
+        name = make_name()
+        zfs.snapshot(ds, name, cfg.recursive)
     if (newest is not None and not cfg.recursive and not zfs.features().written
             and zfs.send_stream_is_empty(ds, newest.name, name)):
         zfs.run(["destroy", "%s@%s" % (ds, name)])
@@ -5092,6 +5119,52 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing
         raise ReplicationError("the snapshot %s@%s just taken is not listed; is the "
                                "pool healthy?" % (ds, name))
     return fresh
+
+
+def _hooked_snapshot(cfg, zfs, ds: str, make_name, epoch: int) -> str:
+    """snapshot_command, the snapshot (named by make_name() once the first
+    hook is done: the name is the snapshot's time), snapshot_done_command
+    (always, even when one of the others failed).  A failing or hanging
+    snapshot_command means no snapshot this cycle (ReplicationError: the
+    cycle is recorded as failed, with the reason).  Returns the name."""
+    svc = cfg.service
+    if svc.snapshot_command is None and svc.snapshot_done_command is None:
+        name = make_name()
+        zfs.snapshot(ds, name, cfg.recursive)
+        return name
+    env = {"FLOCKER_CLUSTER": cfg.name, "FLOCKER_NODE": cfg.local_name,
+           "FLOCKER_DATASET": ds, "FLOCKER_EPOCH": str(epoch), "FLOCKER_ROLE": ROLE_MASTER,
+           "FLOCKER_MOUNTPOINT": zfs.get(ds, ["mountpoint"]).get("mountpoint", "")}
+    name = ""
+
+    def done(result: str) -> None:
+        if svc.snapshot_done_command is None:
+            return
+        extra = {"FLOCKER_SNAPSHOT_RESULT": result}
+        if name:
+            extra["FLOCKER_SNAPSHOT"] = name
+        r = run_command(svc.snapshot_done_command, svc.snapshot_timeout, dict(env, **extra))
+        if not r.ok:
+            log.warning("snapshot_done_command %s", r.describe() if r.returncode is not None
+                        else "did not finish within %g s (snapshot_timeout) and was killed"
+                        % svc.snapshot_timeout)
+    if svc.snapshot_command is not None:
+        r = run_command(svc.snapshot_command, svc.snapshot_timeout, env)
+        if not r.ok:
+            done("failed")
+            why = (r.describe() if r.returncode is not None else
+                   "'%s' did not finish within %g s (snapshot_timeout) and was killed"
+                   % (" ".join(svc.snapshot_command), svc.snapshot_timeout))
+            raise ReplicationError("snapshot_command %s; no snapshot was taken this cycle "
+                                   "(what is pending is sent by the next one)" % why)
+    try:
+        name = make_name()
+        zfs.snapshot(ds, name, cfg.recursive)
+    except BaseException:
+        done("failed")
+        raise
+    done("ok")
+    return name
 
 
 def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
