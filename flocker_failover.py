@@ -2126,6 +2126,7 @@ class ZfsFeatures:
     clones: bool = False           # the snapshots' 'clones' property (not zfs-fuse)
     recv_exclude: bool = False     # zfs recv -x PROPERTY (not zfs-fuse)
     send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
+    send_estimate: bool = False    # zfs send -n -P: the stream's size, beforehand (not zfs-fuse)
 
 
 def zfs_properties(usage: str) -> Set[str]:
@@ -2155,7 +2156,8 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
         clones="clones" in props,
         recv_exclude=bool(re.search(r"^\s*rec(?:ei)?v(?:e)? \[[^\n]*\[-x <?property>?\]",
                                     usage, re.M)),
-        send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send))
+        send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send),
+        send_estimate="n" in send and "P" in send)
 
 
 # -- listings ---------------------------------------------------------------
@@ -2542,6 +2544,16 @@ class Zfs(ZfsBase):
 
     def promote_clone(self, dataset: str) -> None:
         self.run(["promote", dataset])
+
+    def send_estimate(self, send_argv: Sequence[str]) -> Optional[int]:
+        """The size of the stream send_argv ('zfs send ...') would make, by
+        'zfs send -n -P' (a dry run); None when zfs cannot tell."""
+        proc = self.run(["send", "-n", "-P"] + list(send_argv[2:]), check=False)
+        for line in reversed(proc.stdout.splitlines() if proc.returncode == 0 else []):
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "size" and parts[1].isdigit():
+                return int(parts[1])
+        return None
 
     def clones_of(self, dataset: str) -> List[str]:
         """The datasets cloned from a snapshot of dataset (read from every
@@ -3552,6 +3564,63 @@ def _read_all(f) -> str:
     return f.read().decode("utf-8", "replace")
 
 
+class TransferProgress:
+    """The transfer in flight, for status, the metrics and sync's progress
+    line.  The transfer's thread writes it (plain attribute stores), anyone
+    reads it; draw, when set, is called at most twice a second from the
+    transfer's thread (sync on a terminal)."""
+
+    def __init__(self, draw=None) -> None:
+        self.draw = draw
+        self.what = None           # type: Optional[str]
+        self.total = None          # type: Optional[int]  # bytes expected (zfs send -nP)
+        self.bytes = 0
+        self.started = 0.0
+        self._drawn = 0.0
+
+    def begin(self, what: str, total: Optional[int], now: float) -> None:
+        self.what, self.total, self.bytes, self.started = what, total, 0, now
+
+    def moved(self, n: int, now: float) -> None:
+        self.bytes = n
+        if self.draw is not None and now - self._drawn >= 0.5:
+            self._drawn = now
+            self.draw(self.view(now))
+
+    def end(self) -> None:
+        self.what = None
+
+    def view(self, now: float) -> Optional[dict]:
+        """{what, bytes, total, seconds, rate, eta} (None: no transfer)."""
+        what = self.what
+        if what is None:
+            return None
+        seconds = max(0.0, now - self.started)
+        rate = self.bytes / seconds if seconds >= 0.5 else None
+        total = self.total
+        eta = (max(0.0, (total - self.bytes) / rate)
+               if total is not None and rate else None)
+        return {"what": what, "bytes": self.bytes, "total": total,
+                "seconds": round(seconds, 1),
+                "rate_bytes_per_second": None if rate is None else int(rate),
+                "eta_seconds": None if eta is None else round(eta, 1)}
+
+
+def format_progress(v: dict) -> str:
+    """One line: 'alpha -> beta: 12.0 of 50.0 MiB (24 %), 2.0 MiB/s, 19 s left'."""
+    mib = 1024.0 * 1024.0
+    done = "%.1f" % (v["bytes"] / mib)
+    if v["total"]:
+        done += " of %.1f MiB (%d %%)" % (v["total"] / mib,
+                                         min(100, 100 * v["bytes"] // max(1, v["total"])))
+    else:
+        done += " MiB (total unknown)"
+    rate = ("%.1f MiB/s" % (v["rate_bytes_per_second"] / mib)
+            if v["rate_bytes_per_second"] is not None else "rate not known yet")
+    eta = ", %d s left" % v["eta_seconds"] if v["eta_seconds"] is not None else ""
+    return "%s: %s, %s%s" % (v["what"], done, rate, eta)
+
+
 class TokenBucket:
     """replication_bandwidth: at most `rate` bytes a second on average, and
     never more than one second's worth at once (the bucket holds that
@@ -3588,7 +3657,8 @@ class TokenBucket:
 def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                   stall_timeout: float, finish_timeout: float = 120.0,
                   abort=None, stop: Optional[threading.Event] = None,
-                  rate: int = 0) -> TransferOutcome:
+                  rate: int = 0, progress: Optional[TransferProgress] = None
+                  ) -> TransferOutcome:
     """Run send_argv | recv_argv, relaying the stream through this process
     in chunks, so the bytes moved are counted and a stall is seen: when no
     byte moved for stall_timeout, both are killed.
@@ -3687,6 +3757,8 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                     if bucket is not None:
                         bucket.spend(n)
                     moved += n
+                    if progress is not None:
+                        progress.moved(moved, time.monotonic())
                     last = time.monotonic()
                     pending = pending[n:]
                     if not pending:
@@ -4809,8 +4881,8 @@ def peer_zfs(cfg: Config) -> RemoteZfs:
 
 
 def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
-                   clock=time.time, stop: Optional[threading.Event] = None
-                   ) -> ReplicationResult:
+                   clock=time.time, stop: Optional[threading.Event] = None,
+                   progress: Optional[TransferProgress] = None) -> ReplicationResult:
     """One replication cycle, master -> slave; the sync command and the
     daemon both call this.  Records the cycle in the state store; raises a
     FlockerError (recorded as well) when it was refused or failed."""
@@ -4828,7 +4900,7 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
     store.fail_interrupted_replications(started)
     rid = store.begin_replication(started)
     try:
-        result = _cycle(cfg, store, zfs, peer, st, rid, clock, stop)
+        result = _cycle(cfg, store, zfs, peer, st, rid, clock, stop, progress)
     except FlockerError as e:
         store.update_replication(rid, result="failed", finished=clock(),
                                  seconds=round(clock() - started, 3), error=e.message)
@@ -4844,7 +4916,8 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
     return result
 
 
-def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResult:
+def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
+           ) -> ReplicationResult:
     me, other = cfg.local, cfg.peer
     ds, pds = me.dataset, other.dataset
     r = cfg.recursive
@@ -4942,7 +5015,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     if common is None or common.guid != target.guid:
         base = common.name if common else None
         store.update_replication(rid, base=base, snapshot=target.name)
-        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop)
+        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop, progress)
         failpoint("replicate:sent")
     if sent:
         after = peer.listing(pds)
@@ -5097,14 +5170,7 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock,
     if newest is not None and zfs.features().written and not cfg.recursive:
         if zfs.settle(ds.split("/")[0]) and zfs.written(ds) == "0":
             return local
-    def make_name() -> str:
-        """flocker-<epoch>-<now>: the snapshot's name is its time"""
-        name = snapshot_name(epoch, clock())
-        n = 1
-        while local.snap(name) is not None:
-            n += 1
-            name = "%s-%d" % (snapshot_name(epoch, clock()), n)
-        return name
+    make_name = lambda: _fresh_snapshot_name(local, epoch, clock)  # noqa: E731
     if hooks:
         name = _hooked_snapshot(cfg, zfs, ds, make_name, epoch)
     else:
@@ -5119,6 +5185,16 @@ def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock,
         raise ReplicationError("the snapshot %s@%s just taken is not listed; is the "
                                "pool healthy?" % (ds, name))
     return fresh
+
+
+def _fresh_snapshot_name(local: Listing, epoch: int, clock) -> str:
+    """flocker-<epoch>-<now>, not yet in local: the snapshot's name is its time."""
+    name = snapshot_name(epoch, clock())
+    n = 1
+    while local.snap(name) is not None:
+        n += 1
+        name = "%s-%d" % (snapshot_name(epoch, clock()), n)
+    return name
 
 
 def _hooked_snapshot(cfg, zfs, ds: str, make_name, epoch: int) -> str:
@@ -5223,7 +5299,8 @@ def usable_send_flags(wanted: Sequence[str], local: ZfsFeatures,
     return [f for f in wanted if f in local.send_flags and f in peer.send_flags]
 
 
-def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], stop=None):
+def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], stop=None,
+          progress: Optional[TransferProgress] = None):
     lf, pf = zfs.features(), peer.features()
     flags = usable_send_flags(cfg.send_flags, lf, pf)
     for f in cfg.send_flags:
@@ -5234,11 +5311,21 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
     recv = build_recv_argv(cfg.peer.dataset, lf.resumable and pf.resumable)
     ssh = peer.ssh
     ssh.ensure_master()
+    if progress is not None:
+        progress.begin("%s -> %s: %s@%s" % (cfg.local.name, cfg.peer.name, local.dataset,
+                                            target.name),
+                       zfs.send_estimate(send_argv) if lf.send_estimate else None,
+                       time.monotonic())
     # on failure, closing the connection makes the peer's sshd end the
     # remote zfs recv now, instead of after it drained what is in flight
-    outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
-                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                            abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth)
+    try:
+        outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
+                                finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                                abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth,
+                                progress=progress)
+    finally:
+        if progress is not None:
+            progress.end()
     if not outcome.ok:
         ssh.reset()
         what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
@@ -6311,6 +6398,8 @@ def format_status(r: dict) -> str:
         if d["jobs"]:
             lines.append("jobs        %s" % ", ".join(
                 "%s (%.1f s)" % kv for kv in sorted(d["jobs"].items())))
+        if d.get("transfer"):
+            lines.append("transfer    %s" % format_progress(d["transfer"]))
     last = r["last_replication"]
     rep = r.get("replication")
     if r["role"] == ROLE_SLAVE:
@@ -6846,6 +6935,7 @@ class Daemon:
         self.role_changed = float("-inf")   # monotonic time of the last role change
         self.promotions = 0        # role changes to master by this daemon
         self.demotions = 0         # role changes to slave by this daemon
+        self.transfer = TransferProgress()   # the transfer in flight (a job writes it)
         self.last_transfer = None  # type: Optional[Tuple[float, int, float]]  # (cycle start wall time, bytes, seconds)
         self.peer_epoch_seen = 0   # persisted: the highest epoch the peer announced
         self._role_retry_at = 0.0  # a failed role action is retried after this
@@ -6921,7 +7011,8 @@ class Daemon:
             return None     # only to a live slave that is not resolving a divergence
         self._cycle_started = wall_clock()
         with self.open_store() as store:
-            return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop)
+            return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop,
+                                  progress=self.transfer)
 
     def _replicate_done(self, result, error) -> None:
         if isinstance(error, DivergenceError) and not self.jobs.busy("role"):
@@ -8183,6 +8274,7 @@ class Daemon:
             "promotions": self.promotions, "demotions": self.demotions,
             "divergence": {"resolving": self.resolving, "unresolved": self.unresolved,
                            "winner_choice": self.winner_choice},
+            "transfer": self.transfer.view(now),
             "last_transfer": None if self.last_transfer is None else
             {"started": self.last_transfer[0], "bytes": self.last_transfer[1],
              "seconds": self.last_transfer[2]},
@@ -8537,6 +8629,12 @@ def render_metrics(cfg: Config, live: dict, now: float) -> str:
            [({}, live.get("demotions", 0))])
     metric("check_failures", "gauge", "Failed runs of check_command in a row.",
            [({}, live.get("check_failures", 0))])
+    tr = live.get("transfer")
+    metric("transfer_bytes", "gauge", "Bytes sent so far by the transfer in flight (0: none).",
+           [({}, tr["bytes"] if tr else 0)])
+    if tr and tr["total"] is not None:
+        metric("transfer_total_bytes", "gauge", "Expected size of the transfer in flight "
+               "(zfs send -n -P; absent where zfs cannot tell).", [({}, tr["total"])])
     w = live.get("witness")
     if w:
         metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
@@ -9288,8 +9386,18 @@ def _add_ssh_gate(p) -> None:
 
 def cmd_sync(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
-    with StateStore.open(cfg.local.state_db, lock_for="sync") as store:
-        result = replicate_once(cfg, store, Zfs(), peer_zfs(cfg))
+    progress = None
+    if sys.stderr.isatty():        # a progress line for a person; nothing for cron
+        def draw(view):
+            sys.stderr.write("\r\033[K" + format_progress(view))
+            sys.stderr.flush()
+        progress = TransferProgress(draw)
+    try:
+        with StateStore.open(cfg.local.state_db, lock_for="sync") as store:
+            result = replicate_once(cfg, store, Zfs(), peer_zfs(cfg), progress=progress)
+    finally:
+        if progress is not None and progress._drawn:
+            sys.stderr.write("\n")
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
     else:

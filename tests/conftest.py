@@ -177,7 +177,7 @@ def measured_durations():
     with open(DURATIONS) as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
-                seconds, nodeid = line.split()
+                seconds, nodeid = line.strip().split(None, 1)
                 out[nodeid] = float(seconds)
     return out
 

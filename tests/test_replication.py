@@ -94,7 +94,7 @@ def test_features_of_openzfs_2():
     f = ff.parse_zfs_features(OPENZFS_2_1_USAGE)
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
                                list_parsable=True, createtxg=True, clones=True,
-                               recv_exclude=True,
+                               recv_exclude=True, send_estimate=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
     # the modern path of every command built from features
     assert ff.listing_args("t/s", f)[5].split(",")[-4:] == [
@@ -114,7 +114,7 @@ def test_features_of_a_real_openzfs_2_3():
         f = ff.parse_zfs_features(f.read())
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
                                list_parsable=True, createtxg=True, clones=True,
-                               recv_exclude=True,
+                               recv_exclude=True, send_estimate=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
 
 
