@@ -27,8 +27,10 @@ S = bedmod.scaled
 class Running:
     """One daemon process on a test host, its log in the bed's work dir."""
 
-    def __init__(self, host, *extra, env=None, wrapper=False, tag="", config=None):
+    def __init__(self, host, *extra, env=None, wrapper=False, tag="", config=None,
+                 state_db=None):
         self.host = host
+        self.state_db = state_db or host.state_db    # where its control socket is
         self.log = os.path.join(host.bed.workdir, "daemon-%s%s.log" % (host.name, tag))
         program = WRAPPER if wrapper else bedmod.PROGRAM
         # FFT_PYTHON runs the daemons under another interpreter (e.g. 3.8)
@@ -41,12 +43,12 @@ class Running:
                                    env=full_env)
 
     def status(self):
-        answer = ff.query_daemon(self.host.state_db, {"cmd": "status"}, timeout=S(5))
+        answer = ff.query_daemon(self.state_db, {"cmd": "status"}, timeout=S(5))
         assert answer is not None and answer["ok"], answer
         return answer["status"]
 
     def request(self, cmd):
-        return ff.query_daemon(self.host.state_db, {"cmd": cmd}, timeout=S(5))
+        return ff.query_daemon(self.state_db, {"cmd": cmd}, timeout=S(5))
 
     def wait_ready(self, timeout=15):
         deadline = time.monotonic() + S(timeout)
