@@ -9,7 +9,9 @@ worker, another checkout, a helper) is using.
 Addresses: only 192.0.2.0/24 (TEST-NET-1), and only inside namespaces made
 here.  Link i joins <host A> 192.0.2.(16*i+1)/28 and <host B>
 192.0.2.(16*i+2)/28 over a veth pair that exists only between the two
-namespaces, so no packet can leave them.
+namespaces, so no packet can leave them.  With ipv6=True the links carry
+2001:db8:<i>::1/64 and 2001:db8:<i>::2/64 (the IPv6 documentation range)
+instead.
 
 With lan=True a third namespace, the LAN (a client and the arbitrator),
 holds a bridge 192.0.2.158/28; each host joins it with its interface lan0
@@ -20,6 +22,7 @@ listens: the LAN's kernel refuses the connection, which proves the path).
 
 import contextlib
 import fcntl
+import ipaddress
 import itertools
 import os
 import pwd
@@ -505,7 +508,8 @@ class Bed:
     SERVICE_ADDRESS = "192.0.2.150"
     ARBITRATOR = "192.0.2.158:9"
 
-    def __init__(self, links=1, pool_mb=256, lan=False):
+    def __init__(self, links=1, pool_mb=256, lan=False, ipv6=False):
+        self.ipv6 = ipv6      # the links (heartbeats, ssh) in 2001:db8::/32 instead
         self.workdir = os.path.join(WORK_BASE, unique("bed"))
         os.makedirs(os.path.join(self.workdir, "ssh"), mode=0o700)
         self.links = links
@@ -551,7 +555,9 @@ class Bed:
         for name, last in (("alpha", 1), ("beta", 2)):
             ns = unique(name[0])
             sh(["ip", "netns", "add", ns])
-            addrs = ["192.0.2.%d" % (16 * i + last) for i in range(links)]
+            addrs = ([str(ipaddress.ip_address("2001:db8:%d::%d" % (i, last)))
+                      for i in range(links)] if self.ipv6
+                     else ["192.0.2.%d" % (16 * i + last) for i in range(links)])
             self.hosts.append(Host(self, name, ns, addrs))
         a, b = self.hosts
         for ns in (a.ns, b.ns):
@@ -561,7 +567,11 @@ class Bed:
             sh(["ip", "link", "add", "name", dev, "netns", a.ns, "type", "veth",
                 "peer", "name", dev, "netns", b.ns])
             for h in (a, b):
-                sh(["ip", "-n", h.ns, "addr", "add", h.addresses[i] + "/28", "dev", dev])
+                if self.ipv6:      # (no duplicate address detection: usable at once)
+                    sh(["ip", "-n", h.ns, "addr", "add", h.addresses[i] + "/64", "dev", dev,
+                        "nodad"])
+                else:
+                    sh(["ip", "-n", h.ns, "addr", "add", h.addresses[i] + "/28", "dev", dev])
                 sh(["ip", "-n", h.ns, "link", "set", dev, "up"])
 
     def _make_lan(self):
