@@ -199,14 +199,18 @@ def _p_seconds(value: str) -> float:
     return seconds
 
 
-def _p_seconds_or_0(value: str) -> float:
+def _non_negative(value: str, expected: str, below: float) -> float:
     try:
-        seconds = float(value)
+        number = float(value)
     except ValueError:
-        raise _Invalid("a number of seconds, 0 or more (e.g. 5)") from None
-    if not (seconds >= 0 and seconds < 10 ** 7):  # also rejects nan and inf
-        raise _Invalid("a number of seconds, 0 or more (e.g. 5)")
-    return seconds
+        raise _Invalid(expected) from None
+    if not (number >= 0 and number < below):    # also rejects nan and inf
+        raise _Invalid(expected)
+    return number
+
+
+def _p_seconds_or_0(value: str) -> float:
+    return _non_negative(value, "a number of seconds, 0 or more (e.g. 5)", 10 ** 7)
 
 
 def _whole_number(value: str, least: int) -> int:
@@ -228,13 +232,7 @@ def _p_event_rows(value: str) -> int:
 
 
 def _p_days(value: str) -> float:
-    try:
-        days = float(value)
-    except ValueError:
-        raise _Invalid("a number of days, 0 or more (0: no age limit)") from None
-    if not (days >= 0 and days < 10 ** 6):    # also rejects nan and inf
-        raise _Invalid("a number of days, 0 or more (0: no age limit)")
-    return days
+    return _non_negative(value, "a number of days, 0 or more (0: no age limit)", 10 ** 6)
 
 
 _RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

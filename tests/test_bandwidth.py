@@ -72,23 +72,32 @@ def test_the_relay_holds_the_rate(tmp_path):
     assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
 
 
+def start_then_write(bed, rate, mib):
+    """Both daemons, replication limited to rate, cycles every 20 s: once
+    the first has run, a file of mib MiB is written, which the next cycle
+    carries whole."""
+    bed.write_config(cluster={"replication_interval": "20", "replication_bandwidth": rate})
+    init(bed)
+    a = bed.a
+    mnt = os.path.join(a.pool.mountpoint, "shop")
+    da, db = Running(a).wait_ready(), Running(bed.b).wait_ready()
+    wait_for(lambda: (ff.StateStore.open(a.state_db).last_replication() or {})
+             .get("result") == "ok", 60, step=0.2)
+    with open(os.path.join(mnt, "big.tmp"), "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(MiB))
+    os.rename(os.path.join(mnt, "big.tmp"), os.path.join(mnt, "big.bin"))
+    return da, db
+
+
 def test_a_limited_replication_takes_its_time_and_the_heartbeats_stay_on_time(bed):
     """A 50 MiB increment at 5 MiB/s through the real cycle (zfs send, our
     relay, ssh, the gate, zfs recv) takes 10 s ± 15 %; the daemons meanwhile
     see no silence (no dead verdict); the replica is identical."""
-    # cycles every 20 s: the first at start, the next carries the whole file
-    bed.write_config(cluster={"replication_interval": "20", "replication_bandwidth": "5M"})
-    init(bed)
     a, b = bed.a, bed.b
     mnt = os.path.join(a.pool.mountpoint, "shop")
-    da, db = Running(a).wait_ready(), Running(b).wait_ready()
+    da, db = start_then_write(bed, "5M", 50)
     try:
-        wait_for(lambda: (ff.StateStore.open(a.state_db).last_replication() or {})
-                 .get("result") == "ok", 60, step=0.2)
-        with open(os.path.join(mnt, "big.tmp"), "wb") as f:
-            for _ in range(50):
-                f.write(os.urandom(MiB))
-        os.rename(os.path.join(mnt, "big.tmp"), os.path.join(mnt, "big.bin"))
 
         def big_cycle():
             with ff.StateStore.open(a.state_db) as s:
@@ -125,18 +134,9 @@ def test_status_shows_a_long_transfer_while_it_runs(bed):
     """A transfer held to 2 MiB/s: status (text, --json) and the metrics
     file show how far it is, its rate, and (where zfs send -n -P gives the
     total: OpenZFS) the expected size and the time left."""
-    bed.write_config(cluster={"replication_interval": "20", "replication_bandwidth": "2M"})
-    init(bed)
-    a, b = bed.a, bed.b
-    mnt = os.path.join(a.pool.mountpoint, "shop")
-    da, db = Running(a).wait_ready(), Running(b).wait_ready()
+    a = bed.a
+    da, db = start_then_write(bed, "2M", 30)
     try:
-        wait_for(lambda: (ff.StateStore.open(a.state_db).last_replication() or {})
-                 .get("result") == "ok", 60, step=0.2)
-        with open(os.path.join(mnt, "big.tmp"), "wb") as f:
-            for _ in range(30):
-                f.write(os.urandom(MiB))
-        os.rename(os.path.join(mnt, "big.tmp"), os.path.join(mnt, "big.bin"))
         seen = []
 
         def midway():
