@@ -2273,11 +2273,45 @@ def destroy_commands(dataset: str, names: Sequence[str], recursive: bool,
     return [["destroy"] + r + ["%s@%s" % (dataset, n)] for n in names]
 
 
+# zfs and zpool run from the first of these directories that holds them,
+# never found through the inherited PATH: sshd's and init's put
+# /usr/local/bin (and the like) first, a directory that whoever may write
+# there, or a dataset received with mountpoint=/usr/local/bin, would fill
+# with a 'zfs' of their own, run as root.
+ZFS_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+_ZFS_PROGRAMS = {}      # type: Dict[str, str]   (name: absolute path, found once)
+
+
+def zfs_program(name: str = "zfs") -> str:
+    """The absolute path of name (zfs or zpool) in ZFS_DIRS; ZfsError,
+    saying what to do, when none holds it."""
+    path = _ZFS_PROGRAMS.get(name)
+    if path is not None:
+        return path
+    for d in ZFS_DIRS:
+        path = os.path.join(d, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            _ZFS_PROGRAMS[name] = path
+            return path
+    raise ZfsError("no %s program in %s: flocker-failover runs zfs and zpool only from "
+                   "these directories, never through PATH. Install ZFS (OpenZFS's "
+                   "zfsutils, or zfs-fuse for testing); if it is installed elsewhere "
+                   "(e.g. /usr/local/sbin), link it into one of them (ln -s "
+                   "/usr/local/sbin/%s /usr/sbin/%s)"
+                   % (name, " ".join(ZFS_DIRS), name, name))
+
+
+def program_of(argv: Sequence[str]) -> str:
+    """The file to run for argv: zfs and zpool from ZFS_DIRS, any other
+    program as named (argv[0] stays 'zfs', as ps shows it)."""
+    return zfs_program(argv[0]) if argv[0] in ("zfs", "zpool") else argv[0]
+
+
 class Zfs(ZfsBase):
     """A thin adapter over the zfs command on this host."""
 
     def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT) -> None:
-        self.zfs = zfs
+        self.zfs = zfs          # how commands are shown; run from ZFS_DIRS (program_of)
         self.timeout = timeout
 
     # zfs-fuse finishes an unmount after the command returns: a rename or
@@ -2287,15 +2321,15 @@ class Zfs(ZfsBase):
     def run(self, args: Sequence[str], check: bool = True,
             retry_busy: bool = False) -> subprocess.CompletedProcess:
         argv = [self.zfs] + list(args)
+        program = program_of(argv)
         for pause in self.BUSY_RETRIES + (None,):
             try:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, timeout=self.timeout,
-                                      universal_newlines=True)
+                proc = subprocess.run(argv, executable=program, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      timeout=self.timeout, universal_newlines=True)
             except FileNotFoundError:
                 raise ZfsError("the zfs command (%s) was not found; install ZFS "
-                               "(OpenZFS, or zfs-fuse for testing) and make sure zfs "
-                               "is in PATH" % self.zfs) from None
+                               "(OpenZFS, or zfs-fuse for testing)" % program) from None
             except subprocess.TimeoutExpired:
                 raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
                                % (" ".join(argv), self.timeout)) from None
@@ -2319,8 +2353,9 @@ class Zfs(ZfsBase):
     def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
         argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=self.timeout)
+            proc = subprocess.run(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=self.timeout)
         except subprocess.TimeoutExpired:
             return False
         return proc.returncode == 0 and stream_is_empty(proc.stdout)
@@ -2330,8 +2365,8 @@ class Zfs(ZfsBase):
         change (the divergence measure; the stream is counted as it is
         read, never held in memory)."""
         argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         head, total = b"", 0
         try:
             while True:
@@ -2351,10 +2386,10 @@ class Zfs(ZfsBase):
 
     def settle(self, pool: str) -> bool:
         try:
-            proc = subprocess.run(["zpool", "sync", pool], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  timeout=self.timeout)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
+            proc = subprocess.run(["zpool", "sync", pool], executable=zfs_program("zpool"),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=self.timeout)
+        except (ZfsError, FileNotFoundError, subprocess.TimeoutExpired):
             return False
         return proc.returncode == 0
 
@@ -2789,9 +2824,9 @@ def gate_features_text() -> bytes:
     `zfs get` (the property table), as parse_zfs_features reads it."""
     out = []
     for args in ([], ["get"]):
-        proc = subprocess.run(["zfs"] + args, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=ZFS_TIMEOUT)
+        proc = subprocess.run(["zfs"] + args, executable=zfs_program(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=ZFS_TIMEOUT)
         out.append(proc.stdout)
     return b"\n".join(out)
 
@@ -2877,9 +2912,10 @@ class Gate:
     def _become(self, argv: List[str]) -> int:
         """Replace this process with argv (its stream, signals and exit
         status are the request's own); 127 when it cannot run."""
+        program = program_of(argv)
         logging.shutdown()
         try:
-            os.execvp(argv[0], argv)
+            os.execv(program, argv)
         except OSError as e:
             sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
                              % (PROG, self.cfg.local.name, argv[0], e.strerror))
@@ -2920,7 +2956,8 @@ class Gate:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, GATE_CHUNK)
         try:
-            proc = subprocess.Popen(argv, stdin=rfd, pass_fds=held)
+            proc = subprocess.Popen(argv, executable=zfs_program(), stdin=rfd,
+                                    pass_fds=held)
         except OSError as e:
             os.close(wfd)
             sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
@@ -2978,8 +3015,9 @@ class Gate:
             return EXIT_OK, gate_features_text(), b""
         argv = self.argv(req)
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=ZFS_TIMEOUT)
+            proc = subprocess.run(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=ZFS_TIMEOUT)
         except FileNotFoundError:
             return 127, b"", ("%s: command not found on %s\n"
                               % (argv[0], self.cfg.local.name)).encode()
@@ -3040,15 +3078,19 @@ def gate_recv_args(args: Sequence[str], usage: str) -> Tuple[List[str], List[str
     return args, guarded
 
 
+def _zfs_quiet(args: List[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["zfs"] + args, executable=zfs_program(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=ZFS_TIMEOUT)
+
+
 def _guarded_state(ds: str, props: Sequence[str]) -> Dict[str, Dict[str, Tuple[str, str]]]:
     """{dataset: {property: (value, source)}} of ds and the datasets below
     it ({} when ds does not exist yet)."""
     if not props:
         return {}
-    proc = subprocess.run(["zfs", "get", "-H", "-r", "-o", "name,property,value,source",
-                           ",".join(props), ds], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=ZFS_TIMEOUT)
+    proc = _zfs_quiet(["get", "-H", "-r", "-o", "name,property,value,source",
+                       ",".join(props), ds])
     out = {}    # type: Dict[str, Dict[str, Tuple[str, str]]]
     for line in proc.stdout.splitlines():
         parts = line.split("\t")
@@ -3105,12 +3147,6 @@ def _restore_guarded(ds: str, props: Sequence[str], before, client: str) -> str:
                 "set them on this node by hand before mounting the replica"
                 % ", ".join(failed))
     return ""
-
-
-def _zfs_quiet(args: List[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["zfs"] + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True,
-                          timeout=ZFS_TIMEOUT)
 
 
 def _prop_state(name: str, prop: str) -> Tuple[str, str]:
@@ -3672,8 +3708,9 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
     moved, stalled, failed, stopped = 0, False, False, False
     send_status = None
     try:
-        send = subprocess.Popen(list(send_argv), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=send_err)
+        send = subprocess.Popen(list(send_argv), executable=program_of(send_argv),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=send_err)
         recv = subprocess.Popen(list(recv_argv), stdin=subprocess.PIPE,
                                 stdout=recv_err, stderr=recv_err)
         src, dst = send.stdout.fileno(), recv.stdin.fileno()
@@ -8939,6 +8976,8 @@ def _add_resolve(p) -> None:
 
 def cmd_daemon(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
+    for name in ("zfs", "zpool"):
+        zfs_program(name)       # found now, or a clear error now
     root = logging.getLogger()
     if args.verbose == 0:
         root.setLevel(logging.INFO)
@@ -9108,6 +9147,7 @@ def cmd_ssh_gate(args, cfg_path: str) -> int:
         return EXIT_USAGE
     try:
         cfg = load_config(cfg_path, args.node)
+        zfs_program()
     except FlockerError as e:
         log.error("ssh-gate: cannot serve the peer: %s", e.message)
         sys.stderr.write("%s ssh-gate: cannot serve requests: %s\n" % (PROG, e.message))

@@ -793,3 +793,81 @@ def test_package_stream_of_a_recursive_pair_sets_no_guarded_property(bed, zfs_re
     _unmake_evil(bed)
     write(bed, "y.bin", 10000)
     ok(sync(bed))
+
+
+def test_zfs_programs_are_found_in_fixed_directories_only(monkeypatch, tmp_path):
+    """(issue 13, item 5) zfs and zpool are found in ZFS_DIRS, whatever
+    PATH says; where none holds them, the error says what to do (pure
+    lookup, this machine's files)."""
+    planted = tmp_path / "bin"
+    planted.mkdir()
+    for name in ("zfs", "zpool"):
+        (planted / name).write_text("#!/bin/sh\nexit 1\n")
+        (planted / name).chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (planted, os.environ.get("PATH", "")))
+    monkeypatch.setattr(ff, "_ZFS_PROGRAMS", {})
+    for name in ("zfs", "zpool"):
+        path = ff.zfs_program(name)
+        assert os.path.dirname(path) in ff.ZFS_DIRS and os.access(path, os.X_OK), path
+    assert ff.program_of(["zfs", "list"]) == ff.zfs_program("zfs")
+    assert ff.program_of(["ssh", "x"]) == "ssh"
+    monkeypatch.setattr(ff, "_ZFS_PROGRAMS", {})
+    monkeypatch.setattr(ff, "ZFS_DIRS", (str(tmp_path / "none"), "/nonexistent"))
+    with pytest.raises(ff.ZfsError) as e:
+        ff.zfs_program("zpool")
+    assert e.value.exit_code == ff.EXIT_ZFS
+    for needle in ("no zpool program in %s /nonexistent" % (tmp_path / "none"),
+                   "never through PATH", "ln -s /usr/local/sbin/zpool /usr/sbin/zpool"):
+        assert needle in e.value.message, e.value.message
+
+
+def test_a_zfs_planted_early_on_path_is_never_run(bed):
+    """(issue 13, item 5) sshd's PATH (and init's) puts /usr/local/bin
+    first: a 'zfs' there (planted by whoever may write there, or a dataset
+    received with mountpoint=/usr/local/bin) would run as root for every
+    request.  The commands and the gate run zfs and zpool from fixed
+    directories: with a planted zfs and zpool first on PATH, a sync, the
+    gate's requests, a session and a receive all work and never run them."""
+    prepare(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    planted = os.path.join(bed.workdir, "planted-bin")
+    ran = os.path.join(bed.workdir, "planted-ran")
+    os.makedirs(planted)
+    for name in ("zfs", "zpool"):
+        with open(os.path.join(planted, name), "w") as f:
+            f.write("#!/bin/sh\necho \"$0 $*\" >> %s\nexit 1\n" % ran)
+        os.chmod(os.path.join(planted, name), 0o755)
+    env = dict(os.environ, PATH=planted + ":" + os.environ.get("PATH", "/usr/bin:/bin"))
+    a, b = bed.a, bed.b
+    # a one-shot command on the master: listing, snapshot, zpool sync, zfs send
+    write(bed, "y.bin", 10000)
+    for command in ("sync", "status"):
+        p = a.run([sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "--node",
+                   "alpha", command], check=False, env=env)
+        assert not os.path.exists(ran), open(ran).read()
+        ok(p)
+    # the gate on the slave, as sshd runs it but with that PATH
+    gate = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path,
+            "--syslog-socket", bed.gate_log.path, "ssh-gate"]
+    genv = dict(env, SSH_CONNECTION="192.0.2.1 5555 192.0.2.2 22")
+
+    def ask(text, **kw):
+        return b.run(gate, check=False, env=dict(genv, SSH_ORIGINAL_COMMAND=text), **kw)
+    p = ask("zfs list -H -o name " + b.dataset)
+    assert p.returncode == 0 and p.stdout == b.dataset + "\n", p.stderr
+    p = ask("features")
+    assert p.returncode == 0 and ff.parse_zfs_features(p.stdout) == ff.parse_zfs_features(
+        ff.gate_features_text().decode())
+    p = ask("session", input="zfs get -H -p -o value guid %s\n" % b.dataset)
+    assert p.returncode == 0 and p.stdout.splitlines()[1].startswith("0 "), p.stdout
+    common = [n for n in snaps(a.dataset) if ff.is_flocker_snapshot(n)][-1]
+    bedmod.sh(["zfs", "snapshot", a.dataset + "@plain"])
+    stream = subprocess.run(["zfs", "send", "-i", "@" + common, a.dataset + "@plain"],
+                            stdout=subprocess.PIPE, check=True, timeout=60).stdout
+    p = subprocess.run(b.argv(gate), input=stream, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60,
+                       env=dict(genv, SSH_ORIGINAL_COMMAND="zfs recv -u " + b.dataset))
+    assert p.returncode == 0, p.stderr
+    assert "plain" in snaps(b.dataset)
+    assert not os.path.exists(ran), open(ran).read()
