@@ -860,23 +860,32 @@ def test_interrupted_transfer_resumes_from_its_token(bed):
     assert slave_digest(bed) == master_digest(bed)
 
 
-def _sshd_sessions(h):
-    """The sshd processes serving connections on host h (not its listener)."""
-    out = []
-    for pid in bedmod._netns_pids(h.ns):
+def _sshd_feeding(pid):
+    """The sshd process whose connection feeds pid: pid's nearest ancestor
+    that is an sshd (the session's, which moves the channel's bytes; not
+    the listener, further up), found by the parent chain in /proc, not by
+    process titles; None when there is none (any more)."""
+    for _ in range(20):
         try:
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                if f.read().startswith(b"sshd: root@"):
-                    out.append(pid)
+            with open("/proc/%d/stat" % pid) as f:
+                stat = f.read()
         except OSError:
-            pass
-    return out
+            return None
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm in ("sshd", "sshd-session"):
+            return pid
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if pid <= 1:
+            return None
+    return None
 
 
 def test_stalled_transfer_is_killed(bed):
-    """The peer hangs mid-stream (its sshd frozen): once the buffers between
-    the hosts are full no byte moves, and the watchdog ends the transfer.
-    (Freezing zfs recv would not do: zfs-fuse's daemon does the reading.)"""
+    """The peer hangs mid-stream (the sshd session that feeds its zfs recv
+    frozen): once the buffers between the hosts are full no byte moves, and
+    the watchdog ends the transfer.  (Freezing zfs recv would not do:
+    zfs-fuse's daemon does the reading.)  The session is found from zfs
+    recv up its parents, not by sshd's process titles."""
     prepare(bed, cluster={"transfer_stall_timeout": "2"})
     write(bed, "base.bin", 50000)
     ok(sync(bed))
@@ -885,9 +894,10 @@ def test_stalled_transfer_is_killed(bed):
     proc = _sync_in_background(bed)
     frozen = []
     try:
-        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
-        frozen = _sshd_sessions(bed.b)
-        assert frozen
+        recv = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
+        session = _wait_for(lambda: _sshd_feeding(recv[0]),
+                            what="the sshd session feeding zfs recv (pid %d)" % recv[0])
+        frozen = [session]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
