@@ -3104,8 +3104,10 @@ _SHARING = ("sharenfs", "sharesmb")
 
 def _restore_guarded(ds: str, props: Sequence[str], before, client: str) -> str:
     """Put back every guarded property a receive changed on ds or below:
-    a value set here before ('local') is set again; one the stream set
-    (source 'received') is inherited, as it was; canmount, which is not
+    a value set here before ('local') that the stream cleared is set again;
+    one the stream set (source 'received') is inherited, as it was; a value
+    set here now is never touched (the master's 'set readonly=on' may come
+    meanwhile); canmount, which is not
     inherited, is set to its value before, else on.  zfs-fuse mounts a
     dataset to share it whenever a change leaves sharenfs or sharesmb on,
     and when canmount is set on: so first nothing the stream shared stays
@@ -3161,10 +3163,10 @@ def _put_back(name: str, prop: str, now: Tuple[str, str],
     receive left it, old as it was before (None for a dataset the receive
     made).  '' or what could not be put back."""
     value, source = now
+    if source == "local":
+        return ""       # set here (meanwhile too: the master's 'set readonly=on')
     if old is not None and old[1] == "local":
-        if now == old:
-            return ""
-        cmd = ["set", "%s=%s" % (prop, old[0]), name]
+        cmd = ["set", "%s=%s" % (prop, old[0]), name]     # the stream cleared it
     elif source != "received":
         return ""
     elif prop == "canmount":

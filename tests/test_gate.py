@@ -871,3 +871,21 @@ def test_a_zfs_planted_early_on_path_is_never_run(bed):
     assert p.returncode == 0, p.stderr
     assert "plain" in snaps(b.dataset)
     assert not os.path.exists(ran), open(ran).read()
+
+
+def test_putting_back_keeps_what_is_set_here_meanwhile(pool):
+    """The watcher's rule (zfs-fuse), on real ZFS: a value set on this node
+    before the receive that the stream cleared is set again; a value set
+    here while the receive ran (the master's 'set readonly=on', after a
+    promotion left readonly=off) is never undone."""
+    ds = pool.name + "/replica"
+    bedmod.sh(["zfs", "create", ds])
+    bedmod.sh(["zfs", "unmount", ds])       # (as a replica is: received with -u)
+    bedmod.sh(["zfs", "set", "readonly=on", ds])            # set here meanwhile
+    before = {ds: {"readonly": ("off", "local"), "exec": ("off", "local"),
+                   "mounted": ("no", "-")}}
+    # (exec=off, set here before; the stream cleared it: now the default)
+    assert zget(ds, "exec") == "on"
+    assert ff._restore_guarded(ds, ["readonly", "exec"], before, "192.0.2.1") == ""
+    assert bedmod.sh(["zfs", "get", "-H", "-o", "value,source", "readonly,exec",
+                      ds]).stdout.split() == ["on", "local", "off", "local"]
