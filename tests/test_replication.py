@@ -716,13 +716,31 @@ def _pids_of(argv_prefix, must_contain):
 
 
 def _wait_for(fn, timeout=30, what="condition"):
+    """fn()'s first true value, waited for up to timeout seconds; what
+    (or what() when callable) says what was waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = fn()
         if v:
             return v
         time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s" % what)
+    raise AssertionError("timed out waiting for %s" % (what() if callable(what) else what))
+
+
+def _waiting_for_recv(h):
+    """What the wait for h's zfs recv reports when it times out: the
+    command lines of the processes running on h."""
+    def what():
+        lines = []
+        for pid in bedmod._netns_pids(h.ns):
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    lines.append("%d %s" % (pid, f.read().replace(b"\0", b" ").decode(
+                        "utf-8", "replace")[:200]))
+            except OSError:
+                pass
+        return "zfs recv on %s; its processes:\n%s" % (h.name, "\n".join(lines))
+    return what
 
 
 def _slow_link(bed, rate="16mbit"):
@@ -751,7 +769,8 @@ def _freeze_sender_mid_stream(bed):
     try:
         # the receive first: before it, a short 'zfs send -i' may run that
         # only checks whether the new snapshot is empty (zfs-fuse)
-        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
+        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
+                  timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
         send = _wait_for(lambda: _pids_of(["zfs", "send"], bed.a.dataset),
                          what="zfs send")[0]
         time.sleep(0.3)
@@ -816,7 +835,8 @@ def test_interrupted_transfer_resumes_from_its_token(bed):
         rx = _link_bytes(b, 0)
         proc = _sync_in_background(bed)
         try:
-            _wait_for(lambda: _pids_of(["zfs", "recv"], b.dataset), what="zfs recv")
+            _wait_for(lambda: _pids_of(["zfs", "recv"], b.dataset),
+                      timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(b))
             send = _wait_for(lambda: _pids_of(["zfs", "send"], a.dataset), what="zfs send")
             _wait_for(lambda: _link_bytes(b, 0) - rx > size // 2, timeout=60,
                       what="half the stream to reach beta")
@@ -894,7 +914,8 @@ def test_stalled_transfer_is_killed(bed):
     proc = _sync_in_background(bed)
     frozen = []
     try:
-        recv = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
+        recv = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
+                  timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
         session = _wait_for(lambda: _sshd_feeding(recv[0]),
                             what="the sshd session feeding zfs recv (pid %d)" % recv[0])
         frozen = [session]
