@@ -915,7 +915,7 @@ def test_stalled_transfer_is_killed(bed):
     frozen = []
     try:
         recv = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
-                  timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
+                         timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
         session = _wait_for(lambda: _sshd_feeding(recv[0]),
                             what="the sshd session feeding zfs recv (pid %d)" % recv[0])
         frozen = [session]
