@@ -2352,11 +2352,45 @@ def destroy_commands(dataset: str, names: Sequence[str], recursive: bool,
     return [["destroy"] + r + ["%s@%s" % (dataset, n)] for n in names]
 
 
+# zfs and zpool run from the first of these directories that holds them,
+# never found through the inherited PATH: sshd's and init's put
+# /usr/local/bin (and the like) first, a directory that whoever may write
+# there, or a dataset received with mountpoint=/usr/local/bin, would fill
+# with a 'zfs' of their own, run as root.
+ZFS_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+_ZFS_PROGRAMS = {}      # type: Dict[str, str]   (name: absolute path, found once)
+
+
+def zfs_program(name: str = "zfs") -> str:
+    """The absolute path of name (zfs or zpool) in ZFS_DIRS; ZfsError,
+    saying what to do, when none holds it."""
+    path = _ZFS_PROGRAMS.get(name)
+    if path is not None:
+        return path
+    for d in ZFS_DIRS:
+        path = os.path.join(d, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            _ZFS_PROGRAMS[name] = path
+            return path
+    raise ZfsError("no %s program in %s: flocker-failover runs zfs and zpool only from "
+                   "these directories, never through PATH. Install ZFS (OpenZFS's "
+                   "zfsutils, or zfs-fuse for testing); if it is installed elsewhere "
+                   "(e.g. /usr/local/sbin), link it into one of them (ln -s "
+                   "/usr/local/sbin/%s /usr/sbin/%s)"
+                   % (name, " ".join(ZFS_DIRS), name, name))
+
+
+def program_of(argv: Sequence[str]) -> str:
+    """The file to run for argv: zfs and zpool from ZFS_DIRS, any other
+    program as named (argv[0] stays 'zfs', as ps shows it)."""
+    return zfs_program(argv[0]) if argv[0] in ("zfs", "zpool") else argv[0]
+
+
 class Zfs(ZfsBase):
     """A thin adapter over the zfs command on this host."""
 
     def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT) -> None:
-        self.zfs = zfs
+        self.zfs = zfs          # how commands are shown; run from ZFS_DIRS (program_of)
         self.timeout = timeout
 
     # zfs-fuse finishes an unmount after the command returns: a rename or
@@ -2366,15 +2400,15 @@ class Zfs(ZfsBase):
     def run(self, args: Sequence[str], check: bool = True,
             retry_busy: bool = False) -> subprocess.CompletedProcess:
         argv = [self.zfs] + list(args)
+        program = program_of(argv)
         for pause in self.BUSY_RETRIES + (None,):
             try:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, timeout=self.timeout,
-                                      universal_newlines=True)
+                proc = subprocess.run(argv, executable=program, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      timeout=self.timeout, universal_newlines=True)
             except FileNotFoundError:
                 raise ZfsError("the zfs command (%s) was not found; install ZFS "
-                               "(OpenZFS, or zfs-fuse for testing) and make sure zfs "
-                               "is in PATH" % self.zfs) from None
+                               "(OpenZFS, or zfs-fuse for testing)" % program) from None
             except subprocess.TimeoutExpired:
                 raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
                                % (" ".join(argv), self.timeout)) from None
@@ -2398,8 +2432,9 @@ class Zfs(ZfsBase):
     def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
         argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=self.timeout)
+            proc = subprocess.run(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=self.timeout)
         except subprocess.TimeoutExpired:
             return False
         return proc.returncode == 0 and stream_is_empty(proc.stdout)
@@ -2409,8 +2444,8 @@ class Zfs(ZfsBase):
         change (the divergence measure; the stream is counted as it is
         read, never held in memory)."""
         argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         head, total = b"", 0
         try:
             while True:
@@ -2430,10 +2465,10 @@ class Zfs(ZfsBase):
 
     def settle(self, pool: str) -> bool:
         try:
-            proc = subprocess.run(["zpool", "sync", pool], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  timeout=self.timeout)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
+            proc = subprocess.run(["zpool", "sync", pool], executable=zfs_program("zpool"),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=self.timeout)
+        except (ZfsError, FileNotFoundError, subprocess.TimeoutExpired):
             return False
         return proc.returncode == 0
 
@@ -2597,6 +2632,62 @@ def stream_is_empty(stream: bytes) -> bool:
     return True
 
 
+# The first record of every stream is a BEGIN record, written in the byte
+# order of the sending host (zfs recv tells it by the magic and swaps):
+#
+#   offset  size  field
+#        0     4  drr_type              0 (DRR_BEGIN)
+#        4     4  drr_payloadlen        bytes that follow the record
+#        8     8  drr_magic             0x2f5bacbac (DMU_BACKUP_MAGIC)
+#       16     8  drr_versioninfo       bits 0-1: header type, 1 a plain stream
+#                                       (one snapshot), 2 a compound stream of
+#                                       plain streams; bits 2-31: feature flags
+#       24   288  creation time, type, flags, GUIDs, snapshot name
+#
+# Properties travel only in the payload of a compound stream's BEGIN record
+# (a packed list of the datasets sent, with their properties and
+# snapshots): 'send -p' and '-R' write one; 'send -I' writes a compound
+# stream with no payload, the snapshots of one dataset in a row.
+DMU_BACKUP_MAGIC = 0x2F5BACBAC
+DMU_SUBSTREAM, DMU_COMPOUNDSTREAM = 1, 2
+
+
+_F_SETPIPE_SZ = 1031   # fcntl.F_SETPIPE_SZ, named only from Python 3.10
+
+
+def stream_refusal(head: bytes, recursive: bool) -> str:
+    """Why the gate does not receive a stream whose first bytes (its first
+    record, _DRR_RECORD bytes when the stream has that many) are head, or
+    '' when it may (pure).  A package stream (compound, with a payload) is
+    taken only with recursive = yes: with recursive = no replication sends
+    plain streams ('send -i', '-I'), which carry no property and no other
+    dataset."""
+    if len(head) < _DRR_RECORD:
+        return ("the stream ended after %d bytes, before its first record (%d bytes) "
+                "was complete: not a zfs send stream" % (len(head), _DRR_RECORD))
+    for order in ("little", "big"):
+        if int.from_bytes(head[8:16], order) == DMU_BACKUP_MAGIC:
+            break
+    else:
+        order = ""
+    if not order or int.from_bytes(head[0:4], order) != _DRR_BEGIN:
+        return ("the stream does not begin with the BEGIN record of a zfs send stream "
+                "(magic 0x%x): not a zfs send stream" % DMU_BACKUP_MAGIC)
+    kind = int.from_bytes(head[16:24], order) & 3
+    if kind == DMU_COMPOUNDSTREAM:
+        if recursive or int.from_bytes(head[4:8], order) == 0:
+            return ""
+        return ("the stream is a package stream ('zfs send -R' or '-p': it carries "
+                "properties, and with -R child datasets), which this node takes only "
+                "with recursive = yes; it has recursive = no, and its replication sends "
+                "plain streams ([cluster] recursive must be the same on both nodes)")
+    if kind != DMU_SUBSTREAM:
+        return ("the stream's header type %d is neither %d (a plain stream) nor %d "
+                "(a package stream): not a zfs send stream this gate knows"
+                % (kind, DMU_SUBSTREAM, DMU_COMPOUNDSTREAM))
+    return ""
+
+
 # -- the ssh gate: what the peer may ask of this node -------------------------
 #
 # The peer's key in root's authorized_keys carries a forced command:
@@ -2620,7 +2711,9 @@ def stream_is_empty(stream: bytes) -> bool:
 #              written createtxg
 #              receive_resume_token, comma-separated
 #   zfs list -H -o name D             D or one of its parents (the pool too)
-#   zfs recv -u [-s] D                the stream comes on standard input
+#   zfs recv -u [-s] D                the stream comes on standard input; not
+#                                     a package stream ('send -R', '-p') unless
+#                                     recursive = yes (stream_refusal)
 #   zfs recv -A D                     drop a partial resumable receive
 #   zfs hold [-r] flocker D@SNAP      only the tag flocker
 #   zfs release [-r] flocker D@SNAP
@@ -2832,9 +2925,9 @@ def gate_features_text() -> bytes:
     `zfs get` (the property table), as parse_zfs_features reads it."""
     out = []
     for args in ([], ["get"]):
-        proc = subprocess.run(["zfs"] + args, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=ZFS_TIMEOUT)
+        proc = subprocess.run(["zfs"] + args, executable=zfs_program(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=ZFS_TIMEOUT)
         out.append(proc.stdout)
     return b"\n".join(out)
 
@@ -2910,7 +3003,7 @@ class Gate:
         if req.kind == "session":
             return self.session(sys.stdin.fileno(), sys.stdout.fileno())
         if req.stream:
-            return self.receive(req)
+            return self.receive(req, text)
         if req.kind == "features":
             sys.stdout.buffer.write(gate_features_text())
             sys.stdout.flush()
@@ -2920,33 +3013,75 @@ class Gate:
     def _become(self, argv: List[str]) -> int:
         """Replace this process with argv (its stream, signals and exit
         status are the request's own); 127 when it cannot run."""
+        program = program_of(argv)
         logging.shutdown()
         try:
-            os.execvp(argv[0], argv)
+            os.execv(program, argv)
         except OSError as e:
             sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
                              % (PROG, self.cfg.local.name, argv[0], e.strerror))
             return 127
 
-    def receive(self, req: GateRequest) -> int:
-        """zfs recv of the peer's stream, which replaces this process as
-        every zfs request does (the stream, signals and exit status are
-        zfs recv's own).  A stream carries properties that receive applies
-        ('send -p', '-R'): none of RECV_GUARDED may change here, since they
-        decide where the replica mounts, whether, and what may run from it.
-        Where zfs takes 'recv -x' (OpenZFS) they are excluded.  Otherwise
-        (zfs-fuse) a watcher process notes them first and, the moment zfs
-        recv ends (its end of a pipe closes), puts back what the stream
-        changed (the replica is received unmounted: -u) and logs it."""
+    def receive(self, req: GateRequest, text: str) -> int:
+        """zfs recv of the peer's stream.  The gate reads the stream's first
+        record itself and refuses what is not a zfs send stream, and a
+        package stream ('send -R', '-p') unless recursive = yes, before
+        anything is received (stream_refusal).  Then zfs recv gets that
+        record and the rest of the stream through a pipe from the gate,
+        which passes on zfs recv's exit status.  A stream carries properties
+        that receive applies: none of RECV_GUARDED may change here, since
+        they decide where the replica mounts, whether, and what may run
+        from it.  Where zfs takes 'recv -x' (OpenZFS) they are excluded.
+        Otherwise (zfs-fuse) a watcher process notes them first and, the
+        moment zfs recv ends (its end of a pipe closes), puts back what the
+        stream changed (the replica is received unmounted: -u) and logs it."""
+        head = _read_up_to(0, _DRR_RECORD)
+        reason = stream_refusal(head, self.cfg.recursive)
+        if reason:
+            sys.stderr.write(self.refusal(text, reason))
+            return EXIT_REFUSED
         usage = gate_features_text().decode("utf-8", "replace")
         args, guarded = gate_recv_args(req.args, usage)
+        held = []       # the watcher's pipe, held by zfs recv only
         if guarded and not parse_zfs_features(usage).recv_exclude:
-            self._watch_receive(guarded)
-        return self._become(["zfs"] + args)
+            held.append(self._watch_receive(guarded))
+        return self._feed(["zfs"] + args, head, held)
 
-    def _watch_receive(self, guarded: List[str]) -> None:
+    def _feed(self, argv: List[str], head: bytes, held: List[int]) -> int:
+        """Run argv with head, then the rest of this process's standard
+        input, as its standard input; its exit status (128 + N when signal N
+        ended it).  The bytes move between pipes in the kernel (os.splice,
+        Python 3.10 on) or in chunks of GATE_CHUNK."""
+        rfd, wfd = os.pipe()
+        for fd in (0, wfd):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, GATE_CHUNK)
+        try:
+            proc = subprocess.Popen(argv, executable=zfs_program(), stdin=rfd,
+                                    pass_fds=held)
+        except OSError as e:
+            os.close(wfd)
+            sys.stderr.write("%s ssh-gate on %s: cannot run %s: %s\n"
+                             % (PROG, self.cfg.local.name, argv[0], e.strerror))
+            return 127
+        finally:
+            for fd in [rfd] + held:
+                os.close(fd)
+        try:
+            _write_fully(wfd, head)
+            _copy_stream(0, wfd)
+        except BrokenPipeError:
+            pass            # zfs recv ended before the stream did: its status says why
+        finally:
+            os.close(wfd)
+        status = proc.wait()
+        return status if status >= 0 else 128 - status
+
+    def _watch_receive(self, guarded: List[str]) -> int:
+        """Start the watcher; returns the write end of its pipe (the
+        watcher acts when every copy of it is closed)."""
         ds = self.cfg.local.dataset
-        before = _guarded_state(ds, guarded)
+        before = _guarded_state(ds, list(guarded) + ["mounted"])
         rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:      # the watcher: away from the ssh session's pipes
@@ -2965,7 +3100,7 @@ class Gate:
                 logging.shutdown()
                 os._exit(0)
         os.close(rfd)
-        os.set_inheritable(wfd, True)     # held by zfs recv across exec
+        return wfd
 
     def answer(self, text: str) -> Tuple[int, bytes, bytes]:
         """One request of a session: (exit status, stdout, stderr)."""
@@ -2981,8 +3116,9 @@ class Gate:
             return EXIT_OK, gate_features_text(), b""
         argv = self.argv(req)
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=ZFS_TIMEOUT)
+            proc = subprocess.run(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=ZFS_TIMEOUT)
         except FileNotFoundError:
             return 127, b"", ("%s: command not found on %s\n"
                               % (argv[0], self.cfg.local.name)).encode()
@@ -3043,15 +3179,19 @@ def gate_recv_args(args: Sequence[str], usage: str) -> Tuple[List[str], List[str
     return args, guarded
 
 
+def _zfs_quiet(args: List[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["zfs"] + args, executable=zfs_program(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=ZFS_TIMEOUT)
+
+
 def _guarded_state(ds: str, props: Sequence[str]) -> Dict[str, Dict[str, Tuple[str, str]]]:
     """{dataset: {property: (value, source)}} of ds and the datasets below
     it ({} when ds does not exist yet)."""
     if not props:
         return {}
-    proc = subprocess.run(["zfs", "get", "-H", "-r", "-o", "name,property,value,source",
-                           ",".join(props), ds], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=ZFS_TIMEOUT)
+    proc = _zfs_quiet(["get", "-H", "-r", "-o", "name,property,value,source",
+                       ",".join(props), ds])
     out = {}    # type: Dict[str, Dict[str, Tuple[str, str]]]
     for line in proc.stdout.splitlines():
         parts = line.split("\t")
@@ -3060,39 +3200,129 @@ def _guarded_state(ds: str, props: Sequence[str]) -> Dict[str, Dict[str, Tuple[s
     return out
 
 
+_SHARING = ("sharenfs", "sharesmb")
+
+
 def _restore_guarded(ds: str, props: Sequence[str], before, client: str) -> str:
-    """Put back every guarded property a receive set on ds or below (source
-    'received' and not so before): the value set here before, else
-    inherited (canmount, which is not inherited: on).  A value set here
-    ('local': the master's 'set readonly=on' may come meanwhile) is never
-    touched.  Returns '' or what could not be put back."""
+    """Put back every guarded property a receive changed on ds or below:
+    a value set here before ('local') that the stream cleared is set again;
+    one the stream set (source 'received') is inherited, as it was; a value
+    set here now is never touched (the master's 'set readonly=on' may come
+    meanwhile); canmount, which is not
+    inherited, is set to its value before, else on.  zfs-fuse mounts a
+    dataset to share it whenever a change leaves sharenfs or sharesmb on,
+    and when canmount is set on: so first nothing the stream shared stays
+    shared (set off meanwhile); then, parents before their children (a
+    child's value follows its parent's), where they mount, the rest,
+    sharing, and canmount last; and whatever is mounted afterwards that
+    was not before (before['mounted']) is unmounted.  Returns '' or what
+    could not be put back."""
+    props = list(props)
+    now = _guarded_state(ds, props)
+    names = sorted(now)             # parents before their children
+    for name in reversed(names):
+        for prop in _SHARING:
+            if now[name].get(prop, ("", ""))[1] == "received":
+                _zfs_quiet(["set", prop + "=off", name])
+    order = ([p for p in props if p == "mountpoint"]
+             + [p for p in props if p not in _SHARING + ("mountpoint", "canmount")]
+             + [p for p in props if p in _SHARING] + [p for p in props if p == "canmount"])
     failed = []
-    for name, now in sorted(_guarded_state(ds, props).items()):
-        for prop, (value, source) in sorted(now.items()):
-            old = before.get(name, {}).get(prop)
-            if source != "received" or (value, source) == old:
-                continue
-            if old is not None and old[1] == "local":
-                cmd = ["set", "%s=%s" % (prop, old[0]), name]
-            elif prop == "canmount":
-                cmd = ["set", "canmount=%s" % (old[0] if old else "on"), name]
-            else:
-                cmd = ["inherit", prop, name]
-            proc = subprocess.run(["zfs"] + cmd, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  universal_newlines=True, timeout=ZFS_TIMEOUT)
+    for prop in order:
+        for name in names:
+            if prop in now[name]:
+                problem = _put_back(name, prop, now[name][prop],
+                                    before.get(name, {}).get(prop), client)
+                if problem:
+                    failed.append(problem)
+    for name, state in sorted(_guarded_state(ds, ["mounted"]).items(), reverse=True):
+        if state["mounted"][0] == "yes" and before.get(name, {}).get(
+                "mounted", ("no", ""))[0] != "yes":
+            proc = _zfs_quiet(["unmount", name])
             log.log(logging.WARNING if proc.returncode == 0 else logging.ERROR,
-                    "ssh-gate: the stream from %s set %s=%s on %s; %s ('zfs %s')",
-                    client, prop, value, name,
-                    "put back" if proc.returncode == 0 else "COULD NOT put it back: "
-                    + _stderr_text(proc.stderr), " ".join(cmd))
+                    "ssh-gate: %s was mounted after the stream from %s; %s", name, client,
+                    "unmounted" if proc.returncode == 0 else "COULD NOT unmount it: "
+                    + _stderr_text(proc.stderr))
             if proc.returncode != 0:
-                failed.append("%s %s=%s" % (name, prop, value))
+                failed.append("%s mounted" % name)
     if failed:
         return ("the received stream set properties that could not be put back: %s; "
                 "set them on this node by hand before mounting the replica"
                 % ", ".join(failed))
     return ""
+
+
+def _prop_state(name: str, prop: str) -> Tuple[str, str]:
+    """(value, source) of prop on name; ('', '') when it cannot be read."""
+    parts = _zfs_quiet(["get", "-H", "-o", "value,source", prop, name]).stdout.split("\t")
+    return (parts[0], parts[1].rstrip("\n")) if len(parts) == 2 else ("", "")
+
+
+def _put_back(name: str, prop: str, now: Tuple[str, str],
+              old: Optional[Tuple[str, str]], client: str) -> str:
+    """Put back prop on name as it was: now is (value, source) as the
+    receive left it, old as it was before (None for a dataset the receive
+    made).  '' or what could not be put back."""
+    value, source = now
+    if source == "local":
+        return ""       # set here (meanwhile too: the master's 'set readonly=on')
+    if old is not None and old[1] == "local":
+        cmd = ["set", "%s=%s" % (prop, old[0]), name]     # the stream cleared it
+    elif source != "received":
+        return ""
+    elif prop == "canmount":
+        cmd = ["set", "canmount=" + (old[0] if old else "on"), name]
+    elif old is None:
+        # zfs-fuse keeps the received value of a dataset the receive made
+        # through 'zfs inherit': set the value it would inherit
+        parent, _, last = name.rpartition("/")
+        inherited = _prop_state(parent, prop)[0]
+        if prop == "mountpoint" and inherited.startswith("/"):
+            inherited = os.path.join(inherited, last)
+        cmd = ["set", "%s=%s" % (prop, inherited), name]
+    else:
+        cmd = ["inherit", prop, name]
+    proc = _zfs_quiet(cmd)       # (zfs-fuse may fail to share, yet do it)
+    after = _prop_state(name, prop)
+    done = after[1] != "received" and (cmd[0] != "set" or after[0] == cmd[1].split("=", 1)[1])
+    log.log(logging.WARNING if done else logging.ERROR,
+            "ssh-gate: the stream from %s set %s=%s on %s; %s ('zfs %s')",
+            client, prop, value, name,
+            "put back" if done else "COULD NOT put it back: " + _stderr_text(proc.stderr),
+            " ".join(cmd))
+    return "" if done else "%s %s=%s" % (name, prop, value)
+
+
+GATE_CHUNK = 1 << 20     # bytes the gate moves at a time from the peer to zfs recv
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    """The first n bytes read from fd, fewer only at its end."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _copy_stream(src: int, dst: int) -> None:
+    """Everything from src to dst (a pipe) until src ends."""
+    splice = getattr(os, "splice", None)        # Python 3.10 on
+    while splice is not None:
+        try:
+            if not splice(src, dst, GATE_CHUNK):
+                return
+        except OSError as e:
+            if e.errno != errno.EINVAL:         # (EINVAL: src cannot be spliced)
+                raise
+            splice = None
+    while True:
+        chunk = os.read(src, GATE_CHUNK)
+        if not chunk:
+            return
+        _write_fully(dst, chunk)
 
 
 def _gate_frame(rc: int, out: bytes, err: bytes) -> bytes:
@@ -3537,7 +3767,6 @@ class RemoteZfs(ZfsBase):
 
 TRANSFER_CHUNK = 1 << 20
 TRANSFER_TAIL = 64 << 10   # held back until zfs send exited 0 (see pipe_transfer)
-_F_SETPIPE_SZ = 1031   # fcntl.F_SETPIPE_SZ, named only from Python 3.10
 
 
 @dataclasses.dataclass
@@ -3678,8 +3907,9 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
     moved, stalled, failed, stopped = 0, False, False, False
     send_status = None
     try:
-        send = subprocess.Popen(list(send_argv), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=send_err)
+        send = subprocess.Popen(list(send_argv), executable=program_of(send_argv),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=send_err)
         recv = subprocess.Popen(list(recv_argv), stdin=subprocess.PIPE,
                                 stdout=recv_err, stderr=recv_err)
         src, dst = send.stdout.fileno(), recv.stdin.fileno()
@@ -9201,6 +9431,8 @@ def _add_resolve(p) -> None:
 
 def cmd_daemon(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
+    for name in ("zfs", "zpool"):
+        zfs_program(name)       # found now, or a clear error now
     root = logging.getLogger()
     if args.verbose == 0:
         root.setLevel(logging.INFO)
@@ -9341,7 +9573,8 @@ this node; -r only with recursive = yes):
   session                         requests one per line, answers framed
   zfs get -H -p -o FIELDS PROPS [-d 1] D
   zfs list -H -o name D           (or a parent of D)
-  zfs recv -u [-s] D              (the stream on standard input)
+  zfs recv -u [-s] D              (the stream on standard input; a package
+                                  stream, send -R or -p, only with recursive = yes)
   zfs recv -A D
   zfs hold [-r] flocker D@SNAP
   zfs release [-r] flocker D@SNAP
@@ -9369,6 +9602,7 @@ def cmd_ssh_gate(args, cfg_path: str) -> int:
         return EXIT_USAGE
     try:
         cfg = load_config(cfg_path, args.node)
+        zfs_program()
     except FlockerError as e:
         log.error("ssh-gate: cannot serve the peer: %s", e.message)
         sys.stderr.write("%s ssh-gate: cannot serve requests: %s\n" % (PROG, e.message))

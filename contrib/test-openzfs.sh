@@ -7,6 +7,8 @@
 # emulation the suite takes several minutes more than on the host.
 #   bash contrib/test-openzfs.sh            # everything
 #   bash contrib/test-openzfs.sh -k state   # extra arguments go to pytest
+#   bash contrib/test-openzfs.sh tests/test_gate.py tests/test_replication.py
+#                                           # only these (no tests/ added)
 # The VM scripts live in shared/openzfs-vm beside the checkout (or set VM_DIR).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -43,8 +45,12 @@ FLOCKER_TEST_SLOW_PACKETS="${FLOCKER_TEST_SLOW_PACKETS:-$FLOCKER_TEST_SLOW}"
 echo "guest timing scale: FLOCKER_TEST_SLOW=$FLOCKER_TEST_SLOW" \
      "FLOCKER_TEST_SLOW_PACKETS=$FLOCKER_TEST_SLOW_PACKETS"
 args=""
-for a in "$@"; do args="$args $(printf '%q' "$a")"; done
+where=" tests/"         # the whole suite, unless test files are named
+for a in "$@"; do
+    args="$args $(printf '%q' "$a")"
+    case "$a" in tests/*|./tests/*) where="" ;; esac
+done
 "$vm/vm-run.sh" "export FLOCKER_TEST_SLOW=$(printf '%q' "$FLOCKER_TEST_SLOW")\
  FLOCKER_TEST_SLOW_PACKETS=$(printf '%q' "$FLOCKER_TEST_SLOW_PACKETS");\
  echo \"testing against: \$(zfs version | tr '\n' ' ')\";\
- python3 -m pytest -p no:cacheprovider -q -rs tests/$args"
+ python3 -m pytest -p no:cacheprovider -q -rs$where$args"

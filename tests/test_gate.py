@@ -5,6 +5,7 @@ for real, through the bed's sshd whose authorized_keys forces the gate on
 flocker's key (the whole suite replicates through it): hostile requests are
 refused, change nothing, and are logged on the peer with their reason."""
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ import pytest
 import bed as bedmod
 from conftest import ff
 from test_daemon import wait_for
-from test_replication import mnt, ok, fails, prepare, snaps, sync, write
+from test_replication import (fails, master_digest, mnt, ok, prepare, slave_digest, snaps,
+                              sync, write)
 
 
 def zget(ds, prop):
@@ -181,6 +183,61 @@ def test_recursive_allows_r_exactly_where_children_follow():
     refused("zfs destroy -r -r %s" % snap, "with no other option", recursive=True)
     refused("zfs destroy -r %s" % D, "a dataset is never destroyed", recursive=True)
     refused("zfs destroy -R %s" % snap, "with no other option", recursive=True)
+
+
+# The first 24 bytes of real streams (zfs-fuse, x86: little-endian): the
+# BEGIN record's type and payload length (4 bytes each), the magic
+# 0x2f5bacbac (8) and drr_versioninfo (8), whose two low bits are the
+# header type: 1 a plain stream ('send -i'), 2 a compound one: a package
+# ('send -R', '-p': its payload lists the datasets and their properties,
+# here 0x1c0 bytes; a plain stream per dataset follows) or, with no
+# payload, the snapshots of one dataset in a row ('send -I').
+PLAIN_LE = bytes.fromhex("0000000000000000accbbaf5020000000100000000000000")
+PACKAGE_LE = bytes.fromhex("00000000c0010000accbbaf5020000000200000000000000")
+SNAPSHOTS_LE = bytes.fromhex("0000000000000000accbbaf5020000000200000000000000")
+# the same from a big-endian sender (zfs recv byte-swaps what it reads)
+PLAIN_BE = bytes.fromhex("000000000000000000000002f5bacbac0000000000000001")
+PACKAGE_BE = bytes.fromhex("00000000000001c000000002f5bacbac0000000000000002")
+
+
+def header(first):
+    """A whole BEGIN record (312 bytes) starting with first."""
+    return first + bytes(312 - len(first))
+
+
+def test_stream_header_decides_before_anything_is_received():
+    """(issue 13, item 5) The gate reads the stream's first record itself:
+    a package stream carries properties (and with -R child datasets),
+    which a node with recursive = no never takes; anything that is not a
+    zfs send stream is refused too (pure)."""
+    for first in (PLAIN_LE, PLAIN_BE, SNAPSHOTS_LE):
+        assert ff.stream_refusal(header(first), recursive=False) == ""
+        assert ff.stream_refusal(header(first), recursive=True) == ""
+    for first in (PACKAGE_LE, PACKAGE_BE):
+        reason = ff.stream_refusal(header(first), recursive=False)
+        assert "package stream" in reason and "recursive = yes" in reason, reason
+        assert ff.stream_refusal(header(first), recursive=True) == ""
+    # a feature flag (bits 2 to 31) beside the header type changes nothing
+    flagged = bytearray(header(PACKAGE_LE))
+    flagged[16] |= 0x04
+    flagged[18] |= 0x02
+    assert "package stream" in ff.stream_refusal(bytes(flagged), recursive=False)
+    flagged = bytearray(header(PLAIN_BE))
+    flagged[23] |= 0xfc
+    assert ff.stream_refusal(bytes(flagged), recursive=False) == ""
+    not_a_stream = [
+        (b"", "ended after 0 bytes"),
+        (header(PLAIN_LE)[:311], "ended after 311 bytes"),
+        (header(b"\x01" + PLAIN_LE[1:]), "not a zfs send stream"),     # not BEGIN
+        (header(PLAIN_LE[:8] + b"\xad" + PLAIN_LE[9:]), "not a zfs send stream"),
+        (header(PLAIN_LE[:16] + b"\x03" + PLAIN_LE[17:]), "header type 3"),
+        (header(PLAIN_LE[:16] + b"\x00" + PLAIN_LE[17:]), "header type 0"),
+        (b"#!/bin/sh\nchmod u+s /bin/sh\n" * 20, "not a zfs send stream"),
+    ]
+    for head, needle in not_a_stream:
+        for r in (False, True):
+            reason = ff.stream_refusal(head, recursive=r)
+            assert needle in reason, (head[:24], reason)
 
 
 # ---------------------------------------------------------------------------
@@ -504,8 +561,9 @@ def test_a_stream_cannot_place_or_enable_files_through_the_gate(bed):
     promotion.  Through the gate, a stream never changes where the replica
     mounts, whether it mounts, or what may run from it (OpenZFS: 'zfs recv
     -x' keeps them out; zfs-fuse, which has no -x: the gate puts back what
-    the stream changed, before anything mounts the replica)."""
-    prepare(bed)
+    the stream changed, before anything mounts the replica).  A package
+    stream is taken only with recursive = yes (see below)."""
+    prepare(bed, cluster={"recursive": "yes"})
     write(bed, "x.bin", 10000)
     ok(sync(bed))
     a, b = bed.a, bed.b
@@ -517,7 +575,8 @@ def test_a_stream_cannot_place_or_enable_files_through_the_gate(bed):
     evil = os.path.join(bed.workdir, "evil-bin")
     for kv in ("mountpoint=" + evil, "exec=on", "setuid=on", "devices=on", "canmount=on",
                "readonly=off"):
-        bedmod.sh(["zfs", "set", kv, a.dataset])
+        bedmod.sh(["zfs", "set", kv, a.dataset], check=False)   # (may fail to remount)
+        assert zget(a.dataset, kv.split("=")[0]) == kv.split("=")[1], kv
     bedmod.sh(["zfs", "snapshot", a.dataset + "@evil"])
     send = subprocess.Popen(a.argv(["zfs", "send", "-p", "-i", "@" + common,
                                     a.dataset + "@evil"]), stdout=subprocess.PIPE)
@@ -538,10 +597,304 @@ def test_a_stream_cannot_place_or_enable_files_through_the_gate(bed):
     assert all(v[1] != "received" for v in after.values()), after
     assert {p: v for p, v in after.items() if p != "canmount"} == \
         {p: v for p, v in before.items() if p != "canmount"}
-    # said on the slave, with the client and the property
-    bed.gate_log.wait_for("set mountpoint=" + evil, "put back")
+    # (zfs-fuse) said on the slave, with the client and the property
+    if not ff.parse_zfs_features(ff.gate_features_text().decode()).recv_exclude:
+        bed.gate_log.wait_for("set mountpoint=" + evil, "put back")
     # and replication goes on (the cycle sets readonly=on as always)
     bedmod.sh(["zfs", "inherit", "mountpoint", a.dataset])
     write(bed, "y.bin", 10000)
     ok(sync(bed))
     assert guarded_props(b.dataset)["mountpoint"] == before["mountpoint"]
+
+
+# what a hostile package stream sets on the master's dataset and a child
+# (sharenfs only where nothing can be shared: no exportfs on this machine)
+EVIL = ("exec=on", "setuid=on", "devices=on", "readonly=off", "canmount=on")
+SHARED = ("sharenfs",) if bedmod.shutil.which("exportfs") is None else ()
+WATCHED = GUARDED + SHARED
+
+
+def _make_evil(bed, evil_dir):
+    """On the master: its dataset, and a new child 'kid', carry every
+    property that would place or run files on the slave (mountpoint
+    evil_dir, evil_dir-kid), in snapshot @evil (mounted there or not:
+    that is the master's own business)."""
+    a = bed.a.dataset
+    bedmod.sh(["zfs", "create", a + "/kid"])
+    for ds in (a + "/kid", a):
+        bedmod.sh(["zfs", "unmount", ds])
+    places = ((a, evil_dir), (a + "/kid", evil_dir + "-kid"))
+    for ds, where in places:
+        for kv in ("canmount=noauto", "mountpoint=" + where) + EVIL:
+            bedmod.sh(["zfs", "set", kv, ds], check=False)
+    # sharing last (OpenZFS sets nothing more on a dataset it cannot
+    # share; zfs may say it cannot share: it is set all the same)
+    for ds, where in places:
+        for prop in SHARED:
+            bedmod.sh(["zfs", "set", prop + "=on", ds], check=False)
+    for ds, where in places:
+        for kv in ("mountpoint=" + where,) + EVIL + tuple(p + "=on" for p in SHARED):
+            assert zget(ds, kv.split("=")[0]) == kv.split("=")[1], (ds, kv)
+    bedmod.sh(["zfs", "snapshot", "-r", a + "@evil"])
+
+
+def _unmake_evil(bed):
+    """The master's dataset and its child as they were before (plain)."""
+    a = bed.a.dataset
+    for ds in (a, a + "/kid"):
+        bedmod.sh(["zfs", "unmount", ds], check=False)
+    for ds in (a + "/kid", a):          # sharing first (see _make_evil)
+        for prop in SHARED:
+            bedmod.sh(["zfs", "inherit", prop, ds], check=False)
+    for ds in (a, a + "/kid"):
+        for prop in ("mountpoint", "exec", "setuid", "devices", "readonly"):
+            bedmod.sh(["zfs", "inherit", prop, ds], check=False)   # (may say: cannot share)
+        bedmod.sh(["zfs", "set", "canmount=on", ds], check=False)
+    for ds in (a + "/kid", a):          # (zfs-fuse mounts what it changes)
+        bedmod.sh(["zfs", "unmount", ds], check=False)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(mnt(bed.a, a + "/kid"))    # left empty where a mounts
+    for ds in (a, a + "/kid"):
+        assert zget(ds, "mountpoint") == mnt(bed.a, ds), ds
+        bedmod.sh(["zfs", "mount", ds])
+
+
+def _send_through_gate(bed, send_args, timeout=120):
+    """zfs send SEND_ARGS on the master | ssh (flocker's key) slave 'zfs
+    recv -u D': the gate on the slave decides.  Returns the ssh result."""
+    a, b = bed.a, bed.b
+    send = subprocess.Popen(a.argv(["zfs", "send"] + list(send_args)),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        recv = subprocess.run(a.ssh_argv(b, ["zfs", "recv", "-u", b.dataset], gated=True),
+                              stdin=send.stdout, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=timeout)
+    finally:
+        send.stdout.close()
+        if send.wait(timeout=60) is None:       # pragma: no cover
+            send.kill()
+    return recv
+
+
+def _tree(ds):
+    """{dataset: {property: [value, source]}} of ds and below, for the
+    guarded properties (and 'mounted')."""
+    out = {}
+    p = bedmod.sh(["zfs", "get", "-H", "-r", "-o", "name,property,value,source",
+                   ",".join(WATCHED + ("mounted",)), ds])
+    for line in p.stdout.splitlines():
+        name, prop, value, source = line.split("\t")
+        if "@" not in name:
+            out.setdefault(name, {})[prop] = [value, source]
+    return out
+
+
+def _mounts_of(ds):
+    """{dataset: where it is mounted} for ds and the datasets below it."""
+    out = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == ds or fields[0].startswith(ds + "/"):
+                out[fields[0]] = fields[1].replace("\\040", " ")
+    return out
+
+
+def test_package_stream_is_refused_when_not_recursive(bed):
+    """(issue 13, item 5) With recursive = no, replication sends plain
+    streams only.  A package stream ('zfs send -R' or '-p': a list of
+    datasets with their properties, then a stream per dataset) would set
+    the replica's mountpoint, exec, setuid, canmount and sharenfs and create
+    child datasets: the gate reads the stream's first record and refuses
+    it before anything is received, says why to the client and logs it.
+    The replica stays exactly as it was; plain replication goes on."""
+    prepare(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    a, b = bed.a, bed.b
+    common = [n for n in snaps(a.dataset) if ff.is_flocker_snapshot(n)][-1]
+    before = (snaps(b.dataset), _tree(b.pool.name), slave_digest(bed))
+    evil = os.path.join(bed.workdir, "evil-bin")
+    _make_evil(bed, evil)
+    for flags in (["-R"], ["-p"]):
+        recv = _send_through_gate(bed, flags + ["-i", "@" + common, a.dataset + "@evil"])
+        assert recv.returncode == ff.EXIT_REFUSED, (flags, recv.returncode, recv.stderr)
+        assert "ssh-gate on beta: refused: " in recv.stderr, recv.stderr
+        assert "package stream" in recv.stderr and "recursive = no" in recv.stderr
+        prio, line = bed.gate_log.wait_for("package stream", "zfs recv -u " + b.dataset)
+        assert prio == WARNING
+        # nothing arrived: no snapshot, no child, not a property
+        assert (snaps(b.dataset), _tree(b.pool.name)) == before[:2]
+    assert slave_digest(bed) == before[2]
+    # the plain stream of the same snapshot is taken (and carries no property)
+    recv = _send_through_gate(bed, ["-i", "@" + common, a.dataset + "@evil"])
+    assert recv.returncode == 0, recv.stderr
+    assert "evil" in snaps(b.dataset)
+    assert _tree(b.pool.name) == before[1]
+    _unmake_evil(bed)
+    write(bed, "y.bin", 10000)
+    ok(sync(bed))
+    assert slave_digest(bed) == master_digest(bed)
+    assert _tree(b.pool.name) == before[1]
+
+
+def test_package_stream_of_a_recursive_pair_sets_no_guarded_property(bed, zfs_ready):
+    """(issue 13, item 5) With recursive = yes, package streams are what
+    replication sends ('zfs send -R'): the gate takes them, and the guard
+    covers every dataset the stream creates or changes below the replica
+    too (OpenZFS: 'zfs recv -x' applies to the descendants; zfs-fuse: the
+    gate puts back what the stream set, on each of them).  Nothing mounts
+    anywhere but below the replica's own mountpoint."""
+    prepare(bed, cluster={"recursive": "yes"})
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    a, b = bed.a, bed.b
+    common = [n for n in snaps(a.dataset) if ff.is_flocker_snapshot(n)][-1]
+    before = _tree(b.dataset)
+    evil = os.path.join(bed.workdir, "evil-bin")
+    _make_evil(bed, evil)
+    recv = _send_through_gate(bed, ["-R", "-i", "@" + common, a.dataset + "@evil"])
+    assert recv.returncode == 0, recv.stderr
+    kid = b.dataset + "/kid"
+    assert "evil" in snaps(kid)                        # the child arrived
+
+    # (zfs-fuse: the gate puts back what the stream set, and unmounts what
+    # that mounted, the moment zfs recv ended)
+    deadline = time.monotonic() + bedmod.scaled(5)
+    while True:
+        after = _tree(b.dataset)
+        received = [(ds, prop) for ds, props in after.items()
+                    for prop, (value, src) in props.items() if src == "received"]
+        mounted = [ds for ds in after if after[ds]["mounted"][0] == "yes"
+                   and before.get(ds, {}).get("mounted", ["no"])[0] != "yes"]
+        if not (received or mounted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not received and not mounted, (after, bed.gate_log.messages)
+    # canmount, which cannot be inherited, may have been put back as a local 'on'
+    assert after[b.dataset].pop("canmount")[0] == before[b.dataset].pop("canmount")[0]
+    assert after[b.dataset] == before[b.dataset], after
+    # the new child: every guarded property inherited from the replica (or
+    # the default), never the stream's; canmount, not inheritable: on.
+    # (zfs-fuse keeps the received value of a dataset the receive made
+    # through 'zfs inherit': there the gate sets the value it would inherit)
+    inherited = ("inherited from " + b.dataset,) + (
+        ("local",) if zfs_ready == "zfs-fuse" else ())
+    for prop in WATCHED:
+        value, source = after[kid][prop]
+        assert source != "received", (prop, value, source)
+        if prop == "mountpoint":
+            assert value == os.path.join(mnt(b), "kid") and source in inherited, \
+                (prop, value, source)
+        elif prop == "canmount":
+            assert value == "on", (prop, value, source)
+        else:
+            assert value == after[b.dataset][prop][0], (prop, value, source)
+    # none of them mounted (received with -u), and mounted, the replica
+    # lands where it always did
+    assert _mounts_of(b.dataset) == {}
+    bedmod.sh(["zfs", "mount", b.dataset])
+    try:
+        assert _mounts_of(b.dataset) == {b.dataset: mnt(b)}
+    finally:
+        bedmod.sh(["zfs", "unmount", b.dataset])
+    _unmake_evil(bed)
+    write(bed, "y.bin", 10000)
+    ok(sync(bed))
+
+
+def test_zfs_programs_are_found_in_fixed_directories_only(monkeypatch, tmp_path):
+    """(issue 13, item 5) zfs and zpool are found in ZFS_DIRS, whatever
+    PATH says; where none holds them, the error says what to do (pure
+    lookup, this machine's files)."""
+    planted = tmp_path / "bin"
+    planted.mkdir()
+    for name in ("zfs", "zpool"):
+        (planted / name).write_text("#!/bin/sh\nexit 1\n")
+        (planted / name).chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (planted, os.environ.get("PATH", "")))
+    monkeypatch.setattr(ff, "_ZFS_PROGRAMS", {})
+    for name in ("zfs", "zpool"):
+        path = ff.zfs_program(name)
+        assert os.path.dirname(path) in ff.ZFS_DIRS and os.access(path, os.X_OK), path
+    assert ff.program_of(["zfs", "list"]) == ff.zfs_program("zfs")
+    assert ff.program_of(["ssh", "x"]) == "ssh"
+    monkeypatch.setattr(ff, "_ZFS_PROGRAMS", {})
+    monkeypatch.setattr(ff, "ZFS_DIRS", (str(tmp_path / "none"), "/nonexistent"))
+    with pytest.raises(ff.ZfsError) as e:
+        ff.zfs_program("zpool")
+    assert e.value.exit_code == ff.EXIT_ZFS
+    for needle in ("no zpool program in %s /nonexistent" % (tmp_path / "none"),
+                   "never through PATH", "ln -s /usr/local/sbin/zpool /usr/sbin/zpool"):
+        assert needle in e.value.message, e.value.message
+
+
+def test_a_zfs_planted_early_on_path_is_never_run(bed):
+    """(issue 13, item 5) sshd's PATH (and init's) puts /usr/local/bin
+    first: a 'zfs' there (planted by whoever may write there, or a dataset
+    received with mountpoint=/usr/local/bin) would run as root for every
+    request.  The commands and the gate run zfs and zpool from fixed
+    directories: with a planted zfs and zpool first on PATH, a sync, the
+    gate's requests, a session and a receive all work and never run them."""
+    prepare(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    planted = os.path.join(bed.workdir, "planted-bin")
+    ran = os.path.join(bed.workdir, "planted-ran")
+    os.makedirs(planted)
+    for name in ("zfs", "zpool"):
+        with open(os.path.join(planted, name), "w") as f:
+            f.write("#!/bin/sh\necho \"$0 $*\" >> %s\nexit 1\n" % ran)
+        os.chmod(os.path.join(planted, name), 0o755)
+    env = dict(os.environ, PATH=planted + ":" + os.environ.get("PATH", "/usr/bin:/bin"))
+    a, b = bed.a, bed.b
+    # a one-shot command on the master: listing, snapshot, zpool sync, zfs send
+    write(bed, "y.bin", 10000)
+    for command in ("sync", "status"):
+        p = a.run([sys.executable, bedmod.PROGRAM, "--config", bed.config_path, "--node",
+                   "alpha", command], check=False, env=env)
+        assert not os.path.exists(ran), open(ran).read()
+        ok(p)
+    # the gate on the slave, as sshd runs it but with that PATH
+    gate = [sys.executable, bedmod.PROGRAM, "--config", bed.config_path,
+            "--syslog-socket", bed.gate_log.path, "ssh-gate"]
+    genv = dict(env, SSH_CONNECTION="192.0.2.1 5555 192.0.2.2 22")
+
+    def ask(text, **kw):
+        return b.run(gate, check=False, env=dict(genv, SSH_ORIGINAL_COMMAND=text), **kw)
+    p = ask("zfs list -H -o name " + b.dataset)
+    assert p.returncode == 0 and p.stdout == b.dataset + "\n", p.stderr
+    p = ask("features")
+    assert p.returncode == 0 and ff.parse_zfs_features(p.stdout) == ff.parse_zfs_features(
+        ff.gate_features_text().decode())
+    p = ask("session", input="zfs get -H -p -o value guid %s\n" % b.dataset)
+    assert p.returncode == 0 and p.stdout.splitlines()[1].startswith("0 "), p.stdout
+    common = [n for n in snaps(a.dataset) if ff.is_flocker_snapshot(n)][-1]
+    bedmod.sh(["zfs", "snapshot", a.dataset + "@plain"])
+    stream = subprocess.run(["zfs", "send", "-i", "@" + common, a.dataset + "@plain"],
+                            stdout=subprocess.PIPE, check=True, timeout=60).stdout
+    p = subprocess.run(b.argv(gate), input=stream, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60,
+                       env=dict(genv, SSH_ORIGINAL_COMMAND="zfs recv -u " + b.dataset))
+    assert p.returncode == 0, p.stderr
+    assert "plain" in snaps(b.dataset)
+    assert not os.path.exists(ran), open(ran).read()
+
+
+def test_putting_back_keeps_what_is_set_here_meanwhile(pool):
+    """The watcher's rule (zfs-fuse), on real ZFS: a value set on this node
+    before the receive that the stream cleared is set again; a value set
+    here while the receive ran (the master's 'set readonly=on', after a
+    promotion left readonly=off) is never undone."""
+    ds = pool.name + "/replica"
+    bedmod.sh(["zfs", "create", ds])
+    bedmod.sh(["zfs", "unmount", ds])       # (as a replica is: received with -u)
+    bedmod.sh(["zfs", "set", "readonly=on", ds])            # set here meanwhile
+    before = {ds: {"readonly": ("off", "local"), "exec": ("off", "local"),
+                   "mounted": ("no", "-")}}
+    # (exec=off, set here before; the stream cleared it: now the default)
+    assert zget(ds, "exec") == "on"
+    assert ff._restore_guarded(ds, ["readonly", "exec"], before, "192.0.2.1") == ""
+    assert bedmod.sh(["zfs", "get", "-H", "-o", "value,source", "readonly,exec",
+                      ds]).stdout.split() == ["on", "local", "off", "local"]

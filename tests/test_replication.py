@@ -716,13 +716,31 @@ def _pids_of(argv_prefix, must_contain):
 
 
 def _wait_for(fn, timeout=30, what="condition"):
+    """fn()'s first true value, waited for up to timeout seconds; what
+    (or what() when callable) says what was waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = fn()
         if v:
             return v
         time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s" % what)
+    raise AssertionError("timed out waiting for %s" % (what() if callable(what) else what))
+
+
+def _waiting_for_recv(h):
+    """What the wait for h's zfs recv reports when it times out: the
+    command lines of the processes running on h."""
+    def what():
+        lines = []
+        for pid in bedmod._netns_pids(h.ns):
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    lines.append("%d %s" % (pid, f.read().replace(b"\0", b" ").decode(
+                        "utf-8", "replace")[:200]))
+            except OSError:
+                pass
+        return "zfs recv on %s; its processes:\n%s" % (h.name, "\n".join(lines))
+    return what
 
 
 def _slow_link(bed, rate="16mbit"):
@@ -751,7 +769,8 @@ def _freeze_sender_mid_stream(bed):
     try:
         # the receive first: before it, a short 'zfs send -i' may run that
         # only checks whether the new snapshot is empty (zfs-fuse)
-        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
+        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
+                  timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
         send = _wait_for(lambda: _pids_of(["zfs", "send"], bed.a.dataset),
                          what="zfs send")[0]
         time.sleep(0.3)
@@ -816,7 +835,8 @@ def test_interrupted_transfer_resumes_from_its_token(bed):
         rx = _link_bytes(b, 0)
         proc = _sync_in_background(bed)
         try:
-            _wait_for(lambda: _pids_of(["zfs", "recv"], b.dataset), what="zfs recv")
+            _wait_for(lambda: _pids_of(["zfs", "recv"], b.dataset),
+                      timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(b))
             send = _wait_for(lambda: _pids_of(["zfs", "send"], a.dataset), what="zfs send")
             _wait_for(lambda: _link_bytes(b, 0) - rx > size // 2, timeout=60,
                       what="half the stream to reach beta")
@@ -860,23 +880,32 @@ def test_interrupted_transfer_resumes_from_its_token(bed):
     assert slave_digest(bed) == master_digest(bed)
 
 
-def _sshd_sessions(h):
-    """The sshd processes serving connections on host h (not its listener)."""
-    out = []
-    for pid in bedmod._netns_pids(h.ns):
+def _sshd_feeding(pid):
+    """The sshd process whose connection feeds pid: pid's nearest ancestor
+    that is an sshd (the session's, which moves the channel's bytes; not
+    the listener, further up), found by the parent chain in /proc, not by
+    process titles; None when there is none (any more)."""
+    for _ in range(20):
         try:
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                if f.read().startswith(b"sshd: root@"):
-                    out.append(pid)
+            with open("/proc/%d/stat" % pid) as f:
+                stat = f.read()
         except OSError:
-            pass
-    return out
+            return None
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm in ("sshd", "sshd-session"):
+            return pid
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if pid <= 1:
+            return None
+    return None
 
 
 def test_stalled_transfer_is_killed(bed):
-    """The peer hangs mid-stream (its sshd frozen): once the buffers between
-    the hosts are full no byte moves, and the watchdog ends the transfer.
-    (Freezing zfs recv would not do: zfs-fuse's daemon does the reading.)"""
+    """The peer hangs mid-stream (the sshd session that feeds its zfs recv
+    frozen): once the buffers between the hosts are full no byte moves, and
+    the watchdog ends the transfer.  (Freezing zfs recv would not do:
+    zfs-fuse's daemon does the reading.)  The session is found from zfs
+    recv up its parents, not by sshd's process titles."""
     prepare(bed, cluster={"transfer_stall_timeout": "2"})
     write(bed, "base.bin", 50000)
     ok(sync(bed))
@@ -885,9 +914,11 @@ def test_stalled_transfer_is_killed(bed):
     proc = _sync_in_background(bed)
     frozen = []
     try:
-        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset), what="zfs recv")
-        frozen = _sshd_sessions(bed.b)
-        assert frozen
+        recv = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
+                         timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
+        session = _wait_for(lambda: _sshd_feeding(recv[0]),
+                            what="the sshd session feeding zfs recv (pid %d)" % recv[0])
+        frozen = [session]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
