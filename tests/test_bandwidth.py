@@ -10,7 +10,7 @@ import time
 import pytest
 
 import bed as bedmod
-from conftest import ff
+from conftest import HEARTBEAT_TIMING, ff
 from test_daemon import DEAD, Running, init, wait_for
 
 MiB = 1 << 20
@@ -90,6 +90,7 @@ def start_then_write(bed, rate, mib):
     return da, db
 
 
+@HEARTBEAT_TIMING
 def test_a_limited_replication_takes_its_time_and_the_heartbeats_stay_on_time(bed):
     """A 50 MiB increment at 5 MiB/s through the real cycle (zfs send, our
     relay, ssh, the gate, zfs recv) takes 10 s ± 15 %; the daemons meanwhile
@@ -110,7 +111,7 @@ def test_a_limited_replication_takes_its_time_and_the_heartbeats_stay_on_time(be
         print("%d bytes in %.2f s (%.2f MiB/s; the limit alone: %.2f s)"
               % (size, seconds, size / seconds / MiB, expected))
         assert expected * 0.85 <= seconds <= expected * 1.15 + 1.0, (seconds, expected)
-        for d in (da, db):
+        for d in (da, db):      # (with the other heartbeat-timing tests, one at a time)
             s = d.status()
             assert s["peer"]["dead_verdicts"] == 0, s["peer"]
             assert all(lk["max_gap_seconds"] < DEAD for lk in s["links"]), s["links"]
