@@ -2325,11 +2325,12 @@ class Zfs(ZfsBase):
             return False
         return proc.returncode == 0 and stream_is_empty(proc.stdout)
 
-    def stream_size(self, dataset: str, old: str, new: str) -> int:
-        """Bytes of the incremental stream old -> new, 0 when it carries no
-        change (the divergence measure; the stream is counted as it is
-        read, never held in memory)."""
-        argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
+    def stream_size(self, dataset: str, old: Optional[str], new: str) -> int:
+        """Bytes of the incremental stream old -> new (old None: the full
+        stream of new), 0 when it carries no change (the divergence
+        measure; the stream is counted as it is read, never held in
+        memory)."""
+        argv = [self.zfs, "send"] + (["-i", old] if old else []) + ["%s@%s" % (dataset, new)]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         head, total = b"", 0
@@ -2346,7 +2347,7 @@ class Zfs(ZfsBase):
             status = proc.wait()
         if status != 0:
             raise ZfsError("cannot measure the changes %s@%s -> %s: %s"
-                           % (dataset, old, new, _stderr_text(err)))
+                           % (dataset, old or "(nothing)", new, _stderr_text(err)))
         return 0 if total <= 4096 and stream_is_empty(head) else total
 
     def settle(self, pool: str) -> bool:
@@ -4516,6 +4517,7 @@ class Side:
     policy: str          # this node's divergence_policy
     changes: int         # bytes written since the newest common snapshot (0: none)
     serving: bool = False  # it ran the user system as master when the attempt began
+    recursive: bool = False  # its configuration says recursive = yes (child datasets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4525,6 +4527,26 @@ class Verdict:
     loser: Optional[str]
     preserve: bool       # the loser has changes of its own that must be kept
     reason: str
+    # the node that would lose and has changes that the tool cannot keep
+    # (recursive = yes): the operator keeps them by hand
+    kept_by_hand: Optional[str] = None
+
+
+def resolved(w: Side, loser: Side, why: str) -> Verdict:
+    """w continues, unless the loser changed something and the nodes have
+    recursive = yes: keeping the divergent data of a dataset with child
+    datasets (preserve_divergence) is not done by the tool, so that
+    verdict goes to the operator, the same on both nodes, before anything
+    stops (README, "Divergent data")."""
+    if loser.changes > 0 and (w.recursive or loser.recursive):
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "%s would win (%s), but %s changed %d bytes since the common "
+                       "snapshot and must keep them, and flocker-failover does not keep "
+                       "the divergent data of datasets with recursive = yes: nothing was "
+                       "stopped or changed on either node; an operator decides"
+                       % (w.node, why, loser.node, loser.changes), kept_by_hand=loser.node)
+    return Verdict(VERDICT_RESOLVED, w.node, loser.node, loser.changes > 0,
+                   "%s wins: %s" % (w.node, why))
 
 
 def is_split_brain(a: Side, b: Side) -> bool:
@@ -4546,9 +4568,7 @@ def verdict(a: Side, b: Side) -> Verdict:
     a, b = sorted((a, b), key=lambda s: s.node)   # the same order on both hosts
 
     def won(w: Side, why: str) -> Verdict:
-        loser = b if w is a else a
-        return Verdict(VERDICT_RESOLVED, w.node, loser.node, loser.changes > 0,
-                       "%s wins: %s" % (w.node, why))
+        return resolved(w, b if w is a else a, why)
 
     def tie_break(why: str) -> Verdict:
         if a.epoch != b.epoch:
@@ -4906,30 +4926,60 @@ def _check_peer_parent(peer: ZfsBase, pds: str, name: str) -> None:
             "with 'zfs create -p %s'; nothing was sent" % (parent, pds, name, parent))
 
 
+def tree_changes(zfs: ZfsBase, ds: str, old: str, new: str, recursive: bool) -> int:
+    """The bytes this side changed from snapshot old to snapshot new: the
+    size of the incremental stream, 0 when it carries no change (a measure
+    zfs-fuse and OpenZFS give alike).  With recursive = yes, summed over
+    the file systems and volumes below ds too (snapshot -r gave them the
+    same snapshot names): a child made after old counts its whole stream,
+    one made after new (no snapshot of that name) its referenced bytes;
+    either is a change."""
+    total = zfs.stream_size(ds, old, new)
+    if not recursive:
+        return total
+    for child in zfs.descendants(ds):
+        if not zfs.exists("%s@%s" % (child, new)):
+            total += max(1, int(zfs.get(child, ["referenced"]).get("referenced") or 1))
+        else:
+            total += zfs.stream_size(child, old if zfs.exists("%s@%s" % (child, old))
+                                     else None, new)
+    return total
+
+
+def _tree_written(zfs: ZfsBase, ds: str) -> Set[str]:
+    """The 'written' values of ds and every file system and volume below it
+    (a set: {"0"} when nothing changed anywhere; empty when unreadable)."""
+    proc = zfs.run(["get", "-H", "-p", "-o", "value", "-r", "-t", "filesystem,volume",
+                    "written", ds], check=False)
+    return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
 def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock) -> Listing:
     """Take a cycle snapshot unless the dataset is unchanged since its newest
     one.  With the 'written' property that is a property read; without it
     (zfs-fuse) the snapshot is taken and, when its incremental stream from
     the previous one is empty (the two are identical, so it holds nothing
-    the previous one does not), destroyed again."""
-    ds = local.dataset
+    the previous one does not), destroyed again.  With recursive = yes the
+    same over the dataset and every dataset below it (snapshot -r; the
+    'written' of each, or tree_changes, then destroy -r)."""
+    ds, r = local.dataset, cfg.recursive
     newest = local.snaps[-1] if local.snaps else None
-    # (written and the stream check see the top dataset only: with child
-    # datasets every cycle takes its snapshot, and retention thins them)
     # 'written' only moves when a transaction group commits (up to seconds
     # later): trust a 0 only after making the pool commit, and read it again
-    if newest is not None and zfs.features().written and not cfg.recursive:
-        if zfs.settle(ds.split("/")[0]) and zfs.written(ds) == "0":
+    if newest is not None and zfs.features().written:
+        if zfs.settle(ds.split("/")[0]) and (
+                _tree_written(zfs, ds) == {"0"} if r else zfs.written(ds) == "0"):
             return local
     name = snapshot_name(epoch, clock())
     n = 1
     while local.snap(name) is not None:
         n += 1
         name = "%s-%d" % (snapshot_name(epoch, clock()), n)
-    zfs.snapshot(ds, name, cfg.recursive)
-    if (newest is not None and not cfg.recursive and not zfs.features().written
-            and zfs.send_stream_is_empty(ds, newest.name, name)):
-        zfs.run(["destroy", "%s@%s" % (ds, name)])
+    zfs.snapshot(ds, name, r)
+    if newest is not None and not zfs.features().written and (
+            tree_changes(zfs, ds, newest.name, name, True) == 0 if r
+            else zfs.send_stream_is_empty(ds, newest.name, name)):
+        zfs.run(["destroy"] + (["-r"] if r else []) + ["%s@%s" % (ds, name)])
         return local
     fresh = zfs.listing(ds)
     if fresh is None or fresh.snap(name) is None:
@@ -5462,8 +5512,13 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
     serving the rolled-back dataset."""
     ds = ctx.cfg.local.dataset
     if ctx.cfg.recursive:
-        raise ActionError("keeping divergent data of recursive datasets is not supported yet; "
-                          "nothing was changed: copy %s aside by hand, then resync" % ds)
+        # (the verdict refuses it before the loser stops: see resolved();
+        # here only when it wrote more between its measure and its stop)
+        raise NeedsOperator(
+            "this node changed %s or its child datasets since %s@%s, and flocker-failover "
+            "does not keep the divergent data of datasets with recursive = yes; nothing "
+            "was changed%s" % (ds, ds, common, keep_by_hand_hint(ctx.cfg, Verdict(
+                VERDICT_OPERATOR, None, None, False, "", kept_by_hand=ctx.cfg.local_name))))
     if not ctx.zfs.exists("%s@%s" % (ds, common)):
         raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
                           % (ds, common))
@@ -5619,10 +5674,15 @@ class NeedsOperator(ActionError):
     policy mismatch, both changed under zero-changes-only)."""
 
 
+RECURSIVE_SUFFIX = "+recursive"   # on the policy word: this node has recursive = yes
+
+
 def format_divergence(common_guid: str, attempt: int, epoch: int, changes: int, policy: str,
-                      winner: Optional[str], serving: bool = False) -> str:
+                      winner: Optional[str], serving: bool = False,
+                      recursive: bool = False) -> str:
     return "v3 %s %d %d %d %d %s %s" % (common_guid, attempt, epoch, changes, int(serving),
-                                        policy, winner or "-")
+                                        policy + (RECURSIVE_SUFFIX if recursive else ""),
+                                        winner or "-")
 
 
 def parse_divergence(value: Optional[str]) -> Optional[dict]:
@@ -5632,9 +5692,12 @@ def parse_divergence(value: Optional[str]) -> Optional[dict]:
     if (len(words) != 8 or words[0] != "v3" or not all(w.isdigit() for w in words[2:5])
             or words[5] not in ("0", "1")):
         return None
+    policy, recursive = words[6], words[6].endswith(RECURSIVE_SUFFIX)
+    if recursive:
+        policy = policy[:-len(RECURSIVE_SUFFIX)]
     return {"common_guid": words[1], "attempt": int(words[2]), "epoch": int(words[3]),
-            "changes": int(words[4]), "serving": words[5] == "1", "policy": words[6],
-            "winner": None if words[7] == "-" else words[7]}
+            "changes": int(words[4]), "serving": words[5] == "1", "policy": policy,
+            "recursive": recursive, "winner": None if words[7] == "-" else words[7]}
 
 
 def facts_of_this_attempt(theirs: Optional[dict], common_guid: str, attempt: int) -> bool:
@@ -5658,8 +5721,7 @@ def divergence_verdict(me: Side, peer: Side, my_choice: Optional[str],
     if choices:
         w = choices.pop()
         winner, loser = (me, peer) if me.node == w else (peer, me)
-        return Verdict(VERDICT_RESOLVED, winner.node, loser.node, loser.changes > 0,
-                       "%s wins: an operator chose it ('resolve --winner %s')" % (w, w))
+        return resolved(winner, loser, "an operator chose it ('resolve --winner %s')" % w)
     return verdict(me, peer)
 
 
@@ -5681,7 +5743,8 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
     if snapshot:
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
     after = snaps_after(local, common.guid)
-    changes = zfs.stream_size(ds, common.name, after[-1].name) if after else 0
+    changes = (tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive)
+               if after else 0)
     # the epoch this side wrote its divergent data under: the one in the
     # name of its first snapshot after the common one, which a later
     # promotion does not change.  A side that changed nothing offers its
@@ -5692,7 +5755,8 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
                       if e is not None), st.epoch)
     else:
         epoch = st.epoch if st.role == ROLE_MASTER else 0
-    return Side(cfg.local_name, epoch, cfg.divergence_policy, changes), common, st.epoch
+    return (Side(cfg.local_name, epoch, cfg.divergence_policy, changes,
+                 recursive=cfg.recursive), common, st.epoch)
 
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
@@ -5719,7 +5783,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         serving = serving or mine["serving"]    # what it was when this attempt began
     me = dataclasses.replace(me, serving=serving)
     facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
-                              winner_choice, me.serving)
+                              winner_choice, me.serving, me.recursive)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
         failpoint("resolve:published")
@@ -5744,14 +5808,15 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                 after = snaps_after(remote, common.guid)
                 theirs = {"epoch": _marker_epoch(remote),
                           "changes": -1 if after else 0, "serving": False,
-                          "policy": cfg.divergence_policy, "winner": None}
+                          "policy": cfg.divergence_policy, "recursive": cfg.recursive,
+                          "winner": None}
                 break
             raise ActionError("%s did not publish its side of the divergence within %g s; "
                               "is its daemon running?" % (cfg.peer.name, RESOLVE_WAIT))
         time.sleep(0.3)
         remote = peer.listing(cfg.peer.dataset) or remote
     other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"],
-                 theirs["serving"])
+                 theirs["serving"], theirs["recursive"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     settle = time.monotonic() + CHOICE_SETTLE
     while v.status != VERDICT_RESOLVED and not dry_run and time.monotonic() < settle:
@@ -5763,7 +5828,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         if facts_of_this_attempt(fresh, common.guid, attempt) and fresh != theirs:
             theirs = fresh
             other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"],
-                         theirs["changes"], theirs["serving"])
+                         theirs["changes"], theirs["serving"], theirs["recursive"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     if dry_run:
         return v, common.guid
@@ -5778,7 +5843,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     ctx.store.record_event("verdict", text, "error" if v.status != VERDICT_RESOLVED else
                            "warning" if split else "info")
     if v.status != VERDICT_RESOLVED:
-        raise NeedsOperator(v.reason)
+        raise NeedsOperator(v.reason + keep_by_hand_hint(cfg, v))
     failpoint("resolve:verdict")
     top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
     if v.loser == cfg.local_name:
@@ -5791,8 +5856,24 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             # epoch, for a loser that restarts and begins again from there
             zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
                 common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
-                me.serving))
+                me.serving, me.recursive))
     return v, common.guid
+
+
+def keep_by_hand_hint(cfg: Config, v: Verdict) -> str:
+    """How the operator keeps the data of a side the tool does not keep
+    (recursive = yes), with that node's names ('' for other verdicts)."""
+    if v.kept_by_hand is None:
+        return ""
+    node = cfg.local if v.kept_by_hand == cfg.local_name else cfg.peer
+    ds = node.dataset
+    return (". To keep %s's data and let it resync: on %s, stop flocker-failover's "
+            "daemon (a serving master stops its user system), then run 'zfs rename %s "
+            "%s-kept' (its child datasets move with it), 'zfs set canmount=noauto "
+            "%s-kept', 'flocker_failover.py init --role slave --force', and start the "
+            "daemon again: the other node continues and sends it a full copy. Or, to "
+            "let %s continue instead, do the same on the other node"
+            % (node.name, node.name, ds, ds, ds, node.name))
 
 
 def _marker_epoch(listing: Listing) -> int:
@@ -5812,7 +5893,7 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str)
     # measured again now that nothing writes any more
     local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
     after = snaps_after(local, common.guid)
-    if after and zfs.stream_size(ds, common.name, after[-1].name) > 0:
+    if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         # (the demotion is part of the preservation: see then_demote)
         kept = preserve_divergence(ctx, common.name, top, v.reason, then_demote=True)
         log.warning("kept this node's divergent data as %s", kept)
@@ -5827,23 +5908,26 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str)
 def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     """The loser changed nothing since the common snapshot: the snapshots
     it took after it carry no change (the stream from common to the newest
-    is empty), so they hold nothing common lacks; destroy them, newest
-    first, so that the winner can send its increment.  Only flocker
+    is empty: with recursive = yes that of every child dataset too, see
+    tree_changes), so they hold nothing common lacks; destroy them, newest
+    first (in the children too), so that the winner can send its
+    increment.  Only flocker
     snapshots: one not named by us (an operator's, zfs-auto-snapshot's)
     stays, and the winner's replication names it until an operator removes
     it (foreign_snapshots_message)."""
-    zfs, ds = ctx.zfs, ctx.cfg.local.dataset
+    zfs, ds, r = ctx.zfs, ctx.cfg.local.dataset, ctx.cfg.recursive
     local = zfs.listing(ds)
     after = snaps_after(local, common.guid)
     if not after:
         return []
-    if zfs.stream_size(ds, common.name, after[-1].name) != 0:
+    if tree_changes(zfs, ds, common.name, after[-1].name, r) != 0:
         raise ActionError("%s changed since %s after all; nothing was destroyed" % (ds,
                                                                                    common.name))
     names = [s.name for s in reversed(after) if is_flocker_snapshot(s.name)]
     foreign = [s.name for s in after if not is_flocker_snapshot(s.name)]
-    for name in names:
-        zfs.run(["destroy", "%s@%s" % (ds, name)], retry_busy=True)
+    for name in names:      # (-r: the same snapshot of every child, with recursive = yes)
+        zfs.run(["destroy"] + (["-r"] if r else []) + ["%s@%s" % (ds, name)],
+                retry_busy=True)
     text = ("destroyed %d snapshot(s) of %s after %s that held no change: %s"
             % (len(names), ds, common.name, ", ".join(names) or "none"))
     if foreign:
@@ -8708,8 +8792,8 @@ def cmd_resolve(args, cfg_path: str) -> int:
                                       threading.Event(), dry_run=True,
                                       serving=bool(live and live.get("serving")))
         print("verdict (dry run, nothing changed): %s%s" % (
-            v.reason, "" if v.status == VERDICT_RESOLVED else
-            " -> an operator decides: 'resolve --winner NODE'"))
+            v.reason, "" if v.status == VERDICT_RESOLVED else keep_by_hand_hint(cfg, v)
+            if v.kept_by_hand else " -> an operator decides: 'resolve --winner NODE'"))
         return EXIT_OK
     if args.winner is None:
         raise FlockerError("say which node's data continues: 'resolve --winner NODE' "

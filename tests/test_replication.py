@@ -174,7 +174,9 @@ def test_receive_never_forces_or_rolls_back():
     #     (test_divergence.py::
     #     test_drop_empty_divergence_destroys_only_changeless_snapshots,
     #     test_drop_empty_divergence_never_destroys_a_foreign_snapshot,
-    #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept)
+    #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept;
+    #     with recursive = yes, -r, only when no child changed either:
+    #     test_drop_empty_divergence_counts_child_changes_with_recursive)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded,
     #     test_discard_preserved_refuses_a_dataset_with_unrecorded_children,
@@ -370,9 +372,11 @@ class FakeZfs(ff.ZfsBase):
         self.list_result = listing
         self.commands = []
 
+    stdout = ""
+
     def run(self, args, check=True):
         self.commands.append(list(args))
-        return subprocess.CompletedProcess(args, 0, "", "")
+        return subprocess.CompletedProcess(args, 0, self.stdout, "")
 
     def listing(self, dataset):
         return self.list_result
@@ -413,12 +417,19 @@ def test_written_property_skips_the_snapshot():
     with pytest.raises(ff.ReplicationError):   # the fake lists no new snapshot
         ff._snapshot_if_changed(cfg, z, changed, 1, time.time)
     assert z.commands[1][0] == "snapshot"
-    # with child datasets the top's written says nothing about them
+    # with child datasets: the written of every dataset of the tree
     rec = dataclasses.replace(cfg, recursive=True)
+    tree = ["get", "-H", "-p", "-o", "value", "-r", "-t", "filesystem,volume", "written",
+            "p/d"]
     z = FakeZfs(modern, unchanged)
+    z.stdout = "0\n0\n0\n"
+    assert ff._snapshot_if_changed(rec, z, unchanged, 1, time.time) is unchanged
+    assert z.commands == [["(zpool sync)", "p"], tree]
+    z = FakeZfs(modern, unchanged)
+    z.stdout = "0\n8192\n0\n"                   # the top unchanged, a child written
     with pytest.raises(ff.ReplicationError):
         ff._snapshot_if_changed(rec, z, unchanged, 1, time.time)
-    assert z.commands[0][:2] == ["snapshot", "-r"]
+    assert z.commands[1] == tree and z.commands[2][:2] == ["snapshot", "-r"]
 
 
 def test_openzfs_features_for_real(pool):
@@ -999,6 +1010,39 @@ def test_recursive_children_replicate(bed):
         n: (g, r) for n, (g, r) in snaps(kid).items()}
     assert slave_digest(bed, bed.b.dataset + "/kid") == bedmod.tree_digest(
         mnt(bed.a, kid))
+
+
+def test_recursive_cycle_snapshots_only_when_the_tree_changed(pool):
+    """With recursive = yes a cycle (and each look at a divergence that
+    waits for the operator) takes its snapshot -r only when the dataset or
+    a child changed: none piles up while nothing is written, and one made
+    for nothing is destroyed again with -r (its stream from the previous
+    one empty in every dataset of the tree)."""
+    from conftest import dataset_context
+    ds = pool.name + "/d"
+    kid = ds + "/kid"
+    bedmod.sh(["zfs", "create", ds])
+    bedmod.sh(["zfs", "create", kid])
+    z = ff.Zfs()
+    cfg = dataset_context(ds, z, recursive=True).cfg
+    now = [1e9]
+
+    def clock():
+        now[0] += 1
+        return now[0]
+    first = ff._snapshot_if_changed(cfg, z, z.listing(ds), 3, clock)
+    assert len(first.snaps) == 1 and list(snaps(kid)) == [first.snaps[0].name]
+    for _ in range(3):       # nothing written: no new snapshot anywhere
+        assert ff._snapshot_if_changed(cfg, z, first, 3, clock).snaps == first.snaps
+    assert list(snaps(ds)) == list(snaps(kid)) == [first.snaps[0].name]
+    with open(os.path.join(mnt_of(kid), "k.bin"), "wb") as f:
+        f.write(os.urandom(20000))
+    after = ff._snapshot_if_changed(cfg, z, first, 3, clock)     # a child changed
+    assert len(after.snaps) == 2 and list(snaps(kid)) == [s.name for s in after.snaps]
+
+
+def mnt_of(ds):
+    return prop(ds, "mountpoint")
 
 
 def test_retention_spares_the_last_replicated_snapshot_even_unheld(bed):
