@@ -2131,6 +2131,41 @@ def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
             "-d", "1", dataset]
 
 
+@dataclasses.dataclass(frozen=True)
+class TreeNode:
+    """One dataset of a tree: its snapshots' GUIDs by name, and the token
+    of a partial resumable receive ('' without one)."""
+    snaps: Dict[str, str]
+    token: str = ""
+
+
+def tree_args(dataset: str, features: ZfsFeatures) -> List[str]:
+    """`zfs get` arguments listing the dataset's whole tree (-r)."""
+    props = ["guid"] + (["receive_resume_token"] if features.resumable else [])
+    return ["get", "-H", "-p", "-o", "name,property,value", ",".join(props), "-r", dataset]
+
+
+def parse_tree(text: str, dataset: str) -> Dict[str, TreeNode]:
+    """Parse `zfs get -r` output of guid (and receive_resume_token) into
+    {dataset name: TreeNode} for dataset and those below it (pure)."""
+    snaps = {}    # type: Dict[str, Dict[str, str]]
+    tokens = {}   # type: Dict[str, str]
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        name, prop, value = parts
+        ds, at, snap = name.partition("@")
+        if ds != dataset and not ds.startswith(dataset + "/"):
+            continue
+        snaps.setdefault(ds, {})
+        if at and prop == "guid":
+            snaps[ds][snap] = value
+        elif not at and prop == "receive_resume_token" and value not in ("", "-"):
+            tokens[ds] = value
+    return {ds: TreeNode(snaps[ds], tokens.get(ds, "")) for ds in snaps}
+
+
 def parse_listing(text: str, dataset: str) -> Listing:
     """Parse `zfs get -H -p -o name,property,value` output (pure)."""
     rows = {}   # type: Dict[str, Dict[str, str]]
@@ -2208,6 +2243,17 @@ class ZfsBase:
 
     def snapshot(self, dataset: str, name: str, recursive: bool) -> None:
         self.run(["snapshot"] + (["-r"] if recursive else []) + ["%s@%s" % (dataset, name)])
+
+    def tree(self, dataset: str) -> Dict[str, "TreeNode"]:
+        """The dataset and every dataset below it (recursive = yes), by
+        name: snapshot GUIDs and receive_resume_token (see parse_tree)."""
+        args = tree_args(dataset, self.features())
+        proc = self.run(args, check=False)
+        if proc.returncode != 0:
+            if _missing(proc.stderr):
+                return {}
+            raise self._fail(args, proc.stderr)
+        return parse_tree(proc.stdout, dataset)
 
     def settle(self, pool: str) -> bool:
         """Make the pool commit what was written (zpool sync).  False where
@@ -2514,7 +2560,7 @@ def stream_is_empty(stream: bytes) -> bool:
 #
 #   features                          usage text of `zfs` and of `zfs get`
 #   session                           many requests on one connection (below)
-#   zfs get -H -p -o FIELDS PROPS [-d 1] D
+#   zfs get -H -p -o FIELDS PROPS [-d 1 | -r] D
 #       FIELDS: name,property,value | property,value | value
 #       PROPS: any of guid userrefs readonly flocker:role flocker:divergence
 #              written createtxg
@@ -2522,6 +2568,8 @@ def stream_is_empty(stream: bytes) -> bool:
 #   zfs list -H -o name D             D or one of its parents (the pool too)
 #   zfs recv -u [-s] D                the stream comes on standard input
 #   zfs recv -A D                     drop a partial resumable receive
+#   zfs recv -A D/CHILD               ... of a dataset below D (a package
+#                                     stream cut inside that child)
 #   zfs hold [-r] flocker D@SNAP      only the tag flocker
 #   zfs release [-r] flocker D@SNAP
 #   zfs destroy [-r] D@F[,F...]       F: flocker replication snapshots only
@@ -2531,7 +2579,7 @@ def stream_is_empty(stream: bytes) -> bool:
 #   flocker status --json             this node's status (the place for the
 #                                     switchover requests to come)
 #
-# -r only where recursive = yes.  Anything else is refused: exit status
+# -r and D/CHILD only where recursive = yes.  Anything else is refused: exit status
 # EXIT_REFUSED and one line on standard error for the ssh client, and the
 # same reason logged on this host (syslog).
 #
@@ -2640,10 +2688,15 @@ def _gate_snapshot(name: str, dataset: str, sub: str) -> Tuple[str, str]:
 
 
 def _gate_zfs_get(args, dataset, recursive, nodes) -> GateRequest:
-    form = ("'zfs get -H -p -o FIELDS PROPERTIES [-d 1] %s' with FIELDS one of %s and "
-            "PROPERTIES among %s" % (dataset, " ".join(_GATE_FIELDS), ",".join(_GATE_PROPS)))
-    if len(args) not in (6, 8) or args[:3] != ["-H", "-p", "-o"] or (
-            len(args) == 8 and args[5:7] != ["-d", "1"]):
+    form = ("'zfs get -H -p -o FIELDS PROPERTIES [-d 1%s] %s' with FIELDS one of %s and "
+            "PROPERTIES among %s" % (" | -r" if recursive else "", dataset,
+                                     " ".join(_GATE_FIELDS), ",".join(_GATE_PROPS)))
+    if len(args) == 7 and args[5] == "-r" and not recursive:
+        raise GateRefused("zfs get -r: -r (child datasets too) is allowed only with "
+                          "recursive = yes")
+    if len(args) not in (6, 7, 8) or args[:3] != ["-H", "-p", "-o"] or (
+            len(args) == 8 and args[5:7] != ["-d", "1"]) or (
+            len(args) == 7 and args[5] != "-r"):
         raise GateRefused("zfs get: only the form %s" % form)
     if args[3] not in _GATE_FIELDS or not all(
             p in _GATE_PROPS for p in args[4].split(",")):
@@ -2660,16 +2713,27 @@ def _gate_zfs_list(args, dataset, recursive, nodes) -> GateRequest:
     return GateRequest("zfs", ("list",) + tuple(args))
 
 
+_GATE_CHILD_RE = re.compile(r"^(/[A-Za-z0-9_.:-]+)+$")   # below D: /kid, /kid/grandkid
+
+
 def _gate_zfs_recv(args, dataset, recursive, nodes) -> GateRequest:
     if args in (["-u", dataset], ["-u", "-s", dataset]):
         return GateRequest("zfs", ("recv",) + tuple(args), stream=True)
     if args == ["-A", dataset]:
         return GateRequest("zfs", ("recv",) + tuple(args))
+    if len(args) == 2 and args[0] == "-A" and args[1].startswith(dataset + "/"):
+        # a child's partial receive (a package stream cut in that child)
+        if not recursive:
+            raise GateRefused("zfs recv -A %s: a child dataset's partial receive is "
+                              "dropped through the gate only with recursive = yes" % args[1])
+        if not _GATE_CHILD_RE.match(args[1][len(dataset):]):
+            raise GateRefused("zfs recv -A %s: not a dataset below %s" % (args[1], dataset))
+        return GateRequest("zfs", ("recv",) + tuple(args))
     if args and args[-1] != dataset:
         _gate_own(args[-1], dataset)
-    raise GateRefused("zfs recv %s: only 'zfs recv -u [-s] %s' and 'zfs recv -A %s' "
+    raise GateRefused("zfs recv %s: only 'zfs recv -u [-s] %s' and 'zfs recv -A %s%s' "
                       "(never -F, which rolls back and destroys)"
-                      % (" ".join(args), dataset, dataset))
+                      % (" ".join(args), dataset, dataset, "[/CHILD]" if recursive else ""))
 
 
 def _gate_zfs_hold(args, dataset, recursive, nodes, sub="hold") -> GateRequest:
@@ -4696,6 +4760,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     ds, pds = me.dataset, other.dataset
     r = cfg.recursive
     resumed, resumed_snaps = None, []   # an interrupted transfer finished first
+    ptree, dropped = {}, []   # recursive = yes: the replica's tree; partials dropped
     local = zfs.listing(ds)
     if local is None:
         raise ReplicationError(
@@ -4739,6 +4804,11 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
                 raise ReplicationError("%s vanished on %s after resuming its receive"
                                        % (pds, other.name))
             resumed_snaps = [s.name for s in remote.snaps if s.guid not in had]
+        if r:
+            ptree = peer.tree(pds)
+            dropped = _drop_child_partials(cfg, peer, ptree)
+            if dropped:
+                ptree = peer.tree(pds)
 
     # 2. the newest common snapshot, by GUID; refuse what is unsafe
     common = None
@@ -4785,11 +4855,27 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     # 3. snapshot (when something changed) and send the increment
     local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock)
     target = local.snaps[-1]
+    behind = None     # recursive = yes: the top's common snapshot a child lacks
+    if r and common is not None:
+        base_snap = _tree_base(cfg, zfs, local, common, ptree)
+        behind, common = (common if base_snap.guid != common.guid else None), base_snap
     sent, nbytes, seconds = [], 0, 0.0
     if common is None or common.guid != target.guid:
         base = common.name if common else None
         store.update_replication(rid, base=base, snapshot=target.name)
-        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop)
+        try:
+            sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop)
+        except ReplicationError as e:
+            if behind is None:
+                raise
+            raise type(e)(
+                "%s. (A package stream cut on its way left a child of %s on %s without "
+                "%s, so this one was sent from %s, which every dataset there holds; a "
+                "zfs recv that cannot skip the snapshots the replica already has "
+                "(zfs-fuse) refuses it: rename the replica away on %s ('zfs rename %s "
+                "%s-old') and sync again for a full copy)"
+                % (e.message.rstrip("."), pds, other.name, behind.name, base, other.name,
+                   pds, pds)) from None
         failpoint("replicate:sent")
     if sent:
         after = peer.listing(pds)
@@ -4830,6 +4916,9 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
                           [target.name] + preserved_origins(store, ds), r)
     said = []
+    if dropped:
+        said.append("dropped the partial receive of %s (a stream cut inside it; "
+                    "sent again)" % ", ".join(dropped))
     if resumed is not None:
         said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
                     % (", ".join(resumed_snaps) or "a stream", resumed.bytes,
@@ -4844,6 +4933,71 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None) -> ReplicationResul
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
                              arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def _drop_child_partials(cfg, peer: ZfsBase, ptree: Dict[str, TreeNode]) -> List[str]:
+    """recursive = yes: a package (-R) stream cut inside a child of the
+    replica left a partial receive there (OpenZFS recv -s: a token on that
+    child).  Resuming it would finish only that child's part, so it is
+    dropped: 'zfs recv -A' of the child (only the part of a stream whose
+    whole is on this master; a child's first receive, never complete,
+    goes), and the cycle sends again from a snapshot that every dataset of
+    the replica holds (_tree_base).  The top dataset's own partial receive
+    is resumed instead (_resume_partial).  Returns the children."""
+    dropped = []
+    for name, node in sorted(ptree.items()):
+        if name != cfg.peer.dataset and node.token:
+            peer.run(["recv", "-A", name])
+            dropped.append(name)
+    return dropped
+
+
+def tree_base(snaps: Sequence[Snap], common: Snap, ltree: Dict[str, TreeNode],
+              ptree: Dict[str, TreeNode], ds: str, pds: str) -> Optional[Snap]:
+    """The newest of snaps (the top dataset's, in order) up to common
+    that the replica and every dataset below it hold with the same GUID as
+    the same dataset here; None when there is none (pure).  A dataset of
+    the replica that this side no longer has is not asked (a package
+    stream leaves it alone)."""
+    def everywhere(s: Snap) -> bool:
+        for pname, pnode in ptree.items():
+            lnode = ltree.get(ds + pname[len(pds):])
+            if lnode is None:
+                continue
+            guid = lnode.snaps.get(s.name)
+            if guid is None or pnode.snaps.get(s.name) != guid:
+                return False
+        return True
+    upto = [s for s in snaps if s.order <= common.order]
+    return next((s for s in reversed(upto) if everywhere(s)), None)
+
+
+def _tree_base(cfg, zfs: ZfsBase, local: Listing, common: Snap,
+               ptree: Dict[str, TreeNode]) -> Snap:
+    """recursive = yes: the snapshot to send the package stream from.  The
+    newest common one, unless a package stream cut on its way left a child
+    of the replica without it (the top dataset's part arrived, the child's
+    did not: zfs-fuse drops the child's part, OpenZFS keeps it as a partial
+    receive that _drop_child_partials dropped): then the newest before it
+    that every dataset of the replica holds; zfs recv skips the snapshots
+    the replica already has (same GUID)."""
+    ds, pds = local.dataset, cfg.peer.dataset
+    base = tree_base(local.snaps, common, zfs.tree(ds), ptree, ds, pds)
+    if base is None:
+        raise ReplicationError(
+            "no snapshot up to the newest common one %s is held, with the same GUID, by "
+            "%s on %s and every dataset below it (recursive = yes): a child of the "
+            "replica shares no snapshot with this master's, so no package stream can "
+            "be received; nothing was sent and nothing was changed. Look at 'zfs list "
+            "-r -t snapshot %s' on %s; a child that holds nothing you need can be "
+            "renamed away there ('zfs rename %s/CHILD %s/CHILD-old'), and the next "
+            "cycle sends it anew" % (common.name, pds, cfg.peer.name, pds, cfg.peer.name,
+                                     pds, pds))
+    if base.guid != common.guid:
+        log.info("replication: a child of %s on %s lacks %s: sending from %s, the newest "
+                 "snapshot every dataset there holds", pds, cfg.peer.name, common.name,
+                 base.name)
+    return base
 
 
 def foreign_snapshots_message(cfg, foreign: Sequence[Snap], common: str) -> str:
@@ -8966,14 +9120,14 @@ The forced command of the peer's key in root's authorized_keys:
 
 sshd passes the request in SSH_ORIGINAL_COMMAND; no shell ever reads it.
 It is run only when it is exactly one of these forms (D: the dataset of
-this node; -r only with recursive = yes):
+this node; -r and D/CHILD only with recursive = yes):
 
   features                        usage text of zfs and zfs get
   session                         requests one per line, answers framed
-  zfs get -H -p -o FIELDS PROPS [-d 1] D
+  zfs get -H -p -o FIELDS PROPS [-d 1 | -r] D
   zfs list -H -o name D           (or a parent of D)
   zfs recv -u [-s] D              (the stream on standard input)
-  zfs recv -A D
+  zfs recv -A D[/CHILD]
   zfs hold [-r] flocker D@SNAP
   zfs release [-r] flocker D@SNAP
   zfs destroy [-r] D@flocker-...[,flocker-...]   replication snapshots only
