@@ -166,7 +166,9 @@ def test_receive_never_forces_or_rolls_back():
     #   _snapshot_if_changed: the snapshot it just took, only when its stream
     #     from the previous one is empty, i.e. it holds nothing that one does
     #     not (test_stream_is_empty; the no-change cycle of
-    #     test_full_incremental_catchup_and_status)
+    #     test_full_incremental_catchup_and_status); with recursive = yes, -r,
+    #     only when that holds in every dataset of the tree
+    #     (test_recursive_cycle_snapshots_only_when_the_tree_changed)
     #   _drop_empty_leftover: what a crash left of the same (test_failover.py::
     #     test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot)
     #   _drop_empty_divergence: a losing side's snapshots after the common
