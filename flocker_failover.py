@@ -2210,6 +2210,41 @@ def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
             "-d", "1", dataset]
 
 
+@dataclasses.dataclass(frozen=True)
+class TreeNode:
+    """One dataset of a tree: its snapshots' GUIDs by name, and the token
+    of a partial resumable receive ('' without one)."""
+    snaps: Dict[str, str]
+    token: str = ""
+
+
+def tree_args(dataset: str, features: ZfsFeatures) -> List[str]:
+    """`zfs get` arguments listing the dataset's whole tree (-r)."""
+    props = ["guid"] + (["receive_resume_token"] if features.resumable else [])
+    return ["get", "-H", "-p", "-o", "name,property,value", ",".join(props), "-r", dataset]
+
+
+def parse_tree(text: str, dataset: str) -> Dict[str, TreeNode]:
+    """Parse `zfs get -r` output of guid (and receive_resume_token) into
+    {dataset name: TreeNode} for dataset and those below it (pure)."""
+    snaps = {}    # type: Dict[str, Dict[str, str]]
+    tokens = {}   # type: Dict[str, str]
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        name, prop, value = parts
+        ds, at, snap = name.partition("@")
+        if ds != dataset and not ds.startswith(dataset + "/"):
+            continue
+        snaps.setdefault(ds, {})
+        if at and prop == "guid":
+            snaps[ds][snap] = value
+        elif not at and prop == "receive_resume_token" and value not in ("", "-"):
+            tokens[ds] = value
+    return {ds: TreeNode(snaps[ds], tokens.get(ds, "")) for ds in snaps}
+
+
 def parse_listing(text: str, dataset: str) -> Listing:
     """Parse `zfs get -H -p -o name,property,value` output (pure)."""
     rows = {}   # type: Dict[str, Dict[str, str]]
@@ -2287,6 +2322,17 @@ class ZfsBase:
 
     def snapshot(self, dataset: str, name: str, recursive: bool) -> None:
         self.run(["snapshot"] + (["-r"] if recursive else []) + ["%s@%s" % (dataset, name)])
+
+    def tree(self, dataset: str) -> Dict[str, "TreeNode"]:
+        """The dataset and every dataset below it (recursive = yes), by
+        name: snapshot GUIDs and receive_resume_token (see parse_tree)."""
+        args = tree_args(dataset, self.features())
+        proc = self.run(args, check=False)
+        if proc.returncode != 0:
+            if _missing(proc.stderr):
+                return {}
+            raise self._fail(args, proc.stderr)
+        return parse_tree(proc.stdout, dataset)
 
     def settle(self, pool: str) -> bool:
         """Make the pool commit what was written (zpool sync).  False where
@@ -2439,11 +2485,12 @@ class Zfs(ZfsBase):
             return False
         return proc.returncode == 0 and stream_is_empty(proc.stdout)
 
-    def stream_size(self, dataset: str, old: str, new: str) -> int:
-        """Bytes of the incremental stream old -> new, 0 when it carries no
-        change (the divergence measure; the stream is counted as it is
-        read, never held in memory)."""
-        argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
+    def stream_size(self, dataset: str, old: Optional[str], new: str) -> int:
+        """Bytes of the incremental stream old -> new (old None: the full
+        stream of new), 0 when it carries no change (the divergence
+        measure; the stream is counted as it is read, never held in
+        memory)."""
+        argv = [self.zfs, "send"] + (["-i", old] if old else []) + ["%s@%s" % (dataset, new)]
         proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         head, total = b"", 0
@@ -2460,7 +2507,7 @@ class Zfs(ZfsBase):
             status = proc.wait()
         if status != 0:
             raise ZfsError("cannot measure the changes %s@%s -> %s: %s"
-                           % (dataset, old, new, _stderr_text(err)))
+                           % (dataset, old or "(nothing)", new, _stderr_text(err)))
         return 0 if total <= 4096 and stream_is_empty(head) else total
 
     def settle(self, pool: str) -> bool:
@@ -2705,7 +2752,7 @@ def stream_refusal(head: bytes, recursive: bool) -> str:
 #
 #   features                          usage text of `zfs` and of `zfs get`
 #   session                           many requests on one connection (below)
-#   zfs get -H -p -o FIELDS PROPS [-d 1] D
+#   zfs get -H -p -o FIELDS PROPS [-d 1 | -r] D
 #       FIELDS: name,property,value | property,value | value
 #       PROPS: any of guid userrefs readonly flocker:role flocker:divergence
 #              written createtxg
@@ -2715,6 +2762,8 @@ def stream_refusal(head: bytes, recursive: bool) -> str:
 #                                     a package stream ('send -R', '-p') unless
 #                                     recursive = yes (stream_refusal)
 #   zfs recv -A D                     drop a partial resumable receive
+#   zfs recv -A D/CHILD               ... of a dataset below D (a package
+#                                     stream cut inside that child)
 #   zfs hold [-r] flocker D@SNAP      only the tag flocker
 #   zfs release [-r] flocker D@SNAP
 #   zfs destroy [-r] D@F[,F...]       F: flocker replication snapshots only
@@ -2724,7 +2773,7 @@ def stream_refusal(head: bytes, recursive: bool) -> str:
 #   flocker status --json             this node's status (the place for the
 #                                     switchover requests to come)
 #
-# -r only where recursive = yes.  Anything else is refused: exit status
+# -r and D/CHILD only where recursive = yes.  Anything else is refused: exit status
 # EXIT_REFUSED and one line on standard error for the ssh client, and the
 # same reason logged on this host (syslog).
 #
@@ -2833,10 +2882,15 @@ def _gate_snapshot(name: str, dataset: str, sub: str) -> Tuple[str, str]:
 
 
 def _gate_zfs_get(args, dataset, recursive, nodes) -> GateRequest:
-    form = ("'zfs get -H -p -o FIELDS PROPERTIES [-d 1] %s' with FIELDS one of %s and "
-            "PROPERTIES among %s" % (dataset, " ".join(_GATE_FIELDS), ",".join(_GATE_PROPS)))
-    if len(args) not in (6, 8) or args[:3] != ["-H", "-p", "-o"] or (
-            len(args) == 8 and args[5:7] != ["-d", "1"]):
+    form = ("'zfs get -H -p -o FIELDS PROPERTIES [-d 1%s] %s' with FIELDS one of %s and "
+            "PROPERTIES among %s" % (" | -r" if recursive else "", dataset,
+                                     " ".join(_GATE_FIELDS), ",".join(_GATE_PROPS)))
+    if len(args) == 7 and args[5] == "-r" and not recursive:
+        raise GateRefused("zfs get -r: -r (child datasets too) is allowed only with "
+                          "recursive = yes")
+    if len(args) not in (6, 7, 8) or args[:3] != ["-H", "-p", "-o"] or (
+            len(args) == 8 and args[5:7] != ["-d", "1"]) or (
+            len(args) == 7 and args[5] != "-r"):
         raise GateRefused("zfs get: only the form %s" % form)
     if args[3] not in _GATE_FIELDS or not all(
             p in _GATE_PROPS for p in args[4].split(",")):
@@ -2853,16 +2907,27 @@ def _gate_zfs_list(args, dataset, recursive, nodes) -> GateRequest:
     return GateRequest("zfs", ("list",) + tuple(args))
 
 
+_GATE_CHILD_RE = re.compile(r"^(/[A-Za-z0-9_.:-]+)+$")   # below D: /kid, /kid/grandkid
+
+
 def _gate_zfs_recv(args, dataset, recursive, nodes) -> GateRequest:
     if args in (["-u", dataset], ["-u", "-s", dataset]):
         return GateRequest("zfs", ("recv",) + tuple(args), stream=True)
     if args == ["-A", dataset]:
         return GateRequest("zfs", ("recv",) + tuple(args))
+    if len(args) == 2 and args[0] == "-A" and args[1].startswith(dataset + "/"):
+        # a child's partial receive (a package stream cut in that child)
+        if not recursive:
+            raise GateRefused("zfs recv -A %s: a child dataset's partial receive is "
+                              "dropped through the gate only with recursive = yes" % args[1])
+        if not _GATE_CHILD_RE.match(args[1][len(dataset):]):
+            raise GateRefused("zfs recv -A %s: not a dataset below %s" % (args[1], dataset))
+        return GateRequest("zfs", ("recv",) + tuple(args))
     if args and args[-1] != dataset:
         _gate_own(args[-1], dataset)
-    raise GateRefused("zfs recv %s: only 'zfs recv -u [-s] %s' and 'zfs recv -A %s' "
+    raise GateRefused("zfs recv %s: only 'zfs recv -u [-s] %s' and 'zfs recv -A %s%s' "
                       "(never -F, which rolls back and destroys)"
-                      % (" ".join(args), dataset, dataset))
+                      % (" ".join(args), dataset, dataset, "[/CHILD]" if recursive else ""))
 
 
 def _gate_zfs_hold(args, dataset, recursive, nodes, sub="hold") -> GateRequest:
@@ -4989,6 +5054,7 @@ class Side:
     policy: str          # this node's divergence_policy
     changes: int         # bytes written since the newest common snapshot (0: none)
     serving: bool = False  # it ran the user system as master when the attempt began
+    recursive: bool = False  # its configuration says recursive = yes (child datasets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4998,6 +5064,26 @@ class Verdict:
     loser: Optional[str]
     preserve: bool       # the loser has changes of its own that must be kept
     reason: str
+    # the node that would lose and has changes that the tool cannot keep
+    # (recursive = yes): the operator keeps them by hand
+    kept_by_hand: Optional[str] = None
+
+
+def resolved(w: Side, loser: Side, why: str) -> Verdict:
+    """w continues, unless the loser changed something and the nodes have
+    recursive = yes: keeping the divergent data of a dataset with child
+    datasets (preserve_divergence) is not done by the tool, so that
+    verdict goes to the operator, the same on both nodes, before anything
+    stops (README, "Divergent data")."""
+    if loser.changes > 0 and (w.recursive or loser.recursive):
+        return Verdict(VERDICT_OPERATOR, None, None, False,
+                       "%s would win (%s), but %s changed %d bytes since the common "
+                       "snapshot and must keep them, and flocker-failover does not keep "
+                       "the divergent data of datasets with recursive = yes: nothing was "
+                       "stopped or changed on either node; an operator decides"
+                       % (w.node, why, loser.node, loser.changes), kept_by_hand=loser.node)
+    return Verdict(VERDICT_RESOLVED, w.node, loser.node, loser.changes > 0,
+                   "%s wins: %s" % (w.node, why))
 
 
 def is_split_brain(a: Side, b: Side) -> bool:
@@ -5019,9 +5105,7 @@ def verdict(a: Side, b: Side) -> Verdict:
     a, b = sorted((a, b), key=lambda s: s.node)   # the same order on both hosts
 
     def won(w: Side, why: str) -> Verdict:
-        loser = b if w is a else a
-        return Verdict(VERDICT_RESOLVED, w.node, loser.node, loser.changes > 0,
-                       "%s wins: %s" % (w.node, why))
+        return resolved(w, b if w is a else a, why)
 
     def tie_break(why: str) -> Verdict:
         if a.epoch != b.epoch:
@@ -5150,6 +5234,7 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
     ds, pds = me.dataset, other.dataset
     r = cfg.recursive
     resumed, resumed_snaps = None, []   # an interrupted transfer finished first
+    ptree, dropped = {}, []   # recursive = yes: the replica's tree; partials dropped
     local = zfs.listing(ds)
     if local is None:
         raise ReplicationError(
@@ -5193,6 +5278,11 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
                 raise ReplicationError("%s vanished on %s after resuming its receive"
                                        % (pds, other.name))
             resumed_snaps = [s.name for s in remote.snaps if s.guid not in had]
+        if r:
+            ptree = peer.tree(pds)
+            dropped = _drop_child_partials(cfg, peer, ptree)
+            if dropped:
+                ptree = peer.tree(pds)
 
     # 2. the newest common snapshot, by GUID; refuse what is unsafe
     common = None
@@ -5239,11 +5329,28 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
     # 3. snapshot (when something changed) and send the increment
     local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
     target = local.snaps[-1]
+    behind = None     # recursive = yes: the top's common snapshot a child lacks
+    if r and common is not None:
+        base_snap = _tree_base(cfg, zfs, local, common, ptree)
+        behind, common = (common if base_snap.guid != common.guid else None), base_snap
     sent, nbytes, seconds = [], 0, 0.0
     if common is None or common.guid != target.guid:
         base = common.name if common else None
         store.update_replication(rid, base=base, snapshot=target.name)
-        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop, progress)
+        try:
+            sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop,
+                                          progress)
+        except ReplicationError as e:
+            if behind is None:
+                raise
+            raise type(e)(
+                "%s. (A package stream cut on its way left a child of %s on %s without "
+                "%s, so this one was sent from %s, which every dataset there holds; a "
+                "zfs recv that cannot skip the snapshots the replica already has "
+                "(zfs-fuse) refuses it: rename the replica away on %s ('zfs rename %s "
+                "%s-old') and sync again for a full copy)"
+                % (e.message.rstrip("."), pds, other.name, behind.name, base, other.name,
+                   pds, pds)) from None
         failpoint("replicate:sent")
     if sent:
         after = peer.listing(pds)
@@ -5284,6 +5391,9 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
                           [target.name] + preserved_origins(store, ds), r)
     said = []
+    if dropped:
+        said.append("dropped the partial receive of %s (a stream cut inside it; "
+                    "sent again)" % ", ".join(dropped))
     if resumed is not None:
         said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
                     % (", ".join(resumed_snaps) or "a stream", resumed.bytes,
@@ -5298,6 +5408,71 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
            "%s is up to date (%s)" % (other.name, target.name))
     return ReplicationResult(target.name, target.guid, common.name if common else None,
                              arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def _drop_child_partials(cfg, peer: ZfsBase, ptree: Dict[str, TreeNode]) -> List[str]:
+    """recursive = yes: a package (-R) stream cut inside a child of the
+    replica left a partial receive there (OpenZFS recv -s: a token on that
+    child).  Resuming it would finish only that child's part, so it is
+    dropped: 'zfs recv -A' of the child (only the part of a stream whose
+    whole is on this master; a child's first receive, never complete,
+    goes), and the cycle sends again from a snapshot that every dataset of
+    the replica holds (_tree_base).  The top dataset's own partial receive
+    is resumed instead (_resume_partial).  Returns the children."""
+    dropped = []
+    for name, node in sorted(ptree.items()):
+        if name != cfg.peer.dataset and node.token:
+            peer.run(["recv", "-A", name])
+            dropped.append(name)
+    return dropped
+
+
+def tree_base(snaps: Sequence[Snap], common: Snap, ltree: Dict[str, TreeNode],
+              ptree: Dict[str, TreeNode], ds: str, pds: str) -> Optional[Snap]:
+    """The newest of snaps (the top dataset's, in order) up to common
+    that the replica and every dataset below it hold with the same GUID as
+    the same dataset here; None when there is none (pure).  A dataset of
+    the replica that this side no longer has is not asked (a package
+    stream leaves it alone)."""
+    def everywhere(s: Snap) -> bool:
+        for pname, pnode in ptree.items():
+            lnode = ltree.get(ds + pname[len(pds):])
+            if lnode is None:
+                continue
+            guid = lnode.snaps.get(s.name)
+            if guid is None or pnode.snaps.get(s.name) != guid:
+                return False
+        return True
+    upto = [s for s in snaps if s.order <= common.order]
+    return next((s for s in reversed(upto) if everywhere(s)), None)
+
+
+def _tree_base(cfg, zfs: ZfsBase, local: Listing, common: Snap,
+               ptree: Dict[str, TreeNode]) -> Snap:
+    """recursive = yes: the snapshot to send the package stream from.  The
+    newest common one, unless a package stream cut on its way left a child
+    of the replica without it (the top dataset's part arrived, the child's
+    did not: zfs-fuse drops the child's part, OpenZFS keeps it as a partial
+    receive that _drop_child_partials dropped): then the newest before it
+    that every dataset of the replica holds; zfs recv skips the snapshots
+    the replica already has (same GUID)."""
+    ds, pds = local.dataset, cfg.peer.dataset
+    base = tree_base(local.snaps, common, zfs.tree(ds), ptree, ds, pds)
+    if base is None:
+        raise ReplicationError(
+            "no snapshot up to the newest common one %s is held, with the same GUID, by "
+            "%s on %s and every dataset below it (recursive = yes): a child of the "
+            "replica shares no snapshot with this master's, so no package stream can "
+            "be received; nothing was sent and nothing was changed. Look at 'zfs list "
+            "-r -t snapshot %s' on %s; a child that holds nothing you need can be "
+            "renamed away there ('zfs rename %s/CHILD %s/CHILD-old'), and the next "
+            "cycle sends it anew" % (common.name, pds, cfg.peer.name, pds, cfg.peer.name,
+                                     pds, pds))
+    if base.guid != common.guid:
+        log.info("replication: a child of %s on %s lacks %s: sending from %s, the newest "
+                 "snapshot every dataset there holds", pds, cfg.peer.name, common.name,
+                 base.name)
+    return base
 
 
 def foreign_snapshots_message(cfg, foreign: Sequence[Snap], common: str) -> str:
@@ -5380,33 +5555,63 @@ def _check_peer_parent(peer: ZfsBase, pds: str, name: str) -> None:
             "with 'zfs create -p %s'; nothing was sent" % (parent, pds, name, parent))
 
 
+def tree_changes(zfs: ZfsBase, ds: str, old: str, new: str, recursive: bool) -> int:
+    """The bytes this side changed from snapshot old to snapshot new: the
+    size of the incremental stream, 0 when it carries no change (a measure
+    zfs-fuse and OpenZFS give alike).  With recursive = yes, summed over
+    the file systems and volumes below ds too (snapshot -r gave them the
+    same snapshot names): a child made after old counts its whole stream,
+    one made after new (no snapshot of that name) its referenced bytes;
+    either is a change."""
+    total = zfs.stream_size(ds, old, new)
+    if not recursive:
+        return total
+    for child in zfs.descendants(ds):
+        if not zfs.exists("%s@%s" % (child, new)):
+            total += max(1, int(zfs.get(child, ["referenced"]).get("referenced") or 1))
+        else:
+            total += zfs.stream_size(child, old if zfs.exists("%s@%s" % (child, old))
+                                     else None, new)
+    return total
+
+
+def _tree_written(zfs: ZfsBase, ds: str) -> Set[str]:
+    """The 'written' values of ds and every file system and volume below it
+    (a set: {"0"} when nothing changed anywhere; empty when unreadable)."""
+    proc = zfs.run(["get", "-H", "-p", "-o", "value", "-r", "-t", "filesystem,volume",
+                    "written", ds], check=False)
+    return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
 def _snapshot_if_changed(cfg, zfs, local: Listing, epoch: int, clock,
                          hooks: bool = False) -> Listing:
     """Take a cycle snapshot unless the dataset is unchanged since its newest
     one.  With the 'written' property that is a property read; without it
     (zfs-fuse) the snapshot is taken and, when its incremental stream from
     the previous one is empty (the two are identical, so it holds nothing
-    the previous one does not), destroyed again.  hooks: a replication
-    cycle's snapshot, bracketed by snapshot_command and
+    the previous one does not), destroyed again.  With recursive = yes the
+    same over the dataset and every dataset below it (snapshot -r; the
+    'written' of each, or tree_changes, then destroy -r).  hooks: a
+    replication cycle's snapshot, bracketed by snapshot_command and
     snapshot_done_command (_hooked_snapshot)."""
-    ds = local.dataset
+    ds, r = local.dataset, cfg.recursive
     newest = local.snaps[-1] if local.snaps else None
-    # (written and the stream check see the top dataset only: with child
-    # datasets every cycle takes its snapshot, and retention thins them)
     # 'written' only moves when a transaction group commits (up to seconds
     # later): trust a 0 only after making the pool commit, and read it again
-    if newest is not None and zfs.features().written and not cfg.recursive:
-        if zfs.settle(ds.split("/")[0]) and zfs.written(ds) == "0":
+    if newest is not None and zfs.features().written:
+        if zfs.settle(ds.split("/")[0]) and (
+                _tree_written(zfs, ds) == {"0"} if r else zfs.written(ds) == "0"):
             return local
     make_name = lambda: _fresh_snapshot_name(local, epoch, clock)  # noqa: E731
     if hooks:
         name = _hooked_snapshot(cfg, zfs, ds, make_name, epoch)
     else:
         name = make_name()
-        zfs.snapshot(ds, name, cfg.recursive)
-    if (newest is not None and not cfg.recursive and not zfs.features().written
-            and zfs.send_stream_is_empty(ds, newest.name, name)):
-        zfs.run(["destroy", "%s@%s" % (ds, name)])
+        zfs.snapshot(ds, name, r)
+    if newest is not None and not zfs.features().written and (
+            tree_changes(zfs, ds, newest.name, name, True) == 0 if r
+            else zfs.send_stream_is_empty(ds, newest.name, name)):
+        zfs.run(["destroy"] + (["-r"] if r else []) + ["%s@%s" % (ds, name)])
         return local
     fresh = zfs.listing(ds)
     if fresh is None or fresh.snap(name) is None:
@@ -6016,8 +6221,13 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
     serving the rolled-back dataset."""
     ds = ctx.cfg.local.dataset
     if ctx.cfg.recursive:
-        raise ActionError("keeping divergent data of recursive datasets is not supported yet; "
-                          "nothing was changed: copy %s aside by hand, then resync" % ds)
+        # (the verdict refuses it before the loser stops: see resolved();
+        # here only when it wrote more between its measure and its stop)
+        raise NeedsOperator(
+            "this node changed %s or its child datasets since %s@%s, and flocker-failover "
+            "does not keep the divergent data of datasets with recursive = yes; nothing "
+            "was changed%s" % (ds, ds, common, keep_by_hand_hint(ctx.cfg, Verdict(
+                VERDICT_OPERATOR, None, None, False, "", kept_by_hand=ctx.cfg.local_name))))
     if not ctx.zfs.exists("%s@%s" % (ds, common)):
         raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
                           % (ds, common))
@@ -6208,10 +6418,15 @@ class NeedsOperator(ActionError):
     policy mismatch, both changed under zero-changes-only)."""
 
 
+RECURSIVE_SUFFIX = "+recursive"   # on the policy word: this node has recursive = yes
+
+
 def format_divergence(common_guid: str, attempt: int, epoch: int, changes: int, policy: str,
-                      winner: Optional[str], serving: bool = False) -> str:
+                      winner: Optional[str], serving: bool = False,
+                      recursive: bool = False) -> str:
     return "v3 %s %d %d %d %d %s %s" % (common_guid, attempt, epoch, changes, int(serving),
-                                        policy, winner or "-")
+                                        policy + (RECURSIVE_SUFFIX if recursive else ""),
+                                        winner or "-")
 
 
 def parse_divergence(value: Optional[str]) -> Optional[dict]:
@@ -6221,9 +6436,12 @@ def parse_divergence(value: Optional[str]) -> Optional[dict]:
     if (len(words) != 8 or words[0] != "v3" or not all(w.isdigit() for w in words[2:5])
             or words[5] not in ("0", "1")):
         return None
+    policy, recursive = words[6], words[6].endswith(RECURSIVE_SUFFIX)
+    if recursive:
+        policy = policy[:-len(RECURSIVE_SUFFIX)]
     return {"common_guid": words[1], "attempt": int(words[2]), "epoch": int(words[3]),
-            "changes": int(words[4]), "serving": words[5] == "1", "policy": words[6],
-            "winner": None if words[7] == "-" else words[7]}
+            "changes": int(words[4]), "serving": words[5] == "1", "policy": policy,
+            "recursive": recursive, "winner": None if words[7] == "-" else words[7]}
 
 
 def facts_of_this_attempt(theirs: Optional[dict], common_guid: str, attempt: int) -> bool:
@@ -6247,8 +6465,7 @@ def divergence_verdict(me: Side, peer: Side, my_choice: Optional[str],
     if choices:
         w = choices.pop()
         winner, loser = (me, peer) if me.node == w else (peer, me)
-        return Verdict(VERDICT_RESOLVED, winner.node, loser.node, loser.changes > 0,
-                       "%s wins: an operator chose it ('resolve --winner %s')" % (w, w))
+        return resolved(winner, loser, "an operator chose it ('resolve --winner %s')" % w)
     return verdict(me, peer)
 
 
@@ -6270,7 +6487,8 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
     if snapshot:
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
     after = snaps_after(local, common.guid)
-    changes = zfs.stream_size(ds, common.name, after[-1].name) if after else 0
+    changes = (tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive)
+               if after else 0)
     # the epoch this side wrote its divergent data under: the one in the
     # name of its first snapshot after the common one, which a later
     # promotion does not change.  A side that changed nothing offers its
@@ -6281,7 +6499,8 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
                       if e is not None), st.epoch)
     else:
         epoch = st.epoch if st.role == ROLE_MASTER else 0
-    return Side(cfg.local_name, epoch, cfg.divergence_policy, changes), common, st.epoch
+    return (Side(cfg.local_name, epoch, cfg.divergence_policy, changes,
+                 recursive=cfg.recursive), common, st.epoch)
 
 
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
@@ -6308,7 +6527,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         serving = serving or mine["serving"]    # what it was when this attempt began
     me = dataclasses.replace(me, serving=serving)
     facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
-                              winner_choice, me.serving)
+                              winner_choice, me.serving, me.recursive)
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
         failpoint("resolve:published")
@@ -6333,14 +6552,15 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                 after = snaps_after(remote, common.guid)
                 theirs = {"epoch": _marker_epoch(remote),
                           "changes": -1 if after else 0, "serving": False,
-                          "policy": cfg.divergence_policy, "winner": None}
+                          "policy": cfg.divergence_policy, "recursive": cfg.recursive,
+                          "winner": None}
                 break
             raise ActionError("%s did not publish its side of the divergence within %g s; "
                               "is its daemon running?" % (cfg.peer.name, RESOLVE_WAIT))
         time.sleep(0.3)
         remote = peer.listing(cfg.peer.dataset) or remote
     other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"],
-                 theirs["serving"])
+                 theirs["serving"], theirs["recursive"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     settle = time.monotonic() + CHOICE_SETTLE
     while v.status != VERDICT_RESOLVED and not dry_run and time.monotonic() < settle:
@@ -6352,7 +6572,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
         if facts_of_this_attempt(fresh, common.guid, attempt) and fresh != theirs:
             theirs = fresh
             other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"],
-                         theirs["changes"], theirs["serving"])
+                         theirs["changes"], theirs["serving"], theirs["recursive"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     if dry_run:
         return v, common.guid
@@ -6367,7 +6587,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     ctx.store.record_event("verdict", text, "error" if v.status != VERDICT_RESOLVED else
                            "warning" if split else "info")
     if v.status != VERDICT_RESOLVED:
-        raise NeedsOperator(v.reason)
+        raise NeedsOperator(v.reason + keep_by_hand_hint(cfg, v))
     failpoint("resolve:verdict")
     top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
     if v.loser == cfg.local_name:
@@ -6380,8 +6600,24 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             # epoch, for a loser that restarts and begins again from there
             zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
                 common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
-                me.serving))
+                me.serving, me.recursive))
     return v, common.guid
+
+
+def keep_by_hand_hint(cfg: Config, v: Verdict) -> str:
+    """How the operator keeps the data of a side the tool does not keep
+    (recursive = yes), with that node's names ('' for other verdicts)."""
+    if v.kept_by_hand is None:
+        return ""
+    node = cfg.local if v.kept_by_hand == cfg.local_name else cfg.peer
+    ds = node.dataset
+    return (". To keep %s's data and let it resync: on %s, stop flocker-failover's "
+            "daemon (a serving master stops its user system), then run 'zfs rename %s "
+            "%s-kept' (its child datasets move with it), 'zfs set canmount=noauto "
+            "%s-kept', 'flocker_failover.py init --role slave --force', and start the "
+            "daemon again: the other node continues and sends it a full copy. Or, to "
+            "let %s continue instead, do the same on the other node"
+            % (node.name, node.name, ds, ds, ds, node.name))
 
 
 def _marker_epoch(listing: Listing) -> int:
@@ -6401,7 +6637,7 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str)
     # measured again now that nothing writes any more
     local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
     after = snaps_after(local, common.guid)
-    if after and zfs.stream_size(ds, common.name, after[-1].name) > 0:
+    if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         # (the demotion is part of the preservation: see then_demote)
         kept = preserve_divergence(ctx, common.name, top, v.reason, then_demote=True)
         log.warning("kept this node's divergent data as %s", kept)
@@ -6416,23 +6652,26 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str)
 def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     """The loser changed nothing since the common snapshot: the snapshots
     it took after it carry no change (the stream from common to the newest
-    is empty), so they hold nothing common lacks; destroy them, newest
-    first, so that the winner can send its increment.  Only flocker
+    is empty: with recursive = yes that of every child dataset too, see
+    tree_changes), so they hold nothing common lacks; destroy them, newest
+    first (in the children too), so that the winner can send its
+    increment.  Only flocker
     snapshots: one not named by us (an operator's, zfs-auto-snapshot's)
     stays, and the winner's replication names it until an operator removes
     it (foreign_snapshots_message)."""
-    zfs, ds = ctx.zfs, ctx.cfg.local.dataset
+    zfs, ds, r = ctx.zfs, ctx.cfg.local.dataset, ctx.cfg.recursive
     local = zfs.listing(ds)
     after = snaps_after(local, common.guid)
     if not after:
         return []
-    if zfs.stream_size(ds, common.name, after[-1].name) != 0:
+    if tree_changes(zfs, ds, common.name, after[-1].name, r) != 0:
         raise ActionError("%s changed since %s after all; nothing was destroyed" % (ds,
                                                                                    common.name))
     names = [s.name for s in reversed(after) if is_flocker_snapshot(s.name)]
     foreign = [s.name for s in after if not is_flocker_snapshot(s.name)]
-    for name in names:
-        zfs.run(["destroy", "%s@%s" % (ds, name)], retry_busy=True)
+    for name in names:      # (-r: the same snapshot of every child, with recursive = yes)
+        zfs.run(["destroy"] + (["-r"] if r else []) + ["%s@%s" % (ds, name)],
+                retry_busy=True)
     text = ("destroyed %d snapshot(s) of %s after %s that held no change: %s"
             % (len(names), ds, common.name, ", ".join(names) or "none"))
     if foreign:
@@ -9391,8 +9630,8 @@ def cmd_resolve(args, cfg_path: str) -> int:
                                       threading.Event(), dry_run=True,
                                       serving=bool(live and live.get("serving")))
         print("verdict (dry run, nothing changed): %s%s" % (
-            v.reason, "" if v.status == VERDICT_RESOLVED else
-            " -> an operator decides: 'resolve --winner NODE'"))
+            v.reason, "" if v.status == VERDICT_RESOLVED else keep_by_hand_hint(cfg, v)
+            if v.kept_by_hand else " -> an operator decides: 'resolve --winner NODE'"))
         return EXIT_OK
     if args.winner is None:
         raise FlockerError("say which node's data continues: 'resolve --winner NODE' "
@@ -9567,15 +9806,15 @@ The forced command of the peer's key in root's authorized_keys:
 
 sshd passes the request in SSH_ORIGINAL_COMMAND; no shell ever reads it.
 It is run only when it is exactly one of these forms (D: the dataset of
-this node; -r only with recursive = yes):
+this node; -r and D/CHILD only with recursive = yes):
 
   features                        usage text of zfs and zfs get
   session                         requests one per line, answers framed
-  zfs get -H -p -o FIELDS PROPS [-d 1] D
+  zfs get -H -p -o FIELDS PROPS [-d 1 | -r] D
   zfs list -H -o name D           (or a parent of D)
   zfs recv -u [-s] D              (the stream on standard input; a package
                                   stream, send -R or -p, only with recursive = yes)
-  zfs recv -A D
+  zfs recv -A D[/CHILD]
   zfs hold [-r] flocker D@SNAP
   zfs release [-r] flocker D@SNAP
   zfs destroy [-r] D@flocker-...[,flocker-...]   replication snapshots only

@@ -114,14 +114,13 @@ def bed(zfs_ready):
         b.close()
 
 
-def dataset_context(ds, zfs):
+def dataset_context(ds, zfs, recursive=False):
     """An action Context for one local dataset, with no configuration or
     state file behind it: the events it records are kept in .store.events."""
     class Cfg:
-        recursive = False
-
         class local:
             dataset = ds
+    Cfg.recursive = recursive
 
     class Store:
         def __init__(self):

@@ -16,7 +16,7 @@ from test_failover import (START, STOP, killed, lanbed, serving, replicated,  # 
                            svc_log, zget)
 
 
-def configure(bed, policy, policy_b=None):
+def configure(bed, policy, policy_b=None, cluster=None):
     """One configuration per host (alike unless policy_b differs):
     alpha reads the bed's, beta its own copy."""
     w = bed.workdir
@@ -24,7 +24,8 @@ def configure(bed, policy, policy_b=None):
     for pol, path in ((policy, bed.config_path),
                       (policy_b or policy, os.path.join(w, "beta.conf"))):
         paths.append(bed.write_config(
-            cluster={"replication_interval": "0.5", "divergence_policy": pol},
+            cluster=dict({"replication_interval": "0.5", "divergence_policy": pol},
+                         **(cluster or {})),
             service={"start_command": START.format(w=w), "stop_command": STOP.format(w=w)},
             path=path))
     return paths
@@ -33,9 +34,10 @@ def configure(bed, policy, policy_b=None):
 class Pair:
     """Two running daemons; alpha starts as master."""
 
-    def __init__(self, bed, policy):
+    def __init__(self, bed, policy, cluster=None):
         self.bed = bed
-        self.paths = configure(bed, policy)
+        self.cluster = cluster
+        self.paths = configure(bed, policy, cluster=cluster)
         init(bed)
         for h in bed.hosts:
             bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
@@ -51,7 +53,7 @@ class Pair:
 
     def reconfigure(self, policy, policy_b=None):
         """New policies, taken by the running daemons on SIGHUP."""
-        configure(self.bed, policy, policy_b)
+        configure(self.bed, policy, policy_b, cluster=self.cluster)
         before = {h: d.log_text().count("configuration reloaded") for h, d in self.d.items()}
         for d in self.d.values():
             d.proc.send_signal(signal.SIGHUP)
@@ -403,5 +405,160 @@ def test_loser_keeps_its_settings_and_child_and_serves_them_after_a_failover(bed
         assert kept not in names and m.dataset in names and kid in names
         bedmod.sh(["zfs", "mount", kid], check=False)
         assert bedmod.tree_digest(os.path.join(mp, "kid")) == kid_files
+    finally:
+        p.stop()
+
+
+def test_drop_empty_divergence_counts_child_changes_with_recursive(pool):
+    """Issue 13, item 4: with recursive = yes a change in a child dataset
+    is a change of that side: the loser's snapshots after the common one
+    are destroyed only when the stream of the dataset and of every child
+    carries no change, and then in the children too (snapshot -r made
+    them)."""
+    ds = pool.name + "/d"
+    kid = ds + "/kid"
+    bedmod.sh(["zfs", "create", ds])
+    bedmod.sh(["zfs", "create", kid])
+    z = ff.Zfs()
+    ctx = dataset_context(ds, z, recursive=True)
+    x1, x2 = ff.snapshot_name(3, 1e9), ff.snapshot_name(3, 1e9 + 1)
+    bedmod.sh(["zfs", "snapshot", "-r", ds + "@common"])
+    common = z.listing(ds).snap("common")
+    with open(os.path.join(zget(kid, "mountpoint"), "only-here.bin"), "wb") as f:
+        f.write(os.urandom(30000))
+    bedmod.sh(["zfs", "snapshot", "-r", "%s@%s" % (ds, x1)])
+    try:
+        ff._drop_empty_divergence(ctx, common)
+        raise AssertionError("destroyed snapshots although a child changed")
+    except ff.ActionError as e:
+        assert "changed since common after all; nothing was destroyed" in e.message
+    assert [s.name for s in z.listing(ds).snaps] == ["common", x1]
+    assert [s.name for s in z.listing(kid).snaps] == ["common", x1]
+    assert os.path.exists(os.path.join(zget(kid, "mountpoint"), "only-here.bin"))
+    # the test's own clean-up: the child back at the common snapshot
+    bedmod.sh(["zfs", "destroy", "-r", "%s@%s" % (ds, x1)])
+    bedmod.sh(["zfs", "rollback", kid + "@common"])
+    bedmod.sh(["zfs", "snapshot", "-r", "%s@%s" % (ds, x2)])     # nothing changed anywhere
+    assert ff._drop_empty_divergence(ctx, common) == [x2]
+    assert [s.name for s in z.listing(ds).snaps] == ["common"]
+    assert [s.name for s in z.listing(kid).snaps] == ["common"]
+
+
+def recursive_pair(bed):
+    """Two daemons with recursive = yes; alpha's dataset has a child with
+    a file, replicated to beta."""
+    p = Pair(bed, "most-changes", cluster={"recursive": "yes"})
+    m = bed.a
+    kid = m.dataset + "/kid"
+    bedmod.sh(["zfs", "create", kid])
+    with open(os.path.join(zget(kid, "mountpoint"), "kid.bin"), "wb") as f:
+        f.write(os.urandom(20000))
+    since = time.time()
+    wait_for(lambda: replicated(p.d[m], since), S(30), step=0.1)
+    assert bedmod.sh(["zfs", "list", "-H", "-o", "name", bed.b.dataset + "/kid"]).returncode == 0
+    return p
+
+
+def write_in(dataset, size):
+    """{file: sha256} of one new file of `size` random bytes in dataset."""
+    name = "w-%d.bin" % time.time_ns()
+    data = os.urandom(size)
+    with open(os.path.join(zget(dataset, "mountpoint"), name), "wb") as f:
+        f.write(data)
+    return {name: hashlib.sha256(data).hexdigest()}
+
+
+def refused_before_anything_stops(p, m, s, loser):
+    """Both nodes leave the divergence to the operator, saying why; both
+    still serve, neither ran stop_command; no attempt follows the refusal
+    at once (it waits for the operator)."""
+    def done():
+        st = [d.status()["divergence"]["unresolved"] for d in p.d.values()]
+        stopped = [e for h in (m, s) for e in svc_log(h) if e[0] == "stop"]
+        return all(st) or stopped
+    wait_for(done, S(60), step=0.1)
+    said = [x for d in p.d.values() for x in d.log_text().splitlines()
+            if "Verdict" in x or "ERROR" in x]
+    assert [e[0] for e in svc_log(m)] == ["start"] and [e[0] for e in svc_log(s)] == ["start"], \
+        (svc_log(m), svc_log(s), said)
+    for h, d in p.d.items():
+        st = d.status()
+        why = st["divergence"]["unresolved"]
+        assert "recursive = yes" in why and "%s changed" % loser.name in why, why
+        assert "nothing was stopped or changed" in why, why
+        assert st["role"] == "master" and st["serving"], st
+        r = h.flocker("check", config=p.config[h])
+        assert r.returncode == 2 and "split brain unresolved" in r.stdout, r.stdout
+    # it waits: one look every 60 s (UNRESOLVED_RETRY, not scaled), which
+    # one side's look may make the other join; a retry with the backoff
+    # of a failed action (1, 2, 4... s) would make several in 10 s
+    attempts = {h: d.log_text().count("resolving a divergence") for h, d in p.d.items()}
+    time.sleep(10)
+    again = {h: d.log_text().count("resolving a divergence") - attempts[h]
+             for h, d in p.d.items()}
+    assert all(n <= 1 for n in again.values()), again
+
+
+def test_recursive_child_only_changes_are_changes(bed):
+    """Issue 13, item 4: with recursive = yes, a node that wrote only in a
+    child dataset changed something: the verdict is no "only alpha
+    changed; nothing is lost", and since keeping that side is not done for
+    recursive datasets, both nodes leave it to the operator before
+    anything stops; the README's way of keeping it by hand then works."""
+    p = recursive_pair(bed)
+    m, s = bed.a, bed.b
+    try:
+        bed.cut_link()
+        wait_for(lambda: all(serving(d) for d in p.d.values()), S(15), step=0.05)
+        top = write_in(m.dataset, 200000)
+        kid = write_in(s.dataset + "/kid", 60000)        # beta writes in the child only
+        p.heal()
+        refused_before_anything_stops(p, m, s, loser=s)
+        assert files_in(s.dataset + "/kid").get(list(kid)[0]) == list(kid.values())[0]
+        assert files_in(m.dataset).get(list(top)[0]) == list(top.values())[0]
+
+        # the operator keeps beta's side by hand (README, "Divergent data")
+        p.d[s].stop()
+        kept = s.dataset + "-kept"
+        for pause in (0.2, 0.5, 1, 2, 4, None):    # (zfs-fuse: busy for a moment)
+            for name in (s.dataset + "/kid", s.dataset):    # (zfs-fuse: unmounted first)
+                bedmod.sh(["zfs", "unmount", name], check=False)
+            r = bedmod.sh(["zfs", "rename", s.dataset, kept], check=False)
+            if r.returncode == 0 or pause is None:
+                break
+            time.sleep(pause)
+        assert r.returncode == 0, r.stderr
+        bedmod.sh(["zfs", "set", "canmount=noauto", kept])
+        r = s.flocker("init", "--role", "slave", "--force", config=p.config[s])
+        assert r.returncode == 0, r.stdout + r.stderr
+        p.start(s)
+        assert wait_for(p.settled, S(60), step=0.1) is m
+        # (the top first: mounting the child alone would leave its directory
+        # in the top's unmounted mountpoint)
+        assert files_in(s.dataset).get(list(top)[0]) == list(top.values())[0]
+        assert files_in(s.dataset + "/kid") == files_in(m.dataset + "/kid")
+        assert files_in(kept + "/kid").get(list(kid)[0]) == list(kid.values())[0]
+    finally:
+        p.stop()
+
+
+def test_recursive_loser_is_refused_before_it_stops(bed):
+    """Issue 13, item 4: with recursive = yes the loser's divergent data
+    (of the dataset and its children) is not kept by the tool: the
+    verdict is refused on both nodes before the loser stops its user
+    system, with the reason in status and the log, and it waits for the
+    operator (no attempt after attempt)."""
+    p = recursive_pair(bed)
+    m, s = bed.a, bed.b
+    try:
+        bed.cut_link()
+        wait_for(lambda: all(serving(d) for d in p.d.values()), S(15), step=0.05)
+        write_in(m.dataset, 200000)
+        write_in(s.dataset, 60000)
+        write_in(s.dataset + "/kid", 10000)
+        p.heal()
+        refused_before_anything_stops(p, m, s, loser=s)
+        text = p.d[s].log_text()
+        assert "not supported yet" not in text, text
     finally:
         p.stop()

@@ -71,6 +71,9 @@ def test_every_request_replication_makes_is_allowed():
             made += [["zfs"] + c for c in ff.hold_commands(D, snaps_ + ["users own"], r)]
             made += [["zfs"] + c for c in ff.release_commands(D, snaps_, r)]
             made += [["zfs"] + c for c in ff.destroy_commands(D, snaps_, r, features)]
+            if r:       # the replica's tree, a child's partial receive dropped
+                made += [["zfs"] + ff.tree_args(D, features),
+                         ["zfs", "recv", "-A", D + "/kid"], ["zfs", "recv", "-A", D + "/a/b"]]
             for words in made:
                 req = parse(request(words), recursive=r)
                 assert req.kind == "zfs" and list(req.args) == words[1:], words
@@ -143,7 +146,7 @@ def test_every_request_replication_makes_is_allowed():
     ("zfs get -H -p -o name,property,value all -d 1 %s" % D, ["PROPERTIES among"]),
     ("zfs get -H -p -o name,property,value guid,mountpoint -d 1 %s" % D, ["PROPERTIES among"]),
     ("zfs get -H -p -o name,source,value guid -d 1 %s" % D, ["FIELDS one of"]),
-    ("zfs get -H -p -o name,property,value guid -r %s" % D, ["only the form"]),
+    ("zfs get -H -p -o name,property,value guid -r %s" % D, ["allowed only with recursive = yes"]),
     ("zfs get -H -p -o name,property,value guid -d 2 %s" % D, ["only the form"]),
     ("zfs get guid %s" % D, ["only the form"]),
     # the gate's own requests take no arguments; flocker: status only (so far)
@@ -180,6 +183,21 @@ def test_recursive_allows_r_exactly_where_children_follow():
     snap = "%s@flocker-1-20260101T000000.000Z" % D
     for sub in ("hold -r flocker", "release -r flocker", "destroy -r"):
         assert parse("zfs %s %s" % (sub, snap), recursive=True).args[1] == "-r"
+    # a child's partial receive (issue 13, item 4): recursive = yes only,
+    # only datasets below D, nothing else
+    assert parse("zfs recv -A %s/kid" % D, recursive=True).args == ("recv", "-A", D + "/kid")
+    refused("zfs recv -A %s/kid" % D, "only with recursive = yes")
+    for bad in (D + "/", D + "//kid", D + "/kid/", D + "kid", "tank/other/kid", "tank"):
+        with pytest.raises(ff.GateRefused):
+            parse("zfs recv -A %s" % bad, recursive=True)
+    refused("zfs recv -u %s/kid" % D, "tank/shop/kid is not tank/shop", recursive=True)
+    refused("zfs recv -A -u %s/kid" % D, "is not tank/shop", recursive=True)
+    refused("zfs recv -A %s/kid@s" % D, "not a dataset below", recursive=True)
+    get_r = "zfs get -H -p -o name,property,value guid,receive_resume_token -r " + D
+    assert parse(get_r, recursive=True).args[-2:] == ("-r", D)
+    refused(get_r, "-r (child datasets too) is allowed only with recursive = yes")
+    refused(get_r.replace(D, D + "/kid"), "is not tank/shop", recursive=True)
+    refused(get_r.replace("-r", "-d 2"), "only the form", recursive=True)
     refused("zfs destroy -r -r %s" % snap, "with no other option", recursive=True)
     refused("zfs destroy -r %s" % D, "a dataset is never destroyed", recursive=True)
     refused("zfs destroy -R %s" % snap, "with no other option", recursive=True)

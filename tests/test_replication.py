@@ -166,7 +166,9 @@ def test_receive_never_forces_or_rolls_back():
     #   _snapshot_if_changed: the snapshot it just took, only when its stream
     #     from the previous one is empty, i.e. it holds nothing that one does
     #     not (test_stream_is_empty; the no-change cycle of
-    #     test_full_incremental_catchup_and_status)
+    #     test_full_incremental_catchup_and_status); with recursive = yes, -r,
+    #     only when that holds in every dataset of the tree
+    #     (test_recursive_cycle_snapshots_only_when_the_tree_changed)
     #   _drop_empty_leftover: what a crash left of the same (test_failover.py::
     #     test_drop_empty_leftover_destroys_only_an_empty_unheld_newest_snapshot)
     #   _drop_empty_divergence: a losing side's snapshots after the common
@@ -174,7 +176,9 @@ def test_receive_never_forces_or_rolls_back():
     #     (test_divergence.py::
     #     test_drop_empty_divergence_destroys_only_changeless_snapshots,
     #     test_drop_empty_divergence_never_destroys_a_foreign_snapshot,
-    #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept)
+    #     test_foreign_snapshot_on_the_slave_is_no_split_brain_and_is_kept;
+    #     with recursive = yes, -r, only when no child changed either:
+    #     test_drop_empty_divergence_counts_child_changes_with_recursive)
     #   discard_preserved: the operator's discard (test_preserve.py::
     #     test_discard_preserved_destroys_only_what_was_recorded,
     #     test_discard_preserved_refuses_a_dataset_with_unrecorded_children,
@@ -196,8 +200,13 @@ def test_receive_never_forces_or_rolls_back():
     # by a promotion and after a receive that failed for a full pool
     # (test_target_pool_full)
     # (the ssh gate passes on the same request for its own dataset;
-    # kill_receives names "-A" only to leave such a 'zfs recv -A' alone)
-    assert sites(r'"-A"') == ["abort_partial_receive", "_gate_zfs_recv", "kill_receives"]
+    # kill_receives names "-A" only to leave such a 'zfs recv -A' alone);
+    # _drop_child_partials: with recursive = yes, the partial receive a
+    # package stream cut inside a child of the replica left there, sent
+    # again at once (test_recursive_transfer_cut_inside_a_child_continues,
+    # on OpenZFS; every complete snapshot stays)
+    assert sites(r'"-A"') == ["abort_partial_receive", "_gate_zfs_recv", "_gate_zfs_recv",
+                              "kill_receives", "_drop_child_partials"]
     assert sites(r"\.abort_partial_receive\(") == ["_discard_unresumable", "_promote_steps"]
 
 
@@ -370,9 +379,11 @@ class FakeZfs(ff.ZfsBase):
         self.list_result = listing
         self.commands = []
 
+    stdout = ""
+
     def run(self, args, check=True):
         self.commands.append(list(args))
-        return subprocess.CompletedProcess(args, 0, "", "")
+        return subprocess.CompletedProcess(args, 0, self.stdout, "")
 
     def listing(self, dataset):
         return self.list_result
@@ -413,12 +424,19 @@ def test_written_property_skips_the_snapshot():
     with pytest.raises(ff.ReplicationError):   # the fake lists no new snapshot
         ff._snapshot_if_changed(cfg, z, changed, 1, time.time)
     assert z.commands[1][0] == "snapshot"
-    # with child datasets the top's written says nothing about them
+    # with child datasets: the written of every dataset of the tree
     rec = dataclasses.replace(cfg, recursive=True)
+    tree = ["get", "-H", "-p", "-o", "value", "-r", "-t", "filesystem,volume", "written",
+            "p/d"]
     z = FakeZfs(modern, unchanged)
+    z.stdout = "0\n0\n0\n"
+    assert ff._snapshot_if_changed(rec, z, unchanged, 1, time.time) is unchanged
+    assert z.commands == [["(zpool sync)", "p"], tree]
+    z = FakeZfs(modern, unchanged)
+    z.stdout = "0\n8192\n0\n"                   # the top unchanged, a child written
     with pytest.raises(ff.ReplicationError):
         ff._snapshot_if_changed(rec, z, unchanged, 1, time.time)
-    assert z.commands[0][:2] == ["snapshot", "-r"]
+    assert z.commands[1] == tree and z.commands[2][:2] == ["snapshot", "-r"]
 
 
 def test_openzfs_features_for_real(pool):
@@ -1032,6 +1050,39 @@ def test_recursive_children_replicate(bed):
         mnt(bed.a, kid))
 
 
+def test_recursive_cycle_snapshots_only_when_the_tree_changed(pool):
+    """With recursive = yes a cycle (and each look at a divergence that
+    waits for the operator) takes its snapshot -r only when the dataset or
+    a child changed: none piles up while nothing is written, and one made
+    for nothing is destroyed again with -r (its stream from the previous
+    one empty in every dataset of the tree)."""
+    from conftest import dataset_context
+    ds = pool.name + "/d"
+    kid = ds + "/kid"
+    bedmod.sh(["zfs", "create", ds])
+    bedmod.sh(["zfs", "create", kid])
+    z = ff.Zfs()
+    cfg = dataset_context(ds, z, recursive=True).cfg
+    now = [1e9]
+
+    def clock():
+        now[0] += 1
+        return now[0]
+    first = ff._snapshot_if_changed(cfg, z, z.listing(ds), 3, clock)
+    assert len(first.snaps) == 1 and list(snaps(kid)) == [first.snaps[0].name]
+    for _ in range(3):       # nothing written: no new snapshot anywhere
+        assert ff._snapshot_if_changed(cfg, z, first, 3, clock).snaps == first.snaps
+    assert list(snaps(ds)) == list(snaps(kid)) == [first.snaps[0].name]
+    with open(os.path.join(mnt_of(kid), "k.bin"), "wb") as f:
+        f.write(os.urandom(20000))
+    after = ff._snapshot_if_changed(cfg, z, first, 3, clock)     # a child changed
+    assert len(after.snaps) == 2 and list(snaps(kid)) == [s.name for s in after.snaps]
+
+
+def mnt_of(ds):
+    return prop(ds, "mountpoint")
+
+
 def test_retention_spares_the_last_replicated_snapshot_even_unheld(bed):
     """Belt and braces: should the hold be gone (an operator released it),
     the snapshot last confirmed on the slave still survives the cap."""
@@ -1195,3 +1246,66 @@ def test_slave_holding_a_snapshot_the_master_made_and_lost_is_no_divergence(bed)
     err = fails(sync(bed), ff.EXIT_REPLICATION, sent, "made by this master", "zfs destroy")
     assert "not a divergence" in err and "(divergence)" not in err, err
     assert snaps(bed.b.dataset) == before_b
+
+
+def test_recursive_transfer_cut_inside_a_child_continues(bed):
+    """Issue 13, item 4: a package (-R) stream cut while the child's part
+    was on its way: the replica's top dataset got the new snapshot, its
+    child did not (OpenZFS, recv -s: the child keeps a partial receive,
+    named by a receive_resume_token on the child).  The next cycle discards
+    the child's partial state (zfs recv -A of that child, through the gate,
+    only with recursive = yes) and sends from the newest snapshot that the
+    dataset and every child of the replica hold, so replication goes on:
+    the same files on both sides, every complete snapshot kept."""
+    prepare(bed, cluster={"recursive": "yes"})
+    a, b = bed.a, bed.b
+    kid, bkid = a.dataset + "/kid", b.dataset + "/kid"
+    bedmod.sh(["zfs", "create", kid])
+    write(bed, "top.bin", 20000)
+    ok(sync(bed))
+    first = rows(bed)[-1]["snapshot"]
+    assert first in snaps(bkid)
+    with open(os.path.join(mnt(a, kid), "big.bin"), "wb") as f:
+        f.write(os.urandom(4 << 20))
+    write(bed, "top2.bin", 20000)
+    # the cycle that was cut: its snapshot, and half of its stream received
+    new = ff.snapshot_name(ff.snapshot_epoch(first), time.time())
+    bedmod.sh(["zfs", "snapshot", "-r", "%s@%s" % (a.dataset, new)])
+    stream = subprocess.run(["zfs", "send", "-R", "-I", "@" + first,
+                             "%s@%s" % (a.dataset, new)], check=True,
+                            stdout=subprocess.PIPE).stdout
+    resumable = ff.Zfs().features().resumable
+    half = subprocess.run(["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [b.dataset],
+                          input=stream[:len(stream) // 2], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert half.returncode != 0
+    assert new in snaps(b.dataset) and new not in snaps(bkid), (snaps(b.dataset), snaps(bkid))
+    if resumable:
+        assert prop(bkid, "receive_resume_token") not in ("", "-")
+    kept = {ds: snaps(ds) for ds in (b.dataset, bkid)}
+
+    p = sync(bed)
+    print(p.stdout, p.stderr)
+    for ds, before in kept.items():      # every complete snapshot is still there
+        after = snaps(ds)
+        assert all(after.get(n, (None,))[0] == g for n, (g, _) in before.items()), (ds, after)
+    if resumable:       # OpenZFS: the snapshots the replica has are skipped
+        ok(p)
+        assert "dropped the partial receive of %s" % bkid in p.stdout
+        assert prop(bkid, "receive_resume_token") == "-"
+        row = rows(bed)[-1]
+        assert row["result"] == "ok" and row["base"] == first, row
+    else:               # zfs-fuse's recv cannot skip them: what to do, said
+        fails(p, ff.EXIT_REPLICATION, "left a child of %s on beta without %s" % (b.dataset, new),
+              "sent from %s" % first, "'zfs rename %s %s-old'" % (b.dataset, b.dataset))
+        bedmod.sh(["zfs", "rename", b.dataset, b.dataset + "-old"])
+        ok(sync(bed))
+        assert rows(bed)[-1]["base"] is None          # a full copy
+    # (the top first: mounting the child alone would leave its directory in
+    # the top's unmounted mountpoint)
+    assert slave_digest(bed) == {k: v for k, v in master_digest(bed).items()
+                                 if not k.startswith("kid/")}
+    assert slave_digest(bed, bkid) == bedmod.tree_digest(mnt(a, kid))
+    newest = rows(bed)[-1]["snapshot"]
+    assert snaps(bkid)[newest][0] == snaps(kid)[newest][0]
+    ok(sync(bed))                        # and the cycle after it, as usual

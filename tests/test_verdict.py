@@ -136,7 +136,8 @@ def test_divergence_facts_round_trip_and_belong_to_one_attempt():
     assert text == "v3 123 4 0 0 0 most-changes -"      # pinned: the peer parses it
     facts = ff.parse_divergence(text)
     assert facts == {"common_guid": "123", "attempt": 4, "epoch": 0, "changes": 0,
-                     "serving": False, "policy": "most-changes", "winner": None}
+                     "serving": False, "policy": "most-changes", "recursive": False,
+                     "winner": None}
     f = ff.parse_divergence(ff.format_divergence("9", 7, 6, 10, "manual", "beta", True))
     assert f["winner"] == "beta" and f["serving"] is True
     for bad in (None, "", "v1 123 0 0 most-changes -", "v2 123 4 0 0 most-changes -",
@@ -148,3 +149,53 @@ def test_divergence_facts_round_trip_and_belong_to_one_attempt():
     assert ff.facts_of_this_attempt(dict(facts, attempt=6), "123", 5)   # republished by a winner
     assert not ff.facts_of_this_attempt(facts, "456", 4)    # another common snapshot
     assert not ff.facts_of_this_attempt(None, "123", 4)
+
+
+def test_recursive_loser_with_changes_is_left_to_the_operator():
+    """Issue 13, item 4: keeping divergent data of a dataset with children
+    (recursive = yes) is not done by the tool; a verdict whose loser
+    changed anything is refused, the same on both nodes, before anything
+    stops (an operator keeps that data by hand: README).  A loser that
+    changed nothing rejoins as before."""
+    for serving in ((False, False), (True, True), (False, True)):
+        for policy in POLICIES:
+            for ra, rb in ((True, True), (True, False), (False, True)):
+                a = S("alpha", 2, policy, 300, serving[0], recursive=ra)
+                b = S("beta", 3, policy, 200, serving[1], recursive=rb)
+                v = both(a, b)
+                assert v.status != "resolved", (policy, serving, ra, rb, v)
+                assert not v.preserve
+                if v.status == "operator" and "recursive = yes" in v.reason:
+                    assert v.loser is None and v.winner is None
+                    assert "nothing was stopped or changed" in v.reason, v.reason
+    v = both(S("alpha", 2, "most-changes", 300, recursive=True),
+             S("beta", 3, "most-changes", 200, recursive=True))
+    assert v.status == "operator" and v.reason.startswith(
+        "alpha would win (it changed more (300 bytes against 200)), but beta changed 200 "
+        "bytes since the common snapshot and must keep them"), v.reason
+    # a loser that changed nothing: resolved as with recursive = no
+    v = both(S("alpha", 2, "most-changes", 300, recursive=True),
+             S("beta", 3, "most-changes", 0, recursive=True))
+    assert (v.status, v.winner, v.preserve) == ("resolved", "alpha", False)
+    v = both(S("alpha", 2, "most-changes", 0, True, recursive=True),
+             S("beta", 3, "most-changes", 0, True, recursive=True))
+    assert (v.status, v.winner, v.preserve) == ("resolved", "beta", False)
+    # an operator's choice of a winner does not get around it
+    v = ff.divergence_verdict(S("alpha", 2, "manual", 1, recursive=True),
+                              S("beta", 3, "manual", 5, recursive=True), "beta", None)
+    assert v.status == "operator" and "recursive = yes" in v.reason, v.reason
+    v = ff.divergence_verdict(S("alpha", 2, "manual", 0, recursive=True),
+                              S("beta", 3, "manual", 5, recursive=True), "beta", None)
+    assert (v.status, v.winner) == ("resolved", "beta")
+
+
+def test_divergence_facts_say_recursive():
+    """With recursive = yes the policy word carries '+recursive': a peer
+    of this version reads it; one of an older version sees another policy
+    (a mismatch: the operator decides), never a preservation it cannot do."""
+    text = ff.format_divergence("9", 4, 2, 10, "most-changes", None, recursive=True)
+    assert text == "v3 9 4 2 10 0 most-changes+recursive -"
+    f = ff.parse_divergence(text)
+    assert f["policy"] == "most-changes" and f["recursive"] is True
+    f = ff.parse_divergence(ff.format_divergence("9", 4, 2, 10, "prefer-node:beta", "beta"))
+    assert f["policy"] == "prefer-node:beta" and f["recursive"] is False
