@@ -5698,14 +5698,27 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                        winner_choice: Optional[str] = None, dry_run: bool = False,
                        quiesce=None, peer_stopped=None, pause=None,
-                       serving: bool = False) -> Tuple[Verdict, str]:
+                       serving: bool = False, yield_first: bool = False
+                       ) -> Tuple[Verdict, str]:
     """Reach the verdict with the peer and carry out this node's part;
     returns it and the GUID of the common snapshot.  pause: called first,
     ends the replication cycle in flight (none runs while resolving);
     quiesce: called by a loser once its user system is stopped; serving:
     this node ran the user system as master when the attempt began (kept
-    from its facts already published for this attempt, across a restart)."""
+    from its facts already published for this attempt, across a restart).
+    yield_first: this serving master met a serving master of a newer epoch
+    (split_brain_yields()): its user system stops before anything else,
+    so that two hosts write for no longer than it takes to hear each
+    other, not for the verdict's round trips; the verdict still counts it
+    as serving, and if it wins, it serves again (_win)."""
     cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    stopped = False
+    if yield_first and not dry_run:
+        _stop_user_system(ctx, ctx.store.node_state().epoch, quiesce)
+        ctx.store.record_event("verdict", "stopped the user system at once: %s serves as "
+                               "master of a newer epoch; the verdict decides whose data "
+                               "continues" % cfg.peer.name, "warning")
+        stopped = True
     if pause is not None and not dry_run:
         pause()
     remote = peer.listing(cfg.peer.dataset)
@@ -5738,7 +5751,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             # the newest common snapshot moved meanwhile (a transfer that
             # was on its way): measure again against the new one
             return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
-                                      peer_stopped, pause)
+                                      peer_stopped, pause, serving=serving)
         if dry_run or time.monotonic() > deadline or stop.is_set():
             if dry_run:
                 after = snaps_after(remote, common.guid)
@@ -5782,7 +5795,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     failpoint("resolve:verdict")
     top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
     if v.loser == cfg.local_name:
-        _lose(ctx, common, top, v, quiesce, facts)
+        _lose(ctx, common, top, v, quiesce, facts, stopped)
     else:
         _win(ctx, top, v, peer_stopped)
         won = ctx.store.node_state().epoch
@@ -5801,14 +5814,33 @@ def _marker_epoch(listing: Listing) -> int:
     return marker[2] if marker else 0
 
 
-def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str) -> None:
-    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
-    env = _service_env(ctx, top, {"FLOCKER_ROLE": ROLE_SLAVE})
+def split_brain_yields(own_epoch: int, peer_epoch: Optional[int], serving: bool,
+                       peer_serving: bool) -> bool:
+    """Two serving masters hear each other: the one of the older epoch
+    stops its user system at once, before the verdict (which may take
+    seconds of ssh round trips), as it would on a one-way link
+    (DECIDE_STEP_DOWN).  Epochs of two nodes never tie (next_epoch), so
+    exactly one of them yields; the verdict then decides whose data
+    continues."""
+    return serving and peer_serving and peer_epoch is not None and peer_epoch > own_epoch
+
+
+def _stop_user_system(ctx: Context, epoch: int, quiesce) -> None:
+    """Stop the user system, let the service address go, then quiesce."""
+    cfg = ctx.cfg
+    env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
     _run_service_command(ctx, "stop_command", cfg.service.stop_command, env)
     if cfg.service.service_address is not None:
         remove_service_address(cfg.service.service_address)
     if quiesce is not None:
         quiesce()
+
+
+def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str,
+          stopped: bool = False) -> None:
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    if not stopped:
+        _stop_user_system(ctx, top, quiesce)
     # measured again now that nothing writes any more
     local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
     after = snaps_after(local, common.guid)
@@ -7400,10 +7432,14 @@ class Daemon:
             return
         serving = self.serving
         hb = self.tracker.last
+        yield_first = hb is not None and hb.role == ROLE_MASTER and split_brain_yields(
+            self.epoch, hb.epoch, serving, bool(hb.flags & FLAG_SERVING))
         if not serving and hb is not None and hb.flags & FLAG_SERVING:
             log.info("rejoining %s, which serves: %s", self.cfg.peer.name, why)
         else:
-            log.warning("resolving a divergence with %s: %s", self.cfg.peer.name, why)
+            log.warning("resolving a divergence with %s: %s%s", self.cfg.peer.name, why,
+                        "; %s serves in a newer epoch: stopping the user system first"
+                        % self.cfg.peer.name if yield_first else "")
         self.resolving = True
         self._joined = True    # this attempt answers one the peer may have begun
         self._answer_soon()    # tell the peer at once
@@ -7413,7 +7449,8 @@ class Daemon:
                                winner_choice=self.winner_choice,
                                quiesce=self._stop_replication,
                                peer_stopped=self._wait_peer_stopped,
-                               pause=self._end_replication, serving=serving)
+                               pause=self._end_replication, serving=serving,
+                               yield_first=yield_first)
         self._role_job(DECIDE_RESOLVE, action)
 
     def _wait_peer_stopped(self, timeout: float) -> bool:

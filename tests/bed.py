@@ -732,7 +732,7 @@ class Bed:
                    check=False)
             else:
                 sh(["tc", "-n", host.ns, "qdisc", "replace", "dev", "eth%d" % n, "root",
-                    "tbf", "rate", "%dmbit" % mbit, "burst", "64kb", "latency", "2000ms"])
+                    "tbf", "rate", "%gmbit" % mbit, "burst", "64kb", "latency", "2000ms"])
 
     def restore_link(self, i=None):
         for n in (range(self.links) if i is None else [i]):

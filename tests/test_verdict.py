@@ -148,3 +148,19 @@ def test_divergence_facts_round_trip_and_belong_to_one_attempt():
     assert ff.facts_of_this_attempt(dict(facts, attempt=6), "123", 5)   # republished by a winner
     assert not ff.facts_of_this_attempt(facts, "456", 4)    # another common snapshot
     assert not ff.facts_of_this_attempt(None, "123", 4)
+
+
+def test_of_two_serving_masters_exactly_the_older_epoch_yields_before_the_verdict():
+    """Two serving masters that hear each other: the one of the older epoch
+    stops its user system at once (campaign finding 3), the other keeps
+    serving; a node that does not serve, or meets one that does not, or
+    knows no epoch of its peer, does not yield."""
+    for mine, theirs in itertools.product(range(1, 9), range(1, 9)):
+        if mine == theirs:
+            continue     # next_epoch: two nodes' epochs never tie
+        a = ff.split_brain_yields(mine, theirs, True, True)
+        b = ff.split_brain_yields(theirs, mine, True, True)
+        assert a != b and a == (theirs > mine)
+    assert not ff.split_brain_yields(2, 3, False, True)
+    assert not ff.split_brain_yields(2, 3, True, False)
+    assert not ff.split_brain_yields(2, None, True, True)
