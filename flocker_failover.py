@@ -1454,10 +1454,15 @@ class StateStore:
                 "snapshot, guid, health) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (node, seen, role, epoch, generation, snapshot, guid, health))
 
-    def next_generation(self) -> int:
-        """Raise and return the boot generation (once per daemon start)."""
+    def next_generation(self, floor: int = 0) -> int:
+        """Raise and return the boot generation (once per daemon start), to
+        at least `floor`: the Unix time, as init starts it, so that a state
+        file restored from an older backup does not hand out a generation a
+        later boot already used (the peer would take its packets for
+        replays)."""
         with self.transaction() as conn:
-            conn.execute("UPDATE node_state SET generation = generation + 1 WHERE id = 1")
+            conn.execute("UPDATE node_state SET generation = MAX(generation + 1, ?) "
+                         "WHERE id = 1", (floor,))
             return conn.execute("SELECT generation FROM node_state WHERE id = 1").fetchone()[0]
 
     def add_preserved(self, dataset: str, epoch: int, origin: str, reason: str) -> None:
@@ -5452,6 +5457,19 @@ def preserved_name(dataset: str, epoch: int, now: float) -> str:
                                   time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
 
 
+def preserved_names(dataset: str, names: Sequence[str]) -> List[Tuple[str, int]]:
+    """(name, epoch) of each of `names` that preserved_name() made for
+    dataset (pure): what a state file restored from an older backup may no
+    longer list (Daemon._relearn_preserved)."""
+    pattern = re.compile(r"^%s-diverged-(\d+)-\d{8}T\d{6}Z$" % re.escape(dataset))
+    out = []
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            out.append((name, int(m.group(1))))
+    return out
+
+
 def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
                         then_demote: bool = False) -> str:
     """Keep this node's data written after snapshot `common` (a snapshot
@@ -6207,6 +6225,8 @@ class PeerTracker:
         self.start = start
         self.awake_since = start   # judge liveness only on what came after this
         self.window = ReplayWindow(min_generation)
+        # the newest of our packets that an accepted packet echoed
+        self._echo_high = 0
         self.rejected = {r: 0 for r in REJECT_REASONS}
         self.last = None           # type: Optional[Heartbeat]
         self.last_seen = None      # type: Optional[float]
@@ -6241,11 +6261,15 @@ class PeerTracker:
                        if hb.echo_generation == self.generation else None)
             confirmed = sent_at is not None and now - sent_at <= self.dead_time
             reason = self.window.check(hb.generation, hb.sequence)
-            if reason == "old_generation" and confirmed:
+            if confirmed and (reason == "old_generation" or (
+                    reason == "replay" and hb.echo_sequence > self._echo_high)):
                 # it answers a packet of ours from this boot, so it is live:
                 # the peer restarted from older state (its state file was
                 # restored from a backup, a VM snapshot reverted).  Its
-                # generation counts from there; never lock it out.
+                # generation counts from there; never lock it out.  In a
+                # generation it used before, its sequence starts again
+                # below the window ("replay"): a copy of a packet we took
+                # would echo no packet of ours newer than all it answered.
                 self.generation_dropped = (self.window.generation, hb.generation)
                 self.window = ReplayWindow(hb.generation)
                 reason = None
@@ -6256,6 +6280,8 @@ class PeerTracker:
             self.rejected[e.reason] += 1
             return None, e
         self.window.accept(hb.generation, hb.sequence)
+        if hb.echo_generation == self.generation:
+            self._echo_high = max(self._echo_high, hb.echo_sequence)
         self.claim, self.claim_seen = hb, now
         if not confirmed:
             self.unconfirmed += 1
@@ -6915,8 +6941,9 @@ class Daemon:
                     "the state file %s belongs to node %s, but this host is node %s; "
                     "fix --node or state_db in the configuration" % (db, st.node,
                                                                      self.cfg.local_name))
-            self.generation = store.next_generation()
+            self.generation = store.next_generation(int(wall_clock()))
             st = self._catch_up_with_dataset(store, st)
+            self._relearn_preserved(store)
             # a crash cut a role change short: the loop's first role job
             # finishes it, with heartbeats flowing and a backoff when it fails
             self.recovering = store.unfinished_intent() is not None
@@ -6974,6 +7001,29 @@ class Daemon:
         log.warning("%s", why)
         store.set_role(adopt[0], adopt[1], why)
         return store.node_state()
+
+    def _relearn_preserved(self, store: StateStore) -> None:
+        """Divergent data this node kept (preserved_name() beside its
+        dataset) that the state file does not list, because it was
+        restored from a backup older than the split: listed again, so that
+        'status' and 'check' show it to the operator (only listed: nothing
+        is changed on it)."""
+        ds = self.cfg.local.dataset
+        if "/" not in ds:
+            return
+        try:
+            zfs = Zfs()
+            known = {p["dataset"] for p in store.preserved()}
+            found = [(n, e) for n, e in preserved_names(ds, zfs.descendants(ds.rsplit("/", 1)[0]))
+                     if n not in known]
+            for name, epoch in found:
+                why = ("found beside %s at start, not listed by the state file (was it "
+                       "restored from an older backup?)" % ds)
+                log.warning("preserved divergent data %s: %s", name, why)
+                store.add_preserved(name, epoch, zfs.origin(name), why)
+        except FlockerError as e:
+            log.warning("cannot look for preserved divergent data beside %s at start: %s",
+                        ds, e.message)
 
     def _write_pidfile(self) -> None:
         if self.pidfile is None:
