@@ -1531,10 +1531,15 @@ class StateStore:
                 "snapshot, guid, health) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (node, seen, role, epoch, generation, snapshot, guid, health))
 
-    def next_generation(self) -> int:
-        """Raise and return the boot generation (once per daemon start)."""
+    def next_generation(self, floor: int = 0) -> int:
+        """Raise and return the boot generation (once per daemon start), to
+        at least `floor`: the Unix time, as init starts it, so that a state
+        file restored from an older backup does not hand out a generation a
+        later boot already used (the peer would take its packets for
+        replays)."""
         with self.transaction() as conn:
-            conn.execute("UPDATE node_state SET generation = generation + 1 WHERE id = 1")
+            conn.execute("UPDATE node_state SET generation = MAX(generation + 1, ?) "
+                         "WHERE id = 1", (floor,))
             return conn.execute("SELECT generation FROM node_state WHERE id = 1").fetchone()[0]
 
     def add_preserved(self, dataset: str, epoch: int, origin: str, reason: str) -> None:
@@ -6211,6 +6216,19 @@ def preserved_name(dataset: str, epoch: int, now: float) -> str:
                                   time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
 
 
+def preserved_names(dataset: str, names: Sequence[str]) -> List[Tuple[str, int]]:
+    """(name, epoch) of each of `names` that preserved_name() made for
+    dataset (pure): what a state file restored from an older backup may no
+    longer list (Daemon._relearn_preserved)."""
+    pattern = re.compile(r"^%s-diverged-(\d+)-\d{8}T\d{6}Z$" % re.escape(dataset))
+    out = []
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            out.append((name, int(m.group(1))))
+    return out
+
+
 def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
                         then_demote: bool = False) -> str:
     """Keep this node's data written after snapshot `common` (a snapshot
@@ -6506,14 +6524,27 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
 def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                        winner_choice: Optional[str] = None, dry_run: bool = False,
                        quiesce=None, peer_stopped=None, pause=None,
-                       serving: bool = False) -> Tuple[Verdict, str]:
+                       serving: bool = False, yield_first: bool = False
+                       ) -> Tuple[Verdict, str]:
     """Reach the verdict with the peer and carry out this node's part;
     returns it and the GUID of the common snapshot.  pause: called first,
     ends the replication cycle in flight (none runs while resolving);
     quiesce: called by a loser once its user system is stopped; serving:
     this node ran the user system as master when the attempt began (kept
-    from its facts already published for this attempt, across a restart)."""
+    from its facts already published for this attempt, across a restart).
+    yield_first: this serving master met a serving master of a newer epoch
+    (split_brain_yields()): its user system stops before anything else,
+    so that two hosts write for no longer than it takes to hear each
+    other, not for the verdict's round trips; the verdict still counts it
+    as serving, and if it wins, it serves again (_win)."""
     cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    stopped = False
+    if yield_first and not dry_run:
+        _stop_user_system(ctx, ctx.store.node_state().epoch, quiesce)
+        ctx.store.record_event("verdict", "stopped the user system at once: %s serves as "
+                               "master of a newer epoch; the verdict decides whose data "
+                               "continues" % cfg.peer.name, "warning")
+        stopped = True
     if pause is not None and not dry_run:
         pause()
     remote = peer.listing(cfg.peer.dataset)
@@ -6546,7 +6577,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             # the newest common snapshot moved meanwhile (a transfer that
             # was on its way): measure again against the new one
             return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
-                                      peer_stopped, pause)
+                                      peer_stopped, pause, serving=serving)
         if dry_run or time.monotonic() > deadline or stop.is_set():
             if dry_run:
                 after = snaps_after(remote, common.guid)
@@ -6591,7 +6622,7 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     failpoint("resolve:verdict")
     top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
     if v.loser == cfg.local_name:
-        _lose(ctx, common, top, v, quiesce, facts)
+        _lose(ctx, common, top, v, quiesce, facts, stopped)
     else:
         _win(ctx, top, v, peer_stopped)
         won = ctx.store.node_state().epoch
@@ -6626,14 +6657,33 @@ def _marker_epoch(listing: Listing) -> int:
     return marker[2] if marker else 0
 
 
-def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str) -> None:
-    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
-    env = _service_env(ctx, top, {"FLOCKER_ROLE": ROLE_SLAVE})
+def split_brain_yields(own_epoch: int, peer_epoch: Optional[int], serving: bool,
+                       peer_serving: bool) -> bool:
+    """Two serving masters hear each other: the one of the older epoch
+    stops its user system at once, before the verdict (which may take
+    seconds of ssh round trips), as it would on a one-way link
+    (DECIDE_STEP_DOWN).  Epochs of two nodes never tie (next_epoch), so
+    exactly one of them yields; the verdict then decides whose data
+    continues."""
+    return serving and peer_serving and peer_epoch is not None and peer_epoch > own_epoch
+
+
+def _stop_user_system(ctx: Context, epoch: int, quiesce) -> None:
+    """Stop the user system, let the service address go, then quiesce."""
+    cfg = ctx.cfg
+    env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
     _run_service_command(ctx, "stop_command", cfg.service.stop_command, env)
     if cfg.service.service_address is not None:
         remove_service_address(cfg.service.service_address)
     if quiesce is not None:
         quiesce()
+
+
+def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str,
+          stopped: bool = False) -> None:
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    if not stopped:
+        _stop_user_system(ctx, top, quiesce)
     # measured again now that nothing writes any more
     local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
     after = snaps_after(local, common.guid)
@@ -7014,6 +7064,8 @@ class PeerTracker:
         self.start = start
         self.awake_since = start   # judge liveness only on what came after this
         self.window = ReplayWindow(min_generation)
+        # the newest of our packets that an accepted packet echoed
+        self._echo_high = 0
         self.rejected = {r: 0 for r in REJECT_REASONS}
         self.last = None           # type: Optional[Heartbeat]
         self.last_seen = None      # type: Optional[float]
@@ -7048,11 +7100,15 @@ class PeerTracker:
                        if hb.echo_generation == self.generation else None)
             confirmed = sent_at is not None and now - sent_at <= self.dead_time
             reason = self.window.check(hb.generation, hb.sequence)
-            if reason == "old_generation" and confirmed:
+            if confirmed and (reason == "old_generation" or (
+                    reason == "replay" and hb.echo_sequence > self._echo_high)):
                 # it answers a packet of ours from this boot, so it is live:
                 # the peer restarted from older state (its state file was
                 # restored from a backup, a VM snapshot reverted).  Its
-                # generation counts from there; never lock it out.
+                # generation counts from there; never lock it out.  In a
+                # generation it used before, its sequence starts again
+                # below the window ("replay"): a copy of a packet we took
+                # would echo no packet of ours newer than all it answered.
                 self.generation_dropped = (self.window.generation, hb.generation)
                 self.window = ReplayWindow(hb.generation)
                 reason = None
@@ -7063,6 +7119,8 @@ class PeerTracker:
             self.rejected[e.reason] += 1
             return None, e
         self.window.accept(hb.generation, hb.sequence)
+        if hb.echo_generation == self.generation:
+            self._echo_high = max(self._echo_high, hb.echo_sequence)
         self.claim, self.claim_seen = hb, now
         if not confirmed:
             self.unconfirmed += 1
@@ -7725,8 +7783,9 @@ class Daemon:
                     "the state file %s belongs to node %s, but this host is node %s; "
                     "fix --node or state_db in the configuration" % (db, st.node,
                                                                      self.cfg.local_name))
-            self.generation = store.next_generation()
+            self.generation = store.next_generation(int(wall_clock()))
             st = self._catch_up_with_dataset(store, st)
+            self._relearn_preserved(store)
             # a crash cut a role change short: the loop's first role job
             # finishes it, with heartbeats flowing and a backoff when it fails
             self.recovering = store.unfinished_intent() is not None
@@ -7784,6 +7843,29 @@ class Daemon:
         log.warning("%s", why)
         store.set_role(adopt[0], adopt[1], why)
         return store.node_state()
+
+    def _relearn_preserved(self, store: StateStore) -> None:
+        """Divergent data this node kept (preserved_name() beside its
+        dataset) that the state file does not list, because it was
+        restored from a backup older than the split: listed again, so that
+        'status' and 'check' show it to the operator (only listed: nothing
+        is changed on it)."""
+        ds = self.cfg.local.dataset
+        if "/" not in ds:
+            return
+        try:
+            zfs = Zfs()
+            known = {p["dataset"] for p in store.preserved()}
+            found = [(n, e) for n, e in preserved_names(ds, zfs.descendants(ds.rsplit("/", 1)[0]))
+                     if n not in known]
+            for name, epoch in found:
+                why = ("found beside %s at start, not listed by the state file (was it "
+                       "restored from an older backup?)" % ds)
+                log.warning("preserved divergent data %s: %s", name, why)
+                store.add_preserved(name, epoch, zfs.origin(name), why)
+        except FlockerError as e:
+            log.warning("cannot look for preserved divergent data beside %s at start: %s",
+                        ds, e.message)
 
     def _write_pidfile(self) -> None:
         if self.pidfile is None:
@@ -8254,10 +8336,14 @@ class Daemon:
             return
         serving = self.serving
         hb = self.tracker.last
+        yield_first = hb is not None and hb.role == ROLE_MASTER and split_brain_yields(
+            self.epoch, hb.epoch, serving, bool(hb.flags & FLAG_SERVING))
         if not serving and hb is not None and hb.flags & FLAG_SERVING:
             log.info("rejoining %s, which serves: %s", self.cfg.peer.name, why)
         else:
-            log.warning("resolving a divergence with %s: %s", self.cfg.peer.name, why)
+            log.warning("resolving a divergence with %s: %s%s", self.cfg.peer.name, why,
+                        "; %s serves in a newer epoch: stopping the user system first"
+                        % self.cfg.peer.name if yield_first else "")
         self.resolving = True
         self._joined = True    # this attempt answers one the peer may have begun
         self._answer_soon()    # tell the peer at once
@@ -8267,7 +8353,8 @@ class Daemon:
                                winner_choice=self.winner_choice,
                                quiesce=self._stop_replication,
                                peer_stopped=self._wait_peer_stopped,
-                               pause=self._end_replication, serving=serving)
+                               pause=self._end_replication, serving=serving,
+                               yield_first=yield_first)
         self._role_job(DECIDE_RESOLVE, action)
 
     def _wait_peer_stopped(self, timeout: float) -> bool:

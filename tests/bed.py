@@ -742,7 +742,18 @@ class Bed:
                    check=False)
             else:
                 sh(["tc", "-n", host.ns, "qdisc", "replace", "dev", "eth%d" % n, "root",
-                    "tbf", "rate", "%dmbit" % mbit, "burst", "64kb", "latency", "2000ms"])
+                    "tbf", "rate", "%gmbit" % mbit, "burst", "64kb", "latency", "2000ms"])
+
+    def throttle_link(self, i, mbit):
+        """Narrow link i to mbit Mbit/s each way (None: no limit): tc's
+        token bucket on both ends; what exceeds the rate waits in its queue
+        (up to 2 s), heartbeats included."""
+        for h in self.hosts:
+            if mbit is None:
+                sh(["tc", "-n", h.ns, "qdisc", "del", "dev", "eth%d" % i, "root"], check=False)
+            else:
+                sh(["tc", "-n", h.ns, "qdisc", "replace", "dev", "eth%d" % i, "root", "tbf",
+                    "rate", "%gmbit" % mbit, "burst", "32kb", "latency", "2000ms"])
 
     def restore_link(self, i=None):
         for n in (range(self.links) if i is None else [i]):

@@ -144,6 +144,54 @@ def test_a_peer_restarted_from_older_state_is_recognised_never_locked_out():
                      0, 100.8)[1].reason == "old_generation"
 
 
+def test_a_peer_restarted_in_a_generation_it_used_before_is_not_locked_out():
+    """Campaign finding (old_state): a state file restored from a backup
+    gave the peer a generation a later boot had used already; its sequence
+    started again at 1, below the window: every packet a "replay", the
+    peer locked out for as long as the later boot had run (37 s in the
+    campaign, months on a real pair).  A packet that answers a packet of
+    ours newer than any an accepted packet answered cannot be a copy of
+    one we took: the peer is live, its generation starts again.  A copy of
+    a packet we took (it answers nothing newer) stays a replay."""
+    t = tracker()
+    for seq in range(1, 301):                  # the later boot ran a while
+        t.sent(seq, 100 + seq * 0.001)
+        assert t.receive(ff.encode_heartbeat(hb(generation=3, sequence=seq,
+                                                echo_sequence=seq), K1),
+                         0, 100 + seq * 0.001)[0] is not None
+    now = 100.4
+    # a copy of an accepted packet, live echo and all: still a replay
+    assert t.receive(ff.encode_heartbeat(hb(generation=3, sequence=300, echo_sequence=300),
+                                         K1), 0, now)[1].reason == "replay"
+    # the restarted peer, generation 3 again, sequence 1, answering our newest
+    t.sent(301, now)
+    got, rej = t.receive(ff.encode_heartbeat(hb(generation=3, sequence=1, echo_sequence=301),
+                                             K1), 0, now + 0.01)
+    assert rej is None and got is not None and t.generation_dropped == (3, 3)
+    assert t.echo() == (3, 1)
+    t.sent(302, now + 0.2)
+    assert t.receive(ff.encode_heartbeat(hb(generation=3, sequence=2, echo_sequence=302), K1),
+                     0, now + 0.21)[0] is not None
+    # one that answers nothing recent of ours (a recording) proves nothing
+    assert t.receive(ff.encode_heartbeat(hb(generation=3, sequence=1, echo_sequence=5), K1),
+                     0, now + 0.3)[1].reason == "replay"
+
+
+def test_the_boot_generation_never_repeats_after_a_restored_state_file(tmp_path):
+    """next_generation rises to at least the Unix time it is given: a state
+    file restored from an older backup starts above the generations of
+    the boots since (they started no later than now)."""
+    db = str(tmp_path / "state.db")
+    store = ff.StateStore.open(db, create=True, lock_for="test")
+    try:
+        store.initialise("alpha", ff.ROLE_MASTER, 1, 1000)
+        assert store.next_generation(0) == 1001
+        assert store.next_generation(5000) == 5000
+        assert store.next_generation(10) == 5001
+    finally:
+        store.close()
+
+
 def test_replay_window_never_accepts_twice():
     rng = random.Random(4)
     order = []

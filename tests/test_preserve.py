@@ -290,3 +290,47 @@ def test_copy_preserved_gives_a_writable_copy_and_changes_nothing_kept(diverged)
     ff.Zfs().run(["destroy", copy], retry_busy=True)   # zfs-fuse: busy for a moment
     proc = a.flocker("discard-preserved", kept, "--yes")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_preserved_names_are_those_made_for_this_dataset():
+    ds = "tank/shop"
+    names = ["tank", "tank/shop", "tank/shop-diverged-7-20260101T000000Z",
+             "tank/shop-diverged-12-20261129T163555Z", "tank/shop-diverged-x-20260101T000000Z",
+             "tank/shop-diverged-7-20260101T000000Z-mine", "tank/shopx-diverged-7-20260101T000000Z",
+             "tank/shop/kid", "tank/shop-diverged-7-20260101T000000Z/kid", "other/shop-diverged-"
+             "7-20260101T000000Z", "tankXshop-diverged-7-20260101T000000Z"]
+    assert ff.preserved_names(ds, names) == [
+        ("tank/shop-diverged-7-20260101T000000Z", 7),
+        ("tank/shop-diverged-12-20261129T163555Z", 12)]
+    assert ff.preserved_name(ds, 7, 0) == "tank/shop-diverged-7-19700101T000000Z"
+    assert ff.preserved_names(ds, [ff.preserved_name(ds, 7, 0)]) == [
+        (ff.preserved_name(ds, 7, 0), 7)]
+
+
+def test_a_state_file_restored_from_before_the_split_lists_the_kept_data_again(diverged):
+    """Campaign finding (old_state): a state file restored from a backup
+    taken before the split no longer listed the divergent data the node
+    kept, so 'status' and 'check' hid it from the operator (the writes
+    were on the pool, in no listed dataset).  The daemon lists it again at
+    start, with its origin, and changes nothing on it."""
+    import shutil
+    from test_daemon import Running
+    bed, a = diverged[0], diverged[1]
+    backup = os.path.join(bed.workdir, "state-backup.db")
+    shutil.copy(a.state_db, backup)            # nothing holds it open now
+    kept = bed.drive(a, "preserve", COMMON, 2).stdout.strip()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(a.state_db + suffix):
+            os.unlink(a.state_db + suffix)
+    shutil.copy(backup, a.state_db)
+    assert json.loads(a.flocker("status", "--json", check=True).stdout)["preserved"] == []
+    before = guid(kept)
+    d = Running(a).wait_ready()
+    try:
+        report = json.loads(a.flocker("status", "--json", check=True).stdout)
+        assert [p["dataset"] for p in report["preserved"]] == [kept], report["preserved"]
+        assert report["preserved"][0]["origin"] == "%s@%s" % (a.dataset, COMMON)
+        assert report["preserved"][0]["epoch"] == 2
+        assert guid(kept) == before and zget(kept, "readonly") == "on"
+    finally:
+        d.stop()

@@ -199,3 +199,19 @@ def test_divergence_facts_say_recursive():
     assert f["policy"] == "most-changes" and f["recursive"] is True
     f = ff.parse_divergence(ff.format_divergence("9", 4, 2, 10, "prefer-node:beta", "beta"))
     assert f["policy"] == "prefer-node:beta" and f["recursive"] is False
+
+
+def test_of_two_serving_masters_exactly_the_older_epoch_yields_before_the_verdict():
+    """Two serving masters that hear each other: the one of the older epoch
+    stops its user system at once (campaign finding 3), the other keeps
+    serving; a node that does not serve, or meets one that does not, or
+    knows no epoch of its peer, does not yield."""
+    for mine, theirs in itertools.product(range(1, 9), range(1, 9)):
+        if mine == theirs:
+            continue     # next_epoch: two nodes' epochs never tie
+        a = ff.split_brain_yields(mine, theirs, True, True)
+        b = ff.split_brain_yields(theirs, mine, True, True)
+        assert a != b and a == (theirs > mine)
+    assert not ff.split_brain_yields(2, 3, False, True)
+    assert not ff.split_brain_yields(2, 3, True, False)
+    assert not ff.split_brain_yields(2, None, True, True)
