@@ -101,17 +101,24 @@ def pool(zfs_ready):
         bedmod._remove_workdir(d)
 
 
-@pytest.fixture
-def bed(zfs_ready):
-    """Two hosts (alpha, beta) in namespaces with sshd, pools and a config."""
+def beds(**kw):
+    """A test bed built with kw (see bed.Bed), closed afterwards: the body
+    of a bed fixture (a bed that cannot be built is a skip, and a failure
+    when CI is set)."""
     try:
-        b = bedmod.Bed()
+        b = bedmod.Bed(**kw)
     except bedmod.BedUnavailable as e:
         need(False, "two-host test bed unavailable: %s" % e)
     try:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture
+def bed(zfs_ready):
+    """Two hosts (alpha, beta) in namespaces with sshd, pools and a config."""
+    yield from beds()
 
 
 def dataset_context(ds, zfs, recursive=False):

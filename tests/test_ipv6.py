@@ -7,7 +7,7 @@ import os
 import pytest
 
 import bed as bedmod
-from conftest import ff, need
+from conftest import beds, ff
 from test_daemon import S, Running, wait_for
 from test_failover import replicated, serving
 
@@ -16,14 +16,7 @@ ADDRESS = "2001:db8:0:ff::10"
 
 @pytest.fixture
 def bed6(zfs_ready):
-    try:
-        b = bedmod.Bed(ipv6=True)
-    except bedmod.BedUnavailable as e:
-        need(False, "two-host test bed unavailable: %s" % e)
-    try:
-        yield b
-    finally:
-        b.close()
+    yield from beds(ipv6=True)
 
 
 def test_a_failover_on_ipv6_links(bed6):
