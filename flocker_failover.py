@@ -5078,14 +5078,17 @@ def resolved(w: Side, loser: Side, why: str) -> Verdict:
     """w continues, unless the loser changed something and the nodes have
     recursive = yes: keeping the divergent data of a dataset with child
     datasets (preserve_divergence) is not done by the tool, so that
-    verdict goes to the operator, the same on both nodes, before anything
-    stops (README, "Divergent data")."""
+    verdict goes to the operator, the same on both nodes, before the
+    loser stops (README, "Divergent data").  Of two serving masters the
+    older one has stopped already (split_brain_yields()), so that one
+    writes while the operator is away."""
     if loser.changes > 0 and (w.recursive or loser.recursive):
         return Verdict(VERDICT_OPERATOR, None, None, False,
                        "%s would win (%s), but %s changed %d bytes since the common "
                        "snapshot and must keep them, and flocker-failover does not keep "
-                       "the divergent data of datasets with recursive = yes: nothing was "
-                       "stopped or changed on either node; an operator decides"
+                       "the divergent data of datasets with recursive = yes: no data was "
+                       "changed on either node, and only a serving master of the older "
+                       "epoch stopped its user system; an operator decides"
                        % (w.node, why, loser.node, loser.changes), kept_by_hand=loser.node)
     return Verdict(VERDICT_RESOLVED, w.node, loser.node, loser.changes > 0,
                    "%s wins: %s" % (w.node, why))
