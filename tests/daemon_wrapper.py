@@ -13,6 +13,10 @@ host's namespace:
                              lasts `seconds`; its outcome goes to `report`.
   FFT_EXTRA_FLAGS=N          every heartbeat also carries these flag bits
                              (e.g. 16: "resolving", which a peer joins)
+  FFT_MEMTRACE=dir           every 30 s, append to dir/<pid>.mem the RSS, the
+                             threads, what Python itself holds (tracemalloc)
+                             and its 12 largest sites: whether a daemon's
+                             growth is Python objects or the allocator's
 """
 
 import hashlib
@@ -118,6 +122,34 @@ if os.environ.get("FFT_EXTRA_FLAGS"):
     _extra = int(os.environ["FFT_EXTRA_FLAGS"])
     _flags = ff.Daemon._flags
     ff.Daemon._flags = lambda self: _flags(self) | _extra
+
+if os.environ.get("FFT_MEMTRACE"):
+    import threading
+    import tracemalloc
+    tracemalloc.start(4)
+    _mem_path = os.path.join(os.environ["FFT_MEMTRACE"], "%d.mem" % os.getpid())
+
+    def _memtrace():
+        first = None
+        while True:
+            time.sleep(30)
+            snap = tracemalloc.take_snapshot()
+            if first is None:
+                first = snap
+            with open("/proc/self/status") as f:
+                status = dict(line.split(":", 1) for line in f)
+            cur, peak = tracemalloc.get_traced_memory()
+            lines = ["%s rss %s threads %s traced %d kB peak %d kB argv %s" % (
+                time.strftime("%H:%M:%S"), status["VmRSS"].strip(),
+                status["Threads"].strip(), cur >> 10, peak >> 10, " ".join(sys.argv[1:4]))]
+            for stat in snap.compare_to(first, "traceback")[:12]:
+                lines.append("  %+d kB %d blocks: %s" % (
+                    stat.size_diff >> 10, stat.count,
+                    " < ".join("%s:%d" % (os.path.basename(fr.filename), fr.lineno)
+                               for fr in stat.traceback)))
+            with open(_mem_path, "a") as f:
+                f.write("\n".join(lines) + "\n")
+    threading.Thread(target=_memtrace, name="memtrace", daemon=True).start()
 
 if __name__ == "__main__":
     sys.exit(ff.main(sys.argv[1:]))
