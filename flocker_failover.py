@@ -2481,14 +2481,35 @@ class Zfs(ZfsBase):
         return "\n".join(out)
 
     def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
+        """Reads at most one byte more than an empty stream has, then closes
+        the pipe (zfs send ends on it): the answer never costs the stream's
+        size in memory or time.  An error is 'not empty' (the snapshot is
+        kept)."""
         argv = [self.zfs, "send", "-i", old, "%s@%s" % (dataset, new)]
+        limit = 2 * _DRR_RECORD + 1
+        proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        head = b""
+        deadline = time.monotonic() + self.timeout
         try:
-            proc = subprocess.run(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return proc.returncode == 0 and stream_is_empty(proc.stdout)
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                while len(head) < limit and time.monotonic() < deadline:
+                    if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                        continue
+                    chunk = os.read(proc.stdout.fileno(), limit - len(head))
+                    if not chunk:
+                        break
+                    head += chunk
+            complete = len(head) < limit and time.monotonic() < deadline
+        finally:
+            proc.stdout.close()     # a longer stream: its sender ends on the closed pipe
+            try:
+                status = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = proc.wait()
+        return complete and status == 0 and stream_is_empty(head)
 
     def stream_size(self, dataset: str, old: Optional[str], new: str) -> int:
         """Bytes of the incremental stream old -> new (old None: the full
@@ -2499,14 +2520,15 @@ class Zfs(ZfsBase):
         proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         head, total = b"", 0
+        buf = bytearray(1 << 20)     # one buffer, read into again and again
         try:
             while True:
-                chunk = proc.stdout.read(1 << 20)
-                if not chunk:
+                n = proc.stdout.readinto(buf)
+                if not n:
                     break
                 if len(head) < 4096:
-                    head += chunk[:4096]
-                total += len(chunk)
+                    head += bytes(buf[:min(n, 4096)])
+                total += n
             err = proc.stderr.read().decode("utf-8", "replace")
         finally:
             status = proc.wait()

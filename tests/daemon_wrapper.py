@@ -149,7 +149,25 @@ if os.environ.get("FFT_MEMTRACE"):
                                for fr in stat.traceback)))
             with open(_mem_path, "a") as f:
                 f.write("\n".join(lines) + "\n")
+    def _bigtrace():
+        """Where Python holds more than 8 MB at once (what made the peak)."""
+        last = 0.0
+        while True:
+            time.sleep(0.02)
+            if tracemalloc.get_traced_memory()[0] > 8 << 20 and time.time() - last > 10:
+                last = time.time()
+                snap = tracemalloc.take_snapshot()
+                lines = ["%s big: traced %d kB" % (time.strftime("%H:%M:%S"),
+                                                   tracemalloc.get_traced_memory()[0] >> 10)]
+                for stat in snap.statistics("traceback")[:4]:
+                    lines.append("  %d kB %d blocks: %s" % (
+                        stat.size >> 10, stat.count,
+                        " < ".join("%s:%d" % (os.path.basename(fr.filename), fr.lineno)
+                                   for fr in stat.traceback)))
+                with open(_mem_path, "a") as f:
+                    f.write("\n".join(lines) + "\n")
     threading.Thread(target=_memtrace, name="memtrace", daemon=True).start()
+    threading.Thread(target=_bigtrace, name="bigtrace", daemon=True).start()
 
 if __name__ == "__main__":
     sys.exit(ff.main(sys.argv[1:]))
