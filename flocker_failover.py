@@ -10159,9 +10159,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-# The daemon runs as a module, not as the script (the same process and pid):
-# CPython keeps the parse tree of the script it runs until the script's last
-# line returns, which a daemon's never does, and for this file that is about
+# The daemon (and the witness) runs as a module, not as the script (the same
+# process and pid): CPython keeps the parse tree of the script it runs until
+# the script's last line returns, which a daemon's never does; for this file
+# that is about
 # 20 MB, 40 % of the daemon's memory.  So a daemon hands the code compiled
 # for this run, through an anonymous file, to this program exec'd again as
 # "python3 -c _AS_MODULE PATH ARGS...", which runs it as the module
@@ -10176,11 +10177,12 @@ _AS_MODULE = ("import marshal, os, sys, types; "
 
 
 def exec_daemon_as_module(code) -> None:
-    """For the daemon command, exec this program again as a module, with
-    `code` (this script's, compiled); returns where that cannot be done
-    (no memfd_create, no sys.executable): the daemon then runs as the
-    script, with the parse tree."""
-    if "daemon" not in sys.argv[1:] or not sys.executable or not hasattr(os, "memfd_create"):
+    """For the long-running commands (daemon, witness), exec this program
+    again as a module, with `code` (this script's, compiled); returns
+    where that cannot be done (no memfd_create, no sys.executable): the
+    daemon then runs as the script, with the parse tree."""
+    if not {"daemon", "witness"} & set(sys.argv[1:]) or not sys.executable \
+            or not hasattr(os, "memfd_create"):
         return
     import marshal
     try:
