@@ -1219,7 +1219,8 @@ class StateStore:
 
     @classmethod
     def open(cls, path: str, *, create: bool = False, lock_for: Optional[str] = None,
-             lock: Optional[StateLock] = None, deep_check: bool = False) -> "StateStore":
+             lock: Optional[StateLock] = None, deep_check: bool = False,
+             readonly: bool = False) -> "StateStore":
         """Open the state file.  create: make it (and its directory) when
         missing.  lock_for: take the single-writer lock, naming the purpose
         (the lock is required to create or migrate the file); or pass a lock
@@ -1227,7 +1228,11 @@ class StateStore:
         which reads the whole file: where it matters (the daemon's start-up,
         init, 'check --deep', before a migration), not at every open (a
         replication cycle, the gate's status, a cron check), which only
-        reads the header and the schema."""
+        reads the header and the schema.  readonly: for a command that only
+        reads (the gate's role check, status, history): the connection can
+        write nothing, not even the checkpoint sqlite makes when the last
+        connection closes, which would carry the WAL of a killed daemon
+        into a state file restored from a backup meanwhile."""
         directory = os.path.dirname(path) or "."
         exists = os.path.exists(path)
         if not exists and not create:
@@ -1252,7 +1257,7 @@ class StateStore:
         sidecars = [path + s for s in ("-wal", "-shm") if not os.path.exists(path + s)]
         conn = None
         try:
-            conn = cls._connect(path, exists)
+            conn = cls._connect(path, exists, readonly and not create and lock is None)
             store = cls(path, conn, lock)
             store._check_and_migrate(may_write=lock is not None, fresh=not exists,
                                      deep=deep_check)
@@ -1269,12 +1274,13 @@ class StateStore:
             raise
 
     @staticmethod
-    def _connect(path: str, exists: bool) -> sqlite3.Connection:
+    def _connect(path: str, exists: bool, readonly: bool = False) -> sqlite3.Connection:
         try:
             if exists:
                 # never let sqlite create a file behind our back
-                conn = sqlite3.connect("file:%s?mode=rw" % _uri_path(path), uri=True,
-                                       timeout=10, isolation_level=None)
+                conn = sqlite3.connect("file:%s?mode=%s" % (_uri_path(path),
+                                                           "ro" if readonly else "rw"),
+                                       uri=True, timeout=10, isolation_level=None)
             else:
                 conn = sqlite3.connect(path, timeout=10, isolation_level=None)
         except sqlite3.Error as e:
@@ -3058,7 +3064,7 @@ class Gate:
         """This node's epoch when its state file says it is master, else None
         (no state file yet: a slave being filled for the first time)."""
         try:
-            with StateStore.open(self.cfg.local.state_db) as store:
+            with StateStore.open(self.cfg.local.state_db, readonly=True) as store:
                 st = store.node_state()
         except StateError as e:
             if not os.path.exists(self.cfg.local.state_db):
@@ -6821,7 +6827,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
     live: what the running daemon reported (its "status" answer), if any.
     With zfs, the replication part also reads this node's dataset."""
     now = wall_clock() if now is None else now
-    with StateStore.open(cfg.local.state_db) as store:
+    with StateStore.open(cfg.local.state_db, readonly=True) as store:
         st = store.node_state()
         if st is None:
             raise StateError("the state file %s holds no node state; run "
@@ -9532,7 +9538,7 @@ def parse_since(text: str, now: float) -> float:
 
 def cmd_history(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
-    with StateStore.open(cfg.local.state_db) as store:
+    with StateStore.open(cfg.local.state_db, readonly=True) as store:
         events = store.events(limit=args.limit, since=args.since or 0.0)
     if args.json:
         print(json.dumps(events, indent=2))

@@ -95,12 +95,12 @@ def test_open_runs_the_full_check_only_where_it_matters(tmp_path, monkeypatch):
     seen = []
     real = ff.StateStore._connect
 
-    def traced(path, exists):
-        conn = real(path, exists)
+    def traced(path, exists, readonly=False):
+        conn = real(path, exists, readonly)
         conn.set_trace_callback(seen.append)
         return conn
     monkeypatch.setattr(ff.StateStore, "_connect", staticmethod(traced))
-    for kw in ({}, {"lock_for": "test"}):
+    for kw in ({}, {"lock_for": "test"}, {"readonly": True}):
         ff.StateStore.open(str(db), **kw).close()
     assert not [q for q in seen if "quick_check" in q], seen
     ff.StateStore.open(str(db), deep_check=True).close()
@@ -144,6 +144,54 @@ def test_committed_role_change_survives_kill_9(tmp_path):
         st = s.node_state()
         assert (st.epoch, st.role) == (39, "master")
         assert s.events()[-1]["message"] == "slave -> master, epoch 38 -> 39: flip 39"
+
+
+def test_a_reader_open_while_a_backup_is_restored_changes_nothing(tmp_path):
+    """Found by the fault campaign (seed 1505, old_state): the daemon is
+    killed (its last writes still in the WAL), the operator puts a backup
+    in place of the state file (and removes -wal and -shm), while the ssh
+    gate, serving the peer's replication, has the file open to read this
+    node's role.  When the gate's connection closed, sqlite, taking it for
+    the last one, checkpointed the old WAL into the restored file: "database
+    disk image is malformed", and the daemon would not start.  Readers
+    (the gate, status, history) open the file read-only: they never write
+    it, not even a checkpoint."""
+    db = str(tmp_path / "state.db")
+    new_store(db).close()
+    backup = str(tmp_path / "backup.db")
+    with sqlite3.connect(db) as src, sqlite3.connect(backup) as dst:
+        src.backup(dst)
+    src.close(), dst.close()
+    child = textwrap.dedent("""
+        import sys, time, importlib.util
+        spec = importlib.util.spec_from_file_location("ff", %r)
+        ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
+        s = ff.StateStore.open(%r, lock_for="test")
+        for epoch in range(2, 60):
+            s.set_role("master" if epoch %% 2 else "slave", epoch, "x" * 3000)
+        print("done", flush=True)
+        time.sleep(60)
+    """ % (bedmod.PROGRAM, db))
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        assert proc.stdout.readline().strip() == "done"
+        reader = ff.StateStore.open(db, readonly=True)      # as the gate and status do
+        assert reader.node_state().epoch == 59
+        os.kill(proc.pid, signal.SIGKILL)                   # the daemon dies
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.path.getsize(db + "-wal") > 0
+    for suffix in ("-wal", "-shm"):                         # the operator's restore
+        os.unlink(db + suffix)
+    with open(backup, "rb") as f, open(db, "wb") as g:
+        g.write(f.read())
+    restored = digest(db)
+    reader.close()
+    assert digest(db) == restored
+    with ff.StateStore.open(db, lock_for="test", deep_check=True) as s:
+        assert s.node_state().epoch == ff.initial_epoch("master", 0)
 
 
 def test_migration_from_schema_1_keeps_everything(tmp_path):
