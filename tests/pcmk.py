@@ -274,6 +274,12 @@ class Cluster:
             n.unshare.wait(timeout=10)
         n.init_pid = None
 
+    def kill_all(self):
+        """kill -9 of every node (the test's end: nothing graceful is needed)."""
+        for n in self.nodes:
+            if n.init_pid or n.unshare is not None:
+                self.kill(n)
+
     def stop(self, timeout=60):
         for n in self.nodes:
             if n.init_pid:
@@ -302,7 +308,8 @@ class Cluster:
         n.run(["cibadmin", "--create", "-o", section, "-X", xml])
 
     def roles(self, rsc="flocker", via=None):
-        """{node: role} of the instances of primitive rsc, as crm_mon shows them."""
+        """{node: role} of the instances of primitive rsc, as crm_mon shows
+        them (not the failed ones: a failed promote shows role Promoted)."""
         import xml.etree.ElementTree as ET
         out = self.crm_mon(via)
         try:
@@ -311,7 +318,7 @@ class Cluster:
             return {}
         roles = {}
         for r in root.iter("resource"):
-            if r.get("id") == rsc and r.get("active") == "true":
+            if r.get("id") == rsc and r.get("active") == "true" and r.get("failed") != "true":
                 for n in r.findall("node"):
                     roles[n.get("name")] = r.get("role")
         return roles
