@@ -339,3 +339,156 @@ def _node_online(xml, name):
     import re
     m = re.search(r'<node name="%s"[^>]*>' % re.escape(name), xml)
     return bool(m) and 'online="true"' in m.group(0)
+
+
+# ---------------------------------------------------------------------------
+# Measuring: kill -9 of the promoted node to the other one promoted, under
+# Pacemaker and under our daemon, on the same bed
+#   python3 tests/pcmk.py measure N
+# ---------------------------------------------------------------------------
+
+MEASURE_RESOURCES = """<resources>
+  <clone id="flocker-clone">
+    <meta_attributes id="fc-meta">
+      <nvpair id="fc-promotable" name="promotable" value="true"/>
+      <nvpair id="fc-promoted-max" name="promoted-max" value="1"/>
+      <nvpair id="fc-clone-max" name="clone-max" value="2"/>
+    </meta_attributes>
+    <primitive id="flocker" class="ocf" provider="flocker" type="flocker">
+      <instance_attributes id="flocker-ia">
+        <nvpair id="flocker-config" name="config" value="%(config)s"/>
+        <nvpair id="flocker-program" name="program" value="%(program)s"/>
+      </instance_attributes>
+      <operations>
+        <op id="flocker-mon-p" name="monitor" interval="2s" role="Promoted" timeout="60s"/>
+        <op id="flocker-mon-u" name="monitor" interval="3s" role="Unpromoted" timeout="60s"/>
+      </operations>
+    </primitive>
+  </clone>
+  <primitive id="shop" class="ocf" provider="heartbeat" type="anything">
+    <instance_attributes id="shop-ia">
+      <nvpair id="shop-bin" name="binfile" value="/bin/sleep"/>
+      <nvpair id="shop-args" name="cmdline_options" value="100000"/>
+      <nvpair id="shop-pid" name="pidfile" value="/run/shop.pid"/>
+    </instance_attributes>
+  </primitive>
+</resources>"""
+
+MEASURE_CONSTRAINTS = """<constraints>
+  <rsc_colocation id="shop-with-promoted" rsc="shop" with-rsc="flocker-clone"
+                  with-rsc-role="Promoted" score="INFINITY"/>
+  <rsc_order id="promote-then-shop" first="flocker-clone" first-action="promote"
+             then="shop" then-action="start"/>
+</constraints>"""
+
+
+def _poll(predicate, timeout, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(step)
+    raise AssertionError("not within %g s" % timeout)
+
+
+def measure_pacemaker():
+    """(seconds to the flocker instance promoted, to the user system
+    started) after kill -9 of the promoted host."""
+    b = bedmod.Bed()
+    try:
+        assert b.a.flocker("init", "--role", "master").returncode == 0
+        assert b.b.flocker("init", "--role", "slave").returncode == 0
+        c = Cluster(b)
+        c.start()
+        a, beta = c.node("alpha"), c.node("beta")
+        a.run(["cibadmin", "--replace", "-o", "resources", "-X", MEASURE_RESOURCES % {
+            "config": b.config_path, "program": bedmod.PROGRAM}])
+        a.run(["cibadmin", "--replace", "-o", "constraints", "-X", MEASURE_CONSTRAINTS])
+        c.wait_role("alpha", "Promoted", timeout=90)
+        c.wait_role("beta", "Unpromoted", timeout=60)
+        _poll(lambda: "flocker-" in b.b.run(["zfs", "list", "-H", "-t", "snapshot", "-o",
+                                             "name", "-d", "1", b.b.dataset],
+                                            check=False).stdout, 60)
+        time.sleep(4)      # a monitor or two of beta: its promotion score is set
+        t0 = time.monotonic()
+        c.kill(a)
+        t1 = _poll(lambda: c.roles(via=beta).get("beta") == "Promoted", 60)
+        t2 = _poll(lambda: c.roles("shop", via=beta).get("beta") == "Started", 60)
+        c.kill_all()
+        return t1 - t0, t2 - t0
+    finally:
+        b.close()
+
+
+def measure_daemon(dead_time):
+    """seconds from kill -9 of the serving master's host to the slave's
+    daemon serving, heartbeat_interval dead_time / 5."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import ff
+    b = bedmod.Bed()
+    procs = []
+    try:
+        b.write_config(cluster={"dead_time": "%g" % dead_time,
+                                "heartbeat_interval": "%g" % (dead_time / 5),
+                                "replication_interval": "1"})
+        assert b.a.flocker("init", "--role", "master").returncode == 0
+        assert b.b.flocker("init", "--role", "slave").returncode == 0
+        for h in b.hosts:
+            log = open(os.path.join(b.workdir, "daemon-%s.log" % h.name), "ab")
+            procs.append(h.popen([sys.executable, bedmod.PROGRAM, "--config", b.config_path,
+                                  "--node", h.name, "daemon"], stdout=log, stderr=log,
+                                 stdin=subprocess.DEVNULL))
+
+        def serving(h):
+            answer = ff.query_daemon(h.state_db, {"cmd": "status"}, timeout=2)
+            return bool(answer and answer["status"]["serving"])
+
+        def replicated():
+            answer = ff.query_daemon(b.b.state_db, {"cmd": "status"}, timeout=2)
+            return bool(answer and (answer["status"]["peer"] or {}).get("state") == "alive"
+                        and "flocker-" in b.b.run(["zfs", "list", "-H", "-t", "snapshot",
+                                                   "-o", "name", "-d", "1", b.b.dataset],
+                                                  check=False).stdout)
+        _poll(lambda: serving(b.a), 60)
+        _poll(replicated, 60)
+        time.sleep(2)
+        t0 = time.monotonic()
+        b.a.kill_all()
+        t1 = _poll(lambda: serving(b.b), 60, step=0.02)
+        return t1 - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+        b.close()
+
+
+def _summary(values):
+    v = sorted(values)
+    return "median %.2f s, min %.2f s, max %.2f s, N=%d" % (
+        v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2,
+        v[0], v[-1], len(v))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "measure":
+        raise SystemExit("usage: python3 tests/pcmk.py measure N   (as root, on the bed)")
+    runs = int(sys.argv[2])
+    with bedmod.machine_lock():
+        bedmod.ensure_zfs()
+    pm, shop, daemon1, daemon22 = [], [], [], []
+    for i in range(runs):
+        p, s_ = measure_pacemaker()
+        pm.append(p)
+        shop.append(s_)
+        daemon1.append(measure_daemon(1.0))
+        daemon22.append(measure_daemon(2.2))
+        print("run %d: pacemaker promoted %.2f s, user system started %.2f s; daemon "
+              "dead_time 1 s: %.2f s, dead_time 2.2 s: %.2f s"
+              % (i + 1, p, s_, daemon1[-1], daemon22[-1]), flush=True)
+    print("Pacemaker (token 1000 ms, consensus 1200 ms), kill -9 to promoted: " + _summary(pm))
+    print("Pacemaker, kill -9 to the colocated user system started: " + _summary(shop))
+    print("daemon, dead_time 1 s (heartbeat 0.2 s), kill -9 to serving: " + _summary(daemon1))
+    print("daemon, dead_time 2.2 s (heartbeat 0.44 s), kill -9 to serving: "
+          + _summary(daemon22))
