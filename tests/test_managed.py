@@ -35,8 +35,9 @@ def test_replica_relation_by_guid():
 def test_epoch_in_listing_counts_snapshot_names_and_the_role_marker():
     assert ff.epoch_in_listing(None) == 0
     assert ff.epoch_in_listing(L()) == 0
-    assert ff.epoch_in_listing(L(("flocker-4-19700101T000000.000Z", "1"), ("manual", "2"))) == 4
-    assert ff.epoch_in_listing(L(("flocker-4-19700101T000000.000Z", "1"), marker="beta master 7")) == 7
+    four = ("flocker-4-19700101T000000.000Z", "1")
+    assert ff.epoch_in_listing(L(four, ("manual", "2"))) == 4
+    assert ff.epoch_in_listing(L(four, marker="beta master 7")) == 7
 
 
 def write(host, name, text):
