@@ -4189,6 +4189,16 @@ def parse_role_marker(value: Optional[str]) -> Optional[Tuple[str, str, int]]:
     return words[0], words[1], int(words[2])
 
 
+def epoch_in_listing(listing: Optional[Listing]) -> int:
+    """The highest epoch a dataset's snapshot names and role marker carry
+    (0 for none): epochs a node has seen, whether or not it heard them."""
+    if listing is None:
+        return 0
+    marker = parse_role_marker(listing.props.get(ROLE_PROPERTY))
+    return max([marker[2] if marker else 0] +
+               [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None])
+
+
 def find_common(local: Listing, remote: Listing) -> Optional[Snap]:
     """The newest snapshot of local whose GUID the remote also has (the
     names may differ; the GUID is what proves it is the same data)."""
@@ -5199,6 +5209,35 @@ def verdict(a: Side, b: Side) -> Verdict:
                        % (name, a.node, b.node))
     return Verdict(VERDICT_OPERATOR, None, None, False,
                    "unknown divergence_policy %r: an operator decides" % policy)
+
+
+# -- which replica is newer (for a cluster manager's promotion scores) ----------
+
+RELATION_SAME = "same"            # both newest snapshots are the same (by GUID)
+RELATION_AHEAD = "ahead"          # this node holds the peer's newest snapshot and more
+RELATION_BEHIND = "behind"        # the peer holds this node's newest snapshot and more
+RELATION_DIVERGED = "diverged"    # each holds a snapshot the other lacks
+RELATION_NO_REPLICA = "no-replica"  # this node holds no snapshot (the peer may)
+RELATION_PEER_EMPTY = "peer-empty"  # the peer holds no snapshot, this node does
+
+
+def replica_relation(local: Optional[Listing], remote: Optional[Listing]) -> str:
+    """How this node's snapshots stand to the peer's, by GUID (pure): what
+    'compare' prints and what contrib/ocf/flocker scores promotion by.
+    Unsnapshotted writes do not count here (a slave's replica has none)."""
+    mine = local.snaps if local is not None else ()
+    theirs = remote.snaps if remote is not None else ()
+    if not mine:
+        return RELATION_SAME if not theirs else RELATION_NO_REPLICA
+    if not theirs:
+        return RELATION_PEER_EMPTY
+    if mine[-1].guid == theirs[-1].guid:
+        return RELATION_SAME
+    if theirs[-1].guid in local.guids:
+        return RELATION_AHEAD
+    if mine[-1].guid in remote.guids:
+        return RELATION_BEHIND
+    return RELATION_DIVERGED
 
 
 # ===========================================================================
@@ -6777,6 +6816,92 @@ def _win(ctx: Context, top: int, v: Verdict, peer_stopped) -> None:
             peer_stopped(cfg.service.command_timeout + 10)
         add_service_address(sa)     # the loser may have held the address too
         announce_address(sa, cfg.service.announce_count, cfg.service.announce_interval)
+
+
+# -- under a cluster manager (contrib/ocf/flocker) ----------------------------
+#
+# Pacemaker, not our daemon, decides the roles there; these one-shot actions
+# give it what only we know.  compare: which replica is newer (promotion
+# scores, and a promotion's last check).  rejoin: the peer is master by the
+# cluster manager's decision, so this node becomes its slave, keeping what it
+# wrote that the peer lacks, as a loser of a divergence does (the one that
+# serves continues: the verdict's first rule).
+
+
+def compare_replicas(cfg: Config, zfs: ZfsBase, peer: ZfsBase) -> dict:
+    """This node's replica against the peer's: {relation, reachable, error,
+    local, peer, peer_role, peer_epoch}.  An unreachable peer is no error:
+    relation None, reachable false."""
+    local = zfs.listing(cfg.local.dataset)
+    out = {"relation": None, "reachable": False, "error": None,
+           "local": _newest(local), "peer": None, "peer_role": None, "peer_epoch": None}
+    try:
+        remote = peer.listing(cfg.peer.dataset)
+    except FlockerError as e:
+        out["error"] = e.message
+        return out
+    marker = parse_role_marker(remote.props.get(ROLE_PROPERTY)) if remote else None
+    out.update(reachable=True, relation=replica_relation(local, remote),
+               peer=_newest(remote), peer_role=marker[1] if marker else None,
+               peer_epoch=marker[2] if marker else None)
+    return out
+
+
+def _newest(listing: Optional[Listing]) -> Optional[dict]:
+    if listing is None or not listing.snaps:
+        return None
+    return {"snapshot": listing.snaps[-1].name, "guid": listing.snaps[-1].guid}
+
+
+def rejoin(ctx: Context, peer: ZfsBase) -> str:
+    """The peer is master (its dataset's flocker:role says so): this node
+    becomes its slave.  What this node has after their newest common
+    snapshot (a tail a crashed master never sent, unsnapshotted writes) is
+    kept as a preserved dataset, exactly as a loser's divergent data;
+    snapshots after it that hold no change are dropped; then read-only,
+    unmounted, role slave.  Returns what was done.  Refused, changing
+    nothing, when the peer is not master or the two share no snapshot."""
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    st = ctx.store.node_state()
+    remote = peer.listing(cfg.peer.dataset)
+    marker = parse_role_marker(remote.props.get(ROLE_PROPERTY)) if remote else None
+    if marker is None or marker[1] != ROLE_MASTER:
+        raise ActionError("%s is not master (its dataset says %s): nothing to rejoin; "
+                          "nothing was changed" % (cfg.peer.name,
+                                                   remote.props.get(ROLE_PROPERTY)
+                                                   if remote else "nothing"))
+    top = max(st.epoch, marker[2])
+    reason = ("%s is master (epoch %d) by the cluster manager's decision: this node "
+              "rejoins as its slave" % (cfg.peer.name, marker[2]))
+    local = zfs.listing(ds)
+    common = find_common(local, remote) if local is not None else None
+    if local is None or not local.snaps:
+        if st.role == ROLE_MASTER:
+            demote(ctx, top, reason)
+        return "%s holds no replica yet: the master's next cycle sends a full copy" % ds
+    if common is None:
+        raise NeedsOperator("%s and %s on %s share no snapshot: no automatic rejoin; "
+                            "nothing was changed: compare them and keep one by hand"
+                            % (ds, cfg.peer.dataset, cfg.peer.name))
+    if st.role == ROLE_SLAVE and not snaps_after(local, common.guid):
+        return "already %s's slave: nothing after %s@%s" % (cfg.peer.name, ds, common.name)
+    if st.role == ROLE_MASTER:
+        _stop_user_system(ctx, top, None)
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+    after = snaps_after(local, common.guid)
+    if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
+        kept = preserve_divergence(ctx, common.name, top, reason, then_demote=True)
+        text = ("rejoined as %s's slave; kept this node's data written after %s@%s as %s"
+                % (cfg.peer.name, ds, common.name, kept))
+        log.warning("%s", text)
+    else:
+        _drop_empty_divergence(ctx, common)
+        if st.role != ROLE_SLAVE:
+            demote(ctx, top, reason)
+        text = ("rejoined as %s's slave; nothing after %s@%s to keep"
+                % (cfg.peer.name, ds, common.name))
+    ctx.store.record_event("rejoin", text, "warning" if after else "info")
+    return text
 
 
 def _move_aside(path: str) -> str:
@@ -9676,9 +9801,16 @@ def cmd_promote(args, cfg_path: str) -> int:
             if st.role == ROLE_MASTER:
                 raise FlockerError("this node is already master (epoch %d)" % st.epoch)
             peer = store.peer(cfg.peer.name) or {}
-            epoch = next_epoch(max(st.epoch, peer.get("epoch") or 0),
+            zfs = Zfs()
+            # every epoch this node has seen: its own, the peer's as last
+            # heard, and those its replica carries (snapshot names, the role
+            # marker): without a daemon the peer may never have been heard
+            # (a cluster manager drives this node), and an epoch below the
+            # old master's would make the new reign look older
+            epoch = next_epoch(max(st.epoch, peer.get("epoch") or 0,
+                                   epoch_in_listing(zfs.listing(cfg.local.dataset))),
                                node_index([n.name for n in cfg.nodes], cfg.local_name))
-            ctx = Context(cfg, store, Zfs())
+            ctx = Context(cfg, store, zfs)
             fence_peer(ctx, st.epoch)    # as the daemon does: no takeover unfenced
             promote(ctx, epoch,
                     "the operator forced a takeover (promote --force, no daemon running)")
@@ -9708,16 +9840,34 @@ def _add_promote(p) -> None:
 def cmd_demote(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
     answer = query_daemon(cfg.local.state_db, {"cmd": "demote"})
+    if answer is not None and args.even_if_unsent:
+        raise FlockerError("--even-if-unsent is for a node without a daemon (a cluster "
+                           "manager drives it); the daemon calls a failed switchover off")
     if answer is None:
         with StateStore.open(cfg.local.state_db, lock_for="demote") as store:
             st = store.node_state()
             if st.role != ROLE_MASTER:
                 raise FlockerError("this node is not master (role %s)" % st.role)
+            ctx = Context(cfg, store, Zfs())
             try:
-                demote(Context(cfg, store, Zfs()), st.epoch,
-                       "the operator ran demote (no daemon running)", handover=True)
+                demote(ctx, st.epoch, "the operator ran demote (no daemon running)",
+                       handover=True)
             except HandoverAborted as e:
-                raise ActionError(e.message) from None
+                if not args.even_if_unsent:
+                    raise ActionError(e.message) from None
+                # what was written since the last snapshot stays here, in a
+                # snapshot: 'compare' shows it, and 'rejoin' keeps it should
+                # the peer be promoted over it
+                listing = ctx.zfs.listing(cfg.local.dataset)
+                if listing is not None:
+                    _snapshot_if_changed(cfg, ctx.zfs, listing, st.epoch, time.time)
+                demote(ctx, st.epoch, "demote --even-if-unsent: the final snapshot could "
+                       "not be sent; this node keeps the newest data")
+                print("%s is slave now, but the final snapshot could NOT be sent to %s (%s): "
+                      "%s's replica lacks this node's newest data; do not promote it while "
+                      "this node can be" % (cfg.local_name, cfg.peer.name, e.message,
+                                            cfg.peer.name))
+                return EXIT_OK
         print("%s is slave now: user system stopped, final snapshot sent to %s, the master "
               "role released (recorded in the state file). %s's daemon takes over as soon "
               "as this node's daemon runs and announces the release; or run 'promote "
@@ -9737,6 +9887,45 @@ def cmd_demote(args, cfg_path: str) -> int:
 def _add_demote(p) -> None:
     p.add_argument("--wait", type=float, default=180.0, metavar="SECONDS",
                    help="how long to wait for the result (default 180)")
+    p.add_argument("--even-if-unsent", action="store_true",
+                   help="without a daemon: when the final snapshot cannot be sent, become "
+                        "slave all the same (the data stays here; the peer's replica "
+                        "lacks it): for a cluster manager, which must then not promote "
+                        "the peer")
+
+
+def cmd_compare(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    r = compare_replicas(cfg, Zfs(), peer_zfs(cfg))
+    if args.json:
+        print(json.dumps(r, indent=2, sort_keys=True))
+        return EXIT_OK
+    def newest(x):
+        return x["snapshot"] if x else "no snapshot"
+    if not r["reachable"]:
+        print("%s holds %s; %s cannot be reached: %s" % (
+            cfg.local_name, newest(r["local"]), cfg.peer.name, r["error"]))
+    else:
+        print("%s is %s: it holds %s, %s (%s, epoch %s) holds %s" % (
+            cfg.local_name, r["relation"], newest(r["local"]), cfg.peer.name,
+            r["peer_role"], r["peer_epoch"], newest(r["peer"])))
+    return EXIT_OK
+
+
+def _add_compare(p) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: relation (same, ahead, behind, diverged, "
+                        "no-replica, peer-empty; null when the peer cannot be reached), "
+                        "reachable, error, local, peer, peer_role, peer_epoch")
+
+
+def cmd_rejoin(args, cfg_path: str) -> int:
+    cfg = load_config(cfg_path, args.node)
+    if query_daemon(cfg.local.state_db, {"cmd": "ping"}) is not None:
+        raise FlockerError("a daemon runs on this node: it rejoins by itself")
+    with StateStore.open(cfg.local.state_db, lock_for="rejoin") as store:
+        print(rejoin(Context(cfg, store, Zfs()), peer_zfs(cfg)))
+    return EXIT_OK
 
 
 def cmd_resolve(args, cfg_path: str) -> int:
@@ -10042,6 +10231,12 @@ COMMANDS = (
      "demotes; then this node promotes); --force takes over from a dead master"),
     ("demote", cmd_demote, _add_demote,
      "on the master: planned switchover to the slave (the same, from this side)"),
+    ("compare", cmd_compare, _add_compare,
+     "which replica is newer, this node's or the peer's (by snapshot GUIDs; for a cluster "
+     "manager's promotion scores)"),
+    ("rejoin", cmd_rejoin, lambda p: None,
+     "without a daemon, the peer master (a cluster manager's decision): become its slave, "
+     "keeping what this node wrote that the peer lacks as a preserved dataset"),
     ("resolve", cmd_resolve, _add_resolve,
      "a split brain: show the verdict (--dry-run) or choose the winner (--winner NODE)"),
     ("discard-preserved", cmd_discard_preserved, _add_discard_preserved,

@@ -2,7 +2,9 @@
 # Installs what the test suite and the demo need on a Debian machine, as root:
 # ZFS (zfs-fuse: real ZFS without a kernel module), ssh, iproute2, pytest
 # and pytest-xdist (the suite runs in parallel); extra packages as arguments
-# (contrib/test.sh adds postgresql, for contrib/examples/postgresql's test).
+# (contrib/test.sh adds postgresql, for contrib/examples/postgresql's test, and
+# pacemaker, pacemaker-cli-utils, corosync, resource-agents and libxml2-utils
+# for the resource agent's, contrib/ocf/test).
 # Sourced by contrib/test.sh and contrib/demo.sh; installs only what is missing.
 set -euo pipefail
 

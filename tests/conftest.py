@@ -143,6 +143,9 @@ def pytest_configure(config):
     # pytest-xdist's marker, declared here too for runs without xdist
     config.addinivalue_line("markers", "xdist_group(name): run in one xdist worker, "
                                        "one after the other (--dist loadgroup)")
+    config.addinivalue_line("markers", "pacemaker: runs under a real Pacemaker + Corosync "
+                                       "or ocf-tester; apart from the suite, by "
+                                       "contrib/ocf/test")
 
 
 def pytest_unconfigure(config):
