@@ -11,15 +11,16 @@
 # (tests/conftest.py), handed out as workers finish (--dist loadgroup),
 # and the heartbeat-timing tests one after the other (conftest's
 # HEARTBEAT_TIMING).  The resource agent's tests under Pacemaker (marked
-# 'pacemaker', some 150 s) run apart: bash contrib/ocf/test.
+# 'pacemaker', some 150 s) run among the others, started first as the
+# longest; bash contrib/ocf/test runs them alone.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/setup-debian.sh"
 # postgresql: the example user system's test runs it; pacemaker...libxml2-utils:
-# contrib/ocf/test's (the resource agent's tests, left out here: -m "not pacemaker")
+# the resource agent's (tests/test_ocf.py)
 flocker_setup_debian postgresql pacemaker pacemaker-cli-utils corosync resource-agents \
     libxml2-utils
 cd "$here/.."
 # Debian's interpreter and its python3-pytest, whatever else is on PATH
 exec /usr/bin/python3 -m pytest -p no:cacheprovider -q -rs \
-    -n 3 --dist loadgroup -m "not pacemaker" tests/ "$@"
+    -n 3 --dist loadgroup tests/ "$@"
