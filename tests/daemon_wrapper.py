@@ -129,7 +129,19 @@ if os.environ.get("FFT_MEMTRACE"):
     tracemalloc.start(4)
     _mem_path = os.path.join(os.environ["FFT_MEMTRACE"], "%d.mem" % os.getpid())
 
+    def _write_sites(head, stats, size_of):
+        """head, then one line per tracemalloc statistic, to the .mem file."""
+        lines = [head]
+        for stat in stats:
+            lines.append("  %s kB %d blocks: %s" % (
+                size_of(stat), stat.count,
+                " < ".join("%s:%d" % (os.path.basename(fr.filename), fr.lineno)
+                           for fr in stat.traceback)))
+        with open(_mem_path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
     def _memtrace():
+        """Every 30 s: RSS, threads, what Python holds, and what grew most."""
         first = None
         while True:
             time.sleep(30)
@@ -139,33 +151,23 @@ if os.environ.get("FFT_MEMTRACE"):
             with open("/proc/self/status") as f:
                 status = dict(line.split(":", 1) for line in f)
             cur, peak = tracemalloc.get_traced_memory()
-            lines = ["%s rss %s threads %s traced %d kB peak %d kB argv %s" % (
+            _write_sites("%s rss %s threads %s traced %d kB peak %d kB argv %s" % (
                 time.strftime("%H:%M:%S"), status["VmRSS"].strip(),
-                status["Threads"].strip(), cur >> 10, peak >> 10, " ".join(sys.argv[1:4]))]
-            for stat in snap.compare_to(first, "traceback")[:12]:
-                lines.append("  %+d kB %d blocks: %s" % (
-                    stat.size_diff >> 10, stat.count,
-                    " < ".join("%s:%d" % (os.path.basename(fr.filename), fr.lineno)
-                               for fr in stat.traceback)))
-            with open(_mem_path, "a") as f:
-                f.write("\n".join(lines) + "\n")
+                status["Threads"].strip(), cur >> 10, peak >> 10, " ".join(sys.argv[1:4])),
+                snap.compare_to(first, "traceback")[:12],
+                lambda stat: "%+d" % (stat.size_diff >> 10))
+
     def _bigtrace():
         """Where Python holds more than 8 MB at once (what made the peak)."""
         last = 0.0
         while True:
             time.sleep(0.02)
-            if tracemalloc.get_traced_memory()[0] > 8 << 20 and time.time() - last > 10:
+            held = tracemalloc.get_traced_memory()[0]
+            if held > 8 << 20 and time.time() - last > 10:
                 last = time.time()
-                snap = tracemalloc.take_snapshot()
-                lines = ["%s big: traced %d kB" % (time.strftime("%H:%M:%S"),
-                                                   tracemalloc.get_traced_memory()[0] >> 10)]
-                for stat in snap.statistics("traceback")[:4]:
-                    lines.append("  %d kB %d blocks: %s" % (
-                        stat.size >> 10, stat.count,
-                        " < ".join("%s:%d" % (os.path.basename(fr.filename), fr.lineno)
-                                   for fr in stat.traceback)))
-                with open(_mem_path, "a") as f:
-                    f.write("\n".join(lines) + "\n")
+                _write_sites("%s big: traced %d kB" % (time.strftime("%H:%M:%S"), held >> 10),
+                             tracemalloc.take_snapshot().statistics("traceback")[:4],
+                             lambda stat: "%d" % (stat.size >> 10))
     threading.Thread(target=_memtrace, name="memtrace", daemon=True).start()
     threading.Thread(target=_bigtrace, name="bigtrace", daemon=True).start()
 
