@@ -526,6 +526,9 @@ SERVICE_OPTIONS = (
     Option("snapshot_timeout", _p_seconds, "30.0", "seconds",
            "Longest snapshot_command or snapshot_done_command may run; then "
            "it is killed (and for the first, no snapshot is taken)."),
+    Option("key_command", _p_command, "", "command",
+           "prints the key of the encrypted dataset on standard output; at promotion, "
+           "when its key is not loaded, it goes to 'zfs load-key -L prompt'"),
     Option("command_timeout", _p_seconds, "60.0", "seconds",
            "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
@@ -582,6 +585,7 @@ class ServiceConfig:
     snapshot_command: Optional[Tuple[str, ...]] = None
     snapshot_done_command: Optional[Tuple[str, ...]] = None
     snapshot_timeout: float = 30.0
+    key_command: Optional[Tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -927,7 +931,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         announce_interval=s["announce_interval"], announce_again=s["announce_again"],
         snapshot_command=s["snapshot_command"],
         snapshot_done_command=s["snapshot_done_command"],
-        snapshot_timeout=s["snapshot_timeout"])
+        snapshot_timeout=s["snapshot_timeout"], key_command=s["key_command"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
@@ -2658,6 +2662,35 @@ class Zfs(ZfsBase):
 
     def promote_clone(self, dataset: str) -> None:
         self.run(["promote", dataset])
+
+    def key_state(self, dataset: str) -> Optional[Dict[str, str]]:
+        """{encryptionroot, keystatus, keylocation} of an encrypted dataset
+        (OpenZFS native encryption); None for one that is not encrypted,
+        does not exist, or a zfs without encryption (zfs-fuse)."""
+        proc = self.run(["get", "-H", "-p", "-o", "property,value",
+                         "encryption,encryptionroot,keystatus,keylocation", dataset],
+                        check=False)
+        got = dict(line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
+        if proc.returncode != 0 or got.get("encryption", "off") in ("off", "-"):
+            return None
+        return {"encryptionroot": got.get("encryptionroot", dataset),
+                "keystatus": got.get("keystatus", ""),
+                "keylocation": got.get("keylocation", "")}
+
+    def load_key(self, root: str, key: Optional[bytes]) -> None:
+        """zfs load-key of encryption root `root`: from its keylocation
+        (key None), or the key itself on standard input (-L prompt)."""
+        argv = [self.zfs, "load-key"] + (["-L", "prompt"] if key is not None else []) + [root]
+        try:
+            proc = subprocess.run(argv, executable=program_of(argv), input=key or b"",
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise ZfsError("'%s' did not finish within %g s" % (" ".join(argv), self.timeout)
+                           ) from None
+        if proc.returncode != 0:
+            raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(
+                proc.stderr.decode("utf-8", "replace"))))
 
     def is_volume(self, dataset: str) -> bool:
         """True when dataset is a volume (a zvol: a block device, no mount)."""
@@ -6081,6 +6114,69 @@ def fence_peer(ctx: Context, epoch: int, stop: Optional[threading.Event] = None)
     return True
 
 
+def key_problem(state: Optional[Dict[str, str]], key_command) -> str:
+    """Why this node could not load its dataset's key at a promotion, as
+    far as it can tell without trying ('' when it can, or cannot tell:
+    key_command is only known by running it) (pure).  state: key_state()."""
+    if state is None or state["keystatus"] == "available" or key_command is not None:
+        return ""
+    location = state["keylocation"]
+    if location == "prompt":
+        return ("the key of the encrypted dataset %s is not loaded and its keylocation is "
+                "prompt (a raw receive sets that), so a promotion could not load it: set "
+                "[service] key_command, or put the key in a file on this node and 'zfs set "
+                "keylocation=file:///PATH %s'" % (state["encryptionroot"],
+                                                  state["encryptionroot"]))
+    if location.startswith("file://") and not os.path.exists(location[len("file://"):]):
+        return ("the key of the encrypted dataset %s is not loaded and its keylocation %s "
+                "does not exist on this node, so a promotion could not load it: put the key "
+                "there, or set [service] key_command" % (state["encryptionroot"], location))
+    return ""
+
+
+def load_dataset_key(ctx: Context) -> None:
+    """Before a promotion: load the key of this node's encrypted dataset
+    (OpenZFS native encryption; with send_flags = -w the slave holds the
+    ciphertext and never needed it), from key_command's output or else
+    from the dataset's keylocation.  Loading it changes no data; when it
+    cannot be loaded, ActionError says why and nothing else happens."""
+    ds = ctx.cfg.local.dataset
+    state = ctx.zfs.key_state(ds)
+    if state is None or state["keystatus"] == "available":
+        return
+    root, argv = state["encryptionroot"], ctx.cfg.service.key_command
+    refused = "; this node does not take over until it can"
+    problem = key_problem(state, argv)
+    if problem:
+        raise ActionError(problem + refused)
+    key = None
+    if argv is not None:
+        env = dict(os.environ, **_service_env(ctx, ctx.store.node_state().epoch))
+        try:
+            proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                  timeout=ctx.cfg.service.command_timeout)
+        except OSError as e:
+            raise ActionError("key_command cannot run (%s: %s)%s"
+                              % (argv[0], e.strerror, refused)) from None
+        except subprocess.TimeoutExpired:
+            raise ActionError("key_command did not finish within %g s (command_timeout)%s"
+                              % (ctx.cfg.service.command_timeout, refused)) from None
+        if proc.returncode != 0 or not proc.stdout:
+            raise ActionError("key_command %s: %s%s" % (
+                "exited %d" % proc.returncode if proc.returncode else "printed no key",
+                _stderr_text(proc.stderr.decode("utf-8", "replace")), refused))
+        key = proc.stdout
+    try:
+        ctx.zfs.load_key(root, key)
+    except ZfsError as e:
+        raise ActionError("cannot load the key of the encrypted dataset %s (%s): %s%s"
+                          % (root, "from key_command" if key is not None else
+                             "from its keylocation " + state["keylocation"], e.message,
+                             refused)) from None
+    ctx.store.record_event("promote", "loaded the key of the encrypted dataset %s" % root)
+
+
 class HandoverAborted(ActionError):
     """A planned switchover could not send the final snapshot and was
     called off; the node stays master.  resumed: it serves again (only the
@@ -6099,6 +6195,7 @@ def promote(ctx: Context, epoch: int, reason: str) -> None:
     own epoch, a master that starts up resumes serving (no notification:
     its role does not change)."""
     old = ctx.store.node_state()
+    load_dataset_key(ctx)     # (when it cannot, nothing is recorded or changed)
     data = {"epoch": epoch, "reason": reason, "old_role": old.role}
     _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
 
@@ -6173,6 +6270,7 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "writable":
             zfs.set_prop(ds, "readonly", "off")
         elif step == "mount":   # a volume: its device, writable, instead
+            load_dataset_key(ctx)     # (a recovery after a reboot: not loaded again)
             if zfs.is_volume(ds):
                 _volume_device_ready(ctx, ds)
             else:
@@ -6961,12 +7059,15 @@ def status_report(cfg: Config, now: Optional[float] = None,
                             last_seen=now - lp["last_seen_age_seconds"],
                             role=lp.get("role"), epoch=lp.get("epoch"),
                             snapshot=lp.get("snapshot"))
-    local = None
+    local, key = None, None
     if zfs is not None:
         try:
             local = zfs.listing(cfg.local.dataset)
+            key = zfs.key_state(cfg.local.dataset)
         except FlockerError as e:
             log.warning("status: cannot list %s: %s", cfg.local.dataset, e.message)
+    if key is not None:
+        key["problem"] = key_problem(key, cfg.service.key_command) or None
     return {
         "schema": 1,
         "version": VERSION,
@@ -6984,6 +7085,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
         "replication": replication_status(summary, st.role, local, now),
         "preserved": preserved,
         "events": events,
+        "encryption": key,
     }
 
 
@@ -7088,6 +7190,12 @@ def format_status(r: dict) -> str:
     if rep and rep["last_error"]:
         lines.append("repl error  %s: %s" % (_fmt_time(rep["last_error_at"]),
                                              rep["last_error"]))
+    enc = r.get("encryption")
+    if enc is not None:
+        lines.append("encryption  %s: key %s (keylocation %s)%s" % (
+            enc["encryptionroot"], "loaded" if enc["keystatus"] == "available"
+            else "NOT loaded", enc["keylocation"],
+            "; " + enc["problem"] if enc.get("problem") else ""))
     for pr in r["preserved"]:
         lines.append("preserved   %s (epoch %d, %s): %s"
                      % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
@@ -8526,6 +8634,7 @@ class Daemon:
             raise ActionError("the replication cycle did not stop within 60 s")
 
     def _fence(self, ctx: Context, stop: threading.Event) -> None:
+        load_dataset_key(ctx)      # a node that could not take over fences nobody
         fence_peer(ctx, self.epoch, stop)
         self.fenced = True
 
@@ -9501,6 +9610,9 @@ def check_verdict(report: dict, expect_daemon: bool = True,
         problems.append((CHECK_WARNING, "peer %s %s: running on one host"
                          % (peer["node"], peer.get("state") or "unknown")))
     problems += _witness_problems(report)
+    if role == ROLE_SLAVE and (report.get("encryption") or {}).get("problem"):
+        problems.append((CHECK_CRITICAL, "this node could not take over: %s"
+                         % report["encryption"]["problem"]))
     if report["preserved"]:
         problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
                          "operator: %s" % (len(report["preserved"]), ", ".join(
