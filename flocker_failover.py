@@ -6134,7 +6134,7 @@ def key_problem(state: Optional[Dict[str, str]], key_command) -> str:
     return ""
 
 
-def load_dataset_key(ctx: Context) -> None:
+def load_dataset_key(ctx: Context, then: str = "take over") -> None:
     """Before a promotion: load the key of this node's encrypted dataset
     (OpenZFS native encryption; with send_flags = -w the slave holds the
     ciphertext and never needed it), from key_command's output or else
@@ -6145,7 +6145,7 @@ def load_dataset_key(ctx: Context) -> None:
     if state is None or state["keystatus"] == "available":
         return
     root, argv = state["encryptionroot"], ctx.cfg.service.key_command
-    refused = "; this node does not take over until it can"
+    refused = "; this node does not %s until it can" % then
     problem = key_problem(state, argv)
     if problem:
         raise ActionError(problem + refused)
@@ -6421,8 +6421,10 @@ def _final_sync(ctx: Context, intent_id: int, data: dict,
 # (the service's with its -diverged-... suffix) when DS had one set, so it
 # never takes the service's path, at boot or when mounted by hand.
 
-# Properties a dataset gets only when it is made: its clone has its origin's.
-CREATION_ONLY = ("volblocksize",)
+# Properties a dataset gets only when it is made: its clone has its origin's
+# (an encrypted one's too: zfs promote then moves the encryption root, with
+# its keylocation, to the clone).
+CREATION_ONLY = ("volblocksize", "encryption", "keyformat", "keylocation", "pbkdf2iters")
 
 PRESERVE_STEPS = ("snapshot", "unmount", "rename", "aside", "clone", "properties", "promote",
                   "children", "protect", "record")
@@ -6475,6 +6477,7 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
             # (a clone takes what is fixed at creation from its origin)
             "props": {p: v for p, v in ctx.zfs.local_props(ds).items()
                       if p not in CREATION_ONLY},
+            "encrypted": ctx.zfs.key_state(ds) is not None,
             "children": [c[len(ds) + 1:] for c in ctx.zfs.descendants(ds)
                          if "/" not in c[len(ds) + 1:]]}
     _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
@@ -6485,6 +6488,11 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
     zfs, ds, kept, common = ctx.zfs, data["dataset"], data["preserved"], data["common"]
     props = data.get("props", {})      # (an intent of an older version has neither)
     children = data.get("children", [])
+    # An encrypted clone changes when it is first mounted (OpenZFS 2.3.2:
+    # 'written' 85K), and then takes no increment from the winner ("has been
+    # modified"): it is made canmount=noauto, and gets its own canmount back
+    # only once it is read-only and unmounted.
+    unmounted = {"canmount": "noauto"} if data.get("encrypted") else {}
     for step in PRESERVE_STEPS:
         ctx.store.intent_step(intent_id, step)
         failpoint("preserve:" + step)
@@ -6502,12 +6510,15 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
             _set_aside(zfs, ds, kept, props)
         elif step == "clone":
             if not zfs.exists(ds):
-                zfs.clone("%s@%s" % (kept, common), ds, props)
+                zfs.clone("%s@%s" % (kept, common), ds, dict(props, **unmounted))
         elif step == "properties":
-            _restore_props(ctx, ds, props)
+            _restore_props(ctx, ds, {p: v for p, v in props.items() if p not in unmounted})
         elif step == "promote":
             if zfs.origin(ds) == "%s@%s" % (kept, common):
                 zfs.promote_clone(ds)
+            # encrypted: zfs promote made ds the encryption root (of kept
+            # too) and unloaded its key
+            load_dataset_key(ctx, "finish keeping its divergent data")
         elif step == "children":    # the user's own: back under the live dataset
             for child in children:
                 if zfs.exists("%s/%s" % (kept, child)) and not zfs.exists(
@@ -6518,6 +6529,8 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
             zfs.set_prop(ds, "readonly", "on")
             if not zfs.is_volume(ds):
                 zfs.unmount_tree(ds)
+            if unmounted:
+                zfs.set_prop(ds, "canmount", props.get("canmount", "on"))
         elif step == "record":
             ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
     if not data.get("then_demote"):

@@ -109,3 +109,57 @@ def test_a_raw_replica_needs_no_key_and_a_takeover_loads_it(encryption, bed):
     assert zget("%s@%s" % (a.dataset, newest), "guid") == \
         zget("%s@%s" % (b.dataset, newest), "guid")
 
+
+
+COMMON = "flocker-2-20260101T000000Z"
+
+
+def test_a_diverged_encrypted_dataset_is_kept_and_the_live_one_keeps_its_key(encryption, bed):
+    """The loser's encrypted dataset: kept as a clone with everything
+    written after the common snapshot, the live name back at the common
+    snapshot (same GUID), still encrypted, its key loaded, readable."""
+    a = bed.a
+    key = os.path.join(bed.workdir, "alpha.key")
+    with open(key, "w") as f:
+        f.write(PASSPHRASE)
+    bedmod.sh(["zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase",
+               "-o", "keylocation=file://" + key, a.dataset])
+    assert a.flocker("init", "--role", "master").returncode == 0
+    mnt = os.path.join(a.pool.mountpoint, "shop")
+    with open(os.path.join(mnt, "common"), "wb") as f:
+        f.write(os.urandom(50000))
+    bedmod.sh(["zfs", "snapshot", "%s@%s" % (a.dataset, COMMON)])
+    common_guid = zget("%s@%s" % (a.dataset, COMMON), "guid")
+    common = bedmod.tree_digest(mnt)
+    # the winner: the common snapshot, raw, and a change of its own
+    winner = bed.b.pool.name + "/winner"
+    bedmod.zfs_pipe(["-w", "%s@%s" % (a.dataset, COMMON)], ["-u", winner])
+    bedmod.sh(["zfs", "load-key", "-L", "file://" + key, winner])
+    bedmod.sh(["zfs", "mount", winner])
+    with open(os.path.join(zget(winner, "mountpoint"), "won"), "wb") as f:
+        f.write(os.urandom(20000))
+    bedmod.sh(["zfs", "snapshot", winner + "@flocker-3-20260101T020000Z"])
+    with open(os.path.join(mnt, "divergent"), "wb") as f:
+        f.write(os.urandom(40000))
+    bedmod.sh(["zfs", "snapshot", "%s@flocker-2-20260101T010000Z" % a.dataset])
+    with open(os.path.join(mnt, "unsnapshotted"), "wb") as f:
+        f.write(b"written after the last snapshot\n")
+    everything = bedmod.tree_digest(mnt)
+
+    proc = bed.drive(a, "preserve", COMMON, 2)
+    assert proc.returncode == 0, proc.stderr
+    kept = proc.stdout.strip()
+    assert zget("%s@%s" % (a.dataset, COMMON), "guid") == common_guid
+    assert zget(a.dataset, "encryption") != "off" and zget(a.dataset, "keystatus") == "available"
+    # unchanged since the common snapshot (never mounted writable), its own canmount back
+    assert (zget(a.dataset, "written"), zget(a.dataset, "canmount")) == ("0", "on")
+    assert zget(a.dataset, "keylocation") == "file://" + key
+    # the resync: the winner's raw increment from the common snapshot, no -F
+    bedmod.zfs_pipe(["-w", "-i", "@" + COMMON, winner + "@flocker-3-20260101T020000Z"],
+                    ["-u", a.dataset])
+    assert zget(a.dataset + "@flocker-3-20260101T020000Z", "guid") == \
+        zget(winner + "@flocker-3-20260101T020000Z", "guid")
+    bedmod.sh(["zfs", "mount", a.dataset])
+    assert set(bedmod.tree_digest(mnt)) == set(common) | {"won"}
+    bedmod.sh(["zfs", "mount", kept])
+    assert bedmod.tree_digest(zget(kept, "mountpoint")) == everything
