@@ -3364,9 +3364,10 @@ def gate_recv_args(args: Sequence[str], usage: str, package: bool
     '-x P' for each guarded property where this zfs takes -x) and the
     guarded properties this zfs knows (pure).  Only a package stream
     (stream_is_package) carries properties: a plain one gets neither -x nor
-    a watcher, which it does not need, and which OpenZFS refuses for a
-    volume ('zfs recv -x mountpoint': "property 'mountpoint' does not apply
-    to datasets of this type", openzfs/zfs#6371, #11416)."""
+    a watcher, which it does not need.  Into a volume, OpenZFS 2.3.2 warns
+    for each -x of a property a volume lacks ("Warning: ...: property
+    'mountpoint' does not apply to datasets of this type") and OpenZFS 0.7
+    and 0.8 refused the receive (openzfs/zfs#6371, #11416)."""
     if not package:
         return list(args), []
     guarded = [p for p in RECV_GUARDED if p in zfs_properties(usage)]

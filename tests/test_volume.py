@@ -45,9 +45,11 @@ USAGE = os.path.join(os.path.dirname(__file__), "data", "openzfs-2.3.2-usage.txt
 
 
 def test_the_gate_excludes_properties_only_from_a_stream_that_carries_them():
-    """OpenZFS refuses 'zfs recv -x mountpoint' (and every -x of a property
-    a volume does not have) into a volume: "property 'mountpoint' does not
-    apply to datasets of this type" (openzfs/zfs#6371, #11416).  Only a
+    """Into a volume, 'zfs recv -x mountpoint' (and every -x of a property a
+    volume does not have) gets "property 'mountpoint' does not apply to
+    datasets of this type": a warning from OpenZFS 2.3.2 (measured in the
+    guest), a refused receive from OpenZFS 0.7 and 0.8 (openzfs/zfs#6371,
+    #11416).  Only a
     package stream carries properties, so only it gets -x (or, on
     zfs-fuse, the watcher); a plain stream, a volume's among them, gets
     neither and is received as it is (pure)."""
