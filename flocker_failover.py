@@ -526,6 +526,9 @@ SERVICE_OPTIONS = (
     Option("snapshot_timeout", _p_seconds, "30.0", "seconds",
            "Longest snapshot_command or snapshot_done_command may run; then "
            "it is killed (and for the first, no snapshot is taken)."),
+    Option("key_command", _p_command, "", "command",
+           "prints the key of the encrypted dataset on standard output; at promotion, "
+           "when its key is not loaded, it goes to 'zfs load-key -L prompt'"),
     Option("command_timeout", _p_seconds, "60.0", "seconds",
            "Longest time a start, stop, check or notify command may run."),
     Option("service_address", _p_service_address, "", "address",
@@ -582,6 +585,7 @@ class ServiceConfig:
     snapshot_command: Optional[Tuple[str, ...]] = None
     snapshot_done_command: Optional[Tuple[str, ...]] = None
     snapshot_timeout: float = 30.0
+    key_command: Optional[Tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -927,7 +931,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         announce_interval=s["announce_interval"], announce_again=s["announce_again"],
         snapshot_command=s["snapshot_command"],
         snapshot_done_command=s["snapshot_done_command"],
-        snapshot_timeout=s["snapshot_timeout"])
+        snapshot_timeout=s["snapshot_timeout"], key_command=s["key_command"])
 
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
@@ -2443,6 +2447,35 @@ def program_of(argv: Sequence[str]) -> str:
     return zfs_program(argv[0]) if argv[0] in ("zfs", "zpool") else argv[0]
 
 
+# A volume's block device, as OpenZFS names it (udev's 60-zvol.rules on
+# Linux, the kernel on FreeBSD).  zfs-fuse makes no volumes at all ('zfs
+# create -V': "internal error: Function not implemented").
+ZVOL_DIR = "/dev/zvol"
+DEVICE_WAIT = 30.0      # seconds a promotion waits for a volume's device
+
+
+def volume_device(dataset: str) -> str:
+    """The device path of volume `dataset` (pure)."""
+    return "%s/%s" % (ZVOL_DIR, dataset)
+
+
+def device_state(path: str) -> str:
+    """'missing', 'ro' or 'rw': whether the block device at path exists and
+    whether the kernel lets it be written (Linux: /sys/class/block/zdN/ro;
+    where that is not there, an existing device counts as 'rw')."""
+    try:
+        real = os.path.realpath(path)
+        if not stat.S_ISBLK(os.stat(real).st_mode):
+            return "missing"
+    except OSError:
+        return "missing"
+    try:
+        with open("/sys/class/block/%s/ro" % os.path.basename(real)) as f:
+            return "ro" if f.read().strip() == "1" else "rw"
+    except OSError:
+        return "rw"
+
+
 class Zfs(ZfsBase):
     """A thin adapter over the zfs command on this host."""
 
@@ -2658,6 +2691,75 @@ class Zfs(ZfsBase):
     def promote_clone(self, dataset: str) -> None:
         self.run(["promote", dataset])
 
+    def key_state(self, dataset: str) -> Optional[Dict[str, str]]:
+        """{encryptionroot, keystatus, keylocation} of an encrypted dataset
+        (OpenZFS native encryption); None for one that is not encrypted,
+        does not exist, or a zfs without encryption (zfs-fuse)."""
+        proc = self.run(["get", "-H", "-p", "-o", "property,value",
+                         "encryption,encryptionroot,keystatus,keylocation", dataset],
+                        check=False)
+        got = dict(line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
+        if proc.returncode != 0 or got.get("encryption", "off") in ("off", "-"):
+            return None
+        return {"encryptionroot": got.get("encryptionroot", dataset),
+                "keystatus": got.get("keystatus", ""),
+                "keylocation": got.get("keylocation", "")}
+
+    def load_key(self, root: str, key: Optional[bytes]) -> None:
+        """zfs load-key of encryption root `root`: from its keylocation
+        (key None), or the key itself on standard input (-L prompt)."""
+        argv = [self.zfs, "load-key"] + (["-L", "prompt"] if key is not None else []) + [root]
+        try:
+            proc = subprocess.run(argv, executable=program_of(argv), input=key or b"",
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise ZfsError("'%s' did not finish within %g s" % (" ".join(argv), self.timeout)
+                           ) from None
+        if proc.returncode != 0:
+            raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(
+                proc.stderr.decode("utf-8", "replace"))))
+
+    def is_volume(self, dataset: str) -> bool:
+        """True when dataset is a volume (a zvol: a block device, no mount)."""
+        return self.get(dataset, ["type"]).get("type") == "volume"
+
+    def device_env(self, dataset: str) -> Dict[str, str]:
+        """{'FLOCKER_DEVICE': its device path} for a volume, {} for a file
+        system or a dataset that does not exist (yet): what the commands of
+        the user system get in their environment."""
+        try:
+            volume = self.exists(dataset) and self.is_volume(dataset)
+        except ZfsError:
+            return {}
+        return {"FLOCKER_DEVICE": volume_device(dataset)} if volume else {}
+
+    def wait_for_device(self, dataset: str, writable: bool,
+                        timeout: float = DEVICE_WAIT) -> Optional[str]:
+        """Wait until the volume's device exists (and, when writable, the
+        kernel lets it be written: readonly=off reaches the device a moment
+        after 'zfs set'); returns its path, or None when volmode=none
+        (the operator chose no device).  ZfsError, saying what to look at,
+        when it does not come within timeout."""
+        if self.get(dataset, ["volmode"]).get("volmode") == "none":
+            return None
+        path = volume_device(dataset)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = device_state(path)
+            if state == "rw" or (state == "ro" and not writable):
+                return path
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        raise ZfsError(
+            "the device %s of volume %s %s within %g s; nothing else was changed. "
+            "It is made by udev (OpenZFS's rule 60-zvol.rules, 'udevadm settle' waits "
+            "for it): is udev running, and is the volume's volmode 'default' or 'full' "
+            "('zfs get volmode %s')?"
+            % (path, dataset, "did not appear" if state == "missing"
+               else "stayed read-only", timeout, dataset))
+
     def send_estimate(self, send_argv: Sequence[str]) -> Optional[int]:
         """The size of the stream send_argv ('zfs send ...') would make, by
         'zfs send -n -P' (a dry run); None when zfs cannot tell."""
@@ -2735,6 +2837,28 @@ DMU_SUBSTREAM, DMU_COMPOUNDSTREAM = 1, 2
 _F_SETPIPE_SZ = 1031   # fcntl.F_SETPIPE_SZ, named only from Python 3.10
 
 
+def _stream_order(head: bytes) -> str:
+    """The byte order of a stream whose first record is head ('little',
+    'big'), or '' when head is no zfs send stream's BEGIN record (pure)."""
+    if len(head) < _DRR_RECORD:
+        return ""
+    for order in ("little", "big"):
+        if int.from_bytes(head[8:16], order) == DMU_BACKUP_MAGIC:
+            return order if int.from_bytes(head[0:4], order) == _DRR_BEGIN else ""
+    return ""
+
+
+def stream_is_package(head: bytes) -> bool:
+    """True when the stream whose first record is head is a package stream
+    ('send -R', '-p': a compound stream whose BEGIN record carries the
+    datasets and their properties), the only kind that carries properties
+    (a raw plain stream's BEGIN carries its key parameters, no property)
+    (pure)."""
+    order = _stream_order(head)
+    return bool(order) and (int.from_bytes(head[16:24], order) & 3 == DMU_COMPOUNDSTREAM
+                            and int.from_bytes(head[4:8], order) != 0)
+
+
 def stream_refusal(head: bytes, recursive: bool) -> str:
     """Why the gate does not receive a stream whose first bytes (its first
     record, _DRR_RECORD bytes when the stream has that many) are head, or
@@ -2745,17 +2869,13 @@ def stream_refusal(head: bytes, recursive: bool) -> str:
     if len(head) < _DRR_RECORD:
         return ("the stream ended after %d bytes, before its first record (%d bytes) "
                 "was complete: not a zfs send stream" % (len(head), _DRR_RECORD))
-    for order in ("little", "big"):
-        if int.from_bytes(head[8:16], order) == DMU_BACKUP_MAGIC:
-            break
-    else:
-        order = ""
-    if not order or int.from_bytes(head[0:4], order) != _DRR_BEGIN:
+    order = _stream_order(head)
+    if not order:
         return ("the stream does not begin with the BEGIN record of a zfs send stream "
                 "(magic 0x%x): not a zfs send stream" % DMU_BACKUP_MAGIC)
     kind = int.from_bytes(head[16:24], order) & 3
     if kind == DMU_COMPOUNDSTREAM:
-        if recursive or int.from_bytes(head[4:8], order) == 0:
+        if recursive or not stream_is_package(head):
             return ""
         return ("the stream is a package stream ('zfs send -R' or '-p': it carries "
                 "properties, and with -R child datasets), which this node takes only "
@@ -3139,7 +3259,7 @@ class Gate:
             sys.stderr.write(self.refusal(text, reason))
             return EXIT_REFUSED
         usage = gate_features_text().decode("utf-8", "replace")
-        args, guarded = gate_recv_args(req.args, usage)
+        args, guarded = gate_recv_args(req.args, usage, stream_is_package(head))
         held = []       # the watcher's pipe, held by zfs recv only
         if guarded and not parse_zfs_features(usage).recv_exclude:
             held.append(self._watch_receive(guarded))
@@ -3266,10 +3386,18 @@ RECV_GUARDED = ("mountpoint", "canmount", "readonly", "exec", "setuid", "devices
                 "sharenfs", "sharesmb", "zoned", "overlay")
 
 
-def gate_recv_args(args: Sequence[str], usage: str) -> Tuple[List[str], List[str]]:
+def gate_recv_args(args: Sequence[str], usage: str, package: bool
+                   ) -> Tuple[List[str], List[str]]:
     """The zfs arguments of the gate's receive ('recv -u [-s] DS' with
     '-x P' for each guarded property where this zfs takes -x) and the
-    guarded properties this zfs knows (pure)."""
+    guarded properties this zfs knows (pure).  Only a package stream
+    (stream_is_package) carries properties: a plain one gets neither -x nor
+    a watcher, which it does not need.  Into a volume, OpenZFS 2.3.2 warns
+    for each -x of a property a volume lacks ("Warning: ...: property
+    'mountpoint' does not apply to datasets of this type") and OpenZFS 0.7
+    and 0.8 refused the receive (openzfs/zfs#6371, #11416)."""
+    if not package:
+        return list(args), []
     guarded = [p for p in RECV_GUARDED if p in zfs_properties(usage)]
     args = list(args)
     if parse_zfs_features(usage).recv_exclude:
@@ -5717,8 +5845,10 @@ def _hooked_snapshot(cfg, zfs, ds: str, make_name, epoch: int) -> str:
         zfs.snapshot(ds, name, cfg.recursive)
         return name
     env = {"FLOCKER_CLUSTER": cfg.name, "FLOCKER_NODE": cfg.local_name,
-           "FLOCKER_DATASET": ds, "FLOCKER_EPOCH": str(epoch), "FLOCKER_ROLE": ROLE_MASTER,
-           "FLOCKER_MOUNTPOINT": zfs.get(ds, ["mountpoint"]).get("mountpoint", "")}
+           "FLOCKER_DATASET": ds, "FLOCKER_EPOCH": str(epoch), "FLOCKER_ROLE": ROLE_MASTER}
+    # a file system's mount point, a volume's device
+    env.update(zfs.device_env(ds) or {
+        "FLOCKER_MOUNTPOINT": zfs.get(ds, ["mountpoint"]).get("mountpoint", "")})
     name = ""
 
     def done(result: str) -> None:
@@ -6002,6 +6132,7 @@ def _service_env(ctx: Context, epoch: int, extra: Optional[Dict[str, str]] = Non
                  ) -> Dict[str, str]:
     env = {"FLOCKER_CLUSTER": ctx.cfg.name, "FLOCKER_NODE": ctx.cfg.local_name,
            "FLOCKER_DATASET": ctx.cfg.local.dataset, "FLOCKER_EPOCH": str(epoch)}
+    env.update(ctx.zfs.device_env(ctx.cfg.local.dataset))    # a volume: FLOCKER_DEVICE
     env.update(extra or {})
     return env
 
@@ -6051,6 +6182,69 @@ def fence_peer(ctx: Context, epoch: int, stop: Optional[threading.Event] = None)
     return True
 
 
+def key_problem(state: Optional[Dict[str, str]], key_command) -> str:
+    """Why this node could not load its dataset's key at a promotion, as
+    far as it can tell without trying ('' when it can, or cannot tell:
+    key_command is only known by running it) (pure).  state: key_state()."""
+    if state is None or state["keystatus"] == "available" or key_command is not None:
+        return ""
+    location = state["keylocation"]
+    if location == "prompt":
+        return ("the key of the encrypted dataset %s is not loaded and its keylocation is "
+                "prompt (a raw receive sets that), so a promotion could not load it: set "
+                "[service] key_command, or put the key in a file on this node and 'zfs set "
+                "keylocation=file:///PATH %s'" % (state["encryptionroot"],
+                                                  state["encryptionroot"]))
+    if location.startswith("file://") and not os.path.exists(location[len("file://"):]):
+        return ("the key of the encrypted dataset %s is not loaded and its keylocation %s "
+                "does not exist on this node, so a promotion could not load it: put the key "
+                "there, or set [service] key_command" % (state["encryptionroot"], location))
+    return ""
+
+
+def load_dataset_key(ctx: Context, then: str = "take over") -> None:
+    """Before a promotion: load the key of this node's encrypted dataset
+    (OpenZFS native encryption; with send_flags = -w the slave holds the
+    ciphertext and never needed it), from key_command's output or else
+    from the dataset's keylocation.  Loading it changes no data; when it
+    cannot be loaded, ActionError says why and nothing else happens."""
+    ds = ctx.cfg.local.dataset
+    state = ctx.zfs.key_state(ds)
+    if state is None or state["keystatus"] == "available":
+        return
+    root, argv = state["encryptionroot"], ctx.cfg.service.key_command
+    refused = "; this node does not %s until it can" % then
+    problem = key_problem(state, argv)
+    if problem:
+        raise ActionError(problem + refused)
+    key = None
+    if argv is not None:
+        env = dict(os.environ, **_service_env(ctx, ctx.store.node_state().epoch))
+        try:
+            proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                  timeout=ctx.cfg.service.command_timeout)
+        except OSError as e:
+            raise ActionError("key_command cannot run (%s: %s)%s"
+                              % (argv[0], e.strerror, refused)) from None
+        except subprocess.TimeoutExpired:
+            raise ActionError("key_command did not finish within %g s (command_timeout)%s"
+                              % (ctx.cfg.service.command_timeout, refused)) from None
+        if proc.returncode != 0 or not proc.stdout:
+            raise ActionError("key_command %s: %s%s" % (
+                "exited %d" % proc.returncode if proc.returncode else "printed no key",
+                _stderr_text(proc.stderr.decode("utf-8", "replace")), refused))
+        key = proc.stdout
+    try:
+        ctx.zfs.load_key(root, key)
+    except ZfsError as e:
+        raise ActionError("cannot load the key of the encrypted dataset %s (%s): %s%s"
+                          % (root, "from key_command" if key is not None else
+                             "from its keylocation " + state["keylocation"], e.message,
+                             refused)) from None
+    ctx.store.record_event("promote", "loaded the key of the encrypted dataset %s" % root)
+
+
 class HandoverAborted(ActionError):
     """A planned switchover could not send the final snapshot and was
     called off; the node stays master.  resumed: it serves again (only the
@@ -6069,6 +6263,7 @@ def promote(ctx: Context, epoch: int, reason: str) -> None:
     own epoch, a master that starts up resumes serving (no notification:
     its role does not change)."""
     old = ctx.store.node_state()
+    load_dataset_key(ctx)     # (when it cannot, nothing is recorded or changed)
     data = {"epoch": epoch, "reason": reason, "old_role": old.role}
     _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
 
@@ -6142,13 +6337,12 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
         elif step == "writable":
             zfs.set_prop(ds, "readonly", "off")
-        elif step == "mount":
-            failed = zfs.mount_tree(ds)
-            if failed:
-                text = ("%s is mounted, but not the file system(s) below it: %s"
-                        % (ds, "; ".join(failed)))
-                log.warning("%s", text)
-                ctx.store.record_event("promote", text, "warning")
+        elif step == "mount":   # a volume: its device, writable, instead
+            load_dataset_key(ctx)     # (a recovery after a reboot: not loaded again)
+            if zfs.is_volume(ds):
+                _volume_device_ready(ctx, ds)
+            else:
+                _mount_for_service(ctx, ds)
         elif step == "address":
             sa = cfg.service.service_address
             if sa is not None:
@@ -6167,6 +6361,24 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
             if data["old_role"] != ROLE_MASTER:   # a resumption is no role change
                 _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"])
     ctx.store.finish_intent(intent_id)
+
+
+def _volume_device_ready(ctx: Context, ds: str) -> None:
+    """A promoted volume: wait until its device exists and may be written
+    (the user system gets its path as FLOCKER_DEVICE)."""
+    if ctx.zfs.wait_for_device(ds, writable=True) is None:
+        ctx.store.record_event("promote", "volume %s has volmode=none: the user system "
+                               "gets no device" % ds, "warning")
+
+
+def _mount_for_service(ctx: Context, ds: str) -> None:
+    """A promoted file system: the dataset and the file systems below it
+    that mount automatically (the dataset itself must mount)."""
+    failed = ctx.zfs.mount_tree(ds)
+    if failed:
+        text = "%s is mounted, but not the file system(s) below it: %s" % (ds, "; ".join(failed))
+        log.warning("%s", text)
+        ctx.store.record_event("promote", text, "warning")
 
 
 def _demote_steps(ctx: Context, intent_id: int, data: dict,
@@ -6190,8 +6402,8 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
         elif step == "readonly":
             if zfs.exists(ds):
                 zfs.set_prop(ds, "readonly", "on")
-        elif step == "unmount":
-            if zfs.exists(ds):
+        elif step == "unmount":   # (a volume mounts nothing)
+            if zfs.exists(ds) and not zfs.is_volume(ds):
                 zfs.unmount_tree(ds)
         elif step == "tidy":
             _drop_empty_leftover(ctx)
@@ -6277,6 +6489,11 @@ def _final_sync(ctx: Context, intent_id: int, data: dict,
 # (the service's with its -diverged-... suffix) when DS had one set, so it
 # never takes the service's path, at boot or when mounted by hand.
 
+# Properties a dataset gets only when it is made: its clone has its origin's
+# (an encrypted one's too: zfs promote then moves the encryption root, with
+# its keylocation, to the clone).
+CREATION_ONLY = ("volblocksize", "encryption", "keyformat", "keylocation", "pbkdf2iters")
+
 PRESERVE_STEPS = ("snapshot", "unmount", "rename", "aside", "clone", "properties", "promote",
                   "children", "protect", "record")
 
@@ -6325,7 +6542,10 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
                                                                    time.gmtime(now))),
             # what is the live dataset's own, read before anything changes
-            "props": ctx.zfs.local_props(ds),
+            # (a clone takes what is fixed at creation from its origin)
+            "props": {p: v for p, v in ctx.zfs.local_props(ds).items()
+                      if p not in CREATION_ONLY},
+            "encrypted": ctx.zfs.key_state(ds) is not None,
             "children": [c[len(ds) + 1:] for c in ctx.zfs.descendants(ds)
                          if "/" not in c[len(ds) + 1:]]}
     _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
@@ -6336,6 +6556,11 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
     zfs, ds, kept, common = ctx.zfs, data["dataset"], data["preserved"], data["common"]
     props = data.get("props", {})      # (an intent of an older version has neither)
     children = data.get("children", [])
+    # An encrypted clone changes when it is first mounted (OpenZFS 2.3.2:
+    # 'written' 85K), and then takes no increment from the winner ("has been
+    # modified"): it is made canmount=noauto, and gets its own canmount back
+    # only once it is read-only and unmounted.
+    unmounted = {"canmount": "noauto"} if data.get("encrypted") else {}
     for step in PRESERVE_STEPS:
         ctx.store.intent_step(intent_id, step)
         failpoint("preserve:" + step)
@@ -6353,12 +6578,15 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
             _set_aside(zfs, ds, kept, props)
         elif step == "clone":
             if not zfs.exists(ds):
-                zfs.clone("%s@%s" % (kept, common), ds, props)
+                zfs.clone("%s@%s" % (kept, common), ds, dict(props, **unmounted))
         elif step == "properties":
-            _restore_props(ctx, ds, props)
+            _restore_props(ctx, ds, {p: v for p, v in props.items() if p not in unmounted})
         elif step == "promote":
             if zfs.origin(ds) == "%s@%s" % (kept, common):
                 zfs.promote_clone(ds)
+            # encrypted: zfs promote made ds the encryption root (of kept
+            # too) and unloaded its key
+            load_dataset_key(ctx, "finish keeping its divergent data")
         elif step == "children":    # the user's own: back under the live dataset
             for child in children:
                 if zfs.exists("%s/%s" % (kept, child)) and not zfs.exists(
@@ -6367,7 +6595,10 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
         elif step == "protect":   # both read-only; the replica also unmounted
             zfs.set_prop(kept, "readonly", "on")
             zfs.set_prop(ds, "readonly", "on")
-            zfs.unmount_tree(ds)
+            if not zfs.is_volume(ds):
+                zfs.unmount_tree(ds)
+            if unmounted:
+                zfs.set_prop(ds, "canmount", props.get("canmount", "on"))
         elif step == "record":
             ctx.store.add_preserved(kept, data["epoch"], "%s@%s" % (ds, common), data["reason"])
     if not data.get("then_demote"):
@@ -6383,7 +6614,13 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
 def _set_aside(zfs: ZfsBase, ds: str, kept: str, props: Dict[str, str]) -> None:
     """The preserved copy never mounts by itself, and never at the live
     dataset's mountpoint: when that was set on the dataset (and so moved
-    with the rename), the copy gets the same path with its own suffix."""
+    with the rename), the copy gets the same path with its own suffix.  A
+    preserved volume gets no device (volmode=none): a second disk with the
+    same file system and LVM identities as the live one would let the host
+    (udev, LVM, mount by UUID) take the stale copy for it."""
+    if zfs.is_volume(kept):
+        zfs.set_prop(kept, "volmode", "none")
+        return
     zfs.set_prop(kept, "canmount", "noauto")
     mp = props.get("mountpoint", "")
     if mp.startswith("/") and zfs.get(kept, ["mountpoint"]).get("mountpoint") == mp:
@@ -6444,19 +6681,28 @@ def discard_preserved(ctx: Context, name: str) -> None:
     ctx.store.remove_preserved(name)
 
 
-def copy_preserved(ctx: Context, name: str, mountpoint: str) -> Tuple[str, str]:
+def copy_preserved(ctx: Context, name: str, mountpoint: Optional[str]
+                   ) -> Tuple[str, str, str]:
     """A writable copy of a preserved dataset (a clone of its newest
     snapshot, which holds every byte written after the split), mounted at
-    mountpoint, to run a second instance of a database on and look at what
-    the loser wrote.  The preserved dataset does not change, nor the state
-    file (this runs beside a running daemon).  Returns (the copy's name,
-    the snapshot it was made from)."""
+    mountpoint (a volume: its device, and no mountpoint), to run a second
+    instance of a database (a virtual machine) on and look at what the
+    loser wrote.  The preserved dataset does not change, nor the state file
+    (this runs beside a running daemon).  Returns (the copy's name, the
+    snapshot it was made from, where it is: the mount point or device)."""
     recorded = {p["dataset"] for p in ctx.store.preserved()}
     if name not in recorded or not ctx.zfs.exists(name):
         raise FlockerError(
             "%s is not a preserved dataset of this node (status lists them: %s)"
             % (name, ", ".join(sorted(recorded)) or "there are none"))
-    if not mountpoint.startswith("/"):
+    volume = ctx.zfs.is_volume(name)
+    if volume and mountpoint is not None:
+        raise FlockerError("%s is a volume, which mounts nothing: leave out --mountpoint "
+                           "(the copy is a device, %s)" % (name, volume_device(name + "-copy")))
+    if not volume and mountpoint is None:
+        raise FlockerError("%s is a file system: say where its copy is mounted, with "
+                           "--mountpoint DIR (an absolute path)" % name)
+    if not volume and not mountpoint.startswith("/"):
         raise FlockerError("--mountpoint: expected an absolute path, found %r" % mountpoint)
     copy = name + "-copy"
     if ctx.zfs.exists(copy):
@@ -6466,10 +6712,14 @@ def copy_preserved(ctx: Context, name: str, mountpoint: str) -> Tuple[str, str]:
     if listing is None or not listing.snaps:
         raise FlockerError("%s has no snapshot to copy from; nothing was changed" % name)
     snap = listing.snaps[-1].name
+    if volume:    # (its volmode is inherited, not the preserved one's none)
+        ctx.zfs.clone("%s@%s" % (name, snap), copy, {"readonly": "off"})
+        return copy, snap, ctx.zfs.wait_for_device(copy, writable=True) or (
+            "no device: volmode=none is inherited there; 'zfs set volmode=full %s'" % copy)
     ctx.zfs.clone("%s@%s" % (name, snap), copy,
                   {"mountpoint": mountpoint, "readonly": "off", "canmount": "on"})
     ctx.zfs.mount(copy)
-    return copy, snap
+    return copy, snap, mountpoint
 
 
 # -- resolving a divergence ------------------------------------------------------
@@ -6976,12 +7226,15 @@ def status_report(cfg: Config, now: Optional[float] = None,
                             last_seen=now - lp["last_seen_age_seconds"],
                             role=lp.get("role"), epoch=lp.get("epoch"),
                             snapshot=lp.get("snapshot"))
-    local = None
+    local, key = None, None
     if zfs is not None:
         try:
             local = zfs.listing(cfg.local.dataset)
+            key = zfs.key_state(cfg.local.dataset)
         except FlockerError as e:
             log.warning("status: cannot list %s: %s", cfg.local.dataset, e.message)
+    if key is not None:
+        key["problem"] = key_problem(key, cfg.service.key_command) or None
     return {
         "schema": 1,
         "version": VERSION,
@@ -6999,6 +7252,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
         "replication": replication_status(summary, st.role, local, now),
         "preserved": preserved,
         "events": events,
+        "encryption": key,
     }
 
 
@@ -7103,6 +7357,12 @@ def format_status(r: dict) -> str:
     if rep and rep["last_error"]:
         lines.append("repl error  %s: %s" % (_fmt_time(rep["last_error_at"]),
                                              rep["last_error"]))
+    enc = r.get("encryption")
+    if enc is not None:
+        lines.append("encryption  %s: key %s (keylocation %s)%s" % (
+            enc["encryptionroot"], "loaded" if enc["keystatus"] == "available"
+            else "NOT loaded", enc["keylocation"],
+            "; " + enc["problem"] if enc.get("problem") else ""))
     for pr in r["preserved"]:
         lines.append("preserved   %s (epoch %d, %s): %s"
                      % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
@@ -7859,6 +8119,7 @@ class Daemon:
         env = {"FLOCKER_CLUSTER": cfg.name, "FLOCKER_NODE": cfg.local_name,
                "FLOCKER_DATASET": cfg.local.dataset, "FLOCKER_EPOCH": str(self.epoch),
                "FLOCKER_ROLE": self.role}
+        env.update(Zfs().device_env(cfg.local.dataset))
         return run_command(argv, cfg.service.command_timeout, env, stop=stop)
 
     def _check_done(self, result, error) -> None:
@@ -8540,6 +8801,7 @@ class Daemon:
             raise ActionError("the replication cycle did not stop within 60 s")
 
     def _fence(self, ctx: Context, stop: threading.Event) -> None:
+        load_dataset_key(ctx)      # a node that could not take over fences nobody
         fence_peer(ctx, self.epoch, stop)
         self.fenced = True
 
@@ -9515,6 +9777,9 @@ def check_verdict(report: dict, expect_daemon: bool = True,
         problems.append((CHECK_WARNING, "peer %s %s: running on one host"
                          % (peer["node"], peer.get("state") or "unknown")))
     problems += _witness_problems(report)
+    if role == ROLE_SLAVE and (report.get("encryption") or {}).get("problem"):
+        problems.append((CHECK_CRITICAL, "this node could not take over: %s"
+                         % report["encryption"]["problem"]))
     if report["preserved"]:
         problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
                          "operator: %s" % (len(report["preserved"]), ", ".join(
@@ -9722,19 +9987,23 @@ def cmd_discard_preserved(args, cfg_path: str) -> int:
 def cmd_copy_preserved(args, cfg_path: str) -> int:
     cfg = load_config(cfg_path, args.node)
     with StateStore.open(cfg.local.state_db) as store:
-        copy, snap = copy_preserved(Context(cfg, store, Zfs()), args.name, args.mountpoint)
-    print("made %s, a writable copy of %s@%s, mounted at %s.\n"
-          "Look into it there (a database: start a second instance on it, on another port); "
-          "the preserved dataset does not change. When done: zfs destroy %s"
-          % (copy, args.name, snap, args.mountpoint, copy))
+        copy, snap, where = copy_preserved(Context(cfg, store, Zfs()), args.name,
+                                           args.mountpoint)
+    print("made %s, a writable copy of %s@%s, %s %s.\n"
+          "Look into it there (a database: start a second instance on it, on another port; "
+          "a volume: attach the device to a virtual machine of its own); the preserved "
+          "dataset does not change. When done: zfs destroy %s"
+          % (copy, args.name, snap, "mounted at" if args.mountpoint else "its device:",
+             where, copy))
     return EXIT_OK
 
 
 def _add_copy_preserved(p) -> None:
     p.add_argument("name", metavar="DATASET",
                    help="a preserved dataset, as 'status' lists it")
-    p.add_argument("--mountpoint", required=True, metavar="DIR",
-                   help="where the copy is mounted (an absolute path)")
+    p.add_argument("--mountpoint", metavar="DIR",
+                   help="where the copy is mounted (an absolute path); a file system "
+                        "needs it, a volume (whose copy is a device) takes none")
 
 
 def cmd_announce(args, cfg_path: str) -> int:

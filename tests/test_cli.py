@@ -88,7 +88,9 @@ def test_init_and_status_on_both_hosts(bed):
                               "role": None, "epoch": None, "snapshot": None, "state": None}
     assert set(report) == {"schema", "version", "cluster", "node", "role", "epoch", "generation",
                            "outdated", "dataset", "state_db", "daemon", "peer",
-                           "last_replication", "replication", "preserved", "events"}
+                           "last_replication", "replication", "preserved", "events",
+                           "encryption"}
+    assert report["encryption"] is None          # (not encrypted)
     assert report["events"][0]["kind"] == "init"
 
 

@@ -556,13 +556,13 @@ def test_receive_excludes_every_guarded_property_where_zfs_can(zfs_ready):
     same receive, and the gate puts back what the stream changed."""
     path = os.path.join(os.path.dirname(__file__), "data", "openzfs-2.3.2-usage.txt")
     with open(path) as f:
-        args, guarded = ff.gate_recv_args(("recv", "-u", "-s", D), f.read())
+        args, guarded = ff.gate_recv_args(("recv", "-u", "-s", D), f.read(), package=True)
     assert guarded == list(ff.RECV_GUARDED)
     assert args == ["recv"] + [w for p in ff.RECV_GUARDED for w in ("-x", p)] + [
         "-u", "-s", D]
     if zfs_ready == "zfs-fuse":
         here = ff.gate_features_text().decode()
-        args, guarded = ff.gate_recv_args(("recv", "-u", D), here)
+        args, guarded = ff.gate_recv_args(("recv", "-u", D), here, package=True)
         assert args == ["recv", "-u", D]
         assert set(guarded) == set(ff.RECV_GUARDED) - {"overlay"}, guarded
 

@@ -268,6 +268,8 @@ def test_copy_preserved_gives_a_writable_copy_and_changes_nothing_kept(diverged)
             proc.stderr, proc.stderr
     proc = a.flocker("copy-preserved", kept, "--mountpoint", "relative/path")
     assert proc.returncode == 1 and "an absolute path" in proc.stderr, proc.stderr
+    proc = a.flocker("copy-preserved", kept)      # (only a volume's copy takes none)
+    assert proc.returncode == 1 and "--mountpoint DIR" in proc.stderr, proc.stderr
 
     proc = a.flocker("copy-preserved", kept, "--mountpoint", target)
     assert proc.returncode == 0, proc.stderr
