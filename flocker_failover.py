@@ -9630,16 +9630,26 @@ def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional
             return None
         except OSError as e:
             raise FlockerError("cannot reach the daemon at %s: %s" % (path, e.strerror)) from None
+        closed = ("the daemon at %s closed the connection without an answer (%%s): it is "
+                  "stopping or restarting, or it failed; whether it carried out the request "
+                  "is not known: check its log and 'status'" % path)
         try:
             s.sendall((json.dumps(request) + "\n").encode())
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:
+                    if not data:
+                        raise FlockerError(closed % "end of stream")
                     break
                 data += chunk
                 if len(data) > 1 << 20:
                     break
+        except socket.timeout:
+            raise FlockerError("the daemon at %s did not answer within %g s; it may be hung "
+                               "(check its log)" % (path, timeout)) from None
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise FlockerError(closed % e.strerror) from None
         except OSError as e:
             raise FlockerError("the daemon at %s did not answer: %s; it may be hung "
                                "(check its log)" % (path, e.strerror or e)) from None

@@ -33,6 +33,41 @@ def test_version_and_help():
     assert proc.returncode == 2 and "invalid choice: 'no-such-command'" in proc.stderr
 
 
+def test_a_daemon_that_closes_or_does_not_answer_is_told_apart(tmp_path):
+    """A daemon that closes the control connection without an answer (it
+    is stopping: the campaign's restart during a switchover) is not called
+    hung; one that keeps it open without answering is."""
+    import socket
+    import threading
+    db = str(tmp_path / "state.db")
+    path = ff.control_socket_path(db)
+    os.makedirs(os.path.dirname(path))
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    held = []
+
+    def serve(close):
+        conn, _ = srv.accept()
+        conn.recv(100)
+        if close:
+            conn.close()
+        else:
+            held.append(conn)
+    for close, said in ((True, "closed the connection without an answer"),
+                        (False, "did not answer within 0.5 s; it may be hung")):
+        t = threading.Thread(target=serve, args=(close,))
+        t.start()
+        try:
+            ff.query_daemon(db, {"cmd": "ping"}, timeout=0.5)
+            raise AssertionError("no error")
+        except ff.FlockerError as e:
+            assert said in e.message, e.message
+        t.join()
+    for c in held + [srv]:
+        c.close()
+
+
 def test_genkey(tmp_path):
     proc = run("genkey")
     assert proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}\n", proc.stdout)
