@@ -347,34 +347,52 @@ def _node_online(xml, name):
 #   python3 tests/pcmk.py measure N
 # ---------------------------------------------------------------------------
 
-MEASURE_RESOURCES = """<resources>
+def resources(config, program, shop_args, shop_extra="", test=False):
+    """The CIB resources: the flocker promotable clone (the agent given
+    config and program) and a user system "shop" (ocf:heartbeat:anything
+    running shop_args[0] with the options shop_args[1]) colocated with the
+    promoted instance.  test: as the tests run it, with notify and the
+    timeouts of start, stop, promote and demote (the measurement runs the
+    plain clone, as README's figures were taken)."""
+    notify = ('\n      <nvpair id="fc-notify" name="notify" value="true"/>' if test else "")
+    ops = "".join('\n        <op id="flocker-%s" name="%s" interval="0s" timeout="%ds"/>'
+                  % (op, op, t) for op, t in (("start", 120), ("stop", 300),
+                                              ("promote", 120), ("demote", 300))) \
+        if test else ""
+    return """<resources>
   <clone id="flocker-clone">
-    <meta_attributes id="fc-meta">
+    <meta_attributes id="flocker-clone-meta">
       <nvpair id="fc-promotable" name="promotable" value="true"/>
       <nvpair id="fc-promoted-max" name="promoted-max" value="1"/>
-      <nvpair id="fc-clone-max" name="clone-max" value="2"/>
+      <nvpair id="fc-clone-max" name="clone-max" value="2"/>%s
     </meta_attributes>
     <primitive id="flocker" class="ocf" provider="flocker" type="flocker">
       <instance_attributes id="flocker-ia">
-        <nvpair id="flocker-config" name="config" value="%(config)s"/>
-        <nvpair id="flocker-program" name="program" value="%(program)s"/>
+        <nvpair id="flocker-config" name="config" value="%s"/>
+        <nvpair id="flocker-program" name="program" value="%s"/>
       </instance_attributes>
       <operations>
         <op id="flocker-mon-p" name="monitor" interval="2s" role="Promoted" timeout="60s"/>
-        <op id="flocker-mon-u" name="monitor" interval="3s" role="Unpromoted" timeout="60s"/>
+        <op id="flocker-mon-u" name="monitor" interval="3s" role="Unpromoted" timeout="60s"/>%s
       </operations>
     </primitive>
   </clone>
   <primitive id="shop" class="ocf" provider="heartbeat" type="anything">
     <instance_attributes id="shop-ia">
-      <nvpair id="shop-bin" name="binfile" value="/bin/sleep"/>
-      <nvpair id="shop-args" name="cmdline_options" value="100000"/>
-      <nvpair id="shop-pid" name="pidfile" value="/run/shop.pid"/>
-    </instance_attributes>
+      <nvpair id="shop-bin" name="binfile" value="%s"/>
+      <nvpair id="shop-args" name="cmdline_options" value="%s"/>
+      <nvpair id="shop-pid" name="pidfile" value="/run/shop.pid"/>%s
+    </instance_attributes>%s
   </primitive>
-</resources>"""
+</resources>""" % (notify, config, program, ops, shop_args[0], shop_args[1], shop_extra,
+                   """
+    <operations>
+      <op id="shop-mon" name="monitor" interval="5s" timeout="20s"/>
+      <op id="shop-stop" name="stop" interval="0s" timeout="30s"/>
+    </operations>""" if test else "")
 
-MEASURE_CONSTRAINTS = """<constraints>
+
+CONSTRAINTS = """<constraints>
   <rsc_colocation id="shop-with-promoted" rsc="shop" with-rsc="flocker-clone"
                   with-rsc-role="Promoted" score="INFINITY"/>
   <rsc_order id="promote-then-shop" first="flocker-clone" first-action="promote"
@@ -401,9 +419,9 @@ def measure_pacemaker():
         c = Cluster(b)
         c.start()
         a, beta = c.node("alpha"), c.node("beta")
-        a.run(["cibadmin", "--replace", "-o", "resources", "-X", MEASURE_RESOURCES % {
-            "config": b.config_path, "program": bedmod.PROGRAM}])
-        a.run(["cibadmin", "--replace", "-o", "constraints", "-X", MEASURE_CONSTRAINTS])
+        a.run(["cibadmin", "--replace", "-o", "resources", "-X", resources(
+            b.config_path, bedmod.PROGRAM, ("/bin/sleep", "100000"))])
+        a.run(["cibadmin", "--replace", "-o", "constraints", "-X", CONSTRAINTS])
         c.wait_role("alpha", "Promoted", timeout=90)
         c.wait_role("beta", "Unpromoted", timeout=60)
         _poll(lambda: "flocker-" in b.b.run(["zfs", "list", "-H", "-t", "snapshot", "-o",

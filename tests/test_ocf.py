@@ -51,51 +51,6 @@ while not stop:
     time.sleep(0.02)
 '''
 
-RESOURCES = """<resources>
-  <clone id="flocker-clone">
-    <meta_attributes id="flocker-clone-meta">
-      <nvpair id="fc-promotable" name="promotable" value="true"/>
-      <nvpair id="fc-promoted-max" name="promoted-max" value="1"/>
-      <nvpair id="fc-clone-max" name="clone-max" value="2"/>
-      <nvpair id="fc-notify" name="notify" value="true"/>
-    </meta_attributes>
-    <primitive id="flocker" class="ocf" provider="flocker" type="flocker">
-      <instance_attributes id="flocker-ia">
-        <nvpair id="flocker-config" name="config" value="%(config)s"/>
-        <nvpair id="flocker-program" name="program" value="%(program)s"/>
-      </instance_attributes>
-      <operations>
-        <op id="flocker-mon-p" name="monitor" interval="2s" role="Promoted" timeout="60s"/>
-        <op id="flocker-mon-u" name="monitor" interval="3s" role="Unpromoted" timeout="60s"/>
-        <op id="flocker-start" name="start" interval="0s" timeout="120s"/>
-        <op id="flocker-stop" name="stop" interval="0s" timeout="300s"/>
-        <op id="flocker-promote" name="promote" interval="0s" timeout="120s"/>
-        <op id="flocker-demote" name="demote" interval="0s" timeout="300s"/>
-      </operations>
-    </primitive>
-  </clone>
-  <primitive id="shop" class="ocf" provider="heartbeat" type="anything">
-    <instance_attributes id="shop-ia">
-      <nvpair id="shop-bin" name="binfile" value="%(python)s"/>
-      <nvpair id="shop-args" name="cmdline_options" value="%(writer)s %(ack)s %(map)s"/>
-      <nvpair id="shop-pid" name="pidfile" value="/run/shop.pid"/>
-      <nvpair id="shop-log" name="logfile" value="%(w)s/writer.log"/>
-    </instance_attributes>
-    <operations>
-      <op id="shop-mon" name="monitor" interval="5s" timeout="20s"/>
-      <op id="shop-stop" name="stop" interval="0s" timeout="30s"/>
-    </operations>
-  </primitive>
-</resources>"""
-
-CONSTRAINTS = """<constraints>
-  <rsc_colocation id="shop-with-promoted" rsc="shop" with-rsc="flocker-clone"
-                  with-rsc-role="Promoted" score="INFINITY"/>
-  <rsc_order id="promote-then-shop" first="flocker-clone" first-action="promote"
-             then="shop" then-action="start"/>
-</constraints>"""
-
-
 @pytest.fixture
 def cluster(zfs_ready):
     need(not pcmk.available(), "Pacemaker/Corosync not installed (%s): "
@@ -162,11 +117,13 @@ def start_cluster(c):
     a = c.node("alpha")
     a.run(["crm_attribute", "--type", "rsc_defaults", "--name", "resource-stickiness",
            "--update", "1"])
-    a.run(["cibadmin", "--replace", "-o", "resources", "-X", RESOURCES % {
-        "config": b.config_path, "program": bedmod.PROGRAM, "python": sys.executable,
-        "writer": os.path.join(w, "writer.py"), "ack": os.path.join(w, "ack.log"),
-        "w": w, "map": " ".join("%s=%s" % (h.name, h.dataset) for h in b.hosts)}])
-    a.run(["cibadmin", "--replace", "-o", "constraints", "-X", CONSTRAINTS])
+    a.run(["cibadmin", "--replace", "-o", "resources", "-X", pcmk.resources(
+        b.config_path, bedmod.PROGRAM, (sys.executable, "%s %s %s" % (
+            os.path.join(w, "writer.py"), os.path.join(w, "ack.log"),
+            " ".join("%s=%s" % (h.name, h.dataset) for h in b.hosts))),
+        shop_extra='\n      <nvpair id="shop-log" name="logfile" value="%s/writer.log"/>' % w,
+        test=True)])
+    a.run(["cibadmin", "--replace", "-o", "constraints", "-X", pcmk.CONSTRAINTS])
 
 
 def outdated(via, node):
