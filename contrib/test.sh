@@ -1,7 +1,7 @@
 #!/bin/bash
 # The test command: on a fresh Debian machine, as root, installs what is
 # missing and runs the whole suite against real ZFS, ssh and network
-# namespaces (the test bed starts the zfs-fuse daemon when no ZFS answers).
+# namespaces (on zfs-fuse each test gets a daemon of its own: tests/bed.py).
 #   bash contrib/test.sh              # everything
 #   bash contrib/test.sh -k config    # extra arguments go to pytest
 #   bash contrib/test.sh -n 2         # 2 tests at a time (-n 0: one)

@@ -194,117 +194,163 @@ def _stale(name):
 # ZFS
 # ---------------------------------------------------------------------------
 
+# zfs-fuse: every process that runs the bed (a pytest worker, the campaign,
+# a bench, the demo) runs its own zfs-fuse daemon in a mount namespace of its
+# own, and conftest gives every test a new daemon.  One daemon for the whole
+# machine wore out (it keeps threads of pools long destroyed) and hung in
+# the middle of runs (CI of b414b90: 26 tests after the hang failed; here
+# two runs in three): one test's trouble took every test after it along.
+# The zfs and zpool commands find their daemon through /run/zfs/zfs_socket
+# and it keeps its pools in /var/lib/zfs/zpool.cache, its lock (one daemon
+# to a lock) in /var/lock/zfs: the private namespace mounts empty
+# directories of its own there.  Its mounts of / (and of the
+# work directory, /run, /var/lib where they are mounts of their own) are
+# slaves of the machine's, so nothing mounted here (the daemon's datasets,
+# those directories) leaves it, and shared with the namespaces made from it
+# (the hosts' sshd, Pacemaker's nodes), which see the datasets mounted.
+# /run/netns stays in common with the machine: namespaces made here are
+# seen and cleaned by other runs.  Kernel ZFS (OpenZFS) is used as it is.
+
+# its socket; its zpool.cache; its lock (one daemon per lock)
+ZFS_FUSE_DIRS = ("/run/zfs", "/var/lib/zfs", "/run/lock/zfs")
+_zfs_fuse = {"namespace": False, "proc": None, "kind": None, "machine": None}
+
+
 def zfs_kind():
     """'openzfs' or 'zfs-fuse' (what the test bed runs against)."""
-    proc = sh(["zfs", "version"], check=False)
-    if proc.returncode == 0 and "zfs-" in proc.stdout:
-        return "openzfs"
-    return "zfs-fuse"
+    if _zfs_fuse["kind"] is None:
+        proc = sh(["zfs", "version"], check=False)
+        _zfs_fuse["kind"] = ("openzfs" if proc.returncode == 0 and "zfs-" in proc.stdout
+                             else "zfs-fuse")
+    return _zfs_fuse["kind"]
 
 
-def _zpool_works():
+def _zpool_works(timeout=20):
     try:
-        return sh(["zpool", "list", "-H"], check=False, timeout=20).returncode == 0
+        return sh(["zpool", "list", "-H"], check=False, timeout=timeout).returncode == 0
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
 
 
-def ensure_zfs():
-    """Make ZFS usable: start the zfs-fuse daemon when no ZFS answers
-    (clearing what a crashed daemon left mounted), then remove pools that
-    dead test runs left behind."""
+def _private_zfs_fuse():
+    """True when this process runs its own zfs-fuse (no kernel ZFS here)."""
+    return not os.path.exists("/dev/zfs") and shutil.which("zfs-fuse") is not None
+
+
+def ensure_zfs(fresh=False):
+    """Make ZFS usable for this process.  Kernel ZFS is used as it is.
+    Otherwise this process's own zfs-fuse: started on first use, in a mount
+    namespace of its own; started again when it has died or does not answer
+    within 10 s; and with fresh=True (conftest, at each test's start) a new
+    one in any case, so that no test meets what an earlier one left."""
     if os.geteuid() != 0:
         raise BedUnavailable("needs root (ZFS pools, network namespaces, sshd)")
     if shutil.which("zfs") is None or shutil.which("zpool") is None:
         raise BedUnavailable("no zfs/zpool command (apt-get install zfs-fuse)")
-    _share_root_mounts()
-    _restart_worn_zfs_fuse()
-    if not _zpool_works():
-        if shutil.which("zfs-fuse") is None:
-            raise BedUnavailable("ZFS does not answer and zfs-fuse is not installed")
-        # A zfs-fuse that runs but does not answer is starting, busy, or
-        # shutting down (that takes half a minute): wait, and start a new one
-        # as soon as none runs.
-        deadline = time.monotonic() + 90
-        while not _zpool_works():
-            if time.monotonic() > deadline:
-                raise BedUnavailable("ZFS does not answer ('zpool list' fails) after "
-                                     "90 s; see 'zfs-fuse --no-daemon' for why")
-            if sh(["pgrep", "-x", "zfs-fuse"], check=False).returncode != 0:
-                _start_zfs_fuse()
-            else:
-                time.sleep(0.5)
-    _remove_stale_pools()
-
-
-ZFS_FUSE_WORN_THREADS = 600
-
-
-def _restart_worn_zfs_fuse():
-    """zfs-fuse keeps threads of pools long destroyed: after a few hundred
-    pools (two runs of the suite, or a fault campaign with 2 GB pools) it has
-    over a thousand and 'zfs create' takes half a minute, then hangs (seen
-    here at 1,298 and 3,279 threads).  At the start of a run, when no live
-    run has a pool in it (only pools of dead runs, or none), a worn daemon
-    is stopped and started afresh; one with live pools is left alone."""
-    proc = sh(["pgrep", "-x", "zfs-fuse"], check=False)
-    pids = [int(p) for p in proc.stdout.split()]
-    if len(pids) != 1:
+    if not _private_zfs_fuse():
+        if not _zpool_works():
+            raise BedUnavailable("ZFS does not answer ('zpool list' fails); with kernel "
+                                 "ZFS, is the module loaded ('modprobe zfs')?")
+        _remove_stale_pools()
         return
-    try:
-        threads = len(os.listdir("/proc/%d/task" % pids[0]))
-    except OSError:
+    _enter_private_mount_namespace()
+    proc = _zfs_fuse["proc"]
+    if not fresh and proc is not None and proc.poll() is None and _zpool_works(timeout=10):
         return
-    pools = sh(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
-    if threads < ZFS_FUSE_WORN_THREADS or any(not _stale(p) for p in pools):
-        return
-    print("zfs-fuse has %d threads and no live pools: starting it afresh" % threads)
-    os.kill(pids[0], signal.SIGKILL)
-    deadline = time.monotonic() + 90     # a wedged one takes a while to die
-    while _pid_alive(pids[0]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink("/var/lib/zfs/zpool.cache")   # the dead runs' pools are not wanted back
-    # (ensure_zfs starts the new one, trying again while the old one's
-    # socket is still being let go)
+    _stop_zfs_fuse()
+    _start_zfs_fuse()
 
 
-def _share_root_mounts():
-    """Make / a shared mount, as systemd does on any ordinary machine.
-    Where / is private (a minimal container, this CI), every new mount
-    namespace (sshd's, 'ip netns exec') takes a private copy of every ZFS
-    mount of that moment; unmounts never reach the copy, which keeps the
-    FUSE mount alive, and zfs-fuse then calls the dataset busy for as long
-    as that namespace lives, across test runs.  With / shared, the copies
-    are slaves and follow every mount and unmount."""
-    with open("/proc/self/mountinfo") as f:
+def _mounts():
+    """(mount point, fs type) of this thread's mount namespace, in order."""
+    out = []
+    with open("/proc/thread-self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if fields[4] == "/":
-                if not any(x.startswith("shared:") for x in fields[6:fields.index("-")]):
-                    sh(["mount", "--make-rshared", "/"])
-                return
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            out.append((point, fields[fields.index("-") + 1]))
+    return out
+
+
+def _mount_point(path):
+    """The mount point path is on (the longest mount point above it)."""
+    path = os.path.realpath(path)
+    points = [p for p, _ in _mounts()
+              if path == p or path.startswith(p.rstrip("/") + "/")]
+    return max(points, key=len)
+
+
+def _enter_private_mount_namespace():
+    if _zfs_fuse["namespace"]:
+        return
+    if shutil.which("ip") and "/run/netns" not in {p for p, _ in _mounts()}:
+        # 'ip netns add' makes /run/netns a mount of its own the first time:
+        # made here, in the machine's namespace, so that it stays in common
+        probe = unique("probe")
+        sh(["ip", "netns", "add", probe], check=False)
+        sh(["ip", "netns", "del", probe], check=False)
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    _zfs_fuse["machine"] = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY)  # (for tests)
+    if libc.unshare(0x00020000) != 0:                    # CLONE_NEWNS
+        raise BedUnavailable("unshare(CLONE_NEWNS) failed (%s): the test bed runs its "
+                             "zfs-fuse in a mount namespace of its own"
+                             % os.strerror(ctypes.get_errno()))
+    _zfs_fuse["namespace"] = True
+    for point in sorted({_mount_point(p) for p in ("/",) + ZFS_FUSE_DIRS + (WORK_BASE,)}):
+        sh(["mount", "--make-slave", point])
+        sh(["mount", "--make-shared", point])
+    for path in ZFS_FUSE_DIRS:
+        os.makedirs(path, exist_ok=True)
+        sh(["mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", TAG + "zfs", path])
+
+
+def _die_with_parent():
+    # (in the child, before exec) killed when the test process ends, however
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
 
 
 def _start_zfs_fuse():
-    # A zfs-fuse killed hard leaves its FUSE mounts behind ("transport
-    # endpoint is not connected"); a new daemon refuses to start over them.
-    with open("/proc/self/mounts") as f:
-        mounts = [line.split() for line in f]
-    for fields in mounts:
-        mnt, fstype = fields[1], fields[2]
-        if fstype == "fuse.zfs" or (fstype == "fuse" and mnt == "/zfs-kstat"):
-            sh(["umount", "-l", mnt.replace("\\040", " ")], check=False)
-    if os.path.exists(ZFS_FUSE_PIDFILE):
-        os.unlink(ZFS_FUSE_PIDFILE)
-    if sh(["zfs-fuse", "-p", ZFS_FUSE_PIDFILE], check=False).returncode != 0:
-        time.sleep(0.5)          # e.g. the socket of one just killed: the caller tries again
-        return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if _zpool_works():
-            return
-        time.sleep(0.2)
+    d = os.path.join(WORK_BASE, TAG + "zfs-fuse")
+    os.makedirs(d, exist_ok=True)
+    logfile = os.path.join(d, "zfs-fuse.log")
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(
+            ["zfs-fuse", "--no-daemon", "--no-kstat-mount", "-p",
+             os.path.join(d, "zfs-fuse.pid")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent)
+    _zfs_fuse["proc"] = proc
+    deadline = time.monotonic() + 30
+    while not _zpool_works(timeout=10):
+        if proc.poll() is not None:
+            raise BedUnavailable("zfs-fuse exited %d as it started; see %s"
+                                 % (proc.returncode, logfile))
+        if time.monotonic() > deadline:
+            raise BedUnavailable("zfs-fuse does not answer 30 s after it started; "
+                                 "see %s" % logfile)
+        time.sleep(0.01)
+
+
+def _stop_zfs_fuse():
+    """kill -9 this process's zfs-fuse; unmount what it left mounted (dead
+    FUSE mounts: "transport endpoint is not connected", and a new daemon
+    would not mount over them); forget its pools and socket."""
+    proc, _zfs_fuse["proc"] = _zfs_fuse["proc"], None
+    if proc is not None:
+        proc.kill()
+        try:
+            proc.wait(timeout=90)        # a wedged one takes a while to die
+        except subprocess.TimeoutExpired:
+            raise BedUnavailable("zfs-fuse (pid %d) did not end 90 s after kill -9"
+                                 % proc.pid)
+    for point, fstype in reversed(_mounts()):
+        if fstype == "fuse.zfs":
+            sh(["umount", "-l", point], check=False)
+    for path in ZFS_FUSE_DIRS:
+        for name in os.listdir(path):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
 
 
 def _destroy_pool(name):
@@ -400,9 +446,9 @@ class Host:
 
     # running things "on" this host
     def argv(self, argv):
-        # Only the network namespace: the hosts share the machine's mount
-        # namespace, as zfs-fuse does (a private one, as 'ip netns exec'
-        # makes, would keep a 'zfs unmount' from reaching the daemon).
+        # Only the network namespace: the hosts share the test process's
+        # mount namespace, as its zfs-fuse does (a private one, as 'ip netns
+        # exec' makes, would keep a 'zfs unmount' from reaching the daemon).
         return ["nsenter", "--net=/run/netns/" + self.ns] + list(argv)
 
     def run(self, argv, check=True, timeout=60, **kw):
@@ -850,10 +896,9 @@ else:
 
 @contextlib.contextmanager
 def machine_lock():
-    """Held while a run makes ZFS answer and removes what dead runs left
-    (conftest's zfs_ready): the workers of a parallel run (pytest-xdist),
-    and other runs on this machine, start their sessions at the same time,
-    and two of them must never both start zfs-fuse."""
+    """Held while a run removes what dead runs left (conftest's zfs_ready):
+    the workers of a parallel run (pytest-xdist), and other runs on this
+    machine, start their sessions at the same time."""
     with open(MACHINE_LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

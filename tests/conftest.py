@@ -54,24 +54,25 @@ def pytest_runtest_makereport(item, call):
     rep.longrepr = "CI is set, so this skip is a failure: %s" % reason
 
 
-_zfs_state = {}
+_stale_removed = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def zfs_ready():
-    """Real ZFS is running (zfs-fuse started if needed); stale pools,
-    namespaces and work directories of dead runs are gone.  Each worker
-    of a parallel run comes here once, under the machine's lock."""
-    if "error" not in _zfs_state and "ok" not in _zfs_state:
-        try:
+    """Real ZFS for this test: on zfs-fuse a daemon of its own, new (see
+    bed.py's ensure_zfs).  The first test of each worker of a parallel run
+    also removes, under the machine's lock, the pools, namespaces and work
+    directories that dead runs left."""
+    try:
+        bedmod.ensure_zfs(fresh=True)
+        if not _stale_removed:
             with bedmod.machine_lock():
-                bedmod.ensure_zfs()
                 bedmod.cleanup_stale()
-            _zfs_state["ok"] = bedmod.zfs_kind()
-        except bedmod.BedUnavailable as e:
-            _zfs_state["error"] = str(e)
-    need("ok" in _zfs_state, "real ZFS test bed unavailable: %s" % _zfs_state.get("error"))
-    return _zfs_state["ok"]
+            _stale_removed.append(True)
+        kind = bedmod.zfs_kind()
+    except bedmod.BedUnavailable as e:
+        need(False, "real ZFS test bed unavailable: %s" % e)
+    return kind
 
 
 @pytest.fixture

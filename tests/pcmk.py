@@ -14,8 +14,9 @@ pid, corosync's pid file is in /run), bind-mounts per-node directories over
 `corosync -f`, then `pacemakerd`, reaps orphans, and stops both on SIGTERM.
 libqb's sockets are abstract and so per network namespace.
 
-ZFS: zfs-fuse mounts and unmounts in the machine's mount namespace, and an
-unmount made in another one only hides the mount there.  So inside a node
+ZFS: the test's zfs-fuse mounts and unmounts in the test process's mount
+namespace (bed.py), and an unmount made in another one only hides the mount
+there.  So inside a node
 `zfs` and `zpool` are small wrappers that run the real ones in the mount
 namespace of the test's own process (found through the machine's /proc,
 bound at INIT's start before the node's own /proc hides it; the machine's

@@ -1,6 +1,11 @@
 """The test bed proves itself: real ZFS, two namespaces, real ssh."""
 
+import contextlib
 import os
+import signal
+import time
+
+import pytest
 
 import bed as bedmod
 
@@ -159,3 +164,50 @@ def test_calibration_measures_this_machine():
                        stdout=subprocess.PIPE, universal_newlines=True, check=True)
     cpu, packets = (float(x) for x in p.stdout.split())
     assert 0 < cpu < 60 and 0 < packets < 60
+
+
+def test_each_test_has_a_zfs_fuse_of_its_own_and_one_that_hangs_is_replaced(zfs_ready):
+    """On zfs-fuse each test gets a new daemon of its own (a child of the
+    test process, in the test process's own mount namespace): the machine
+    sees none of its pools or mounts.  One daemon for the machine wore out
+    and hung mid-run, failing every test after it (CI of b414b90).  A
+    daemon that stops answering (SIGSTOP here) is replaced by the next
+    ensure_zfs: killed, its dead mounts gone, a new one answering."""
+    if zfs_ready != "zfs-fuse":
+        pytest.skip("not on this ZFS: kernel ZFS is the machine's own, not the test's")
+    daemon = bedmod._zfs_fuse["proc"]
+    assert daemon is not None and daemon.poll() is None
+    with open("/proc/%d/stat" % daemon.pid) as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()   # its parent
+    mine = os.stat("/proc/self/ns/mnt").st_ino
+    assert os.stat("/proc/%d/ns/mnt" % daemon.pid).st_ino == mine
+    machine = "/proc/%d/fd/%d" % (os.getpid(), bedmod._zfs_fuse["machine"])
+    assert os.stat(machine).st_ino != mine
+
+    workdir = os.path.join(bedmod.WORK_BASE, bedmod.unique("own"))
+    os.makedirs(workdir)
+    pool = bedmod.Pool(workdir, "own", size_mb=64)
+    try:
+        bedmod.sh(["zfs", "create", pool.name + "/ds"])
+        seen = bedmod.sh(["nsenter", "--mount=" + machine, "sh", "-c",
+                          "zpool list -H -o name 2>&1; cat /proc/self/mounts"],
+                         check=False).stdout
+        assert pool.name not in seen
+        assert pool.name + "/ds" in open("/proc/self/mounts").read()
+
+        daemon.send_signal(signal.SIGSTOP)          # it hangs
+        started = time.monotonic()
+        bedmod.ensure_zfs()
+        assert time.monotonic() - started < 40
+        assert daemon.poll() == -signal.SIGKILL
+        new = bedmod._zfs_fuse["proc"]
+        assert new.pid != daemon.pid and new.poll() is None
+        assert "fuse.zfs" not in open("/proc/self/mounts").read()
+        assert bedmod.sh(["zpool", "list", "-H", "-o", "name"]).stdout.split() == []
+        again = bedmod.Pool(workdir, "again", size_mb=64)
+        again.destroy()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            daemon.send_signal(signal.SIGCONT)
+        bedmod.sh(["zpool", "destroy", "-f", pool.name], check=False)
+        bedmod._remove_workdir(workdir)

@@ -97,7 +97,7 @@ class Pair:
         slaves = [h for h in st if st[h]["role"] == "slave"]
         if len(masters) != 1 or len(slaves) != 1:
             return None
-        if any(s["divergence"]["resolving"] or s["divergence"]["unresolved"]
+        if any(s["divergence"]["resolving"] or s["divergence"]["unresolved"] or s["outdated"]
                for s in st.values()):
             return None
         m = masters[0]
@@ -148,6 +148,12 @@ def run_scenario(p, policy, writes, expect, policy_b=None):
     if policy_b is not None or policy != p.policy:
         p.reconfigure(policy, policy_b)
         p.policy = policy
+    # each split starts from a settled pair: the slave holds the master's
+    # newest snapshot and is not outdated (a receive that zfs-fuse failed
+    # after the last resolution, "I/O error" or "dataset is busy", is retried
+    # by the next cycle; a split before that would find the slave outdated,
+    # and rightly refusing to promote)
+    wait_for(p.settled, S(60), step=0.1)
     m, s = p.roles()
     kept = {h: preserved(h) for h in (m, s)}
     written = p.split({m: writes[0], s: writes[1]})
