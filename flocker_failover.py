@@ -7135,6 +7135,12 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
                             % (ds, cfg.peer.dataset, cfg.peer.name))
     if st.role == ROLE_SLAVE and not snaps_after(local, common.guid):
         return "already %s's slave: nothing after %s@%s" % (cfg.peer.name, ds, common.name)
+    if st.role == ROLE_MASTER and cfg.recursive:
+        # the tool does not keep the divergent data of datasets with
+        # children: measured (a snapshot of the running system) and refused
+        # before the user system stops, as a daemon's verdict is (resolved())
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+        _refuse_recursive_changes(ctx, local, common)
     if st.role == ROLE_MASTER:
         _stop_user_system(ctx, top, None)
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
@@ -7152,6 +7158,21 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
                 % (cfg.peer.name, ds, common.name))
     ctx.store.record_event("rejoin", text, "warning" if after else "info")
     return text
+
+
+def _refuse_recursive_changes(ctx: Context, local: Listing, common: Snap) -> None:
+    """With recursive = yes: NeedsOperator when this node changed its
+    dataset or a child since the common snapshot (what preserve_divergence
+    would refuse), before anything stops."""
+    cfg, ds = ctx.cfg, ctx.cfg.local.dataset
+    after = snaps_after(local, common.guid)
+    if after and tree_changes(ctx.zfs, ds, common.name, after[-1].name, True) > 0:
+        raise NeedsOperator(
+            "this node changed %s or its child datasets since %s@%s, and flocker-failover "
+            "does not keep the divergent data of datasets with recursive = yes; nothing "
+            "was changed and the user system still runs%s" % (ds, ds, common.name,
+                                                             keep_by_hand_hint(cfg, Verdict(
+                VERDICT_OPERATOR, None, None, False, "", kept_by_hand=cfg.local_name))))
 
 
 def _move_aside(path: str) -> str:

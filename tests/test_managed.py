@@ -4,6 +4,7 @@ daemon taking an epoch above every one its replica carries.  Real ZFS and
 ssh on the bed, no daemon, no Pacemaker (tests/test_ocf.py runs the agent
 under a real one)."""
 
+import contextlib
 import json
 import os
 
@@ -110,3 +111,56 @@ def test_a_master_demoted_without_its_peer_keeps_its_tail_which_rejoin_keeps_asi
     finally:
         bedmod.sh(["zfs", "unmount", kept], check=False)
     assert a.flocker("rejoin").stdout.startswith("already beta's slave")
+
+
+def test_a_recursive_master_with_changes_refuses_to_rejoin_before_it_stops(bed):
+    """rejoin with recursive = yes: the tool does not keep the divergent
+    data of datasets with children (README, "Divergent data"), so a master
+    that wrote after the common snapshot refuses before it stops anything:
+    its user system runs on, its role and data stay, and the message says
+    how to keep the data by hand.  (It stopped the user system first, then
+    refused, and said "nothing was changed".)  One with nothing to keep
+    rejoins, stopping its user system."""
+    a, b = bed.a, bed.b
+    said = os.path.join(bed.workdir, "service-")
+    bed.write_config(cluster={"recursive": "yes"},
+                     service={"start_command": "sh -c 'echo start >> %s$FLOCKER_NODE'" % said,
+                              "stop_command": "sh -c 'echo stop >> %s$FLOCKER_NODE'" % said})
+
+    def service(host):
+        with contextlib.suppress(FileNotFoundError):
+            with open(said + host.name) as f:
+                return f.read().split()
+        return []
+
+    assert a.flocker("init", "--role", "master").returncode == 0
+    assert b.flocker("init", "--role", "slave").returncode == 0
+    bedmod.sh(["zfs", "create", a.dataset + "/kid"])
+    write(a, "f1", "one")
+    assert a.flocker("sync").returncode == 0
+    # beta is promoted (a cluster manager's decision); alpha, which wrote
+    # nothing since, rejoins: it stops its user system and becomes slave
+    assert b.flocker("promote", "--force").returncode == 0
+    p = a.flocker("rejoin")
+    assert p.returncode == 0 and "nothing after" in p.stdout, p.stdout + p.stderr
+    assert status(a)["role"] == "slave" and set(service(a)) == {"stop"}    # (stops are
+    #                                                      idempotent: demote stops again)
+
+    # alpha is made master again and writes in its child dataset; beta,
+    # told it is master, stays so: alpha's rejoin refuses before it stops
+    assert a.flocker("promote", "--force").returncode == 0
+    assert service(a)[-1] == "start"
+    before = service(a)
+    kid = bedmod.sh(["zfs", "get", "-H", "-o", "value", "mountpoint",
+                     a.dataset + "/kid"]).stdout.strip()
+    with open(os.path.join(kid, "k1"), "w") as f:
+        f.write("only on alpha")
+    epoch = status(a)["epoch"]
+    p = a.flocker("rejoin")
+    assert p.returncode != 0, p.stdout
+    assert "recursive = yes" in p.stderr and "zfs rename" in p.stderr, p.stderr
+    assert service(a) == before                      # never stopped
+    st = status(a)
+    assert st["role"] == "master" and st["epoch"] == epoch
+    with open(os.path.join(kid, "k1")) as f:
+        assert f.read() == "only on alpha"
