@@ -7926,11 +7926,15 @@ class Daemon:
 
     # -- plugging in slow work ------------------------------------------
 
-    def add_periodic(self, name: str, every, fn, on_done=None) -> None:
+    def add_periodic(self, name: str, every, fn, on_done=None, wanted=None) -> None:
         """Run fn(stop) off the loop every `every(cfg)` seconds (skipped
         while the previous run of the same name still runs); on_done(result,
-        error) runs on the loop.  The replication cycle plugs in here."""
-        self.periodic.append((name, every, fn, on_done))
+        error) runs on the loop.  The replication cycle plugs in here.
+        wanted(cfg): when given and false (nothing is configured for the
+        job), no job is started and the timer looks again every second: a
+        hand-over to a job thread and back every heartbeat, for a job with
+        nothing to do, was most of an idle daemon's wakeups."""
+        self.periodic.append((name, every, fn, on_done, wanted))
 
     def open_store(self) -> StateStore:
         """A state-file connection for a job thread (one per thread; sqlite
@@ -7946,9 +7950,11 @@ class Daemon:
         self.add_periodic("replicate", lambda c: c.replication_interval,
                           self._job_replicate, self._replicate_done)
         self.add_periodic("arbitrator", lambda c: c.heartbeat_interval,
-                          self._job_arbitrator, self._arbitrator_done)
+                          self._job_arbitrator, self._arbitrator_done,
+                          lambda c: c.arbitrator is not None or c.arbitrator_command is not None)
         self.add_periodic("witness", lambda c: c.heartbeat_interval,
-                          self._job_witness, self._witness_done)
+                          self._job_witness, self._witness_done,
+                          lambda c: c.witness is not None)
         self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self._job_trim_events,
                           self._trim_events_done)
 
@@ -8440,17 +8446,22 @@ class Daemon:
             _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self._summarise_rejections,
                    now + REJECT_SUMMARY_EVERY),
             _Timer("control", lambda: 1.0, self._reap_clients, now + 1.0),
-            _Timer("announce", lambda: 0.1, self._announce_due, now + 0.1),
+            # (every 0.1 s only while an announcement waits: an idle
+            # daemon's wakeups are its idle cost)
+            _Timer("announce", lambda: 0.1 if self._announce_at else 1.0, self._announce_due,
+                   now + 0.1),
         ]
         self.timers.append(_Timer("systemd", lambda: self.systemd.watchdog or 5.0,
                                   self._notify_systemd, now))
         self.timers.append(_Timer("metrics", lambda: METRICS_EVERY, self._write_metrics,
                                   now + 0.5))
-        for name, every, fn, on_done in self.periodic:
+        for name, every, fn, on_done, wanted in self.periodic:
+            wanted = wanted or (lambda cfg: True)
             self.timers.append(_Timer(
-                "job " + name, lambda every=every: every(c()),
-                lambda now, name=name, fn=fn, on_done=on_done:
-                    self.jobs.start(name, fn, on_done), now + 0.05))
+                "job " + name, lambda every=every, wanted=wanted:
+                    every(c()) if wanted(c()) else 1.0,
+                lambda now, name=name, fn=fn, on_done=on_done, wanted=wanted:
+                    wanted(c()) and self.jobs.start(name, fn, on_done), now + 0.05))
         while not self._stop_signal:
             if self._reload_pending:
                 self._reload_pending = False
