@@ -7439,6 +7439,7 @@ CONTROL_MAX_CLIENTS = 8
 CONTROL_TIMEOUT = 5.0        # seconds a control client may take
 CONTROL_MAX_REQUEST = 4096   # bytes
 STALL_FRACTION = 0.5         # loop later than dead_time * this: it was stalled
+VERDICT_SLACK = 0.001        # s: the liveness check runs this long after a verdict is due
 
 
 EVENT_TRIM_INTERVAL = 3600.0   # seconds between two trims of the event log
@@ -7640,6 +7641,17 @@ class PeerTracker:
             self.state = peer_state
             self.state_since = now
         return changes
+
+    def next_verdict(self) -> Optional[float]:
+        """The moment evaluate() would first find a link down that is not
+        down now, if nothing comes before (its rule: a silence longer than
+        dead_time, since the newest packet or since awake_since); None when
+        every link is down.  The daemon's loop wakes then, so that a dead
+        verdict is not up to a liveness tick late."""
+        due = [(lv.last_seen if lv.last_seen is not None and lv.last_seen >= self.awake_since
+                else self.awake_since) + self.dead_time
+               for lv in self.links if lv.state != "down"]
+        return min(due) if due else None
 
     def reset_stats(self) -> None:
         self.rejected = {r: 0 for r in REJECT_REASONS}
@@ -8438,10 +8450,11 @@ class Daemon:
         self._realtime()
         now = time.monotonic()
         c = lambda: self.cfg   # noqa: E731 - timers read the current config
+        liveness = _Timer("liveness", lambda: min(0.25, c().heartbeat_interval / 2),
+                          self._check_liveness, now)
         self.timers = [
             _Timer("heartbeat", lambda: c().heartbeat_interval, self._send_heartbeats, now),
-            _Timer("liveness", lambda: min(0.25, c().heartbeat_interval / 2),
-                   self._check_liveness, now),
+            liveness,
             _Timer("persist", lambda: 1.0, self._persist_peer, now + 1.0),
             _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self._summarise_rejections,
                    now + REJECT_SUMMARY_EVERY),
@@ -8484,6 +8497,12 @@ class Daemon:
                 if t.due <= now:        # missed beats are not made up in a burst
                     t.due = now + period
                 now = time.monotonic()
+            # the liveness check also runs the moment a silence passes
+            # dead_time (evaluate's rule is "longer than": just after it),
+            # not at its next tick: only ever earlier than its own cadence
+            verdict = self.tracker.next_verdict()
+            if verdict is not None and verdict + VERDICT_SLACK < liveness.due:
+                liveness.due = max(now, verdict + VERDICT_SLACK)
             timeout = max(0.0, min(t.due for t in self.timers) - time.monotonic())
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)

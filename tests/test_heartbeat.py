@@ -210,6 +210,35 @@ def test_replay_window_never_accepts_twice():
     assert w.check(2, 1) is None
 
 
+def test_next_verdict_is_when_evaluate_first_finds_a_link_down():
+    """(issue 16 item 1) The daemon's loop wakes at next_verdict(), so a
+    dead verdict is due dead_time after the newest packet, not at the next
+    liveness tick after that (up to half a heartbeat interval later)."""
+    t = tracker(links=2, dead_time=1.0, start=0.0)
+    seq = iter(range(1, 1000))
+
+    def send(link, now):
+        n = next(seq)
+        t.sent(1000 + n, now - 0.05)
+        assert t.receive(ff.encode_heartbeat(hb(sequence=n, echo_sequence=1000 + n), K1),
+                         link, now)[0] is not None
+
+    assert t.next_verdict() == 1.0            # nothing heard since the start
+    send(0, 0.3)
+    send(1, 0.6)
+    t.evaluate(0.7)
+    assert t.next_verdict() == 1.3            # link 0's silence is older
+    for when, states in ((1.3, ["up", "up"]), (1.3 + 1e-6, ["down", "up"])):
+        t.evaluate(when)                      # "longer than dead_time": just after
+        assert [lv.state for lv in t.links] == states
+    assert t.next_verdict() == 1.6 and t.state == "alive"
+    t.evaluate(1.6 + 1e-6)
+    assert t.state == "dead" and t.next_verdict() is None
+    send(1, 2.0)
+    t.evaluate(2.0)
+    assert t.state == "alive" and t.next_verdict() == 3.0
+
+
 def test_key_rotation_two_keys_accepted_and_sender_follows_the_peer():
     t = tracker(keys=(K2, K1))
     assert t.receive(ff.encode_heartbeat(hb(sequence=1), K1), 0, 1)[0].key_id == ff.key_id(K1)
