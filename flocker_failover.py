@@ -7135,15 +7135,15 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
                             % (ds, cfg.peer.dataset, cfg.peer.name))
     if st.role == ROLE_SLAVE and not snaps_after(local, common.guid):
         return "already %s's slave: nothing after %s@%s" % (cfg.peer.name, ds, common.name)
-    if st.role == ROLE_MASTER and cfg.recursive:
-        # the tool does not keep the divergent data of datasets with
-        # children: measured (a snapshot of the running system) and refused
-        # before the user system stops, as a daemon's verdict is (resolved())
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
-        _refuse_recursive_changes(ctx, local, common)
-    if st.role == ROLE_MASTER:
+    stopped = st.role == ROLE_MASTER
+    if stopped:
+        # the peer is master by a cluster manager's (or an operator's)
+        # decision: this node's writes stop whatever follows, as the older
+        # of two serving masters stops (split_brain_yields)
         _stop_user_system(ctx, top, None)
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+    if cfg.recursive:
+        _refuse_recursive_changes(ctx, local, common, stopped)
     after = snaps_after(local, common.guid)
     if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         kept = preserve_divergence(ctx, common.name, top, reason, then_demote=True)
@@ -7160,19 +7160,23 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
     return text
 
 
-def _refuse_recursive_changes(ctx: Context, local: Listing, common: Snap) -> None:
+def _refuse_recursive_changes(ctx: Context, local: Listing, common: Snap,
+                              stopped: bool) -> None:
     """With recursive = yes: NeedsOperator when this node changed its
-    dataset or a child since the common snapshot (what preserve_divergence
-    would refuse), before anything stops."""
+    dataset or a child since the common snapshot (preserve_divergence
+    would refuse them), saying whether its user system was stopped."""
     cfg, ds = ctx.cfg, ctx.cfg.local.dataset
     after = snaps_after(local, common.guid)
     if after and tree_changes(ctx.zfs, ds, common.name, after[-1].name, True) > 0:
         raise NeedsOperator(
             "this node changed %s or its child datasets since %s@%s, and flocker-failover "
-            "does not keep the divergent data of datasets with recursive = yes; nothing "
-            "was changed and the user system still runs%s" % (ds, ds, common.name,
-                                                             keep_by_hand_hint(cfg, Verdict(
-                VERDICT_OPERATOR, None, None, False, "", kept_by_hand=cfg.local_name))))
+            "does not keep the divergent data of datasets with recursive = yes: no data was "
+            "changed%s%s" % (ds, ds, common.name,
+                             ", and this node's user system was stopped (%s is master); "
+                             "its role is unchanged" % cfg.peer.name if stopped else "",
+                             keep_by_hand_hint(cfg, Verdict(
+                                 VERDICT_OPERATOR, None, None, False, "",
+                                 kept_by_hand=cfg.local_name))))
 
 
 def _move_aside(path: str) -> str:

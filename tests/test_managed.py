@@ -113,14 +113,16 @@ def test_a_master_demoted_without_its_peer_keeps_its_tail_which_rejoin_keeps_asi
     assert a.flocker("rejoin").stdout.startswith("already beta's slave")
 
 
-def test_a_recursive_master_with_changes_refuses_to_rejoin_before_it_stops(bed):
+def test_a_recursive_master_with_changes_stops_and_says_so_when_rejoin_refuses(bed):
     """rejoin with recursive = yes: the tool does not keep the divergent
     data of datasets with children (README, "Divergent data"), so a master
-    that wrote after the common snapshot refuses before it stops anything:
-    its user system runs on, its role and data stay, and the message says
-    how to keep the data by hand.  (It stopped the user system first, then
-    refused, and said "nothing was changed".)  One with nothing to keep
-    rejoins, stopping its user system."""
+    that wrote after the common snapshot cannot rejoin by itself.  The peer
+    is master by the cluster manager's (or the operator's) decision, so this
+    node's user system stops all the same (two writers must not go on, as
+    the older of two serving masters stops: split_brain_yields), and the
+    refusal says so, with how to keep the data by hand; role and data stay.
+    (It said "nothing was changed" after stopping the user system.)  One
+    with nothing to keep rejoins."""
     a, b = bed.a, bed.b
     said = os.path.join(bed.workdir, "service-")
     bed.write_config(cluster={"recursive": "yes"},
@@ -147,7 +149,8 @@ def test_a_recursive_master_with_changes_refuses_to_rejoin_before_it_stops(bed):
     #                                                      idempotent: demote stops again)
 
     # alpha is made master again and writes in its child dataset; beta,
-    # told it is master, stays so: alpha's rejoin refuses before it stops
+    # told it is master, stays so: alpha's rejoin stops its user system and
+    # refuses, keeping its data for the operator
     assert a.flocker("promote", "--force").returncode == 0
     assert service(a)[-1] == "start"
     before = service(a)
@@ -159,7 +162,8 @@ def test_a_recursive_master_with_changes_refuses_to_rejoin_before_it_stops(bed):
     p = a.flocker("rejoin")
     assert p.returncode != 0, p.stdout
     assert "recursive = yes" in p.stderr and "zfs rename" in p.stderr, p.stderr
-    assert service(a) == before                      # never stopped
+    assert "user system was stopped" in p.stderr and "nothing was changed" not in p.stderr
+    assert service(a) == before + ["stop"]
     st = status(a)
     assert st["role"] == "master" and st["epoch"] == epoch
     with open(os.path.join(kid, "k1")) as f:
