@@ -6528,11 +6528,7 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
     if ctx.cfg.recursive:
         # (the verdict refuses it before the loser stops: see resolved();
         # here only when it wrote more between its measure and its stop)
-        raise NeedsOperator(
-            "this node changed %s or its child datasets since %s@%s, and flocker-failover "
-            "does not keep the divergent data of datasets with recursive = yes; nothing "
-            "was changed%s" % (ds, ds, common, keep_by_hand_hint(ctx.cfg, Verdict(
-                VERDICT_OPERATOR, None, None, False, "", kept_by_hand=ctx.cfg.local_name))))
+        raise recursive_refusal(ctx.cfg, common)
     if not ctx.zfs.exists("%s@%s" % (ds, common)):
         raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
                           % (ds, common))
@@ -6955,6 +6951,21 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     return v, common.guid
 
 
+def recursive_refusal(cfg: Config, common: str, stopped: bool = False) -> NeedsOperator:
+    """This node changed its dataset or a child since snapshot `common`,
+    with recursive = yes: the tool does not keep that data (preserve_divergence,
+    rejoin); stopped: its user system was stopped all the same (rejoin)."""
+    ds = cfg.local.dataset
+    return NeedsOperator(
+        "this node changed %s or its child datasets since %s@%s, and flocker-failover "
+        "does not keep the divergent data of datasets with recursive = yes: no data was "
+        "changed%s%s" % (ds, ds, common,
+                         ", and this node's user system was stopped (%s is master); its "
+                         "role is unchanged" % cfg.peer.name if stopped else "",
+                         keep_by_hand_hint(cfg, Verdict(VERDICT_OPERATOR, None, None, False, "",
+                                                        kept_by_hand=cfg.local_name))))
+
+
 def keep_by_hand_hint(cfg: Config, v: Verdict) -> str:
     """How the operator keeps the data of a side the tool does not keep
     (recursive = yes), with that node's names ('' for other verdicts)."""
@@ -7142,10 +7153,10 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
         # of two serving masters stops (split_brain_yields)
         _stop_user_system(ctx, top, None)
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
-    if cfg.recursive:
-        _refuse_recursive_changes(ctx, local, common, stopped)
     after = snaps_after(local, common.guid)
     if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
+        if cfg.recursive:
+            raise recursive_refusal(cfg, common.name, stopped)
         kept = preserve_divergence(ctx, common.name, top, reason, then_demote=True)
         text = ("rejoined as %s's slave; kept this node's data written after %s@%s as %s"
                 % (cfg.peer.name, ds, common.name, kept))
@@ -7158,25 +7169,6 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
                 % (cfg.peer.name, ds, common.name))
     ctx.store.record_event("rejoin", text, "warning" if after else "info")
     return text
-
-
-def _refuse_recursive_changes(ctx: Context, local: Listing, common: Snap,
-                              stopped: bool) -> None:
-    """With recursive = yes: NeedsOperator when this node changed its
-    dataset or a child since the common snapshot (preserve_divergence
-    would refuse them), saying whether its user system was stopped."""
-    cfg, ds = ctx.cfg, ctx.cfg.local.dataset
-    after = snaps_after(local, common.guid)
-    if after and tree_changes(ctx.zfs, ds, common.name, after[-1].name, True) > 0:
-        raise NeedsOperator(
-            "this node changed %s or its child datasets since %s@%s, and flocker-failover "
-            "does not keep the divergent data of datasets with recursive = yes: no data was "
-            "changed%s%s" % (ds, ds, common.name,
-                             ", and this node's user system was stopped (%s is master); "
-                             "its role is unchanged" % cfg.peer.name if stopped else "",
-                             keep_by_hand_hint(cfg, Verdict(
-                                 VERDICT_OPERATOR, None, None, False, "",
-                                 kept_by_hand=cfg.local_name))))
 
 
 def _move_aside(path: str) -> str:

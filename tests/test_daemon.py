@@ -75,14 +75,14 @@ class Running:
         return self.proc.wait(timeout=S(timeout))
 
 
-def wait_for(predicate, timeout, step=0.02):
+def wait_for(predicate, timeout, step=0.02, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(step)
-    raise AssertionError("condition not met within %g s" % timeout)
+    raise AssertionError("%s not met within %g s" % (what, timeout))
 
 
 def init(bed):

@@ -20,6 +20,7 @@ import pytest
 import bed as bedmod
 import pcmk
 from conftest import beds, ff, need
+from test_daemon import wait_for as daemon_wait_for
 
 AGENT = pcmk.AGENT
 
@@ -97,13 +98,8 @@ def missing_writes(acks, ds):
 
 
 def wait_for(predicate, timeout, what, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("%s: not within %g s" % (what, timeout))
+    """test_daemon's, with what is awaited said first (as this test reads)."""
+    return daemon_wait_for(predicate, timeout, step=step, what=repr(what))
 
 
 def start_cluster(c):
