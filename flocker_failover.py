@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -7390,18 +7391,31 @@ def format_status(r: dict) -> str:
 # 8. The daemon
 # ===========================================================================
 #
-# One thread runs the event loop: the heartbeat sockets (one UDP socket per
-# own address, one per link), the timers, the control socket, and two
-# wake-up sockets (signals; finished jobs).  It never waits for anything
-# slow.  Slow work runs elsewhere:
+# One thread runs the event loop (Daemon, at the end of this section): the
+# heartbeat sockets, the timers, the control socket, and two wake-up
+# sockets (signals; finished jobs).  It never waits for anything slow.  It
+# owns three objects, each in its own part of this section:
 #
-#   - JobRunner: each job (check_command, the snapshot scan, later the
-#     replication cycle) runs fn(stop) in its own thread, at most one job of
-#     a name at a time; when it ends, its on_done callback runs on the loop.
-#     A job that runs commands passes `stop` on (run_hook does), so that
-#     SIGTERM kills what it started.
+#   - the role keeper (RoleKeeper): what this node is and does next; no
+#     I/O and no clock of its own, like PeerTracker, which it reads;
+#   - the heartbeat link (HeartbeatLink): the heartbeat sockets;
+#   - the control server (ControlServer): the control socket.
+#
+# Slow work runs elsewhere:
+#
+#   - JobRunner: each job (check_command, the snapshot scan, the
+#     replication cycle, a role action...) runs fn(stop) in its own thread,
+#     at most one job of a name at a time; when it ends, its on_done
+#     callback runs on the loop.  A job that runs commands passes `stop` on
+#     (run_command does), so that SIGTERM kills what it started.
 #   - StoreWriter: one thread owns the daemon's sqlite connection and
 #     applies writes (events, peer observations) in order.
+#
+# The rule: only the loop's thread assigns the state of the loop and of
+# what it owns.  A job reads what it needs and hands what it found back as
+# its result, to its on_done on the loop, or through jobs.call_soon() when
+# the loop must know before the job ends; the functions that run on a job's
+# thread are in "the jobs" (DaemonJobs) or named job.
 #
 # Liveness uses time.monotonic() only.  Each timer firing measures how late
 # the loop was (lag); a lag above half the dead time means this process was
@@ -7655,6 +7669,717 @@ class PeerTracker:
             lv.max_gap = 0.0
 
 
+# -- the role keeper -----------------------------------------------------------
+#
+# What this node is and what it does next: role, epoch, whether it serves,
+# the release, the outdated mark, the switchover, the arbitrator's and the
+# witness's answers, the divergence being resolved.  Every liveness tick
+# the loop asks next_action(now): the keeper gathers the facts, asks
+# decide() (section 6) and answers with the role action to run, or None.
+# The loop runs it in the job "role" (one role change at a time; while it
+# runs nothing else is decided) and hands its outcome back to role_done().
+# The actions are the crash-safe ones of section 7; a failed one is
+# finished by recover_intent() on the next try, after a growing pause.
+#
+# Like PeerTracker it has no I/O and no clock of its own: callers pass
+# monotonic `now`, and what is to be logged, put in the event log or
+# written to the state file leaves as a Note through report(), which the
+# daemon carries out and a test collects.
+
+Note = collections.namedtuple("Note", "level message event write quiet",
+                              defaults=(None, None, None))
+Note.__doc__ = """What the keeper (or the heartbeat link) has to say: a log line at
+`level` (None: no line); `event` (kind, text, level) for the event log;
+`write` fn(store) for the state file; `quiet` (topic, seconds): the line
+at most once per that many seconds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleAction:
+    """What the job "role" is to do: kind is a DECIDE_* (or ROLE_RECOVER:
+    only finish an interrupted action), with what its action needs."""
+    kind: str
+    reason: str = ""
+    epoch: int = 0
+    serving: bool = False          # resolve: this node served when it began
+    yield_first: bool = False      # resolve: stop the user system before anything else
+    winner: Optional[str] = None   # resolve: the operator's choice
+
+
+class WitnessWatch:
+    """The witness's lease as this node knows it (see "the witness's lease"
+    in section 6): what the witness job's answers said, turned into
+    decide()'s facts, status and log lines.  No I/O and no clock of its own.
+
+    Every heartbeat_interval a job asks the witness: for the lease when
+    this node is master or its peer is not alive, else only about it (a
+    question, lease 0: does it answer, who holds it), so that status and
+    check can tell whether a failover is possible.  The loop only reads
+    the outcome; it never waits for the witness."""
+
+    def __init__(self, cfg: Config, report) -> None:
+        self.cfg = cfg
+        self.report = report
+        self.view = WitnessView(cfg.local_name)  # the lease, from the answers
+        self.said = None           # type: Optional[str]  # what was last logged about it
+        self.stalls = 0            # the tracker's stalls when the lease was last judged
+        self.forcing = False       # slave: the operator forces the coming takeover
+        self.waived = False        # master by 'promote --force': it serves without
+        #                            the lease until it has held it once
+
+    def name(self) -> str:
+        return ("[%s]:%d" if ":" in self.cfg.witness[0] else "%s:%d") % self.cfg.witness
+
+    def answered(self, result, error, now: float) -> None:
+        """The witness job's outcome: (sent_at, answer or None, why, refused)."""
+        if error is not None:
+            self.report(Note(logging.ERROR, "cannot ask the witness: %s" % error,
+                             quiet=("witness", 60.0)))
+            return
+        if result is None:
+            return
+        sent_at, answer, why, refused = result
+        self.view.rejected += refused
+        if refused:
+            self.report(Note(logging.WARNING, "refused %d datagram(s) that were not the "
+                             "witness's answer to this node's request (forged, replayed or "
+                             "late)" % refused, quiet=("witness-refused", 60.0)))
+        if answer is None:
+            self.view.failed(why, now)
+            said = "the witness %s does NOT answer: %s" % (self.name(), why)
+        else:
+            self.view.answered(sent_at, answer, now)
+            said = self.summary(answer)
+        key = re.sub(r"[0-9.]+ s\b", "", said)
+        if key != self.said:
+            self.said = key
+            bad = answer is None or answer.answer == WITNESS_REFUSED
+            self.report(Note(logging.WARNING if bad else logging.INFO, said,
+                             event=("witness", said, "warning" if bad else "info")))
+
+    def summary(self, a: WitnessMessage) -> str:
+        if a.answer == WITNESS_GRANTED:
+            return "the witness lends this node its lease (%g s)" % (a.lease_ms / 1000.0)
+        if a.answer == WITNESS_HELD:
+            return ("the witness lends its lease to %s" % a.holder if a.holder and
+                    a.holder != self.cfg.local_name else
+                    "the witness answers; %s" % ("this node holds its lease" if a.holder else
+                                                 "nobody holds its lease"))
+        if a.answer == WITNESS_WAITING:
+            return ("the witness answers, but lends nothing for %.1f s (it restarted and "
+                    "waits out the leases it may have lent)" % (a.wait_ms / 1000.0))
+        return "the witness refuses: %s" % a.holder
+
+    def facts(self, role: str, force: bool, stalls: int, now: float
+              ) -> Tuple[Optional[float], bool]:
+        """(Facts.witness, Facts.witness_other); a stall voids the lease.
+        A master that an operator made so by 'promote --force' (the master
+        dead, the witness down) is not held to the lease (None) until it
+        has held it once: the operator's word stands in for it."""
+        if self.cfg.witness is None:
+            return None, False
+        if stalls != self.stalls:
+            self.stalls = stalls
+            if self.view.expires is not None:
+                self.report(Note(logging.WARNING, "this daemon was stalled: it no longer "
+                                 "counts on the witness's lease"))
+            self.view.lost(now)
+        left = self.view.left(now)
+        if role == ROLE_SLAVE:
+            self.forcing, self.waived = force, False
+        elif self.forcing:
+            self.forcing, self.waived = False, True
+        if left > 0:
+            self.waived = False
+        if self.waived:
+            return None, False
+        return left, self.view.other_holds()
+
+    def status(self, now: float) -> Optional[dict]:
+        if self.cfg.witness is None:
+            return None
+        w, cfg = self.view, self.cfg
+        a = w.answer
+        return {
+            "address": self.name(),
+            "reachable": w.reachable(now, 3 * cfg.heartbeat_interval + cfg.witness_timeout),
+            "lease_left_seconds": round(w.left(now), 3),
+            "waived": self.waived,
+            "holder": None if a is None else (
+                cfg.local_name if a.answer == WITNESS_GRANTED else
+                (a.holder or None) if a.answer == WITNESS_HELD else None),
+            "answer": None if a is None else WITNESS_ANSWERS[a.answer],
+            "said": self.said,
+            "answer_age_seconds": None if w.answered_at is None else
+            round(now - w.answered_at, 3),
+            "error": w.error or None,
+            "grants": w.grants,
+            "refused": w.rejected,
+            "lease_seconds": cfg.witness_lease,
+        }
+
+
+class RoleKeeper:
+    """What this node is and what it does next (see the notes above).  The
+    loop owns it: only the loop calls its methods, except that a job may
+    read it (may_replicate)."""
+
+    def __init__(self, cfg: Config, tracker: PeerTracker, report, now: float,
+                 st: Optional[NodeState] = None, recovering: bool = False,
+                 since_role_change: Optional[float] = None, epoch_seen: int = 0) -> None:
+        self.cfg = cfg
+        self.tracker = tracker     # the peer, as the heartbeats tell it
+        self.report = report       # report(Note): the daemon logs, records, writes
+        self.started = now
+        # -- persisted in the state file (loaded from st) --
+        self.role = st.role if st is not None else ROLE_SLAVE
+        self.epoch = st.epoch if st is not None else 0
+        self.outdated = bool(st and st.outdated)   # this replica lacks the master's data
+        self.released = bool(st and st.released)   # handed the master role over: the peer may promote
+        self.peer_epoch_seen = epoch_seen  # the highest epoch the peer announced or left in names
+        # -- the role job --
+        self.acting = False        # a role action runs (the job "role")
+        self.recovering = recovering  # an interrupted role action waits to be finished
+        self._role_retry_at = 0.0  # a failed role action is retried after this
+        self._role_failed = None   # type: Optional[str]  # ... of this kind
+        self._role_backoff = 0.0   # seconds, doubled by each failure of one kind
+        self.role_changed = (now - since_role_change if since_role_change is not None
+                             else float("-inf"))   # monotonic time of the last role change
+        self.promotions = 0        # role changes to master by this daemon
+        self.demotions = 0         # role changes to slave by this daemon
+        self.decision = None       # type: Optional[Decision]  # the newest one
+        self._decision_key = None  # what was last logged of it
+        # -- the user system and the data --
+        self.serving = False       # this daemon runs the user system now
+        self.health = "unchecked" if cfg.service.check_command is None else "unknown"
+        self.check_failures = 0    # consecutive failed runs of check_command
+        self.repl_failures = 0     # consecutive failed replication cycles
+        self.snapshot = ("", 0)    # newest own snapshot (name, GUID), as sent
+        self.snapshot_guids = frozenset()  # GUIDs of all own snapshots (snapshot scan)
+        self._refresh_at = 0.0     # the snapshot scan is asked for again after this
+        self.last_transfer = None  # type: Optional[Tuple[float, int, float]]  # (cycle start wall time, bytes, seconds)
+        self.announce_at = 0.0     # announce the service address again then (0: not)
+        self.leaving = False       # a master's daemon is stopping
+        # -- fencing, the arbitrator, the witness --
+        self.fenced = None         # type: Optional[bool]  # in the current silence
+        self.arbitrator_seen = None  # type: Optional[float]  # start of the newest probe that got an answer
+        self.arbitrator_last = None  # type: Optional[Tuple[bool, str, float]]
+        self.arbitrator_lost = None  # type: Optional[float]  # newest probe without answer
+        self.witness = WitnessWatch(cfg, report)
+        # -- the operator's requests --
+        self.force = False         # an operator forces a takeover
+        self.force_peer_alive = False  # ... even though the peer is heard
+        self.switchover_until = 0.0  # slave: asking the master to hand over until then
+        self.operator_handover = False  # master: 'demote' asked for a switchover
+        self.switchover_error = None  # type: Optional[str]
+        # -- a divergence --
+        self.resolving = False     # a divergence is being resolved (flag to the peer)
+        self.unresolved = None     # type: Optional[str]  # why an operator must decide
+        self.winner_choice = None  # type: Optional[str]  # 'resolve --winner NAME'
+        self._joined = False       # took part in the peer's current attempt
+
+    def _say(self, level: Optional[int], message: str, event=None, quiet=None) -> None:
+        self.report(Note(level, message, event, None, quiet))
+
+    def _write(self, fn) -> None:
+        self.report(Note(None, "", None, fn, None))
+
+    def _act(self, action: RoleAction) -> RoleAction:
+        self.acting = True
+        return action
+
+    def reconfigured(self, cfg: Config) -> None:
+        self.cfg = self.witness.cfg = cfg
+        self._role_retry_at = 0.0   # e.g. a fixed divergence_policy: look again now
+
+    # -- what the heartbeats carry ---------------------------------------------
+
+    def flags(self, now: float) -> int:
+        f = 0
+        if self.serving:
+            f |= FLAG_SERVING
+        if self.released and self.role == ROLE_SLAVE:
+            f |= FLAG_RELEASE
+        if self.role == ROLE_SLAVE and now < self.switchover_until:
+            f |= FLAG_HANDOVER_REQUEST
+        if self.resolving:
+            f |= FLAG_RESOLVING
+        if self.role == ROLE_MASTER and (self.leaving or
+                                         self.repl_failures >= OUTDATED_AFTER_FAILURES):
+            f |= FLAG_PEER_OUTDATED
+        return f
+
+    def observe_peer(self, now: float) -> bool:
+        """What the peer's newest heartbeat tells beyond liveness; True when
+        the newest own snapshot is to be read again now (the snapshot scan)."""
+        t = self.tracker
+        hb = t.last
+        if t.state == "alive":
+            self.fenced = None      # a new silence needs a new fence
+        if t.generation_dropped is not None:
+            old, new = t.generation_dropped
+            t.generation_dropped = None
+            message = ("%s answers with boot generation %d, below the %d it had: it restarted "
+                       "from older state (a restored state file, a reverted VM snapshot); "
+                       "accepted, since it answers this boot's heartbeats"
+                       % (self.cfg.peer.name, new, old))
+            self._say(logging.WARNING, message, ("liveness", message, "warning"))
+        if t.claim is not None:   # epochs only grow: an authentic one is never unseen
+            self.peer_epoch_seen = max(self.peer_epoch_seen, t.claim.epoch)
+        if hb is None:
+            return False
+        self.peer_epoch_seen = max(self.peer_epoch_seen, hb.epoch)
+        if (self.unresolved is not None and t.state == "alive" and hb.role == ROLE_SLAVE
+                and not hb.flags & FLAG_RESOLVING and not self.acting):
+            # the peer gave way (e.g. an operator chose this side there);
+            # should the two still differ, replication finds it again
+            self._say(logging.INFO, "the split brain is over: %s is slave" % self.cfg.peer.name,
+                      ("split-brain", "over: %s is slave" % self.cfg.peer.name, "info"))
+            self.unresolved = None
+            self._role_retry_at = 0.0
+        self._released_until_taken(hb)
+        if self.role != ROLE_SLAVE or t.state != "alive":
+            return False
+        scan = False
+        handed_over = hb.role != ROLE_MASTER and bool(hb.flags & FLAG_RELEASE)
+        if (hb.role == ROLE_MASTER or handed_over) and hb.guid and \
+                hb.guid != self.snapshot[1] and now >= self._refresh_at:
+            # our newest snapshot may have arrived: once a second while the
+            # master serves; every interval once it handed over, since the
+            # takeover waits for exactly that (the final snapshot)
+            self._refresh_at = now + (self.cfg.heartbeat_interval if handed_over else 1.0)
+            scan = True
+        if hb.role == ROLE_MASTER:
+            behind = bool(hb.flags & FLAG_PEER_OUTDATED)
+            if behind and not self.outdated:
+                self._set_outdated(True, "master %s (epoch %d) says this node lacks data it "
+                                         "wrote" % (self.cfg.peer.name, hb.epoch))
+            elif self.outdated and not behind and hb.guid and hb.guid == self.snapshot[1]:
+                self._set_outdated(False, "this node holds master %s's newest snapshot %s"
+                                   % (self.cfg.peer.name, hb.snapshot))
+        return scan
+
+    def _set_outdated(self, value: bool, reason: str) -> None:
+        self.outdated = value
+        self._say(logging.WARNING if value else logging.INFO, "replica %s: %s" % (
+            "OUTDATED" if value else "up to date again", reason))
+        self._write(lambda store: store.set_outdated(value, reason))
+
+    def _released_until_taken(self, hb: Heartbeat) -> None:
+        """The release is announced until the peer has taken over."""
+        if self.released and hb.role == ROLE_MASTER and hb.epoch > self.epoch:
+            self.released = False
+            why = "%s took over (epoch %d)" % (self.cfg.peer.name, hb.epoch)
+            self._write(lambda store: store.set_released(False, why))
+
+    # -- deciding ---------------------------------------------------------------
+
+    def timing(self) -> Timing:
+        c = self.cfg
+        return Timing(dead_time=c.dead_time, startup_wait=c.startup_wait,
+                      wait_for_peer=c.wait_for_peer,
+                      isolation_time=isolation_time(c.dead_time, c.heartbeat_interval),
+                      check_failures=c.service.check_failures, hold_down=c.service.hold_down,
+                      witness_lead=witness_lead(c.witness_lease))
+
+    def facts(self, now: float) -> Facts:
+        t = self.tracker
+        hb = t.last
+        heard = t.last_seen
+        basis = heard if heard is not None and heard >= t.awake_since else t.awake_since
+        cfg = self.cfg
+        arbitrator = None
+        if cfg.arbitrator is not None or cfg.arbitrator_command is not None:
+            # it answers, and it answered since the peer went silent: this
+            # node is not the isolated one.  A slave also needs it to have answered every
+            # check for dead_time: one that was cut off itself and just got
+            # its network back must hear its peer before it may conclude.
+            last = self.arbitrator_last
+            arbitrator = (last is not None and last[0] and self.arbitrator_seen is not None and
+                          self.arbitrator_seen >= (heard if heard is not None else t.start))
+            if self.role == ROLE_SLAVE and self.arbitrator_lost is not None:
+                arbitrator = arbitrator and now - self.arbitrator_lost >= cfg.dead_time
+        own_guid = self.snapshot[1]
+        witness, witness_other = self.witness.facts(self.role, self.force, t.stalls, now)
+        return Facts(
+            role=self.role, epoch=self.epoch,
+            index=node_index([n.name for n in cfg.nodes], cfg.local_name),
+            serving=self.serving,
+            outdated=self.outdated or (self.role == ROLE_SLAVE and not own_guid),
+            uptime=now - self.started,
+            peer_heard=heard is not None,
+            peer_silence=now - basis,
+            peer_role=hb.role if hb else None,
+            peer_epoch=hb.epoch if hb else None,
+            highest_epoch_seen=max(self.epoch, self.peer_epoch_seen),
+            arbitrator=arbitrator,
+            fence=None if cfg.service.fence_command is None else bool(self.fenced),
+            force=self.force,
+            service_failures=self.check_failures,
+            peer_up_to_date=bool(hb and own_guid and hb.guid == own_guid),
+            since_role_change=now - self.role_changed,
+            peer_serving=bool(hb and hb.flags & FLAG_SERVING),
+            peer_released=bool(hb and hb.flags & FLAG_RELEASE),
+            holds_peer_newest=bool(hb and hb.guid and hb.guid == own_guid),
+            released=self.released,
+            peer_requests_handover=bool(hb and hb.flags & FLAG_HANDOVER_REQUEST and
+                                        hb.role == ROLE_SLAVE),
+            operator_handover=self.operator_handover,
+            force_peer_alive=self.force_peer_alive,
+            peer_claim_epoch=self._peer_claim_epoch(now),
+            has_peer_newest=bool(hb and hb.guid and (hb.guid == own_guid or
+                                                     hb.guid in self.snapshot_guids)),
+            witness=witness, witness_other=witness_other)
+
+    def _peer_claim_epoch(self, now: float) -> Optional[int]:
+        # two intervals: a link that just healed has confirmed both ways by then
+        claim = self.tracker.one_way_claim(now, 2 * self.cfg.heartbeat_interval)
+        if claim is None or claim.role != ROLE_MASTER or not claim.flags & FLAG_SERVING:
+            return None
+        return claim.epoch
+
+    def next_action(self, now: float) -> Optional[RoleAction]:
+        """The role action to run now, if any (the loop asks at every
+        liveness tick; none while one runs)."""
+        if self.acting:
+            return None
+        if self.recovering:
+            # an action a crash or a failure cut short is finished first,
+            # after the backoff of whatever failed last
+            if now >= self._role_retry_at:
+                return self._act(RoleAction(ROLE_RECOVER))
+            return None
+        hb = self.tracker.last
+        if not (self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING):
+            self._joined = False
+        elif not self._joined:
+            # the peer began an attempt we took no part in: join in at once,
+            # also while waiting for an operator (it may carry one's choice);
+            # after a failed attempt of our own, once its backoff is over
+            if self.unresolved is None and self._backing_off(DECIDE_RESOLVE, now):
+                return None
+            return self.resolution("%s is resolving a divergence" % self.cfg.peer.name, now,
+                                   join=True)
+        else:
+            return None    # our part is done: the peer is still carrying out its own
+        d = decide(self.facts(now), self.timing())
+        self.decision = d
+        key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
+        if key != self._decision_key:
+            self._decision_key = key
+            split = d.kind == DECIDE_SPLIT_BRAIN
+            self._say(logging.ERROR if split else logging.INFO,
+                      "decision: %s: %s" % (d.kind, d.reason),
+                      ("split-brain", d.reason + "; the divergence verdict decides which "
+                       "node's data continues", "error") if split else None)
+        resolve = d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving)
+        if self._backing_off(DECIDE_RESOLVE if resolve else d.kind, now):
+            return None
+        if resolve:
+            # two masters, or a former master meeting a newer one: whose
+            # data continues is the divergence verdict's to say
+            return self.resolution(d.reason, now)
+        if d.kind == DECIDE_PROMOTE:
+            return self._act(RoleAction(d.kind, d.reason, d.epoch))
+        if d.kind == DECIDE_STEP_DOWN:
+            return self._act(RoleAction(d.kind, d.reason, max(self.epoch, self.peer_epoch_seen)))
+        if d.kind in (DECIDE_RESUME, DECIDE_HANDOVER, DECIDE_FENCE):
+            return self._act(RoleAction(d.kind, d.reason, self.epoch))
+        return None
+
+    def _backing_off(self, kind: str, now: float) -> bool:
+        """The role action `kind` failed a moment ago (or the daemon itself
+        erred: kind "role"), and waits for its backoff.  Another action (the
+        peer died while a resolution kept failing: promote) runs at once: a
+        failed action never delays a failover."""
+        return now < self._role_retry_at and self._role_failed in (kind, "role")
+
+    def resolution(self, why: str, now: float, join: bool = False) -> Optional[RoleAction]:
+        """Begin (or retry) resolving a divergence with the peer."""
+        if not join and self.unresolved is not None and now < self._role_retry_at:
+            return None
+        serving = self.serving
+        hb = self.tracker.last
+        peer = self.cfg.peer.name
+        yield_first = hb is not None and hb.role == ROLE_MASTER and split_brain_yields(
+            self.epoch, hb.epoch, serving, bool(hb.flags & FLAG_SERVING))
+        if not serving and hb is not None and hb.flags & FLAG_SERVING:
+            self._say(logging.INFO, "rejoining %s, which serves: %s" % (peer, why))
+        else:
+            self._say(logging.WARNING, "resolving a divergence with %s: %s%s" % (
+                peer, why, "; %s serves in a newer epoch: stopping the user system first"
+                % peer if yield_first else ""))
+        self.resolving = True
+        self._joined = True    # this attempt answers one the peer may have begun
+        return self._act(RoleAction(DECIDE_RESOLVE, why, self.epoch, serving=serving,
+                                    yield_first=yield_first, winner=self.winner_choice))
+
+    def stopped_serving(self) -> None:
+        """The user system was stopped (by a role job, or at exit)."""
+        self.serving = False
+
+    def role_done(self, result, error, now: float) -> None:
+        """The outcome of the job "role": (node state, failure, kind, the
+        action a recovery finished or None, whether an action is still
+        unfinished), or the internal error that ended it."""
+        self.acting = False
+        if error is not None:     # an internal error: logged, retried later
+            result = (None, error, "role", None, self.recovering)
+        st, failure, kind, recovered, self.recovering = result
+        if kind == DECIDE_FENCE and failure is None:
+            self.fenced = True
+        if st is not None:
+            self._adopt(st, failure, kind, recovered, now)
+        self.resolving = False     # only a resolution sets it; any role job ends it
+        if kind == DECIDE_RESOLVE:
+            if failure is None:
+                self.unresolved = None
+                self.winner_choice = None
+            elif not isinstance(failure, NeedsOperator):
+                self._joined = False   # take part again in an attempt the peer still runs
+            if isinstance(failure, NeedsOperator):
+                self.unresolved = failure.message
+                self._role_failed = DECIDE_RESOLVE
+                self._role_retry_at = now + UNRESOLVED_RETRY
+                self._say(logging.ERROR, "SPLIT BRAIN, an operator must decide: %s"
+                          % failure.message, quiet=("unresolved", 300))
+                return
+        if failure is None:
+            self._role_backoff = 0.0
+            self._role_failed = None
+            if kind != DECIDE_FENCE:
+                self._say(logging.INFO, "%s done: role %s, epoch %d, %s" % (
+                    kind, self.role, self.epoch, "serving" if self.serving else "not serving"))
+            return
+        if isinstance(failure, HandoverAborted):
+            self.operator_handover = False
+            self.switchover_error = failure.message
+            self._say(logging.ERROR, failure.message, ("handover", failure.message, "error"))
+            return
+        if kind != self._role_failed:
+            self._role_backoff = 0.0     # another action: its own backoff
+        self._role_failed = kind
+        self._role_backoff = min(60.0, max(1.0, self._role_backoff * 2))
+        self._role_retry_at = now + self._role_backoff
+        why = failure.message if isinstance(failure, FlockerError) else repr(failure)
+        self._say(logging.ERROR, "%s failed: %s (next try in %g s)" % (
+            kind, why, self._role_backoff), ("role", "%s failed: %s" % (kind, why), "error"))
+
+    def _adopt(self, st: NodeState, failure, kind: str, recovered, now: float) -> None:
+        """The node state a role job left: role, epoch, release, serving."""
+        self.released = st.released
+        if (st.role, st.epoch) != (self.role, self.epoch):
+            self.role_changed = now
+        if st.role != self.role:
+            if st.role == ROLE_MASTER:
+                self.promotions += 1
+            else:
+                self.demotions += 1
+        was = self.role
+        self.role, self.epoch = st.role, st.epoch
+        if st.role == ROLE_SLAVE:
+            self.serving = False
+        elif isinstance(failure, HandoverAborted):
+            self.serving = failure.resumed   # a switchover called off
+        elif failure is None and (kind in SERVING_KINDS or recovered == "promote"):
+            # a promotion, a resumption, a won resolution, a recovered
+            # promotion: only these leave the user system running
+            self.serving = True
+            if self.cfg.service.announce_again:   # for neighbours that missed it
+                self.announce_at = now + self.cfg.service.announce_again
+        if st.role != was:
+            self.operator_handover = False
+            self.switchover_until = 0.0
+        if was == ROLE_MASTER and st.role == ROLE_SLAVE:
+            # a lease held as master is no slave's ticket to promote: a
+            # node that stepped down (isolated, or hearing a newer
+            # master) must be granted one anew after its peer fell silent
+            self.witness.view.lost(now)
+        if st.role == ROLE_MASTER and was != ROLE_MASTER:
+            self.fenced, self.check_failures, self.repl_failures = None, 0, 0
+            self.force = self.force_peer_alive = False
+            if self.outdated:
+                self._set_outdated(False, "this node is master now")
+
+    # -- what the jobs found ------------------------------------------------------
+
+    def may_replicate(self) -> bool:
+        """(Read by the replication job when it starts.)  Only while this
+        node serves as master, changes no role, and only to a live slave
+        that is not resolving a divergence."""
+        hb = self.tracker.last
+        return not (self.role != ROLE_MASTER or not self.serving or self.acting
+                    or self.unresolved is not None or self.resolving
+                    or self.tracker.state != "alive" or hb is None or hb.role != ROLE_SLAVE
+                    or hb.flags & FLAG_RESOLVING)
+
+    def replicated(self, outcome, error, now: float) -> Optional[RoleAction]:
+        """The replication job's outcome: (cycle start wall time, result),
+        or None when it did not run; a divergence it found is resolved."""
+        if isinstance(error, DivergenceError) and not self.acting:
+            self.repl_failures += 1
+            return self.resolution("replication: %s" % error.message, now)
+        if error is not None:
+            self.repl_failures += 1
+            text = error.message if isinstance(error, FlockerError) else repr(error)
+            # the same error once a minute; a different one at once
+            self._say(logging.WARNING, "replication: %s" % text,
+                      quiet=("replicate " + re.sub(r"[0-9]+", "", text)[:200], 60.0))
+        elif outcome is not None:
+            started, result = outcome
+            self.repl_failures = 0
+            self.last_transfer = (started, result.bytes, result.seconds)
+            guid = int(result.guid) & _U64_MAX if result.guid.isdigit() else 0
+            self.snapshot = (result.snapshot[:255], guid)
+            if result.sent:
+                self._say(logging.INFO, "replication: %s" % result.message)
+        return None
+
+    def snapshots_scanned(self, result, error) -> None:
+        """The snapshot scan's outcome: (newest (name, GUID), all GUIDs)."""
+        if error is not None:
+            self._say(logging.WARNING, "cannot read the newest snapshot: %s" % error,
+                      quiet=("snapshots", 60.0))
+            return
+        self.snapshot, self.snapshot_guids = result
+
+    def checked(self, result, error) -> None:
+        """check_command's outcome (a CommandResult; None: not run)."""
+        if error is not None:
+            self.health = "unknown"
+            self._say(logging.ERROR, "check_command failed to run: %s" % error,
+                      quiet=("check", 60.0))
+            return
+        if result is None:
+            self.health = "unchecked"
+            self.check_failures = 0
+            return
+        status, tail = result.returncode, result.tail
+        old, self.health = self.health, ("ok" if status == 0 else "failed")
+        self.check_failures = 0 if status == 0 else self.check_failures + 1
+        if status is None:
+            self._say(logging.ERROR, "check_command did not finish within %g s "
+                      "(command_timeout) and was killed: %s"
+                      % (self.cfg.service.command_timeout, tail), quiet=("check", 60.0))
+        elif status != 0 and old != "failed":
+            self._say(logging.WARNING, "check_command exited %d: %s" % (status, tail))
+        if old != self.health and old not in ("unchecked", "unknown"):
+            self._say(None, "", ("health", "service health %s -> %s" % (old, self.health),
+                                 "info"))
+
+    def arbitrator_answered(self, result, error, now: float) -> None:
+        """The arbitrator probe's outcome: (reachable, how, probe start)."""
+        if error is not None or result is None:
+            if error is not None:
+                self._say(logging.ERROR, "cannot check the arbitrator: %s" % error,
+                          quiet=("arbitrator", 60.0))
+            return
+        reachable, how, started = result
+        if self.arbitrator_last is None or self.arbitrator_last[0] != reachable:
+            what = self.cfg.arbitrator_command and "arbitrator_command" or \
+                "arbitrator %s:%d" % self.cfg.arbitrator
+            message = "%s is %s: %s" % (what, "reachable" if reachable else "NOT reachable", how)
+            self._say(logging.INFO if reachable else logging.WARNING, message,
+                      ("arbitrator", message, "info" if reachable else "warning"))
+        self.arbitrator_last = result
+        if reachable:
+            self.arbitrator_seen = max(self.arbitrator_seen or started, started)
+        else:
+            self.arbitrator_lost = now
+
+    # -- the operator's requests (from the control socket) --------------------------
+
+    def operator_switchover(self, cmd: str, req: dict, now: float) -> dict:
+        """'promote' on the slave, 'demote' on the master (see the CLI)."""
+        alive = self.tracker.state == "alive"
+        peer = self.cfg.peer.name
+        busy = self.acting
+        if cmd == "demote":
+            if self.role != ROLE_MASTER or not self.serving:
+                return {"ok": False, "error": "this node is not the serving master (role %s); "
+                        "run 'demote' on the master" % self.role}
+            if not alive:
+                return {"ok": False, "error": "the peer %s is not alive: a switchover needs a "
+                        "slave to take over; nothing was changed (stopping the daemon "
+                        "stops the service)" % peer}
+            self.operator_handover = True
+            self.switchover_error = None
+            self._say(logging.INFO, "operator: demote (planned switchover to %s)" % peer,
+                      ("operator", "demote requested: planned switchover to %s" % peer, "info"))
+            return {"ok": True, "busy": busy}
+        if self.role == ROLE_MASTER:
+            return {"ok": False, "error": "this node is already master (epoch %d)" % self.epoch}
+        if req.get("force"):
+            if alive and not req.get("peer_alive_ok"):
+                return {"ok": False, "error": "the peer %s is alive (heard %.1f s ago): a "
+                        "forced takeover now makes two masters. Use 'promote' without "
+                        "--force for a planned switchover; if you are sure, add "
+                        "--i-know-the-peer-is-alive" % (
+                            peer, now - (self.tracker.last_seen or now))}
+            self.force = True
+            self.force_peer_alive = alive
+            self._say(logging.WARNING, "operator: promote --force%s" % (
+                " (the peer is alive)" if alive else ""), ("operator", "promote --force "
+                "requested%s" % (" although the peer is alive" if alive else ""), "warning"))
+            return {"ok": True, "busy": busy}
+        if not alive or (self.tracker.last and self.tracker.last.role != ROLE_MASTER):
+            return {"ok": False, "error": "the peer %s is %s: a planned switchover needs a "
+                    "serving master; if it is dead, 'promote --force' takes over"
+                    % (peer, "not alive" if not alive else "not master")}
+        self.switchover_until = now + SWITCHOVER_TIMEOUT + 2 * self.cfg.service.command_timeout
+        self.switchover_error = None
+        self._say(logging.INFO, "operator: promote (asking %s for a planned switchover)" % peer,
+                  ("operator", "promote requested: asking %s to hand over" % peer, "info"))
+        return {"ok": True, "busy": busy}
+
+    def operator_resolve(self, winner) -> dict:
+        """'resolve --winner NODE': the operator's choice for the divergence."""
+        if winner not in [n.name for n in self.cfg.nodes]:
+            return {"ok": False, "error": "--winner must name a node: %s or %s"
+                    % (self.cfg.local_name, self.cfg.peer.name)}
+        self.winner_choice = winner
+        self._role_retry_at = 0.0
+        self._say(logging.WARNING, "operator: resolve --winner %s" % winner,
+                  ("operator", "resolve --winner %s" % winner, "warning"))
+        return {"ok": True}
+
+    def operator_announce(self, now: float) -> dict:
+        """'announce': the service address again, now."""
+        if not self.serving or self.cfg.service.service_address is None:
+            return {"ok": False, "error": "this node does not serve the service address "
+                    "(%s); only the serving master announces it"
+                    % (self.cfg.service.service_address or "none is configured")}
+        self.announce_at = now
+        return {"ok": True}
+
+    def status(self, now: float) -> dict:
+        """The keeper's part of the daemon's live status."""
+        age = lambda m: None if m is None else round(now - m, 3)  # noqa: E731
+        return {
+            "role": self.role, "epoch": self.epoch, "health": self.health,
+            "serving": self.serving, "outdated": self.outdated,
+            "decision": None if self.decision is None else
+            {"kind": self.decision.kind, "reason": self.decision.reason},
+            "arbitrator": None if self.arbitrator_last is None else
+            {"reachable": self.arbitrator_last[0], "how": self.arbitrator_last[1],
+             "age_seconds": age(self.arbitrator_last[2])},
+            "witness": self.witness.status(now),
+            "fenced": self.fenced, "check_failures": self.check_failures,
+            "replication_failures": self.repl_failures, "released": self.released,
+            "recovering": self.recovering,
+            "promotions": self.promotions, "demotions": self.demotions,
+            "divergence": {"resolving": self.resolving, "unresolved": self.unresolved,
+                           "winner_choice": self.winner_choice},
+            "last_transfer": None if self.last_transfer is None else
+            {"started": self.last_transfer[0], "bytes": self.last_transfer[1],
+             "seconds": self.last_transfer[2]},
+            "switchover": {"requested": self.operator_handover or
+                           now < self.switchover_until,
+                           "force": self.force, "error": self.switchover_error},
+            "snapshot": self.snapshot[0] or None,
+        }
+
+
 class JobRunner:
     """Runs slow work off the event loop.  start(name, fn, on_done) runs
     fn(stop) in the worker thread of that name (stop: a threading.Event set
@@ -7682,6 +8407,7 @@ class JobRunner:
         self._running = {}   # type: Dict[str, JobRunner._Job]
         self._done = []      # type: List[JobRunner._Job]
         self._workers = {}   # type: Dict[str, queue.Queue]
+        self._calls = []     # type: List[object]  # call_soon()'s, for the loop
         self.finished = 0
 
     def start(self, name: str, fn, on_done=None) -> bool:
@@ -7714,6 +8440,14 @@ class JobRunner:
             job.done.set()
             self._wake()
 
+    def call_soon(self, fn) -> None:
+        """From a job's thread: run fn() on the loop soon (before the
+        on_done of any job that ends after this call), for what the loop
+        must know before the job ends."""
+        with self._lock:
+            self._calls.append(fn)
+        self._wake()
+
     def busy(self, name: str) -> bool:
         return name in self._running
 
@@ -7728,7 +8462,13 @@ class JobRunner:
 
     def collect(self) -> None:
         with self._lock:
+            calls, self._calls = self._calls, []
             done, self._done = self._done, []
+        for fn in calls:
+            try:
+                fn()
+            except Exception:
+                log.exception("internal error in a call from a job")
         for job in done:
             self._running.pop(job.name, None)
             self.finished += 1
@@ -7838,507 +8578,36 @@ class _Timer:
         self.due = due
 
 
-class _ControlClient:
-    def __init__(self, conn: socket.socket, deadline: float) -> None:
-        self.conn = conn
-        self.deadline = deadline
-        self.inbuf = b""
-        self.outbuf = b""
+# -- the heartbeat link ----------------------------------------------------------
+#
+# The heartbeat sockets (one UDP socket per own address, one per link): our
+# packets out, the peer's in, into the PeerTracker.  Rejected packets are
+# logged in detail at most once a minute per reason and summarised every
+# REJECT_SUMMARY_EVERY seconds; the peer's newest heartbeat is persisted on
+# a change and every PEER_SAVE_EVERY seconds.  It runs on the loop.
 
+class HeartbeatLink:
+    """The heartbeat sockets of one daemon (see the notes above)."""
 
-class Daemon:
-    """The long-running process of one node (see the notes above)."""
-
-    def __init__(self, cfg: Config, pidfile: Optional[str] = None) -> None:
+    def __init__(self, cfg: Config, tracker: PeerTracker, keeper: RoleKeeper,
+                 generation: int, report, saved_peer=None) -> None:
         self.cfg = cfg
-        self.pidfile = pidfile
-        self.sel = selectors.DefaultSelector()
-        self.jobs = JobRunner(self._wake_from_thread)
-        self.timers = []           # type: List[_Timer]
-        self.systemd = SystemdNotifier()
-        self._told_ready = False
-        self.periodic = []         # type: List[Tuple[str, object, object, object]]
-        self.socks = []            # type: List[socket.socket]
-        self.clients = {}          # type: Dict[int, _ControlClient]
-        self.control = None        # type: Optional[socket.socket]
-        self.lock = None           # type: Optional[StateLock]
-        self.writer = None         # type: Optional[StoreWriter]
-        self.tracker = None        # type: Optional[PeerTracker]
-        self.generation = 0
-        self.sequence = 0
-        self.role = ROLE_SLAVE
-        self.epoch = 0
-        self.snapshot = ("", 0)    # newest own snapshot (name, GUID), as sent
-        self.health = "unchecked"
-        self.serving = False       # this daemon runs the user system now
-        self.outdated = False      # persisted: this replica lacks the master's data
-        self.decision = None       # type: Optional[Decision]  # the newest one
-        self._decision_key = None
-        self.fenced = None         # type: Optional[bool]  # in the current silence
-        self.arbitrator_seen = None  # type: Optional[float]  # start of the newest probe that got an answer
-        self.arbitrator_last = None  # type: Optional[Tuple[bool, str, float]]
-        self.arbitrator_lost = None  # type: Optional[float]  # newest probe without answer
-        self.witness = WitnessView(cfg.local_name)  # the witness's lease, as known here
-        self._witness_seq = 0      # the witness job's request counter (its thread only)
-        self._witness_stalls = 0   # tracker.stalls when the lease was last judged
-        self._witness_said = None  # type: Optional[str]  # what was last logged about it
-        self._witness_forcing = False  # slave: the operator forces the coming takeover
-        self._witness_waived = False   # master by 'promote --force': it serves without
-        #                                the lease until it has held it once
-        self.check_failures = 0    # consecutive failed runs of check_command
-        self.repl_failures = 0     # consecutive failed replication cycles
-        self.released = False      # persisted: handed the master role over; the peer may promote
-        self.recovering = False    # an interrupted role action waits to be finished
-        self.snapshot_guids = frozenset()  # GUIDs of all own snapshots (snapshot scan)
-        self.discard = None        # type: Optional[dict]  # the operator's newest discard
-        self.leaving = False       # a master's daemon is stopping
-        self.force = False         # an operator forces a takeover
-        self.force_peer_alive = False  # ... even though the peer is heard
-        self.switchover_until = 0.0  # slave: asking the master to hand over until then
-        self.operator_handover = False  # master: 'demote' asked for a switchover
-        self.switchover_error = None  # type: Optional[str]
-        self.resolving = False     # a divergence is being resolved (flag to the peer)
-        self.unresolved = None     # type: Optional[str]  # why an operator must decide
-        self.winner_choice = None  # type: Optional[str]  # 'resolve --winner NAME'
-        self._joined = False       # took part in the peer's current attempt
-        self.last_verdict = None   # type: Optional[str]
-        self.role_changed = float("-inf")   # monotonic time of the last role change
-        self.promotions = 0        # role changes to master by this daemon
-        self.demotions = 0         # role changes to slave by this daemon
-        self.transfer = TransferProgress()   # the transfer in flight (a job writes it)
-        self.last_transfer = None  # type: Optional[Tuple[float, int, float]]  # (cycle start wall time, bytes, seconds)
-        self.peer_epoch_seen = 0   # persisted: the highest epoch the peer announced
-        self._role_retry_at = 0.0  # a failed role action is retried after this
-        self._role_failed = None   # type: Optional[str]  # ... of this kind
-        self._cycle_started = 0.0
-        self._role_backoff = 0.0
-        self._refresh_at = 0.0
-        self.worst_lag = 0.0
-        self.last_lag = 0.0
-        self.stats_since = 0.0
-        self.started_mono = 0.0
-        self.started_wall = 0.0
-        self._stop_signal = 0
-        self._reload_pending = False
-        self._announce_at = 0.0     # announce the service address again then (monotonic)
-        self._peer_saved = None    # what was last persisted
-        self._peer_saved_at = -1e9
-        self._reject_window = {}   # type: Dict[str, int]
+        self.tracker = tracker
+        self.keeper = keeper       # what our packets say: role, epoch, snapshot, flags
+        self.report = report       # report(Note), as the keeper's
+        self.generation = generation   # this boot's, in every packet
+        self.sequence = 0          # of our newest packet
+        self.socks = []            # type: List[socket.socket]  # one per link
+        self.heartbeat = _Timer("heartbeat", lambda: self.cfg.heartbeat_interval, self.send,
+                                0.0)
+        self._answered_at = -1e9   # when a packet was last sent out of turn
+        self._reject_window = {}   # type: Dict[str, int]  # rejections since the last summary
         self._reject_sources = set()
         self._reject_detail_at = {}  # type: Dict[str, float]
-        self._quiet_until = {}     # type: Dict[str, float]
-        self._answered_at = -1e9
-        self._wake_r = self._wake_w = None
-        self._sig_r = self._sig_w = None
-        self.install_jobs()
+        self._peer_saved = saved_peer  # the peer row as last persisted
+        self._peer_saved_at = -1e9
 
-    # -- plugging in slow work ------------------------------------------
-
-    def add_periodic(self, name: str, every, fn, on_done=None, wanted=None) -> None:
-        """Run fn(stop) off the loop every `every(cfg)` seconds (skipped
-        while the previous run of the same name still runs); on_done(result,
-        error) runs on the loop.  The replication cycle plugs in here.
-        wanted(cfg): when given and false (nothing is configured for the
-        job), no job is started and the timer looks again every second: a
-        hand-over to a job thread and back every heartbeat, for a job with
-        nothing to do, was most of an idle daemon's wakeups."""
-        self.periodic.append((name, every, fn, on_done, wanted))
-
-    def open_store(self) -> StateStore:
-        """A state-file connection for a job thread (one per thread; sqlite
-        connections do not cross threads).  It writes under the daemon's
-        lock, and closing it does not release that lock."""
-        return StateStore.open(self.cfg.local.state_db, lock=_BorrowedLock(self.lock))
-
-    def install_jobs(self) -> None:
-        self.add_periodic("check", lambda c: c.service.check_interval,
-                          self._job_check, self._check_done)
-        self.add_periodic("snapshots", lambda c: max(5.0, c.replication_interval),
-                          self._job_snapshots, self._snapshots_done)
-        self.add_periodic("replicate", lambda c: c.replication_interval,
-                          self._job_replicate, self._replicate_done)
-        self.add_periodic("arbitrator", lambda c: c.heartbeat_interval,
-                          self._job_arbitrator, self._arbitrator_done,
-                          lambda c: c.arbitrator is not None or c.arbitrator_command is not None)
-        self.add_periodic("witness", lambda c: c.heartbeat_interval,
-                          self._job_witness, self._witness_done,
-                          lambda c: c.witness is not None)
-        self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self._job_trim_events,
-                          self._trim_events_done)
-
-    def _job_trim_events(self, stop: threading.Event) -> None:
-        """Bound the event log (as at start-up), in a job thread."""
-        with self.open_store() as store:
-            _trim_events(store, self.cfg)
-
-    def _trim_events_done(self, result, error) -> None:
-        if error is not None:
-            self._log_quietly("trim-events", logging.WARNING,
-                              "cannot trim the event log: %s" % error)
-
-    def _job_replicate(self, stop: threading.Event):
-        """The sync command's cycle, in a job thread (never on the loop);
-        only while this node serves as master and changes no role."""
-        hb = self.tracker.last
-        if (self.role != ROLE_MASTER or not self.serving or self.jobs.busy("role")
-                or self.unresolved is not None or self.resolving
-                or self.tracker.state != "alive" or hb is None or hb.role != ROLE_SLAVE
-                or hb.flags & FLAG_RESOLVING):
-            return None     # only to a live slave that is not resolving a divergence
-        self._cycle_started = wall_clock()
-        with self.open_store() as store:
-            return replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg), stop=stop,
-                                  progress=self.transfer)
-
-    def _replicate_done(self, result, error) -> None:
-        if isinstance(error, DivergenceError) and not self.jobs.busy("role"):
-            self.repl_failures += 1
-            self._resolve("replication: %s" % error.message)
-            return
-        if error is not None:
-            self.repl_failures += 1
-            text = error.message if isinstance(error, FlockerError) else repr(error)
-            # the same error once a minute; a different one at once
-            self._log_quietly("replicate " + re.sub(r"[0-9]+", "", text)[:200],
-                              logging.WARNING, "replication: %s" % text)
-        elif result is not None:
-            self.repl_failures = 0
-            self.last_transfer = (self._cycle_started, result.bytes, result.seconds)
-            guid = int(result.guid) & _U64_MAX if result.guid.isdigit() else 0
-            self.snapshot = (result.snapshot[:255], guid)
-            if result.sent:
-                log.info("replication: %s", result.message)
-
-    def _job_arbitrator(self, stop: threading.Event):
-        cfg = self.cfg
-        if cfg.arbitrator is None and cfg.arbitrator_command is None:
-            return None
-        started = time.monotonic()
-        reachable, how = probe_arbitrator(cfg, stop)
-        return reachable, how, started
-
-    def _arbitrator_done(self, result, error) -> None:
-        if error is not None or result is None:
-            if error is not None:
-                self._log_quietly("arbitrator", logging.ERROR,
-                                  "cannot check the arbitrator: %s" % error)
-            return
-        reachable, how, started = result
-        if self.arbitrator_last is None or self.arbitrator_last[0] != reachable:
-            what = self.cfg.arbitrator_command and "arbitrator_command" or \
-                "arbitrator %s:%d" % self.cfg.arbitrator
-            message = "%s is %s: %s" % (what, "reachable" if reachable else "NOT reachable", how)
-            log.log(logging.INFO if reachable else logging.WARNING, "%s", message)
-            self._event("arbitrator", message, "info" if reachable else "warning")
-        self.arbitrator_last = result
-        if reachable:
-            self.arbitrator_seen = max(self.arbitrator_seen or started, started)
-        else:
-            self.arbitrator_lost = time.monotonic()
-
-    # -- the witness (see "the witness's lease" in section 6) ----------------
-    #
-    # Every heartbeat_interval a job asks the witness: for the lease when
-    # this node is master or its peer is not alive, else only about it (a
-    # question, lease 0: does it answer, who holds it), so that status and
-    # check can tell whether a failover is possible.  The loop only reads
-    # the outcome (WitnessView); it never waits for the witness.
-
-    def _job_witness(self, stop: threading.Event):
-        cfg = self.cfg
-        if cfg.witness is None or self.tracker is None:
-            return None
-        want = wants_lease(self.role, self.tracker.state)
-        self._witness_seq += 1
-        request = WitnessMessage(
-            kind=WITNESS_REQUEST, cluster=cfg.name, node=cfg.local_name,
-            nonce=secrets.token_bytes(16), generation=self.generation,
-            sequence=self._witness_seq,
-            lease_ms=int(round(cfg.witness_lease * 1000)) if want else 0)
-        return ask_witness(cfg, request, stop)
-
-    def _witness_done(self, result, error) -> None:
-        if error is not None:
-            self._log_quietly("witness", logging.ERROR, "cannot ask the witness: %s" % error)
-            return
-        if result is None:
-            return
-        sent_at, answer, why, refused = result
-        now = time.monotonic()
-        self.witness.rejected += refused
-        if refused:
-            self._log_quietly("witness-refused", logging.WARNING,
-                              "refused %d datagram(s) that were not the witness's answer "
-                              "to this node's request (forged, replayed or late)" % refused)
-        if answer is None:
-            self.witness.failed(why, now)
-            said = "the witness %s does NOT answer: %s" % (self._witness_name(), why)
-        else:
-            self.witness.answered(sent_at, answer, now)
-            said = self._witness_summary(answer)
-        key = re.sub(r"[0-9.]+ s\b", "", said)
-        if key != self._witness_said:
-            self._witness_said = key
-            bad = answer is None or answer.answer == WITNESS_REFUSED
-            log.log(logging.WARNING if bad else logging.INFO, "%s", said)
-            self._event("witness", said, "warning" if bad else "info")
-
-    def _witness_name(self) -> str:
-        return ("[%s]:%d" if ":" in self.cfg.witness[0] else "%s:%d") % self.cfg.witness
-
-    def _witness_summary(self, a: WitnessMessage) -> str:
-        if a.answer == WITNESS_GRANTED:
-            return "the witness lends this node its lease (%g s)" % (a.lease_ms / 1000.0)
-        if a.answer == WITNESS_HELD:
-            return ("the witness lends its lease to %s" % a.holder if a.holder and
-                    a.holder != self.cfg.local_name else
-                    "the witness answers; %s" % ("this node holds its lease" if a.holder else
-                                                 "nobody holds its lease"))
-        if a.answer == WITNESS_WAITING:
-            return ("the witness answers, but lends nothing for %.1f s (it restarted and "
-                    "waits out the leases it may have lent)" % (a.wait_ms / 1000.0))
-        return "the witness refuses: %s" % a.holder
-
-    def _witness_facts(self, now: float) -> Tuple[Optional[float], bool]:
-        """(Facts.witness, Facts.witness_other); a stall voids the lease.
-        A master that an operator made so by 'promote --force' (the master
-        dead, the witness down) is not held to the lease (None) until it
-        has held it once: the operator's word stands in for it."""
-        if self.cfg.witness is None:
-            return None, False
-        if self.tracker.stalls != self._witness_stalls:
-            self._witness_stalls = self.tracker.stalls
-            if self.witness.expires is not None:
-                log.warning("this daemon was stalled: it no longer counts on the witness's "
-                            "lease")
-            self.witness.lost(now)
-        left = self.witness.left(now)
-        if self.role == ROLE_SLAVE:
-            self._witness_forcing, self._witness_waived = self.force, False
-        elif self._witness_forcing:
-            self._witness_forcing, self._witness_waived = False, True
-        if left > 0:
-            self._witness_waived = False
-        if self._witness_waived:
-            return None, False
-        return left, self.witness.other_holds()
-
-    def _witness_status(self, now: float) -> Optional[dict]:
-        if self.cfg.witness is None:
-            return None
-        w, cfg = self.witness, self.cfg
-        a = w.answer
-        return {
-            "address": self._witness_name(),
-            "reachable": w.reachable(now, 3 * cfg.heartbeat_interval + cfg.witness_timeout),
-            "lease_left_seconds": round(w.left(now), 3),
-            "waived": self._witness_waived,
-            "holder": None if a is None else (
-                cfg.local_name if a.answer == WITNESS_GRANTED else
-                (a.holder or None) if a.answer == WITNESS_HELD else None),
-            "answer": None if a is None else WITNESS_ANSWERS[a.answer],
-            "said": self._witness_said,
-            "answer_age_seconds": None if w.answered_at is None else
-            round(now - w.answered_at, 3),
-            "error": w.error or None,
-            "grants": w.grants,
-            "refused": w.rejected,
-            "lease_seconds": cfg.witness_lease,
-        }
-
-    def _job_check(self, stop: threading.Event):
-        cfg = self.cfg
-        argv = cfg.service.check_command
-        if argv is None or not self.serving:
-            return None
-        env = {"FLOCKER_CLUSTER": cfg.name, "FLOCKER_NODE": cfg.local_name,
-               "FLOCKER_DATASET": cfg.local.dataset, "FLOCKER_EPOCH": str(self.epoch),
-               "FLOCKER_ROLE": self.role}
-        env.update(Zfs().device_env(cfg.local.dataset))
-        return run_command(argv, cfg.service.command_timeout, env, stop=stop)
-
-    def _check_done(self, result, error) -> None:
-        if error is not None:
-            self.health = "unknown"
-            self._log_quietly("check", logging.ERROR, "check_command failed to run: %s" % error)
-            return
-        if result is None:
-            self.health = "unchecked"
-            self.check_failures = 0
-            return
-        status, tail = result.returncode, result.tail
-        old, self.health = self.health, ("ok" if status == 0 else "failed")
-        self.check_failures = 0 if status == 0 else self.check_failures + 1
-        if status is None:
-            self._log_quietly("check", logging.ERROR,
-                              "check_command did not finish within %g s (command_timeout) "
-                              "and was killed: %s" % (self.cfg.service.command_timeout, tail))
-        elif status != 0 and old != "failed":
-            log.warning("check_command exited %d: %s", status, tail)
-        if old != self.health and old not in ("unchecked", "unknown"):
-            self._event("health", "service health %s -> %s" % (old, self.health))
-
-    def _job_snapshots(self, stop: threading.Event):
-        """((name, guid) of the newest snapshot of our dataset, ("", 0) if
-        none; the GUIDs of all of them), from the same listing the
-        replication cycle reads."""
-        listing = Zfs().listing(self.cfg.local.dataset)
-        if listing is None or not listing.snaps:
-            return ("", 0), frozenset()
-        guids = frozenset(int(x.guid) & _U64_MAX for x in listing.snaps if x.guid.isdigit())
-        newest = listing.snaps[-1]
-        return ((newest.name[:255], int(newest.guid) & _U64_MAX
-                 if newest.guid.isdigit() else 0), guids)
-
-    def _snapshots_done(self, result, error) -> None:
-        if error is not None:
-            self._log_quietly("snapshots", logging.WARNING,
-                              "cannot read the newest snapshot: %s" % error)
-            return
-        self.snapshot, self.snapshot_guids = result
-
-    # -- running ------------------------------------------------------------
-
-    def run(self) -> int:
-        self._open_state()
-        try:
-            self._write_pidfile()
-            self._open_sockets()
-            self._install_signals()
-            self.writer = StoreWriter(self.cfg.local.state_db, self.lock)
-            self.writer.start()
-            self._event("daemon", "daemon started (pid %d, generation %d, role %s, "
-                                  "epoch %d)" % (os.getpid(), self.generation, self.role,
-                                                 self.epoch))
-            log.info("daemon of node %s started: generation %d, role %s, epoch %d, "
-                     "heartbeats every %g s on %s, peer dead after %g s",
-                     self.cfg.local_name, self.generation, self.role, self.epoch,
-                     self.cfg.heartbeat_interval, ", ".join(self.cfg.local.addresses),
-                     self.cfg.dead_time)
-            self._loop()
-            return EXIT_OK
-        finally:
-            self.systemd.notify("STOPPING=1")
-            self._shutdown()
-            self.systemd.close()
-
-    def _open_state(self) -> None:
-        db = self.cfg.local.state_db
-        store = StateStore.open(db, lock_for="daemon", deep_check=True)
-        try:
-            st = store.node_state()
-            if st is None:
-                raise StateError("the state file %s holds no node state; run "
-                                 "'flocker_failover.py init --role ...' first" % db)
-            if st.node != self.cfg.local_name:
-                raise StateError(
-                    "the state file %s belongs to node %s, but this host is node %s; "
-                    "fix --node or state_db in the configuration" % (db, st.node,
-                                                                     self.cfg.local_name))
-            self.generation = store.next_generation(int(wall_clock()))
-            st = self._catch_up_with_dataset(store, st)
-            self._relearn_preserved(store)
-            # a crash cut a role change short: the loop's first role job
-            # finishes it, with heartbeats flowing and a backoff when it fails
-            self.recovering = store.unfinished_intent() is not None
-            self.role, self.epoch, self.outdated = st.role, st.epoch, st.outdated
-            self.released = st.released
-            changed = store.last_role_change()
-            if changed is not None:
-                self.role_changed = time.monotonic() - max(0.0, wall_clock() - changed)
-            if self.cfg.service.check_command is not None:
-                self.health = "unknown"   # until the first check has run
-            peer = store.peer(self.cfg.peer.name)
-            _trim_events(store, self.cfg)
-        except BaseException:
-            store.close()
-            raise
-        self.lock, store.lock = store.lock, None   # keep the lock, close the connection
-        store.close()
-        now = time.monotonic()
-        self.started_mono = self.stats_since = now
-        self.started_wall = wall_clock()
-        cfg = self.cfg
-        links = [LinkView(i, a, b) for i, (a, b) in
-                 enumerate(zip(cfg.local.addresses, cfg.peer.addresses))]
-        self.tracker = PeerTracker(
-            cfg.name, cfg.local_name, cfg.peer.name,
-            wire_keys(cfg.secret, cfg.secret_previous), links, cfg.dead_time, now,
-            min_generation=(peer or {}).get("generation") or 0, generation=self.generation)
-        if peer is not None:
-            self._peer_saved = (peer["role"], peer["epoch"], peer["generation"],
-                                peer["snapshot"], peer["guid"], peer["health"])
-            self.peer_epoch_seen = max(self.peer_epoch_seen, peer["epoch"] or 0)
-
-    def _catch_up_with_dataset(self, store: StateStore, st: NodeState) -> NodeState:
-        """A state file restored from an older copy must not bring back a
-        role or an epoch the node has left: what its dataset says (the role
-        marker, the epochs in its snapshot names) wins, and an epoch is
-        never used twice."""
-        try:
-            listing = Zfs().listing(self.cfg.local.dataset)
-        except FlockerError as e:
-            log.warning("cannot read the dataset at start (%s); the role comes from the "
-                        "state file alone", e.message)
-            return st
-        if listing is None:
-            return st
-        epochs = [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None]
-        self.peer_epoch_seen = max([self.peer_epoch_seen] + epochs)
-        adopt = state_behind_dataset(self.cfg.local_name, st.role, st.epoch,
-                                     parse_role_marker(listing.props.get(ROLE_PROPERTY)))
-        if adopt is None:
-            return st
-        why = ("the state file is older than the dataset %s, which says %s in epoch %d (was "
-               "it restored from a backup, or a VM snapshot reverted?): taking the "
-               "dataset's role and epoch" % (self.cfg.local.dataset, adopt[0], adopt[1]))
-        log.warning("%s", why)
-        store.set_role(adopt[0], adopt[1], why)
-        return store.node_state()
-
-    def _relearn_preserved(self, store: StateStore) -> None:
-        """Divergent data this node kept (preserved_name() beside its
-        dataset) that the state file does not list, because it was
-        restored from a backup older than the split: listed again, so that
-        'status' and 'check' show it to the operator (only listed: nothing
-        is changed on it)."""
-        ds = self.cfg.local.dataset
-        if "/" not in ds:
-            return
-        try:
-            zfs = Zfs()
-            known = {p["dataset"] for p in store.preserved()}
-            found = [(n, e) for n, e in preserved_names(ds, zfs.descendants(ds.rsplit("/", 1)[0]))
-                     if n not in known]
-            for name, epoch in found:
-                why = ("found beside %s at start, not listed by the state file (was it "
-                       "restored from an older backup?)" % ds)
-                log.warning("preserved divergent data %s: %s", name, why)
-                store.add_preserved(name, epoch, zfs.origin(name), why)
-        except FlockerError as e:
-            log.warning("cannot look for preserved divergent data beside %s at start: %s",
-                        ds, e.message)
-
-    def _write_pidfile(self) -> None:
-        if self.pidfile is None:
-            return
-        try:
-            fd = os.open(self.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write("%d\n" % os.getpid())
-        except OSError as e:
-            raise FlockerError("cannot write the pid file %s: %s; make its directory "
-                               "writable or pass another --pidfile"
-                               % (self.pidfile, e.strerror)) from None
-
-    def _open_sockets(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._sig_r, self._sig_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w, self._sig_r, self._sig_w):
-            s.setblocking(False)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        self.sel.register(self._sig_r, selectors.EVENT_READ, self._on_wake)
+    def open(self, sel: selectors.BaseSelector) -> None:
         port = self.cfg.heartbeat_port
         for i, addr in enumerate(self.cfg.local.addresses):
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -8354,12 +8623,221 @@ class Daemon:
                     "the port ([cluster] heartbeat_port)" % (addr, port, e.strerror)) from None
             s.setblocking(False)
             self.socks.append(s)
-            self.sel.register(s, selectors.EVENT_READ,
-                              lambda sock, mask, i=i: self._on_packets(sock, i))
-        self._open_control()
+            sel.register(s, selectors.EVENT_READ,
+                         lambda sock, mask, i=i: self.on_packets(sock, i))
 
-    def _open_control(self) -> None:
-        path = control_socket_path(self.cfg.local.state_db)
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+    def timers(self, now: float) -> List[_Timer]:
+        """The link's timers: heartbeats, persisting the peer, summaries."""
+        self.heartbeat.due = now
+        return [self.heartbeat,
+                _Timer("persist", lambda: 1.0, self.persist_peer, now + 1.0),
+                _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self.summarise_rejections,
+                       now + REJECT_SUMMARY_EVERY)]
+
+    def send(self, now: float) -> None:
+        """One packet on every link."""
+        cfg, k = self.cfg, self.keeper
+        own = [cfg.secret] + ([cfg.secret_previous] if cfg.secret_previous else [])
+        last = self.tracker.last
+        secret = choose_send_key(own, last.accepts if last is not None else ())
+        echo = self.tracker.echo()
+        for i, s in enumerate(self.socks):
+            lv = self.tracker.links[i]
+            self.sequence += 1
+            hb = Heartbeat(cluster=cfg.name, sender=cfg.local_name,
+                           generation=self.generation, sequence=self.sequence,
+                           role=k.role, epoch=k.epoch, snapshot=k.snapshot[0],
+                           guid=k.snapshot[1], health=k.health, flags=k.flags(now),
+                           echo_generation=echo[0], echo_sequence=echo[1],
+                           accepts=tuple(key_id(key) for key in own))
+            try:
+                s.sendto(encode_heartbeat(hb, secret), (lv.peer, cfg.heartbeat_port))
+                self.tracker.sent(self.sequence, time.monotonic())
+                lv.sent += 1
+            except OSError as e:
+                lv.send_errors += 1
+                self.report(Note(logging.WARNING, "cannot send heartbeats on link %d "
+                                 "(%s -> %s): %s" % (i, lv.local, lv.peer, e.strerror),
+                                 quiet=("send%d" % i, 60.0)))
+
+    def on_packets(self, sock: socket.socket, link: int) -> None:
+        tracker = self.tracker
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:   # e.g. ICMP errors reported on the socket
+                self.report(Note(logging.INFO, "link %d: %s" % (link, e.strerror),
+                                 quiet=("recv%d" % link, 60.0)))
+                return
+            hb, rej = tracker.receive(data, link, time.monotonic())
+            if rej is not None:
+                self._note_reject(rej, addr[0])
+            elif hb is None or tracker.state != "alive":
+                # the peer has not heard us lately, or we had not heard it:
+                # answer now instead of at the next beat, so that both sides
+                # confirm each other within about one interval
+                self.answer_soon()
+
+    def answer_soon(self) -> None:
+        """Send the next heartbeat now (at most twice per interval)."""
+        now = time.monotonic()
+        if now - self._answered_at < self.cfg.heartbeat_interval / 2:
+            return
+        self._answered_at = now
+        self.heartbeat.due = min(self.heartbeat.due, now)
+
+    def _note_reject(self, rej: WireReject, source: str) -> None:
+        reason = rej.reason
+        self._reject_window[reason] = self._reject_window.get(reason, 0) + 1
+        if len(self._reject_sources) < 5:
+            self._reject_sources.add(source)
+        now = time.monotonic()
+        if now - self._reject_detail_at.get(reason, -1e9) < REJECT_DETAIL_EVERY:
+            return
+        self._reject_detail_at[reason] = now
+        if reason in ("bad_mac", "unknown_key"):
+            keys = self.tracker.keys
+            self.report(Note(logging.ERROR, (
+                "REJECTED a heartbeat from %s with a wrong key (%s): either the "
+                "nodes do not share the same secret (this node accepts key id%s %s; "
+                "compare 'config-check' on both nodes) or someone is forging "
+                "packets. Further such packets are counted in 'status' and "
+                "summarised every %g s" % (source, rej, "s" if len(keys) > 1 else "",
+                                           ", ".join(k[0] for k in keys.values()),
+                                           REJECT_SUMMARY_EVERY)),
+                ("rejected", "heartbeat from %s with a wrong key: %s" % (source, rej), "error")))
+        else:
+            hint = ""
+            if reason == "old_generation":
+                hint = ("; a replay of recorded packets, or node %s restarted from older "
+                        "state (its state file restored from a backup or made anew with "
+                        "'init --force', a VM snapshot reverted): such a peer is accepted "
+                        "as soon as it answers this node's heartbeats" % self.cfg.peer.name)
+            self.report(Note(logging.WARNING, "rejected a packet from %s: %s%s (further ones "
+                             "are counted and summarised every %g s)"
+                             % (source, rej, hint, REJECT_SUMMARY_EVERY)))
+
+    def summarise_rejections(self, now: float) -> None:
+        if not self._reject_window:
+            return
+        text = ", ".join("%s %d" % kv for kv in sorted(self._reject_window.items()))
+        self.report(Note(logging.WARNING, "rejected in the last %g s: %s (from %s)" % (
+            REJECT_SUMMARY_EVERY, text, ", ".join(sorted(self._reject_sources)))))
+        self._reject_window = {}
+        self._reject_sources = set()
+
+    def persist_peer(self, now: float, force: bool = False) -> None:
+        """The peer's newest heartbeat to the state file: not once per
+        packet, but on a change (looked at every second) and else every
+        PEER_SAVE_EVERY seconds; `force`: now (at exit)."""
+        t = self.tracker
+        hb = t.last
+        if hb is None:
+            return
+        key = (hb.role, hb.epoch, hb.generation, hb.snapshot or None,
+               str(hb.guid) if hb.guid else None, hb.health)
+        if not force and key == self._peer_saved and (
+                now - self._peer_saved_at < PEER_SAVE_EVERY or t.last_seen <= self._peer_saved_at):
+            return
+        self._peer_saved, self._peer_saved_at = key, now
+        seen = wall_clock() - (now - t.last_seen)
+        name = self.cfg.peer.name
+        self.report(Note(None, "", write=lambda store: store.save_peer(name, seen, *key)))
+
+    def announce_leaving(self) -> None:
+        """Tell the slave that it lacks what was written since the last
+        replication, until it echoes one of these packets (then it holds
+        the flag and will not take over by itself), for at most dead_time.
+        A peer that is not heard now gets three packets, 50 ms apart."""
+        first = self.sequence + 1
+        heard = self.tracker.state == "alive"
+        deadline = time.monotonic() + (self.cfg.dead_time if heard else 0.1)
+        with selectors.DefaultSelector() as sel:   # the heartbeat sockets only
+            for i, sock in enumerate(self.socks):
+                sel.register(sock, selectors.EVENT_READ, i)
+            while True:
+                self.send(time.monotonic())
+                until = min(deadline, time.monotonic() + (
+                    min(self.cfg.heartbeat_interval, 0.2) if heard else 0.05))
+                while time.monotonic() < until:
+                    for key, _ in sel.select(max(0.0, until - time.monotonic())):
+                        self.on_packets(key.fileobj, key.data)
+                    hb = self.tracker.last
+                    if (hb is not None and hb.echo_generation == self.generation
+                            and hb.echo_sequence >= first):
+                        self.report(Note(logging.INFO, "%s heard that this daemon is "
+                                         "stopping" % self.cfg.peer.name))
+                        return
+                if time.monotonic() >= deadline:
+                    if heard:
+                        self.report(Note(logging.WARNING, "%s did not confirm within %g s "
+                                         "that it heard this daemon is stopping"
+                                         % (self.cfg.peer.name, self.cfg.dead_time)))
+                    return
+
+    def status(self, now: float) -> dict:
+        """The link's part of the daemon's live status."""
+        t = self.tracker
+        age = lambda m: None if m is None else round(now - m, 3)  # noqa: E731
+        hb = t.last
+        peer = {"node": self.cfg.peer.name, "state": t.state,
+                "state_age_seconds": age(t.state_since),
+                "last_seen_age_seconds": age(t.last_seen),
+                "dead_verdicts": t.dead_verdicts,
+                "silence_at_last_verdict_seconds":
+                    None if t.silence_at_verdict is None else round(t.silence_at_verdict, 3)}
+        if hb is not None:
+            peer.update(role=hb.role, epoch=hb.epoch, generation=hb.generation,
+                        sequence=hb.sequence, snapshot=hb.snapshot or None,
+                        guid=str(hb.guid) if hb.guid else None, health=hb.health,
+                        flags=hb.flags, key_id=hb.key_id)
+        return {
+            "generation": self.generation,
+            "key_ids": [k[0] for k in t.keys.values()],
+            "peer": peer,
+            "links": [{"index": lv.index, "local": lv.local, "peer": lv.peer,
+                       "state": lv.state, "last_seen_age_seconds": age(lv.last_seen),
+                       "received": lv.received, "sent": lv.sent,
+                       "send_errors": lv.send_errors,
+                       "max_gap_seconds": round(lv.max_gap, 4)} for lv in t.links],
+            "rejected": dict(t.rejected),
+            "unconfirmed": t.unconfirmed,
+            "stalls": t.stalls,
+        }
+
+
+# -- the control server ------------------------------------------------------------
+#
+# The control socket (see the notes at the top of this section): one JSON
+# request per connection, answered by handlers[cmd](request) on the loop.
+
+class _ControlClient:
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.inbuf = b""
+        self.outbuf = b""
+
+
+class ControlServer:
+    """The control socket; `handlers` maps each command to fn(request) ->
+    reply (in the order the unknown-command error lists them)."""
+
+    def __init__(self, path: str, sel: selectors.BaseSelector, handlers) -> None:
+        self.path = path
+        self.sel = sel
+        self.handlers = handlers
+        self.sock = None           # type: Optional[socket.socket]
+        self.clients = {}          # type: Dict[int, _ControlClient]
+
+    def open(self) -> None:
+        path = self.path
         directory = os.path.dirname(path)
         if len(path.encode()) > 100:
             raise FlockerError("the control socket path %s is too long for a unix "
@@ -8388,8 +8866,610 @@ class Daemon:
         os.chmod(path, 0o600)
         s.listen(16)
         s.setblocking(False)
-        self.control = s
-        self.sel.register(s, selectors.EVENT_READ, self._on_control_accept)
+        self.sock = s
+        self.sel.register(s, selectors.EVENT_READ, self._on_accept)
+
+    def close(self) -> None:
+        for cl in list(self.clients.values()):
+            self._drop(cl)
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.sock.close()
+
+    def _on_accept(self, sock, mask) -> None:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+        except OSError:
+            uid = -1
+        if len(self.clients) >= CONTROL_MAX_CLIENTS or uid not in (0, os.geteuid()):
+            conn.close()
+            return
+        conn.setblocking(False)
+        client = _ControlClient(conn, time.monotonic() + CONTROL_TIMEOUT)
+        self.clients[conn.fileno()] = client
+        self.sel.register(conn, selectors.EVENT_READ,
+                          lambda s, m, cl=client: self._on_io(cl, m))
+
+    def _on_io(self, cl: _ControlClient, mask) -> None:
+        try:
+            if mask & selectors.EVENT_READ:
+                data = cl.conn.recv(CONTROL_MAX_REQUEST)
+                if not data:
+                    return self._drop(cl)
+                cl.inbuf += data
+                if b"\n" in cl.inbuf:
+                    line = cl.inbuf.split(b"\n", 1)[0]
+                    reply = self.request(line)
+                    cl.outbuf = (json.dumps(reply, sort_keys=True) + "\n").encode()
+                    self.sel.modify(cl.conn, selectors.EVENT_WRITE,
+                                    lambda s, m, cl=cl: self._on_io(cl, m))
+                elif len(cl.inbuf) > CONTROL_MAX_REQUEST:
+                    return self._drop(cl)
+            if mask & selectors.EVENT_WRITE:
+                sent = cl.conn.send(cl.outbuf)
+                cl.outbuf = cl.outbuf[sent:]
+                if not cl.outbuf:
+                    self._drop(cl)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(cl)
+
+    def _drop(self, cl: _ControlClient) -> None:
+        self.clients.pop(cl.conn.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(cl.conn)
+        cl.conn.close()
+
+    def reap(self, now: float) -> None:
+        """Drop the clients that took longer than CONTROL_TIMEOUT."""
+        for cl in list(self.clients.values()):
+            if now > cl.deadline:
+                self._drop(cl)
+
+    def request(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line.decode("utf-8"))
+            cmd = req["cmd"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "expected one JSON object with a 'cmd' key"}
+        handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"ok": False, "error": "unknown command %r; known: %s"
+                    % (cmd, ", ".join(self.handlers))}
+        return handler(req)
+
+
+class Discards:
+    """'discard-preserved' while the daemon holds the state lock: the same
+    checks and destroy as without a daemon, in the job "discard" (the loop
+    never waits on zfs); the command line follows it in status's 'discard'."""
+
+    def __init__(self, jobs: JobRunner, config, open_store) -> None:
+        self.jobs = jobs
+        self.config = config       # config() -> the daemon's current Config
+        self.open_store = open_store
+        self.last = None           # type: Optional[dict]  # the operator's newest discard
+
+    def request(self, name) -> dict:
+        if not isinstance(name, str) or not name:
+            return {"ok": False, "error": "discard-preserved needs the dataset's name"}
+        if self.jobs.busy("discard"):
+            return {"ok": False, "error": "a discard of %s is still running; wait for it"
+                    % self.last["dataset"]}
+        self.last = {"dataset": name, "state": "running", "error": None}
+        log.warning("operator: discard-preserved %s", name)
+        cfg = self.config()
+
+        def job(stop):     # on the job's thread
+            with self.open_store() as store:
+                discard_preserved(Context(cfg, store, Zfs()), name)
+        self.jobs.start("discard", job, self._done)
+        return {"ok": True}
+
+    def _done(self, result, error) -> None:
+        if error is None:
+            self.last = dict(self.last, state="done")
+            log.info("discarded the preserved dataset %s", self.last["dataset"])
+            return
+        text = error.message if isinstance(error, FlockerError) else repr(error)
+        self.last = dict(self.last, state="failed", error=text)
+        log.error("discard-preserved %s: %s", self.last["dataset"], text)
+
+
+# -- starting up ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Boot:
+    """What a daemon starts from (boot_node())."""
+    lock: StateLock                # the state file's, held from here on
+    state: NodeState
+    generation: int                # this boot's
+    recovering: bool               # an interrupted role action waits to be finished
+    since_role_change: Optional[float]   # seconds since the last role change (None: never)
+    peer: Optional[dict]           # the peer row as last persisted
+    epoch_seen: int                # the highest epoch the peer announced or left in names
+
+
+def boot_node(cfg: Config) -> Boot:
+    """Open the state file under the daemon's lock, check that it is this
+    node's, catch up with the dataset and take the next boot generation."""
+    db = cfg.local.state_db
+    store = StateStore.open(db, lock_for="daemon", deep_check=True)
+    try:
+        st = store.node_state()
+        if st is None:
+            raise StateError("the state file %s holds no node state; run "
+                             "'flocker_failover.py init --role ...' first" % db)
+        if st.node != cfg.local_name:
+            raise StateError(
+                "the state file %s belongs to node %s, but this host is node %s; "
+                "fix --node or state_db in the configuration" % (db, st.node, cfg.local_name))
+        generation = store.next_generation(int(wall_clock()))
+        st, epochs = _catch_up_with_dataset(cfg, store, st)
+        _relearn_preserved(cfg, store)
+        changed = store.last_role_change()
+        peer = store.peer(cfg.peer.name)
+        _trim_events(store, cfg)
+        boot = Boot(
+            lock=store.lock, state=st, generation=generation,
+            # a crash cut a role change short: the loop's first role job
+            # finishes it, with heartbeats flowing and a backoff when it fails
+            recovering=store.unfinished_intent() is not None,
+            since_role_change=None if changed is None else max(0.0, wall_clock() - changed),
+            peer=peer, epoch_seen=max([(peer or {}).get("epoch") or 0] + epochs))
+    except BaseException:
+        store.close()
+        raise
+    store.lock = None     # keep the lock, close the connection
+    store.close()
+    return boot
+
+
+def _catch_up_with_dataset(cfg: Config, store: StateStore, st: NodeState
+                           ) -> Tuple[NodeState, List[int]]:
+    """A state file restored from an older copy must not bring back a
+    role or an epoch the node has left: what its dataset says (the role
+    marker, the epochs in its snapshot names, returned) wins, and an epoch
+    is never used twice."""
+    try:
+        listing = Zfs().listing(cfg.local.dataset)
+    except FlockerError as e:
+        log.warning("cannot read the dataset at start (%s); the role comes from the "
+                    "state file alone", e.message)
+        return st, []
+    if listing is None:
+        return st, []
+    epochs = [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None]
+    adopt = state_behind_dataset(cfg.local_name, st.role, st.epoch,
+                                 parse_role_marker(listing.props.get(ROLE_PROPERTY)))
+    if adopt is None:
+        return st, epochs
+    why = ("the state file is older than the dataset %s, which says %s in epoch %d (was "
+           "it restored from a backup, or a VM snapshot reverted?): taking the "
+           "dataset's role and epoch" % (cfg.local.dataset, adopt[0], adopt[1]))
+    log.warning("%s", why)
+    store.set_role(adopt[0], adopt[1], why)
+    return store.node_state(), epochs
+
+
+def _relearn_preserved(cfg: Config, store: StateStore) -> None:
+    """Divergent data this node kept (preserved_name() beside its
+    dataset) that the state file does not list, because it was
+    restored from a backup older than the split: listed again, so that
+    'status' and 'check' show it to the operator (only listed: nothing
+    is changed on it)."""
+    ds = cfg.local.dataset
+    if "/" not in ds:
+        return
+    try:
+        zfs = Zfs()
+        known = {p["dataset"] for p in store.preserved()}
+        found = [(n, e) for n, e in preserved_names(ds, zfs.descendants(ds.rsplit("/", 1)[0]))
+                 if n not in known]
+        for name, epoch in found:
+            why = ("found beside %s at start, not listed by the state file (was it "
+                   "restored from an older backup?)" % ds)
+            log.warning("preserved divergent data %s: %s", name, why)
+            store.add_preserved(name, epoch, zfs.origin(name), why)
+    except FlockerError as e:
+        log.warning("cannot look for preserved divergent data beside %s at start: %s",
+                    ds, e.message)
+
+
+def write_pidfile(path: Optional[str]) -> None:
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write("%d\n" % os.getpid())
+    except OSError as e:
+        raise FlockerError("cannot write the pid file %s: %s; make its directory "
+                           "writable or pass another --pidfile" % (path, e.strerror)) from None
+
+
+def remove_pidfile(path: Optional[str]) -> None:
+    """Remove the pid file if it is still this process's."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(path)
+
+
+def loop_realtime(prio: int) -> None:
+    """Real-time scheduling for this thread only (the loop): heartbeats
+    go out on time on a busy host.  The job threads stay normal."""
+    if not prio:
+        return
+    try:
+        # RESET_ON_FORK: threads and processes it starts run normally
+        os.sched_setscheduler(0, os.SCHED_RR | getattr(os, "SCHED_RESET_ON_FORK", 0),
+                              os.sched_param(prio))
+        log.info("event loop runs with real-time priority %d (SCHED_RR)", prio)
+    except (OSError, AttributeError) as e:
+        log.warning("cannot give the event loop real-time priority %d (%s); heartbeats "
+                    "may be late on a busy host; set realtime_priority = 0 to silence "
+                    "this", prio, getattr(e, "strerror", None) or e)
+
+
+def reload_refusal(old: Config, new: Config) -> List[str]:
+    """What a SIGHUP cannot change (the daemon must restart for it)."""
+    fixed = []
+    if new.name != old.name:
+        fixed.append("[cluster] name")
+    if new.heartbeat_port != old.heartbeat_port:
+        fixed.append("[cluster] heartbeat_port")
+    for n_old in old.nodes:
+        try:
+            n_new = new.node(n_old.name)
+        except KeyError:
+            fixed.append("the node names")
+            break
+        if n_new.addresses != n_old.addresses:
+            fixed.append("[node %s] address" % n_old.name)
+        if n_new.state_db != n_old.state_db:
+            fixed.append("[node %s] state_db" % n_old.name)
+    return fixed
+
+
+# -- the jobs --------------------------------------------------------------------------
+#
+# What the daemon's slow work does.  Each function here runs on a job's
+# own thread (JobRunner), never on the loop: it reads the loop's objects,
+# assigns none of them, and hands what it found back as its result (to the
+# job's on_done, on the loop), or through jobs.call_soon() for what the
+# loop must know before the job ends.
+
+class DaemonJobs:
+    """The job bodies fn(stop) of one daemon (see the notes above)."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self._witness_requests = itertools.count(1)  # the witness job's request counter
+
+    cfg = property(lambda self: self.daemon.cfg)
+    keeper = property(lambda self: self.daemon.keeper)
+    tracker = property(lambda self: self.daemon.tracker)
+    jobs = property(lambda self: self.daemon.jobs)
+
+    def open_store(self) -> StateStore:
+        return self.daemon.open_store()
+
+    def trim_events(self, stop: threading.Event) -> None:
+        """Bound the event log (as at start-up)."""
+        with self.open_store() as store:
+            _trim_events(store, self.cfg)
+
+    def replicate(self, stop: threading.Event):
+        """The sync command's cycle: (its start wall time, its result)."""
+        if not self.keeper.may_replicate():
+            return None
+        started = wall_clock()
+        with self.open_store() as store:
+            return started, replicate_once(self.cfg, store, Zfs(), peer_zfs(self.cfg),
+                                           stop=stop, progress=self.daemon.transfer)
+
+    def arbitrator(self, stop: threading.Event):
+        """(reachable, how, when the probe started)."""
+        cfg = self.cfg
+        if cfg.arbitrator is None and cfg.arbitrator_command is None:
+            return None
+        started = time.monotonic()
+        reachable, how = probe_arbitrator(cfg, stop)
+        return reachable, how, started
+
+    def witness(self, stop: threading.Event):
+        """Ask the witness (see WitnessWatch): for the lease, or only about it."""
+        cfg = self.cfg
+        if cfg.witness is None or self.tracker is None:
+            return None
+        want = wants_lease(self.keeper.role, self.tracker.state)
+        request = WitnessMessage(
+            kind=WITNESS_REQUEST, cluster=cfg.name, node=cfg.local_name,
+            nonce=secrets.token_bytes(16), generation=self.daemon.link.generation,
+            sequence=next(self._witness_requests),
+            lease_ms=int(round(cfg.witness_lease * 1000)) if want else 0)
+        return ask_witness(cfg, request, stop)
+
+    def snapshots(self, stop: threading.Event):
+        """((name, guid) of the newest snapshot of our dataset, ("", 0) if
+        none; the GUIDs of all of them), from the same listing the
+        replication cycle reads."""
+        listing = Zfs().listing(self.cfg.local.dataset)
+        if listing is None or not listing.snaps:
+            return ("", 0), frozenset()
+        guids = frozenset(int(x.guid) & _U64_MAX for x in listing.snaps if x.guid.isdigit())
+        newest = listing.snaps[-1]
+        return ((newest.name[:255], int(newest.guid) & _U64_MAX
+                 if newest.guid.isdigit() else 0), guids)
+
+    def check(self, stop: threading.Event):
+        cfg, k = self.cfg, self.keeper
+        if cfg.service.check_command is None or not k.serving:
+            return None
+        env = {"FLOCKER_CLUSTER": cfg.name, "FLOCKER_NODE": cfg.local_name,
+               "FLOCKER_DATASET": cfg.local.dataset, "FLOCKER_EPOCH": str(k.epoch),
+               "FLOCKER_ROLE": k.role}
+        env.update(Zfs().device_env(cfg.local.dataset))
+        return run_command(cfg.service.check_command, cfg.service.command_timeout, env,
+                           stop=stop)
+
+    def role(self, a: RoleAction):
+        """fn(stop) for the job "role": finish an interrupted action if
+        there is one (then decide again), else run `a`.  Returns (node
+        state, failure, kind, the action a recovery finished or None,
+        whether an action is still unfinished)."""
+        def job(stop):
+            if self.daemon.writer is not None:
+                self.daemon.writer.flush(2.0)   # the events that led here come first
+            with self.open_store() as store:
+                ctx = Context(self.cfg, store, Zfs())
+                done, failure, ran = None, None, a.kind
+                try:
+                    if a.kind != DECIDE_FENCE and store.unfinished_intent() is not None:
+                        ran = ROLE_RECOVER
+                        done = recover_intent(ctx, stop, quiesce=self.quiesce)
+                    elif a.kind != ROLE_RECOVER:
+                        self.run_action(a, ctx, stop)
+                except FlockerError as e:
+                    failure = e
+                return (store.node_state(), failure, ran, done,
+                        store.unfinished_intent() is not None)
+        return job
+
+    def run_action(self, a: RoleAction, ctx: Context, stop: threading.Event) -> None:
+        if a.kind in (DECIDE_PROMOTE, DECIDE_RESUME):
+            promote(ctx, a.epoch, a.reason)
+        elif a.kind == DECIDE_STEP_DOWN:
+            demote(ctx, a.epoch, a.reason, quiesce=self.quiesce)
+        elif a.kind == DECIDE_HANDOVER:
+            demote(ctx, a.epoch, a.reason, handover=True, stop=stop,
+                   quiesce=self.quiesce, resume=True)
+        elif a.kind == DECIDE_FENCE:
+            load_dataset_key(ctx)      # a node that could not take over fences nobody
+            fence_peer(ctx, a.epoch, stop)
+        elif a.kind == DECIDE_RESOLVE:
+            resolve_divergence(ctx, peer_zfs(self.cfg), stop, winner_choice=a.winner,
+                               quiesce=self.quiesce,
+                               peer_stopped=self.wait_peer_stopped,
+                               pause=self.end_replication, serving=a.serving,
+                               yield_first=a.yield_first)
+
+    def quiesce(self) -> None:
+        """Once the user system is stopped: a master giving up its role
+        says so in its next heartbeat and ends the replication cycle in
+        flight (it aborts cleanly; nothing half-done) before the dataset
+        changes.  A cycle stuck in ssh timeouts can keep the rest of the
+        step-down waiting; the user system is already stopped then."""
+        self.jobs.call_soon(self.keeper.stopped_serving)
+        self.end_replication()
+
+    def end_replication(self) -> None:
+        """End the replication cycle in flight, if any."""
+        if not self.jobs.cancel("replicate", timeout=60.0):
+            raise ActionError("the replication cycle did not stop within 60 s")
+
+    def wait_peer_stopped(self, timeout: float) -> bool:
+        """The winner of a resolution waits until the peer no longer serves,
+        so that the address is announced after the loser let it go."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.daemon._stop_signal:
+            hb, seen = self.tracker.last, self.tracker.last_seen
+            if seen is None or time.monotonic() - seen > self.cfg.dead_time or (
+                    hb is not None and not hb.flags & FLAG_SERVING and hb.role == ROLE_SLAVE):
+                return True      # (read directly: the loop may be stopping)
+            time.sleep(0.1)
+        return False
+
+
+
+# -- reporting ----------------------------------------------------------------------------
+
+class Reporter:
+    """The daemon's log lines and its writes to the state file (events,
+    the peer's row, role marks), for the loop and what it owns."""
+
+    def __init__(self) -> None:
+        self.writer = None         # type: Optional[StoreWriter]  # once the daemon runs
+        self._quiet_until = {}     # type: Dict[str, float]  # see log_quietly
+
+    def report(self, note: Note) -> None:
+        """Carry out what the keeper or the link has to say (see Note)."""
+        if note.level is not None:
+            if note.quiet is not None:
+                self.log_quietly(note.quiet[0], note.level, note.message, note.quiet[1])
+            else:
+                log.log(note.level, "%s", note.message)
+        if note.event is not None:
+            self.event(*note.event)
+        if note.write is not None:
+            self.submit(note.write)
+
+    def log_quietly(self, topic: str, level: int, message: str, every: float = 60.0) -> None:
+        """Log message unless this topic was logged less than `every` s ago."""
+        now = time.monotonic()
+        if now < self._quiet_until.get(topic, -1.0):
+            return
+        self._quiet_until[topic] = now + every
+        log.log(level, "%s", message)
+
+    def event(self, kind: str, message: str, level: str = "info") -> None:
+        self.submit(lambda store: store.record_event(kind, message, level))
+
+    def submit(self, fn) -> None:
+        if self.writer is not None:
+            self.writer.submit(fn)
+
+
+# -- the loop ----------------------------------------------------------------------
+
+class Daemon:
+    """The long-running process of one node: the loop (sockets, timers,
+    signals, the job runner) over the role keeper, the heartbeat link and
+    the control server (see the notes at the top of this section)."""
+
+    def __init__(self, cfg: Config, pidfile: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.pidfile = pidfile
+        self.sel = selectors.DefaultSelector()
+        self.jobs = JobRunner(self._wake_from_thread)
+        self.timers = []           # type: List[_Timer]
+        self.periodic = []         # type: List[Tuple[str, object, object, object, object]]
+        self.systemd = SystemdNotifier()
+        self._told_ready = False   # READY=1 was sent
+        self.lock = None           # type: Optional[StateLock]  # held while the daemon runs
+        self.writer = None         # type: Optional[StoreWriter]
+        # made by run() from what the state file says (boot_node()):
+        self.tracker = None        # type: Optional[PeerTracker]  # the peer, from its packets
+        self.keeper = None         # type: Optional[RoleKeeper]   # what this node is and does
+        self.link = None           # type: Optional[HeartbeatLink]
+        self.control = ControlServer(control_socket_path(cfg.local.state_db), self.sel,
+                                     self._control_handlers())
+        self.transfer = TransferProgress()   # the transfer in flight (the job writes it)
+        self.discards = Discards(self.jobs, lambda: self.cfg, self.open_store)
+        self.worst_lag = self.last_lag = 0.0  # how late the loop ran a timer (seconds)
+        self.started_mono = self.started_wall = self.stats_since = 0.0
+        self._stop_signal = 0      # set by SIGTERM, SIGINT (the signal's number)
+        self._reload_pending = False   # set by SIGHUP
+        self.reporter = Reporter()  # log lines and state-file writes
+        self.work = DaemonJobs(self)  # what the jobs do, on their threads
+        self._wake_r = self._wake_w = None   # finished jobs wake the loop through these
+        self._sig_r = self._sig_w = None     # signals wake it through these
+        self.install_jobs()
+
+    # -- jobs (each fn(stop) runs on its job's thread: see the top of this section) --
+
+    def add_periodic(self, name: str, every, fn, on_done=None, wanted=None) -> None:
+        """Run fn(stop) off the loop every `every(cfg)` seconds (skipped
+        while the previous run of the same name still runs); on_done(result,
+        error) runs on the loop.  The replication cycle plugs in here.
+        wanted(cfg): when given and false (nothing is configured for the
+        job), no job is started and the timer looks again every second: a
+        hand-over to a job thread and back every heartbeat, for a job with
+        nothing to do, was most of an idle daemon's wakeups."""
+        self.periodic.append((name, every, fn, on_done, wanted))
+
+    def open_store(self) -> StateStore:
+        """A state-file connection for a job thread (one per thread; sqlite
+        connections do not cross threads).  It writes under the daemon's
+        lock, and closing it does not release that lock."""
+        return StateStore.open(self.cfg.local.state_db, lock=_BorrowedLock(self.lock))
+
+    def install_jobs(self) -> None:
+        """The periodic jobs; what each finds goes to the role keeper."""
+        self.add_periodic("check", lambda c: c.service.check_interval, self.work.check,
+                          lambda r, e: self.keeper.checked(r, e))
+        self.add_periodic("snapshots", lambda c: max(5.0, c.replication_interval),
+                          self.work.snapshots, lambda r, e: self.keeper.snapshots_scanned(r, e))
+        self.add_periodic("replicate", lambda c: c.replication_interval, self.work.replicate,
+                          lambda r, e: self._act(self.keeper.replicated(r, e, time.monotonic())))
+        self.add_periodic("arbitrator", lambda c: c.heartbeat_interval, self.work.arbitrator,
+                          lambda r, e: self.keeper.arbitrator_answered(r, e, time.monotonic()),
+                          lambda c: c.arbitrator is not None or c.arbitrator_command is not None)
+        self.add_periodic("witness", lambda c: c.heartbeat_interval, self.work.witness,
+                          lambda r, e: self.keeper.witness.answered(r, e, time.monotonic()),
+                          lambda c: c.witness is not None)
+        self.add_periodic("trim-events", lambda c: EVENT_TRIM_INTERVAL, self.work.trim_events,
+                          lambda r, e: e is not None and self.reporter.log_quietly(
+                              "trim-events", logging.WARNING, "cannot trim the event log: %s" % e))
+
+    # -- role actions ------------------------------------------------------------
+
+    def _act(self, action: Optional[RoleAction]) -> None:
+        """Run the keeper's role action in the job "role"; its outcome goes
+        back to the keeper's role_done()."""
+        if action is None:
+            return
+        if action.kind == DECIDE_RESOLVE:
+            self.link.answer_soon()    # tell the peer at once
+        if not self.jobs.start("role", self.work.role(action),
+                               lambda r, e: self.keeper.role_done(r, e, time.monotonic())):
+            self.keeper.acting = False   # (never: the keeper hands out one at a time)
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self) -> int:
+        boot = boot_node(self.cfg)
+        self.lock = boot.lock
+        try:
+            self._start(boot)
+            self._loop()
+            return EXIT_OK
+        finally:
+            self.systemd.notify("STOPPING=1")
+            self._shutdown()
+            self.systemd.close()
+
+    def _start(self, boot: Boot) -> None:
+        cfg = self.cfg
+        now = time.monotonic()
+        self.started_mono = self.stats_since = now
+        self.started_wall = wall_clock()
+        links = [LinkView(i, a, b) for i, (a, b) in
+                 enumerate(zip(cfg.local.addresses, cfg.peer.addresses))]
+        peer = boot.peer
+        self.tracker = PeerTracker(
+            cfg.name, cfg.local_name, cfg.peer.name, wire_keys(cfg.secret, cfg.secret_previous), links,
+            cfg.dead_time, now, min_generation=(peer or {}).get("generation") or 0,
+            generation=boot.generation)
+        self.keeper = RoleKeeper(cfg, self.tracker, self.reporter.report, now, boot.state,
+                                 boot.recovering, boot.since_role_change, boot.epoch_seen)
+        self.link = HeartbeatLink(cfg, self.tracker, self.keeper, boot.generation, self.reporter.report,
+                                  saved_peer=None if peer is None else tuple(peer[f] for f in (
+                                      "role", "epoch", "generation", "snapshot", "guid",
+                                      "health")))
+        write_pidfile(self.pidfile)
+        self._open_sockets()
+        self._install_signals()
+        self.writer = self.reporter.writer = StoreWriter(cfg.local.state_db, self.lock)
+        self.writer.start()
+        k = self.keeper
+        self.reporter.event("daemon", "daemon started (pid %d, generation %d, role %s, epoch %d)"
+                    % (os.getpid(), boot.generation, k.role, k.epoch))
+        log.info("daemon of node %s started: generation %d, role %s, epoch %d, heartbeats "
+                 "every %g s on %s, peer dead after %g s", cfg.local_name, boot.generation,
+                 k.role, k.epoch, cfg.heartbeat_interval, ", ".join(cfg.local.addresses),
+                 cfg.dead_time)
+
+    def _open_sockets(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sig_r, self._sig_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w, self._sig_r, self._sig_w):
+            s.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.sel.register(self._sig_r, selectors.EVENT_READ, self._on_wake)
+        self.link.open(self.sel)
+        self.control.open()
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
@@ -8401,7 +9481,7 @@ class Daemon:
             self._reload_pending = True
 
         def on_usr2(signum, frame):
-            self._announce_at = 0.001       # announce the service address now
+            self.keeper.announce_at = 0.001     # announce the service address now
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
@@ -8424,46 +9504,22 @@ class Daemon:
             pass
         self.jobs.collect()
 
-    # -- the loop ------------------------------------------------------------
-
-    def _realtime(self) -> None:
-        """Real-time scheduling for this thread only (the loop): heartbeats
-        go out on time on a busy host.  The job threads stay normal."""
-        prio = self.cfg.realtime_priority
-        if not prio:
-            return
-        try:
-            # RESET_ON_FORK: threads and processes it starts run normally
-            os.sched_setscheduler(0, os.SCHED_RR | getattr(os, "SCHED_RESET_ON_FORK", 0),
-                                  os.sched_param(prio))
-            log.info("event loop runs with real-time priority %d (SCHED_RR)", prio)
-        except (OSError, AttributeError) as e:
-            log.warning("cannot give the event loop real-time priority %d (%s); heartbeats "
-                        "may be late on a busy host; set realtime_priority = 0 to silence "
-                        "this", prio, getattr(e, "strerror", None) or e)
-
     def _loop(self) -> None:
-        self._realtime()
+        loop_realtime(self.cfg.realtime_priority)
         now = time.monotonic()
         c = lambda: self.cfg   # noqa: E731 - timers read the current config
         liveness = _Timer("liveness", lambda: min(0.25, c().heartbeat_interval / 2),
                           self._check_liveness, now)
+        heartbeat, persist, rejections = self.link.timers(now)
         self.timers = [
-            _Timer("heartbeat", lambda: c().heartbeat_interval, self._send_heartbeats, now),
-            liveness,
-            _Timer("persist", lambda: 1.0, self._persist_peer, now + 1.0),
-            _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self._summarise_rejections,
-                   now + REJECT_SUMMARY_EVERY),
-            _Timer("control", lambda: 1.0, self._reap_clients, now + 1.0),
+            heartbeat, liveness, persist, rejections,
+            _Timer("control", lambda: 1.0, self.control.reap, now + 1.0),
             # (every 0.1 s only while an announcement waits: an idle
             # daemon's wakeups are its idle cost)
-            _Timer("announce", lambda: 0.1 if self._announce_at else 1.0, self._announce_due,
-                   now + 0.1),
-        ]
-        self.timers.append(_Timer("systemd", lambda: self.systemd.watchdog or 5.0,
-                                  self._notify_systemd, now))
-        self.timers.append(_Timer("metrics", lambda: METRICS_EVERY, self._write_metrics,
-                                  now + 0.5))
+            _Timer("announce", lambda: 0.1 if self.keeper.announce_at else 1.0,
+                   self._announce_due, now + 0.1),
+            _Timer("systemd", lambda: self.systemd.watchdog or 5.0, self._notify_systemd, now),
+            _Timer("metrics", lambda: METRICS_EVERY, self._write_metrics, now + 0.5)]
         for name, every, fn, on_done, wanted in self.periodic:
             wanted = wanted or (lambda cfg: True)
             self.timers.append(_Timer(
@@ -8484,9 +9540,8 @@ class Daemon:
             for t in sorted(self.timers, key=lambda t: t.due):
                 if t.due > now:
                     break
-                lag = now - t.due
-                self.last_lag = lag
-                self.worst_lag = max(self.worst_lag, lag)
+                self.last_lag = now - t.due
+                self.worst_lag = max(self.worst_lag, self.last_lag)
                 t.fn(now)
                 period = t.period()
                 t.due += period
@@ -8503,6 +9558,16 @@ class Daemon:
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)
 
+    def _check_liveness(self, now: float) -> None:
+        for message in self.tracker.evaluate(now):
+            level = "warning" if (" dead" in message or " down" in message) else "info"
+            log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
+            self.reporter.event("liveness", message, level)
+        if self.keeper.observe_peer(now):
+            self.jobs.start("snapshots", self.work.snapshots, self.keeper.snapshots_scanned)
+        if not self._stop_signal:
+            self._act(self.keeper.next_action(now))
+
     def _write_metrics(self, now: float) -> None:
         path = self.cfg.metrics_file
         if path is None:
@@ -8511,14 +9576,14 @@ class Daemon:
         try:
             write_atomically(path, text)
         except OSError as e:
-            self._log_quietly("metrics", logging.ERROR, "cannot write the metrics file %s: "
+            self.reporter.log_quietly("metrics", logging.ERROR, "cannot write the metrics file %s: "
                               "%s; check [cluster] metrics_file" % (path, e.strerror), 600)
 
     def _notify_systemd(self, now: float) -> None:
         """READY=1 once the loop runs; then STATUS, and WATCHDOG=1 when
         WatchdogSec is set: sent from the loop, so a stuck loop stops it."""
         fields = ["STATUS=%s, epoch %d; peer %s %s" % (
-            self.role, self.epoch, self.cfg.peer.name, self.tracker.state)]
+            self.keeper.role, self.keeper.epoch, self.cfg.peer.name, self.tracker.state)]
         if not self._told_ready:
             fields.insert(0, "READY=1")
             self._told_ready = True
@@ -8526,506 +9591,28 @@ class Daemon:
             fields.append("WATCHDOG=1")
         self.systemd.notify(*fields)
 
-    # -- heartbeats ----------------------------------------------------------
-
-    def _send_heartbeats(self, now: float) -> None:
-        cfg = self.cfg
-        own = [cfg.secret] + ([cfg.secret_previous] if cfg.secret_previous else [])
-        last = self.tracker.last
-        secret = choose_send_key(own, last.accepts if last is not None else ())
-        echo = self.tracker.echo()
-        for i, s in enumerate(self.socks):
-            lv = self.tracker.links[i]
-            self.sequence += 1
-            hb = Heartbeat(cluster=cfg.name, sender=cfg.local_name,
-                           generation=self.generation, sequence=self.sequence,
-                           role=self.role, epoch=self.epoch, snapshot=self.snapshot[0],
-                           guid=self.snapshot[1], health=self.health, flags=self._flags(),
-                           echo_generation=echo[0], echo_sequence=echo[1],
-                           accepts=tuple(key_id(k) for k in own))
-            try:
-                s.sendto(encode_heartbeat(hb, secret), (lv.peer, cfg.heartbeat_port))
-                self.tracker.sent(self.sequence, time.monotonic())
-                lv.sent += 1
-            except OSError as e:
-                lv.send_errors += 1
-                self._log_quietly("send%d" % i, logging.WARNING,
-                                  "cannot send heartbeats on link %d (%s -> %s): %s"
-                                  % (i, lv.local, lv.peer, e.strerror))
-
-    def _on_packets(self, sock: socket.socket, link: int) -> None:
-        tracker = self.tracker
-        for _ in range(RECV_BATCH):
-            try:
-                data, addr = sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:   # e.g. ICMP errors reported on the socket
-                self._log_quietly("recv%d" % link, logging.INFO,
-                                  "link %d: %s" % (link, e.strerror))
-                return
-            hb, rej = tracker.receive(data, link, time.monotonic())
-            if rej is not None:
-                self._note_reject(rej, addr[0])
-            elif hb is None or tracker.state != "alive":
-                # the peer has not heard us lately, or we had not heard it:
-                # answer now instead of at the next beat, so that both sides
-                # confirm each other within about one interval
-                self._answer_soon()
-
-    def _answer_soon(self) -> None:
-        """Send the next heartbeat now (at most twice per interval)."""
-        now = time.monotonic()
-        if now - self._answered_at < self.cfg.heartbeat_interval / 2:
+    def _announce_due(self, now: float) -> None:
+        """The service address announced again: announce_again after the
+        user system started here, and on request (SIGUSR2, 'announce')."""
+        k = self.keeper
+        if not k.announce_at or now < k.announce_at:
             return
-        self._answered_at = now
-        for t in self.timers:
-            if t.name == "heartbeat":
-                t.due = min(t.due, now)
-
-    def _check_liveness(self, now: float) -> None:
-        for message in self.tracker.evaluate(now):
-            level = "warning" if (" dead" in message or " down" in message) else "info"
-            log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
-            self._event("liveness", message, level)
-        self._observe_peer(now)
-        self._decide_roles(now)
-
-    # -- roles -----------------------------------------------------------------
-    #
-    # Every liveness tick gathers the facts, asks decide() (section 6) and
-    # carries out what it says in the job "role" (one role change at a
-    # time; while it runs nothing else is decided).  The actions are the
-    # crash-safe ones of section 7; a failed one is finished by
-    # recover_intent() on the next try, after a growing pause.
-
-    def _flags(self) -> int:
-        f = 0
-        if self.serving:
-            f |= FLAG_SERVING
-        if self.released and self.role == ROLE_SLAVE:
-            f |= FLAG_RELEASE
-        if self.role == ROLE_SLAVE and time.monotonic() < self.switchover_until:
-            f |= FLAG_HANDOVER_REQUEST
-        if self.resolving:
-            f |= FLAG_RESOLVING
-        if self.role == ROLE_MASTER and (self.leaving or
-                                         self.repl_failures >= OUTDATED_AFTER_FAILURES):
-            f |= FLAG_PEER_OUTDATED
-        return f
-
-    def _timing(self) -> Timing:
-        c = self.cfg
-        return Timing(dead_time=c.dead_time, startup_wait=c.startup_wait,
-                      wait_for_peer=c.wait_for_peer,
-                      isolation_time=isolation_time(c.dead_time, c.heartbeat_interval),
-                      check_failures=c.service.check_failures, hold_down=c.service.hold_down,
-                      witness_lead=witness_lead(c.witness_lease))
-
-    def _observe_peer(self, now: float) -> None:
-        """What the peer's newest heartbeat tells beyond liveness."""
-        t = self.tracker
-        hb = t.last
-        if t.state == "alive":
-            self.fenced = None      # a new silence needs a new fence
-        if t.generation_dropped is not None:
-            old, new = t.generation_dropped
-            t.generation_dropped = None
-            message = ("%s answers with boot generation %d, below the %d it had: it restarted "
-                       "from older state (a restored state file, a reverted VM snapshot); "
-                       "accepted, since it answers this boot's heartbeats"
-                       % (self.cfg.peer.name, new, old))
-            log.warning("%s", message)
-            self._event("liveness", message, "warning")
-        if t.claim is not None:   # epochs only grow: an authentic one is never unseen
-            self.peer_epoch_seen = max(self.peer_epoch_seen, t.claim.epoch)
-        if hb is None:
+        k.announce_at = 0.0
+        sa, svc = self.cfg.service.service_address, self.cfg.service
+        if sa is None or not k.serving or self.jobs.busy("announce"):
             return
-        self.peer_epoch_seen = max(self.peer_epoch_seen, hb.epoch)
-        if (self.unresolved is not None and t.state == "alive" and hb.role == ROLE_SLAVE
-                and not hb.flags & FLAG_RESOLVING and not self.jobs.busy("role")):
-            # the peer gave way (e.g. an operator chose this side there);
-            # should the two still differ, replication finds it again
-            log.info("the split brain is over: %s is slave", self.cfg.peer.name)
-            self._event("split-brain", "over: %s is slave" % self.cfg.peer.name)
-            self.unresolved = None
-            self._role_retry_at = 0.0
-        self._released_until_taken(hb)
-        if self.role != ROLE_SLAVE or t.state != "alive":
-            return
-        handed_over = hb.role != ROLE_MASTER and bool(hb.flags & FLAG_RELEASE)
-        if (hb.role == ROLE_MASTER or handed_over) and hb.guid and \
-                hb.guid != self.snapshot[1] and now >= self._refresh_at:
-            # our newest snapshot may have arrived: once a second while the
-            # master serves; every interval once it handed over, since the
-            # takeover waits for exactly that (the final snapshot)
-            self._refresh_at = now + (self.cfg.heartbeat_interval if handed_over else 1.0)
-            self.jobs.start("snapshots", self._job_snapshots, self._snapshots_done)
-        if hb.role != ROLE_MASTER:
-            return
-        behind = bool(hb.flags & FLAG_PEER_OUTDATED)
-        if behind and not self.outdated:
-            self._set_outdated(True, "master %s (epoch %d) says this node lacks data it "
-                                     "wrote" % (self.cfg.peer.name, hb.epoch))
-        elif self.outdated and not behind and hb.guid and hb.guid == self.snapshot[1]:
-            self._set_outdated(False, "this node holds master %s's newest snapshot %s"
-                               % (self.cfg.peer.name, hb.snapshot))
+        self.jobs.start("announce", lambda stop: announce_address(
+            sa, svc.announce_count, svc.announce_interval), self._announced)
 
-    def _set_outdated(self, value: bool, reason: str) -> None:
-        self.outdated = value
-        log.log(logging.WARNING if value else logging.INFO, "replica %s: %s",
-                "OUTDATED" if value else "up to date again", reason)
-        self._submit(lambda store: store.set_outdated(value, reason))
-
-    def _facts(self, now: float) -> Facts:
-        t = self.tracker
-        hb = t.last
-        heard = t.last_seen
-        basis = heard if heard is not None and heard >= t.awake_since else t.awake_since
-        cfg = self.cfg
-        arbitrator = None
-        if cfg.arbitrator is not None or cfg.arbitrator_command is not None:
-            # it answers, and it answered since the peer went silent: this
-            # node is not the isolated one.  A slave also needs it to have answered every
-            # check for dead_time: one that was cut off itself and just got
-            # its network back must hear its peer before it may conclude.
-            last = self.arbitrator_last
-            arbitrator = (last is not None and last[0] and self.arbitrator_seen is not None and
-                          self.arbitrator_seen >= (heard if heard is not None else t.start))
-            if self.role == ROLE_SLAVE and self.arbitrator_lost is not None:
-                arbitrator = arbitrator and now - self.arbitrator_lost >= cfg.dead_time
-        own_guid = self.snapshot[1]
-        witness, witness_other = self._witness_facts(now)
-        return Facts(
-            role=self.role, epoch=self.epoch,
-            index=node_index([n.name for n in cfg.nodes], cfg.local_name),
-            serving=self.serving,
-            outdated=self.outdated or (self.role == ROLE_SLAVE and not own_guid),
-            uptime=now - self.started_mono,
-            peer_heard=heard is not None,
-            peer_silence=now - basis,
-            peer_role=hb.role if hb else None,
-            peer_epoch=hb.epoch if hb else None,
-            highest_epoch_seen=max(self.epoch, self.peer_epoch_seen),
-            arbitrator=arbitrator,
-            fence=None if cfg.service.fence_command is None else bool(self.fenced),
-            force=self.force,
-            service_failures=self.check_failures,
-            peer_up_to_date=bool(hb and own_guid and hb.guid == own_guid),
-            since_role_change=now - self.role_changed,
-            peer_serving=bool(hb and hb.flags & FLAG_SERVING),
-            peer_released=bool(hb and hb.flags & FLAG_RELEASE),
-            holds_peer_newest=bool(hb and hb.guid and hb.guid == own_guid),
-            released=self.released,
-            peer_requests_handover=bool(hb and hb.flags & FLAG_HANDOVER_REQUEST and
-                                        hb.role == ROLE_SLAVE),
-            operator_handover=self.operator_handover,
-            force_peer_alive=self.force_peer_alive,
-            peer_claim_epoch=self._peer_claim_epoch(now),
-            has_peer_newest=bool(hb and hb.guid and (hb.guid == own_guid or
-                                                     hb.guid in self.snapshot_guids)),
-            witness=witness, witness_other=witness_other)
-
-    def _peer_claim_epoch(self, now: float) -> Optional[int]:
-        # two intervals: a link that just healed has confirmed both ways by then
-        claim = self.tracker.one_way_claim(now, 2 * self.cfg.heartbeat_interval)
-        if claim is None or claim.role != ROLE_MASTER or not claim.flags & FLAG_SERVING:
-            return None
-        return claim.epoch
-
-    def _decide_roles(self, now: float) -> None:
-        if self._stop_signal or self.jobs.busy("role"):
-            return
-        if self.recovering:
-            # an action a crash or a failure cut short is finished first,
-            # after the backoff of whatever failed last
-            if now >= self._role_retry_at:
-                self._role_job(ROLE_RECOVER, None)
-            return
-        hb = self.tracker.last
-        if not (self.tracker.state == "alive" and hb is not None and hb.flags & FLAG_RESOLVING):
-            self._joined = False
-        elif not self._joined:
-            # the peer began an attempt we took no part in: join in at once,
-            # also while waiting for an operator (it may carry one's choice);
-            # after a failed attempt of our own, once its backoff is over
-            if self.unresolved is None and self._backing_off(DECIDE_RESOLVE, now):
-                return
-            return self._resolve("%s is resolving a divergence" % self.cfg.peer.name,
-                                 join=True)
+    def _announced(self, result, error) -> None:
+        if error is not None:
+            self.reporter.log_quietly("announce", logging.WARNING, "cannot announce %s: %s" % (
+                self.cfg.service.service_address, error))
         else:
-            return     # our part is done: the peer is still carrying out its own
-        d = decide(self._facts(now), self._timing())
-        self.decision = d
-        key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
-        if key != self._decision_key:
-            self._decision_key = key
-            level = logging.ERROR if d.kind == DECIDE_SPLIT_BRAIN else logging.INFO
-            log.log(level, "decision: %s: %s", d.kind, d.reason)
-            if d.kind == DECIDE_SPLIT_BRAIN:
-                self._event("split-brain", d.reason + "; the divergence verdict decides "
-                            "which node's data continues", "error")
-        resolve = d.kind == DECIDE_SPLIT_BRAIN or (d.kind == DECIDE_DEMOTE and not self.serving)
-        if self._backing_off(DECIDE_RESOLVE if resolve else d.kind, now):
-            return
-        if resolve:
-            # two masters, or a former master meeting a newer one: whose
-            # data continues is the divergence verdict's to say
-            self._resolve(d.reason)
-        elif d.kind == DECIDE_PROMOTE:
-            self._role_job(d.kind, lambda ctx, stop: promote(ctx, d.epoch, d.reason))
-        elif d.kind == DECIDE_RESUME:
-            self._role_job(d.kind, lambda ctx, stop: promote(ctx, self.epoch, d.reason))
-        elif d.kind == DECIDE_STEP_DOWN:
-            epoch = max(self.epoch, self.peer_epoch_seen)
-            self._role_job(d.kind, lambda ctx, stop: demote(
-                ctx, epoch, d.reason, quiesce=self._stop_replication))
-        elif d.kind == DECIDE_HANDOVER:
-            self._role_job(d.kind, lambda ctx, stop: demote(
-                ctx, self.epoch, d.reason, handover=True, stop=stop,
-                quiesce=self._stop_replication, resume=True))
-        elif d.kind == DECIDE_FENCE:
-            self._role_job(d.kind, self._fence)
+            log.info("announced %s again (%d packets)", self.cfg.service.service_address,
+                     result)
 
-    def _backing_off(self, kind: str, now: float) -> bool:
-        """The role action `kind` failed a moment ago (or the daemon itself
-        erred: kind "role"), and waits for its backoff.  Another action (the
-        peer died while a resolution kept failing: promote) runs at once: a
-        failed action never delays a failover."""
-        return now < self._role_retry_at and self._role_failed in (kind, "role")
-
-    def _resolve(self, why: str, join: bool = False) -> None:
-        """Start (or retry) resolving a divergence with the peer."""
-        if not join and self.unresolved is not None and time.monotonic() < self._role_retry_at:
-            return
-        serving = self.serving
-        hb = self.tracker.last
-        yield_first = hb is not None and hb.role == ROLE_MASTER and split_brain_yields(
-            self.epoch, hb.epoch, serving, bool(hb.flags & FLAG_SERVING))
-        if not serving and hb is not None and hb.flags & FLAG_SERVING:
-            log.info("rejoining %s, which serves: %s", self.cfg.peer.name, why)
-        else:
-            log.warning("resolving a divergence with %s: %s%s", self.cfg.peer.name, why,
-                        "; %s serves in a newer epoch: stopping the user system first"
-                        % self.cfg.peer.name if yield_first else "")
-        self.resolving = True
-        self._joined = True    # this attempt answers one the peer may have begun
-        self._answer_soon()    # tell the peer at once
-
-        def action(ctx, stop):
-            resolve_divergence(ctx, peer_zfs(self.cfg), stop,
-                               winner_choice=self.winner_choice,
-                               quiesce=self._stop_replication,
-                               peer_stopped=self._wait_peer_stopped,
-                               pause=self._end_replication, serving=serving,
-                               yield_first=yield_first)
-        self._role_job(DECIDE_RESOLVE, action)
-
-    def _wait_peer_stopped(self, timeout: float) -> bool:
-        """From the winner's job: wait until the peer no longer serves, so
-        that the address is announced after the loser let it go."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._stop_signal:
-            hb, seen = self.tracker.last, self.tracker.last_seen
-            if seen is None or time.monotonic() - seen > self.cfg.dead_time or (
-                    hb is not None and not hb.flags & FLAG_SERVING and hb.role == ROLE_SLAVE):
-                return True      # (read directly: the loop may be stopping)
-            time.sleep(0.1)
-        return False
-
-    def _stop_replication(self) -> None:
-        """From a role job, once the user system is stopped: a master giving
-        up its role ends the replication cycle in flight (it aborts cleanly;
-        nothing half-done) before the dataset changes.  A cycle stuck in ssh
-        timeouts can keep the rest of the step-down waiting; the user system
-        is already stopped then."""
-        self.serving = False
-        self._end_replication()
-
-    def _end_replication(self) -> None:
-        """From a role job: end the replication cycle in flight, if any."""
-        if not self.jobs.cancel("replicate", timeout=60.0):
-            raise ActionError("the replication cycle did not stop within 60 s")
-
-    def _fence(self, ctx: Context, stop: threading.Event) -> None:
-        load_dataset_key(ctx)      # a node that could not take over fences nobody
-        fence_peer(ctx, self.epoch, stop)
-        self.fenced = True
-
-    def _role_job(self, kind: str, action) -> None:
-        """Run a role action in the job "role" (action None: only finish an
-        interrupted one).  Its result reaches _role_done() on the loop as
-        (node state, failure, kind, the action a recovery finished or
-        None, whether an action is still unfinished)."""
-        def job(stop):
-            if self.writer is not None:
-                self.writer.flush(2.0)   # the events that led here come first
-            with self.open_store() as store:
-                ctx = Context(self.cfg, store, Zfs())
-                done, failure, ran = None, None, kind
-                try:
-                    if kind != DECIDE_FENCE and store.unfinished_intent() is not None:
-                        # finish what failed before, then decide again
-                        ran = ROLE_RECOVER
-                        done = recover_intent(ctx, stop, quiesce=self._stop_replication)
-                    elif action is not None:
-                        action(ctx, stop)
-                except FlockerError as e:
-                    failure = e
-                return (store.node_state(), failure, ran, done,
-                        store.unfinished_intent() is not None)
-        self.jobs.start("role", job, self._role_done)
-
-    def _role_done(self, result, error) -> None:
-        if error is not None:     # an internal error: logged, retried later
-            result = (None, error, "role", None, self.recovering)
-        st, failure, kind, recovered, self.recovering = result
-        if st is not None:
-            self.released = st.released
-            if (st.role, st.epoch) != (self.role, self.epoch):
-                self.role_changed = time.monotonic()
-            if st.role != self.role:
-                if st.role == ROLE_MASTER:
-                    self.promotions += 1
-                else:
-                    self.demotions += 1
-            was = self.role
-            self.role, self.epoch = st.role, st.epoch
-            if st.role == ROLE_SLAVE:
-                self.serving = False
-            elif isinstance(failure, HandoverAborted):
-                self.serving = failure.resumed   # a switchover called off
-            elif failure is None and (kind in SERVING_KINDS or recovered == "promote"):
-                # a promotion, a resumption, a won resolution, a recovered
-                # promotion: only these leave the user system running
-                self.serving = True
-                if self.cfg.service.announce_again:   # for neighbours that missed it
-                    self._announce_at = time.monotonic() + self.cfg.service.announce_again
-            if st.role != was:
-                self.operator_handover = False
-                self.switchover_until = 0.0
-            if was == ROLE_MASTER and st.role == ROLE_SLAVE:
-                # a lease held as master is no slave's ticket to promote: a
-                # node that stepped down (isolated, or hearing a newer
-                # master) must be granted one anew after its peer fell silent
-                self.witness.lost(time.monotonic())
-            if st.role == ROLE_MASTER and was != ROLE_MASTER:
-                self.fenced, self.check_failures, self.repl_failures = None, 0, 0
-                self.force = self.force_peer_alive = False
-                if self.outdated:
-                    self._set_outdated(False, "this node is master now")
-        self.resolving = False     # only a resolution sets it; any role job ends it
-        if kind == DECIDE_RESOLVE:
-            if failure is None:
-                self.unresolved = None
-                self.winner_choice = None
-            elif not isinstance(failure, NeedsOperator):
-                self._joined = False   # take part again in an attempt the peer still runs
-            if isinstance(failure, NeedsOperator):
-                self.unresolved = failure.message
-                self._role_failed = DECIDE_RESOLVE
-                self._role_retry_at = time.monotonic() + UNRESOLVED_RETRY
-                self._log_quietly("unresolved", logging.ERROR, "SPLIT BRAIN, an operator must "
-                                  "decide: %s" % failure.message, 300)
-                return
-        if failure is None:
-            self._role_backoff = 0.0
-            self._role_failed = None
-            if kind != DECIDE_FENCE:
-                log.info("%s done: role %s, epoch %d, %s", kind, self.role, self.epoch,
-                         "serving" if self.serving else "not serving")
-            return
-        if isinstance(failure, HandoverAborted):
-            self.operator_handover = False
-            self.switchover_error = failure.message
-            self._event("handover", failure.message, "error")
-            log.error("%s", failure.message)
-            return
-        if kind != self._role_failed:
-            self._role_backoff = 0.0     # another action: its own backoff
-        self._role_failed = kind
-        self._role_backoff = min(60.0, max(1.0, self._role_backoff * 2))
-        self._role_retry_at = time.monotonic() + self._role_backoff
-        why = failure.message if isinstance(failure, FlockerError) else repr(failure)
-        log.error("%s failed: %s (next try in %g s)", kind, why, self._role_backoff)
-        self._event("role", "%s failed: %s" % (kind, why), "error")
-
-    def _released_until_taken(self, hb: Heartbeat) -> None:
-        """The release is announced until the peer has taken over."""
-        if self.released and hb.role == ROLE_MASTER and hb.epoch > self.epoch:
-            self.released = False
-            why = "%s took over (epoch %d)" % (self.cfg.peer.name, hb.epoch)
-            self._submit(lambda store: store.set_released(False, why))
-
-    def _persist_peer(self, now: float) -> None:
-        t = self.tracker
-        hb = t.last
-        if hb is None:
-            return
-        key = (hb.role, hb.epoch, hb.generation, hb.snapshot or None,
-               str(hb.guid) if hb.guid else None, hb.health)
-        if key == self._peer_saved and (now - self._peer_saved_at < PEER_SAVE_EVERY
-                                        or t.last_seen <= self._peer_saved_at):
-            return
-        self._peer_saved, self._peer_saved_at = key, now
-        seen = wall_clock() - (now - t.last_seen)
-        name = self.cfg.peer.name
-        self._submit(lambda store: store.save_peer(name, seen, *key))
-
-    def _note_reject(self, rej: WireReject, source: str) -> None:
-        reason = rej.reason
-        self._reject_window[reason] = self._reject_window.get(reason, 0) + 1
-        if len(self._reject_sources) < 5:
-            self._reject_sources.add(source)
-        now = time.monotonic()
-        if now - self._reject_detail_at.get(reason, -1e9) < REJECT_DETAIL_EVERY:
-            return
-        self._reject_detail_at[reason] = now
-        if reason in ("bad_mac", "unknown_key"):
-            log.error("REJECTED a heartbeat from %s with a wrong key (%s): either the "
-                      "nodes do not share the same secret (this node accepts key id%s %s; "
-                      "compare 'config-check' on both nodes) or someone is forging "
-                      "packets. Further such packets are counted in 'status' and "
-                      "summarised every %g s", source, rej, "s" if len(self.tracker.keys) > 1
-                      else "", ", ".join(k[0] for k in self.tracker.keys.values()),
-                      REJECT_SUMMARY_EVERY)
-            self._event("rejected", "heartbeat from %s with a wrong key: %s" % (source, rej),
-                        "error")
-        else:
-            hint = ""
-            if reason == "old_generation":
-                hint = ("; a replay of recorded packets, or node %s restarted from older "
-                        "state (its state file restored from a backup or made anew with "
-                        "'init --force', a VM snapshot reverted): such a peer is accepted "
-                        "as soon as it answers this node's heartbeats" % self.cfg.peer.name)
-            log.warning("rejected a packet from %s: %s%s (further ones are counted and "
-                        "summarised every %g s)", source, rej, hint, REJECT_SUMMARY_EVERY)
-
-    def _summarise_rejections(self, now: float) -> None:
-        if not self._reject_window:
-            return
-        text = ", ".join("%s %d" % kv for kv in sorted(self._reject_window.items()))
-        log.warning("rejected in the last %g s: %s (from %s)", REJECT_SUMMARY_EVERY, text,
-                    ", ".join(sorted(self._reject_sources)))
-        self._reject_window = {}
-        self._reject_sources = set()
-
-    def _log_quietly(self, topic: str, level: int, message: str, every: float = 60.0) -> None:
-        """Log message unless this topic was logged less than `every` s ago."""
-        now = time.monotonic()
-        if now < self._quiet_until.get(topic, -1.0):
-            return
-        self._quiet_until[topic] = now + every
-        log.log(level, "%s", message)
-
-    def _event(self, kind: str, message: str, level: str = "info") -> None:
-        self._submit(lambda store: store.record_event(kind, message, level))
-
-    def _submit(self, fn) -> None:
-        if self.writer is not None:
-            self.writer.submit(fn)
-
-    # -- configuration reload -------------------------------------------------
+    # -- configuration reload ----------------------------------------------------------
 
     def _start_reload(self) -> None:
         path, node = self.cfg.path, self.cfg.local_name
@@ -9034,378 +9621,110 @@ class Daemon:
             self._reload_pending = True   # one is running: do it again after
 
     def _reload_done(self, new: Optional[Config], error) -> None:
-        old = self.cfg
         if error is not None:
             why = error.message if isinstance(error, FlockerError) else repr(error)
             log.error("SIGHUP: the configuration is not valid, keeping the old one: %s", why)
-            self._event("config", "reload refused, old configuration kept: %s" % why, "error")
+            self.reporter.event("config", "reload refused, old configuration kept: %s" % why, "error")
             return
-        fixed = []
-        if new.name != old.name:
-            fixed.append("[cluster] name")
-        if new.heartbeat_port != old.heartbeat_port:
-            fixed.append("[cluster] heartbeat_port")
-        for n_old in old.nodes:
-            try:
-                n_new = new.node(n_old.name)
-            except KeyError:
-                fixed.append("the node names")
-                break
-            if n_new.addresses != n_old.addresses:
-                fixed.append("[node %s] address" % n_old.name)
-            if n_new.state_db != n_old.state_db:
-                fixed.append("[node %s] state_db" % n_old.name)
+        fixed = reload_refusal(self.cfg, new)
         if fixed:
             why = ("changing %s needs a restart of the daemon; keeping the old "
                    "configuration" % ", ".join(fixed))
             log.error("SIGHUP: %s", why)
-            self._event("config", "reload refused: %s" % why, "error")
+            self.reporter.event("config", "reload refused: %s" % why, "error")
             return
-        self.cfg = new
-        self._role_retry_at = 0.0   # e.g. a fixed divergence_policy: look again now
+        self.cfg = self.link.cfg = new
+        self.keeper.reconfigured(new)
         self.tracker.keys = wire_keys(new.secret, new.secret_previous)
         self.tracker.dead_time = new.dead_time
         log.info("SIGHUP: configuration reloaded from %s (key id %s)", new.path, new.key_id)
-        self._event("config", "configuration reloaded (key id %s)" % new.key_id)
+        self.reporter.event("config", "configuration reloaded (key id %s)" % new.key_id)
 
-    # -- control socket ----------------------------------------------------
+    # -- the control socket's requests ---------------------------------------------------
 
-    def _on_control_accept(self, sock, mask) -> None:
-        try:
-            conn, _ = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        try:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
-            uid = struct.unpack("3i", creds)[1]
-        except OSError:
-            uid = -1
-        if len(self.clients) >= CONTROL_MAX_CLIENTS or uid not in (0, os.geteuid()):
-            conn.close()
-            return
-        conn.setblocking(False)
-        client = _ControlClient(conn, time.monotonic() + CONTROL_TIMEOUT)
-        self.clients[conn.fileno()] = client
-        self.sel.register(conn, selectors.EVENT_READ,
-                          lambda s, m, cl=client: self._on_control_io(cl, m))
+    def _control_handlers(self) -> Dict[str, object]:
+        k = lambda: self.keeper   # noqa: E731 - made by run()
+        return {
+            "ping": lambda req: {"ok": True, "pid": os.getpid()},
+            "status": lambda req: {"ok": True, "status": self.live_status(time.monotonic())},
+            "promote": lambda req: k().operator_switchover("promote", req, time.monotonic()),
+            "demote": lambda req: k().operator_switchover("demote", req, time.monotonic()),
+            "resolve": lambda req: k().operator_resolve(req.get("winner")),
+            "discard-preserved": lambda req: self.discards.request(req.get("dataset")),
+            "announce": lambda req: k().operator_announce(time.monotonic()),
+            "reset-stats": lambda req: self._reset_stats(),
+        }
 
-    def _on_control_io(self, cl: _ControlClient, mask) -> None:
-        try:
-            if mask & selectors.EVENT_READ:
-                data = cl.conn.recv(CONTROL_MAX_REQUEST)
-                if not data:
-                    return self._drop_client(cl)
-                cl.inbuf += data
-                if b"\n" in cl.inbuf:
-                    line = cl.inbuf.split(b"\n", 1)[0]
-                    reply = self._control_request(line)
-                    cl.outbuf = (json.dumps(reply, sort_keys=True) + "\n").encode()
-                    self.sel.modify(cl.conn, selectors.EVENT_WRITE,
-                                    lambda s, m, cl=cl: self._on_control_io(cl, m))
-                elif len(cl.inbuf) > CONTROL_MAX_REQUEST:
-                    return self._drop_client(cl)
-            if mask & selectors.EVENT_WRITE:
-                sent = cl.conn.send(cl.outbuf)
-                cl.outbuf = cl.outbuf[sent:]
-                if not cl.outbuf:
-                    self._drop_client(cl)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self._drop_client(cl)
-
-    def _drop_client(self, cl: _ControlClient) -> None:
-        self.clients.pop(cl.conn.fileno(), None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(cl.conn)
-        cl.conn.close()
-
-    def _reap_clients(self, now: float) -> None:
-        for cl in list(self.clients.values()):
-            if now > cl.deadline:
-                self._drop_client(cl)
-
-    def _control_request(self, line: bytes) -> dict:
-        try:
-            req = json.loads(line.decode("utf-8"))
-            cmd = req["cmd"]
-        except (ValueError, KeyError, TypeError):
-            return {"ok": False, "error": "expected one JSON object with a 'cmd' key"}
-        if cmd == "ping":
-            return {"ok": True, "pid": os.getpid()}
-        if cmd == "status":
-            return {"ok": True, "status": self.live_status(time.monotonic())}
-        if cmd in ("promote", "demote"):
-            return self._switchover_request(cmd, req)
-        if cmd == "resolve":
-            winner = req.get("winner")
-            if winner not in [n.name for n in self.cfg.nodes]:
-                return {"ok": False, "error": "--winner must name a node: %s or %s"
-                        % (self.cfg.local_name, self.cfg.peer.name)}
-            self.winner_choice = winner
-            self._role_retry_at = 0.0
-            log.warning("operator: resolve --winner %s", winner)
-            self._event("operator", "resolve --winner %s" % winner, "warning")
-            return {"ok": True}
-        if cmd == "discard-preserved":
-            return self._discard_request(req.get("dataset"))
-        if cmd == "announce":
-            if not self.serving or self.cfg.service.service_address is None:
-                return {"ok": False, "error": "this node does not serve the service address "
-                        "(%s); only the serving master announces it"
-                        % (self.cfg.service.service_address or "none is configured")}
-            self._announce_at = time.monotonic()
-            return {"ok": True}
-        if cmd == "reset-stats":
-            self.tracker.reset_stats()
-            self.worst_lag = 0.0
-            self.stats_since = time.monotonic()
-            return {"ok": True}
-        return {"ok": False, "error": "unknown command %r; known: ping, status, promote, "
-                                      "demote, resolve, discard-preserved, announce, "
-                                      "reset-stats"
-                % (cmd,)}
-
-    def _announce_due(self, now: float) -> None:
-        """The service address announced again: announce_again after the
-        user system started here, and on request (SIGUSR2, 'announce')."""
-        if not self._announce_at or now < self._announce_at:
-            return
-        self._announce_at = 0.0
-        sa = self.cfg.service.service_address
-        if sa is None or not self.serving or self.jobs.busy("announce"):
-            return
-        svc = self.cfg.service
-        self.jobs.start("announce", lambda stop: announce_address(
-            sa, svc.announce_count, svc.announce_interval), self._announced)
-
-    def _announced(self, result, error) -> None:
-        if error is not None:
-            self._log_quietly("announce", logging.WARNING, "cannot announce %s: %s" % (
-                self.cfg.service.service_address, error))
-        else:
-            log.info("announced %s again (%d packets)", self.cfg.service.service_address,
-                     result)
-
-    def _discard_request(self, name) -> dict:
-        """'discard-preserved' while the daemon holds the state lock: the
-        same checks and destroy, in a job (the loop never waits on zfs);
-        the command line follows it in status's 'discard'."""
-        if not isinstance(name, str) or not name:
-            return {"ok": False, "error": "discard-preserved needs the dataset's name"}
-        if self.jobs.busy("discard"):
-            return {"ok": False, "error": "a discard of %s is still running; wait for it"
-                    % self.discard["dataset"]}
-        self.discard = {"dataset": name, "state": "running", "error": None}
-        log.warning("operator: discard-preserved %s", name)
-
-        def job(stop):
-            with self.open_store() as store:
-                discard_preserved(Context(self.cfg, store, Zfs()), name)
-        self.jobs.start("discard", job, self._discard_done)
+    def _reset_stats(self) -> dict:
+        self.tracker.reset_stats()
+        self.worst_lag = 0.0
+        self.stats_since = time.monotonic()
         return {"ok": True}
 
-    def _discard_done(self, result, error) -> None:
-        if error is None:
-            self.discard = dict(self.discard, state="done")
-            log.info("discarded the preserved dataset %s", self.discard["dataset"])
-            return
-        text = error.message if isinstance(error, FlockerError) else repr(error)
-        self.discard = dict(self.discard, state="failed", error=text)
-        log.error("discard-preserved %s: %s", self.discard["dataset"], text)
-
-    def _switchover_request(self, cmd: str, req: dict) -> dict:
-        """'promote' on the slave, 'demote' on the master (see the CLI)."""
-        now = time.monotonic()
-        alive = self.tracker.state == "alive"
-        peer = self.cfg.peer.name
-        busy = self.jobs.busy("role")
-        if cmd == "demote":
-            if self.role != ROLE_MASTER or not self.serving:
-                return {"ok": False, "error": "this node is not the serving master (role %s); "
-                        "run 'demote' on the master" % self.role}
-            if not alive:
-                return {"ok": False, "error": "the peer %s is not alive: a switchover needs a "
-                        "slave to take over; nothing was changed (stopping the daemon "
-                        "stops the service)" % peer}
-            self.operator_handover = True
-            self.switchover_error = None
-            log.info("operator: demote (planned switchover to %s)", peer)
-            self._event("operator", "demote requested: planned switchover to %s" % peer)
-            return {"ok": True, "busy": busy}
-        if self.role == ROLE_MASTER:
-            return {"ok": False, "error": "this node is already master (epoch %d)" % self.epoch}
-        if req.get("force"):
-            if alive and not req.get("peer_alive_ok"):
-                return {"ok": False, "error": "the peer %s is alive (heard %.1f s ago): a "
-                        "forced takeover now makes two masters. Use 'promote' without "
-                        "--force for a planned switchover; if you are sure, add "
-                        "--i-know-the-peer-is-alive" % (
-                            peer, now - (self.tracker.last_seen or now))}
-            self.force = True
-            self.force_peer_alive = alive
-            log.warning("operator: promote --force%s", " (the peer is alive)" if alive else "")
-            self._event("operator", "promote --force requested%s" % (
-                " although the peer is alive" if alive else ""), "warning")
-            return {"ok": True, "busy": busy}
-        if not alive or (self.tracker.last and self.tracker.last.role != ROLE_MASTER):
-            return {"ok": False, "error": "the peer %s is %s: a planned switchover needs a "
-                    "serving master; if it is dead, 'promote --force' takes over"
-                    % (peer, "not alive" if not alive else "not master")}
-        self.switchover_until = now + SWITCHOVER_TIMEOUT + 2 * self.cfg.service.command_timeout
-        self.switchover_error = None
-        log.info("operator: promote (asking %s for a planned switchover)", peer)
-        self._event("operator", "promote requested: asking %s to hand over" % peer)
-        return {"ok": True, "busy": busy}
-
     def live_status(self, now: float) -> dict:
-        t = self.tracker
-        age = lambda m: None if m is None else round(now - m, 3)  # noqa: E731
-        hb = t.last
-        peer = {"node": self.cfg.peer.name, "state": t.state,
-                "state_age_seconds": age(t.state_since),
-                "last_seen_age_seconds": age(t.last_seen),
-                "dead_verdicts": t.dead_verdicts,
-                "silence_at_last_verdict_seconds":
-                    None if t.silence_at_verdict is None else round(t.silence_at_verdict, 3)}
-        if hb is not None:
-            peer.update(role=hb.role, epoch=hb.epoch, generation=hb.generation,
-                        sequence=hb.sequence, snapshot=hb.snapshot or None,
-                        guid=str(hb.guid) if hb.guid else None, health=hb.health,
-                        flags=hb.flags, key_id=hb.key_id)
-        return {
+        status = {
             "pid": os.getpid(),
-            "generation": self.generation,
             "started": self.started_wall,
-            "uptime_seconds": age(self.started_mono),
-            "role": self.role, "epoch": self.epoch, "health": self.health,
-            "serving": self.serving, "outdated": self.outdated,
-            "decision": None if self.decision is None else
-            {"kind": self.decision.kind, "reason": self.decision.reason},
-            "arbitrator": None if self.arbitrator_last is None else
-            {"reachable": self.arbitrator_last[0], "how": self.arbitrator_last[1],
-             "age_seconds": age(self.arbitrator_last[2])},
-            "witness": self._witness_status(now),
-            "fenced": self.fenced, "check_failures": self.check_failures,
-            "replication_failures": self.repl_failures, "released": self.released,
-            "recovering": self.recovering, "discard": self.discard,
-            "promotions": self.promotions, "demotions": self.demotions,
-            "divergence": {"resolving": self.resolving, "unresolved": self.unresolved,
-                           "winner_choice": self.winner_choice},
+            "uptime_seconds": round(now - self.started_mono, 3),
+            "discard": self.discards.last,
             "transfer": self.transfer.view(now),
-            "last_transfer": None if self.last_transfer is None else
-            {"started": self.last_transfer[0], "bytes": self.last_transfer[1],
-             "seconds": self.last_transfer[2]},
-            "switchover": {"requested": self.operator_handover or
-                           now < self.switchover_until,
-                           "force": self.force, "error": self.switchover_error},
-            "snapshot": self.snapshot[0] or None,
             "heartbeat_interval": self.cfg.heartbeat_interval,
             "dead_time": self.cfg.dead_time,
-            "key_ids": [k[0] for k in t.keys.values()],
-            "peer": peer,
-            "links": [{"index": lv.index, "local": lv.local, "peer": lv.peer,
-                       "state": lv.state, "last_seen_age_seconds": age(lv.last_seen),
-                       "received": lv.received, "sent": lv.sent,
-                       "send_errors": lv.send_errors,
-                       "max_gap_seconds": round(lv.max_gap, 4)} for lv in t.links],
-            "rejected": dict(t.rejected),
-            "unconfirmed": t.unconfirmed,
             "worst_lag_seconds": round(self.worst_lag, 4),
             "last_lag_seconds": round(self.last_lag, 4),
-            "stalls": t.stalls,
-            "stats_age_seconds": age(self.stats_since),
+            "stats_age_seconds": round(now - self.stats_since, 3),
             "jobs": self.jobs.running(),
             "state_writes_dropped": self.writer.dropped if self.writer else 0,
         }
+        status.update(self.keeper.status(now))
+        status.update(self.link.status(now))
+        return status
 
-    # -- stopping ----------------------------------------------------------
-
-    def _stop_serving_at_exit(self) -> None:
-        """A master's daemon stops: the user system stops with it (it never
-        runs unsupervised) and the role stays.  (_shutdown told the slave
-        first that it lacks what was written since the last replication, so
-        that it does not take over by itself: see README, "Stopping".)"""
-        try:
-            with self.open_store() as store:
-                stop_serving(Context(self.cfg, store, Zfs()), "the daemon is stopping")
-        except FlockerError as e:
-            log.error("stopping the user system failed: %s", e.message)
-        self.serving = False
-
-    def _announce_leaving(self) -> None:
-        """Tell the slave that it lacks what was written since the last
-        replication, until it echoes one of these packets (then it holds
-        the flag and will not take over by itself), for at most dead_time.
-        A peer that is not heard now gets three packets, 50 ms apart."""
-        first = self.sequence + 1
-        heard = self.tracker.state == "alive"
-        deadline = time.monotonic() + (self.cfg.dead_time if heard else 0.1)
-        with selectors.DefaultSelector() as sel:   # the heartbeat sockets only
-            for i, sock in enumerate(self.socks):
-                sel.register(sock, selectors.EVENT_READ, i)
-            while True:
-                self._send_heartbeats(time.monotonic())
-                until = min(deadline, time.monotonic() + (
-                    min(self.cfg.heartbeat_interval, 0.2) if heard else 0.05))
-                while time.monotonic() < until:
-                    for key, _ in sel.select(max(0.0, until - time.monotonic())):
-                        self._on_packets(key.fileobj, key.data)
-                    hb = self.tracker.last
-                    if (hb is not None and hb.echo_generation == self.generation
-                            and hb.echo_sequence >= first):
-                        log.info("%s heard that this daemon is stopping", self.cfg.peer.name)
-                        return
-                if time.monotonic() >= deadline:
-                    if heard:
-                        log.warning("%s did not confirm within %g s that it heard this "
-                                    "daemon is stopping", self.cfg.peer.name,
-                                    self.cfg.dead_time)
-                    return
+    # -- stopping ------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Leave everything consistent: jobs stopped (their commands
-        killed), the last peer observation and a 'stopped' event written,
-        sockets, pid file and lock released."""
-        if self.role == ROLE_MASTER and self.serving and self.tracker is not None and self.socks:
+        killed), the user system stopped with a master's daemon (it never
+        runs unsupervised; the role stays), the last peer observation and a
+        'stopped' event written, sockets, pid file and lock released."""
+        k = self.keeper
+        serving_master = k is not None and k.role == ROLE_MASTER and k.serving
+        if serving_master and self.link.socks:
             # first of all (ending a transfer may take longer than dead_time,
             # and no heartbeat goes out meanwhile): the slave lacks what was
             # written since the last replication and must not take over
-            self.leaving = True
-            self._announce_leaving()
+            # (see README, "Stopping")
+            k.leaving = True
+            self.link.announce_leaving()
         left = self.jobs.stop_all(timeout=30.0)
         if left:
             log.error("jobs still running at exit, abandoned: %s", ", ".join(left))
-        if self.role == ROLE_MASTER and self.serving and self.lock is not None:
-            self._stop_serving_at_exit()
+        if k is not None and k.role == ROLE_MASTER and k.serving and self.lock is not None:
+            try:
+                with self.open_store() as store:
+                    stop_serving(Context(self.cfg, store, Zfs()), "the daemon is stopping")
+            except FlockerError as e:
+                log.error("stopping the user system failed: %s", e.message)
+            k.stopped_serving()
         if self.writer is not None:
-            if self.tracker is not None and self.tracker.last is not None:
-                self._peer_saved = None
-                self._persist_peer(time.monotonic())
-            self._event("daemon", "daemon stopped%s" % (
+            self.link.persist_peer(time.monotonic(), force=True)
+            self.reporter.event("daemon", "daemon stopped%s" % (
                 " by signal %d" % self._stop_signal if self._stop_signal else ""))
             if not self.writer.close():
                 log.error("the state writer did not finish in time")
-        for s in self.socks:
-            s.close()
-        for cl in list(self.clients.values()):
-            self._drop_client(cl)
-        if self.control is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(control_socket_path(self.cfg.local.state_db))
-            self.control.close()
+        self._close()
+
+    def _close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        self.control.close()
         if self._sig_w is not None:
             with contextlib.suppress(ValueError):
                 signal.set_wakeup_fd(-1)
         for s in (self._wake_r, self._wake_w, self._sig_r, self._sig_w):
             if s is not None:
                 s.close()
-        if self.pidfile is not None:
-            with contextlib.suppress(OSError):
-                with open(self.pidfile) as f:
-                    if f.read().strip() == str(os.getpid()):
-                        os.unlink(self.pidfile)
+        remove_pidfile(self.pidfile)
         if self.lock is not None:
             self.lock.release()
             self.lock = None

@@ -120,8 +120,8 @@ if os.environ.get("FFT_SLOW_JOB"):
 
 if os.environ.get("FFT_EXTRA_FLAGS"):
     _extra = int(os.environ["FFT_EXTRA_FLAGS"])
-    _flags = ff.Daemon._flags
-    ff.Daemon._flags = lambda self: _flags(self) | _extra
+    _flags = ff.RoleKeeper.flags
+    ff.RoleKeeper.flags = lambda self, now: _flags(self, now) | _extra
 
 if os.environ.get("FFT_MEMTRACE"):
     import threading

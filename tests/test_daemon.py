@@ -568,7 +568,8 @@ def test_key_change_without_downtime(bed):
 
 def test_peer_observation_is_persisted_rate_limited(tmp_path):
     """Not once per packet: on a change (checked every second) and else
-    every PEER_SAVE_EVERY seconds.  Pure: the daemon object is not run."""
+    every PEER_SAVE_EVERY seconds.  Pure: the heartbeat link's sockets are not
+opened."""
     secret = tmp_path / "secret"
     secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
     secret.chmod(0o600)
@@ -578,24 +579,25 @@ def test_peer_observation_is_persisted_rate_limited(tmp_path):
         "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
     import dataclasses
     cfg = dataclasses.replace(cfg, local_name="alpha")
-    d = ff.Daemon(cfg)
-    d.tracker = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(cfg.secret),
-                               [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0,
-                               generation=1)
+    tracker = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(cfg.secret),
+                             [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0,
+                             generation=1)
     writes = []
-    d._submit = lambda fn: writes.append(now)
+    keeper = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
+    link = ff.HeartbeatLink(cfg, tracker, keeper, 1,
+                            lambda note: note.write is not None and writes.append(now))
     epoch, seq = 1, 0
     for tick in range(1, 301):            # 30 s of heartbeats every 0.1 s
         now = tick / 10.0
         if now == 12.0:
             epoch = 2
         seq += 1
-        d.tracker.sent(seq, now - 0.05)
+        tracker.sent(seq, now - 0.05)
         h = ff.Heartbeat("shop", "beta", 1, seq, ff.ROLE_MASTER, epoch,
                          echo_generation=1, echo_sequence=seq)
-        assert d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
+        assert tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
         if tick % 10 == 0:                # the persist timer runs once a second
-            d._persist_peer(now)
+            link.persist_peer(now)
     print("300 heartbeats, %d writes at %s" % (len(writes), writes))
     assert writes[0] == 1.0 and 12.0 in writes      # first sight, epoch change
     assert 6 <= len(writes) <= 8
@@ -669,8 +671,8 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
     over (slave, release flag) waits for exactly that, so the slave looks
     every heartbeat interval then; it did not look at all, and waited for
     the periodic scan (every max(5 s, replication_interval)): the
-    switchover of issue 16 took 6.5 s under load.  Pure: the daemon
-    object is not run."""
+    switchover of issue 16 took 6.5 s under load.  Pure: the role keeper
+    alone, as the loop drives it."""
     secret = tmp_path / "secret"
     secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
     secret.chmod(0o600)
@@ -680,13 +682,12 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
         "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
     import dataclasses
     cfg = dataclasses.replace(cfg, local_name="beta")
-    d = ff.Daemon(cfg)
+    tracker = ff.PeerTracker("shop", "beta", "alpha", ff.wire_keys(cfg.secret),
+                             [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
+                             generation=1)
+    d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
     d.role, d.epoch, d.snapshot = ff.ROLE_SLAVE, 2, ("flocker-2-old", 11)
-    d.tracker = ff.PeerTracker("shop", "beta", "alpha", ff.wire_keys(cfg.secret),
-                               [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
-                               generation=1)
     scans = []
-    d.jobs.start = lambda name, *a, **kw: scans.append((name, now))
     seq = 0
     for tick in range(1, 31):             # 3 s of heartbeats every 0.1 s
         now = tick / 10.0
@@ -699,8 +700,9 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
                          echo_generation=1, echo_sequence=seq)
         assert d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
         d.tracker.evaluate(now)
-        d._observe_peer(now)
-    times = [t for name, t in scans if name == "snapshots"]
+        if d.observe_peer(now):
+            scans.append(now)
+    times = scans
     before, after = [t for t in times if t <= 1.0], [t for t in times if t > 1.0]
     assert before == [0.1], times                   # once a second while it serves
     assert len(after) >= 8, times                   # every interval (0.2 s) once released
