@@ -122,6 +122,27 @@ def bed(zfs_ready):
     yield from beds()
 
 
+@pytest.fixture
+def lanbed(zfs_ready):
+    """Two hosts and the LAN (bed.Bed(lan=True)); the end of each daemon's
+    log is printed afterwards."""
+    try:
+        b = bedmod.Bed(lan=True)
+    except bedmod.BedUnavailable as e:
+        need(False, "two-host test bed unavailable: %s" % e)
+    try:
+        yield b
+    finally:
+        # shown when the test failed: the newest logs first (CI keeps only
+        # the beginning of a long output)
+        logs = [os.path.join(b.workdir, n) for n in os.listdir(b.workdir)
+                if n.startswith("daemon-")]
+        for path in sorted(logs, key=os.path.getmtime, reverse=True):
+            with open(path, errors="replace") as f:
+                print("==== %s\n%s" % (os.path.basename(path), "".join(f.readlines()[-40:])))
+        b.close()
+
+
 def dataset_context(ds, zfs, recursive=False):
     """An action Context for one local dataset, with no configuration or
     state file behind it: the events it records are kept in .store.events."""

@@ -10,8 +10,7 @@ import sys
 import time
 
 import bed as bedmod
-from test_daemon import S, Running, init, wait_for
-from test_failover import lanbed, serving, service_config  # noqa: F401 - fixture
+from helpers import Running, S, init, service_config, serving, wait_for
 
 BOGUS = "02:00:5e:00:53:99"      # a MAC nobody on the LAN has
 

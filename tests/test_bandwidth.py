@@ -11,7 +11,7 @@ import pytest
 
 import bed as bedmod
 from conftest import HEARTBEAT_TIMING, ff
-from test_daemon import DEAD, Running, init, wait_for
+from helpers import DEAD, Running, init, wait_for
 
 MiB = 1 << 20
 

@@ -10,9 +10,7 @@ import time
 
 import bed as bedmod
 from conftest import need
-from test_daemon import DEAD, INTERVAL, S, wait_for
-from test_failover import (lanbed, replicated, service_config, serving,  # noqa: F401
-                           start, svc_running)
+from helpers import DEAD, S, replicated, service_config, serving, start, svc_running, wait_for
 
 CAMPAIGN = os.path.join(bedmod.ROOT, "contrib", "campaign")
 

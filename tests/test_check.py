@@ -8,8 +8,7 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import S, Running, init, wait_for
-from test_replication import FAST, fails, ok, prepare, snaps, sync, write
+from helpers import FAST, Running, S, fails, init, ok, prepare, snaps, sync, wait_for, write
 
 
 def report(role="master", state="alive", peer_role="slave", daemon=True, preserved=()):

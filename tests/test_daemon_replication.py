@@ -7,7 +7,7 @@ import time
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import Running, init, wait_for
+from helpers import Running, init, wait_for
 
 
 def snaps(ds):

@@ -20,8 +20,7 @@ import pytest
 
 import bed as bedmod
 from conftest import ff, need
-from test_daemon import S, Running, init, start_pair, wait_for
-from test_failover import lanbed, replicated, serving  # noqa: F401 (fixture)
+from helpers import Running, S, init, replicated, serving, start_pair, wait_for
 
 SCRIPT = os.path.join(bedmod.ROOT, "contrib", "examples", "postgresql", "flocker-postgresql")
 PGBIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))

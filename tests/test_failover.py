@@ -4,69 +4,21 @@ the clients' view of the service address and the arbitrator."""
 
 import os
 import re
-import subprocess
 import time
 
 import pytest
 
 import bed as bedmod
-from conftest import dataset_context, ff, need
-from test_daemon import DEAD, INTERVAL, S, Running, init, wait_for  # the bed's timings
-
-
-# The user system: a sleeping process whose pid is kept in the work dir.
-# start is idempotent (a running one is kept), refuses to run unless the
-# dataset is mounted (it writes nothing there: no divergence), and
-# appends "start EPOCH TIME" to its node's log; stop appends "stop ...".
-START = ("sh -c 'mp=$(zfs get -H -o value mountpoint $FLOCKER_DATASET) && "
-         "[ \"$(zfs get -H -o value mounted $FLOCKER_DATASET)\" = yes ] && "
-         "[ -w \"$mp\" ] && "
-         "echo start $FLOCKER_EPOCH $(date +%s.%N) >> {w}/svc-$FLOCKER_NODE.log && "
-         "{{ [ -f {w}/svc-$FLOCKER_NODE.pid ] && kill -0 $(cat {w}/svc-$FLOCKER_NODE.pid) "
-         "2>/dev/null || {{ setsid sleep 100000 </dev/null >/dev/null 2>&1 & "
-         "echo $! > {w}/svc-$FLOCKER_NODE.pid; }}; }}'")
-STOP = ("sh -c 'echo stop $FLOCKER_EPOCH $(date +%s.%N) >> {w}/svc-$FLOCKER_NODE.log; "
-        "[ -f {w}/svc-$FLOCKER_NODE.pid ] && kill $(cat {w}/svc-$FLOCKER_NODE.pid) "
-        "2>/dev/null; rm -f {w}/svc-$FLOCKER_NODE.pid; true'")
-
-
-_last_config = {}
-
-
-def service_config(bed, **extra):
-    w = bed.workdir
-    service = {"start_command": START.format(w=w), "stop_command": STOP.format(w=w),
-               "service_address": "%s/28 dev lan0" % bed.SERVICE_ADDRESS}
-    service.update(extra.pop("service", {}))
-    cluster = {"replication_interval": "0.5"}
-    cluster.update(extra.pop("cluster", {}))
-    _last_config.clear()
-    _last_config.update(cluster=cluster, service=service, **extra)
-    return bed.write_config(cluster=cluster, service=service, **extra)
-
-
-def svc_log(host):
-    path = os.path.join(host.bed.workdir, "svc-%s.log" % host.name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [(w[0], int(w[1]), float(w[2])) for w in (line.split() for line in f) if w]
+from conftest import dataset_context, ff
+from helpers import (DEAD, INTERVAL, Running, S, init, killed, last_service_config, replicated,
+                     service_config, serving, start, svc_log, svc_running, wait_for, write_files,
+                     zget)
 
 
 def sched_policy(pid, tid):
     """The scheduling policy of a thread (field 41 of its stat file)."""
     with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
         return int(f.read().rsplit(")", 1)[1].split()[38])
-
-
-def svc_running(host):
-    """The user system's process runs on host (pid file and process)."""
-    path = os.path.join(host.bed.workdir, "svc-%s.pid" % host.name)
-    try:
-        with open(path) as f:
-            return bedmod._pid_alive(int(f.read()))
-    except (OSError, ValueError):
-        return False
 
 
 def snaps(ds):
@@ -76,28 +28,6 @@ def snaps(ds):
             for line in out.splitlines() if "@" in line]
 
 
-def zget(ds, prop):
-    return bedmod.sh(["zfs", "get", "-H", "-o", "value", prop, ds]).stdout.strip()
-
-
-def serving(d):
-    s = d.status()
-    return s["role"] == "master" and s["serving"]
-
-
-def replicated(master, since=0.0):
-    """The master's daemon confirmed that the slave holds its newest
-    snapshot, taken by a cycle that started after `since` (wall clock)."""
-    s = master.status()
-    if not (s["snapshot"] and s["peer"].get("snapshot") == s["snapshot"]):
-        return False
-    if since:
-        with ff.StateStore.open(master.host.state_db) as store:
-            last = store.last_replication()
-        return bool(last and last["result"] == "ok" and last["started"] > since)
-    return True
-
-
 def reachable_from_lan(bed, address, port=9):
     """A TCP connection from the LAN to address is answered (refused)."""
     code = ("import socket,sys\ns=socket.socket();s.settimeout(1)\ntry:\n"
@@ -105,57 +35,6 @@ def reachable_from_lan(bed, address, port=9):
             " pass\nexcept OSError:\n sys.exit(1)\n")
     return bed.lan_run([bedmod.sys.executable, "-c", code, address, str(port)],
                        check=False).returncode == 0
-
-
-@pytest.fixture
-def lanbed(zfs_ready):
-    try:
-        b = bedmod.Bed(lan=True)
-    except bedmod.BedUnavailable as e:
-        need(False, "two-host test bed unavailable: %s" % e)
-    try:
-        yield b
-    finally:
-        # shown when the test failed: the newest logs first (CI keeps only
-        # the beginning of a long output)
-        logs = [os.path.join(b.workdir, n) for n in os.listdir(b.workdir)
-                if n.startswith("daemon-")]
-        for path in sorted(logs, key=os.path.getmtime, reverse=True):
-            with open(path, errors="replace") as f:
-                print("==== %s\n%s" % (os.path.basename(path), "".join(f.readlines()[-40:])))
-        b.close()
-
-
-def killed(d, timeout=30):
-    """The daemon d, started with a FLOCKER_FAILPOINT, died at it: its
-    exit status; fails with the end of its log when it is still running."""
-    try:
-        return d.proc.wait(timeout=S(timeout))
-    except subprocess.TimeoutExpired:
-        raise AssertionError("%s still runs %d s later; its log ends:\n%s" % (
-            os.path.basename(d.log), S(timeout), "".join(d.log_text().splitlines(True)[-30:])))
-
-
-def start(bed, **kw):
-    init(bed)
-    # reading files must not change the old master's dataset after its last
-    # snapshot (atime), or its return is a divergence (test_divergence.py)
-    for h in bed.hosts:
-        bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
-    da, db = Running(bed.a, **kw).wait_ready(), Running(bed.b, **kw).wait_ready()
-    wait_for(lambda: serving(da), S(15), step=0.05)
-    wait_for(lambda: replicated(da), S(30), step=0.05)   # the slave holds a replica
-    return da, db
-
-
-def write_files(host, n=5, size=100000):
-    """Write n files on host's mounted dataset; returns the mountpoint.
-    (The caller waits for replicated(..., since=<time before this call>).)"""
-    mnt = zget(host.dataset, "mountpoint")
-    for i in range(n):
-        with open(os.path.join(mnt, "f%d-%d.bin" % (i, time.time_ns())), "wb") as f:
-            f.write(os.urandom(size))
-    return mnt
 
 
 METRIC_LINE = re.compile(r'^flocker_[a-z_]+\{(?:[a-z]+="[^"\\]*",?)+\} -?[0-9.e+-]+$')
@@ -181,7 +60,7 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
     # one config per host, differing only in where each writes its metrics
     # (the hosts share this machine's file system)
     service_config(bed, cluster={"metrics_file": os.path.join(bed.workdir, "metrics-beta.prom")})
-    cfg_b = bed.write_config(path=os.path.join(bed.workdir, "beta.conf"), **_last_config)
+    cfg_b = bed.write_config(path=os.path.join(bed.workdir, "beta.conf"), **last_service_config)
     service_config(bed, cluster={"metrics_file": os.path.join(bed.workdir,
                                                               "metrics-alpha.prom")})
     a, b = bed.a, bed.b

@@ -17,9 +17,8 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import wait_for
-from test_replication import (fails, master_digest, mnt, ok, prepare, slave_digest, snaps,
-                              sync, write)
+from helpers import (fails, master_digest, mnt, ok, prepare, slave_digest, snaps, sync, wait_for,
+                     write)
 
 
 def zget(ds, prop):

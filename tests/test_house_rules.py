@@ -97,3 +97,25 @@ def test_every_test_named_in_the_durations_file_exists():
         path, _, name = test_id.partition("::")
         with open(os.path.join(here, path)) as f:
             assert "\ndef %s(" % name.split("[")[0] in f.read(), test_id
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test helpers live in helpers.py (fixtures in conftest.py,
+    the bed in bed.py): a test module that imports another runs that
+    module's import-time code and drags its fixtures and names along, and
+    moving one test breaks the other."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = []
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            found += ["%s:%d imports %s" % (os.path.basename(path), node.lineno, m)
+                      for m in modules if m.split(".")[0].startswith("test_")]
+    assert not found, found

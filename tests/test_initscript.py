@@ -5,7 +5,7 @@ import sys
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import init
+from helpers import init
 
 SCRIPT = os.path.join(bedmod.ROOT, "contrib", "init.d", "flocker-failover")
 

@@ -8,8 +8,7 @@ import pytest
 
 import bed as bedmod
 from conftest import beds, ff
-from test_daemon import S, Running, wait_for
-from test_failover import replicated, serving
+from helpers import Running, S, replicated, serving, wait_for
 
 ADDRESS = "2001:db8:0:ff::10"
 

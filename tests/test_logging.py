@@ -9,7 +9,7 @@ import sys
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import init
+from helpers import init
 
 DAEMON = 3 * 8          # syslog facility daemon
 ERR, WARNING, INFO = 3, 4, 6

@@ -20,7 +20,7 @@ import pytest
 import bed as bedmod
 import pcmk
 from conftest import beds, ff, need
-from test_daemon import wait_for as daemon_wait_for
+from helpers import wait_for as daemon_wait_for
 
 AGENT = pcmk.AGENT
 
@@ -98,7 +98,7 @@ def missing_writes(acks, ds):
 
 
 def wait_for(predicate, timeout, what, step=0.1):
-    """test_daemon's, with what is awaited said first (as this test reads)."""
+    """helpers.wait_for, with what is awaited said first (as this test reads)."""
     return daemon_wait_for(predicate, timeout, step=step, what=repr(what))
 
 

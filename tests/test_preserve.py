@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ff
 import bed as bedmod
+from helpers import Running, S
 
 COMMON = "flocker-2-20260101T000000Z"
 # the live dataset's own settings, which preservation must leave on it
@@ -230,7 +231,6 @@ def test_discard_preserved_goes_through_a_running_daemon(diverged):
     running daemon holds; it hands the request to the daemon (control
     socket) instead of asking for the service to stop, with the same
     checks: a name it did not record is refused, the preserved one goes."""
-    from test_daemon import Running, S, wait_for
     bed, a = diverged[0], diverged[1]
     kept = bed.drive(a, "preserve", COMMON, 2).stdout.strip()
     d = Running(a).wait_ready()
@@ -316,7 +316,6 @@ def test_a_state_file_restored_from_before_the_split_lists_the_kept_data_again(d
     were on the pool, in no listed dataset).  The daemon lists it again at
     start, with its origin, and changes nothing on it."""
     import shutil
-    from test_daemon import Running
     bed, a = diverged[0], diverged[1]
     backup = os.path.join(bed.workdir, "state-backup.db")
     shutil.copy(a.state_db, backup)            # nothing holds it open now

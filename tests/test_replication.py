@@ -15,6 +15,7 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
+from helpers import fails, master_digest, mnt, ok, prepare, prop, slave_digest, snaps, sync, write
 
 
 # ---------------------------------------------------------------------------
@@ -513,66 +514,6 @@ def test_openzfs_features_for_real(pool):
 # the real thing
 # ---------------------------------------------------------------------------
 
-FAST = {"ssh_alive_interval": "1", "ssh_connect_timeout": "2",
-        "transfer_stall_timeout": "10"}
-
-
-def prepare(bed, cluster=None, nodes=None, init=True):
-    opts = dict(FAST)
-    opts.update(cluster or {})
-    bed.write_config(cluster=opts, nodes=nodes)
-    if init:
-        for h, role in ((bed.a, "master"), (bed.b, "slave")):
-            p = h.flocker("init", "--role", role)
-            assert p.returncode == 0, p.stderr
-        # the tests read the master's files to checksum them: with atime on,
-        # that reading is a change the next cycle would (rightly) replicate
-        bedmod.sh(["zfs", "set", "atime=off", bed.a.dataset])
-
-
-def mnt(h, ds=None):
-    ds = ds or h.dataset
-    return os.path.join(h.pool.mountpoint, ds.split("/", 1)[1])
-
-
-def write(bed, name, size, seed=None):
-    with open(os.path.join(mnt(bed.a), name), "wb") as f:
-        f.write(os.urandom(size))
-
-
-def sync(bed, *args, timeout=120):
-    return bed.a.flocker("sync", *args, timeout=timeout)
-
-
-def snaps(ds):
-    """{snapshot: (guid, userrefs)} of ds, or None when ds does not exist."""
-    p = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,property,value",
-                   "guid,userrefs", "-d", "1", ds], check=False)
-    if p.returncode != 0:
-        assert "does not exist" in p.stderr, p.stderr
-        return None
-    return {s.name: (s.guid, s.userrefs) for s in ff.parse_listing(p.stdout, ds).snaps}
-
-
-def prop(ds, name):
-    return bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", name, ds]).stdout.strip()
-
-
-def slave_digest(bed, ds=None):
-    ds = ds or bed.b.dataset
-    mounted = prop(ds, "mounted") == "yes"
-    if not mounted:
-        bedmod.sh(["zfs", "mount", ds])
-    try:
-        return bedmod.tree_digest(os.path.join(bed.b.pool.mountpoint, ds.split("/", 1)[1]))
-    finally:
-        if not mounted:
-            bedmod.sh(["zfs", "unmount", ds])
-
-
-def master_digest(bed):
-    return bedmod.tree_digest(mnt(bed.a))
-
 
 def rows(bed):
     conn = sqlite3.connect(bed.a.state_db)
@@ -588,18 +529,6 @@ def status(h):
     p = h.flocker("status", "--json")
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
-
-
-def ok(p):
-    assert p.returncode == 0, "exit %d: %s %s" % (p.returncode, p.stdout, p.stderr)
-    return p
-
-
-def fails(p, code, *needles):
-    assert p.returncode == code, "exit %d: %s %s" % (p.returncode, p.stdout, p.stderr)
-    for n in needles:
-        assert n in p.stderr, p.stderr
-    return p.stderr
 
 
 def unchanged_since(bed, before_a, before_b, digest_b=None, new_pending_ok=False):

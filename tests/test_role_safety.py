@@ -10,10 +10,9 @@ import time
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import DEAD, INTERVAL, S, Running, wait_for
-from test_divergence import files_in, preserved
-from test_failover import (STOP, lanbed, replicated, service_config, serving,  # noqa: F401
-                           start, svc_running, write_files, zget)
+from helpers import (DEAD, INTERVAL, Pair, Running, S, STOP, check_nothing_lost, files_in, init,
+                     preserved, replicated, service_config, serving, start, svc_running, wait_for,
+                     write_files, zget)
 
 
 class Roles:
@@ -435,7 +434,6 @@ def test_a_loser_killed_while_preserving_ends_as_slave_even_alone(lanbed):
     Restarted while it cannot hear the winner, it finishes the preservation
     AND the demotion that follows it (recorded as one action): it never
     serves the rolled-back dataset."""
-    from test_divergence import Pair, check_nothing_lost  # one split brain
     bed = lanbed
     p = Pair(bed, "most-changes")
     p.policy = "most-changes"
@@ -493,7 +491,6 @@ def test_faults_as_an_operator_meets_them_one_serving_node_throughout(lanbed):
     open(w + "/stopfail", "w").write("3")          # alpha's stop works ... for now
     a, b = bed.a, bed.b
     import sqlite3
-    from test_daemon import init
     init(bed)
     copy = w + "/alpha-state-backup.db"             # the operator's backup, made now
     with sqlite3.connect(a.state_db) as src, sqlite3.connect(copy) as dst:

@@ -8,8 +8,7 @@ import time
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import S, Running, init, wait_for
-from test_failover import lanbed, serving, replicated, zget  # noqa: F401 - fixture
+from helpers import Running, S, init, replicated, serving, wait_for, zget
 
 # The user system is a writer: it writes numbered files into the dataset,
 # fsyncs each, and only then acknowledges it in a log outside the dataset.

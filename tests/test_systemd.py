@@ -11,7 +11,7 @@ import pytest
 
 import bed as bedmod
 from conftest import HEARTBEAT_TIMING, ff
-from test_daemon import S, Running, init
+from helpers import Running, S, init
 
 
 def receive_all(sock, until, timeout):

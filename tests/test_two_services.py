@@ -6,8 +6,7 @@ each, side by side.  A failover of one leaves the other where it is."""
 import os
 
 import bed as bedmod
-from test_daemon import S, Running, wait_for
-from test_failover import lanbed, serving  # noqa: F401 - fixture
+from helpers import Running, S, serving, wait_for
 
 MARK = "sh -c '%s %s/running-{svc}-$FLOCKER_NODE'"
 

@@ -16,8 +16,8 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
-from test_daemon import DEAD, INTERVAL, S, Running, wait_for
-from test_failover import lanbed, serving, service_config, start, svc_log, svc_running  # noqa: F401
+from helpers import (DEAD, INTERVAL, S, service_config, serving, start, svc_log, svc_running,
+                     wait_for)
 
 WITNESS = ("192.0.2.158", 7789)
 LEASE = S(2.0)
@@ -35,7 +35,7 @@ class Witness:
             with open(self.state, "w") as f:      # a witness that never lent anything
                 json.dump({"version": 1, "clusters": {}}, f)
         self.log = os.path.join(bed.workdir, "daemon-witness%s.log" % tag)
-        # FFT_PYTHON: as the daemons (test_daemon.Running), e.g. Python 3.8
+        # FFT_PYTHON: as the daemons (helpers.Running), e.g. Python 3.8
         argv = ["nsenter", "--net=/run/netns/" + bed.lan_ns,
                 os.environ.get("FFT_PYTHON", sys.executable), bedmod.PROGRAM,
                 "witness", "--listen", "%s:%d" % WITNESS,
