@@ -6,16 +6,19 @@ slave; when the master fails the slave takes over with the newest replica.
 
 This file reads top to bottom in layers that only call downward:
 
-  1. constants, exit codes, errors
-  2. configuration (parse and validate everything up front)
-  3. the state store (sqlite)
-  4. the wire protocol                      (heartbeats, the witness's datagrams)
-  5. ZFS and ssh adapters
-  6. the decision core (pure functions)     (roles, divergence, the witness's lease)
-  7. actions
-  8. the daemon                             (heartbeats, jobs, control socket;
+  1. Constants, exit codes, errors
+  2. Configuration                          (parse and validate everything up front)
+  3. The state store                        (sqlite)
+  4. The wire protocol                      (heartbeats, the witness's datagrams)
+  5. Adapters: ZFS, ssh, commands, addresses
+  6. The decision core (pure functions)     (replication planning, roles,
+                                             the witness's lease, divergence)
+  7. Actions                                (replication, promotion, demotion,
+                                             keeping and resolving divergence)
+  8. Status reports                         (status, check, metrics)
+  9. The daemon                             (heartbeats, jobs, control socket;
                                              the witness's server)
-  9. the command line
+  10. The command line
 
 Standard library only; Python 3.8 or newer.
 """
@@ -2084,7 +2087,7 @@ def decode_witness(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Witne
 
 
 # ===========================================================================
-# 5. ZFS and ssh adapters
+# 5. Adapters: ZFS, ssh, commands, addresses
 # ===========================================================================
 
 ZFS_TIMEOUT = 60.0
@@ -4267,170 +4270,6 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
         recv_err.close()
 
 
-# ===========================================================================
-# 6. The decision core: replication planning (pure functions)
-# ===========================================================================
-
-
-def snapshot_name(epoch: int, now: float) -> str:
-    """flocker-<epoch>-<UTC time to the millisecond>Z, e.g.
-    flocker-3-20260101T120000.250Z: any host can tell the reign from it."""
-    ms = int(round(now * 1000))
-    return "%s%d-%s.%03dZ" % (SNAPSHOT_PREFIX, epoch,
-                              time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000)),
-                              ms % 1000)
-
-
-def is_flocker_snapshot(name: str) -> bool:
-    return bool(_SNAPSHOT_RE.match(name))
-
-
-def snapshot_time(name: str) -> Optional[float]:
-    """The UTC time written in a flocker snapshot name, else None."""
-    m = _SNAPSHOT_RE.match(name)
-    if not m:
-        return None
-    import calendar
-    t = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
-    return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
-
-
-def snapshot_epoch(name: str) -> Optional[int]:
-    """The epoch written in a flocker snapshot name, else None."""
-    m = _SNAPSHOT_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def role_marker(node: str, role: str, epoch: int) -> str:
-    """The value of the flocker:role property a node keeps on its dataset."""
-    return "%s %s %d" % (node, role, epoch)
-
-
-def parse_role_marker(value: Optional[str]) -> Optional[Tuple[str, str, int]]:
-    """(node, role, epoch) from a flocker:role value; None when unset ('-')
-    or not ours.  The node name is part of the value because zfs send -R
-    copies user properties: a replica carrying its master's marker names
-    that master, not itself."""
-    words = (value or "").split()
-    if len(words) != 3 or words[1] not in ROLES or not words[2].isdigit():
-        return None
-    return words[0], words[1], int(words[2])
-
-
-def epoch_in_listing(listing: Optional[Listing]) -> int:
-    """The highest epoch a dataset's snapshot names and role marker carry
-    (0 for none): epochs a node has seen, whether or not it heard them."""
-    if listing is None:
-        return 0
-    marker = parse_role_marker(listing.props.get(ROLE_PROPERTY))
-    return max([marker[2] if marker else 0] +
-               [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None])
-
-
-def find_common(local: Listing, remote: Listing) -> Optional[Snap]:
-    """The newest snapshot of local whose GUID the remote also has (the
-    names may differ; the GUID is what proves it is the same data)."""
-    theirs = remote.guids
-    for snap in reversed(local.snaps):
-        if snap.guid and snap.guid in theirs:
-            return snap
-    return None
-
-
-def snaps_after(listing: Listing, guid: str) -> List[Snap]:
-    """The snapshots of listing newer than the one with this GUID."""
-    for i, s in enumerate(listing.snaps):
-        if s.guid == guid:
-            return list(listing.snaps[i + 1:])
-    return list(listing.snaps)
-
-
-def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
-    """Retention: names to destroy so that at most `keep` flocker snapshots
-    remain besides the protected ones.  Never a protected, a held, a pinned
-    (a clone depends on it) or a foreign (not flocker-named) snapshot."""
-    ours = [s for s in snaps if is_flocker_snapshot(s.name)]
-    keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
-    return [s.name for s in ours
-            if s.name not in keep_names and s.name not in protect and s.userrefs == 0
-            and not s.pinned]
-
-
-def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
-                    flags: Sequence[str] = ()) -> List[str]:
-    """zfs send of target: full when base is None, else one -I stream that
-    carries every snapshot between base and target."""
-    argv = ["zfs", "send"] + list(flags) + (["-R"] if recursive else [])
-    if base is not None:
-        argv += ["-I", "%s@%s" % (dataset, base)]
-    return argv + ["%s@%s" % (dataset, target)]
-
-
-def build_resume_send_argv(token: str) -> List[str]:
-    """zfs send of the rest of an interrupted resumable receive."""
-    return ["zfs", "send", "-t", token]
-
-
-def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
-    """zfs recv on the slave: -u (never mounted by the receive), never -F
-    (it would roll back or destroy what the slave has), -s where the slave
-    can keep a partial stream for resuming."""
-    return ["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dataset]
-
-
-def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
-                     peer_dataset: str, stall_timeout: float,
-                     ssh_explain=None, note: str = "") -> str:
-    """One message from the exit statuses and stderr of zfs send, ssh and
-    the remote zfs recv, and a note on what became of the partial receive
-    (pure)."""
-    parts = []
-    if outcome.stopped:
-        parts.append("the transfer was stopped because flocker-failover is shutting down")
-    send_text = _stderr_text(outcome.send_stderr)
-    recv_text = _stderr_text(outcome.recv_stderr)
-    both = outcome.send_stderr + "\n" + outcome.recv_stderr
-    if outcome.stalled:
-        parts.append("no data moved for %g s (transfer_stall_timeout), so the "
-                     "transfer was stopped; the link or the peer's pool may be hung"
-                     % stall_timeout)
-    if zfs_says("no_space", both):
-        parts.append("the pool of %s on %s is full: free space there (or lower "
-                     "snapshot_keep), then sync again" % (peer_dataset, peer))
-    if zfs_says("modified", both):
-        parts.append("the replica %s on %s was changed there since its newest "
-                     "snapshot (someone wrote to it while it was slave); it was "
-                     "not rolled back. Copy out what you need from it on %s, then "
-                     "roll it back there with 'zfs rollback %s@<its newest "
-                     "snapshot>' and sync again" % (peer_dataset, peer, peer,
-                                                    peer_dataset))
-    if outcome.send_status not in (0, None) and not (outcome.stalled or outcome.stopped):
-        if outcome.send_status < 0:
-            parts.append("zfs send was killed by signal %d" % -outcome.send_status)
-        else:
-            parts.append("zfs send exited %d: %s" % (outcome.send_status, send_text))
-    aborted = outcome.stalled or outcome.stopped or outcome.send_status not in (0, None)
-    if aborted and outcome.recv_status in (255, None) or (
-            outcome.recv_status is not None and outcome.recv_status < 0):
-        parts.append("the transfer to %s was aborted before its end" % peer)
-    elif outcome.recv_status == 255 and ssh_explain is not None:
-        parts.append(ssh_explain(outcome.recv_stderr))
-    elif outcome.recv_status not in (0, None):
-        if outcome.recv_status < 0:
-            parts.append("ssh was stopped (signal %d)" % -outcome.recv_status)
-        elif outcome.recv_stderr.strip():
-            parts.append("zfs recv on %s exited %d: %s" % (peer, outcome.recv_status,
-                                                           recv_text))
-    if not parts:
-        parts.append("zfs send exited %s, ssh/zfs recv exited %s"
-                     % (outcome.send_status, outcome.recv_status))
-    if note:
-        parts.append(note)
-    return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
-            "either node; the next cycle tries again"
-            % (what, peer, outcome.bytes, "; ".join(parts)))
-
-
 # -- commands of the operator (start, stop, check, notify) ---------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -4737,11 +4576,177 @@ def _unsolicited_na(sa: ServiceAddress, count: int, interval: float) -> int:
 
 
 # ===========================================================================
-# 6. The decision core
+# 6. The decision core (pure functions)
 # ===========================================================================
 #
 # Pure functions: the facts a node has at one instant go in, one decision
-# comes out.  No I/O, no clock reads: every rule is unit-tested directly.
+# comes out (which snapshots to send and prune, which role to take, which
+# side of a divergence continues).  No I/O, no clock reads: every rule is
+# unit-tested directly.  (tests/test_layers.py holds this section to it.)
+
+# -- replication planning: snapshot names, the common snapshot, retention -----
+
+
+def snapshot_name(epoch: int, now: float) -> str:
+    """flocker-<epoch>-<UTC time to the millisecond>Z, e.g.
+    flocker-3-20260101T120000.250Z: any host can tell the reign from it."""
+    ms = int(round(now * 1000))
+    return "%s%d-%s.%03dZ" % (SNAPSHOT_PREFIX, epoch,
+                              time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000)),
+                              ms % 1000)
+
+
+def is_flocker_snapshot(name: str) -> bool:
+    return bool(_SNAPSHOT_RE.match(name))
+
+
+def snapshot_time(name: str) -> Optional[float]:
+    """The UTC time written in a flocker snapshot name, else None."""
+    m = _SNAPSHOT_RE.match(name)
+    if not m:
+        return None
+    import calendar
+    t = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
+    return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
+
+
+def snapshot_epoch(name: str) -> Optional[int]:
+    """The epoch written in a flocker snapshot name, else None."""
+    m = _SNAPSHOT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def role_marker(node: str, role: str, epoch: int) -> str:
+    """The value of the flocker:role property a node keeps on its dataset."""
+    return "%s %s %d" % (node, role, epoch)
+
+
+def parse_role_marker(value: Optional[str]) -> Optional[Tuple[str, str, int]]:
+    """(node, role, epoch) from a flocker:role value; None when unset ('-')
+    or not ours.  The node name is part of the value because zfs send -R
+    copies user properties: a replica carrying its master's marker names
+    that master, not itself."""
+    words = (value or "").split()
+    if len(words) != 3 or words[1] not in ROLES or not words[2].isdigit():
+        return None
+    return words[0], words[1], int(words[2])
+
+
+def epoch_in_listing(listing: Optional[Listing]) -> int:
+    """The highest epoch a dataset's snapshot names and role marker carry
+    (0 for none): epochs a node has seen, whether or not it heard them."""
+    if listing is None:
+        return 0
+    marker = parse_role_marker(listing.props.get(ROLE_PROPERTY))
+    return max([marker[2] if marker else 0] +
+               [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None])
+
+
+def find_common(local: Listing, remote: Listing) -> Optional[Snap]:
+    """The newest snapshot of local whose GUID the remote also has (the
+    names may differ; the GUID is what proves it is the same data)."""
+    theirs = remote.guids
+    for snap in reversed(local.snaps):
+        if snap.guid and snap.guid in theirs:
+            return snap
+    return None
+
+
+def snaps_after(listing: Listing, guid: str) -> List[Snap]:
+    """The snapshots of listing newer than the one with this GUID."""
+    for i, s in enumerate(listing.snaps):
+        if s.guid == guid:
+            return list(listing.snaps[i + 1:])
+    return list(listing.snaps)
+
+
+def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
+    """Retention: names to destroy so that at most `keep` flocker snapshots
+    remain besides the protected ones.  Never a protected, a held, a pinned
+    (a clone depends on it) or a foreign (not flocker-named) snapshot."""
+    ours = [s for s in snaps if is_flocker_snapshot(s.name)]
+    keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
+    return [s.name for s in ours
+            if s.name not in keep_names and s.name not in protect and s.userrefs == 0
+            and not s.pinned]
+
+
+def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
+                    flags: Sequence[str] = ()) -> List[str]:
+    """zfs send of target: full when base is None, else one -I stream that
+    carries every snapshot between base and target."""
+    argv = ["zfs", "send"] + list(flags) + (["-R"] if recursive else [])
+    if base is not None:
+        argv += ["-I", "%s@%s" % (dataset, base)]
+    return argv + ["%s@%s" % (dataset, target)]
+
+
+def build_resume_send_argv(token: str) -> List[str]:
+    """zfs send of the rest of an interrupted resumable receive."""
+    return ["zfs", "send", "-t", token]
+
+
+def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
+    """zfs recv on the slave: -u (never mounted by the receive), never -F
+    (it would roll back or destroy what the slave has), -s where the slave
+    can keep a partial stream for resuming."""
+    return ["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dataset]
+
+
+def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
+                     peer_dataset: str, stall_timeout: float,
+                     ssh_explain=None, note: str = "") -> str:
+    """One message from the exit statuses and stderr of zfs send, ssh and
+    the remote zfs recv, and a note on what became of the partial receive
+    (pure)."""
+    parts = []
+    if outcome.stopped:
+        parts.append("the transfer was stopped because flocker-failover is shutting down")
+    send_text = _stderr_text(outcome.send_stderr)
+    recv_text = _stderr_text(outcome.recv_stderr)
+    both = outcome.send_stderr + "\n" + outcome.recv_stderr
+    if outcome.stalled:
+        parts.append("no data moved for %g s (transfer_stall_timeout), so the "
+                     "transfer was stopped; the link or the peer's pool may be hung"
+                     % stall_timeout)
+    if zfs_says("no_space", both):
+        parts.append("the pool of %s on %s is full: free space there (or lower "
+                     "snapshot_keep), then sync again" % (peer_dataset, peer))
+    if zfs_says("modified", both):
+        parts.append("the replica %s on %s was changed there since its newest "
+                     "snapshot (someone wrote to it while it was slave); it was "
+                     "not rolled back. Copy out what you need from it on %s, then "
+                     "roll it back there with 'zfs rollback %s@<its newest "
+                     "snapshot>' and sync again" % (peer_dataset, peer, peer,
+                                                    peer_dataset))
+    if outcome.send_status not in (0, None) and not (outcome.stalled or outcome.stopped):
+        if outcome.send_status < 0:
+            parts.append("zfs send was killed by signal %d" % -outcome.send_status)
+        else:
+            parts.append("zfs send exited %d: %s" % (outcome.send_status, send_text))
+    aborted = outcome.stalled or outcome.stopped or outcome.send_status not in (0, None)
+    if aborted and outcome.recv_status in (255, None) or (
+            outcome.recv_status is not None and outcome.recv_status < 0):
+        parts.append("the transfer to %s was aborted before its end" % peer)
+    elif outcome.recv_status == 255 and ssh_explain is not None:
+        parts.append(ssh_explain(outcome.recv_stderr))
+    elif outcome.recv_status not in (0, None):
+        if outcome.recv_status < 0:
+            parts.append("ssh was stopped (signal %d)" % -outcome.recv_status)
+        elif outcome.recv_stderr.strip():
+            parts.append("zfs recv on %s exited %d: %s" % (peer, outcome.recv_status,
+                                                           recv_text))
+    if not parts:
+        parts.append("zfs send exited %s, ssh/zfs recv exited %s"
+                     % (outcome.send_status, outcome.recv_status))
+    if note:
+        parts.append(note)
+    return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
+            "either node; the next cycle tries again"
+            % (what, peer, outcome.bytes, "; ".join(parts)))
+
+
+# -- roles -------------------------------------------------------------------
 #
 # Epochs: each node owns one parity of epochs (the first node by name the
 # even ones, the second the odd ones), and a promotion takes the smallest
@@ -7181,6 +7186,14 @@ def _move_aside(path: str) -> str:
     return backup
 
 
+# ===========================================================================
+# 8. Status reports
+# ===========================================================================
+#
+# What 'status', 'check' and the metrics file show, from the state file,
+# the datasets and the running daemon's live values.
+
+
 def replication_status(summary: dict, role: str, local: Optional[Listing],
                        now: float) -> dict:
     """The 'replication' part of status (pure).  On the master: from its
@@ -7386,8 +7399,205 @@ def format_status(r: dict) -> str:
     return "\n".join(lines)
 
 
+# -- check (monitoring plugins) and metrics (Prometheus) ----------------------
+
+CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
+CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+def replication_lag(report: dict, now: float) -> Tuple[Optional[float], str]:
+    """For check: for how many seconds writes on the master may be missing
+    on the slave, and on what that rests (pure; None: there is no replica).
+
+    Where the slave is known to hold the master's newest snapshot, the lag
+    is the age of that knowledge: on the master, since the start of its last
+    successful cycle (nothing pending); on the slave, since it heard the
+    master name that snapshot as its newest.  Otherwise it is the age of the newest
+    snapshot the slave holds.  So a quiet dataset, which takes no new
+    snapshots, shows no lag while its cycles succeed."""
+    rep = report.get("replication") or {}
+    newest = rep.get("slave_newest_snapshot")
+    if newest is None:
+        return None, "no replica"
+    peer = report.get("peer") or {}
+    if (report["role"] == ROLE_MASTER and rep.get("pending") == 0
+            and rep.get("last_ok_started") is not None):
+        # the last successful cycle found nothing newer than what it left
+        # on the slave when it started, or sent a snapshot taken after that
+        made = snapshot_time(newest) or 0.0
+        return (max(0.0, now - max(rep["last_ok_started"], made)),
+                "since the last successful cycle")
+    if (report["role"] == ROLE_SLAVE and peer.get("snapshot") == newest
+            and peer.get("age_seconds") is not None):
+        return max(0.0, peer["age_seconds"]), "since the master last named it its newest"
+    if rep.get("lag_seconds") is None:
+        return None, "no replica"
+    return max(0.0, rep["lag_seconds"]), "age of the slave's newest snapshot %s" % newest
+
+
+def check_verdict(report: dict, expect_daemon: bool = True,
+                  warn: Optional[float] = None, crit: Optional[float] = None,
+                  now: Optional[float] = None) -> Tuple[int, str, str]:
+    """Monitoring verdict from a status report: (code, text, perfdata),
+    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL).  warn and
+    crit: replication lag thresholds in seconds (see replication_lag)."""
+    now = wall_clock() if now is None else now
+    problems = []   # type: List[Tuple[int, str]]
+    peer, daemon = report["peer"], report["daemon"]
+    role = report["role"]
+    if daemon is None and expect_daemon:
+        problems.append((CHECK_CRITICAL, "daemon not running"))
+    alive = peer.get("state") == "alive"
+    div = (daemon or {}).get("divergence") or {}
+    if div.get("unresolved"):
+        problems.append((CHECK_CRITICAL, "split brain unresolved, an operator must decide "
+                         "('resolve --winner NODE'): %s" % div["unresolved"]))
+    elif role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
+        problems.append((CHECK_CRITICAL, "split brain: %s is master too" % peer["node"]))
+    if role == ROLE_SLAVE and report.get("outdated"):
+        problems.append((CHECK_WARNING, "this replica is OUTDATED: no automatic takeover "
+                         "('promote --force' if the master is lost)"))
+    if role == ROLE_SLAVE and not (alive and peer.get("role") == ROLE_MASTER):
+        problems.append((CHECK_CRITICAL, "no master: this node is slave and %s is %s"
+                         % (peer["node"], "master but not heard" if peer.get("role") ==
+                            ROLE_MASTER else (peer.get("role") or "unknown"))))
+    if daemon is not None and not alive:
+        problems.append((CHECK_WARNING, "peer %s %s: running on one host"
+                         % (peer["node"], peer.get("state") or "unknown")))
+    problems += _witness_problems(report)
+    if role == ROLE_SLAVE and (report.get("encryption") or {}).get("problem"):
+        problems.append((CHECK_CRITICAL, "this node could not take over: %s"
+                         % report["encryption"]["problem"]))
+    if report["preserved"]:
+        problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
+                         "operator: %s" % (len(report["preserved"]), ", ".join(
+                             p["dataset"] for p in report["preserved"]))))
+    lag, basis = replication_lag(report, now)
+    rep = report.get("replication") or {}
+    if warn is not None or crit is not None:
+        slave = peer["node"] if role == ROLE_MASTER else report["node"]
+        error = rep.get("last_error")
+        why = (" (last replication error: %s)" % (error if len(error) <= 200
+                                                  else error[:200] + "...")) if error else ""
+        if lag is None:
+            problems.append((CHECK_CRITICAL, "no replica on %s yet%s%s" % (
+                slave, ", %d snapshot(s) pending" % rep["pending"] if rep.get("pending")
+                else "", why)))
+        else:
+            for limit, code, name in ((crit, CHECK_CRITICAL, "crit"),
+                                      (warn, CHECK_WARNING, "warn")):
+                if limit is not None and lag > limit:
+                    problems.append((code, "replication lag %.0f s > %s %g s (%s)%s"
+                                     % (lag, name, limit, basis, why)))
+                    break
+    code = max([c for c, _ in problems] or [CHECK_OK])
+    head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
+                                         peer["node"], peer.get("state") or "unknown")
+    if lag is not None:
+        head += ", replication lag %.0f s" % lag
+    text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
+    if problems:
+        text = "%s (%s)" % (text, head)
+    rejected = sum((daemon or {}).get("rejected", {}).values())
+    perf = "epoch=%d peer_alive=%d preserved=%d rejected=%dc" % (
+        report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
+    if peer.get("age_seconds") is not None:
+        perf += " peer_age=%.1fs" % peer["age_seconds"]
+    if lag is not None:
+        perf += " lag=%.1fs;%s;%s;0" % (lag, "" if warn is None else "%g" % warn,
+                                        "" if crit is None else "%g" % crit)
+    if rep.get("pending") is not None:
+        perf += " pending=%d" % rep["pending"]
+    return code, text, perf
+
+
+def _witness_problems(report: dict) -> List[Tuple[int, str]]:
+    """check: what the witness's state means for a failover."""
+    w = (report.get("daemon") or {}).get("witness")
+    if not w or w["reachable"]:
+        return []
+    why = "the witness %s does not answer%s" % (w["address"], " (%s)" % w["error"]
+                                                 if w.get("error") else "")
+    peer = report["peer"]
+    if report["role"] == ROLE_SLAVE and peer.get("state") != "alive":
+        return [(CHECK_CRITICAL, "failover is not possible: the master is gone and %s, so "
+                                 "this node cannot obtain its lease ('promote --force' takes "
+                                 "over without it, if the master is surely down)" % why)]
+    return [(CHECK_WARNING, "%s: no failover is possible until it answers again" % why)]
+
+
+def render_metrics(cfg: Config, live: dict, now: float) -> str:
+    """The daemon's live status in the Prometheus text format (for
+    node_exporter's textfile collector); names and meanings in README."""
+    out = []
+
+    def metric(name, kind, help_, samples):
+        out.append("# HELP flocker_%s %s" % (name, help_))
+        out.append("# TYPE flocker_%s %s" % (name, kind))
+        for labels, value in samples:
+            lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
+                           for k, v in sorted(dict(labels, cluster=cfg.name,
+                                                   node=cfg.local_name).items()))
+            out.append("flocker_%s{%s} %s" % (name, lab, repr(float(value))
+                                             if isinstance(value, float) else value))
+
+    peer = live["peer"]
+    lt = live.get("last_transfer")
+    metric("master", "gauge", "1 when this node's role is master.",
+           [({}, int(live["role"] == ROLE_MASTER))])
+    metric("serving", "gauge", "1 while this node runs the user system.",
+           [({}, int(bool(live.get("serving"))))])
+    metric("epoch", "gauge", "The node's epoch (raised by every promotion).",
+           [({}, live["epoch"])])
+    metric("outdated", "gauge", "1 when this node's replica is known to lack the master's data.",
+           [({}, int(bool(live.get("outdated"))))])
+    metric("peer_alive", "gauge", "1 while a valid heartbeat came within dead_time.",
+           [({"peer": peer["node"]}, int(peer["state"] == "alive"))])
+    if peer.get("last_seen_age_seconds") is not None:
+        metric("peer_last_heartbeat_age_seconds", "gauge",
+               "Seconds since the last valid heartbeat of the peer.",
+               [({"peer": peer["node"]}, float(peer["last_seen_age_seconds"]))])
+    if lt is not None:
+        metric("replication_lag_seconds", "gauge",
+               "Seconds since the start of the newest successful replication cycle "
+               "(the slave holds everything snapshotted then).",
+               [({}, round(now - lt["started"], 3))])
+        metric("replication_last_transfer_bytes", "gauge",
+               "Bytes sent by the newest successful cycle (0: nothing changed).",
+               [({}, lt["bytes"])])
+        metric("replication_last_transfer_seconds", "gauge",
+               "Duration of the newest successful transfer.", [({}, float(lt["seconds"]))])
+    metric("replication_failures", "gauge", "Failed replication cycles in a row.",
+           [({}, live.get("replication_failures", 0))])
+    metric("heartbeats_rejected_total", "counter",
+           "Heartbeat packets rejected since the daemon started, by reason.",
+           [({"reason": r}, n) for r, n in sorted(live["rejected"].items())])
+    metric("dead_verdicts_total", "counter", "Times the peer was judged dead.",
+           [({"peer": peer["node"]}, peer["dead_verdicts"])])
+    metric("promotions_total", "counter", "Role changes to master by this daemon "
+           "(failovers and switchovers).", [({}, live.get("promotions", 0))])
+    metric("demotions_total", "counter", "Role changes to slave by this daemon.",
+           [({}, live.get("demotions", 0))])
+    metric("check_failures", "gauge", "Failed runs of check_command in a row.",
+           [({}, live.get("check_failures", 0))])
+    tr = live.get("transfer")
+    metric("transfer_bytes", "gauge", "Bytes sent so far by the transfer in flight (0: none).",
+           [({}, tr["bytes"] if tr else 0)])
+    if tr and tr["total"] is not None:
+        metric("transfer_total_bytes", "gauge", "Expected size of the transfer in flight "
+               "(zfs send -n -P; absent where zfs cannot tell).", [({}, tr["total"])])
+    w = live.get("witness")
+    if w:
+        metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
+               "possible only then).", [({}, int(bool(w["reachable"])))])
+        metric("witness_lease_left_seconds", "gauge", "Seconds left of this node's lease "
+               "of the witness, by its own clock (0: it holds none).",
+               [({}, float(w["lease_left_seconds"]))])
+    return "\n".join(out) + "\n"
+
+
 # ===========================================================================
-# 8. The daemon
+# 9. The daemon
 # ===========================================================================
 #
 # One thread runs the event loop: the heartbeat sockets (one UDP socket per
@@ -7417,7 +7627,7 @@ def format_status(r: dict) -> str:
 #   {"cmd": "reset-stats"}  -> {"ok": true}  (rejection counters, largest
 #                              gaps and worst lag start again from zero)
 #   {"cmd": "promote"|"demote", ...}, {"cmd": "resolve", "winner": NODE}:
-#                              the operator's commands (see section 9)
+#                              the operator's commands (see section 10)
 #   {"cmd": "discard-preserved", "dataset": NAME}
 #                           -> {"ok": true}: a job destroys it with the checks
 #                              of discard_preserved(); status's "discard"
@@ -9594,76 +9804,6 @@ def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
         raise
 
 
-def render_metrics(cfg: Config, live: dict, now: float) -> str:
-    """The daemon's live status in the Prometheus text format (for
-    node_exporter's textfile collector); names and meanings in README."""
-    out = []
-
-    def metric(name, kind, help_, samples):
-        out.append("# HELP flocker_%s %s" % (name, help_))
-        out.append("# TYPE flocker_%s %s" % (name, kind))
-        for labels, value in samples:
-            lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
-                           for k, v in sorted(dict(labels, cluster=cfg.name,
-                                                   node=cfg.local_name).items()))
-            out.append("flocker_%s{%s} %s" % (name, lab, repr(float(value))
-                                             if isinstance(value, float) else value))
-
-    peer = live["peer"]
-    lt = live.get("last_transfer")
-    metric("master", "gauge", "1 when this node's role is master.",
-           [({}, int(live["role"] == ROLE_MASTER))])
-    metric("serving", "gauge", "1 while this node runs the user system.",
-           [({}, int(bool(live.get("serving"))))])
-    metric("epoch", "gauge", "The node's epoch (raised by every promotion).",
-           [({}, live["epoch"])])
-    metric("outdated", "gauge", "1 when this node's replica is known to lack the master's data.",
-           [({}, int(bool(live.get("outdated"))))])
-    metric("peer_alive", "gauge", "1 while a valid heartbeat came within dead_time.",
-           [({"peer": peer["node"]}, int(peer["state"] == "alive"))])
-    if peer.get("last_seen_age_seconds") is not None:
-        metric("peer_last_heartbeat_age_seconds", "gauge",
-               "Seconds since the last valid heartbeat of the peer.",
-               [({"peer": peer["node"]}, float(peer["last_seen_age_seconds"]))])
-    if lt is not None:
-        metric("replication_lag_seconds", "gauge",
-               "Seconds since the start of the newest successful replication cycle "
-               "(the slave holds everything snapshotted then).",
-               [({}, round(now - lt["started"], 3))])
-        metric("replication_last_transfer_bytes", "gauge",
-               "Bytes sent by the newest successful cycle (0: nothing changed).",
-               [({}, lt["bytes"])])
-        metric("replication_last_transfer_seconds", "gauge",
-               "Duration of the newest successful transfer.", [({}, float(lt["seconds"]))])
-    metric("replication_failures", "gauge", "Failed replication cycles in a row.",
-           [({}, live.get("replication_failures", 0))])
-    metric("heartbeats_rejected_total", "counter",
-           "Heartbeat packets rejected since the daemon started, by reason.",
-           [({"reason": r}, n) for r, n in sorted(live["rejected"].items())])
-    metric("dead_verdicts_total", "counter", "Times the peer was judged dead.",
-           [({"peer": peer["node"]}, peer["dead_verdicts"])])
-    metric("promotions_total", "counter", "Role changes to master by this daemon "
-           "(failovers and switchovers).", [({}, live.get("promotions", 0))])
-    metric("demotions_total", "counter", "Role changes to slave by this daemon.",
-           [({}, live.get("demotions", 0))])
-    metric("check_failures", "gauge", "Failed runs of check_command in a row.",
-           [({}, live.get("check_failures", 0))])
-    tr = live.get("transfer")
-    metric("transfer_bytes", "gauge", "Bytes sent so far by the transfer in flight (0: none).",
-           [({}, tr["bytes"] if tr else 0)])
-    if tr and tr["total"] is not None:
-        metric("transfer_total_bytes", "gauge", "Expected size of the transfer in flight "
-               "(zfs send -n -P; absent where zfs cannot tell).", [({}, tr["total"])])
-    w = live.get("witness")
-    if w:
-        metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
-               "possible only then).", [({}, int(bool(w["reachable"])))])
-        metric("witness_lease_left_seconds", "gauge", "Seconds left of this node's lease "
-               "of the witness, by its own clock (0: it holds none).",
-               [({}, float(w["lease_left_seconds"]))])
-    return "\n".join(out) + "\n"
-
-
 def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional[dict]:
     """Ask the running daemon (one JSON line out, one back).  None when no
     daemon listens; FlockerError when one listens but does not answer."""
@@ -9709,7 +9849,7 @@ def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional
 
 
 # ===========================================================================
-# 9. The command line
+# 10. The command line
 # ===========================================================================
 
 
@@ -9768,131 +9908,6 @@ def cmd_status(args, cfg_path: str) -> int:
     else:
         print(format_status(report))
     return EXIT_OK
-
-
-CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
-CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
-
-
-def replication_lag(report: dict, now: float) -> Tuple[Optional[float], str]:
-    """For check: for how many seconds writes on the master may be missing
-    on the slave, and on what that rests (pure; None: there is no replica).
-
-    Where the slave is known to hold the master's newest snapshot, the lag
-    is the age of that knowledge: on the master, since the start of its last
-    successful cycle (nothing pending); on the slave, since it heard the
-    master name that snapshot as its newest.  Otherwise it is the age of the newest
-    snapshot the slave holds.  So a quiet dataset, which takes no new
-    snapshots, shows no lag while its cycles succeed."""
-    rep = report.get("replication") or {}
-    newest = rep.get("slave_newest_snapshot")
-    if newest is None:
-        return None, "no replica"
-    peer = report.get("peer") or {}
-    if (report["role"] == ROLE_MASTER and rep.get("pending") == 0
-            and rep.get("last_ok_started") is not None):
-        # the last successful cycle found nothing newer than what it left
-        # on the slave when it started, or sent a snapshot taken after that
-        made = snapshot_time(newest) or 0.0
-        return (max(0.0, now - max(rep["last_ok_started"], made)),
-                "since the last successful cycle")
-    if (report["role"] == ROLE_SLAVE and peer.get("snapshot") == newest
-            and peer.get("age_seconds") is not None):
-        return max(0.0, peer["age_seconds"]), "since the master last named it its newest"
-    if rep.get("lag_seconds") is None:
-        return None, "no replica"
-    return max(0.0, rep["lag_seconds"]), "age of the slave's newest snapshot %s" % newest
-
-
-def check_verdict(report: dict, expect_daemon: bool = True,
-                  warn: Optional[float] = None, crit: Optional[float] = None,
-                  now: Optional[float] = None) -> Tuple[int, str, str]:
-    """Monitoring verdict from a status report: (code, text, perfdata),
-    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL).  warn and
-    crit: replication lag thresholds in seconds (see replication_lag)."""
-    now = wall_clock() if now is None else now
-    problems = []   # type: List[Tuple[int, str]]
-    peer, daemon = report["peer"], report["daemon"]
-    role = report["role"]
-    if daemon is None and expect_daemon:
-        problems.append((CHECK_CRITICAL, "daemon not running"))
-    alive = peer.get("state") == "alive"
-    div = (daemon or {}).get("divergence") or {}
-    if div.get("unresolved"):
-        problems.append((CHECK_CRITICAL, "split brain unresolved, an operator must decide "
-                         "('resolve --winner NODE'): %s" % div["unresolved"]))
-    elif role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
-        problems.append((CHECK_CRITICAL, "split brain: %s is master too" % peer["node"]))
-    if role == ROLE_SLAVE and report.get("outdated"):
-        problems.append((CHECK_WARNING, "this replica is OUTDATED: no automatic takeover "
-                         "('promote --force' if the master is lost)"))
-    if role == ROLE_SLAVE and not (alive and peer.get("role") == ROLE_MASTER):
-        problems.append((CHECK_CRITICAL, "no master: this node is slave and %s is %s"
-                         % (peer["node"], "master but not heard" if peer.get("role") ==
-                            ROLE_MASTER else (peer.get("role") or "unknown"))))
-    if daemon is not None and not alive:
-        problems.append((CHECK_WARNING, "peer %s %s: running on one host"
-                         % (peer["node"], peer.get("state") or "unknown")))
-    problems += _witness_problems(report)
-    if role == ROLE_SLAVE and (report.get("encryption") or {}).get("problem"):
-        problems.append((CHECK_CRITICAL, "this node could not take over: %s"
-                         % report["encryption"]["problem"]))
-    if report["preserved"]:
-        problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
-                         "operator: %s" % (len(report["preserved"]), ", ".join(
-                             p["dataset"] for p in report["preserved"]))))
-    lag, basis = replication_lag(report, now)
-    rep = report.get("replication") or {}
-    if warn is not None or crit is not None:
-        slave = peer["node"] if role == ROLE_MASTER else report["node"]
-        error = rep.get("last_error")
-        why = (" (last replication error: %s)" % (error if len(error) <= 200
-                                                  else error[:200] + "...")) if error else ""
-        if lag is None:
-            problems.append((CHECK_CRITICAL, "no replica on %s yet%s%s" % (
-                slave, ", %d snapshot(s) pending" % rep["pending"] if rep.get("pending")
-                else "", why)))
-        else:
-            for limit, code, name in ((crit, CHECK_CRITICAL, "crit"),
-                                      (warn, CHECK_WARNING, "warn")):
-                if limit is not None and lag > limit:
-                    problems.append((code, "replication lag %.0f s > %s %g s (%s)%s"
-                                     % (lag, name, limit, basis, why)))
-                    break
-    code = max([c for c, _ in problems] or [CHECK_OK])
-    head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
-                                         peer["node"], peer.get("state") or "unknown")
-    if lag is not None:
-        head += ", replication lag %.0f s" % lag
-    text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
-    if problems:
-        text = "%s (%s)" % (text, head)
-    rejected = sum((daemon or {}).get("rejected", {}).values())
-    perf = "epoch=%d peer_alive=%d preserved=%d rejected=%dc" % (
-        report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
-    if peer.get("age_seconds") is not None:
-        perf += " peer_age=%.1fs" % peer["age_seconds"]
-    if lag is not None:
-        perf += " lag=%.1fs;%s;%s;0" % (lag, "" if warn is None else "%g" % warn,
-                                        "" if crit is None else "%g" % crit)
-    if rep.get("pending") is not None:
-        perf += " pending=%d" % rep["pending"]
-    return code, text, perf
-
-
-def _witness_problems(report: dict) -> List[Tuple[int, str]]:
-    """check: what the witness's state means for a failover."""
-    w = (report.get("daemon") or {}).get("witness")
-    if not w or w["reachable"]:
-        return []
-    why = "the witness %s does not answer%s" % (w["address"], " (%s)" % w["error"]
-                                                 if w.get("error") else "")
-    peer = report["peer"]
-    if report["role"] == ROLE_SLAVE and peer.get("state") != "alive":
-        return [(CHECK_CRITICAL, "failover is not possible: the master is gone and %s, so "
-                                 "this node cannot obtain its lease ('promote --force' takes "
-                                 "over without it, if the master is surely down)" % why)]
-    return [(CHECK_WARNING, "%s: no failover is possible until it answers again" % why)]
 
 
 _RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
