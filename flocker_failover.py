@@ -142,9 +142,10 @@ class DivergenceError(ReplicationError):
 # 2. Configuration
 # ===========================================================================
 #
-# One INI file, identical on both hosts.  Every option is declared once in
-# OPTIONS below, with its parser, default and unit; flocker.conf.example
-# documents the same table (a test checks they agree).
+# One INI file, identical on both hosts.  Every option is declared once, in
+# the tables CLUSTER_OPTIONS, SERVICE_OPTIONS and NODE_OPTIONS below, with
+# its parser, default and unit; flocker.conf.example documents the same
+# tables (a test checks they agree).
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 # A ZFS dataset component: letters, digits and _ - . : (as zfs allows).
@@ -4605,7 +4606,6 @@ def snapshot_time(name: str) -> Optional[float]:
     m = _SNAPSHOT_RE.match(name)
     if not m:
         return None
-    import calendar
     t = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
     return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
 
@@ -7605,11 +7605,12 @@ def render_metrics(cfg: Config, live: dict, now: float) -> str:
 # wake-up sockets (signals; finished jobs).  It never waits for anything
 # slow.  Slow work runs elsewhere:
 #
-#   - JobRunner: each job (check_command, the snapshot scan, later the
-#     replication cycle) runs fn(stop) in its own thread, at most one job of
-#     a name at a time; when it ends, its on_done callback runs on the loop.
-#     A job that runs commands passes `stop` on (run_hook does), so that
-#     SIGTERM kills what it started.
+#   - JobRunner: each job (check_command, the snapshot scan, the
+#     replication cycle, a role change, the arbitrator and witness probes)
+#     runs fn(stop) in its own thread, at most one job of a name at a time;
+#     when it ends, its on_done callback runs on the loop.  A job that runs
+#     commands passes `stop` on to run_command, so that SIGTERM kills what
+#     it started.
 #   - StoreWriter: one thread owns the daemon's sqlite connection and
 #     applies writes (events, peer observations) in order.
 #
@@ -7700,7 +7701,6 @@ class PeerTracker:
         self._sent_at = {}                # type: Dict[int, float]
         self.unconfirmed = 0
         self.cluster = cluster
-        self.me = me
         self.peer = peer
         self.keys = keys
         self.links = list(links)
@@ -7892,7 +7892,6 @@ class JobRunner:
         self._running = {}   # type: Dict[str, JobRunner._Job]
         self._done = []      # type: List[JobRunner._Job]
         self._workers = {}   # type: Dict[str, queue.Queue]
-        self.finished = 0
 
     def start(self, name: str, fn, on_done=None) -> bool:
         if name in self._running:
@@ -7941,7 +7940,6 @@ class JobRunner:
             done, self._done = self._done, []
         for job in done:
             self._running.pop(job.name, None)
-            self.finished += 1
             if job.on_done is not None:
                 try:
                     job.on_done(job.result, job.error)
@@ -7992,7 +7990,6 @@ class StoreWriter:
         self.queue = queue.Queue(maxsize=1000)   # type: queue.Queue
         self.thread = threading.Thread(target=self._run, name="state", daemon=True)
         self.dropped = 0
-        self.failures = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -8014,12 +8011,10 @@ class StoreWriter:
             if fn is None:
                 break
             if store is None:
-                self.failures += 1
                 continue
             try:
                 fn(store)
             except (sqlite3.Error, FlockerError) as e:
-                self.failures += 1
                 log.error("could not write to the state file %s: %s", self.path, e)
         if store is not None:
             store.close()
@@ -10554,7 +10549,7 @@ def _add_status(p) -> None:
                    help="print one JSON object (keys documented in README)")
 
 
-# name, handler, argument setup, one-line help.  Later issues add rows.
+# name, handler, argument setup, one-line help: one row per subcommand.
 COMMANDS = (
     ("init", cmd_init, _add_init,
      "prepare this node: state file, dataset check, initial role"),
