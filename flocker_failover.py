@@ -650,6 +650,18 @@ class Config:
     def key_id(self) -> str:
         return key_id(self.secret)
 
+    @property
+    def local_index(self) -> int:
+        """This node's node_index (which parity of epochs it owns)."""
+        return node_index([n.name for n in self.nodes], self.local_name)
+
+
+def node_index(node_names: Sequence[str], name: str) -> int:
+    """0 for the first node by name, 1 for the second: the same on both
+    hosts, from the configuration alone (each owns one parity of epochs,
+    see section 6)."""
+    return sorted(node_names).index(name)
+
 
 def key_id(secret: bytes) -> str:
     """A short public fingerprint of a secret: compare it across hosts
@@ -4767,17 +4779,19 @@ ROLE_RECOVER = "recover"          # (the daemon's job that finishes an interrupt
 SERVING_KINDS = (DECIDE_PROMOTE, DECIDE_RESUME, DECIDE_RESOLVE)
 
 
-def node_index(cfg_node_names: Sequence[str], name: str) -> int:
-    """0 for the first node by name, 1 for the second."""
-    return sorted(cfg_node_names).index(name)
-
-
 def next_epoch(highest_seen: int, index: int) -> int:
     """The smallest epoch above highest_seen that belongs to node index."""
     epoch = highest_seen + 1
     if epoch % 2 != index % 2:
         epoch += 1
     return epoch
+
+
+def promotion_epoch(index: int, *seen: int) -> int:
+    """The epoch a promotion of node index takes: the smallest of its own
+    parity above every epoch it has seen (its own, the peer's, those its
+    replica carries), so that the new reign is newer than any before it."""
+    return next_epoch(max(seen), index)
 
 
 def state_behind_dataset(node: str, role: str, epoch: int,
@@ -4854,6 +4868,12 @@ class Facts:
     #                                  left of this node's lease (0: holds none)
     witness_other: bool = False      # the witness said the peer holds its lease
 
+    @property
+    def new_epoch(self) -> int:
+        """The epoch this node takes if it promotes now."""
+        return promotion_epoch(self.index, self.epoch, self.highest_epoch_seen,
+                               self.peer_epoch or 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -4882,9 +4902,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                 return Decision(DECIDE_FENCE, "the operator forces a takeover: fence the peer "
                                               "first")
             return Decision(DECIDE_PROMOTE, "the operator forced a takeover although the "
-                                            "peer is alive",
-                            next_epoch(max(f.epoch, f.highest_epoch_seen,
-                                           f.peer_epoch or 0), f.index))
+                                            "peer is alive", f.new_epoch)
         if f.peer_role == ROLE_MASTER:
             return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
         if f.peer_released and (f.peer_epoch or 0) < f.epoch:
@@ -4896,8 +4914,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                 return Decision(DECIDE_WAIT, "the peer handed the master role over, but "
                                              "this replica lacks its newest snapshot")
             return Decision(DECIDE_PROMOTE, "the peer handed the master role over",
-                            next_epoch(max(f.epoch, f.highest_epoch_seen,
-                                           f.peer_epoch or 0), f.index))
+                            f.new_epoch)
         if f.released:
             return Decision(DECIDE_WAIT, "this node handed the master role over; waiting "
                                          "for the peer to take it")
@@ -4928,7 +4945,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                                              "does not answer"))
     if f.fence is False:
         return Decision(DECIDE_FENCE, "the peer is silent: fence it before taking over")
-    epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    epoch = f.new_epoch
     why = ("the operator forced a takeover" if f.force else
            "no valid heartbeat for %.1f s" % f.peer_silence)
     return Decision(DECIDE_PROMOTE, why, epoch)
@@ -4946,7 +4963,7 @@ def _decide_between_slaves(f: Facts, t: Timing) -> Decision:
     counts its peer alive for a moment, on its last packets.  (Not the
     arbitrator: a peer that is heard proves the path, and the arbitrator
     fact only counts answers that came after the peer's last packet.)"""
-    epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    epoch = f.new_epoch
     if f.peer_silence >= t.isolation_time:
         return Decision(DECIDE_WAIT, "no master: both nodes are slaves, but the peer was "
                                      "last heard %.1f s ago" % f.peer_silence)
@@ -6039,7 +6056,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
     everything before changing anything; refuses to overwrite a node with
     history unless force, and then keeps the old state file as a backup."""
     me = cfg.local
-    epoch = initial_epoch(role, node_index([n.name for n in cfg.nodes], me.name))
+    epoch = initial_epoch(role, cfg.local_index)
     done = []
     zfs.check_works(me.dataset)
     parent = me.dataset.rsplit("/", 1)[0]
@@ -7072,8 +7089,7 @@ def _win(ctx: Context, top: int, v: Verdict, peer_stopped) -> None:
     cfg = ctx.cfg
     st = ctx.store.node_state()
     if st.role != ROLE_MASTER or st.epoch < top:
-        index = node_index([n.name for n in cfg.nodes], cfg.local_name)
-        promote(ctx, next_epoch(top, index), v.reason)
+        promote(ctx, promotion_epoch(cfg.local_index, top), v.reason)
     else:
         promote(ctx, st.epoch, v.reason)     # resumes: idempotent when serving
     sa = cfg.service.service_address
@@ -10143,9 +10159,8 @@ def cmd_promote(args, cfg_path: str) -> int:
             # marker): without a daemon the peer may never have been heard
             # (a cluster manager drives this node), and an epoch below the
             # old master's would make the new reign look older
-            epoch = next_epoch(max(st.epoch, peer.get("epoch") or 0,
-                                   epoch_in_listing(zfs.listing(cfg.local.dataset))),
-                               node_index([n.name for n in cfg.nodes], cfg.local_name))
+            epoch = promotion_epoch(cfg.local_index, st.epoch, peer.get("epoch") or 0,
+                                    epoch_in_listing(zfs.listing(cfg.local.dataset)))
             ctx = Context(cfg, store, zfs)
             fence_peer(ctx, st.epoch)    # as the daemon does: no takeover unfenced
             promote(ctx, epoch,
