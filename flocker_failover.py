@@ -1407,6 +1407,15 @@ class StateStore:
             return None
         return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5], bool(row[6]))
 
+    def initialised_state(self) -> NodeState:
+        """node_state(), refusing a state file that holds none (created,
+        but init never finished) with what to do about it."""
+        st = self.node_state()
+        if st is None:
+            raise StateError("the state file %s holds no node state; run "
+                             "'flocker_failover.py init --role ...'" % self.path)
+        return st
+
     def events(self, limit: int = 20, since: float = 0.0) -> List[dict]:
         """The newest `limit` events at or after `since`, oldest first."""
         rows = self.conn.execute(
@@ -1695,20 +1704,32 @@ class StateStore:
         return {"last": last, "last_ok": last_ok, "last_failed": failed}
 
     def backup_and_remove(self) -> str:
-        """Move the state file (with its WAL) aside; returns the backup path."""
+        """Move the state file aside, its WAL written into it first;
+        returns the backup path (set_state_file_aside)."""
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        backup = "%s.bak-%s" % (self.path, stamp)
-        n = 1
-        while os.path.exists(backup):
-            n += 1
-            backup = "%s.bak-%s-%d" % (self.path, stamp, n)
         self.conn.close()
-        os.rename(self.path, backup)
-        for suffix in ("-wal", "-shm"):
+        for suffix in ("-wal", "-shm"):   # empty now: the backup is one file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path + suffix)
-        return backup
+        return set_state_file_aside(self.path, "bak")
+
+
+def set_state_file_aside(path: str, tag: str) -> str:
+    """Rename a state file (and its -wal and -shm, where they exist) to
+    <path>.<tag>-<UTC time>, with -2, -3... when that name is taken, so
+    that nothing is overwritten; returns the new path.  'bak': a good file
+    kept by init --force; 'bad': an unusable one kept untouched."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_clock()))
+    backup = "%s.%s-%s" % (path, tag, stamp)
+    n = 1
+    while os.path.exists(backup):
+        n += 1
+        backup = "%s.%s-%s-%d" % (path, tag, stamp, n)
+    os.rename(path, backup)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.rename(path + suffix, backup + suffix)
+    return backup
 
 
 def _uri_path(path: str) -> str:
@@ -5423,10 +5444,7 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
     """One replication cycle, master -> slave; the sync command and the
     daemon both call this.  Records the cycle in the state store; raises a
     FlockerError (recorded as well) when it was refused or failed."""
-    st = store.node_state()
-    if st is None:
-        raise StateError("the state file %s holds no node state; run "
-                         "'flocker_failover.py init --role ...'" % store.path)
+    st = store.initialised_state()
     if st.role != ROLE_MASTER:
         raise ReplicationError(
             "this node (%s) is %s: replication runs on the master only; run sync "
@@ -6086,7 +6104,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
         if not (exists and force):
             raise
         # a corrupt or foreign file: with --force, keep it aside untouched
-        backup = _move_aside(me.state_db)
+        backup = set_state_file_aside(me.state_db, "bad")
         done.append("moved the unusable state file to %s" % backup)
         store = StateStore.open(me.state_db, create=True, lock_for="init")
     try:
@@ -7192,16 +7210,6 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
     return text
 
 
-def _move_aside(path: str) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    backup = "%s.bad-%s" % (path, stamp)
-    os.rename(path, backup)
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.rename(path + suffix, backup + suffix)
-    return backup
-
-
 # ===========================================================================
 # 8. Status reports
 # ===========================================================================
@@ -7249,10 +7257,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
     With zfs, the replication part also reads this node's dataset."""
     now = wall_clock() if now is None else now
     with StateStore.open(cfg.local.state_db, readonly=True) as store:
-        st = store.node_state()
-        if st is None:
-            raise StateError("the state file %s holds no node state; run "
-                             "'flocker_failover.py init --role ...'" % cfg.local.state_db)
+        st = store.initialised_state()
         peer = store.peer(cfg.peer.name)
         last = store.last_replication()
         summary = store.replication_summary()
