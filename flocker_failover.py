@@ -5931,22 +5931,47 @@ def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
     token = remote.props.get("receive_resume_token", "-")
     if token in ("-", "") or not (zfs.features().resumable and peer.features().resumable):
         return None
+    peer.ssh.ensure_master()
+    return _transfer(cfg, peer, build_resume_send_argv(token),
+                     build_recv_argv(cfg.peer.dataset, True),
+                     "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
+                     stop, resuming=True)
+
+
+def _transfer(cfg, peer: ZfsBase, send_argv: List[str], recv_argv: List[str], what: str,
+              stop=None, progress: Optional[TransferProgress] = None,
+              resuming: bool = False) -> TransferOutcome:
+    """send_argv here | ssh peer recv_argv, through the peer's ssh master
+    connection (which the caller made sure of), at most
+    replication_bandwidth, stopped when stuck for transfer_stall_timeout.
+    Returns the outcome of a transfer that succeeded.  A failed one
+    resets the connection (the peer's sshd then ends the remote zfs recv
+    now, instead of after it drained what is in flight), discards what a
+    resumable receive into a full pool kept (_discard_unresumable), and
+    raises ReplicationError saying what happened, or DivergenceError when
+    the replica was written to (a fresh send only: resuming, it is the
+    stream this master sent before that failed)."""
     ssh = peer.ssh
-    ssh.ensure_master()
-    outcome = pipe_transfer(build_resume_send_argv(token),
-                            ssh.argv(build_recv_argv(cfg.peer.dataset, True)),
-                            cfg.transfer_stall_timeout,
-                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                            abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth)
-    if not outcome.ok:
-        ssh.reset()
-        note = _discard_unresumable(cfg, peer, outcome)
-        raise ReplicationError(explain_transfer(
-            outcome, "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
-            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain, note)
-            + ("" if note else "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
-               % (cfg.peer.name, cfg.peer.dataset)))
-    return outcome
+    try:
+        outcome = pipe_transfer(send_argv, ssh.argv(recv_argv), cfg.transfer_stall_timeout,
+                                finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                                abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth,
+                                progress=progress)
+    finally:
+        if progress is not None:
+            progress.end()
+    if outcome.ok:
+        return outcome
+    ssh.reset()
+    note = _discard_unresumable(cfg, peer, outcome) if "-s" in recv_argv else ""
+    text = explain_transfer(outcome, what, cfg.peer.name, cfg.peer.dataset,
+                            cfg.transfer_stall_timeout, ssh.explain, note)
+    if resuming:
+        raise ReplicationError(text + ("" if note else "; if it keeps failing, abort it on %s "
+                                       "with 'zfs recv -A %s'" % (cfg.peer.name,
+                                                                  cfg.peer.dataset)))
+    modified = zfs_says("modified", outcome.recv_stderr + outcome.send_stderr)
+    raise (DivergenceError if modified else ReplicationError)(text)
 
 
 def _discard_unresumable(cfg, peer: ZfsBase, outcome: TransferOutcome) -> str:
@@ -5987,32 +6012,15 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
                         f, cfg.local.name if f not in lf.send_flags else cfg.peer.name)
     send_argv = build_send_argv(local.dataset, target.name, base, cfg.recursive, flags)
     recv = build_recv_argv(cfg.peer.dataset, lf.resumable and pf.resumable)
-    ssh = peer.ssh
-    ssh.ensure_master()
+    peer.ssh.ensure_master()
     if progress is not None:
         progress.begin("%s -> %s: %s@%s" % (cfg.local.name, cfg.peer.name, local.dataset,
                                             target.name),
                        zfs.send_estimate(send_argv) if lf.send_estimate else None,
                        time.monotonic())
-    # on failure, closing the connection makes the peer's sshd end the
-    # remote zfs recv now, instead of after it drained what is in flight
-    try:
-        outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
-                                finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                                abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth,
-                                progress=progress)
-    finally:
-        if progress is not None:
-            progress.end()
-    if not outcome.ok:
-        ssh.reset()
-        what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
-                if base else "%s@%s (full copy)" % (local.dataset, target.name))
-        modified = zfs_says("modified", outcome.recv_stderr + outcome.send_stderr)
-        note = _discard_unresumable(cfg, peer, outcome) if "-s" in recv else ""
-        raise (DivergenceError if modified else ReplicationError)(explain_transfer(
-            outcome, what, cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout,
-            ssh.explain, note))
+    what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
+            if base else "%s@%s (full copy)" % (local.dataset, target.name))
+    outcome = _transfer(cfg, peer, send_argv, recv, what, stop, progress)
     names = [s.name for s in local.snaps]
     sent = names[names.index(base) + 1:] if base in names else [target.name]
     return sent, outcome.bytes, outcome.seconds
