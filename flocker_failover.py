@@ -1582,7 +1582,7 @@ class StateStore:
             if conn.execute("SELECT 1 FROM preserved WHERE dataset = ?", (dataset,)).fetchone():
                 return
             conn.execute("INSERT INTO preserved (dataset, created, epoch, origin, reason) "
-                         "VALUES (?, ?, ?, ?, ?)", (dataset, time.time(), epoch, origin, reason))
+                         "VALUES (?, ?, ?, ?, ?)", (dataset, wall_clock(), epoch, origin, reason))
             self._event(conn, "preserve", "kept divergent data as %s (%s)" % (dataset, reason),
                         "warning")
 
@@ -1603,7 +1603,7 @@ class StateStore:
                                  "before starting %s" % (open_[1], open_[0], action))
             cur = conn.execute("INSERT INTO intents (action, started, step, data) "
                                "VALUES (?, ?, 'begin', ?)",
-                               (action, time.time(), json.dumps(data, sort_keys=True)))
+                               (action, wall_clock(), json.dumps(data, sort_keys=True)))
             self._event(conn, action, "%s begins: %s" % (action, data.get("reason", "")))
             return cur.lastrowid
 
@@ -1619,14 +1619,14 @@ class StateStore:
         with self.transaction() as conn:
             row = conn.execute("SELECT action FROM intents WHERE id = ?", (intent_id,)).fetchone()
             conn.execute("UPDATE intents SET finished = ?, step = 'done' WHERE id = ?",
-                         (time.time(), intent_id))
+                         (wall_clock(), intent_id))
             self._event(conn, row[0], "%s completed" % row[0])
             if then is None:
                 return None
             action, data = then
             cur = conn.execute("INSERT INTO intents (action, started, step, data) "
                                "VALUES (?, ?, 'begin', ?)",
-                               (action, time.time(), json.dumps(data, sort_keys=True)))
+                               (action, wall_clock(), json.dumps(data, sort_keys=True)))
             self._event(conn, action, "%s begins: %s" % (action, data.get("reason", "")))
             return cur.lastrowid
 
@@ -5439,11 +5439,13 @@ def peer_zfs(cfg: Config) -> RemoteZfs:
 
 
 def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
-                   clock=time.time, stop: Optional[threading.Event] = None,
+                   clock=None, stop: Optional[threading.Event] = None,
                    progress: Optional[TransferProgress] = None) -> ReplicationResult:
     """One replication cycle, master -> slave; the sync command and the
     daemon both call this.  Records the cycle in the state store; raises a
-    FlockerError (recorded as well) when it was refused or failed."""
+    FlockerError (recorded as well) when it was refused or failed.  clock:
+    what names the snapshots and times the record (wall_clock)."""
+    clock = wall_clock if clock is None else clock
     st = store.initialised_state()
     if st.role != ROLE_MASTER:
         raise ReplicationError(
@@ -6580,7 +6582,7 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
     if not ctx.zfs.exists("%s@%s" % (ds, common)):
         raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
                           % (ds, common))
-    now = time.time()
+    now = wall_clock()
     data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
             "then_demote": then_demote, "preserved": preserved_name(ds, epoch, now),
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
@@ -6867,7 +6869,7 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
                             "compare them and keep one by hand" % (ds, peer_listing.dataset,
                                                                    cfg.peer.name))
     if snapshot:
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, wall_clock)
     after = snaps_after(local, common.guid)
     changes = (tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive)
                if after else 0)
@@ -7064,7 +7066,7 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str,
     if not stopped:
         _stop_user_system(ctx, top, quiesce)
     # measured again now that nothing writes any more
-    local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
+    local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, wall_clock)
     after = snaps_after(local, common.guid)
     if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         # (the demotion is part of the preservation: see then_demote)
@@ -7199,7 +7201,7 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
         # decision: this node's writes stop whatever follows, as the older
         # of two serving masters stops (split_brain_yields)
         _stop_user_system(ctx, top, None)
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, wall_clock)
     after = snaps_after(local, common.guid)
     if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         if cfg.recursive:
@@ -10035,7 +10037,7 @@ def cmd_history(args, cfg_path: str) -> int:
 
 
 def _add_history(p) -> None:
-    p.add_argument("--since", metavar="WHEN", type=lambda text: parse_since(text, time.time()),
+    p.add_argument("--since", metavar="WHEN", type=lambda text: parse_since(text, wall_clock()),
                    help="only events from then on: an age (30m, 2h, 7d) or a UTC time "
                         "(2026-11-24T17:30)")
     p.add_argument("--limit", type=int, default=1000, metavar="N",
@@ -10224,7 +10226,7 @@ def cmd_demote(args, cfg_path: str) -> int:
                 # the peer be promoted over it
                 listing = ctx.zfs.listing(cfg.local.dataset)
                 if listing is not None:
-                    _snapshot_if_changed(cfg, ctx.zfs, listing, st.epoch, time.time)
+                    _snapshot_if_changed(cfg, ctx.zfs, listing, st.epoch, wall_clock)
                 demote(ctx, st.epoch, "demote --even-if-unsent: the final snapshot could "
                        "not be sent; this node keeps the newest data")
                 print("%s is slave now, but the final snapshot could NOT be sent to %s (%s): "
