@@ -561,6 +561,31 @@ NODE_OPTIONS = (
 )
 
 
+def _derive_timeouts(c: Dict[str, object]) -> None:
+    """Timeouts left unset follow the heartbeat timings they are bound to,
+    so that a user who changes heartbeat_interval or dead_time need not
+    learn their rules (a value set by hand is checked against them)."""
+    interval, dead = c["heartbeat_interval"], c["dead_time"]
+    if c["arbitrator_timeout"] is None:
+        c["arbitrator_timeout"] = min(1.0, 2 * interval)
+    if c["witness_lease"] is None:
+        c["witness_lease"] = max(10.0, 4 * interval, dead)
+    if c["witness_timeout"] is None:
+        c["witness_timeout"] = min(0.5, interval)
+
+
+def _defaults(options: Sequence[Option]) -> Dict[str, object]:
+    """Each option's default as its parser reads it (None: required, or
+    unset), so that the tables above are the one place defaults are
+    written: the configuration classes below take theirs from here."""
+    return {o.name: o.parse(o.default) if o.default else None for o in options}
+
+
+CLUSTER_DEFAULTS = _defaults(CLUSTER_OPTIONS)
+_derive_timeouts(CLUSTER_DEFAULTS)
+SERVICE_DEFAULTS = _defaults(SERVICE_OPTIONS)
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -580,56 +605,60 @@ class ServiceConfig:
     check_interval: float
     command_timeout: float
     service_address: Optional[ServiceAddress]
-    check_failures: int = 3
-    hold_down: float = 300.0
+    check_failures: int = SERVICE_DEFAULTS["check_failures"]
+    hold_down: float = SERVICE_DEFAULTS["hold_down"]
     fence_command: Optional[Tuple[str, ...]] = None
-    announce_count: int = 5
-    announce_interval: float = 0.05
-    announce_again: float = 5.0
+    announce_count: int = SERVICE_DEFAULTS["announce_count"]
+    announce_interval: float = SERVICE_DEFAULTS["announce_interval"]
+    announce_again: float = SERVICE_DEFAULTS["announce_again"]
     snapshot_command: Optional[Tuple[str, ...]] = None
     snapshot_done_command: Optional[Tuple[str, ...]] = None
-    snapshot_timeout: float = 30.0
+    snapshot_timeout: float = SERVICE_DEFAULTS["snapshot_timeout"]
     key_command: Optional[Tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The whole configuration, validated (parse_config).  A field per
+    option of [cluster], its default the table's (CLUSTER_DEFAULTS, for
+    a Config built by hand, as tests do)."""
     path: str
     name: str
     secret_file: str
     secret: bytes = dataclasses.field(repr=False)
-    heartbeat_port: int = 7788
-    heartbeat_interval: float = 1.0
-    dead_time: float = 5.0
-    startup_wait: float = 10.0
-    wait_for_peer: bool = True
-    state_db: str = ""       # cluster default; each node's own is NodeConfig.state_db
-    event_log_keep_rows: int = 100000
-    event_log_keep_days: float = 365.0
-    replication_interval: float = 10.0
-    snapshot_keep: int = 10
-    recursive: bool = False
-    transfer_stall_timeout: float = 60.0
-    replication_bandwidth: int = 0
-    ssh_identity: str = ""
-    ssh_known_hosts: str = ""
-    ssh_connect_timeout: float = 10.0
-    ssh_alive_interval: float = 5.0
-    ssh_control_persist: float = 300.0
-    send_flags: Tuple[str, ...] = ()
-    realtime_priority: int = 10
-    divergence_policy: str = "most-changes"
-    metrics_file: Optional[str] = None
-    arbitrator: Optional[Tuple[str, int]] = None
-    arbitrator_command: Optional[Tuple[str, ...]] = None
-    arbitrator_timeout: float = 1.0
-    witness: Optional[Tuple[str, int]] = None
-    witness_lease: float = 10.0
-    witness_timeout: float = 0.5
+    heartbeat_port: int = CLUSTER_DEFAULTS["heartbeat_port"]
+    heartbeat_interval: float = CLUSTER_DEFAULTS["heartbeat_interval"]
+    dead_time: float = CLUSTER_DEFAULTS["dead_time"]
+    startup_wait: float = CLUSTER_DEFAULTS["startup_wait"]
+    wait_for_peer: bool = CLUSTER_DEFAULTS["wait_for_peer"]
+    # the cluster's default; each node's own is NodeConfig.state_db
+    state_db: str = CLUSTER_DEFAULTS["state_db"]
+    event_log_keep_rows: int = CLUSTER_DEFAULTS["event_log_keep_rows"]
+    event_log_keep_days: float = CLUSTER_DEFAULTS["event_log_keep_days"]
+    replication_interval: float = CLUSTER_DEFAULTS["replication_interval"]
+    snapshot_keep: int = CLUSTER_DEFAULTS["snapshot_keep"]
+    recursive: bool = CLUSTER_DEFAULTS["recursive"]
+    transfer_stall_timeout: float = CLUSTER_DEFAULTS["transfer_stall_timeout"]
+    replication_bandwidth: int = CLUSTER_DEFAULTS["replication_bandwidth"]
+    ssh_identity: str = CLUSTER_DEFAULTS["ssh_identity"]
+    ssh_known_hosts: str = CLUSTER_DEFAULTS["ssh_known_hosts"]
+    ssh_connect_timeout: float = CLUSTER_DEFAULTS["ssh_connect_timeout"]
+    ssh_alive_interval: float = CLUSTER_DEFAULTS["ssh_alive_interval"]
+    ssh_control_persist: float = CLUSTER_DEFAULTS["ssh_control_persist"]
+    send_flags: Tuple[str, ...] = ()     # (empty: none)
+    realtime_priority: int = CLUSTER_DEFAULTS["realtime_priority"]
+    divergence_policy: str = CLUSTER_DEFAULTS["divergence_policy"]
+    metrics_file: Optional[str] = CLUSTER_DEFAULTS["metrics_file"]
+    arbitrator: Optional[Tuple[str, int]] = CLUSTER_DEFAULTS["arbitrator"]
+    arbitrator_command: Optional[Tuple[str, ...]] = CLUSTER_DEFAULTS["arbitrator_command"]
+    arbitrator_timeout: float = CLUSTER_DEFAULTS["arbitrator_timeout"]
+    witness: Optional[Tuple[str, int]] = CLUSTER_DEFAULTS["witness"]
+    witness_lease: float = CLUSTER_DEFAULTS["witness_lease"]
+    witness_timeout: float = CLUSTER_DEFAULTS["witness_timeout"]
     service: Optional[ServiceConfig] = None
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
-    secret_file_previous: Optional[str] = None
+    secret_file_previous: Optional[str] = CLUSTER_DEFAULTS["secret_file_previous"]
     secret_previous: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -667,19 +696,6 @@ def key_id(secret: bytes) -> str:
     """A short public fingerprint of a secret: compare it across hosts
     without showing the secret."""
     return hashlib.sha256(b"flocker-failover key id\x00" + secret).hexdigest()[:8]
-
-
-def _derive_timeouts(c: Dict[str, object]) -> None:
-    """Timeouts left unset follow the heartbeat timings they are bound to,
-    so that a user who changes heartbeat_interval or dead_time need not
-    learn their rules (a value set by hand is checked against them)."""
-    interval, dead = c["heartbeat_interval"], c["dead_time"]
-    if c["arbitrator_timeout"] is None:
-        c["arbitrator_timeout"] = min(1.0, 2 * interval)
-    if c["witness_lease"] is None:
-        c["witness_lease"] = max(10.0, 4 * interval, dead)
-    if c["witness_timeout"] is None:
-        c["witness_timeout"] = min(0.5, interval)
 
 
 def _parse_section(path, section, options, raw) -> Dict[str, object]:
@@ -936,19 +952,6 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             raise ConfigError(
                 "%s: [node %s] address: link %d joins %s and %s, which are not "
                 "of the same IP version" % (path, a.name, i + 1, x, y))
-    svc = ServiceConfig(
-        start_command=s["start_command"], stop_command=s["stop_command"],
-        check_command=s["check_command"], notify_command=s["notify_command"],
-        check_interval=s["check_interval"],
-        command_timeout=s["command_timeout"],
-        service_address=s["service_address"],
-        check_failures=s["check_failures"], hold_down=s["hold_down"],
-        fence_command=s["fence_command"], announce_count=s["announce_count"],
-        announce_interval=s["announce_interval"], announce_again=s["announce_again"],
-        snapshot_command=s["snapshot_command"],
-        snapshot_done_command=s["snapshot_done_command"],
-        snapshot_timeout=s["snapshot_timeout"], key_command=s["key_command"])
-
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
     if c["secret_file_previous"] is not None:
@@ -959,30 +962,11 @@ def parse_config(text: str, path: str = "<config>") -> Config:
                 "%s: [cluster] secret_file_previous: holds the same key as "
                 "secret_file (key id %s); point it at the old key during a key "
                 "change, or leave it empty" % (path, key_id(secret)))
-    return Config(
-        path=path, name=c["name"], secret_file=c["secret_file"], secret=secret,
-        heartbeat_port=c["heartbeat_port"],
-        heartbeat_interval=c["heartbeat_interval"], dead_time=c["dead_time"],
-        startup_wait=c["startup_wait"], wait_for_peer=c["wait_for_peer"],
-        state_db=c["state_db"], replication_interval=c["replication_interval"],
-        event_log_keep_rows=c["event_log_keep_rows"],
-        event_log_keep_days=c["event_log_keep_days"],
-        snapshot_keep=c["snapshot_keep"], recursive=c["recursive"],
-        transfer_stall_timeout=c["transfer_stall_timeout"],
-        replication_bandwidth=c["replication_bandwidth"],
-        ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
-        ssh_connect_timeout=c["ssh_connect_timeout"],
-        ssh_alive_interval=c["ssh_alive_interval"],
-        ssh_control_persist=c["ssh_control_persist"],
-        send_flags=c["send_flags"] or (),
-        realtime_priority=c["realtime_priority"],
-        divergence_policy=c["divergence_policy"], metrics_file=c["metrics_file"],
-        arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
-        arbitrator_timeout=c["arbitrator_timeout"],
-        witness=c["witness"], witness_lease=c["witness_lease"],
-        witness_timeout=c["witness_timeout"],
-        service=svc, nodes=tuple(nodes),
-        secret_file_previous=c["secret_file_previous"], secret_previous=previous)
+    # one field per option, by name: [cluster] into Config, [service]
+    # into ServiceConfig
+    c["send_flags"] = c["send_flags"] or ()
+    return Config(path=path, secret=secret, secret_previous=previous,
+                  service=ServiceConfig(**s), nodes=tuple(nodes), **c)
 
 
 def _address_is_local(address: str) -> bool:
@@ -4845,8 +4829,9 @@ class Timing:
     startup_wait: float
     wait_for_peer: bool
     isolation_time: float
-    check_failures: int = 3       # consecutive failed checks before a handover
-    hold_down: float = 300.0      # seconds before the role may move again
+    # consecutive failed checks before a handover
+    check_failures: int = SERVICE_DEFAULTS["check_failures"]
+    hold_down: float = SERVICE_DEFAULTS["hold_down"]   # seconds before the role may move again
     witness_lead: float = 0.0     # a master whose peer is silent steps down with this
     #                               much of the witness's lease left (witness_lead())
 
