@@ -830,6 +830,29 @@ def witness_timing_problem(interval: float, dead_time: float, lease: float,
 
 
 def parse_config(text: str, path: str = "<config>") -> Config:
+    """Parse and validate a whole configuration file (its text; path
+    names it in messages, and the secret files are read).  Every problem
+    is a ConfigError naming the file, the section and the option, and
+    what was expected; the first one found is reported."""
+    parser = _read_ini(text, path)
+    node_sections = _node_sections(parser, path)
+    c = _parse_section(path, "cluster", CLUSTER_OPTIONS, dict(parser["cluster"]))
+    s = _parse_section(path, "service", SERVICE_OPTIONS,
+                       dict(parser["service"]) if parser.has_section("service") else {})
+    _check_timings(path, c, s)
+    nodes = [_parse_node(path, section, dict(parser[section]), c["state_db"])
+             for section in node_sections]
+    _check_pair(path, nodes, c["divergence_policy"])
+    secret, previous = _read_secrets(path, c)
+    # one field per option, by name: [cluster] into Config, [service]
+    # into ServiceConfig
+    c["send_flags"] = c["send_flags"] or ()
+    return Config(path=path, secret=secret, secret_previous=previous,
+                  service=ServiceConfig(**s), nodes=tuple(nodes), **c)
+
+
+def _read_ini(text: str, path: str) -> configparser.ConfigParser:
+    """The INI text read by configparser, its errors said as ours."""
     # default_section is set to a name no file uses, so that a [DEFAULT]
     # section is rejected as unknown instead of silently applying everywhere.
     parser = configparser.ConfigParser(
@@ -853,6 +876,12 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     except configparser.Error as e:  # pragma: no cover - other parser errors
         raise ConfigError("%s: %s" % (path, e)) from None
 
+    return parser
+
+
+def _node_sections(parser: configparser.ConfigParser, path: str) -> List[str]:
+    """The two [node NAME] sections; any section that is not [cluster],
+    [service] or one of those is an error, and so is a missing [cluster]."""
     node_sections = []
     for section in parser.sections():
         if section in ("cluster", "service"):
@@ -874,11 +903,14 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             % (path, len(node_sections),
                (" (" + ", ".join("[%s]" % s for s in node_sections) + ")")
                if node_sections else ""))
+    return node_sections
 
-    c = _parse_section(path, "cluster", CLUSTER_OPTIONS, dict(parser["cluster"]))
-    s = _parse_section(path, "service", SERVICE_OPTIONS,
-                       dict(parser["service"]) if parser.has_section("service") else {})
 
+def _check_timings(path: str, c: Dict[str, object], s: Dict[str, object]) -> None:
+    """What [cluster] and [service] require across options: dead_time
+    against heartbeat_interval, start and stop commands in pairs, the
+    arbitrator's and the witness's timings (the unset ones derived here),
+    one arbitrator at most."""
     if c["dead_time"] < 2 * c["heartbeat_interval"]:
         raise ConfigError(
             "%s: [cluster] dead_time: expected at least twice heartbeat_interval "
@@ -910,30 +942,36 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "%s: [cluster] arbitrator_command: set together with arbitrator; "
             "expected one of the two (an address to reach, or a command)" % path)
 
-    nodes = []
-    for section in node_sections:
-        name = section.split()[1]
-        try:
-            _p_name(name)
-        except _Invalid as e:
-            raise ConfigError("%s: [%s]: node name: expected %s, found %r"
-                              % (path, section, e.expected, name)) from None
-        n = _parse_section(path, section, NODE_OPTIONS, dict(parser[section]))
-        addrs = n["address"]
-        if len(set(addrs)) != len(addrs):
-            raise ConfigError("%s: [%s] address: lists the same address twice: %s"
-                              % (path, section, ", ".join(addrs)))
-        ssh_target = n["ssh"] or "root@" + addrs[0]
-        nodes.append(NodeConfig(
-            name=name, addresses=addrs, ssh=ssh_target, ssh_port=n["ssh_port"],
-            dataset=n["dataset"], state_db=n["state_db"] or c["state_db"]))
 
+def _parse_node(path: str, section: str, raw: Dict[str, str], state_db: str) -> NodeConfig:
+    """One [node NAME] section (state_db: the cluster's, its default)."""
+    name = section.split()[1]
+    try:
+        _p_name(name)
+    except _Invalid as e:
+        raise ConfigError("%s: [%s]: node name: expected %s, found %r"
+                          % (path, section, e.expected, name)) from None
+    n = _parse_section(path, section, NODE_OPTIONS, raw)
+    addrs = n["address"]
+    if len(set(addrs)) != len(addrs):
+        raise ConfigError("%s: [%s] address: lists the same address twice: %s"
+                          % (path, section, ", ".join(addrs)))
+    ssh_target = n["ssh"] or "root@" + addrs[0]
+    return NodeConfig(
+        name=name, addresses=addrs, ssh=ssh_target, ssh_port=n["ssh_port"],
+        dataset=n["dataset"], state_db=n["state_db"] or state_db)
+
+
+def _check_pair(path: str, nodes: List[NodeConfig], policy: str) -> None:
+    """What the two nodes require of each other: distinct names and
+    addresses, one address per link on each, of the same IP version; a
+    prefer-node policy names one of them."""
     a, b = nodes
-    pol = c["divergence_policy"]
-    if pol.startswith("prefer-node:") and pol[len("prefer-node:"):] not in (a.name, b.name):
+    if (policy.startswith("prefer-node:")
+            and policy[len("prefer-node:"):] not in (a.name, b.name)):
         raise ConfigError("%s: [cluster] divergence_policy: expected prefer-node:%s or "
                           "prefer-node:%s (a node of this cluster), found %r"
-                          % (path, a.name, b.name, pol))
+                          % (path, a.name, b.name, policy))
     if a.name == b.name:  # pragma: no cover - configparser refuses this first
         raise ConfigError("%s: both node sections are named %s" % (path, a.name))
     shared = set(a.addresses) & set(b.addresses)
@@ -952,6 +990,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             raise ConfigError(
                 "%s: [node %s] address: link %d joins %s and %s, which are not "
                 "of the same IP version" % (path, a.name, i + 1, x, y))
+
+
+def _read_secrets(path: str, c: Dict[str, object]) -> Tuple[bytes, Optional[bytes]]:
+    """The secret and, during a key change, the previous one (None)."""
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
     if c["secret_file_previous"] is not None:
@@ -962,11 +1004,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
                 "%s: [cluster] secret_file_previous: holds the same key as "
                 "secret_file (key id %s); point it at the old key during a key "
                 "change, or leave it empty" % (path, key_id(secret)))
-    # one field per option, by name: [cluster] into Config, [service]
-    # into ServiceConfig
-    c["send_flags"] = c["send_flags"] or ()
-    return Config(path=path, secret=secret, secret_previous=previous,
-                  service=ServiceConfig(**s), nodes=tuple(nodes), **c)
+    return secret, previous
 
 
 def _address_is_local(address: str) -> bool:
