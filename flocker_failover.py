@@ -4186,132 +4186,26 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
     held back by it is not stalled."""
     started = time.monotonic()
     bucket = TokenBucket(rate, started) if rate else None
-    held_until = 0.0      # the bucket is empty: writing resumes then
     send_err, recv_err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     send = recv = None
-    moved, stalled, failed, stopped = 0, False, False, False
-    send_status = None
     try:
         send = subprocess.Popen(list(send_argv), executable=program_of(send_argv),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=send_err)
         recv = subprocess.Popen(list(recv_argv), stdin=subprocess.PIPE,
                                 stdout=recv_err, stderr=recv_err)
-        src, dst = send.stdout.fileno(), recv.stdin.fileno()
-        for fd in (src, dst):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, TRANSFER_CHUNK)
-            os.set_blocking(fd, False)
-        sel = selectors.DefaultSelector()
-        sel.register(src, selectors.EVENT_READ)
-        pending = memoryview(b"")
-        tail = b""            # held back until the sender succeeded
-        eof = False
-        last = time.monotonic()
-        while True:
-            if eof and not pending:
-                if tail is None:
-                    break                       # everything passed on
-                try:
-                    send_status = send.wait(timeout=stall_timeout)
-                except subprocess.TimeoutExpired:
-                    stalled = failed = True     # stream ended, sender hangs
-                    break
-                if send_status != 0:
-                    failed = True
-                    break
-                pending, tail = memoryview(tail), None
-                if not pending:
-                    break
-                sel.register(dst, selectors.EVENT_WRITE)
-            wait = min(1.0, stall_timeout)
-            if held_until:
-                now = time.monotonic()
-                if now >= held_until:
-                    held_until = 0.0
-                    sel.register(dst, selectors.EVENT_WRITE)
-                else:
-                    wait = min(wait, held_until - now)
-                    last = now          # held back by the limit, not stalled
-            for key, _ in sel.select(timeout=wait):
-                if key.fd == src:
-                    try:
-                        chunk = os.read(src, TRANSFER_CHUNK)
-                    except BlockingIOError:
-                        continue
-                    last = time.monotonic()
-                    if not chunk:
-                        eof = True
-                        sel.unregister(src)
-                        continue
-                    data = tail + chunk if tail else chunk
-                    if len(data) <= TRANSFER_TAIL:
-                        tail = data
-                        continue
-                    tail = data[-TRANSFER_TAIL:]
-                    pending = memoryview(data)[:-TRANSFER_TAIL]
-                    sel.unregister(src)
-                    sel.register(dst, selectors.EVENT_WRITE)
-                else:
-                    size = len(pending)
-                    if bucket is not None:
-                        size = bucket.allowed(size, time.monotonic())
-                        if not size:
-                            sel.unregister(dst)
-                            held_until = bucket.ready_at(len(pending), time.monotonic())
-                            continue
-                    try:
-                        n = os.write(dst, pending[:size])
-                    except BlockingIOError:
-                        continue
-                    except (BrokenPipeError, ConnectionResetError):
-                        failed = True    # the receiving side ended early
-                        break
-                    if bucket is not None:
-                        bucket.spend(n)
-                    moved += n
-                    if progress is not None:
-                        progress.moved(moved, time.monotonic())
-                    last = time.monotonic()
-                    pending = pending[n:]
-                    if not pending:
-                        sel.unregister(dst)
-                        if not eof:
-                            sel.register(src, selectors.EVENT_READ)
-            if failed:
-                break
-            if send.poll() is not None and send.returncode != 0:
-                failed = True   # zfs-fuse's daemon may still be writing its stream
-                break
-            if time.monotonic() - last > stall_timeout:
-                stalled = failed = True
-                break
-            if stop is not None and stop.is_set():
-                stopped = failed = True
-                break
-        sel.close()
+        relay = _Relay(send, recv, stall_timeout, stop, bucket, progress)
+        relay.run()
         log.debug("transfer: %d bytes relayed in %.2f s; eof=%s failed=%s stalled=%s",
-                  moved, time.monotonic() - started, eof, failed, stalled)
-        if failed:
-            send.kill()
-            if abort is not None:
-                abort()
-            recv.kill()
-        send_status = send.wait()
-        with contextlib.suppress(OSError):
-            recv.stdin.close()
-        try:
-            recv_status = recv.wait(timeout=finish_timeout)
-        except subprocess.TimeoutExpired:
-            recv.kill()
-            recv_status = recv.wait()
-            recv_err.write(("\nthe remote zfs recv did not finish within %g s after "
-                            "the end of the stream" % finish_timeout).encode())
+                  relay.moved, time.monotonic() - started, relay.eof, relay.failed,
+                  relay.stalled)
+        send_status, recv_status = _end_transfer(send, recv, relay.failed, abort,
+                                                 finish_timeout, recv_err)
         log.debug("transfer: zfs send exited %s, ssh/zfs recv %s, after %.2f s",
                   send_status, recv_status, time.monotonic() - started)
-        return TransferOutcome(moved, time.monotonic() - started, send_status,
+        return TransferOutcome(relay.moved, time.monotonic() - started, send_status,
                                recv_status, _read_all(send_err), _read_all(recv_err),
-                               stalled, stopped)
+                               relay.stalled, relay.stopped)
     finally:
         for p in (send, recv):
             if p is not None and p.poll() is None:
@@ -4324,6 +4218,178 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
                             f.close()
         send_err.close()
         recv_err.close()
+
+
+class _Relay:
+    """The loop of pipe_transfer: moves the stream from zfs send's stdout
+    to the receiver's stdin, TRANSFER_CHUNK at a time, through non-blocking
+    pipes and one selector.  The newest TRANSFER_TAIL bytes read are held
+    back (tail) until the sender has exited 0 (see pipe_transfer); what is
+    ready to be written is `pending`, and the sender is not read while
+    there is some.  Its fields are the transfer's state; run() returns
+    when the whole stream is passed on or the transfer failed (failed,
+    and why: stalled, stopped, or neither when a side failed)."""
+
+    def __init__(self, send: subprocess.Popen, recv: subprocess.Popen,
+                 stall_timeout: float, stop: Optional[threading.Event],
+                 bucket: Optional[TokenBucket], progress: Optional[TransferProgress]) -> None:
+        self.send, self.stall_timeout, self.stop = send, stall_timeout, stop
+        self.bucket, self.progress = bucket, progress
+        self.src, self.dst = send.stdout.fileno(), recv.stdin.fileno()
+        for fd in (self.src, self.dst):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, TRANSFER_CHUNK)
+            os.set_blocking(fd, False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.src, selectors.EVENT_READ)
+        self.pending = memoryview(b"")
+        self.tail = b""              # held back until the sender succeeded; None: passed on
+        self.eof = False
+        self.held_until = 0.0        # the bucket is empty: writing resumes then
+        self.last = time.monotonic()  # when data last moved
+        self.moved = 0
+        self.stalled = self.failed = self.stopped = False
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.eof and not self.pending and self._end_of_stream():
+                    break
+                for key, _ in self.sel.select(timeout=self._wait()):
+                    if key.fd == self.src:
+                        self._read()
+                    else:
+                        self._write()
+                        if self.failed:
+                            break
+                if self._must_end():
+                    break
+        finally:
+            self.sel.close()
+
+    def _end_of_stream(self) -> bool:
+        """The sender's stream has ended and all of it but the tail is
+        passed on: wait for zfs send's exit status, then pass the tail on.
+        True when the loop is done (all passed on, or failed)."""
+        if self.tail is None:
+            return True                       # everything passed on
+        try:
+            status = self.send.wait(timeout=self.stall_timeout)
+        except subprocess.TimeoutExpired:
+            self.stalled = self.failed = True     # stream ended, sender hangs
+            return True
+        if status != 0:
+            self.failed = True
+            return True
+        self.pending, self.tail = memoryview(self.tail), None
+        if not self.pending:
+            return True
+        self.sel.register(self.dst, selectors.EVENT_WRITE)
+        return False
+
+    def _wait(self) -> float:
+        """How long select may wait; writing resumes once the bandwidth
+        limit allows it again (time held back counts as no stall)."""
+        wait = min(1.0, self.stall_timeout)
+        if self.held_until:
+            now = time.monotonic()
+            if now >= self.held_until:
+                self.held_until = 0.0
+                self.sel.register(self.dst, selectors.EVENT_WRITE)
+            else:
+                wait = min(wait, self.held_until - now)
+                self.last = now          # held back by the limit, not stalled
+        return wait
+
+    def _read(self) -> None:
+        """One chunk from the sender: all but the newest TRANSFER_TAIL
+        bytes become pending (and reading pauses until they are written)."""
+        try:
+            chunk = os.read(self.src, TRANSFER_CHUNK)
+        except BlockingIOError:
+            return
+        self.last = time.monotonic()
+        if not chunk:
+            self.eof = True
+            self.sel.unregister(self.src)
+            return
+        data = self.tail + chunk if self.tail else chunk
+        if len(data) <= TRANSFER_TAIL:
+            self.tail = data
+            return
+        self.tail = data[-TRANSFER_TAIL:]
+        self.pending = memoryview(data)[:-TRANSFER_TAIL]
+        self.sel.unregister(self.src)
+        self.sel.register(self.dst, selectors.EVENT_WRITE)
+
+    def _write(self) -> None:
+        """As much of pending as the receiver takes and the bandwidth limit
+        allows; reading resumes once all of it is written."""
+        size = len(self.pending)
+        if self.bucket is not None:
+            size = self.bucket.allowed(size, time.monotonic())
+            if not size:
+                self.sel.unregister(self.dst)
+                self.held_until = self.bucket.ready_at(len(self.pending), time.monotonic())
+                return
+        try:
+            n = os.write(self.dst, self.pending[:size])
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.failed = True    # the receiving side ended early
+            return
+        if self.bucket is not None:
+            self.bucket.spend(n)
+        self.moved += n
+        if self.progress is not None:
+            self.progress.moved(self.moved, time.monotonic())
+        self.last = time.monotonic()
+        self.pending = self.pending[n:]
+        if not self.pending:
+            self.sel.unregister(self.dst)
+            if not self.eof:
+                self.sel.register(self.src, selectors.EVENT_READ)
+
+    def _must_end(self) -> bool:
+        """True when the transfer has failed: a side failed, the sender
+        exited non-zero, nothing moved for stall_timeout, or stop is set."""
+        if self.failed:
+            return True
+        if self.send.poll() is not None and self.send.returncode != 0:
+            self.failed = True   # zfs-fuse's daemon may still be writing its stream
+            return True
+        if time.monotonic() - self.last > self.stall_timeout:
+            self.stalled = self.failed = True
+            return True
+        if self.stop is not None and self.stop.is_set():
+            self.stopped = self.failed = True
+            return True
+        return False
+
+
+def _end_transfer(send: subprocess.Popen, recv: subprocess.Popen, failed: bool, abort,
+                  finish_timeout: float, recv_err) -> Tuple[int, int]:
+    """After the relay: on failure kill the sender, abort() (the peer ends
+    its receive), kill the receiver; then close the receiver's input and
+    give it finish_timeout to finish (killed after that, and said so in
+    its stderr).  Returns both exit statuses."""
+    if failed:
+        send.kill()
+        if abort is not None:
+            abort()
+        recv.kill()
+    send_status = send.wait()
+    with contextlib.suppress(OSError):
+        recv.stdin.close()
+    try:
+        recv_status = recv.wait(timeout=finish_timeout)
+    except subprocess.TimeoutExpired:
+        recv.kill()
+        recv_status = recv.wait()
+        recv_err.write(("\nthe remote zfs recv did not finish within %g s after "
+                        "the end of the stream" % finish_timeout).encode())
+    return send_status, recv_status
 
 
 # -- commands of the operator (start, stop, check, notify) ---------------------
