@@ -5564,144 +5564,223 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
 
 def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
            ) -> ReplicationResult:
-    me, other = cfg.local, cfg.peer
-    ds, pds = me.dataset, other.dataset
-    r = cfg.recursive
-    resumed, resumed_snaps = None, []   # an interrupted transfer finished first
-    ptree, dropped = {}, []   # recursive = yes: the replica's tree; partials dropped
-    local = zfs.listing(ds)
+    """The steps of one replication cycle, in this order, each a function
+    below: 1. what the peer has (snapshotting on while it is away); 2. the
+    newest common snapshot, refusing what is unsafe; 3. a snapshot when
+    something changed, and the increment sent; 4. the new common snapshot
+    held on both sides, only then the previous holds released; 5.
+    retention, the slave first."""
+    local = _own_listing(cfg, zfs, st)
+    side = _peer_side(cfg, store, zfs, peer, st, local, clock, stop)
+    common = _safe_common(cfg, peer, st, local, side.remote)
+    local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
+    target = local.snaps[-1]
+    common, sent, nbytes, seconds = _send_increment(cfg, store, zfs, peer, rid, local,
+                                                    target, common, side.ptree, stop,
+                                                    progress)
+    arrived = side.resumed_snaps + sent
+    after, got = _arrived(cfg, peer, target, side.remote, relist=bool(sent))
+    old = _hold_then_release(cfg, zfs, peer, local, target, after, got, arrived)
+    pruned_peer, pruned_local = _retention(cfg, store, zfs, peer, local, target, after,
+                                           relist=bool(old or arrived or
+                                                       target.userrefs == 0))
+    msg = _cycle_message(cfg, side, target, common, sent, nbytes, seconds)
+    if side.resumed is not None:
+        nbytes, seconds = nbytes + side.resumed.bytes, seconds + side.resumed.seconds
+    return ReplicationResult(target.name, target.guid, common.name if common else None,
+                             arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def _own_listing(cfg, zfs: ZfsBase, st: NodeState) -> Listing:
+    """This master's dataset, its flocker:role marker set (a replica of it
+    then names its master)."""
+    me = cfg.local
+    local = zfs.listing(me.dataset)
     if local is None:
         raise ReplicationError(
             "the dataset %s does not exist on this master (%s): nothing to "
-            "replicate; check [node %s] dataset in %s" % (ds, me.name, me.name, cfg.path))
+            "replicate; check [node %s] dataset in %s" % (me.dataset, me.name, me.name,
+                                                         cfg.path))
     marker = role_marker(me.name, ROLE_MASTER, st.epoch)
     if local.props.get(ROLE_PROPERTY) != marker:
-        zfs.set_prop(ds, ROLE_PROPERTY, marker)
+        zfs.set_prop(me.dataset, ROLE_PROPERTY, marker)
+    return local
 
-    # 1. what the peer has, from a live listing (one round trip)
+
+@dataclasses.dataclass
+class _PeerSide:
+    """What step 1 of a cycle learnt of the peer's replica."""
+    remote: Optional[Listing]          # None: there is none yet
+    resumed: Optional[TransferOutcome] = None  # an interrupted transfer finished first
+    resumed_snaps: List[str] = dataclasses.field(default_factory=list)
+    ptree: Dict[str, TreeNode] = dataclasses.field(default_factory=dict)  # recursive
+    dropped: List[str] = dataclasses.field(default_factory=list)  # partials dropped
+
+
+def _peer_side(cfg, store, zfs, peer, st, local: Listing, clock, stop) -> _PeerSide:
+    """Step 1: what the peer has, from a live listing (one round trip).
+    Refuses a peer whose replica says it is master; finishes an
+    interrupted resumable transfer first; with recursive = yes, reads the
+    replica's tree and drops a child's partial receive.  A peer that
+    cannot be reached: the snapshots go on (_snapshot_while_away)."""
+    other, pds = cfg.peer, cfg.peer.dataset
     try:
         remote = peer.listing(pds)
     except SshError:
-        # the peer is away: keep taking snapshots, bounded by retention that
-        # spares the newest, the held ones, the last one known replicated and
-        # every one a transfer since then may have delivered unconfirmed (the
-        # peer may hold it: pruned here, it would look like history this
-        # master lacks, a divergence)
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
-        last_ok = store.replication_summary()["last_ok"]
-        protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
-                   + store.unconfirmed_targets())
-        _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds), r)
+        _snapshot_while_away(cfg, store, zfs, st, local, clock)
         raise
+    side = _PeerSide(remote)
     if remote is None:
         _check_peer_parent(peer, pds, other.name)
-    else:
-        claim = parse_role_marker(remote.props.get(ROLE_PROPERTY))
-        if claim is not None and claim[0] == other.name and claim[1] == ROLE_MASTER:
-            raise ReplicationError(
-                "%s says it is master (%s=%r on %s; this node is master in epoch %d): "
-                "refusing to send, two masters is a split brain; nothing was changed "
-                "on either node. Decide which node stays master before replicating "
-                "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
-                           pds, st.epoch))
-        resumed = _resume_partial(cfg, zfs, peer, remote, stop)
-        if resumed is not None:
-            had = remote.guids
-            remote = peer.listing(pds)
-            if remote is None:
-                raise ReplicationError("%s vanished on %s after resuming its receive"
-                                       % (pds, other.name))
-            resumed_snaps = [s.name for s in remote.snaps if s.guid not in had]
-        if r:
-            ptree = peer.tree(pds)
-            dropped = _drop_child_partials(cfg, peer, ptree)
-            if dropped:
-                ptree = peer.tree(pds)
+        return side
+    claim = parse_role_marker(remote.props.get(ROLE_PROPERTY))
+    if claim is not None and claim[0] == other.name and claim[1] == ROLE_MASTER:
+        raise ReplicationError(
+            "%s says it is master (%s=%r on %s; this node is master in epoch %d): "
+            "refusing to send, two masters is a split brain; nothing was changed "
+            "on either node. Decide which node stays master before replicating "
+            "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
+                       pds, st.epoch))
+    side.resumed = _resume_partial(cfg, zfs, peer, remote, stop)
+    if side.resumed is not None:
+        had = remote.guids
+        side.remote = peer.listing(pds)
+        if side.remote is None:
+            raise ReplicationError("%s vanished on %s after resuming its receive"
+                                   % (pds, other.name))
+        side.resumed_snaps = [s.name for s in side.remote.snaps if s.guid not in had]
+    if cfg.recursive:
+        side.ptree = peer.tree(pds)
+        side.dropped = _drop_child_partials(cfg, peer, side.ptree)
+        if side.dropped:
+            side.ptree = peer.tree(pds)
+    return side
 
-    # 2. the newest common snapshot, by GUID; refuse what is unsafe
-    common = None
-    if remote is not None:
-        if not remote.snaps:
-            raise ReplicationError(
-                "%s exists on %s but has no snapshot, so it shares none with %s here: "
-                "flocker-failover never overwrites it; nothing was changed. If it holds "
-                "nothing you need, rename it away on %s ('zfs rename %s %s-old') and "
-                "sync again for a full copy" % (pds, other.name, ds, other.name, pds, pds))
-        common = find_common(local, remote)
-        if common is None:
-            raise ReplicationError(
-                "%s on %s shares no snapshot with %s here (compared by GUID), so no "
-                "incremental send is possible and flocker-failover will not overwrite "
-                "it; nothing was changed. If it holds nothing you need, rename it away "
-                "on %s ('zfs rename %s %s-old') and sync again for a full copy; if it "
-                "does, the nodes have diverged: decide which data is right first"
-                % (pds, other.name, ds, other.name, pds, pds))
-        extra = snaps_after(remote, common.guid)
-        ours = [s for s in extra if is_flocker_snapshot(s.name)]
-        if extra and not ours:
-            raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
-        if ours and all(snapshot_epoch(s.name) == st.epoch for s in ours):
-            raise ReplicationError(lost_own_snapshots_message(cfg, extra, common.name,
-                                                              st.epoch))
-        if extra:
-            raise DivergenceError(
-                "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
-                "(%s): it has history this master lacks (divergence); nothing was "
-                "changed. Decide which node's data continues before replicating"
-                % (pds, other.name, len(extra), common.name,
-                   ", ".join(s.name for s in extra[:5])))
-        pf = peer.features()
-        if pf.written and remote.props.get("written", "0") not in ("0", "-", ""):
-            raise DivergenceError(
-                "the replica %s on %s was changed there since its newest snapshot %s "
-                "(written=%s bytes); it was not rolled back and nothing was sent. Copy "
-                "out what you need from it on %s, then run there 'zfs rollback %s@%s' "
-                "and sync again" % (pds, other.name, common.name,
-                                    remote.props.get("written"), other.name, pds,
-                                    remote.snaps[-1].name))
 
-    # 3. snapshot (when something changed) and send the increment
+def _snapshot_while_away(cfg, store, zfs, st, local: Listing, clock) -> None:
+    """The peer is away: keep taking snapshots, bounded by retention that
+    spares the newest, the held ones, the last one known replicated and
+    every one a transfer since then may have delivered unconfirmed (the
+    peer may hold it: pruned here, it would look like history this master
+    lacks, a divergence)."""
+    ds = cfg.local.dataset
     local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
-    target = local.snaps[-1]
+    last_ok = store.replication_summary()["last_ok"]
+    protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+               + store.unconfirmed_targets())
+    _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds),
+           cfg.recursive)
+
+
+def _safe_common(cfg, peer, st, local: Listing, remote: Optional[Listing]) -> Optional[Snap]:
+    """Step 2: the newest common snapshot, by GUID (None: the peer has no
+    replica, a full copy goes).  Refuses what is unsafe: a replica without
+    a snapshot or without one in common, snapshots after the common one
+    (foreign ones, this master's own lost ones, or a divergence), a replica
+    written to since its newest snapshot."""
+    if remote is None:
+        return None
+    ds, pds, other = cfg.local.dataset, cfg.peer.dataset, cfg.peer.name
+    if not remote.snaps:
+        raise ReplicationError(
+            "%s exists on %s but has no snapshot, so it shares none with %s here: "
+            "flocker-failover never overwrites it; nothing was changed. If it holds "
+            "nothing you need, rename it away on %s ('zfs rename %s %s-old') and "
+            "sync again for a full copy" % (pds, other, ds, other, pds, pds))
+    common = find_common(local, remote)
+    if common is None:
+        raise ReplicationError(
+            "%s on %s shares no snapshot with %s here (compared by GUID), so no "
+            "incremental send is possible and flocker-failover will not overwrite "
+            "it; nothing was changed. If it holds nothing you need, rename it away "
+            "on %s ('zfs rename %s %s-old') and sync again for a full copy; if it "
+            "does, the nodes have diverged: decide which data is right first"
+            % (pds, other, ds, other, pds, pds))
+    extra = snaps_after(remote, common.guid)
+    ours = [s for s in extra if is_flocker_snapshot(s.name)]
+    if extra and not ours:
+        raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
+    if ours and all(snapshot_epoch(s.name) == st.epoch for s in ours):
+        raise ReplicationError(lost_own_snapshots_message(cfg, extra, common.name,
+                                                          st.epoch))
+    if extra:
+        raise DivergenceError(
+            "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
+            "(%s): it has history this master lacks (divergence); nothing was "
+            "changed. Decide which node's data continues before replicating"
+            % (pds, other, len(extra), common.name,
+               ", ".join(s.name for s in extra[:5])))
+    pf = peer.features()
+    if pf.written and remote.props.get("written", "0") not in ("0", "-", ""):
+        raise DivergenceError(
+            "the replica %s on %s was changed there since its newest snapshot %s "
+            "(written=%s bytes); it was not rolled back and nothing was sent. Copy "
+            "out what you need from it on %s, then run there 'zfs rollback %s@%s' "
+            "and sync again" % (pds, other, common.name,
+                                remote.props.get("written"), other, pds,
+                                remote.snaps[-1].name))
+    return common
+
+
+def _send_increment(cfg, store, zfs, peer, rid, local: Listing, target: Snap,
+                    common: Optional[Snap], ptree, stop, progress
+                    ) -> Tuple[Optional[Snap], List[str], int, float]:
+    """Step 3: send what the peer lacks up to target, from the common
+    snapshot (with recursive = yes, from the newest one every dataset of
+    the replica's tree holds: _tree_base).  Returns (the base it was sent
+    from, the snapshots sent, bytes, seconds); nothing is sent when the
+    peer has the target already."""
     behind = None     # recursive = yes: the top's common snapshot a child lacks
-    if r and common is not None:
+    if cfg.recursive and common is not None:
         base_snap = _tree_base(cfg, zfs, local, common, ptree)
         behind, common = (common if base_snap.guid != common.guid else None), base_snap
-    sent, nbytes, seconds = [], 0, 0.0
-    if common is None or common.guid != target.guid:
-        base = common.name if common else None
-        store.update_replication(rid, base=base, snapshot=target.name)
-        try:
-            sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop,
-                                          progress)
-        except ReplicationError as e:
-            if behind is None:
-                raise
-            raise type(e)(
-                "%s. (A package stream cut on its way left a child of %s on %s without "
-                "%s, so this one was sent from %s, which every dataset there holds; a "
-                "zfs recv that cannot skip the snapshots the replica already has "
-                "(zfs-fuse) refuses it: rename the replica away on %s ('zfs rename %s "
-                "%s-old') and sync again for a full copy)"
-                % (e.message.rstrip("."), pds, other.name, behind.name, base, other.name,
-                   pds, pds)) from None
-        failpoint("replicate:sent")
-    if sent:
-        after = peer.listing(pds)
-    else:
-        after = remote     # the live listing above already shows the target
-    arrived = resumed_snaps + sent
+    if common is not None and common.guid == target.guid:
+        return common, [], 0, 0.0
+    base = common.name if common else None
+    store.update_replication(rid, base=base, snapshot=target.name)
+    try:
+        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop, progress)
+    except ReplicationError as e:
+        if behind is None:
+            raise
+        pds = cfg.peer.dataset
+        raise type(e)(
+            "%s. (A package stream cut on its way left a child of %s on %s without "
+            "%s, so this one was sent from %s, which every dataset there holds; a "
+            "zfs recv that cannot skip the snapshots the replica already has "
+            "(zfs-fuse) refuses it: rename the replica away on %s ('zfs rename %s "
+            "%s-old') and sync again for a full copy)"
+            % (e.message.rstrip("."), pds, cfg.peer.name, behind.name, base,
+               cfg.peer.name, pds, pds)) from None
+    failpoint("replicate:sent")
+    return common, sent, nbytes, seconds
+
+
+def _arrived(cfg, peer, target: Snap, remote: Optional[Listing], relist: bool
+             ) -> Tuple[Listing, Snap]:
+    """The peer's replica after the transfer, and the target in it: the
+    transfer counts as done only when the target is there with its GUID.
+    relist: something was sent, list the replica again; else the live
+    listing of step 1 (remote) shows the target already."""
+    pds = cfg.peer.dataset
+    after = peer.listing(pds) if relist else remote
     got = after.snap(target.name) if after else None
     if got is None or got.guid != target.guid:
         raise ReplicationError(
             "after the transfer, %s@%s on %s %s; the transfer is not counted as done"
-            % (pds, target.name, other.name,
+            % (pds, target.name, cfg.peer.name,
                "is missing" if got is None else
                "has GUID %s instead of %s" % (got.guid, target.guid)))
+    return after, got
 
-    # 4. confirmed: hold the new common snapshot on both sides, then release
-    #    the previous holds; keep the replica read-only.  A cycle that
-    #    changed nothing finds all of this done and runs no command.
+
+def _hold_then_release(cfg, zfs, peer, local: Listing, target: Snap, after: Listing,
+                       got: Snap, arrived: List[str]) -> List[str]:
+    """Step 4, confirmed: hold the new common snapshot on both sides, then
+    release the previous holds; keep the replica read-only.  A cycle that
+    changed nothing finds all of this done and runs no command.  Returns
+    the names this master released."""
+    ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
     # (userrefs counts every tag: a snapshot just sent is held with ours
     # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
@@ -5715,33 +5794,42 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
     peer_old = [s.name for s in after.snaps if s.userrefs > 0 and s.name != target.name]
     _check_releases(peer, peer.run_many(release_commands(pds, peer_old, r)))
     _check_releases(zfs, zfs.run_many(release_commands(ds, old, r)))
+    return old
 
-    # 5. retention: the slave first, never its common snapshot (the target)
-    #    or anything after it; snapshots just released are pruned next cycle
+
+def _retention(cfg, store, zfs, peer, local: Listing, target: Snap, after: Listing,
+               relist: bool) -> Tuple[List[str], List[str]]:
+    """Step 5: retention, the slave first, never its common snapshot (the
+    target) or anything after it; snapshots just released are pruned next
+    cycle.  relist: this master's holds changed, list it again first.
+    Returns (pruned on the peer, pruned here)."""
+    ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
     pruned_peer = _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r)
-    if old or arrived or target.userrefs == 0:
+    if relist:
         local = zfs.listing(ds) or local
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
                           [target.name] + preserved_origins(store, ds), r)
+    return pruned_peer, pruned_local
+
+
+def _cycle_message(cfg, side: _PeerSide, target: Snap, common: Optional[Snap],
+                   sent: List[str], nbytes: int, seconds: float) -> str:
+    """What a cycle did, in one line for the log and 'sync'."""
     said = []
-    if dropped:
+    if side.dropped:
         said.append("dropped the partial receive of %s (a stream cut inside it; "
-                    "sent again)" % ", ".join(dropped))
-    if resumed is not None:
+                    "sent again)" % ", ".join(side.dropped))
+    if side.resumed is not None:
         said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
-                    % (", ".join(resumed_snaps) or "a stream", resumed.bytes,
-                       resumed.seconds))
+                    % (", ".join(side.resumed_snaps) or "a stream", side.resumed.bytes,
+                       side.resumed.seconds))
     if sent:
         said.append("sent %s (%d bytes in %.2f s, from %s)"
                     % (", ".join(sent), nbytes, seconds,
                        common.name if common else "nothing: full copy"))
-    if resumed is not None:
-        nbytes, seconds = nbytes + resumed.bytes, seconds + resumed.seconds
-    msg = ("%s: %s" % (other.name, "; ".join(said)) if said else
-           "%s is up to date (%s)" % (other.name, target.name))
-    return ReplicationResult(target.name, target.guid, common.name if common else None,
-                             arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+    return ("%s: %s" % (cfg.peer.name, "; ".join(said)) if said else
+            "%s is up to date (%s)" % (cfg.peer.name, target.name))
 
 
 def _drop_child_partials(cfg, peer: ZfsBase, ptree: Dict[str, TreeNode]) -> List[str]:
