@@ -7079,8 +7079,13 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     (split_brain_yields()): its user system stops before anything else,
     so that two hosts write for no longer than it takes to hear each
     other, not for the verdict's round trips; the verdict still counts it
-    as serving, and if it wins, it serves again (_win)."""
-    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    as serving, and if it wins, it serves again (_win).
+
+    The steps: publish this node's side (_publish_my_side), wait for the
+    peer's (_their_side), judge, giving an operator's choice a moment to
+    arrive (_settled_verdict), record the verdict (_record_verdict), then
+    lose or win (_carry_out_verdict)."""
+    cfg = ctx.cfg
     stopped = False
     if yield_first and not dry_run:
         _stop_user_system(ctx, ctx.store.node_state().epoch, quiesce)
@@ -7094,9 +7099,38 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     if remote is None:
         raise ActionError("%s does not exist on %s; nothing to resolve"
                           % (cfg.peer.dataset, cfg.peer.name))
+    me, common, attempt, facts = _publish_my_side(ctx, remote, winner_choice, serving,
+                                                  dry_run)
+    theirs, remote = _their_side(ctx, peer, remote, common, attempt, dry_run, stop)
+    if theirs is None:
+        # the newest common snapshot moved meanwhile (a transfer that was
+        # on its way): measure again against the new one
+        return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
+                                  peer_stopped, pause, serving=me.serving)
+    v, other = _settled_verdict(ctx, peer, remote, me, common, attempt, theirs,
+                                winner_choice, dry_run)
+    if dry_run:
+        return v, common.guid
+    _record_verdict(ctx, me, other, common, v)
+    failpoint("resolve:verdict")
+    top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
+    _carry_out_verdict(ctx, v, me, common, attempt, top, facts, winner_choice, quiesce,
+                       peer_stopped, stopped)
+    return v, common.guid
+
+
+def _publish_my_side(ctx: Context, remote: Listing, winner_choice: Optional[str],
+                     serving: bool, dry_run: bool) -> Tuple[Side, Snap, int, str]:
+    """This node's side of the divergence, measured against the newest
+    common snapshot, and published in its dataset's DIVERGENCE_PROPERTY
+    (not in a dry run).  The attempt is numbered by the newest epoch
+    either side carries; a node that published for this attempt before
+    (a restart) keeps what it said of serving.  Returns (its side, the
+    common snapshot, the attempt, the facts as published)."""
+    zfs, ds = ctx.zfs, ctx.cfg.local.dataset
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
     attempt = max(epoch, _marker_epoch(remote))
-    mine = parse_divergence(ctx.zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
+    mine = parse_divergence(zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
     if facts_of_this_attempt(mine, common.guid, attempt):
         serving = serving or mine["serving"]    # what it was when this attempt began
     me = dataclasses.replace(me, serving=serving)
@@ -7105,41 +7139,55 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
         failpoint("resolve:published")
+    return me, common, attempt, facts
+
+
+def _their_side(ctx: Context, peer: ZfsBase, remote: Listing, common: Snap, attempt: int,
+                dry_run: bool, stop: threading.Event) -> Tuple[Optional[dict], Listing]:
+    """Wait up to RESOLVE_WAIT for the peer's facts of this attempt (a dry
+    run does not wait: it assumes what the peer's listing shows).  Returns
+    them and the peer's newest listing; None for the facts when the newest
+    common snapshot has moved meanwhile (the peer published for another
+    one, which this node holds too)."""
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
     deadline = time.monotonic() + RESOLVE_WAIT
-    theirs = None
     while True:
         theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
         if facts_of_this_attempt(theirs, common.guid, attempt):
-            break
+            return theirs, remote
         if theirs is not None and theirs["common_guid"] == common.guid:
             theirs = None    # an earlier attempt's: wait for this one's
         # the peer published for another common snapshot: has ours moved?
         moved = (find_common(zfs.listing(ds) or Listing(ds, {}, ()), remote)
                  if theirs is not None and not dry_run else None)
         if moved is not None and moved.guid != common.guid:
-            # the newest common snapshot moved meanwhile (a transfer that
-            # was on its way): measure again against the new one
-            return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
-                                      peer_stopped, pause, serving=serving)
-        if dry_run or time.monotonic() > deadline or stop.is_set():
-            if dry_run:
-                after = snaps_after(remote, common.guid)
-                theirs = {"epoch": _marker_epoch(remote),
-                          "changes": -1 if after else 0, "serving": False,
-                          "policy": cfg.divergence_policy, "recursive": cfg.recursive,
-                          "winner": None}
-                break
+            return None, remote
+        if dry_run:
+            after = snaps_after(remote, common.guid)
+            return {"epoch": _marker_epoch(remote),
+                    "changes": -1 if after else 0, "serving": False,
+                    "policy": cfg.divergence_policy, "recursive": cfg.recursive,
+                    "winner": None}, remote
+        if time.monotonic() > deadline or stop.is_set():
             raise ActionError("%s did not publish its side of the divergence within %g s; "
                               "is its daemon running?" % (cfg.peer.name, RESOLVE_WAIT))
         time.sleep(0.3)
         remote = peer.listing(cfg.peer.dataset) or remote
+
+
+def _settled_verdict(ctx: Context, peer: ZfsBase, remote: Listing, me: Side, common: Snap,
+                     attempt: int, theirs: dict, winner_choice: Optional[str],
+                     dry_run: bool) -> Tuple[Verdict, Side]:
+    """The verdict on both sides' facts.  When it leaves the choice to an
+    operator, look again for up to CHOICE_SETTLE: an operator's choice may
+    be on its way in the peer's facts (it began the attempt this node
+    joined).  Returns the verdict and the peer's side."""
+    cfg = ctx.cfg
     other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"],
                  theirs["serving"], theirs["recursive"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     settle = time.monotonic() + CHOICE_SETTLE
     while v.status != VERDICT_RESOLVED and not dry_run and time.monotonic() < settle:
-        # an operator's choice may be on its way in the peer's facts (it
-        # began the attempt this node joined): look again for a moment
         time.sleep(0.3)
         fresh = parse_divergence((peer.listing(cfg.peer.dataset) or remote).props.get(
             DIVERGENCE_PROPERTY))
@@ -7148,8 +7196,14 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"],
                          theirs["changes"], theirs["serving"], theirs["recursive"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])
-    if dry_run:
-        return v, common.guid
+    return v, other
+
+
+def _record_verdict(ctx: Context, me: Side, other: Side, common: Snap, v: Verdict) -> None:
+    """Log and record the verdict with both sides' facts; a verdict that
+    leaves it to an operator raises NeedsOperator, saying how to keep a
+    side by hand."""
+    cfg, ds = ctx.cfg, ctx.cfg.local.dataset
     split = is_split_brain(me, other)
     text = ("%s since %s@%s: %s: %d bytes changed, epoch %d%s; %s: %d bytes changed, "
             "epoch %d%s. Verdict: %s" % (
@@ -7162,20 +7216,25 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                            "warning" if split else "info")
     if v.status != VERDICT_RESOLVED:
         raise NeedsOperator(v.reason + keep_by_hand_hint(cfg, v))
-    failpoint("resolve:verdict")
-    top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
+
+
+def _carry_out_verdict(ctx: Context, v: Verdict, me: Side, common: Snap, attempt: int,
+                       top: int, facts: str, winner_choice: Optional[str], quiesce,
+                       peer_stopped, stopped: bool) -> None:
+    """This node's part of the verdict: the loser keeps its divergent data
+    and becomes the slave (_lose), the winner serves (_win); a winner that
+    promoted above both republishes the same facts under its new epoch,
+    for a loser that restarts and begins again from there."""
+    cfg = ctx.cfg
     if v.loser == cfg.local_name:
         _lose(ctx, common, top, v, quiesce, facts, stopped)
-    else:
-        _win(ctx, top, v, peer_stopped)
-        won = ctx.store.node_state().epoch
-        if won > attempt:
-            # promoted above both: the same facts, under the new newest
-            # epoch, for a loser that restarts and begins again from there
-            zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
-                common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
-                me.serving, me.recursive))
-    return v, common.guid
+        return
+    _win(ctx, top, v, peer_stopped)
+    won = ctx.store.node_state().epoch
+    if won > attempt:
+        ctx.zfs.set_prop(cfg.local.dataset, DIVERGENCE_PROPERTY, format_divergence(
+            common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
+            me.serving, me.recursive))
 
 
 def recursive_refusal(cfg: Config, common: str, stopped: bool = False) -> NeedsOperator:
@@ -7514,7 +7573,9 @@ def _fmt_age(seconds: Optional[float]) -> str:
 
 
 def format_status(r: dict) -> str:
-    p = r["peer"]
+    """status_report's dict as the lines 'status' prints: this node, the
+    daemon's live view (service, decision, arbitrator, witness), the peer
+    and the links, replication, encryption, preserved data."""
     lines = [
         "cluster     %s" % r["cluster"],
         "node        %s (this host), dataset %s" % (r["node"], r["dataset"]),
@@ -7524,22 +7585,47 @@ def format_status(r: dict) -> str:
     ]
     d = r["daemon"]
     if d and "serving" in d:
-        lines.append("service     %s" % ("RUNNING here (this node is the serving master)"
-                                         if d["serving"] else "not running here"))
-        if d.get("decision"):
-            lines.append("decision    %s: %s" % (d["decision"]["kind"], d["decision"]["reason"]))
-        if d.get("arbitrator"):
-            lines.append("arbitrator  %s (%s, checked %s)" % (
-                "reachable" if d["arbitrator"]["reachable"] else "NOT reachable",
-                d["arbitrator"]["how"], _fmt_age(d["arbitrator"]["age_seconds"])))
-        w = d.get("witness")
-        if w:
-            lines.append("witness     %s %s; %s%s" % (
-                w["address"], "answers" if w["reachable"] else "does NOT answer" + (
-                    " (%s)" % w["error"] if w["error"] else ""),
-                "this node holds its lease (%.1f s left)" % w["lease_left_seconds"]
-                if w["lease_left_seconds"] > 0 else "this node holds no lease",
-                "" if w["reachable"] else ": no failover is possible until it answers"))
+        lines += _status_service(d)
+    lines += _status_peer(r["peer"], d)
+    lines += _status_replication(r)
+    enc = r.get("encryption")
+    if enc is not None:
+        lines.append("encryption  %s: key %s (keylocation %s)%s" % (
+            enc["encryptionroot"], "loaded" if enc["keystatus"] == "available"
+            else "NOT loaded", enc["keylocation"],
+            "; " + enc["problem"] if enc.get("problem") else ""))
+    for pr in r["preserved"]:
+        lines.append("preserved   %s (epoch %d, %s): %s"
+                     % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
+    return "\n".join(lines)
+
+
+def _status_service(d: dict) -> List[str]:
+    """status: what the running daemon says of the service, its last
+    decision, the arbitrator and the witness."""
+    lines = ["service     %s" % ("RUNNING here (this node is the serving master)"
+                                  if d["serving"] else "not running here")]
+    if d.get("decision"):
+        lines.append("decision    %s: %s" % (d["decision"]["kind"], d["decision"]["reason"]))
+    if d.get("arbitrator"):
+        lines.append("arbitrator  %s (%s, checked %s)" % (
+            "reachable" if d["arbitrator"]["reachable"] else "NOT reachable",
+            d["arbitrator"]["how"], _fmt_age(d["arbitrator"]["age_seconds"])))
+    w = d.get("witness")
+    if w:
+        lines.append("witness     %s %s; %s%s" % (
+            w["address"], "answers" if w["reachable"] else "does NOT answer" + (
+                " (%s)" % w["error"] if w["error"] else ""),
+            "this node holds its lease (%.1f s left)" % w["lease_left_seconds"]
+            if w["lease_left_seconds"] > 0 else "this node holds no lease",
+            "" if w["reachable"] else ": no failover is possible until it answers"))
+    return lines
+
+
+def _status_peer(p: dict, d: Optional[dict]) -> List[str]:
+    """status: the peer as last heard; with a daemon, its state, each
+    link, the rejected packets, the loop's lag, jobs and a transfer."""
+    lines = []
     if p["last_seen"] is None:
         lines.append("peer        %s: never seen" % p["node"])
     else:
@@ -7565,6 +7651,13 @@ def format_status(r: dict) -> str:
                 "%s (%.1f s)" % kv for kv in sorted(d["jobs"].items())))
         if d.get("transfer"):
             lines.append("transfer    %s" % format_progress(d["transfer"]))
+    return lines
+
+
+def _status_replication(r: dict) -> List[str]:
+    """status: on the slave, the replica it holds; on the master, the last
+    cycle, the lag of the slave's newest snapshot and the last error."""
+    lines = []
     last = r["last_replication"]
     rep = r.get("replication")
     if r["role"] == ROLE_SLAVE:
@@ -7595,16 +7688,7 @@ def format_status(r: dict) -> str:
     if rep and rep["last_error"]:
         lines.append("repl error  %s: %s" % (_fmt_time(rep["last_error_at"]),
                                              rep["last_error"]))
-    enc = r.get("encryption")
-    if enc is not None:
-        lines.append("encryption  %s: key %s (keylocation %s)%s" % (
-            enc["encryptionroot"], "loaded" if enc["keystatus"] == "available"
-            else "NOT loaded", enc["keylocation"],
-            "; " + enc["problem"] if enc.get("problem") else ""))
-    for pr in r["preserved"]:
-        lines.append("preserved   %s (epoch %d, %s): %s"
-                     % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
-    return "\n".join(lines)
+    return lines
 
 
 # -- check (monitoring plugins) and metrics (Prometheus) ----------------------
