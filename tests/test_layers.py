@@ -2,7 +2,7 @@
 bottom in numbered sections ("# N. Title" between two rules of '='), the
 module docstring lists them, a section whose title says "(pure functions)"
 does no I/O, a section uses only what it or a section above it defines
-(layers call only downward).
+(layers call only downward), and no function is longer than 80 lines.
 
 Read with ast, never imported: the checks are about the text."""
 
@@ -154,3 +154,13 @@ def test_layers_call_only_downward():
                               % (n.lineno, here, n.id, defined[n.id]))
     assert upward == []
 
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Long functions are cut along their steps, each a named function
+    with a docstring (methods included)."""
+    long = ["%s (line %d): %d lines" % (n.name, n.lineno, n.end_lineno - n.lineno + 1)
+            for n in ast.walk(TREE)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
