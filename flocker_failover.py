@@ -6,16 +6,19 @@ slave; when the master fails the slave takes over with the newest replica.
 
 This file reads top to bottom in layers that only call downward:
 
-  1. constants, exit codes, errors
-  2. configuration (parse and validate everything up front)
-  3. the state store (sqlite)
-  4. the wire protocol                      (heartbeats, the witness's datagrams)
-  5. ZFS and ssh adapters
-  6. the decision core (pure functions)     (roles, divergence, the witness's lease)
-  7. actions
-  8. the daemon                             (heartbeats, jobs, control socket;
+  1. Constants, exit codes, errors
+  2. Configuration                          (parse and validate everything up front)
+  3. The state store                        (sqlite)
+  4. The wire protocol                      (heartbeats, the witness's datagrams)
+  5. Adapters: ZFS, ssh, commands, addresses
+  6. The decision core (pure functions)     (replication planning, roles,
+                                             the witness's lease, divergence)
+  7. Actions                                (replication, promotion, demotion,
+                                             keeping and resolving divergence)
+  8. Status reports                         (status, check, metrics)
+  9. The daemon                             (heartbeats, jobs, control socket;
                                              the witness's server)
-  9. the command line
+  10. The command line
 
 Standard library only; Python 3.8 or newer.
 """
@@ -140,9 +143,10 @@ class DivergenceError(ReplicationError):
 # 2. Configuration
 # ===========================================================================
 #
-# One INI file, identical on both hosts.  Every option is declared once in
-# OPTIONS below, with its parser, default and unit; flocker.conf.example
-# documents the same table (a test checks they agree).
+# One INI file, identical on both hosts.  Every option is declared once, in
+# the tables CLUSTER_OPTIONS, SERVICE_OPTIONS and NODE_OPTIONS below, with
+# its parser, default and unit; flocker.conf.example documents the same
+# tables (a test checks they agree).
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 # A ZFS dataset component: letters, digits and _ - . : (as zfs allows).
@@ -558,6 +562,31 @@ NODE_OPTIONS = (
 )
 
 
+def _derive_timeouts(c: Dict[str, object]) -> None:
+    """Timeouts left unset follow the heartbeat timings they are bound to,
+    so that a user who changes heartbeat_interval or dead_time need not
+    learn their rules (a value set by hand is checked against them)."""
+    interval, dead = c["heartbeat_interval"], c["dead_time"]
+    if c["arbitrator_timeout"] is None:
+        c["arbitrator_timeout"] = min(1.0, 2 * interval)
+    if c["witness_lease"] is None:
+        c["witness_lease"] = max(10.0, 4 * interval, dead)
+    if c["witness_timeout"] is None:
+        c["witness_timeout"] = min(0.5, interval)
+
+
+def _defaults(options: Sequence[Option]) -> Dict[str, object]:
+    """Each option's default as its parser reads it (None: required, or
+    unset), so that the tables above are the one place defaults are
+    written: the configuration classes below take theirs from here."""
+    return {o.name: o.parse(o.default) if o.default else None for o in options}
+
+
+CLUSTER_DEFAULTS = _defaults(CLUSTER_OPTIONS)
+_derive_timeouts(CLUSTER_DEFAULTS)
+SERVICE_DEFAULTS = _defaults(SERVICE_OPTIONS)
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -577,56 +606,60 @@ class ServiceConfig:
     check_interval: float
     command_timeout: float
     service_address: Optional[ServiceAddress]
-    check_failures: int = 3
-    hold_down: float = 300.0
+    check_failures: int = SERVICE_DEFAULTS["check_failures"]
+    hold_down: float = SERVICE_DEFAULTS["hold_down"]
     fence_command: Optional[Tuple[str, ...]] = None
-    announce_count: int = 5
-    announce_interval: float = 0.05
-    announce_again: float = 5.0
+    announce_count: int = SERVICE_DEFAULTS["announce_count"]
+    announce_interval: float = SERVICE_DEFAULTS["announce_interval"]
+    announce_again: float = SERVICE_DEFAULTS["announce_again"]
     snapshot_command: Optional[Tuple[str, ...]] = None
     snapshot_done_command: Optional[Tuple[str, ...]] = None
-    snapshot_timeout: float = 30.0
+    snapshot_timeout: float = SERVICE_DEFAULTS["snapshot_timeout"]
     key_command: Optional[Tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The whole configuration, validated (parse_config).  A field per
+    option of [cluster], its default the table's (CLUSTER_DEFAULTS, for
+    a Config built by hand, as tests do)."""
     path: str
     name: str
     secret_file: str
     secret: bytes = dataclasses.field(repr=False)
-    heartbeat_port: int = 7788
-    heartbeat_interval: float = 1.0
-    dead_time: float = 5.0
-    startup_wait: float = 10.0
-    wait_for_peer: bool = True
-    state_db: str = ""       # cluster default; each node's own is NodeConfig.state_db
-    event_log_keep_rows: int = 100000
-    event_log_keep_days: float = 365.0
-    replication_interval: float = 10.0
-    snapshot_keep: int = 10
-    recursive: bool = False
-    transfer_stall_timeout: float = 60.0
-    replication_bandwidth: int = 0
-    ssh_identity: str = ""
-    ssh_known_hosts: str = ""
-    ssh_connect_timeout: float = 10.0
-    ssh_alive_interval: float = 5.0
-    ssh_control_persist: float = 300.0
-    send_flags: Tuple[str, ...] = ()
-    realtime_priority: int = 10
-    divergence_policy: str = "most-changes"
-    metrics_file: Optional[str] = None
-    arbitrator: Optional[Tuple[str, int]] = None
-    arbitrator_command: Optional[Tuple[str, ...]] = None
-    arbitrator_timeout: float = 1.0
-    witness: Optional[Tuple[str, int]] = None
-    witness_lease: float = 10.0
-    witness_timeout: float = 0.5
+    heartbeat_port: int = CLUSTER_DEFAULTS["heartbeat_port"]
+    heartbeat_interval: float = CLUSTER_DEFAULTS["heartbeat_interval"]
+    dead_time: float = CLUSTER_DEFAULTS["dead_time"]
+    startup_wait: float = CLUSTER_DEFAULTS["startup_wait"]
+    wait_for_peer: bool = CLUSTER_DEFAULTS["wait_for_peer"]
+    # the cluster's default; each node's own is NodeConfig.state_db
+    state_db: str = CLUSTER_DEFAULTS["state_db"]
+    event_log_keep_rows: int = CLUSTER_DEFAULTS["event_log_keep_rows"]
+    event_log_keep_days: float = CLUSTER_DEFAULTS["event_log_keep_days"]
+    replication_interval: float = CLUSTER_DEFAULTS["replication_interval"]
+    snapshot_keep: int = CLUSTER_DEFAULTS["snapshot_keep"]
+    recursive: bool = CLUSTER_DEFAULTS["recursive"]
+    transfer_stall_timeout: float = CLUSTER_DEFAULTS["transfer_stall_timeout"]
+    replication_bandwidth: int = CLUSTER_DEFAULTS["replication_bandwidth"]
+    ssh_identity: str = CLUSTER_DEFAULTS["ssh_identity"]
+    ssh_known_hosts: str = CLUSTER_DEFAULTS["ssh_known_hosts"]
+    ssh_connect_timeout: float = CLUSTER_DEFAULTS["ssh_connect_timeout"]
+    ssh_alive_interval: float = CLUSTER_DEFAULTS["ssh_alive_interval"]
+    ssh_control_persist: float = CLUSTER_DEFAULTS["ssh_control_persist"]
+    send_flags: Tuple[str, ...] = ()     # (empty: none)
+    realtime_priority: int = CLUSTER_DEFAULTS["realtime_priority"]
+    divergence_policy: str = CLUSTER_DEFAULTS["divergence_policy"]
+    metrics_file: Optional[str] = CLUSTER_DEFAULTS["metrics_file"]
+    arbitrator: Optional[Tuple[str, int]] = CLUSTER_DEFAULTS["arbitrator"]
+    arbitrator_command: Optional[Tuple[str, ...]] = CLUSTER_DEFAULTS["arbitrator_command"]
+    arbitrator_timeout: float = CLUSTER_DEFAULTS["arbitrator_timeout"]
+    witness: Optional[Tuple[str, int]] = CLUSTER_DEFAULTS["witness"]
+    witness_lease: float = CLUSTER_DEFAULTS["witness_lease"]
+    witness_timeout: float = CLUSTER_DEFAULTS["witness_timeout"]
     service: Optional[ServiceConfig] = None
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
-    secret_file_previous: Optional[str] = None
+    secret_file_previous: Optional[str] = CLUSTER_DEFAULTS["secret_file_previous"]
     secret_previous: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -647,24 +680,23 @@ class Config:
     def key_id(self) -> str:
         return key_id(self.secret)
 
+    @property
+    def local_index(self) -> int:
+        """This node's node_index (which parity of epochs it owns)."""
+        return node_index([n.name for n in self.nodes], self.local_name)
+
+
+def node_index(node_names: Sequence[str], name: str) -> int:
+    """0 for the first node by name, 1 for the second: the same on both
+    hosts, from the configuration alone (each owns one parity of epochs,
+    see section 6)."""
+    return sorted(node_names).index(name)
+
 
 def key_id(secret: bytes) -> str:
     """A short public fingerprint of a secret: compare it across hosts
     without showing the secret."""
     return hashlib.sha256(b"flocker-failover key id\x00" + secret).hexdigest()[:8]
-
-
-def _derive_timeouts(c: Dict[str, object]) -> None:
-    """Timeouts left unset follow the heartbeat timings they are bound to,
-    so that a user who changes heartbeat_interval or dead_time need not
-    learn their rules (a value set by hand is checked against them)."""
-    interval, dead = c["heartbeat_interval"], c["dead_time"]
-    if c["arbitrator_timeout"] is None:
-        c["arbitrator_timeout"] = min(1.0, 2 * interval)
-    if c["witness_lease"] is None:
-        c["witness_lease"] = max(10.0, 4 * interval, dead)
-    if c["witness_timeout"] is None:
-        c["witness_timeout"] = min(0.5, interval)
 
 
 def _parse_section(path, section, options, raw) -> Dict[str, object]:
@@ -799,6 +831,29 @@ def witness_timing_problem(interval: float, dead_time: float, lease: float,
 
 
 def parse_config(text: str, path: str = "<config>") -> Config:
+    """Parse and validate a whole configuration file (its text; path
+    names it in messages, and the secret files are read).  Every problem
+    is a ConfigError naming the file, the section and the option, and
+    what was expected; the first one found is reported."""
+    parser = _read_ini(text, path)
+    node_sections = _node_sections(parser, path)
+    c = _parse_section(path, "cluster", CLUSTER_OPTIONS, dict(parser["cluster"]))
+    s = _parse_section(path, "service", SERVICE_OPTIONS,
+                       dict(parser["service"]) if parser.has_section("service") else {})
+    _check_timings(path, c, s)
+    nodes = [_parse_node(path, section, dict(parser[section]), c["state_db"])
+             for section in node_sections]
+    _check_pair(path, nodes, c["divergence_policy"])
+    secret, previous = _read_secrets(path, c)
+    # one field per option, by name: [cluster] into Config, [service]
+    # into ServiceConfig
+    c["send_flags"] = c["send_flags"] or ()
+    return Config(path=path, secret=secret, secret_previous=previous,
+                  service=ServiceConfig(**s), nodes=tuple(nodes), **c)
+
+
+def _read_ini(text: str, path: str) -> configparser.ConfigParser:
+    """The INI text read by configparser, its errors said as ours."""
     # default_section is set to a name no file uses, so that a [DEFAULT]
     # section is rejected as unknown instead of silently applying everywhere.
     parser = configparser.ConfigParser(
@@ -822,6 +877,12 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     except configparser.Error as e:  # pragma: no cover - other parser errors
         raise ConfigError("%s: %s" % (path, e)) from None
 
+    return parser
+
+
+def _node_sections(parser: configparser.ConfigParser, path: str) -> List[str]:
+    """The two [node NAME] sections; any section that is not [cluster],
+    [service] or one of those is an error, and so is a missing [cluster]."""
     node_sections = []
     for section in parser.sections():
         if section in ("cluster", "service"):
@@ -843,11 +904,14 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             % (path, len(node_sections),
                (" (" + ", ".join("[%s]" % s for s in node_sections) + ")")
                if node_sections else ""))
+    return node_sections
 
-    c = _parse_section(path, "cluster", CLUSTER_OPTIONS, dict(parser["cluster"]))
-    s = _parse_section(path, "service", SERVICE_OPTIONS,
-                       dict(parser["service"]) if parser.has_section("service") else {})
 
+def _check_timings(path: str, c: Dict[str, object], s: Dict[str, object]) -> None:
+    """What [cluster] and [service] require across options: dead_time
+    against heartbeat_interval, start and stop commands in pairs, the
+    arbitrator's and the witness's timings (the unset ones derived here),
+    one arbitrator at most."""
     if c["dead_time"] < 2 * c["heartbeat_interval"]:
         raise ConfigError(
             "%s: [cluster] dead_time: expected at least twice heartbeat_interval "
@@ -879,30 +943,36 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "%s: [cluster] arbitrator_command: set together with arbitrator; "
             "expected one of the two (an address to reach, or a command)" % path)
 
-    nodes = []
-    for section in node_sections:
-        name = section.split()[1]
-        try:
-            _p_name(name)
-        except _Invalid as e:
-            raise ConfigError("%s: [%s]: node name: expected %s, found %r"
-                              % (path, section, e.expected, name)) from None
-        n = _parse_section(path, section, NODE_OPTIONS, dict(parser[section]))
-        addrs = n["address"]
-        if len(set(addrs)) != len(addrs):
-            raise ConfigError("%s: [%s] address: lists the same address twice: %s"
-                              % (path, section, ", ".join(addrs)))
-        ssh_target = n["ssh"] or "root@" + addrs[0]
-        nodes.append(NodeConfig(
-            name=name, addresses=addrs, ssh=ssh_target, ssh_port=n["ssh_port"],
-            dataset=n["dataset"], state_db=n["state_db"] or c["state_db"]))
 
+def _parse_node(path: str, section: str, raw: Dict[str, str], state_db: str) -> NodeConfig:
+    """One [node NAME] section (state_db: the cluster's, its default)."""
+    name = section.split()[1]
+    try:
+        _p_name(name)
+    except _Invalid as e:
+        raise ConfigError("%s: [%s]: node name: expected %s, found %r"
+                          % (path, section, e.expected, name)) from None
+    n = _parse_section(path, section, NODE_OPTIONS, raw)
+    addrs = n["address"]
+    if len(set(addrs)) != len(addrs):
+        raise ConfigError("%s: [%s] address: lists the same address twice: %s"
+                          % (path, section, ", ".join(addrs)))
+    ssh_target = n["ssh"] or "root@" + addrs[0]
+    return NodeConfig(
+        name=name, addresses=addrs, ssh=ssh_target, ssh_port=n["ssh_port"],
+        dataset=n["dataset"], state_db=n["state_db"] or state_db)
+
+
+def _check_pair(path: str, nodes: List[NodeConfig], policy: str) -> None:
+    """What the two nodes require of each other: distinct names and
+    addresses, one address per link on each, of the same IP version; a
+    prefer-node policy names one of them."""
     a, b = nodes
-    pol = c["divergence_policy"]
-    if pol.startswith("prefer-node:") and pol[len("prefer-node:"):] not in (a.name, b.name):
+    if (policy.startswith("prefer-node:")
+            and policy[len("prefer-node:"):] not in (a.name, b.name)):
         raise ConfigError("%s: [cluster] divergence_policy: expected prefer-node:%s or "
                           "prefer-node:%s (a node of this cluster), found %r"
-                          % (path, a.name, b.name, pol))
+                          % (path, a.name, b.name, policy))
     if a.name == b.name:  # pragma: no cover - configparser refuses this first
         raise ConfigError("%s: both node sections are named %s" % (path, a.name))
     shared = set(a.addresses) & set(b.addresses)
@@ -921,19 +991,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             raise ConfigError(
                 "%s: [node %s] address: link %d joins %s and %s, which are not "
                 "of the same IP version" % (path, a.name, i + 1, x, y))
-    svc = ServiceConfig(
-        start_command=s["start_command"], stop_command=s["stop_command"],
-        check_command=s["check_command"], notify_command=s["notify_command"],
-        check_interval=s["check_interval"],
-        command_timeout=s["command_timeout"],
-        service_address=s["service_address"],
-        check_failures=s["check_failures"], hold_down=s["hold_down"],
-        fence_command=s["fence_command"], announce_count=s["announce_count"],
-        announce_interval=s["announce_interval"], announce_again=s["announce_again"],
-        snapshot_command=s["snapshot_command"],
-        snapshot_done_command=s["snapshot_done_command"],
-        snapshot_timeout=s["snapshot_timeout"], key_command=s["key_command"])
 
+
+def _read_secrets(path: str, c: Dict[str, object]) -> Tuple[bytes, Optional[bytes]]:
+    """The secret and, during a key change, the previous one (None)."""
     secret = read_secret(c["secret_file"], "cluster", "secret_file", path)
     previous = None
     if c["secret_file_previous"] is not None:
@@ -944,30 +1005,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
                 "%s: [cluster] secret_file_previous: holds the same key as "
                 "secret_file (key id %s); point it at the old key during a key "
                 "change, or leave it empty" % (path, key_id(secret)))
-    return Config(
-        path=path, name=c["name"], secret_file=c["secret_file"], secret=secret,
-        heartbeat_port=c["heartbeat_port"],
-        heartbeat_interval=c["heartbeat_interval"], dead_time=c["dead_time"],
-        startup_wait=c["startup_wait"], wait_for_peer=c["wait_for_peer"],
-        state_db=c["state_db"], replication_interval=c["replication_interval"],
-        event_log_keep_rows=c["event_log_keep_rows"],
-        event_log_keep_days=c["event_log_keep_days"],
-        snapshot_keep=c["snapshot_keep"], recursive=c["recursive"],
-        transfer_stall_timeout=c["transfer_stall_timeout"],
-        replication_bandwidth=c["replication_bandwidth"],
-        ssh_identity=c["ssh_identity"], ssh_known_hosts=c["ssh_known_hosts"],
-        ssh_connect_timeout=c["ssh_connect_timeout"],
-        ssh_alive_interval=c["ssh_alive_interval"],
-        ssh_control_persist=c["ssh_control_persist"],
-        send_flags=c["send_flags"] or (),
-        realtime_priority=c["realtime_priority"],
-        divergence_policy=c["divergence_policy"], metrics_file=c["metrics_file"],
-        arbitrator=c["arbitrator"], arbitrator_command=c["arbitrator_command"],
-        arbitrator_timeout=c["arbitrator_timeout"],
-        witness=c["witness"], witness_lease=c["witness_lease"],
-        witness_timeout=c["witness_timeout"],
-        service=svc, nodes=tuple(nodes),
-        secret_file_previous=c["secret_file_previous"], secret_previous=previous)
+    return secret, previous
 
 
 def _address_is_local(address: str) -> bool:
@@ -1392,6 +1430,15 @@ class StateStore:
             return None
         return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5], bool(row[6]))
 
+    def initialised_state(self) -> NodeState:
+        """node_state(), refusing a state file that holds none (created,
+        but init never finished) with what to do about it."""
+        st = self.node_state()
+        if st is None:
+            raise StateError("the state file %s holds no node state; run "
+                             "'flocker_failover.py init --role ...'" % self.path)
+        return st
+
     def events(self, limit: int = 20, since: float = 0.0) -> List[dict]:
         """The newest `limit` events at or after `since`, oldest first."""
         rows = self.conn.execute(
@@ -1558,7 +1605,7 @@ class StateStore:
             if conn.execute("SELECT 1 FROM preserved WHERE dataset = ?", (dataset,)).fetchone():
                 return
             conn.execute("INSERT INTO preserved (dataset, created, epoch, origin, reason) "
-                         "VALUES (?, ?, ?, ?, ?)", (dataset, time.time(), epoch, origin, reason))
+                         "VALUES (?, ?, ?, ?, ?)", (dataset, wall_clock(), epoch, origin, reason))
             self._event(conn, "preserve", "kept divergent data as %s (%s)" % (dataset, reason),
                         "warning")
 
@@ -1579,7 +1626,7 @@ class StateStore:
                                  "before starting %s" % (open_[1], open_[0], action))
             cur = conn.execute("INSERT INTO intents (action, started, step, data) "
                                "VALUES (?, ?, 'begin', ?)",
-                               (action, time.time(), json.dumps(data, sort_keys=True)))
+                               (action, wall_clock(), json.dumps(data, sort_keys=True)))
             self._event(conn, action, "%s begins: %s" % (action, data.get("reason", "")))
             return cur.lastrowid
 
@@ -1595,14 +1642,14 @@ class StateStore:
         with self.transaction() as conn:
             row = conn.execute("SELECT action FROM intents WHERE id = ?", (intent_id,)).fetchone()
             conn.execute("UPDATE intents SET finished = ?, step = 'done' WHERE id = ?",
-                         (time.time(), intent_id))
+                         (wall_clock(), intent_id))
             self._event(conn, row[0], "%s completed" % row[0])
             if then is None:
                 return None
             action, data = then
             cur = conn.execute("INSERT INTO intents (action, started, step, data) "
                                "VALUES (?, ?, 'begin', ?)",
-                               (action, time.time(), json.dumps(data, sort_keys=True)))
+                               (action, wall_clock(), json.dumps(data, sort_keys=True)))
             self._event(conn, action, "%s begins: %s" % (action, data.get("reason", "")))
             return cur.lastrowid
 
@@ -1680,20 +1727,32 @@ class StateStore:
         return {"last": last, "last_ok": last_ok, "last_failed": failed}
 
     def backup_and_remove(self) -> str:
-        """Move the state file (with its WAL) aside; returns the backup path."""
+        """Move the state file aside, its WAL written into it first;
+        returns the backup path (set_state_file_aside)."""
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        backup = "%s.bak-%s" % (self.path, stamp)
-        n = 1
-        while os.path.exists(backup):
-            n += 1
-            backup = "%s.bak-%s-%d" % (self.path, stamp, n)
         self.conn.close()
-        os.rename(self.path, backup)
-        for suffix in ("-wal", "-shm"):
+        for suffix in ("-wal", "-shm"):   # empty now: the backup is one file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path + suffix)
-        return backup
+        return set_state_file_aside(self.path, "bak")
+
+
+def set_state_file_aside(path: str, tag: str) -> str:
+    """Rename a state file (and its -wal and -shm, where they exist) to
+    <path>.<tag>-<UTC time>, with -2, -3... when that name is taken, so
+    that nothing is overwritten; returns the new path.  'bak': a good file
+    kept by init --force; 'bad': an unusable one kept untouched."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_clock()))
+    backup = "%s.%s-%s" % (path, tag, stamp)
+    n = 1
+    while os.path.exists(backup):
+        n += 1
+        backup = "%s.%s-%s-%d" % (path, tag, stamp, n)
+    os.rename(path, backup)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.rename(path + suffix, backup + suffix)
+    return backup
 
 
 def _uri_path(path: str) -> str:
@@ -2085,7 +2144,7 @@ def decode_witness(packet: bytes, keys: Dict[bytes, Tuple[str, bytes]]) -> Witne
 
 
 # ===========================================================================
-# 5. ZFS and ssh adapters
+# 5. Adapters: ZFS, ssh, commands, addresses
 # ===========================================================================
 
 ZFS_TIMEOUT = 60.0
@@ -4128,132 +4187,26 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
     held back by it is not stalled."""
     started = time.monotonic()
     bucket = TokenBucket(rate, started) if rate else None
-    held_until = 0.0      # the bucket is empty: writing resumes then
     send_err, recv_err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     send = recv = None
-    moved, stalled, failed, stopped = 0, False, False, False
-    send_status = None
     try:
         send = subprocess.Popen(list(send_argv), executable=program_of(send_argv),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=send_err)
         recv = subprocess.Popen(list(recv_argv), stdin=subprocess.PIPE,
                                 stdout=recv_err, stderr=recv_err)
-        src, dst = send.stdout.fileno(), recv.stdin.fileno()
-        for fd in (src, dst):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, TRANSFER_CHUNK)
-            os.set_blocking(fd, False)
-        sel = selectors.DefaultSelector()
-        sel.register(src, selectors.EVENT_READ)
-        pending = memoryview(b"")
-        tail = b""            # held back until the sender succeeded
-        eof = False
-        last = time.monotonic()
-        while True:
-            if eof and not pending:
-                if tail is None:
-                    break                       # everything passed on
-                try:
-                    send_status = send.wait(timeout=stall_timeout)
-                except subprocess.TimeoutExpired:
-                    stalled = failed = True     # stream ended, sender hangs
-                    break
-                if send_status != 0:
-                    failed = True
-                    break
-                pending, tail = memoryview(tail), None
-                if not pending:
-                    break
-                sel.register(dst, selectors.EVENT_WRITE)
-            wait = min(1.0, stall_timeout)
-            if held_until:
-                now = time.monotonic()
-                if now >= held_until:
-                    held_until = 0.0
-                    sel.register(dst, selectors.EVENT_WRITE)
-                else:
-                    wait = min(wait, held_until - now)
-                    last = now          # held back by the limit, not stalled
-            for key, _ in sel.select(timeout=wait):
-                if key.fd == src:
-                    try:
-                        chunk = os.read(src, TRANSFER_CHUNK)
-                    except BlockingIOError:
-                        continue
-                    last = time.monotonic()
-                    if not chunk:
-                        eof = True
-                        sel.unregister(src)
-                        continue
-                    data = tail + chunk if tail else chunk
-                    if len(data) <= TRANSFER_TAIL:
-                        tail = data
-                        continue
-                    tail = data[-TRANSFER_TAIL:]
-                    pending = memoryview(data)[:-TRANSFER_TAIL]
-                    sel.unregister(src)
-                    sel.register(dst, selectors.EVENT_WRITE)
-                else:
-                    size = len(pending)
-                    if bucket is not None:
-                        size = bucket.allowed(size, time.monotonic())
-                        if not size:
-                            sel.unregister(dst)
-                            held_until = bucket.ready_at(len(pending), time.monotonic())
-                            continue
-                    try:
-                        n = os.write(dst, pending[:size])
-                    except BlockingIOError:
-                        continue
-                    except (BrokenPipeError, ConnectionResetError):
-                        failed = True    # the receiving side ended early
-                        break
-                    if bucket is not None:
-                        bucket.spend(n)
-                    moved += n
-                    if progress is not None:
-                        progress.moved(moved, time.monotonic())
-                    last = time.monotonic()
-                    pending = pending[n:]
-                    if not pending:
-                        sel.unregister(dst)
-                        if not eof:
-                            sel.register(src, selectors.EVENT_READ)
-            if failed:
-                break
-            if send.poll() is not None and send.returncode != 0:
-                failed = True   # zfs-fuse's daemon may still be writing its stream
-                break
-            if time.monotonic() - last > stall_timeout:
-                stalled = failed = True
-                break
-            if stop is not None and stop.is_set():
-                stopped = failed = True
-                break
-        sel.close()
+        relay = _Relay(send, recv, stall_timeout, stop, bucket, progress)
+        relay.run()
         log.debug("transfer: %d bytes relayed in %.2f s; eof=%s failed=%s stalled=%s",
-                  moved, time.monotonic() - started, eof, failed, stalled)
-        if failed:
-            send.kill()
-            if abort is not None:
-                abort()
-            recv.kill()
-        send_status = send.wait()
-        with contextlib.suppress(OSError):
-            recv.stdin.close()
-        try:
-            recv_status = recv.wait(timeout=finish_timeout)
-        except subprocess.TimeoutExpired:
-            recv.kill()
-            recv_status = recv.wait()
-            recv_err.write(("\nthe remote zfs recv did not finish within %g s after "
-                            "the end of the stream" % finish_timeout).encode())
+                  relay.moved, time.monotonic() - started, relay.eof, relay.failed,
+                  relay.stalled)
+        send_status, recv_status = _end_transfer(send, recv, relay.failed, abort,
+                                                 finish_timeout, recv_err)
         log.debug("transfer: zfs send exited %s, ssh/zfs recv %s, after %.2f s",
                   send_status, recv_status, time.monotonic() - started)
-        return TransferOutcome(moved, time.monotonic() - started, send_status,
+        return TransferOutcome(relay.moved, time.monotonic() - started, send_status,
                                recv_status, _read_all(send_err), _read_all(recv_err),
-                               stalled, stopped)
+                               relay.stalled, relay.stopped)
     finally:
         for p in (send, recv):
             if p is not None and p.poll() is None:
@@ -4268,168 +4221,176 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
         recv_err.close()
 
 
-# ===========================================================================
-# 6. The decision core: replication planning (pure functions)
-# ===========================================================================
+class _Relay:
+    """The loop of pipe_transfer: moves the stream from zfs send's stdout
+    to the receiver's stdin, TRANSFER_CHUNK at a time, through non-blocking
+    pipes and one selector.  The newest TRANSFER_TAIL bytes read are held
+    back (tail) until the sender has exited 0 (see pipe_transfer); what is
+    ready to be written is `pending`, and the sender is not read while
+    there is some.  Its fields are the transfer's state; run() returns
+    when the whole stream is passed on or the transfer failed (failed,
+    and why: stalled, stopped, or neither when a side failed)."""
+
+    def __init__(self, send: subprocess.Popen, recv: subprocess.Popen,
+                 stall_timeout: float, stop: Optional[threading.Event],
+                 bucket: Optional[TokenBucket], progress: Optional[TransferProgress]) -> None:
+        self.send, self.stall_timeout, self.stop = send, stall_timeout, stop
+        self.bucket, self.progress = bucket, progress
+        self.src, self.dst = send.stdout.fileno(), recv.stdin.fileno()
+        for fd in (self.src, self.dst):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, TRANSFER_CHUNK)
+            os.set_blocking(fd, False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.src, selectors.EVENT_READ)
+        self.pending = memoryview(b"")
+        self.tail = b""              # held back until the sender succeeded; None: passed on
+        self.eof = False
+        self.held_until = 0.0        # the bucket is empty: writing resumes then
+        self.last = time.monotonic()  # when data last moved
+        self.moved = 0
+        self.stalled = self.failed = self.stopped = False
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.eof and not self.pending and self._end_of_stream():
+                    break
+                for key, _ in self.sel.select(timeout=self._wait()):
+                    if key.fd == self.src:
+                        self._read()
+                    else:
+                        self._write()
+                        if self.failed:
+                            break
+                if self._must_end():
+                    break
+        finally:
+            self.sel.close()
+
+    def _end_of_stream(self) -> bool:
+        """The sender's stream has ended and all of it but the tail is
+        passed on: wait for zfs send's exit status, then pass the tail on.
+        True when the loop is done (all passed on, or failed)."""
+        if self.tail is None:
+            return True                       # everything passed on
+        try:
+            status = self.send.wait(timeout=self.stall_timeout)
+        except subprocess.TimeoutExpired:
+            self.stalled = self.failed = True     # stream ended, sender hangs
+            return True
+        if status != 0:
+            self.failed = True
+            return True
+        self.pending, self.tail = memoryview(self.tail), None
+        if not self.pending:
+            return True
+        self.sel.register(self.dst, selectors.EVENT_WRITE)
+        return False
+
+    def _wait(self) -> float:
+        """How long select may wait; writing resumes once the bandwidth
+        limit allows it again (time held back counts as no stall)."""
+        wait = min(1.0, self.stall_timeout)
+        if self.held_until:
+            now = time.monotonic()
+            if now >= self.held_until:
+                self.held_until = 0.0
+                self.sel.register(self.dst, selectors.EVENT_WRITE)
+            else:
+                wait = min(wait, self.held_until - now)
+                self.last = now          # held back by the limit, not stalled
+        return wait
+
+    def _read(self) -> None:
+        """One chunk from the sender: all but the newest TRANSFER_TAIL
+        bytes become pending (and reading pauses until they are written)."""
+        try:
+            chunk = os.read(self.src, TRANSFER_CHUNK)
+        except BlockingIOError:
+            return
+        self.last = time.monotonic()
+        if not chunk:
+            self.eof = True
+            self.sel.unregister(self.src)
+            return
+        data = self.tail + chunk if self.tail else chunk
+        if len(data) <= TRANSFER_TAIL:
+            self.tail = data
+            return
+        self.tail = data[-TRANSFER_TAIL:]
+        self.pending = memoryview(data)[:-TRANSFER_TAIL]
+        self.sel.unregister(self.src)
+        self.sel.register(self.dst, selectors.EVENT_WRITE)
+
+    def _write(self) -> None:
+        """As much of pending as the receiver takes and the bandwidth limit
+        allows; reading resumes once all of it is written."""
+        size = len(self.pending)
+        if self.bucket is not None:
+            size = self.bucket.allowed(size, time.monotonic())
+            if not size:
+                self.sel.unregister(self.dst)
+                self.held_until = self.bucket.ready_at(len(self.pending), time.monotonic())
+                return
+        try:
+            n = os.write(self.dst, self.pending[:size])
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.failed = True    # the receiving side ended early
+            return
+        if self.bucket is not None:
+            self.bucket.spend(n)
+        self.moved += n
+        if self.progress is not None:
+            self.progress.moved(self.moved, time.monotonic())
+        self.last = time.monotonic()
+        self.pending = self.pending[n:]
+        if not self.pending:
+            self.sel.unregister(self.dst)
+            if not self.eof:
+                self.sel.register(self.src, selectors.EVENT_READ)
+
+    def _must_end(self) -> bool:
+        """True when the transfer has failed: a side failed, the sender
+        exited non-zero, nothing moved for stall_timeout, or stop is set."""
+        if self.failed:
+            return True
+        if self.send.poll() is not None and self.send.returncode != 0:
+            self.failed = True   # zfs-fuse's daemon may still be writing its stream
+            return True
+        if time.monotonic() - self.last > self.stall_timeout:
+            self.stalled = self.failed = True
+            return True
+        if self.stop is not None and self.stop.is_set():
+            self.stopped = self.failed = True
+            return True
+        return False
 
 
-def snapshot_name(epoch: int, now: float) -> str:
-    """flocker-<epoch>-<UTC time to the millisecond>Z, e.g.
-    flocker-3-20260101T120000.250Z: any host can tell the reign from it."""
-    ms = int(round(now * 1000))
-    return "%s%d-%s.%03dZ" % (SNAPSHOT_PREFIX, epoch,
-                              time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000)),
-                              ms % 1000)
-
-
-def is_flocker_snapshot(name: str) -> bool:
-    return bool(_SNAPSHOT_RE.match(name))
-
-
-def snapshot_time(name: str) -> Optional[float]:
-    """The UTC time written in a flocker snapshot name, else None."""
-    m = _SNAPSHOT_RE.match(name)
-    if not m:
-        return None
-    import calendar
-    t = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
-    return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
-
-
-def snapshot_epoch(name: str) -> Optional[int]:
-    """The epoch written in a flocker snapshot name, else None."""
-    m = _SNAPSHOT_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def role_marker(node: str, role: str, epoch: int) -> str:
-    """The value of the flocker:role property a node keeps on its dataset."""
-    return "%s %s %d" % (node, role, epoch)
-
-
-def parse_role_marker(value: Optional[str]) -> Optional[Tuple[str, str, int]]:
-    """(node, role, epoch) from a flocker:role value; None when unset ('-')
-    or not ours.  The node name is part of the value because zfs send -R
-    copies user properties: a replica carrying its master's marker names
-    that master, not itself."""
-    words = (value or "").split()
-    if len(words) != 3 or words[1] not in ROLES or not words[2].isdigit():
-        return None
-    return words[0], words[1], int(words[2])
-
-
-def epoch_in_listing(listing: Optional[Listing]) -> int:
-    """The highest epoch a dataset's snapshot names and role marker carry
-    (0 for none): epochs a node has seen, whether or not it heard them."""
-    if listing is None:
-        return 0
-    marker = parse_role_marker(listing.props.get(ROLE_PROPERTY))
-    return max([marker[2] if marker else 0] +
-               [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None])
-
-
-def find_common(local: Listing, remote: Listing) -> Optional[Snap]:
-    """The newest snapshot of local whose GUID the remote also has (the
-    names may differ; the GUID is what proves it is the same data)."""
-    theirs = remote.guids
-    for snap in reversed(local.snaps):
-        if snap.guid and snap.guid in theirs:
-            return snap
-    return None
-
-
-def snaps_after(listing: Listing, guid: str) -> List[Snap]:
-    """The snapshots of listing newer than the one with this GUID."""
-    for i, s in enumerate(listing.snaps):
-        if s.guid == guid:
-            return list(listing.snaps[i + 1:])
-    return list(listing.snaps)
-
-
-def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
-    """Retention: names to destroy so that at most `keep` flocker snapshots
-    remain besides the protected ones.  Never a protected, a held, a pinned
-    (a clone depends on it) or a foreign (not flocker-named) snapshot."""
-    ours = [s for s in snaps if is_flocker_snapshot(s.name)]
-    keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
-    return [s.name for s in ours
-            if s.name not in keep_names and s.name not in protect and s.userrefs == 0
-            and not s.pinned]
-
-
-def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
-                    flags: Sequence[str] = ()) -> List[str]:
-    """zfs send of target: full when base is None, else one -I stream that
-    carries every snapshot between base and target."""
-    argv = ["zfs", "send"] + list(flags) + (["-R"] if recursive else [])
-    if base is not None:
-        argv += ["-I", "%s@%s" % (dataset, base)]
-    return argv + ["%s@%s" % (dataset, target)]
-
-
-def build_resume_send_argv(token: str) -> List[str]:
-    """zfs send of the rest of an interrupted resumable receive."""
-    return ["zfs", "send", "-t", token]
-
-
-def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
-    """zfs recv on the slave: -u (never mounted by the receive), never -F
-    (it would roll back or destroy what the slave has), -s where the slave
-    can keep a partial stream for resuming."""
-    return ["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dataset]
-
-
-def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
-                     peer_dataset: str, stall_timeout: float,
-                     ssh_explain=None, note: str = "") -> str:
-    """One message from the exit statuses and stderr of zfs send, ssh and
-    the remote zfs recv, and a note on what became of the partial receive
-    (pure)."""
-    parts = []
-    if outcome.stopped:
-        parts.append("the transfer was stopped because flocker-failover is shutting down")
-    send_text = _stderr_text(outcome.send_stderr)
-    recv_text = _stderr_text(outcome.recv_stderr)
-    both = outcome.send_stderr + "\n" + outcome.recv_stderr
-    if outcome.stalled:
-        parts.append("no data moved for %g s (transfer_stall_timeout), so the "
-                     "transfer was stopped; the link or the peer's pool may be hung"
-                     % stall_timeout)
-    if zfs_says("no_space", both):
-        parts.append("the pool of %s on %s is full: free space there (or lower "
-                     "snapshot_keep), then sync again" % (peer_dataset, peer))
-    if zfs_says("modified", both):
-        parts.append("the replica %s on %s was changed there since its newest "
-                     "snapshot (someone wrote to it while it was slave); it was "
-                     "not rolled back. Copy out what you need from it on %s, then "
-                     "roll it back there with 'zfs rollback %s@<its newest "
-                     "snapshot>' and sync again" % (peer_dataset, peer, peer,
-                                                    peer_dataset))
-    if outcome.send_status not in (0, None) and not (outcome.stalled or outcome.stopped):
-        if outcome.send_status < 0:
-            parts.append("zfs send was killed by signal %d" % -outcome.send_status)
-        else:
-            parts.append("zfs send exited %d: %s" % (outcome.send_status, send_text))
-    aborted = outcome.stalled or outcome.stopped or outcome.send_status not in (0, None)
-    if aborted and outcome.recv_status in (255, None) or (
-            outcome.recv_status is not None and outcome.recv_status < 0):
-        parts.append("the transfer to %s was aborted before its end" % peer)
-    elif outcome.recv_status == 255 and ssh_explain is not None:
-        parts.append(ssh_explain(outcome.recv_stderr))
-    elif outcome.recv_status not in (0, None):
-        if outcome.recv_status < 0:
-            parts.append("ssh was stopped (signal %d)" % -outcome.recv_status)
-        elif outcome.recv_stderr.strip():
-            parts.append("zfs recv on %s exited %d: %s" % (peer, outcome.recv_status,
-                                                           recv_text))
-    if not parts:
-        parts.append("zfs send exited %s, ssh/zfs recv exited %s"
-                     % (outcome.send_status, outcome.recv_status))
-    if note:
-        parts.append(note)
-    return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
-            "either node; the next cycle tries again"
-            % (what, peer, outcome.bytes, "; ".join(parts)))
+def _end_transfer(send: subprocess.Popen, recv: subprocess.Popen, failed: bool, abort,
+                  finish_timeout: float, recv_err) -> Tuple[int, int]:
+    """After the relay: on failure kill the sender, abort() (the peer ends
+    its receive), kill the receiver; then close the receiver's input and
+    give it finish_timeout to finish (killed after that, and said so in
+    its stderr).  Returns both exit statuses."""
+    if failed:
+        send.kill()
+        if abort is not None:
+            abort()
+        recv.kill()
+    send_status = send.wait()
+    with contextlib.suppress(OSError):
+        recv.stdin.close()
+    try:
+        recv_status = recv.wait(timeout=finish_timeout)
+    except subprocess.TimeoutExpired:
+        recv.kill()
+        recv_status = recv.wait()
+        recv_err.write(("\nthe remote zfs recv did not finish within %g s after "
+                        "the end of the stream" % finish_timeout).encode())
+    return send_status, recv_status
 
 
 # -- commands of the operator (start, stop, check, notify) ---------------------
@@ -4738,11 +4699,176 @@ def _unsolicited_na(sa: ServiceAddress, count: int, interval: float) -> int:
 
 
 # ===========================================================================
-# 6. The decision core
+# 6. The decision core (pure functions)
 # ===========================================================================
 #
 # Pure functions: the facts a node has at one instant go in, one decision
-# comes out.  No I/O, no clock reads: every rule is unit-tested directly.
+# comes out (which snapshots to send and prune, which role to take, which
+# side of a divergence continues).  No I/O, no clock reads: every rule is
+# unit-tested directly.  (tests/test_layers.py holds this section to it.)
+
+# -- replication planning: snapshot names, the common snapshot, retention -----
+
+
+def snapshot_name(epoch: int, now: float) -> str:
+    """flocker-<epoch>-<UTC time to the millisecond>Z, e.g.
+    flocker-3-20260101T120000.250Z: any host can tell the reign from it."""
+    ms = int(round(now * 1000))
+    return "%s%d-%s.%03dZ" % (SNAPSHOT_PREFIX, epoch,
+                              time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000)),
+                              ms % 1000)
+
+
+def is_flocker_snapshot(name: str) -> bool:
+    return bool(_SNAPSHOT_RE.match(name))
+
+
+def snapshot_time(name: str) -> Optional[float]:
+    """The UTC time written in a flocker snapshot name, else None."""
+    m = _SNAPSHOT_RE.match(name)
+    if not m:
+        return None
+    t = calendar.timegm(time.strptime(m.group(2), "%Y%m%dT%H%M%S"))
+    return t + (int(m.group(3)) / 1000.0 if m.group(3) else 0.0)
+
+
+def snapshot_epoch(name: str) -> Optional[int]:
+    """The epoch written in a flocker snapshot name, else None."""
+    m = _SNAPSHOT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def role_marker(node: str, role: str, epoch: int) -> str:
+    """The value of the flocker:role property a node keeps on its dataset."""
+    return "%s %s %d" % (node, role, epoch)
+
+
+def parse_role_marker(value: Optional[str]) -> Optional[Tuple[str, str, int]]:
+    """(node, role, epoch) from a flocker:role value; None when unset ('-')
+    or not ours.  The node name is part of the value because zfs send -R
+    copies user properties: a replica carrying its master's marker names
+    that master, not itself."""
+    words = (value or "").split()
+    if len(words) != 3 or words[1] not in ROLES or not words[2].isdigit():
+        return None
+    return words[0], words[1], int(words[2])
+
+
+def epoch_in_listing(listing: Optional[Listing]) -> int:
+    """The highest epoch a dataset's snapshot names and role marker carry
+    (0 for none): epochs a node has seen, whether or not it heard them."""
+    if listing is None:
+        return 0
+    marker = parse_role_marker(listing.props.get(ROLE_PROPERTY))
+    return max([marker[2] if marker else 0] +
+               [e for e in (snapshot_epoch(x.name) for x in listing.snaps) if e is not None])
+
+
+def find_common(local: Listing, remote: Listing) -> Optional[Snap]:
+    """The newest snapshot of local whose GUID the remote also has (the
+    names may differ; the GUID is what proves it is the same data)."""
+    theirs = remote.guids
+    for snap in reversed(local.snaps):
+        if snap.guid and snap.guid in theirs:
+            return snap
+    return None
+
+
+def snaps_after(listing: Listing, guid: str) -> List[Snap]:
+    """The snapshots of listing newer than the one with this GUID."""
+    for i, s in enumerate(listing.snaps):
+        if s.guid == guid:
+            return list(listing.snaps[i + 1:])
+    return list(listing.snaps)
+
+
+def plan_prune(snaps: Sequence[Snap], keep: int, protect: Sequence[str]) -> List[str]:
+    """Retention: names to destroy so that at most `keep` flocker snapshots
+    remain besides the protected ones.  Never a protected, a held, a pinned
+    (a clone depends on it) or a foreign (not flocker-named) snapshot."""
+    ours = [s for s in snaps if is_flocker_snapshot(s.name)]
+    keep_names = set(s.name for s in ours[-keep:]) if keep > 0 else set()
+    return [s.name for s in ours
+            if s.name not in keep_names and s.name not in protect and s.userrefs == 0
+            and not s.pinned]
+
+
+def build_send_argv(dataset: str, target: str, base: Optional[str], recursive: bool,
+                    flags: Sequence[str] = ()) -> List[str]:
+    """zfs send of target: full when base is None, else one -I stream that
+    carries every snapshot between base and target."""
+    argv = ["zfs", "send"] + list(flags) + (["-R"] if recursive else [])
+    if base is not None:
+        argv += ["-I", "%s@%s" % (dataset, base)]
+    return argv + ["%s@%s" % (dataset, target)]
+
+
+def build_resume_send_argv(token: str) -> List[str]:
+    """zfs send of the rest of an interrupted resumable receive."""
+    return ["zfs", "send", "-t", token]
+
+
+def build_recv_argv(dataset: str, resumable: bool) -> List[str]:
+    """zfs recv on the slave: -u (never mounted by the receive), never -F
+    (it would roll back or destroy what the slave has), -s where the slave
+    can keep a partial stream for resuming."""
+    return ["zfs", "recv", "-u"] + (["-s"] if resumable else []) + [dataset]
+
+
+def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
+                     peer_dataset: str, stall_timeout: float,
+                     ssh_explain=None, note: str = "") -> str:
+    """One message from the exit statuses and stderr of zfs send, ssh and
+    the remote zfs recv, and a note on what became of the partial receive
+    (pure)."""
+    parts = []
+    if outcome.stopped:
+        parts.append("the transfer was stopped because flocker-failover is shutting down")
+    send_text = _stderr_text(outcome.send_stderr)
+    recv_text = _stderr_text(outcome.recv_stderr)
+    both = outcome.send_stderr + "\n" + outcome.recv_stderr
+    if outcome.stalled:
+        parts.append("no data moved for %g s (transfer_stall_timeout), so the "
+                     "transfer was stopped; the link or the peer's pool may be hung"
+                     % stall_timeout)
+    if zfs_says("no_space", both):
+        parts.append("the pool of %s on %s is full: free space there (or lower "
+                     "snapshot_keep), then sync again" % (peer_dataset, peer))
+    if zfs_says("modified", both):
+        parts.append("the replica %s on %s was changed there since its newest "
+                     "snapshot (someone wrote to it while it was slave); it was "
+                     "not rolled back. Copy out what you need from it on %s, then "
+                     "roll it back there with 'zfs rollback %s@<its newest "
+                     "snapshot>' and sync again" % (peer_dataset, peer, peer,
+                                                    peer_dataset))
+    if outcome.send_status not in (0, None) and not (outcome.stalled or outcome.stopped):
+        if outcome.send_status < 0:
+            parts.append("zfs send was killed by signal %d" % -outcome.send_status)
+        else:
+            parts.append("zfs send exited %d: %s" % (outcome.send_status, send_text))
+    aborted = outcome.stalled or outcome.stopped or outcome.send_status not in (0, None)
+    if aborted and outcome.recv_status in (255, None) or (
+            outcome.recv_status is not None and outcome.recv_status < 0):
+        parts.append("the transfer to %s was aborted before its end" % peer)
+    elif outcome.recv_status == 255 and ssh_explain is not None:
+        parts.append(ssh_explain(outcome.recv_stderr))
+    elif outcome.recv_status not in (0, None):
+        if outcome.recv_status < 0:
+            parts.append("ssh was stopped (signal %d)" % -outcome.recv_status)
+        elif outcome.recv_stderr.strip():
+            parts.append("zfs recv on %s exited %d: %s" % (peer, outcome.recv_status,
+                                                           recv_text))
+    if not parts:
+        parts.append("zfs send exited %s, ssh/zfs recv exited %s"
+                     % (outcome.send_status, outcome.recv_status))
+    if note:
+        parts.append(note)
+    return ("sending %s to %s failed after %d bytes: %s. Nothing was changed on "
+            "either node; the next cycle tries again"
+            % (what, peer, outcome.bytes, "; ".join(parts)))
+
+
+# -- roles -------------------------------------------------------------------
 #
 # Epochs: each node owns one parity of epochs (the first node by name the
 # even ones, the second the odd ones), and a promotion takes the smallest
@@ -4763,17 +4889,19 @@ ROLE_RECOVER = "recover"          # (the daemon's job that finishes an interrupt
 SERVING_KINDS = (DECIDE_PROMOTE, DECIDE_RESUME, DECIDE_RESOLVE)
 
 
-def node_index(cfg_node_names: Sequence[str], name: str) -> int:
-    """0 for the first node by name, 1 for the second."""
-    return sorted(cfg_node_names).index(name)
-
-
 def next_epoch(highest_seen: int, index: int) -> int:
     """The smallest epoch above highest_seen that belongs to node index."""
     epoch = highest_seen + 1
     if epoch % 2 != index % 2:
         epoch += 1
     return epoch
+
+
+def promotion_epoch(index: int, *seen: int) -> int:
+    """The epoch a promotion of node index takes: the smallest of its own
+    parity above every epoch it has seen (its own, the peer's, those its
+    replica carries), so that the new reign is newer than any before it."""
+    return next_epoch(max(seen), index)
 
 
 def state_behind_dataset(node: str, role: str, epoch: int,
@@ -4806,8 +4934,9 @@ class Timing:
     startup_wait: float
     wait_for_peer: bool
     isolation_time: float
-    check_failures: int = 3       # consecutive failed checks before a handover
-    hold_down: float = 300.0      # seconds before the role may move again
+    # consecutive failed checks before a handover
+    check_failures: int = SERVICE_DEFAULTS["check_failures"]
+    hold_down: float = SERVICE_DEFAULTS["hold_down"]   # seconds before the role may move again
     witness_lead: float = 0.0     # a master whose peer is silent steps down with this
     #                               much of the witness's lease left (witness_lead())
 
@@ -4850,6 +4979,12 @@ class Facts:
     #                                  left of this node's lease (0: holds none)
     witness_other: bool = False      # the witness said the peer holds its lease
 
+    @property
+    def new_epoch(self) -> int:
+        """The epoch this node takes if it promotes now."""
+        return promotion_epoch(self.index, self.epoch, self.highest_epoch_seen,
+                               self.peer_epoch or 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -4878,9 +5013,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                 return Decision(DECIDE_FENCE, "the operator forces a takeover: fence the peer "
                                               "first")
             return Decision(DECIDE_PROMOTE, "the operator forced a takeover although the "
-                                            "peer is alive",
-                            next_epoch(max(f.epoch, f.highest_epoch_seen,
-                                           f.peer_epoch or 0), f.index))
+                                            "peer is alive", f.new_epoch)
         if f.peer_role == ROLE_MASTER:
             return Decision(DECIDE_WAIT, "the peer is master (epoch %s)" % f.peer_epoch)
         if f.peer_released and (f.peer_epoch or 0) < f.epoch:
@@ -4892,8 +5025,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                 return Decision(DECIDE_WAIT, "the peer handed the master role over, but "
                                              "this replica lacks its newest snapshot")
             return Decision(DECIDE_PROMOTE, "the peer handed the master role over",
-                            next_epoch(max(f.epoch, f.highest_epoch_seen,
-                                           f.peer_epoch or 0), f.index))
+                            f.new_epoch)
         if f.released:
             return Decision(DECIDE_WAIT, "this node handed the master role over; waiting "
                                          "for the peer to take it")
@@ -4924,7 +5056,7 @@ def _decide_slave(f: Facts, t: Timing) -> Decision:
                                              "does not answer"))
     if f.fence is False:
         return Decision(DECIDE_FENCE, "the peer is silent: fence it before taking over")
-    epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    epoch = f.new_epoch
     why = ("the operator forced a takeover" if f.force else
            "no valid heartbeat for %.1f s" % f.peer_silence)
     return Decision(DECIDE_PROMOTE, why, epoch)
@@ -4942,7 +5074,7 @@ def _decide_between_slaves(f: Facts, t: Timing) -> Decision:
     counts its peer alive for a moment, on its last packets.  (Not the
     arbitrator: a peer that is heard proves the path, and the arbitrator
     fact only counts answers that came after the peer's last packet.)"""
-    epoch = next_epoch(max(f.epoch, f.highest_epoch_seen, f.peer_epoch or 0), f.index)
+    epoch = f.new_epoch
     if f.peer_silence >= t.isolation_time:
         return Decision(DECIDE_WAIT, "no master: both nodes are slaves, but the peer was "
                                      "last heard %.1f s ago" % f.peer_silence)
@@ -5397,15 +5529,14 @@ def peer_zfs(cfg: Config) -> RemoteZfs:
 
 
 def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
-                   clock=time.time, stop: Optional[threading.Event] = None,
+                   clock=None, stop: Optional[threading.Event] = None,
                    progress: Optional[TransferProgress] = None) -> ReplicationResult:
     """One replication cycle, master -> slave; the sync command and the
     daemon both call this.  Records the cycle in the state store; raises a
-    FlockerError (recorded as well) when it was refused or failed."""
-    st = store.node_state()
-    if st is None:
-        raise StateError("the state file %s holds no node state; run "
-                         "'flocker_failover.py init --role ...'" % store.path)
+    FlockerError (recorded as well) when it was refused or failed.  clock:
+    what names the snapshots and times the record (wall_clock)."""
+    clock = wall_clock if clock is None else clock
+    st = store.initialised_state()
     if st.role != ROLE_MASTER:
         raise ReplicationError(
             "this node (%s) is %s: replication runs on the master only; run sync "
@@ -5434,144 +5565,223 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
 
 def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
            ) -> ReplicationResult:
-    me, other = cfg.local, cfg.peer
-    ds, pds = me.dataset, other.dataset
-    r = cfg.recursive
-    resumed, resumed_snaps = None, []   # an interrupted transfer finished first
-    ptree, dropped = {}, []   # recursive = yes: the replica's tree; partials dropped
-    local = zfs.listing(ds)
+    """The steps of one replication cycle, in this order, each a function
+    below: 1. what the peer has (snapshotting on while it is away); 2. the
+    newest common snapshot, refusing what is unsafe; 3. a snapshot when
+    something changed, and the increment sent; 4. the new common snapshot
+    held on both sides, only then the previous holds released; 5.
+    retention, the slave first."""
+    local = _own_listing(cfg, zfs, st)
+    side = _peer_side(cfg, store, zfs, peer, st, local, clock, stop)
+    common = _safe_common(cfg, peer, st, local, side.remote)
+    local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
+    target = local.snaps[-1]
+    common, sent, nbytes, seconds = _send_increment(cfg, store, zfs, peer, rid, local,
+                                                    target, common, side.ptree, stop,
+                                                    progress)
+    arrived = side.resumed_snaps + sent
+    after, got = _arrived(cfg, peer, target, side.remote, relist=bool(sent))
+    old = _hold_then_release(cfg, zfs, peer, local, target, after, got, arrived)
+    pruned_peer, pruned_local = _retention(cfg, store, zfs, peer, local, target, after,
+                                           relist=bool(old or arrived or
+                                                       target.userrefs == 0))
+    msg = _cycle_message(cfg, side, target, common, sent, nbytes, seconds)
+    if side.resumed is not None:
+        nbytes, seconds = nbytes + side.resumed.bytes, seconds + side.resumed.seconds
+    return ReplicationResult(target.name, target.guid, common.name if common else None,
+                             arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+
+
+def _own_listing(cfg, zfs: ZfsBase, st: NodeState) -> Listing:
+    """This master's dataset, its flocker:role marker set (a replica of it
+    then names its master)."""
+    me = cfg.local
+    local = zfs.listing(me.dataset)
     if local is None:
         raise ReplicationError(
             "the dataset %s does not exist on this master (%s): nothing to "
-            "replicate; check [node %s] dataset in %s" % (ds, me.name, me.name, cfg.path))
+            "replicate; check [node %s] dataset in %s" % (me.dataset, me.name, me.name,
+                                                         cfg.path))
     marker = role_marker(me.name, ROLE_MASTER, st.epoch)
     if local.props.get(ROLE_PROPERTY) != marker:
-        zfs.set_prop(ds, ROLE_PROPERTY, marker)
+        zfs.set_prop(me.dataset, ROLE_PROPERTY, marker)
+    return local
 
-    # 1. what the peer has, from a live listing (one round trip)
+
+@dataclasses.dataclass
+class _PeerSide:
+    """What step 1 of a cycle learnt of the peer's replica."""
+    remote: Optional[Listing]          # None: there is none yet
+    resumed: Optional[TransferOutcome] = None  # an interrupted transfer finished first
+    resumed_snaps: List[str] = dataclasses.field(default_factory=list)
+    ptree: Dict[str, TreeNode] = dataclasses.field(default_factory=dict)  # recursive
+    dropped: List[str] = dataclasses.field(default_factory=list)  # partials dropped
+
+
+def _peer_side(cfg, store, zfs, peer, st, local: Listing, clock, stop) -> _PeerSide:
+    """Step 1: what the peer has, from a live listing (one round trip).
+    Refuses a peer whose replica says it is master; finishes an
+    interrupted resumable transfer first; with recursive = yes, reads the
+    replica's tree and drops a child's partial receive.  A peer that
+    cannot be reached: the snapshots go on (_snapshot_while_away)."""
+    other, pds = cfg.peer, cfg.peer.dataset
     try:
         remote = peer.listing(pds)
     except SshError:
-        # the peer is away: keep taking snapshots, bounded by retention that
-        # spares the newest, the held ones, the last one known replicated and
-        # every one a transfer since then may have delivered unconfirmed (the
-        # peer may hold it: pruned here, it would look like history this
-        # master lacks, a divergence)
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
-        last_ok = store.replication_summary()["last_ok"]
-        protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
-                   + store.unconfirmed_targets())
-        _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds), r)
+        _snapshot_while_away(cfg, store, zfs, st, local, clock)
         raise
+    side = _PeerSide(remote)
     if remote is None:
         _check_peer_parent(peer, pds, other.name)
-    else:
-        claim = parse_role_marker(remote.props.get(ROLE_PROPERTY))
-        if claim is not None and claim[0] == other.name and claim[1] == ROLE_MASTER:
-            raise ReplicationError(
-                "%s says it is master (%s=%r on %s; this node is master in epoch %d): "
-                "refusing to send, two masters is a split brain; nothing was changed "
-                "on either node. Decide which node stays master before replicating "
-                "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
-                           pds, st.epoch))
-        resumed = _resume_partial(cfg, zfs, peer, remote, stop)
-        if resumed is not None:
-            had = remote.guids
-            remote = peer.listing(pds)
-            if remote is None:
-                raise ReplicationError("%s vanished on %s after resuming its receive"
-                                       % (pds, other.name))
-            resumed_snaps = [s.name for s in remote.snaps if s.guid not in had]
-        if r:
-            ptree = peer.tree(pds)
-            dropped = _drop_child_partials(cfg, peer, ptree)
-            if dropped:
-                ptree = peer.tree(pds)
+        return side
+    claim = parse_role_marker(remote.props.get(ROLE_PROPERTY))
+    if claim is not None and claim[0] == other.name and claim[1] == ROLE_MASTER:
+        raise ReplicationError(
+            "%s says it is master (%s=%r on %s; this node is master in epoch %d): "
+            "refusing to send, two masters is a split brain; nothing was changed "
+            "on either node. Decide which node stays master before replicating "
+            "again" % (other.name, ROLE_PROPERTY, remote.props.get(ROLE_PROPERTY),
+                       pds, st.epoch))
+    side.resumed = _resume_partial(cfg, zfs, peer, remote, stop)
+    if side.resumed is not None:
+        had = remote.guids
+        side.remote = peer.listing(pds)
+        if side.remote is None:
+            raise ReplicationError("%s vanished on %s after resuming its receive"
+                                   % (pds, other.name))
+        side.resumed_snaps = [s.name for s in side.remote.snaps if s.guid not in had]
+    if cfg.recursive:
+        side.ptree = peer.tree(pds)
+        side.dropped = _drop_child_partials(cfg, peer, side.ptree)
+        if side.dropped:
+            side.ptree = peer.tree(pds)
+    return side
 
-    # 2. the newest common snapshot, by GUID; refuse what is unsafe
-    common = None
-    if remote is not None:
-        if not remote.snaps:
-            raise ReplicationError(
-                "%s exists on %s but has no snapshot, so it shares none with %s here: "
-                "flocker-failover never overwrites it; nothing was changed. If it holds "
-                "nothing you need, rename it away on %s ('zfs rename %s %s-old') and "
-                "sync again for a full copy" % (pds, other.name, ds, other.name, pds, pds))
-        common = find_common(local, remote)
-        if common is None:
-            raise ReplicationError(
-                "%s on %s shares no snapshot with %s here (compared by GUID), so no "
-                "incremental send is possible and flocker-failover will not overwrite "
-                "it; nothing was changed. If it holds nothing you need, rename it away "
-                "on %s ('zfs rename %s %s-old') and sync again for a full copy; if it "
-                "does, the nodes have diverged: decide which data is right first"
-                % (pds, other.name, ds, other.name, pds, pds))
-        extra = snaps_after(remote, common.guid)
-        ours = [s for s in extra if is_flocker_snapshot(s.name)]
-        if extra and not ours:
-            raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
-        if ours and all(snapshot_epoch(s.name) == st.epoch for s in ours):
-            raise ReplicationError(lost_own_snapshots_message(cfg, extra, common.name,
-                                                              st.epoch))
-        if extra:
-            raise DivergenceError(
-                "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
-                "(%s): it has history this master lacks (divergence); nothing was "
-                "changed. Decide which node's data continues before replicating"
-                % (pds, other.name, len(extra), common.name,
-                   ", ".join(s.name for s in extra[:5])))
-        pf = peer.features()
-        if pf.written and remote.props.get("written", "0") not in ("0", "-", ""):
-            raise DivergenceError(
-                "the replica %s on %s was changed there since its newest snapshot %s "
-                "(written=%s bytes); it was not rolled back and nothing was sent. Copy "
-                "out what you need from it on %s, then run there 'zfs rollback %s@%s' "
-                "and sync again" % (pds, other.name, common.name,
-                                    remote.props.get("written"), other.name, pds,
-                                    remote.snaps[-1].name))
 
-    # 3. snapshot (when something changed) and send the increment
+def _snapshot_while_away(cfg, store, zfs, st, local: Listing, clock) -> None:
+    """The peer is away: keep taking snapshots, bounded by retention that
+    spares the newest, the held ones, the last one known replicated and
+    every one a transfer since then may have delivered unconfirmed (the
+    peer may hold it: pruned here, it would look like history this master
+    lacks, a divergence)."""
+    ds = cfg.local.dataset
     local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
-    target = local.snaps[-1]
+    last_ok = store.replication_summary()["last_ok"]
+    protect = ([local.snaps[-1].name] + ([last_ok["snapshot"]] if last_ok else [])
+               + store.unconfirmed_targets())
+    _prune(zfs, ds, local, cfg.snapshot_keep, protect + preserved_origins(store, ds),
+           cfg.recursive)
+
+
+def _safe_common(cfg, peer, st, local: Listing, remote: Optional[Listing]) -> Optional[Snap]:
+    """Step 2: the newest common snapshot, by GUID (None: the peer has no
+    replica, a full copy goes).  Refuses what is unsafe: a replica without
+    a snapshot or without one in common, snapshots after the common one
+    (foreign ones, this master's own lost ones, or a divergence), a replica
+    written to since its newest snapshot."""
+    if remote is None:
+        return None
+    ds, pds, other = cfg.local.dataset, cfg.peer.dataset, cfg.peer.name
+    if not remote.snaps:
+        raise ReplicationError(
+            "%s exists on %s but has no snapshot, so it shares none with %s here: "
+            "flocker-failover never overwrites it; nothing was changed. If it holds "
+            "nothing you need, rename it away on %s ('zfs rename %s %s-old') and "
+            "sync again for a full copy" % (pds, other, ds, other, pds, pds))
+    common = find_common(local, remote)
+    if common is None:
+        raise ReplicationError(
+            "%s on %s shares no snapshot with %s here (compared by GUID), so no "
+            "incremental send is possible and flocker-failover will not overwrite "
+            "it; nothing was changed. If it holds nothing you need, rename it away "
+            "on %s ('zfs rename %s %s-old') and sync again for a full copy; if it "
+            "does, the nodes have diverged: decide which data is right first"
+            % (pds, other, ds, other, pds, pds))
+    extra = snaps_after(remote, common.guid)
+    ours = [s for s in extra if is_flocker_snapshot(s.name)]
+    if extra and not ours:
+        raise ReplicationError(foreign_snapshots_message(cfg, extra, common.name))
+    if ours and all(snapshot_epoch(s.name) == st.epoch for s in ours):
+        raise ReplicationError(lost_own_snapshots_message(cfg, extra, common.name,
+                                                          st.epoch))
+    if extra:
+        raise DivergenceError(
+            "%s on %s has %d snapshot(s) newer than the newest common snapshot %s "
+            "(%s): it has history this master lacks (divergence); nothing was "
+            "changed. Decide which node's data continues before replicating"
+            % (pds, other, len(extra), common.name,
+               ", ".join(s.name for s in extra[:5])))
+    pf = peer.features()
+    if pf.written and remote.props.get("written", "0") not in ("0", "-", ""):
+        raise DivergenceError(
+            "the replica %s on %s was changed there since its newest snapshot %s "
+            "(written=%s bytes); it was not rolled back and nothing was sent. Copy "
+            "out what you need from it on %s, then run there 'zfs rollback %s@%s' "
+            "and sync again" % (pds, other, common.name,
+                                remote.props.get("written"), other, pds,
+                                remote.snaps[-1].name))
+    return common
+
+
+def _send_increment(cfg, store, zfs, peer, rid, local: Listing, target: Snap,
+                    common: Optional[Snap], ptree, stop, progress
+                    ) -> Tuple[Optional[Snap], List[str], int, float]:
+    """Step 3: send what the peer lacks up to target, from the common
+    snapshot (with recursive = yes, from the newest one every dataset of
+    the replica's tree holds: _tree_base).  Returns (the base it was sent
+    from, the snapshots sent, bytes, seconds); nothing is sent when the
+    peer has the target already."""
     behind = None     # recursive = yes: the top's common snapshot a child lacks
-    if r and common is not None:
+    if cfg.recursive and common is not None:
         base_snap = _tree_base(cfg, zfs, local, common, ptree)
         behind, common = (common if base_snap.guid != common.guid else None), base_snap
-    sent, nbytes, seconds = [], 0, 0.0
-    if common is None or common.guid != target.guid:
-        base = common.name if common else None
-        store.update_replication(rid, base=base, snapshot=target.name)
-        try:
-            sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop,
-                                          progress)
-        except ReplicationError as e:
-            if behind is None:
-                raise
-            raise type(e)(
-                "%s. (A package stream cut on its way left a child of %s on %s without "
-                "%s, so this one was sent from %s, which every dataset there holds; a "
-                "zfs recv that cannot skip the snapshots the replica already has "
-                "(zfs-fuse) refuses it: rename the replica away on %s ('zfs rename %s "
-                "%s-old') and sync again for a full copy)"
-                % (e.message.rstrip("."), pds, other.name, behind.name, base, other.name,
-                   pds, pds)) from None
-        failpoint("replicate:sent")
-    if sent:
-        after = peer.listing(pds)
-    else:
-        after = remote     # the live listing above already shows the target
-    arrived = resumed_snaps + sent
+    if common is not None and common.guid == target.guid:
+        return common, [], 0, 0.0
+    base = common.name if common else None
+    store.update_replication(rid, base=base, snapshot=target.name)
+    try:
+        sent, nbytes, seconds = _send(cfg, zfs, peer, local, target, base, stop, progress)
+    except ReplicationError as e:
+        if behind is None:
+            raise
+        pds = cfg.peer.dataset
+        raise type(e)(
+            "%s. (A package stream cut on its way left a child of %s on %s without "
+            "%s, so this one was sent from %s, which every dataset there holds; a "
+            "zfs recv that cannot skip the snapshots the replica already has "
+            "(zfs-fuse) refuses it: rename the replica away on %s ('zfs rename %s "
+            "%s-old') and sync again for a full copy)"
+            % (e.message.rstrip("."), pds, cfg.peer.name, behind.name, base,
+               cfg.peer.name, pds, pds)) from None
+    failpoint("replicate:sent")
+    return common, sent, nbytes, seconds
+
+
+def _arrived(cfg, peer, target: Snap, remote: Optional[Listing], relist: bool
+             ) -> Tuple[Listing, Snap]:
+    """The peer's replica after the transfer, and the target in it: the
+    transfer counts as done only when the target is there with its GUID.
+    relist: something was sent, list the replica again; else the live
+    listing of step 1 (remote) shows the target already."""
+    pds = cfg.peer.dataset
+    after = peer.listing(pds) if relist else remote
     got = after.snap(target.name) if after else None
     if got is None or got.guid != target.guid:
         raise ReplicationError(
             "after the transfer, %s@%s on %s %s; the transfer is not counted as done"
-            % (pds, target.name, other.name,
+            % (pds, target.name, cfg.peer.name,
                "is missing" if got is None else
                "has GUID %s instead of %s" % (got.guid, target.guid)))
+    return after, got
 
-    # 4. confirmed: hold the new common snapshot on both sides, then release
-    #    the previous holds; keep the replica read-only.  A cycle that
-    #    changed nothing finds all of this done and runs no command.
+
+def _hold_then_release(cfg, zfs, peer, local: Listing, target: Snap, after: Listing,
+                       got: Snap, arrived: List[str]) -> List[str]:
+    """Step 4, confirmed: hold the new common snapshot on both sides, then
+    release the previous holds; keep the replica read-only.  A cycle that
+    changed nothing finds all of this done and runs no command.  Returns
+    the names this master released."""
+    ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
     # (userrefs counts every tag: a snapshot just sent is held with ours
     # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
@@ -5585,33 +5795,42 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
     peer_old = [s.name for s in after.snaps if s.userrefs > 0 and s.name != target.name]
     _check_releases(peer, peer.run_many(release_commands(pds, peer_old, r)))
     _check_releases(zfs, zfs.run_many(release_commands(ds, old, r)))
+    return old
 
-    # 5. retention: the slave first, never its common snapshot (the target)
-    #    or anything after it; snapshots just released are pruned next cycle
+
+def _retention(cfg, store, zfs, peer, local: Listing, target: Snap, after: Listing,
+               relist: bool) -> Tuple[List[str], List[str]]:
+    """Step 5: retention, the slave first, never its common snapshot (the
+    target) or anything after it; snapshots just released are pruned next
+    cycle.  relist: this master's holds changed, list it again first.
+    Returns (pruned on the peer, pruned here)."""
+    ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
     pruned_peer = _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r)
-    if old or arrived or target.userrefs == 0:
+    if relist:
         local = zfs.listing(ds) or local
     pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
                           [target.name] + preserved_origins(store, ds), r)
+    return pruned_peer, pruned_local
+
+
+def _cycle_message(cfg, side: _PeerSide, target: Snap, common: Optional[Snap],
+                   sent: List[str], nbytes: int, seconds: float) -> str:
+    """What a cycle did, in one line for the log and 'sync'."""
     said = []
-    if dropped:
+    if side.dropped:
         said.append("dropped the partial receive of %s (a stream cut inside it; "
-                    "sent again)" % ", ".join(dropped))
-    if resumed is not None:
+                    "sent again)" % ", ".join(side.dropped))
+    if side.resumed is not None:
         said.append("resumed the interrupted transfer of %s (%d bytes in %.2f s)"
-                    % (", ".join(resumed_snaps) or "a stream", resumed.bytes,
-                       resumed.seconds))
+                    % (", ".join(side.resumed_snaps) or "a stream", side.resumed.bytes,
+                       side.resumed.seconds))
     if sent:
         said.append("sent %s (%d bytes in %.2f s, from %s)"
                     % (", ".join(sent), nbytes, seconds,
                        common.name if common else "nothing: full copy"))
-    if resumed is not None:
-        nbytes, seconds = nbytes + resumed.bytes, seconds + resumed.seconds
-    msg = ("%s: %s" % (other.name, "; ".join(said)) if said else
-           "%s is up to date (%s)" % (other.name, target.name))
-    return ReplicationResult(target.name, target.guid, common.name if common else None,
-                             arrived, nbytes, seconds, pruned_local, pruned_peer, msg)
+    return ("%s: %s" % (cfg.peer.name, "; ".join(said)) if said else
+            "%s is up to date (%s)" % (cfg.peer.name, target.name))
 
 
 def _drop_child_partials(cfg, peer: ZfsBase, ptree: Dict[str, TreeNode]) -> List[str]:
@@ -5892,22 +6111,47 @@ def _resume_partial(cfg, zfs: ZfsBase, peer: ZfsBase, remote: Listing, stop=None
     token = remote.props.get("receive_resume_token", "-")
     if token in ("-", "") or not (zfs.features().resumable and peer.features().resumable):
         return None
+    peer.ssh.ensure_master()
+    return _transfer(cfg, peer, build_resume_send_argv(token),
+                     build_recv_argv(cfg.peer.dataset, True),
+                     "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
+                     stop, resuming=True)
+
+
+def _transfer(cfg, peer: ZfsBase, send_argv: List[str], recv_argv: List[str], what: str,
+              stop=None, progress: Optional[TransferProgress] = None,
+              resuming: bool = False) -> TransferOutcome:
+    """send_argv here | ssh peer recv_argv, through the peer's ssh master
+    connection (which the caller made sure of), at most
+    replication_bandwidth, stopped when stuck for transfer_stall_timeout.
+    Returns the outcome of a transfer that succeeded.  A failed one
+    resets the connection (the peer's sshd then ends the remote zfs recv
+    now, instead of after it drained what is in flight), discards what a
+    resumable receive into a full pool kept (_discard_unresumable), and
+    raises ReplicationError saying what happened, or DivergenceError when
+    the replica was written to (a fresh send only: resuming, it is the
+    stream this master sent before that failed)."""
     ssh = peer.ssh
-    ssh.ensure_master()
-    outcome = pipe_transfer(build_resume_send_argv(token),
-                            ssh.argv(build_recv_argv(cfg.peer.dataset, True)),
-                            cfg.transfer_stall_timeout,
-                            finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                            abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth)
-    if not outcome.ok:
-        ssh.reset()
-        note = _discard_unresumable(cfg, peer, outcome)
-        raise ReplicationError(explain_transfer(
-            outcome, "the interrupted receive of %s (zfs send -t)" % cfg.peer.dataset,
-            cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout, ssh.explain, note)
-            + ("" if note else "; if it keeps failing, abort it on %s with 'zfs recv -A %s'"
-               % (cfg.peer.name, cfg.peer.dataset)))
-    return outcome
+    try:
+        outcome = pipe_transfer(send_argv, ssh.argv(recv_argv), cfg.transfer_stall_timeout,
+                                finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
+                                abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth,
+                                progress=progress)
+    finally:
+        if progress is not None:
+            progress.end()
+    if outcome.ok:
+        return outcome
+    ssh.reset()
+    note = _discard_unresumable(cfg, peer, outcome) if "-s" in recv_argv else ""
+    text = explain_transfer(outcome, what, cfg.peer.name, cfg.peer.dataset,
+                            cfg.transfer_stall_timeout, ssh.explain, note)
+    if resuming:
+        raise ReplicationError(text + ("" if note else "; if it keeps failing, abort it on %s "
+                                       "with 'zfs recv -A %s'" % (cfg.peer.name,
+                                                                  cfg.peer.dataset)))
+    modified = zfs_says("modified", outcome.recv_stderr + outcome.send_stderr)
+    raise (DivergenceError if modified else ReplicationError)(text)
 
 
 def _discard_unresumable(cfg, peer: ZfsBase, outcome: TransferOutcome) -> str:
@@ -5948,32 +6192,15 @@ def _send(cfg, zfs, peer, local: Listing, target: Snap, base: Optional[str], sto
                         f, cfg.local.name if f not in lf.send_flags else cfg.peer.name)
     send_argv = build_send_argv(local.dataset, target.name, base, cfg.recursive, flags)
     recv = build_recv_argv(cfg.peer.dataset, lf.resumable and pf.resumable)
-    ssh = peer.ssh
-    ssh.ensure_master()
+    peer.ssh.ensure_master()
     if progress is not None:
         progress.begin("%s -> %s: %s@%s" % (cfg.local.name, cfg.peer.name, local.dataset,
                                             target.name),
                        zfs.send_estimate(send_argv) if lf.send_estimate else None,
                        time.monotonic())
-    # on failure, closing the connection makes the peer's sshd end the
-    # remote zfs recv now, instead of after it drained what is in flight
-    try:
-        outcome = pipe_transfer(send_argv, ssh.argv(recv), cfg.transfer_stall_timeout,
-                                finish_timeout=cfg.transfer_stall_timeout + ssh.command_timeout,
-                                abort=ssh.reset, stop=stop, rate=cfg.replication_bandwidth,
-                                progress=progress)
-    finally:
-        if progress is not None:
-            progress.end()
-    if not outcome.ok:
-        ssh.reset()
-        what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
-                if base else "%s@%s (full copy)" % (local.dataset, target.name))
-        modified = zfs_says("modified", outcome.recv_stderr + outcome.send_stderr)
-        note = _discard_unresumable(cfg, peer, outcome) if "-s" in recv else ""
-        raise (DivergenceError if modified else ReplicationError)(explain_transfer(
-            outcome, what, cfg.peer.name, cfg.peer.dataset, cfg.transfer_stall_timeout,
-            ssh.explain, note))
+    what = ("%s@%s (incremental from %s)" % (local.dataset, target.name, base)
+            if base else "%s@%s (full copy)" % (local.dataset, target.name))
+    outcome = _transfer(cfg, peer, send_argv, recv, what, stop, progress)
     names = [s.name for s in local.snaps]
     sent = names[names.index(base) + 1:] if base in names else [target.name]
     return sent, outcome.bytes, outcome.seconds
@@ -6035,7 +6262,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
     everything before changing anything; refuses to overwrite a node with
     history unless force, and then keeps the old state file as a backup."""
     me = cfg.local
-    epoch = initial_epoch(role, node_index([n.name for n in cfg.nodes], me.name))
+    epoch = initial_epoch(role, cfg.local_index)
     done = []
     zfs.check_works(me.dataset)
     parent = me.dataset.rsplit("/", 1)[0]
@@ -6065,7 +6292,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
         if not (exists and force):
             raise
         # a corrupt or foreign file: with --force, keep it aside untouched
-        backup = _move_aside(me.state_db)
+        backup = set_state_file_aside(me.state_db, "bad")
         done.append("moved the unusable state file to %s" % backup)
         store = StateStore.open(me.state_db, create=True, lock_for="init")
     try:
@@ -6533,7 +6760,7 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
     if not ctx.zfs.exists("%s@%s" % (ds, common)):
         raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
                           % (ds, common))
-    now = time.time()
+    now = wall_clock()
     data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
             "then_demote": then_demote, "preserved": preserved_name(ds, epoch, now),
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
@@ -6820,7 +7047,7 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
                             "compare them and keep one by hand" % (ds, peer_listing.dataset,
                                                                    cfg.peer.name))
     if snapshot:
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, wall_clock)
     after = snaps_after(local, common.guid)
     changes = (tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive)
                if after else 0)
@@ -6853,8 +7080,13 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     (split_brain_yields()): its user system stops before anything else,
     so that two hosts write for no longer than it takes to hear each
     other, not for the verdict's round trips; the verdict still counts it
-    as serving, and if it wins, it serves again (_win)."""
-    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
+    as serving, and if it wins, it serves again (_win).
+
+    The steps: publish this node's side (_publish_my_side), wait for the
+    peer's (_their_side), judge, giving an operator's choice a moment to
+    arrive (_settled_verdict), record the verdict (_record_verdict), then
+    lose or win (_carry_out_verdict)."""
+    cfg = ctx.cfg
     stopped = False
     if yield_first and not dry_run:
         _stop_user_system(ctx, ctx.store.node_state().epoch, quiesce)
@@ -6868,9 +7100,38 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     if remote is None:
         raise ActionError("%s does not exist on %s; nothing to resolve"
                           % (cfg.peer.dataset, cfg.peer.name))
+    me, common, attempt, facts = _publish_my_side(ctx, remote, winner_choice, serving,
+                                                  dry_run)
+    theirs, remote = _their_side(ctx, peer, remote, common, attempt, dry_run, stop)
+    if theirs is None:
+        # the newest common snapshot moved meanwhile (a transfer that was
+        # on its way): measure again against the new one
+        return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
+                                  peer_stopped, pause, serving=me.serving)
+    v, other = _settled_verdict(ctx, peer, remote, me, common, attempt, theirs,
+                                winner_choice, dry_run)
+    if dry_run:
+        return v, common.guid
+    _record_verdict(ctx, me, other, common, v)
+    failpoint("resolve:verdict")
+    top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
+    _carry_out_verdict(ctx, v, me, common, attempt, top, facts, winner_choice, quiesce,
+                       peer_stopped, stopped)
+    return v, common.guid
+
+
+def _publish_my_side(ctx: Context, remote: Listing, winner_choice: Optional[str],
+                     serving: bool, dry_run: bool) -> Tuple[Side, Snap, int, str]:
+    """This node's side of the divergence, measured against the newest
+    common snapshot, and published in its dataset's DIVERGENCE_PROPERTY
+    (not in a dry run).  The attempt is numbered by the newest epoch
+    either side carries; a node that published for this attempt before
+    (a restart) keeps what it said of serving.  Returns (its side, the
+    common snapshot, the attempt, the facts as published)."""
+    zfs, ds = ctx.zfs, ctx.cfg.local.dataset
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
     attempt = max(epoch, _marker_epoch(remote))
-    mine = parse_divergence(ctx.zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
+    mine = parse_divergence(zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
     if facts_of_this_attempt(mine, common.guid, attempt):
         serving = serving or mine["serving"]    # what it was when this attempt began
     me = dataclasses.replace(me, serving=serving)
@@ -6879,41 +7140,55 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     if not dry_run:
         zfs.set_prop(ds, DIVERGENCE_PROPERTY, facts)
         failpoint("resolve:published")
+    return me, common, attempt, facts
+
+
+def _their_side(ctx: Context, peer: ZfsBase, remote: Listing, common: Snap, attempt: int,
+                dry_run: bool, stop: threading.Event) -> Tuple[Optional[dict], Listing]:
+    """Wait up to RESOLVE_WAIT for the peer's facts of this attempt (a dry
+    run does not wait: it assumes what the peer's listing shows).  Returns
+    them and the peer's newest listing; None for the facts when the newest
+    common snapshot has moved meanwhile (the peer published for another
+    one, which this node holds too)."""
+    cfg, zfs, ds = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset
     deadline = time.monotonic() + RESOLVE_WAIT
-    theirs = None
     while True:
         theirs = parse_divergence(remote.props.get(DIVERGENCE_PROPERTY))
         if facts_of_this_attempt(theirs, common.guid, attempt):
-            break
+            return theirs, remote
         if theirs is not None and theirs["common_guid"] == common.guid:
             theirs = None    # an earlier attempt's: wait for this one's
         # the peer published for another common snapshot: has ours moved?
         moved = (find_common(zfs.listing(ds) or Listing(ds, {}, ()), remote)
                  if theirs is not None and not dry_run else None)
         if moved is not None and moved.guid != common.guid:
-            # the newest common snapshot moved meanwhile (a transfer that
-            # was on its way): measure again against the new one
-            return resolve_divergence(ctx, peer, stop, winner_choice, dry_run, quiesce,
-                                      peer_stopped, pause, serving=serving)
-        if dry_run or time.monotonic() > deadline or stop.is_set():
-            if dry_run:
-                after = snaps_after(remote, common.guid)
-                theirs = {"epoch": _marker_epoch(remote),
-                          "changes": -1 if after else 0, "serving": False,
-                          "policy": cfg.divergence_policy, "recursive": cfg.recursive,
-                          "winner": None}
-                break
+            return None, remote
+        if dry_run:
+            after = snaps_after(remote, common.guid)
+            return {"epoch": _marker_epoch(remote),
+                    "changes": -1 if after else 0, "serving": False,
+                    "policy": cfg.divergence_policy, "recursive": cfg.recursive,
+                    "winner": None}, remote
+        if time.monotonic() > deadline or stop.is_set():
             raise ActionError("%s did not publish its side of the divergence within %g s; "
                               "is its daemon running?" % (cfg.peer.name, RESOLVE_WAIT))
         time.sleep(0.3)
         remote = peer.listing(cfg.peer.dataset) or remote
+
+
+def _settled_verdict(ctx: Context, peer: ZfsBase, remote: Listing, me: Side, common: Snap,
+                     attempt: int, theirs: dict, winner_choice: Optional[str],
+                     dry_run: bool) -> Tuple[Verdict, Side]:
+    """The verdict on both sides' facts.  When it leaves the choice to an
+    operator, look again for up to CHOICE_SETTLE: an operator's choice may
+    be on its way in the peer's facts (it began the attempt this node
+    joined).  Returns the verdict and the peer's side."""
+    cfg = ctx.cfg
     other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"], theirs["changes"],
                  theirs["serving"], theirs["recursive"])
     v = divergence_verdict(me, other, winner_choice, theirs["winner"])
     settle = time.monotonic() + CHOICE_SETTLE
     while v.status != VERDICT_RESOLVED and not dry_run and time.monotonic() < settle:
-        # an operator's choice may be on its way in the peer's facts (it
-        # began the attempt this node joined): look again for a moment
         time.sleep(0.3)
         fresh = parse_divergence((peer.listing(cfg.peer.dataset) or remote).props.get(
             DIVERGENCE_PROPERTY))
@@ -6922,8 +7197,14 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
             other = Side(cfg.peer.name, theirs["epoch"], theirs["policy"],
                          theirs["changes"], theirs["serving"], theirs["recursive"])
             v = divergence_verdict(me, other, winner_choice, theirs["winner"])
-    if dry_run:
-        return v, common.guid
+    return v, other
+
+
+def _record_verdict(ctx: Context, me: Side, other: Side, common: Snap, v: Verdict) -> None:
+    """Log and record the verdict with both sides' facts; a verdict that
+    leaves it to an operator raises NeedsOperator, saying how to keep a
+    side by hand."""
+    cfg, ds = ctx.cfg, ctx.cfg.local.dataset
     split = is_split_brain(me, other)
     text = ("%s since %s@%s: %s: %d bytes changed, epoch %d%s; %s: %d bytes changed, "
             "epoch %d%s. Verdict: %s" % (
@@ -6936,20 +7217,25 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
                            "warning" if split else "info")
     if v.status != VERDICT_RESOLVED:
         raise NeedsOperator(v.reason + keep_by_hand_hint(cfg, v))
-    failpoint("resolve:verdict")
-    top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
+
+
+def _carry_out_verdict(ctx: Context, v: Verdict, me: Side, common: Snap, attempt: int,
+                       top: int, facts: str, winner_choice: Optional[str], quiesce,
+                       peer_stopped, stopped: bool) -> None:
+    """This node's part of the verdict: the loser keeps its divergent data
+    and becomes the slave (_lose), the winner serves (_win); a winner that
+    promoted above both republishes the same facts under its new epoch,
+    for a loser that restarts and begins again from there."""
+    cfg = ctx.cfg
     if v.loser == cfg.local_name:
         _lose(ctx, common, top, v, quiesce, facts, stopped)
-    else:
-        _win(ctx, top, v, peer_stopped)
-        won = ctx.store.node_state().epoch
-        if won > attempt:
-            # promoted above both: the same facts, under the new newest
-            # epoch, for a loser that restarts and begins again from there
-            zfs.set_prop(ds, DIVERGENCE_PROPERTY, format_divergence(
-                common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
-                me.serving, me.recursive))
-    return v, common.guid
+        return
+    _win(ctx, top, v, peer_stopped)
+    won = ctx.store.node_state().epoch
+    if won > attempt:
+        ctx.zfs.set_prop(cfg.local.dataset, DIVERGENCE_PROPERTY, format_divergence(
+            common.guid, won, me.epoch, me.changes, me.policy, winner_choice,
+            me.serving, me.recursive))
 
 
 def recursive_refusal(cfg: Config, common: str, stopped: bool = False) -> NeedsOperator:
@@ -7017,7 +7303,7 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str,
     if not stopped:
         _stop_user_system(ctx, top, quiesce)
     # measured again now that nothing writes any more
-    local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, time.time)
+    local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, wall_clock)
     after = snaps_after(local, common.guid)
     if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         # (the demotion is part of the preservation: see then_demote)
@@ -7068,8 +7354,7 @@ def _win(ctx: Context, top: int, v: Verdict, peer_stopped) -> None:
     cfg = ctx.cfg
     st = ctx.store.node_state()
     if st.role != ROLE_MASTER or st.epoch < top:
-        index = node_index([n.name for n in cfg.nodes], cfg.local_name)
-        promote(ctx, next_epoch(top, index), v.reason)
+        promote(ctx, promotion_epoch(cfg.local_index, top), v.reason)
     else:
         promote(ctx, st.epoch, v.reason)     # resumes: idempotent when serving
     sa = cfg.service.service_address
@@ -7153,7 +7438,7 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
         # decision: this node's writes stop whatever follows, as the older
         # of two serving masters stops (split_brain_yields)
         _stop_user_system(ctx, top, None)
-        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, time.time)
+        local = _snapshot_if_changed(cfg, zfs, local, st.epoch, wall_clock)
     after = snaps_after(local, common.guid)
     if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
         if cfg.recursive:
@@ -7172,14 +7457,12 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
     return text
 
 
-def _move_aside(path: str) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    backup = "%s.bad-%s" % (path, stamp)
-    os.rename(path, backup)
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.rename(path + suffix, backup + suffix)
-    return backup
+# ===========================================================================
+# 8. Status reports
+# ===========================================================================
+#
+# What 'status', 'check' and the metrics file show, from the state file,
+# the datasets and the running daemon's live values.
 
 
 def replication_status(summary: dict, role: str, local: Optional[Listing],
@@ -7221,10 +7504,7 @@ def status_report(cfg: Config, now: Optional[float] = None,
     With zfs, the replication part also reads this node's dataset."""
     now = wall_clock() if now is None else now
     with StateStore.open(cfg.local.state_db, readonly=True) as store:
-        st = store.node_state()
-        if st is None:
-            raise StateError("the state file %s holds no node state; run "
-                             "'flocker_failover.py init --role ...'" % cfg.local.state_db)
+        st = store.initialised_state()
         peer = store.peer(cfg.peer.name)
         last = store.last_replication()
         summary = store.replication_summary()
@@ -7294,7 +7574,9 @@ def _fmt_age(seconds: Optional[float]) -> str:
 
 
 def format_status(r: dict) -> str:
-    p = r["peer"]
+    """status_report's dict as the lines 'status' prints: this node, the
+    daemon's live view (service, decision, arbitrator, witness), the peer
+    and the links, replication, encryption, preserved data."""
     lines = [
         "cluster     %s" % r["cluster"],
         "node        %s (this host), dataset %s" % (r["node"], r["dataset"]),
@@ -7304,22 +7586,47 @@ def format_status(r: dict) -> str:
     ]
     d = r["daemon"]
     if d and "serving" in d:
-        lines.append("service     %s" % ("RUNNING here (this node is the serving master)"
-                                         if d["serving"] else "not running here"))
-        if d.get("decision"):
-            lines.append("decision    %s: %s" % (d["decision"]["kind"], d["decision"]["reason"]))
-        if d.get("arbitrator"):
-            lines.append("arbitrator  %s (%s, checked %s)" % (
-                "reachable" if d["arbitrator"]["reachable"] else "NOT reachable",
-                d["arbitrator"]["how"], _fmt_age(d["arbitrator"]["age_seconds"])))
-        w = d.get("witness")
-        if w:
-            lines.append("witness     %s %s; %s%s" % (
-                w["address"], "answers" if w["reachable"] else "does NOT answer" + (
-                    " (%s)" % w["error"] if w["error"] else ""),
-                "this node holds its lease (%.1f s left)" % w["lease_left_seconds"]
-                if w["lease_left_seconds"] > 0 else "this node holds no lease",
-                "" if w["reachable"] else ": no failover is possible until it answers"))
+        lines += _status_service(d)
+    lines += _status_peer(r["peer"], d)
+    lines += _status_replication(r)
+    enc = r.get("encryption")
+    if enc is not None:
+        lines.append("encryption  %s: key %s (keylocation %s)%s" % (
+            enc["encryptionroot"], "loaded" if enc["keystatus"] == "available"
+            else "NOT loaded", enc["keylocation"],
+            "; " + enc["problem"] if enc.get("problem") else ""))
+    for pr in r["preserved"]:
+        lines.append("preserved   %s (epoch %d, %s): %s"
+                     % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
+    return "\n".join(lines)
+
+
+def _status_service(d: dict) -> List[str]:
+    """status: what the running daemon says of the service, its last
+    decision, the arbitrator and the witness."""
+    lines = ["service     %s" % ("RUNNING here (this node is the serving master)"
+                                  if d["serving"] else "not running here")]
+    if d.get("decision"):
+        lines.append("decision    %s: %s" % (d["decision"]["kind"], d["decision"]["reason"]))
+    if d.get("arbitrator"):
+        lines.append("arbitrator  %s (%s, checked %s)" % (
+            "reachable" if d["arbitrator"]["reachable"] else "NOT reachable",
+            d["arbitrator"]["how"], _fmt_age(d["arbitrator"]["age_seconds"])))
+    w = d.get("witness")
+    if w:
+        lines.append("witness     %s %s; %s%s" % (
+            w["address"], "answers" if w["reachable"] else "does NOT answer" + (
+                " (%s)" % w["error"] if w["error"] else ""),
+            "this node holds its lease (%.1f s left)" % w["lease_left_seconds"]
+            if w["lease_left_seconds"] > 0 else "this node holds no lease",
+            "" if w["reachable"] else ": no failover is possible until it answers"))
+    return lines
+
+
+def _status_peer(p: dict, d: Optional[dict]) -> List[str]:
+    """status: the peer as last heard; with a daemon, its state, each
+    link, the rejected packets, the loop's lag, jobs and a transfer."""
+    lines = []
     if p["last_seen"] is None:
         lines.append("peer        %s: never seen" % p["node"])
     else:
@@ -7345,6 +7652,13 @@ def format_status(r: dict) -> str:
                 "%s (%.1f s)" % kv for kv in sorted(d["jobs"].items())))
         if d.get("transfer"):
             lines.append("transfer    %s" % format_progress(d["transfer"]))
+    return lines
+
+
+def _status_replication(r: dict) -> List[str]:
+    """status: on the slave, the replica it holds; on the master, the last
+    cycle, the lag of the slave's newest snapshot and the last error."""
+    lines = []
     last = r["last_replication"]
     rep = r.get("replication")
     if r["role"] == ROLE_SLAVE:
@@ -7375,20 +7689,208 @@ def format_status(r: dict) -> str:
     if rep and rep["last_error"]:
         lines.append("repl error  %s: %s" % (_fmt_time(rep["last_error_at"]),
                                              rep["last_error"]))
-    enc = r.get("encryption")
-    if enc is not None:
-        lines.append("encryption  %s: key %s (keylocation %s)%s" % (
-            enc["encryptionroot"], "loaded" if enc["keystatus"] == "available"
-            else "NOT loaded", enc["keylocation"],
-            "; " + enc["problem"] if enc.get("problem") else ""))
-    for pr in r["preserved"]:
-        lines.append("preserved   %s (epoch %d, %s): %s"
-                     % (pr["dataset"], pr["epoch"], _fmt_time(pr["created"]), pr["reason"]))
-    return "\n".join(lines)
+    return lines
+
+
+# -- check (monitoring plugins) and metrics (Prometheus) ----------------------
+
+CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
+CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+def replication_lag(report: dict, now: float) -> Tuple[Optional[float], str]:
+    """For check: for how many seconds writes on the master may be missing
+    on the slave, and on what that rests (pure; None: there is no replica).
+
+    Where the slave is known to hold the master's newest snapshot, the lag
+    is the age of that knowledge: on the master, since the start of its last
+    successful cycle (nothing pending); on the slave, since it heard the
+    master name that snapshot as its newest.  Otherwise it is the age of the newest
+    snapshot the slave holds.  So a quiet dataset, which takes no new
+    snapshots, shows no lag while its cycles succeed."""
+    rep = report.get("replication") or {}
+    newest = rep.get("slave_newest_snapshot")
+    if newest is None:
+        return None, "no replica"
+    peer = report.get("peer") or {}
+    if (report["role"] == ROLE_MASTER and rep.get("pending") == 0
+            and rep.get("last_ok_started") is not None):
+        # the last successful cycle found nothing newer than what it left
+        # on the slave when it started, or sent a snapshot taken after that
+        made = snapshot_time(newest) or 0.0
+        return (max(0.0, now - max(rep["last_ok_started"], made)),
+                "since the last successful cycle")
+    if (report["role"] == ROLE_SLAVE and peer.get("snapshot") == newest
+            and peer.get("age_seconds") is not None):
+        return max(0.0, peer["age_seconds"]), "since the master last named it its newest"
+    if rep.get("lag_seconds") is None:
+        return None, "no replica"
+    return max(0.0, rep["lag_seconds"]), "age of the slave's newest snapshot %s" % newest
+
+
+def check_verdict(report: dict, expect_daemon: bool = True,
+                  warn: Optional[float] = None, crit: Optional[float] = None,
+                  now: Optional[float] = None) -> Tuple[int, str, str]:
+    """Monitoring verdict from a status report: (code, text, perfdata),
+    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL).  warn and
+    crit: replication lag thresholds in seconds (see replication_lag)."""
+    now = wall_clock() if now is None else now
+    problems = []   # type: List[Tuple[int, str]]
+    peer, daemon = report["peer"], report["daemon"]
+    role = report["role"]
+    if daemon is None and expect_daemon:
+        problems.append((CHECK_CRITICAL, "daemon not running"))
+    alive = peer.get("state") == "alive"
+    div = (daemon or {}).get("divergence") or {}
+    if div.get("unresolved"):
+        problems.append((CHECK_CRITICAL, "split brain unresolved, an operator must decide "
+                         "('resolve --winner NODE'): %s" % div["unresolved"]))
+    elif role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
+        problems.append((CHECK_CRITICAL, "split brain: %s is master too" % peer["node"]))
+    if role == ROLE_SLAVE and report.get("outdated"):
+        problems.append((CHECK_WARNING, "this replica is OUTDATED: no automatic takeover "
+                         "('promote --force' if the master is lost)"))
+    if role == ROLE_SLAVE and not (alive and peer.get("role") == ROLE_MASTER):
+        problems.append((CHECK_CRITICAL, "no master: this node is slave and %s is %s"
+                         % (peer["node"], "master but not heard" if peer.get("role") ==
+                            ROLE_MASTER else (peer.get("role") or "unknown"))))
+    if daemon is not None and not alive:
+        problems.append((CHECK_WARNING, "peer %s %s: running on one host"
+                         % (peer["node"], peer.get("state") or "unknown")))
+    problems += _witness_problems(report)
+    if role == ROLE_SLAVE and (report.get("encryption") or {}).get("problem"):
+        problems.append((CHECK_CRITICAL, "this node could not take over: %s"
+                         % report["encryption"]["problem"]))
+    if report["preserved"]:
+        problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
+                         "operator: %s" % (len(report["preserved"]), ", ".join(
+                             p["dataset"] for p in report["preserved"]))))
+    lag, basis = replication_lag(report, now)
+    rep = report.get("replication") or {}
+    if warn is not None or crit is not None:
+        slave = peer["node"] if role == ROLE_MASTER else report["node"]
+        error = rep.get("last_error")
+        why = (" (last replication error: %s)" % (error if len(error) <= 200
+                                                  else error[:200] + "...")) if error else ""
+        if lag is None:
+            problems.append((CHECK_CRITICAL, "no replica on %s yet%s%s" % (
+                slave, ", %d snapshot(s) pending" % rep["pending"] if rep.get("pending")
+                else "", why)))
+        else:
+            for limit, code, name in ((crit, CHECK_CRITICAL, "crit"),
+                                      (warn, CHECK_WARNING, "warn")):
+                if limit is not None and lag > limit:
+                    problems.append((code, "replication lag %.0f s > %s %g s (%s)%s"
+                                     % (lag, name, limit, basis, why)))
+                    break
+    code = max([c for c, _ in problems] or [CHECK_OK])
+    head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
+                                         peer["node"], peer.get("state") or "unknown")
+    if lag is not None:
+        head += ", replication lag %.0f s" % lag
+    text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
+    if problems:
+        text = "%s (%s)" % (text, head)
+    rejected = sum((daemon or {}).get("rejected", {}).values())
+    perf = "epoch=%d peer_alive=%d preserved=%d rejected=%dc" % (
+        report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
+    if peer.get("age_seconds") is not None:
+        perf += " peer_age=%.1fs" % peer["age_seconds"]
+    if lag is not None:
+        perf += " lag=%.1fs;%s;%s;0" % (lag, "" if warn is None else "%g" % warn,
+                                        "" if crit is None else "%g" % crit)
+    if rep.get("pending") is not None:
+        perf += " pending=%d" % rep["pending"]
+    return code, text, perf
+
+
+def _witness_problems(report: dict) -> List[Tuple[int, str]]:
+    """check: what the witness's state means for a failover."""
+    w = (report.get("daemon") or {}).get("witness")
+    if not w or w["reachable"]:
+        return []
+    why = "the witness %s does not answer%s" % (w["address"], " (%s)" % w["error"]
+                                                 if w.get("error") else "")
+    peer = report["peer"]
+    if report["role"] == ROLE_SLAVE and peer.get("state") != "alive":
+        return [(CHECK_CRITICAL, "failover is not possible: the master is gone and %s, so "
+                                 "this node cannot obtain its lease ('promote --force' takes "
+                                 "over without it, if the master is surely down)" % why)]
+    return [(CHECK_WARNING, "%s: no failover is possible until it answers again" % why)]
+
+
+def render_metrics(cfg: Config, live: dict, now: float) -> str:
+    """The daemon's live status in the Prometheus text format (for
+    node_exporter's textfile collector); names and meanings in README."""
+    out = []
+
+    def metric(name, kind, help_, samples):
+        out.append("# HELP flocker_%s %s" % (name, help_))
+        out.append("# TYPE flocker_%s %s" % (name, kind))
+        for labels, value in samples:
+            lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
+                           for k, v in sorted(dict(labels, cluster=cfg.name,
+                                                   node=cfg.local_name).items()))
+            out.append("flocker_%s{%s} %s" % (name, lab, repr(float(value))
+                                             if isinstance(value, float) else value))
+
+    peer = live["peer"]
+    lt = live.get("last_transfer")
+    metric("master", "gauge", "1 when this node's role is master.",
+           [({}, int(live["role"] == ROLE_MASTER))])
+    metric("serving", "gauge", "1 while this node runs the user system.",
+           [({}, int(bool(live.get("serving"))))])
+    metric("epoch", "gauge", "The node's epoch (raised by every promotion).",
+           [({}, live["epoch"])])
+    metric("outdated", "gauge", "1 when this node's replica is known to lack the master's data.",
+           [({}, int(bool(live.get("outdated"))))])
+    metric("peer_alive", "gauge", "1 while a valid heartbeat came within dead_time.",
+           [({"peer": peer["node"]}, int(peer["state"] == "alive"))])
+    if peer.get("last_seen_age_seconds") is not None:
+        metric("peer_last_heartbeat_age_seconds", "gauge",
+               "Seconds since the last valid heartbeat of the peer.",
+               [({"peer": peer["node"]}, float(peer["last_seen_age_seconds"]))])
+    if lt is not None:
+        metric("replication_lag_seconds", "gauge",
+               "Seconds since the start of the newest successful replication cycle "
+               "(the slave holds everything snapshotted then).",
+               [({}, round(now - lt["started"], 3))])
+        metric("replication_last_transfer_bytes", "gauge",
+               "Bytes sent by the newest successful cycle (0: nothing changed).",
+               [({}, lt["bytes"])])
+        metric("replication_last_transfer_seconds", "gauge",
+               "Duration of the newest successful transfer.", [({}, float(lt["seconds"]))])
+    metric("replication_failures", "gauge", "Failed replication cycles in a row.",
+           [({}, live.get("replication_failures", 0))])
+    metric("heartbeats_rejected_total", "counter",
+           "Heartbeat packets rejected since the daemon started, by reason.",
+           [({"reason": r}, n) for r, n in sorted(live["rejected"].items())])
+    metric("dead_verdicts_total", "counter", "Times the peer was judged dead.",
+           [({"peer": peer["node"]}, peer["dead_verdicts"])])
+    metric("promotions_total", "counter", "Role changes to master by this daemon "
+           "(failovers and switchovers).", [({}, live.get("promotions", 0))])
+    metric("demotions_total", "counter", "Role changes to slave by this daemon.",
+           [({}, live.get("demotions", 0))])
+    metric("check_failures", "gauge", "Failed runs of check_command in a row.",
+           [({}, live.get("check_failures", 0))])
+    tr = live.get("transfer")
+    metric("transfer_bytes", "gauge", "Bytes sent so far by the transfer in flight (0: none).",
+           [({}, tr["bytes"] if tr else 0)])
+    if tr and tr["total"] is not None:
+        metric("transfer_total_bytes", "gauge", "Expected size of the transfer in flight "
+               "(zfs send -n -P; absent where zfs cannot tell).", [({}, tr["total"])])
+    w = live.get("witness")
+    if w:
+        metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
+               "possible only then).", [({}, int(bool(w["reachable"])))])
+        metric("witness_lease_left_seconds", "gauge", "Seconds left of this node's lease "
+               "of the witness, by its own clock (0: it holds none).",
+               [({}, float(w["lease_left_seconds"]))])
+    return "\n".join(out) + "\n"
 
 
 # ===========================================================================
-# 8. The daemon
+# 9. The daemon
 # ===========================================================================
 #
 # One thread runs the event loop (Daemon, at the end of this section): the
@@ -7404,10 +7906,11 @@ def format_status(r: dict) -> str:
 # Slow work runs elsewhere:
 #
 #   - JobRunner: each job (check_command, the snapshot scan, the
-#     replication cycle, a role action...) runs fn(stop) in its own thread,
-#     at most one job of a name at a time; when it ends, its on_done
-#     callback runs on the loop.  A job that runs commands passes `stop` on
-#     (run_command does), so that SIGTERM kills what it started.
+#     replication cycle, a role change, the arbitrator and witness probes)
+#     runs fn(stop) in its own thread, at most one job of a name at a time;
+#     when it ends, its on_done callback runs on the loop.  A job that runs
+#     commands passes `stop` on to run_command, so that SIGTERM kills what
+#     it started.
 #   - StoreWriter: one thread owns the daemon's sqlite connection and
 #     applies writes (events, peer observations) in order.
 #
@@ -7431,7 +7934,7 @@ def format_status(r: dict) -> str:
 #   {"cmd": "reset-stats"}  -> {"ok": true}  (rejection counters, largest
 #                              gaps and worst lag start again from zero)
 #   {"cmd": "promote"|"demote", ...}, {"cmd": "resolve", "winner": NODE}:
-#                              the operator's commands (see section 9)
+#                              the operator's commands (see section 10)
 #   {"cmd": "discard-preserved", "dataset": NAME}
 #                           -> {"ok": true}: a job destroys it with the checks
 #                              of discard_preserved(); status's "discard"
@@ -7496,7 +7999,7 @@ class PeerTracker:
 
     SENT_MEMORY = 4096   # own packets remembered at most
 
-    def __init__(self, cluster: str, me: str, peer: str, keys, links: Sequence[LinkView],
+    def __init__(self, cluster: str, peer: str, keys, links: Sequence[LinkView],
                  dead_time: float, start: float, min_generation: int = 0,
                  generation: int = 0) -> None:
         self.generation = generation   # our own boot generation
@@ -7504,7 +8007,6 @@ class PeerTracker:
         self._sent_at = {}                # type: Dict[int, float]
         self.unconfirmed = 0
         self.cluster = cluster
-        self.me = me
         self.peer = peer
         self.keys = keys
         self.links = list(links)
@@ -8003,7 +8505,7 @@ class RoleKeeper:
         witness, witness_other = self.witness.facts(self.role, self.force, t.stalls, now)
         return Facts(
             role=self.role, epoch=self.epoch,
-            index=node_index([n.name for n in cfg.nodes], cfg.local_name),
+            index=cfg.local_index,
             serving=self.serving,
             outdated=self.outdated or (self.role == ROLE_SLAVE and not own_guid),
             uptime=now - self.started,
@@ -8408,7 +8910,6 @@ class JobRunner:
         self._done = []      # type: List[JobRunner._Job]
         self._workers = {}   # type: Dict[str, queue.Queue]
         self._calls = []     # type: List[object]  # call_soon()'s, for the loop
-        self.finished = 0
 
     def start(self, name: str, fn, on_done=None) -> bool:
         if name in self._running:
@@ -8471,7 +8972,6 @@ class JobRunner:
                 log.exception("internal error in a call from a job")
         for job in done:
             self._running.pop(job.name, None)
-            self.finished += 1
             if job.on_done is not None:
                 try:
                     job.on_done(job.result, job.error)
@@ -8522,7 +9022,6 @@ class StoreWriter:
         self.queue = queue.Queue(maxsize=1000)   # type: queue.Queue
         self.thread = threading.Thread(target=self._run, name="state", daemon=True)
         self.dropped = 0
-        self.failures = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -8544,12 +9043,10 @@ class StoreWriter:
             if fn is None:
                 break
             if store is None:
-                self.failures += 1
                 continue
             try:
                 fn(store)
             except (sqlite3.Error, FlockerError) as e:
-                self.failures += 1
                 log.error("could not write to the state file %s: %s", self.path, e)
         if store is not None:
             store.close()
@@ -9004,10 +9501,7 @@ def boot_node(cfg: Config) -> Boot:
     db = cfg.local.state_db
     store = StateStore.open(db, lock_for="daemon", deep_check=True)
     try:
-        st = store.node_state()
-        if st is None:
-            raise StateError("the state file %s holds no node state; run "
-                             "'flocker_failover.py init --role ...' first" % db)
+        st = store.initialised_state()
         if st.node != cfg.local_name:
             raise StateError(
                 "the state file %s belongs to node %s, but this host is node %s; "
@@ -9439,7 +9933,7 @@ class Daemon:
                  enumerate(zip(cfg.local.addresses, cfg.peer.addresses))]
         peer = boot.peer
         self.tracker = PeerTracker(
-            cfg.name, cfg.local_name, cfg.peer.name, wire_keys(cfg.secret, cfg.secret_previous), links,
+            cfg.name, cfg.peer.name, wire_keys(cfg.secret, cfg.secret_previous), links,
             cfg.dead_time, now, min_generation=(peer or {}).get("generation") or 0,
             generation=boot.generation)
         self.keeper = RoleKeeper(cfg, self.tracker, self.reporter.report, now, boot.state,
@@ -9913,76 +10407,6 @@ def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
         raise
 
 
-def render_metrics(cfg: Config, live: dict, now: float) -> str:
-    """The daemon's live status in the Prometheus text format (for
-    node_exporter's textfile collector); names and meanings in README."""
-    out = []
-
-    def metric(name, kind, help_, samples):
-        out.append("# HELP flocker_%s %s" % (name, help_))
-        out.append("# TYPE flocker_%s %s" % (name, kind))
-        for labels, value in samples:
-            lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
-                           for k, v in sorted(dict(labels, cluster=cfg.name,
-                                                   node=cfg.local_name).items()))
-            out.append("flocker_%s{%s} %s" % (name, lab, repr(float(value))
-                                             if isinstance(value, float) else value))
-
-    peer = live["peer"]
-    lt = live.get("last_transfer")
-    metric("master", "gauge", "1 when this node's role is master.",
-           [({}, int(live["role"] == ROLE_MASTER))])
-    metric("serving", "gauge", "1 while this node runs the user system.",
-           [({}, int(bool(live.get("serving"))))])
-    metric("epoch", "gauge", "The node's epoch (raised by every promotion).",
-           [({}, live["epoch"])])
-    metric("outdated", "gauge", "1 when this node's replica is known to lack the master's data.",
-           [({}, int(bool(live.get("outdated"))))])
-    metric("peer_alive", "gauge", "1 while a valid heartbeat came within dead_time.",
-           [({"peer": peer["node"]}, int(peer["state"] == "alive"))])
-    if peer.get("last_seen_age_seconds") is not None:
-        metric("peer_last_heartbeat_age_seconds", "gauge",
-               "Seconds since the last valid heartbeat of the peer.",
-               [({"peer": peer["node"]}, float(peer["last_seen_age_seconds"]))])
-    if lt is not None:
-        metric("replication_lag_seconds", "gauge",
-               "Seconds since the start of the newest successful replication cycle "
-               "(the slave holds everything snapshotted then).",
-               [({}, round(now - lt["started"], 3))])
-        metric("replication_last_transfer_bytes", "gauge",
-               "Bytes sent by the newest successful cycle (0: nothing changed).",
-               [({}, lt["bytes"])])
-        metric("replication_last_transfer_seconds", "gauge",
-               "Duration of the newest successful transfer.", [({}, float(lt["seconds"]))])
-    metric("replication_failures", "gauge", "Failed replication cycles in a row.",
-           [({}, live.get("replication_failures", 0))])
-    metric("heartbeats_rejected_total", "counter",
-           "Heartbeat packets rejected since the daemon started, by reason.",
-           [({"reason": r}, n) for r, n in sorted(live["rejected"].items())])
-    metric("dead_verdicts_total", "counter", "Times the peer was judged dead.",
-           [({"peer": peer["node"]}, peer["dead_verdicts"])])
-    metric("promotions_total", "counter", "Role changes to master by this daemon "
-           "(failovers and switchovers).", [({}, live.get("promotions", 0))])
-    metric("demotions_total", "counter", "Role changes to slave by this daemon.",
-           [({}, live.get("demotions", 0))])
-    metric("check_failures", "gauge", "Failed runs of check_command in a row.",
-           [({}, live.get("check_failures", 0))])
-    tr = live.get("transfer")
-    metric("transfer_bytes", "gauge", "Bytes sent so far by the transfer in flight (0: none).",
-           [({}, tr["bytes"] if tr else 0)])
-    if tr and tr["total"] is not None:
-        metric("transfer_total_bytes", "gauge", "Expected size of the transfer in flight "
-               "(zfs send -n -P; absent where zfs cannot tell).", [({}, tr["total"])])
-    w = live.get("witness")
-    if w:
-        metric("witness_reachable", "gauge", "1 while the witness answers (failover is "
-               "possible only then).", [({}, int(bool(w["reachable"])))])
-        metric("witness_lease_left_seconds", "gauge", "Seconds left of this node's lease "
-               "of the witness, by its own clock (0: it holds none).",
-               [({}, float(w["lease_left_seconds"]))])
-    return "\n".join(out) + "\n"
-
-
 def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional[dict]:
     """Ask the running daemon (one JSON line out, one back).  None when no
     daemon listens; FlockerError when one listens but does not answer."""
@@ -10028,7 +10452,7 @@ def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional
 
 
 # ===========================================================================
-# 9. The command line
+# 10. The command line
 # ===========================================================================
 
 
@@ -10087,131 +10511,6 @@ def cmd_status(args, cfg_path: str) -> int:
     else:
         print(format_status(report))
     return EXIT_OK
-
-
-CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
-CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
-
-
-def replication_lag(report: dict, now: float) -> Tuple[Optional[float], str]:
-    """For check: for how many seconds writes on the master may be missing
-    on the slave, and on what that rests (pure; None: there is no replica).
-
-    Where the slave is known to hold the master's newest snapshot, the lag
-    is the age of that knowledge: on the master, since the start of its last
-    successful cycle (nothing pending); on the slave, since it heard the
-    master name that snapshot as its newest.  Otherwise it is the age of the newest
-    snapshot the slave holds.  So a quiet dataset, which takes no new
-    snapshots, shows no lag while its cycles succeed."""
-    rep = report.get("replication") or {}
-    newest = rep.get("slave_newest_snapshot")
-    if newest is None:
-        return None, "no replica"
-    peer = report.get("peer") or {}
-    if (report["role"] == ROLE_MASTER and rep.get("pending") == 0
-            and rep.get("last_ok_started") is not None):
-        # the last successful cycle found nothing newer than what it left
-        # on the slave when it started, or sent a snapshot taken after that
-        made = snapshot_time(newest) or 0.0
-        return (max(0.0, now - max(rep["last_ok_started"], made)),
-                "since the last successful cycle")
-    if (report["role"] == ROLE_SLAVE and peer.get("snapshot") == newest
-            and peer.get("age_seconds") is not None):
-        return max(0.0, peer["age_seconds"]), "since the master last named it its newest"
-    if rep.get("lag_seconds") is None:
-        return None, "no replica"
-    return max(0.0, rep["lag_seconds"]), "age of the slave's newest snapshot %s" % newest
-
-
-def check_verdict(report: dict, expect_daemon: bool = True,
-                  warn: Optional[float] = None, crit: Optional[float] = None,
-                  now: Optional[float] = None) -> Tuple[int, str, str]:
-    """Monitoring verdict from a status report: (code, text, perfdata),
-    the monitoring-plugins way (0 OK, 1 WARNING, 2 CRITICAL).  warn and
-    crit: replication lag thresholds in seconds (see replication_lag)."""
-    now = wall_clock() if now is None else now
-    problems = []   # type: List[Tuple[int, str]]
-    peer, daemon = report["peer"], report["daemon"]
-    role = report["role"]
-    if daemon is None and expect_daemon:
-        problems.append((CHECK_CRITICAL, "daemon not running"))
-    alive = peer.get("state") == "alive"
-    div = (daemon or {}).get("divergence") or {}
-    if div.get("unresolved"):
-        problems.append((CHECK_CRITICAL, "split brain unresolved, an operator must decide "
-                         "('resolve --winner NODE'): %s" % div["unresolved"]))
-    elif role == ROLE_MASTER and alive and peer.get("role") == ROLE_MASTER:
-        problems.append((CHECK_CRITICAL, "split brain: %s is master too" % peer["node"]))
-    if role == ROLE_SLAVE and report.get("outdated"):
-        problems.append((CHECK_WARNING, "this replica is OUTDATED: no automatic takeover "
-                         "('promote --force' if the master is lost)"))
-    if role == ROLE_SLAVE and not (alive and peer.get("role") == ROLE_MASTER):
-        problems.append((CHECK_CRITICAL, "no master: this node is slave and %s is %s"
-                         % (peer["node"], "master but not heard" if peer.get("role") ==
-                            ROLE_MASTER else (peer.get("role") or "unknown"))))
-    if daemon is not None and not alive:
-        problems.append((CHECK_WARNING, "peer %s %s: running on one host"
-                         % (peer["node"], peer.get("state") or "unknown")))
-    problems += _witness_problems(report)
-    if role == ROLE_SLAVE and (report.get("encryption") or {}).get("problem"):
-        problems.append((CHECK_CRITICAL, "this node could not take over: %s"
-                         % report["encryption"]["problem"]))
-    if report["preserved"]:
-        problems.append((CHECK_WARNING, "%d preserved divergent dataset(s) waiting for the "
-                         "operator: %s" % (len(report["preserved"]), ", ".join(
-                             p["dataset"] for p in report["preserved"]))))
-    lag, basis = replication_lag(report, now)
-    rep = report.get("replication") or {}
-    if warn is not None or crit is not None:
-        slave = peer["node"] if role == ROLE_MASTER else report["node"]
-        error = rep.get("last_error")
-        why = (" (last replication error: %s)" % (error if len(error) <= 200
-                                                  else error[:200] + "...")) if error else ""
-        if lag is None:
-            problems.append((CHECK_CRITICAL, "no replica on %s yet%s%s" % (
-                slave, ", %d snapshot(s) pending" % rep["pending"] if rep.get("pending")
-                else "", why)))
-        else:
-            for limit, code, name in ((crit, CHECK_CRITICAL, "crit"),
-                                      (warn, CHECK_WARNING, "warn")):
-                if limit is not None and lag > limit:
-                    problems.append((code, "replication lag %.0f s > %s %g s (%s)%s"
-                                     % (lag, name, limit, basis, why)))
-                    break
-    code = max([c for c, _ in problems] or [CHECK_OK])
-    head = "%s %s epoch %d, peer %s %s" % (report["node"], role, report["epoch"],
-                                         peer["node"], peer.get("state") or "unknown")
-    if lag is not None:
-        head += ", replication lag %.0f s" % lag
-    text = "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0])) or head
-    if problems:
-        text = "%s (%s)" % (text, head)
-    rejected = sum((daemon or {}).get("rejected", {}).values())
-    perf = "epoch=%d peer_alive=%d preserved=%d rejected=%dc" % (
-        report["epoch"], 1 if alive else 0, len(report["preserved"]), rejected)
-    if peer.get("age_seconds") is not None:
-        perf += " peer_age=%.1fs" % peer["age_seconds"]
-    if lag is not None:
-        perf += " lag=%.1fs;%s;%s;0" % (lag, "" if warn is None else "%g" % warn,
-                                        "" if crit is None else "%g" % crit)
-    if rep.get("pending") is not None:
-        perf += " pending=%d" % rep["pending"]
-    return code, text, perf
-
-
-def _witness_problems(report: dict) -> List[Tuple[int, str]]:
-    """check: what the witness's state means for a failover."""
-    w = (report.get("daemon") or {}).get("witness")
-    if not w or w["reachable"]:
-        return []
-    why = "the witness %s does not answer%s" % (w["address"], " (%s)" % w["error"]
-                                                 if w.get("error") else "")
-    peer = report["peer"]
-    if report["role"] == ROLE_SLAVE and peer.get("state") != "alive":
-        return [(CHECK_CRITICAL, "failover is not possible: the master is gone and %s, so "
-                                 "this node cannot obtain its lease ('promote --force' takes "
-                                 "over without it, if the master is surely down)" % why)]
-    return [(CHECK_WARNING, "%s: no failover is possible until it answers again" % why)]
 
 
 _RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -10315,7 +10614,7 @@ def cmd_history(args, cfg_path: str) -> int:
 
 
 def _add_history(p) -> None:
-    p.add_argument("--since", metavar="WHEN", type=lambda text: parse_since(text, time.time()),
+    p.add_argument("--since", metavar="WHEN", type=lambda text: parse_since(text, wall_clock()),
                    help="only events from then on: an age (30m, 2h, 7d) or a UTC time "
                         "(2026-11-24T17:30)")
     p.add_argument("--limit", type=int, default=1000, metavar="N",
@@ -10452,9 +10751,8 @@ def cmd_promote(args, cfg_path: str) -> int:
             # marker): without a daemon the peer may never have been heard
             # (a cluster manager drives this node), and an epoch below the
             # old master's would make the new reign look older
-            epoch = next_epoch(max(st.epoch, peer.get("epoch") or 0,
-                                   epoch_in_listing(zfs.listing(cfg.local.dataset))),
-                               node_index([n.name for n in cfg.nodes], cfg.local_name))
+            epoch = promotion_epoch(cfg.local_index, st.epoch, peer.get("epoch") or 0,
+                                    epoch_in_listing(zfs.listing(cfg.local.dataset)))
             ctx = Context(cfg, store, zfs)
             fence_peer(ctx, st.epoch)    # as the daemon does: no takeover unfenced
             promote(ctx, epoch,
@@ -10505,7 +10803,7 @@ def cmd_demote(args, cfg_path: str) -> int:
                 # the peer be promoted over it
                 listing = ctx.zfs.listing(cfg.local.dataset)
                 if listing is not None:
-                    _snapshot_if_changed(cfg, ctx.zfs, listing, st.epoch, time.time)
+                    _snapshot_if_changed(cfg, ctx.zfs, listing, st.epoch, wall_clock)
                 demote(ctx, st.epoch, "demote --even-if-unsent: the final snapshot could "
                        "not be sent; this node keeps the newest data")
                 print("%s is slave now, but the final snapshot could NOT be sent to %s (%s): "
@@ -10858,7 +11156,7 @@ def _add_status(p) -> None:
                    help="print one JSON object (keys documented in README)")
 
 
-# name, handler, argument setup, one-line help.  Later issues add rows.
+# name, handler, argument setup, one-line help: one row per subcommand.
 COMMANDS = (
     ("init", cmd_init, _add_init,
      "prepare this node: state file, dataset check, initial role"),

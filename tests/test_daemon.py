@@ -498,7 +498,7 @@ opened."""
         "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
     import dataclasses
     cfg = dataclasses.replace(cfg, local_name="alpha")
-    tracker = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(cfg.secret),
+    tracker = ff.PeerTracker("shop", "beta", ff.wire_keys(cfg.secret),
                              [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0,
                              generation=1)
     writes = []
@@ -601,7 +601,7 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
         "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
     import dataclasses
     cfg = dataclasses.replace(cfg, local_name="beta")
-    tracker = ff.PeerTracker("shop", "beta", "alpha", ff.wire_keys(cfg.secret),
+    tracker = ff.PeerTracker("shop", "alpha", ff.wire_keys(cfg.secret),
                              [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
                              generation=1)
     d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)

@@ -26,7 +26,7 @@ def hb(**kw):
 def tracker(keys=(K1,), links=1, dead_time=1.0, start=100.0, min_generation=0):
     views = [ff.LinkView(i, "192.0.2.%d" % (16 * i + 1), "192.0.2.%d" % (16 * i + 2))
              for i in range(links)]
-    t = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(*keys), views,
+    t = ff.PeerTracker("shop", "beta", ff.wire_keys(*keys), views,
                        dead_time, start, min_generation=min_generation, generation=OWN_GEN)
     t.sent(1, start)    # our packet 1, which hb() echoes by default
     return t
@@ -304,7 +304,7 @@ def test_recorded_packets_replayed_after_a_restart_are_no_sign_of_life():
     numbers it had seen; packets recorded earlier, of the peer's current
     generation, are replayed: they echo generation 7, so they prove nothing."""
     recorded = [ff.encode_heartbeat(hb(sequence=n, echo_sequence=n), K1) for n in range(1, 40)]
-    t = ff.PeerTracker("shop", "alpha", "beta", ff.wire_keys(K1),
+    t = ff.PeerTracker("shop", "beta", ff.wire_keys(K1),
                        [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 1.0, 0.0,
                        min_generation=3, generation=OWN_GEN + 1)
     for k, packet in enumerate(recorded):
