@@ -445,7 +445,12 @@ def _netns_pids(ns):
     return [int(p) for p in proc.stdout.split()]
 
 
-def _kill_namespace(ns, sig=signal.SIGKILL, keep=()):
+def _kill_namespace(ns, sig=signal.SIGKILL, keep=(), poll=0.05):
+    """Kill every process in namespace ns but keep; returns once they died
+    (looking every `poll` s: tearing down, a short poll; a test's kill_all
+    keeps 0.05 s, on which test_example_postgresql's dead_at, taken when
+    it returns, counts: the dead host's answers still on their way come in
+    before it)."""
     pids = [p for p in _netns_pids(ns) if p not in keep]
     for pid in pids:
         try:
@@ -454,7 +459,7 @@ def _kill_namespace(ns, sig=signal.SIGKILL, keep=()):
             pass
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-        time.sleep(0.005)
+        time.sleep(poll)
     return pids
 
 
@@ -863,12 +868,12 @@ class Bed:
     def close(self):
         """Tear everything down; safe to call on a half-built bed."""
         for h in self.hosts:
-            _kill_namespace(h.ns)
+            _kill_namespace(h.ns, poll=0.005)
             if h.sshd is not None:
                 h.sshd.wait(timeout=10)
             sh(["ip", "netns", "del", h.ns], check=False)
         if self.lan_ns is not None:
-            _kill_namespace(self.lan_ns)
+            _kill_namespace(self.lan_ns, poll=0.005)
             sh(["ip", "netns", "del", self.lan_ns], check=False)
         for p in self.pools:
             p.destroy()
