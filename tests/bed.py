@@ -46,7 +46,7 @@ ZFS_FUSE_PIDFILE = "/run/zfs-fuse.pid"
 MACHINE_LOCK = "/run/flocker-test-bed.lock"
 _counter = itertools.count(1)
 
-# Running the program.  The bed starts flocker_failover.py a few thousand
+# Running the program.  The bed starts flocker_failover.py some 1,700
 # times in a run of the suite (the CLI, the actions driver, the ssh gate,
 # the daemons).  Run as the script, CPython compiles all its lines every
 # time (about 0.2 s of CPU on the 2-core test machine; the code of a script
