@@ -7,7 +7,7 @@
 #   bash contrib/test.sh -n 2         # 2 tests at a time (-n 0: one)
 # The tests mostly wait (for daemons, dead times, ssh, zfs), so pytest-xdist
 # runs 4 at a time (on 2 cores: 3 took 551 s, 4 459 s, 5 410 s with timing
-# failures; see README),
+# failures; 4 took 374 s once the bed ran the program imported, see README),
 # each worker with its own test beds; the longest tests start first
 # (tests/conftest.py), handed out as workers finish (--dist loadgroup),
 # and the heartbeat-timing tests one after the other (conftest's

@@ -20,6 +20,7 @@ holds a bridge 192.0.2.158/28; each host joins it with its interface lan0
 listens: the LAN's kernel refuses the connection, which proves the path).
 """
 
+import atexit
 import contextlib
 import fcntl
 import ipaddress
@@ -44,6 +45,34 @@ WORK_BASE = "/var/tmp"          # not /tmp: a RAM disk in the OpenZFS guest
 ZFS_FUSE_PIDFILE = "/run/zfs-fuse.pid"
 MACHINE_LOCK = "/run/flocker-test-bed.lock"
 _counter = itertools.count(1)
+
+# Running the program.  The bed starts flocker_failover.py some 1,700
+# times in a run of the suite (the CLI, the actions driver, the ssh gate,
+# the daemons).  Run as the script, CPython compiles all its lines every
+# time (about 0.2 s of CPU on the 2-core test machine; the code of a script
+# run as __main__ is never cached, nor anything else here under
+# PYTHONDONTWRITEBYTECODE): most of what the suite's own processes compute.
+# So the bed runs it through tests/run_program.py, which imports the module
+# flocker_failover with its bytecode cached in PYCACHE (this process's own,
+# removed with what it leaves: _stale) and calls the same main() with the
+# same arguments.  The tests of the program as a user runs it (the quick
+# start, the init script, the systemd unit, the CLI's own tests, the gate run
+# by hand, exec_daemon_as_module) run PROGRAM itself, as do the program's
+# own children (the gate runs PROGRAM for a peer's flocker request).
+PYCACHE = os.path.join(WORK_BASE, TAG + "pycache")
+atexit.register(shutil.rmtree, PYCACHE, True)
+RUN_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_program.py")
+
+
+def program(*args):
+    """The command line that runs flocker_failover.py ARGS, imported (above)."""
+    return [sys.executable, RUN_PROGRAM, PYCACHE] + [str(a) for a in args]
+
+
+def runs_program(words):
+    """True when a process's command line (/proc/PID/cmdline split at NUL,
+    as bytes) runs flocker_failover.py: as the script, or as program() does."""
+    return PROGRAM.encode() in words or RUN_PROGRAM.encode() in words
 
 
 def _factor(name, default):
@@ -416,7 +445,12 @@ def _netns_pids(ns):
     return [int(p) for p in proc.stdout.split()]
 
 
-def _kill_namespace(ns, sig=signal.SIGKILL, keep=()):
+def _kill_namespace(ns, sig=signal.SIGKILL, keep=(), poll=0.05):
+    """Kill every process in namespace ns but keep; returns once they died
+    (looking every `poll` s: tearing down, a short poll; a test's kill_all
+    keeps 0.05 s, on which test_example_postgresql's dead_at, taken when
+    it returns, counts: the dead host's answers still on their way come in
+    before it)."""
     pids = [p for p in _netns_pids(ns) if p not in keep]
     for pid in pids:
         try:
@@ -425,8 +459,29 @@ def _kill_namespace(ns, sig=signal.SIGKILL, keep=()):
             pass
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-        time.sleep(0.05)
+        time.sleep(poll)
     return pids
+
+
+def _listening(pid, port):
+    """The addresses on which a TCP socket listens on port in the network
+    namespace of process pid (its /proc/PID/net/tcp and tcp6)."""
+    out = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open("/proc/%d/net/%s" % (pid, table)) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hexport = local.partition(":")
+            if state != "0A" or int(hexport, 16) != port:      # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)      # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out.add(str(ipaddress.ip_address(raw)))
+    return out
 
 
 class Host:
@@ -473,8 +528,8 @@ class Host:
 
     def flocker(self, *args, check=False, timeout=60, config=None):
         """Run flocker_failover.py on this host against the bed's config."""
-        argv = [sys.executable, PROGRAM, "--config", config or self.bed.config_path,
-                "--node", self.name] + list(args)
+        argv = program("--config", config or self.bed.config_path, "--node", self.name,
+                       *args)
         return self.run(argv, check=check, timeout=timeout)
 
     def ssh_command(self, target, remote_argv, gated=False):
@@ -672,15 +727,15 @@ class Bed:
             sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flocker-test",
                 "-f", key])
         self.authorized_keys = os.path.join(d, "authorized_keys")
-        # the options of the example line, with this checkout's program and
-        # the bed's config and syslog socket
+        # the options of the example line, with this checkout's program (run
+        # as program() runs it) and the bed's config and syslog socket
         with open(os.path.join(ROOT, "contrib", "ssh", "authorized_keys.example")) as f:
             example = [ln for ln in f if ln.strip() and not ln.startswith("#")][0]
         options = example.split(" ssh-ed25519 ")[0]
         installed = "/usr/local/sbin/flocker_failover.py --config /etc/flocker/flocker.conf"
         assert installed in options, options
-        self.gate_options = options.replace(installed, "%s %s --config %s --syslog-socket %s" % (
-            sys.executable, PROGRAM, self.config_path, self.gate_log.path))
+        self.gate_options = options.replace(installed, " ".join(program(
+            "--config", self.config_path, "--syslog-socket", self.gate_log.path)))
         with open(self.client_key + ".pub") as f:
             gated = f.read().strip()
         with open(self.admin_key + ".pub") as f:
@@ -696,16 +751,20 @@ class Bed:
                 kh.write("%s %s\n" % (",".join(h.addresses), key))
 
     def _wait_for_sshd(self, timeout=15):
-        for src, dst in ((self.a, self.b), (self.b, self.a)):
+        """Until both sshds listen on all their addresses (a connection
+        made from then on is served: test_bed checks that both ways).
+        Read from the hosts' own socket tables, not by connecting: an ssh
+        handshake costs 0.25 s and 0.2 s of CPU here, two for every bed."""
+        for h in self.hosts:
             deadline = time.monotonic() + timeout
             while True:
-                if dst.sshd.poll() is not None:
-                    raise RuntimeError("sshd of %s exited %s" % (dst, dst.sshd.returncode))
-                if sh(src.ssh_argv(dst, ["true"]), check=False).returncode == 0:
+                if h.sshd.poll() is not None:
+                    raise RuntimeError("sshd of %s exited %s" % (h, h.sshd.returncode))
+                if set(h.addresses) <= _listening(h.sshd.pid, 22):
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError("sshd of %s did not answer within %ds" % (dst, timeout))
-                time.sleep(0.1)
+                    raise RuntimeError("sshd of %s did not listen within %ds" % (h, timeout))
+                time.sleep(0.01)
 
     def write_config(self, cluster=None, service=None, nodes=None, path=None):
         """Write a config for both hosts; dicts override/add options
@@ -744,8 +803,8 @@ class Bed:
         env = dict(os.environ)
         if failpoint:
             env["FLOCKER_FAILPOINT"] = failpoint
-        return sh(host.argv([sys.executable, "-c", _DRIVER, PROGRAM, self.config_path,
-                             host.name, action] + [str(a) for a in args]),
+        return sh(host.argv([sys.executable, "-c", _DRIVER, RUN_PROGRAM, PYCACHE,
+                             self.config_path, host.name, action] + [str(a) for a in args]),
                   check=False, env=env, timeout=120)
 
     def cut_link(self, i=None):
@@ -809,12 +868,12 @@ class Bed:
     def close(self):
         """Tear everything down; safe to call on a half-built bed."""
         for h in self.hosts:
-            _kill_namespace(h.ns)
+            _kill_namespace(h.ns, poll=0.005)
             if h.sshd is not None:
                 h.sshd.wait(timeout=10)
             sh(["ip", "netns", "del", h.ns], check=False)
         if self.lan_ns is not None:
-            _kill_namespace(self.lan_ns)
+            _kill_namespace(self.lan_ns, poll=0.005)
             sh(["ip", "netns", "del", self.lan_ns], check=False)
         for p in self.pools:
             p.destroy()
@@ -846,6 +905,8 @@ class SyslogSink:
                 data = self.sock.recv(65536)
             except OSError:
                 continue
+            if self._stop:          # (close()'s wake-up)
+                break
             self.messages.append(data.decode("utf-8", "replace").rstrip("\0\n"))
 
     def records(self):
@@ -868,19 +929,27 @@ class SyslogSink:
         raise AssertionError("no syslog message with %r in %r" % (needles, self.messages))
 
     def close(self):
+        import socket
         self._stop = True
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as wake:
+            wake.setblocking(False)
+            try:                # (not waiting out recv's timeout: 0.2 s a bed)
+                wake.sendto(b"", self.path)
+            except OSError:
+                pass
         self._thread.join(timeout=2)
         self.sock.close()
 
 
 _DRIVER = """
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("ff", sys.argv[1])
-ff = importlib.util.module_from_spec(spec); spec.loader.exec_module(ff)
-cfg = ff.load_config(sys.argv[2], sys.argv[3])
+spec = importlib.util.spec_from_file_location("run_program", sys.argv[1])
+run_program = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_program)
+ff = run_program.load(sys.argv[2])      # (imported: see "Running the program")
+cfg = ff.load_config(sys.argv[3], sys.argv[4])
 store = ff.StateStore.open(cfg.local.state_db, lock_for="test driver")
 ctx = ff.Context(cfg, store, ff.Zfs())
-action, args = sys.argv[4], sys.argv[5:]
+action, args = sys.argv[5], sys.argv[6:]
 if action == "promote":
     ff.promote(ctx, int(args[0]), "test promotion")
 elif action == "demote":

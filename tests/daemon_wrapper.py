@@ -1,5 +1,6 @@
 """Runs flocker_failover.py's main() with test-only changes, inside a test
-host's namespace:
+host's namespace ("daemon_wrapper.py CACHE_DIR ARGS...": the module
+imported as run_program.py imports it, its bytecode cached in CACHE_DIR):
 
   FFT_WALL_OFFSET_FILE=path  the wall clock the program reads is the real
                              one plus the number of seconds in that file (the
@@ -20,20 +21,15 @@ host's namespace:
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROGRAM = os.path.join(os.path.dirname(HERE), "flocker_failover.py")
+import run_program
 
-spec = importlib.util.spec_from_file_location("flocker_failover", PROGRAM)
-ff = importlib.util.module_from_spec(spec)
-sys.modules["flocker_failover"] = ff
-spec.loader.exec_module(ff)
+ff = run_program.load(sys.argv.pop(1))
 
 
 def _stepped_clock(path):

@@ -30,18 +30,26 @@ S = bedmod.scaled
 
 
 class Running:
-    """One daemon process on a test host, its log in the bed's work dir."""
+    """One daemon process on a test host, its log in the bed's work dir:
+    flocker_failover.py imported (bed.program()), or with wrapper=True
+    through daemon_wrapper.py, or with script=True run as the script, as
+    a user runs it (it then execs itself as a module: exec_daemon_as_module)."""
 
-    def __init__(self, host, *extra, env=None, wrapper=False, tag="", config=None,
-                 state_db=None):
+    def __init__(self, host, *extra, env=None, wrapper=False, script=False, tag="",
+                 config=None, state_db=None):
         self.host = host
         self.state_db = state_db or host.state_db    # where its control socket is
         self.log = os.path.join(host.bed.workdir, "daemon-%s%s.log" % (host.name, tag))
-        program = WRAPPER if wrapper else bedmod.PROGRAM
+        args = ["--config", config or host.bed.config_path, "--node", host.name,
+                "daemon"] + list(extra)
+        if script:
+            argv = [sys.executable, bedmod.PROGRAM] + args
+        elif wrapper:
+            argv = [sys.executable, WRAPPER, bedmod.PYCACHE] + args
+        else:
+            argv = bedmod.program(*args)
         # FFT_PYTHON runs the daemons under another interpreter (e.g. 3.8)
-        argv = [os.environ.get("FFT_PYTHON", sys.executable), program,
-                "--config", config or host.bed.config_path,
-                "--node", host.name, "daemon"] + list(extra)
+        argv[0] = os.environ.get("FFT_PYTHON", argv[0])
         full_env = dict(os.environ, **(env or {}))
         with open(self.log, "ab") as f:
             self.proc = host.popen(argv, stdout=f, stderr=f, stdin=subprocess.DEVNULL,

@@ -39,6 +39,9 @@ def test_send_over_ssh_between_namespaces(bed):
 
 
 def test_cut_and_restore_link(bed):
+    # each sshd serves the other host from the start (the bed waited only
+    # for them to listen)
+    assert bedmod.sh(bed.b.ssh_argv(bed.a, ["true"]), check=False).returncode == 0
     ping = bed.a.ssh_argv(bed.b, ["true"])
     assert bedmod.sh(ping, check=False).returncode == 0
     bed.cut_link()

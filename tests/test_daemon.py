@@ -39,7 +39,7 @@ def bed2(zfs_ready):
 def test_see_each_other_cut_restore_status_and_clean_stop(bed):
     init(bed)
     pidfile = os.path.join(bed.workdir, "alpha.pid")
-    a = Running(bed.a, "--pidfile", pidfile)
+    a = Running(bed.a, "--pidfile", pidfile, script=True)
     b = Running(bed.b)
     a.wait_ready(), b.wait_ready()
     wait_for(lambda: both(a, b, "state") == ("alive", "alive"), S(5))

@@ -487,7 +487,7 @@ def _gate_sessions_on(h):
                 words = f.read().split(b"\0")
         except OSError:
             continue
-        if b"ssh-gate" in words and bedmod.PROGRAM.encode() in words:
+        if b"ssh-gate" in words and bedmod.runs_program(words):
             out.append(pid)
     return out
 
