@@ -7134,6 +7134,11 @@ def _publish_my_side(ctx: Context, remote: Listing, winner_choice: Optional[str]
     mine = parse_divergence(zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
     if facts_of_this_attempt(mine, common.guid, attempt):
         serving = serving or mine["serving"]    # what it was when this attempt began
+    elif mine is not None and not dry_run:
+        log.info("this node's facts published before (attempt %d, common snapshot GUID %s, "
+                 "%s) are not of this attempt (%d, %s %s): measuring anew", mine["attempt"],
+                 mine["common_guid"], "serving" if mine["serving"] else "not serving",
+                 attempt, common.name, common.guid)
     me = dataclasses.replace(me, serving=serving)
     facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
                               winner_choice, me.serving, me.recursive)

@@ -73,21 +73,22 @@ def test_the_relay_holds_the_rate(tmp_path):
 
 
 def start_then_write(bed, rate, mib):
-    """Both daemons, replication limited to rate, cycles every 20 s: once
-    the first has run, a file of mib MiB is written, which the next cycle
-    carries whole."""
-    bed.write_config(cluster={"replication_interval": "20", "replication_bandwidth": rate})
+    """Replication limited to rate, cycles every 5 s: the slave holds a
+    replica (one sync before the daemons start), a file of mib MiB is
+    written, then both daemons start, and the first cycle that finds the
+    peer alive carries the file whole, as one increment.  (The daemons
+    started first and the test waited for a cycle before writing: two
+    replication intervals of nothing.)"""
+    bed.write_config(cluster={"replication_interval": "5", "replication_bandwidth": rate})
     init(bed)
     a = bed.a
+    a.flocker("sync", check=True)
     mnt = os.path.join(a.pool.mountpoint, "shop")
-    da, db = Running(a).wait_ready(), Running(bed.b).wait_ready()
-    wait_for(lambda: (ff.StateStore.open(a.state_db).last_replication() or {})
-             .get("result") == "ok", 60, step=0.2)
     with open(os.path.join(mnt, "big.tmp"), "wb") as f:
         for _ in range(mib):
             f.write(os.urandom(MiB))
     os.rename(os.path.join(mnt, "big.tmp"), os.path.join(mnt, "big.bin"))
-    return da, db
+    return Running(a).wait_ready(), Running(bed.b).wait_ready()
 
 
 @HEARTBEAT_TIMING
