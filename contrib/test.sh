@@ -6,8 +6,9 @@
 #   bash contrib/test.sh -k config    # extra arguments go to pytest
 #   bash contrib/test.sh -n 2         # 2 tests at a time (-n 0: one)
 # The tests mostly wait (for daemons, dead times, ssh, zfs), so pytest-xdist
-# runs 4 at a time (on 2 cores: 3 took 551 s, 4 459 s, 5 410 s with timing
-# failures; 4 took 374 s once the bed ran the program imported, see README),
+# runs 6 at a time (on 2 cores: 3 took 551 s, 4 459 s, 5 410 s with timing
+# failures; once the bed ran the program imported, 4 took 374 s and 6
+# 292 s, see README),
 # each worker with its own test beds; the longest tests start first
 # (tests/conftest.py), handed out as workers finish (--dist loadgroup),
 # and the heartbeat-timing tests one after the other (conftest's
@@ -24,4 +25,4 @@ flocker_setup_debian postgresql pacemaker pacemaker-cli-utils corosync resource-
 cd "$here/.."
 # Debian's interpreter and its python3-pytest, whatever else is on PATH
 exec /usr/bin/python3 -m pytest -p no:cacheprovider -q -rs \
-    -n 4 --dist loadgroup tests/ "$@"
+    -n 6 --dist loadgroup tests/ "$@"
