@@ -1258,7 +1258,7 @@ class StateStore:
         self.conn = conn
         self.lock = lock
 
-    # -- opening --------------------------------------------------------
+    # -- opening --------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str, *, create: bool = False, lock_for: Optional[str] = None,
@@ -1420,7 +1420,7 @@ class StateStore:
         else:
             self.conn.execute("COMMIT")
 
-    # -- reading --------------------------------------------------------
+    # -- reading --------------------------------------------------------------
 
     def node_state(self) -> Optional[NodeState]:
         row = self.conn.execute(
@@ -1482,7 +1482,7 @@ class StateStore:
             or c.execute("SELECT 1 FROM preserved LIMIT 1").fetchone()
             or c.execute("SELECT 1 FROM peer LIMIT 1").fetchone())
 
-    # -- writing (each a transaction) -------------------------------------
+    # -- writing (each a transaction) -----------------------------------------
 
     def _event(self, conn, kind: str, message: str, level: str = "info") -> None:
         conn.execute("INSERT INTO events (ts, level, kind, message) VALUES (?, ?, ?, ?)",
@@ -1615,7 +1615,7 @@ class StateStore:
             self._event(conn, "discard", "the operator discarded the preserved dataset %s"
                         % dataset, "warning")
 
-    # -- intents: multi-step actions that survive a crash ----------------
+    # -- intents: multi-step actions that survive a crash ---------------------
 
     def begin_intent(self, action: str, data: dict) -> int:
         with self.transaction() as conn:
@@ -1662,7 +1662,7 @@ class StateStore:
         return dict(id=row[0], action=row[1], started=row[2], step=row[3],
                     data=json.loads(row[4]))
 
-    # -- replication history ----------------------------------------------
+    # -- replication history --------------------------------------------------
 
     _REPL_KEYS = ("id", "started", "finished", "base", "snapshot", "guid", "bytes",
                   "seconds", "result", "error")
@@ -2020,7 +2020,7 @@ class ReplayWindow:
             self.seen |= 1 << (self.highest - sequence)
 
 
-# -- the witness's datagrams ----------------------------------------------------
+# -- the witness's datagrams --------------------------------------------------
 #
 # A node asks the witness for its lease with one UDP datagram and gets one
 # back (at most WIRE_MAX bytes each).  Both are signed like heartbeats:
@@ -2233,7 +2233,7 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
         send_estimate="n" in send and "P" in send)
 
 
-# -- listings ---------------------------------------------------------------
+# -- listings -----------------------------------------------------------------
 
 SNAPSHOT_PREFIX = "flocker-"
 HOLD_TAG = "flocker"
@@ -3621,7 +3621,7 @@ def _write_fully(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-# -- ssh: the one place that builds ssh command lines -----------------------
+# -- ssh: the one place that builds ssh command lines -------------------------
 
 SSH_ALIVE_COUNT = 3
 _SOCKET_PATH_MAX = 90   # sun_path is 108 bytes; ssh adds a temporary suffix
@@ -4049,7 +4049,7 @@ class RemoteZfs(ZfsBase):
         return False   # only the master's own dataset is ever checked
 
 
-# -- the transfer: zfs send | ssh peer zfs recv, both ends watched ---------
+# -- the transfer: zfs send | ssh peer zfs recv, both ends watched ------------
 
 TRANSFER_CHUNK = 1 << 20
 TRANSFER_TAIL = 64 << 10   # held back until zfs send exited 0 (see pipe_transfer)
@@ -4393,7 +4393,7 @@ def _end_transfer(send: subprocess.Popen, recv: subprocess.Popen, failed: bool, 
     return send_status, recv_status
 
 
-# -- commands of the operator (start, stop, check, notify) ---------------------
+# -- commands of the operator (start, stop, check, notify) --------------------
 
 @dataclasses.dataclass(frozen=True)
 class CommandResult:
@@ -4463,7 +4463,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-# -- systemd (Type=notify) ---------------------------------------------------------
+# -- systemd (Type=notify) ----------------------------------------------------
 
 class SystemdNotifier:
     """sd_notify(3) with the standard library: datagrams to $NOTIFY_SOCKET
@@ -4610,7 +4610,7 @@ def ask_witness(cfg: Config, request: WitnessMessage,
         return sent_at, None, "no answer within %g s" % cfg.witness_timeout, refused
 
 
-# -- the service address -------------------------------------------------------
+# -- the service address ------------------------------------------------------
 
 def _ip(args: Sequence[str]) -> subprocess.CompletedProcess:
     try:
@@ -4868,7 +4868,7 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
             % (what, peer, outcome.bytes, "; ".join(parts)))
 
 
-# -- roles -------------------------------------------------------------------
+# -- roles --------------------------------------------------------------------
 #
 # Epochs: each node owns one parity of epochs (the first node by name the
 # even ones, the second the odd ones), and a promotion takes the smallest
@@ -5163,7 +5163,7 @@ def _decide_serving_master(f: Facts, t: Timing) -> Decision:
                                  "failover are suspended until it returns")
 
 
-# -- the witness's lease -------------------------------------------------------
+# -- the witness's lease ------------------------------------------------------
 #
 # A witness (a third machine running 'flocker_failover.py witness') lends
 # one lease per cluster, to one node at a time.  Each side times it on its
@@ -5472,7 +5472,7 @@ def verdict(a: Side, b: Side) -> Verdict:
                    "unknown divergence_policy %r: an operator decides" % policy)
 
 
-# -- which replica is newer (for a cluster manager's promotion scores) ----------
+# -- which replica is newer (for a cluster manager's promotion scores) --------
 
 RELATION_SAME = "same"            # both newest snapshots are the same (by GUID)
 RELATION_AHEAD = "ahead"          # this node holds the peer's newest snapshot and more
@@ -6700,7 +6700,7 @@ def _final_sync(ctx: Context, intent_id: int, data: dict,
                            % (result.snapshot, ctx.cfg.peer.name))
 
 
-# -- keeping divergent data -----------------------------------------------------
+# -- keeping divergent data ---------------------------------------------------
 #
 # The loser of a divergence keeps what it wrote after the newest common
 # snapshot, without copying data and without destroying anything:
@@ -6946,7 +6946,7 @@ def copy_preserved(ctx: Context, name: str, mountpoint: Optional[str]
     return copy, snap, mountpoint
 
 
-# -- resolving a divergence ------------------------------------------------------
+# -- resolving a divergence ---------------------------------------------------
 #
 # Both nodes run resolve_divergence() at the same time (the heartbeat flag
 # "resolving" makes the second join in).  Each measures its own side, with
@@ -8176,7 +8176,7 @@ class PeerTracker:
             lv.max_gap = 0.0
 
 
-# -- the role keeper -----------------------------------------------------------
+# -- the role keeper ----------------------------------------------------------
 #
 # What this node is and what it does next: role, epoch, whether it serves,
 # the release, the outdated mark, the switchover, the arbitrator's and the
@@ -8338,13 +8338,13 @@ class RoleKeeper:
         self.tracker = tracker     # the peer, as the heartbeats tell it
         self.report = report       # report(Note): the daemon logs, records, writes
         self.started = now
-        # -- persisted in the state file (loaded from st) --
+        # -- persisted in the state file (loaded from st) ---------------------
         self.role = st.role if st is not None else ROLE_SLAVE
         self.epoch = st.epoch if st is not None else 0
         self.outdated = bool(st and st.outdated)   # this replica lacks the master's data
         self.released = bool(st and st.released)   # handed the master role over: the peer may promote
         self.peer_epoch_seen = epoch_seen  # the highest epoch the peer announced or left in names
-        # -- the role job --
+        # -- the role job -----------------------------------------------------
         self.acting = False        # a role action runs (the job "role")
         self.recovering = recovering  # an interrupted role action waits to be finished
         self._role_retry_at = 0.0  # a failed role action is retried after this
@@ -8356,7 +8356,7 @@ class RoleKeeper:
         self.demotions = 0         # role changes to slave by this daemon
         self.decision = None       # type: Optional[Decision]  # the newest one
         self._decision_key = None  # what was last logged of it
-        # -- the user system and the data --
+        # -- the user system and the data -------------------------------------
         self.serving = False       # this daemon runs the user system now
         self.health = "unchecked" if cfg.service.check_command is None else "unknown"
         self.check_failures = 0    # consecutive failed runs of check_command
@@ -8367,19 +8367,19 @@ class RoleKeeper:
         self.last_transfer = None  # type: Optional[Tuple[float, int, float]]  # (cycle start wall time, bytes, seconds)
         self.announce_at = 0.0     # announce the service address again then (0: not)
         self.leaving = False       # a master's daemon is stopping
-        # -- fencing, the arbitrator, the witness --
+        # -- fencing, the arbitrator, the witness -----------------------------
         self.fenced = None         # type: Optional[bool]  # in the current silence
         self.arbitrator_seen = None  # type: Optional[float]  # start of the newest probe that got an answer
         self.arbitrator_last = None  # type: Optional[Tuple[bool, str, float]]
         self.arbitrator_lost = None  # type: Optional[float]  # newest probe without answer
         self.witness = WitnessWatch(cfg, report)
-        # -- the operator's requests --
+        # -- the operator's requests ------------------------------------------
         self.force = False         # an operator forces a takeover
         self.force_peer_alive = False  # ... even though the peer is heard
         self.switchover_until = 0.0  # slave: asking the master to hand over until then
         self.operator_handover = False  # master: 'demote' asked for a switchover
         self.switchover_error = None  # type: Optional[str]
-        # -- a divergence --
+        # -- a divergence -----------------------------------------------------
         self.resolving = False     # a divergence is being resolved (flag to the peer)
         self.unresolved = None     # type: Optional[str]  # why an operator must decide
         self.winner_choice = None  # type: Optional[str]  # 'resolve --winner NAME'
@@ -8399,7 +8399,7 @@ class RoleKeeper:
         self.cfg = self.witness.cfg = cfg
         self._role_retry_at = 0.0   # e.g. a fixed divergence_policy: look again now
 
-    # -- what the heartbeats carry ---------------------------------------------
+    # -- what the heartbeats carry --------------------------------------------
 
     def flags(self, now: float) -> int:
         f = 0
@@ -8479,7 +8479,7 @@ class RoleKeeper:
             why = "%s took over (epoch %d)" % (self.cfg.peer.name, hb.epoch)
             self._write(lambda store: store.set_released(False, why))
 
-    # -- deciding ---------------------------------------------------------------
+    # -- deciding -------------------------------------------------------------
 
     def timing(self) -> Timing:
         c = self.cfg
@@ -8708,7 +8708,7 @@ class RoleKeeper:
             if self.outdated:
                 self._set_outdated(False, "this node is master now")
 
-    # -- what the jobs found ------------------------------------------------------
+    # -- what the jobs found --------------------------------------------------
 
     def may_replicate(self) -> bool:
         """(Read by the replication job when it starts.)  Only while this
@@ -8794,7 +8794,7 @@ class RoleKeeper:
         else:
             self.arbitrator_lost = now
 
-    # -- the operator's requests (from the control socket) --------------------------
+    # -- the operator's requests (from the control socket) --------------------
 
     def operator_switchover(self, cmd: str, req: dict, now: float) -> dict:
         """'promote' on the slave, 'demote' on the master (see the CLI)."""
@@ -9080,7 +9080,7 @@ class _Timer:
         self.due = due
 
 
-# -- the heartbeat link ----------------------------------------------------------
+# -- the heartbeat link -------------------------------------------------------
 #
 # The heartbeat sockets (one UDP socket per own address, one per link): our
 # packets out, the peer's in, into the PeerTracker.  Rejected packets are
@@ -9314,7 +9314,7 @@ class HeartbeatLink:
         }
 
 
-# -- the control server ------------------------------------------------------------
+# -- the control server -------------------------------------------------------
 #
 # The control socket (see the notes at the top of this section): one JSON
 # request per connection, answered by handlers[cmd](request) on the loop.
@@ -9486,7 +9486,7 @@ class Discards:
         log.error("discard-preserved %s: %s", self.last["dataset"], text)
 
 
-# -- starting up ---------------------------------------------------------------------
+# -- starting up --------------------------------------------------------------
 
 @dataclasses.dataclass
 class Boot:
@@ -9641,7 +9641,7 @@ def reload_refusal(old: Config, new: Config) -> List[str]:
     return fixed
 
 
-# -- the jobs --------------------------------------------------------------------------
+# -- the jobs -----------------------------------------------------------------
 #
 # What the daemon's slow work does.  Each function here runs on a job's
 # own thread (JobRunner), never on the loop: it reads the loop's objects,
@@ -9792,7 +9792,7 @@ class DaemonJobs:
 
 
 
-# -- reporting ----------------------------------------------------------------------------
+# -- reporting ----------------------------------------------------------------
 
 class Reporter:
     """The daemon's log lines and its writes to the state file (events,
@@ -9830,7 +9830,7 @@ class Reporter:
             self.writer.submit(fn)
 
 
-# -- the loop ----------------------------------------------------------------------
+# -- the loop -----------------------------------------------------------------
 
 class Daemon:
     """The long-running process of one node: the loop (sockets, timers,
@@ -9866,7 +9866,7 @@ class Daemon:
         self._sig_r = self._sig_w = None     # signals wake it through these
         self.install_jobs()
 
-    # -- jobs (each fn(stop) runs on its job's thread: see the top of this section) --
+    # -- jobs (each fn(stop) runs on its job's thread: see the top of this section) ---
 
     def add_periodic(self, name: str, every, fn, on_done=None, wanted=None) -> None:
         """Run fn(stop) off the loop every `every(cfg)` seconds (skipped
@@ -9902,7 +9902,7 @@ class Daemon:
                           lambda r, e: e is not None and self.reporter.log_quietly(
                               "trim-events", logging.WARNING, "cannot trim the event log: %s" % e))
 
-    # -- role actions ------------------------------------------------------------
+    # -- role actions ---------------------------------------------------------
 
     def _act(self, action: Optional[RoleAction]) -> None:
         """Run the keeper's role action in the job "role"; its outcome goes
@@ -9915,7 +9915,7 @@ class Daemon:
                                lambda r, e: self.keeper.role_done(r, e, time.monotonic())):
             self.keeper.acting = False   # (never: the keeper hands out one at a time)
 
-    # -- running -------------------------------------------------------------------
+    # -- running --------------------------------------------------------------
 
     def run(self) -> int:
         boot = boot_node(self.cfg)
@@ -10111,7 +10111,7 @@ class Daemon:
             log.info("announced %s again (%d packets)", self.cfg.service.service_address,
                      result)
 
-    # -- configuration reload ----------------------------------------------------------
+    # -- configuration reload -------------------------------------------------
 
     def _start_reload(self) -> None:
         path, node = self.cfg.path, self.cfg.local_name
@@ -10139,7 +10139,7 @@ class Daemon:
         log.info("SIGHUP: configuration reloaded from %s (key id %s)", new.path, new.key_id)
         self.reporter.event("config", "configuration reloaded (key id %s)" % new.key_id)
 
-    # -- the control socket's requests ---------------------------------------------------
+    # -- the control socket's requests ----------------------------------------
 
     def _control_handlers(self) -> Dict[str, object]:
         k = lambda: self.keeper   # noqa: E731 - made by run()
@@ -10179,7 +10179,7 @@ class Daemon:
         status.update(self.link.status(now))
         return status
 
-    # -- stopping ------------------------------------------------------------------------
+    # -- stopping -------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Leave everything consistent: jobs stopped (their commands
@@ -10231,7 +10231,7 @@ class Daemon:
             log.info("stopped by signal %d", self._stop_signal)
 
 
-# -- the witness's server ------------------------------------------------------
+# -- the witness's server -----------------------------------------------------
 #
 # 'flocker_failover.py witness' on a third machine: one UDP socket, one
 # thread, no sqlite.  Each request is judged by the LeaseBook (section 6);
