@@ -4483,6 +4483,19 @@ class SystemdNotifier:
             self.watchdog = int(usec) / 2e6
         self._sock = None  # type: Optional[socket.socket]
         self._warned = False
+        self._told_ready = False
+
+    def beat(self, status: str) -> None:
+        """READY=1 the first time, then STATUS, and WATCHDOG=1 when
+        WatchdogSec is set (the daemon calls it from its loop, so a stuck
+        loop stops it)."""
+        fields = ["STATUS=" + status]
+        if not self._told_ready:
+            fields.insert(0, "READY=1")
+            self._told_ready = True
+        if self.watchdog:
+            fields.append("WATCHDOG=1")
+        self.notify(*fields)
 
     def notify(self, *fields: str) -> bool:
         if not self.address:
@@ -9102,6 +9115,7 @@ class HeartbeatLink:
         self.socks = []            # type: List[socket.socket]  # one per link
         self.heartbeat = _Timer("heartbeat", lambda: self.cfg.heartbeat_interval, self.send,
                                 0.0)
+        self.news = lambda: None   # called when the peer's heartbeat says something new
         self._answered_at = -1e9   # when a packet was last sent out of turn
         self._reject_window = {}   # type: Dict[str, int]  # rejections since the last summary
         self._reject_sources = set()
@@ -9177,9 +9191,13 @@ class HeartbeatLink:
                 self.report(Note(logging.INFO, "link %d: %s" % (link, e.strerror),
                                  quiet=("recv%d" % link, 60.0)))
                 return
+            before = tracker.last
             hb, rej = tracker.receive(data, link, time.monotonic())
             if rej is not None:
                 self._note_reject(rej, addr[0])
+            elif hb is not None and (before is None or (hb.role, hb.epoch, hb.flags, hb.guid)
+                                     != (before.role, before.epoch, before.flags, before.guid)):
+                self.news()      # a new role, epoch, flag or snapshot: decide on it now
             elif hb is None or tracker.state != "alive":
                 # the peer has not heard us lately, or we had not heard it:
                 # answer now instead of at the next beat, so that both sides
@@ -9583,6 +9601,24 @@ def _relearn_preserved(cfg: Config, store: StateStore) -> None:
                     ds, e.message)
 
 
+def node_objects(cfg: Config, boot: Boot, report, now: float
+                 ) -> Tuple[PeerTracker, RoleKeeper, HeartbeatLink]:
+    """The loop's three objects, from what the state file says (boot)."""
+    links = [LinkView(i, a, b) for i, (a, b) in
+             enumerate(zip(cfg.local.addresses, cfg.peer.addresses))]
+    peer = boot.peer
+    tracker = PeerTracker(
+        cfg.name, cfg.peer.name, wire_keys(cfg.secret, cfg.secret_previous), links,
+        cfg.dead_time, now, min_generation=(peer or {}).get("generation") or 0,
+        generation=boot.generation)
+    keeper = RoleKeeper(cfg, tracker, report, now, boot.state, boot.recovering,
+                        boot.since_role_change, boot.epoch_seen)
+    saved = None if peer is None else tuple(
+        peer[f] for f in ("role", "epoch", "generation", "snapshot", "guid", "health"))
+    return tracker, keeper, HeartbeatLink(cfg, tracker, keeper, boot.generation, report,
+                                          saved_peer=saved)
+
+
 def write_pidfile(path: Optional[str]) -> None:
     if path is None:
         return
@@ -9843,9 +9879,9 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.jobs = JobRunner(self._wake_from_thread)
         self.timers = []           # type: List[_Timer]
+        self._liveness = None      # type: Optional[_Timer]  # the liveness check's (see _loop)
         self.periodic = []         # type: List[Tuple[str, object, object, object, object]]
         self.systemd = SystemdNotifier()
-        self._told_ready = False   # READY=1 was sent
         self.lock = None           # type: Optional[StateLock]  # held while the daemon runs
         self.writer = None         # type: Optional[StoreWriter]
         # made by run() from what the state file says (boot_node()):
@@ -9889,7 +9925,7 @@ class Daemon:
         self.add_periodic("check", lambda c: c.service.check_interval, self.work.check,
                           lambda r, e: self.keeper.checked(r, e))
         self.add_periodic("snapshots", lambda c: max(5.0, c.replication_interval),
-                          self.work.snapshots, lambda r, e: self.keeper.snapshots_scanned(r, e))
+                          self.work.snapshots, self._scanned)
         self.add_periodic("replicate", lambda c: c.replication_interval, self.work.replicate,
                           lambda r, e: self._act(self.keeper.replicated(r, e, time.monotonic())))
         self.add_periodic("arbitrator", lambda c: c.heartbeat_interval, self.work.arbitrator,
@@ -9911,9 +9947,26 @@ class Daemon:
             return
         if action.kind == DECIDE_RESOLVE:
             self.link.answer_soon()    # tell the peer at once
-        if not self.jobs.start("role", self.work.role(action),
-                               lambda r, e: self.keeper.role_done(r, e, time.monotonic())):
+        if not self.jobs.start("role", self.work.role(action), self._role_done):
             self.keeper.acting = False   # (never: the keeper hands out one at a time)
+
+    def _role_done(self, result, error) -> None:
+        """The role job's outcome to the keeper; what it changed (a role, an
+        epoch, a release) goes out in a heartbeat at once, so that the peer
+        acts on it without waiting for the next beat (a slave takes over a
+        released role within moments, not a heartbeat_interval later)."""
+        self.keeper.role_done(result, error, time.monotonic())
+        self.link.heartbeat.due = min(self.link.heartbeat.due, time.monotonic())
+
+    def _scanned(self, result, error) -> None:
+        self.keeper.snapshots_scanned(result, error)
+        self._look_now()
+
+    def _look_now(self) -> None:
+        """Decide now, not at the next liveness tick: the peer's heartbeat
+        said something new, or this node's own snapshots were read."""
+        if self._liveness is not None:
+            self._liveness.due = min(self._liveness.due, time.monotonic())
 
     # -- running --------------------------------------------------------------
 
@@ -9934,27 +9987,17 @@ class Daemon:
         now = time.monotonic()
         self.started_mono = self.stats_since = now
         self.started_wall = wall_clock()
-        links = [LinkView(i, a, b) for i, (a, b) in
-                 enumerate(zip(cfg.local.addresses, cfg.peer.addresses))]
-        peer = boot.peer
-        self.tracker = PeerTracker(
-            cfg.name, cfg.peer.name, wire_keys(cfg.secret, cfg.secret_previous), links,
-            cfg.dead_time, now, min_generation=(peer or {}).get("generation") or 0,
-            generation=boot.generation)
-        self.keeper = RoleKeeper(cfg, self.tracker, self.reporter.report, now, boot.state,
-                                 boot.recovering, boot.since_role_change, boot.epoch_seen)
-        self.link = HeartbeatLink(cfg, self.tracker, self.keeper, boot.generation, self.reporter.report,
-                                  saved_peer=None if peer is None else tuple(peer[f] for f in (
-                                      "role", "epoch", "generation", "snapshot", "guid",
-                                      "health")))
+        self.tracker, self.keeper, self.link = node_objects(cfg, boot, self.reporter.report,
+                                                            now)
+        self.link.news = self._look_now
         write_pidfile(self.pidfile)
         self._open_sockets()
         self._install_signals()
         self.writer = self.reporter.writer = StoreWriter(cfg.local.state_db, self.lock)
         self.writer.start()
         k = self.keeper
-        self.reporter.event("daemon", "daemon started (pid %d, generation %d, role %s, epoch %d)"
-                    % (os.getpid(), boot.generation, k.role, k.epoch))
+        self.reporter.event("daemon", "daemon started (pid %d, generation %d, role %s, "
+                            "epoch %d)" % (os.getpid(), boot.generation, k.role, k.epoch))
         log.info("daemon of node %s started: generation %d, role %s, epoch %d, heartbeats "
                  "every %g s on %s, peer dead after %g s", cfg.local_name, boot.generation,
                  k.role, k.epoch, cfg.heartbeat_interval, ", ".join(cfg.local.addresses),
@@ -10007,8 +10050,8 @@ class Daemon:
         loop_realtime(self.cfg.realtime_priority)
         now = time.monotonic()
         c = lambda: self.cfg   # noqa: E731 - timers read the current config
-        liveness = _Timer("liveness", lambda: min(0.25, c().heartbeat_interval / 2),
-                          self._check_liveness, now)
+        liveness = self._liveness = _Timer(
+            "liveness", lambda: min(0.25, c().heartbeat_interval / 2), self._check_liveness, now)
         heartbeat, persist, rejections = self.link.timers(now)
         self.timers = [
             heartbeat, liveness, persist, rejections,
@@ -10063,7 +10106,7 @@ class Daemon:
             log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
             self.reporter.event("liveness", message, level)
         if self.keeper.observe_peer(now):
-            self.jobs.start("snapshots", self.work.snapshots, self.keeper.snapshots_scanned)
+            self.jobs.start("snapshots", self.work.snapshots, self._scanned)
         if not self._stop_signal:
             self._act(self.keeper.next_action(now))
 
@@ -10079,16 +10122,8 @@ class Daemon:
                               "%s; check [cluster] metrics_file" % (path, e.strerror), 600)
 
     def _notify_systemd(self, now: float) -> None:
-        """READY=1 once the loop runs; then STATUS, and WATCHDOG=1 when
-        WatchdogSec is set: sent from the loop, so a stuck loop stops it."""
-        fields = ["STATUS=%s, epoch %d; peer %s %s" % (
-            self.keeper.role, self.keeper.epoch, self.cfg.peer.name, self.tracker.state)]
-        if not self._told_ready:
-            fields.insert(0, "READY=1")
-            self._told_ready = True
-        if self.systemd.watchdog:
-            fields.append("WATCHDOG=1")
-        self.systemd.notify(*fields)
+        self.systemd.beat("%s, epoch %d; peer %s %s" % (
+            self.keeper.role, self.keeper.epoch, self.cfg.peer.name, self.tracker.state))
 
     def _announce_due(self, now: float) -> None:
         """The service address announced again: announce_again after the

@@ -12,8 +12,9 @@ imported as run_program.py imports it, its bytecode cached in CACHE_DIR):
                              zfs send | ssh | zfs recv transfer, pumped through
                              the job thread at a throttled rate so that it
                              lasts `seconds`; its outcome goes to `report`.
-  FFT_EXTRA_FLAGS=N          every heartbeat also carries these flag bits
-                             (e.g. 16: "resolving", which a peer joins)
+  FFT_EXTRA_FLAGS_FILE=path  every heartbeat also carries the flag bits
+                             written in that file, read each time (e.g. 16:
+                             "resolving", which a peer joins)
   FFT_MEMTRACE=dir           every 30 s, append to dir/<pid>.mem the RSS, the
                              threads, what Python itself holds (tracemalloc)
                              and its 12 largest sites: whether a daemon's
@@ -114,10 +115,18 @@ if os.environ.get("FFT_SLOW_JOB"):
                           _slow_transfer(_spec, self))
     ff.Daemon.install_jobs = install_jobs
 
-if os.environ.get("FFT_EXTRA_FLAGS"):
-    _extra = int(os.environ["FFT_EXTRA_FLAGS"])
+if os.environ.get("FFT_EXTRA_FLAGS_FILE"):
     _flags = ff.RoleKeeper.flags
-    ff.RoleKeeper.flags = lambda self, now: _flags(self, now) | _extra
+    _flags_path = os.environ["FFT_EXTRA_FLAGS_FILE"]
+
+    def _extra_flags(self, now):
+        try:
+            with open(_flags_path) as f:
+                extra = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            extra = 0
+        return _flags(self, now) | extra
+    ff.RoleKeeper.flags = _extra_flags
 
 if os.environ.get("FFT_MEMTRACE"):
     import threading

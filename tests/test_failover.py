@@ -334,11 +334,18 @@ def test_failed_resolution_attempts_never_delay_the_promotion(lanbed):
     # dataset, with no snapshot yet) found "no common snapshot" and left the
     # divergence to an operator, and no attempt followed (seen once)
     assert a.flocker("sync").returncode == 0
-    da = Running(a, wrapper=True, env={"FFT_EXTRA_FLAGS": str(ff.FLAG_RESOLVING)}).wait_ready()
+    flags = os.path.join(bed.workdir, "alpha-flags")
+    da = Running(a, wrapper=True, env={"FFT_EXTRA_FLAGS_FILE": flags}).wait_ready()
     db = Running(b).wait_ready()
     try:
         wait_for(lambda: serving(da) and replicated(da), S(30), step=0.05)
         a.kill_sshd()            # beta's part of a resolution needs alpha's datasets
+        # only now does alpha announce a resolution (its flag, which here never
+        # ends as a real attempt's does): every attempt of beta's fails.  (Set
+        # from the start, beta could join before the sshd was gone, succeed,
+        # and have joined for good.)
+        with open(flags, "w") as f:
+            f.write(str(ff.FLAG_RESOLVING))
         wait_for(lambda: db.log_text().count("resolve failed") >= 4, S(30), step=0.1)
         assert "next try in 8 s" in db.log_text()
         t_kill = time.monotonic()
