@@ -8,7 +8,8 @@ import time
 
 import bed as bedmod
 from conftest import ff
-from helpers import Running, S, init, replicated, serving, wait_for, zget
+from helpers import (Running, S, init, replicated, service_config, serving, start, svc_log,
+                     wait_for, zget)
 
 # The user system is a writer: it writes numbered files into the dataset,
 # fsyncs each, and only then acknowledges it in a log outside the dataset.
@@ -227,6 +228,32 @@ def test_the_slave_takes_over_once_the_final_snapshot_is_in_not_at_its_next_scan
             print("TOOK", command, round(took, 2))
             assert took < S(10), "the switchover took %.1f s" % took
             assert missing_on(new, acknowledged(bed)) == []
+    finally:
+        da.stop()
+        db.stop()
+
+
+def test_a_released_role_is_taken_over_at_once_not_at_the_next_heartbeat(lanbed):
+    """heartbeat_interval 3 s: the master's release goes out in a heartbeat
+    the moment its demotion is recorded, and the slave decides the moment a
+    heartbeat says something new, not at its next liveness tick.  (Before,
+    from the release to the slave's start_command took up to an interval
+    and more: contrib/bench/failover --switchover, median 705 ms at 1 s.)"""
+    bed = lanbed
+    service_config(bed, cluster={"heartbeat_interval": "3", "dead_time": "15"})
+    da, db = start(bed)
+    try:
+        since = time.time()
+        r = bed.a.flocker("demote", "--wait", "%g" % S(60), timeout=S(90))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert wait_for(lambda: serving(db), S(30), step=0.05)
+        with ff.StateStore.open(bed.a.state_db) as store:
+            released = store.conn.execute(
+                "SELECT MIN(ts) FROM events WHERE kind = 'handover' AND "
+                "message LIKE 'master role released:%' AND ts >= ?", (since,)).fetchone()[0]
+        started = [t for what, _epoch, t in svc_log(bed.b) if what == "start"][-1]
+        print("release -> beta's start_command: %.3f s" % (started - released))
+        assert started - released < S(1.0), (released, started)
     finally:
         da.stop()
         db.stop()
