@@ -183,6 +183,9 @@ def _scenarios(c, b):
              [g for _, g in newest(A.dataset)] and len(newest(B.dataset)) >= 2, 40,
              "beta receives alpha's snapshots")
     step("promoted, replicating")
+    # every epoch alpha's snapshots have before the switchover (read now: once
+    # beta is promoted, alpha may hold beta's first snapshot within a second)
+    epochs = [ff.snapshot_epoch(n) for n, _ in newest(A.dataset) if n.startswith("flocker-")]
     # 2. planned switchover: no acknowledged write lost
     a = c.node("alpha")
     a.run(["crm_resource", "--move", "-r", "flocker-clone", "--node", "beta", "--promoted"])
@@ -196,8 +199,7 @@ def _scenarios(c, b):
     wait_for(lambda: len(acknowledged(b.workdir)) > acks_before + 20, 30, "beta writes")
     step("switched over")
     # alpha, now the replica, receives beta's snapshots, of a newer epoch
-    # (beta's: odd) than every one before
-    epochs = [ff.snapshot_epoch(n) for n, _ in newest(A.dataset) if n.startswith("flocker-")]
+    # (beta's: odd) than every one alpha had before the switchover
     wait_for(lambda: ff.snapshot_epoch(newest(A.dataset)[-1][0]) % 2 == 1, 40,
              "alpha receives beta's snapshots")
     assert ff.snapshot_epoch(newest(A.dataset)[-1][0]) > max(epochs)
