@@ -1190,6 +1190,13 @@ MIGRATIONS = (
             'the event log is append-only: only a recorded trim removes its oldest events');
         END;
     """,
+    # 5: the snapshot (GUID) the replica held when a lost divergence verdict
+    #    marked it outdated: that mark clears only once it holds a newer one
+    #    that is the master's newest (a heartbeat sent before the winner
+    #    looked at its own snapshots names the common one)
+    """
+    ALTER TABLE node_state ADD COLUMN outdated_held TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1203,6 +1210,7 @@ class NodeState:
     outdated: bool
     created: float
     released: bool = False    # handed the master role over; the peer may take it
+    outdated_held: Optional[str] = None   # the GUID held when a lost verdict marked it
 
 
 class StateLock:
@@ -1424,11 +1432,12 @@ class StateStore:
 
     def node_state(self) -> Optional[NodeState]:
         row = self.conn.execute(
-            "SELECT node, role, epoch, generation, outdated, created, released "
-            "FROM node_state WHERE id = 1").fetchone()
+            "SELECT node, role, epoch, generation, outdated, created, released, "
+            "outdated_held FROM node_state WHERE id = 1").fetchone()
         if row is None:
             return None
-        return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5], bool(row[6]))
+        return NodeState(row[0], row[1], row[2], row[3], bool(row[4]), row[5], bool(row[6]),
+                         row[7])
 
     def initialised_state(self) -> NodeState:
         """node_state(), refusing a state file that holds none (created,
@@ -1554,10 +1563,13 @@ class StateStore:
             self._event(conn, "role", "%s -> %s, epoch %d -> %d: %s"
                         % (old[0], role, old[1], epoch, reason))
 
-    def set_outdated(self, outdated: bool, reason: str) -> None:
-        """Persist whether this replica is known to lack the master's data."""
+    def set_outdated(self, outdated: bool, reason: str, held: Optional[str] = None) -> None:
+        """Persist whether this replica is known to lack the master's data;
+        held: the GUID of the snapshot it holds, when it lacks what came
+        after that one (a lost verdict)."""
         with self.transaction() as conn:
-            conn.execute("UPDATE node_state SET outdated = ? WHERE id = 1", (int(outdated),))
+            conn.execute("UPDATE node_state SET outdated = ?, outdated_held = ? WHERE id = 1",
+                         (int(outdated), held if outdated else None))
             self._event(conn, "outdated", ("replica marked OUTDATED: " if outdated else
                                            "replica no longer outdated: ") + reason,
                         "warning" if outdated else "info")
@@ -1818,6 +1830,13 @@ _WIRE_HEAD = struct.Struct("!4sBB4sQQQQQBBH")
 _WIRE_MAC = 32
 _WIRE_MIN = _WIRE_HEAD.size + 3 + 8 + 1 + _WIRE_MAC
 _U64_MAX = 2 ** 64 - 1
+
+
+def _guid_number(guid: Optional[str]) -> int:
+    """A snapshot's GUID as zfs prints it, as a heartbeat carries it (an
+    unsigned 64-bit number; 0: none, or not a number)."""
+    return int(guid) & _U64_MAX if guid and guid.isdigit() else 0
+
 
 FLAG_HANDOVER_REQUEST = 0x01  # a slave asks its master for a planned switchover
 FLAG_RELEASE = 0x02           # a former master handed over: the slave may promote
@@ -7128,8 +7147,8 @@ def resolve_divergence(ctx: Context, peer: ZfsBase, stop: threading.Event,
     _record_verdict(ctx, me, other, common, v)
     failpoint("resolve:verdict")
     top = max(attempt, me.epoch, other.epoch, _marker_epoch(remote))  # epochs now
-    _carry_out_verdict(ctx, v, me, common, attempt, top, facts, winner_choice, quiesce,
-                       peer_stopped, stopped)
+    _carry_out_verdict(ctx, v, me, other, common, attempt, top, facts, winner_choice,
+                       quiesce, peer_stopped, stopped)
     return v, common.guid
 
 
@@ -7237,15 +7256,17 @@ def _record_verdict(ctx: Context, me: Side, other: Side, common: Snap, v: Verdic
         raise NeedsOperator(v.reason + keep_by_hand_hint(cfg, v))
 
 
-def _carry_out_verdict(ctx: Context, v: Verdict, me: Side, common: Snap, attempt: int,
-                       top: int, facts: str, winner_choice: Optional[str], quiesce,
-                       peer_stopped, stopped: bool) -> None:
+def _carry_out_verdict(ctx: Context, v: Verdict, me: Side, other: Side, common: Snap,
+                       attempt: int, top: int, facts: str, winner_choice: Optional[str],
+                       quiesce, peer_stopped, stopped: bool) -> None:
     """This node's part of the verdict: the loser keeps its divergent data
     and becomes the slave (_lose), the winner serves (_win); a winner that
     promoted above both republishes the same facts under its new epoch,
-    for a loser that restarts and begins again from there."""
+    for a loser that restarts and begins again from there.  A loser the
+    winner's changes have not reached is OUTDATED first (_outdated_by)."""
     cfg = ctx.cfg
     if v.loser == cfg.local_name:
+        _outdated_by(ctx, other, common)
         _lose(ctx, common, top, v, quiesce, facts, stopped)
         return
     _win(ctx, top, v, peer_stopped)
@@ -7313,6 +7334,22 @@ def _stop_user_system(ctx: Context, epoch: int, quiesce) -> None:
         remove_service_address(cfg.service.service_address)
     if quiesce is not None:
         quiesce()
+
+
+def _outdated_by(ctx: Context, winner: Side, common: Snap) -> None:
+    """The winner wrote since the common snapshot: this node, its slave
+    from now on, lacks that data until it holds the winner's newest
+    snapshot (RoleKeeper.observe_peer clears the mark then).  Marked before
+    this node stops or keeps anything, in the state file: should the
+    winner die before it sends its changes (before it serves, even), the
+    loser must not take over with the common snapshot's data, the wrong
+    data, while the only copy of the winner's writes waits on a dead host."""
+    if winner.changes > 0 and not ctx.store.node_state().outdated:
+        ctx.store.set_outdated(True, "%s won the divergence verdict with %d bytes written "
+                               "since %s that this node lacks; no automatic takeover until "
+                               "it holds %s's newest snapshot ('promote --force' if %s is "
+                               "lost for good)" % (winner.node, winner.changes, common.name,
+                                                   winner.node, winner.node), common.guid)
 
 
 def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str,
@@ -8355,6 +8392,8 @@ class RoleKeeper:
         self.role = st.role if st is not None else ROLE_SLAVE
         self.epoch = st.epoch if st is not None else 0
         self.outdated = bool(st and st.outdated)   # this replica lacks the master's data
+        # (a lost verdict's mark: the GUID it held then, which is not enough)
+        self.outdated_held = _guid_number(st.outdated_held if st else None)
         self.released = bool(st and st.released)   # handed the master role over: the peer may promote
         self.peer_epoch_seen = epoch_seen  # the highest epoch the peer announced or left in names
         # -- the role job -----------------------------------------------------
@@ -8474,13 +8513,15 @@ class RoleKeeper:
             if behind and not self.outdated:
                 self._set_outdated(True, "master %s (epoch %d) says this node lacks data it "
                                          "wrote" % (self.cfg.peer.name, hb.epoch))
-            elif self.outdated and not behind and hb.guid and hb.guid == self.snapshot[1]:
+            elif self.outdated and not behind and hb.guid and hb.guid == self.snapshot[1] \
+                    and hb.guid != self.outdated_held:
                 self._set_outdated(False, "this node holds master %s's newest snapshot %s"
                                    % (self.cfg.peer.name, hb.snapshot))
         return scan
 
     def _set_outdated(self, value: bool, reason: str) -> None:
         self.outdated = value
+        self.outdated_held = None
         self._say(logging.WARNING if value else logging.INFO, "replica %s: %s" % (
             "OUTDATED" if value else "up to date again", reason))
         self._write(lambda store: store.set_outdated(value, reason))
@@ -8718,8 +8759,15 @@ class RoleKeeper:
         if st.role == ROLE_MASTER and was != ROLE_MASTER:
             self.fenced, self.check_failures, self.repl_failures = None, 0, 0
             self.force = self.force_peer_alive = False
-            if self.outdated:
-                self._set_outdated(False, "this node is master now")
+        if st.role == ROLE_MASTER and self.outdated:
+            self._set_outdated(False, "this node is master now")
+        elif st.role == ROLE_SLAVE and st.outdated and not self.outdated:
+            # a lost verdict marked it (_outdated_by): the winner wrote what
+            # this node lacks
+            self.outdated, self.outdated_held = True, _guid_number(st.outdated_held)
+            self._say(logging.WARNING, "replica OUTDATED: %s won the divergence verdict and "
+                      "wrote data this node lacks; no automatic takeover until this node "
+                      "holds its newest snapshot" % self.cfg.peer.name)
 
     # -- what the jobs found --------------------------------------------------
 
@@ -8749,8 +8797,7 @@ class RoleKeeper:
             started, result = outcome
             self.repl_failures = 0
             self.last_transfer = (started, result.bytes, result.seconds)
-            guid = int(result.guid) & _U64_MAX if result.guid.isdigit() else 0
-            self.snapshot = (result.snapshot[:255], guid)
+            self.snapshot = (result.snapshot[:255], _guid_number(result.guid))
             if result.sent:
                 self._say(logging.INFO, "replication: %s" % result.message)
         return None
@@ -9743,10 +9790,9 @@ class DaemonJobs:
         listing = Zfs().listing(self.cfg.local.dataset)
         if listing is None or not listing.snaps:
             return ("", 0), frozenset()
-        guids = frozenset(int(x.guid) & _U64_MAX for x in listing.snaps if x.guid.isdigit())
+        guids = frozenset(_guid_number(x.guid) for x in listing.snaps if x.guid.isdigit())
         newest = listing.snaps[-1]
-        return ((newest.name[:255], int(newest.guid) & _U64_MAX
-                 if newest.guid.isdigit() else 0), guids)
+        return (newest.name[:255], _guid_number(newest.guid)), guids
 
     def check(self, stop: threading.Event):
         cfg, k = self.cfg, self.keeper

@@ -626,3 +626,58 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
     assert before == [0.1], times                   # once a second while it serves
     assert len(after) >= 8, times                   # every interval (0.2 s) once released
     assert all(b - a >= 0.2 - 1e-9 for a, b in zip(after, after[1:])), times
+
+
+def test_a_lost_verdicts_outdated_mark_ignores_a_heartbeat_naming_what_the_loser_holds(tmp_path):
+    """A loser of a divergence verdict holds the common snapshot and is
+    marked OUTDATED with it (_outdated_by).  A heartbeat of the winner sent
+    before it looked at its own snapshots again names that same common
+    snapshot: it does not clear the mark (it did, and the loser then took
+    over on the common snapshot's data when the winner died; see
+    test_divergence.py).  Only once the loser holds a newer snapshot that
+    is the master's newest is it up to date; meanwhile a silent master is
+    no reason to promote.  Pure: the role keeper alone, as the loop drives it."""
+    secret = tmp_path / "secret"
+    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
+    secret.chmod(0o600)
+    cfg = ff.parse_config(
+        "[cluster]\nname = shop\nsecret_file = %s\nheartbeat_interval = 0.2\n"
+        "dead_time = 1.0\n[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
+        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, local_name="beta")
+    tracker = ff.PeerTracker("shop", "alpha", ff.wire_keys(cfg.secret),
+                             [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
+                             generation=1)
+    notes = []
+    st = ff.NodeState("beta", ff.ROLE_SLAVE, 3, 1, True, 0.0, outdated_held="11")
+    d = ff.RoleKeeper(cfg, tracker, notes.append, 0.0, st=st)
+    d.snapshot, d.snapshot_guids = ("flocker-2-common", 11), frozenset([11])
+    seq = 0
+
+    def heartbeats(start, end, guid):
+        nonlocal seq
+        for tick in range(start, end):            # every 0.2 s
+            now = tick / 5.0
+            seq += 1
+            d.tracker.sent(seq, now - 0.05)
+            h = ff.Heartbeat("shop", "alpha", 1, seq, ff.ROLE_MASTER, 2,
+                             snapshot="flocker-2-x", guid=guid, flags=ff.FLAG_SERVING,
+                             echo_generation=1, echo_sequence=seq)
+            assert d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)[0]
+            d.tracker.evaluate(now)
+            d.observe_peer(now)
+        return now
+    now = heartbeats(1, 11, 11)                    # 2 s naming the common snapshot
+    assert d.outdated and d.status(now)["outdated"]
+    # the winner falls silent: no takeover on the common snapshot's data
+    now += 3.0
+    d.tracker.evaluate(now)
+    assert d.tracker.state == "dead"
+    assert d.next_action(now) is None
+    assert d.decision.kind != ff.DECIDE_PROMOTE and "outdated" in d.decision.reason
+    # back, and the loser received the winner's newest: up to date again
+    d.snapshot, d.snapshot_guids = ("flocker-2-newer", 22), frozenset([11, 22])
+    heartbeats(int(now * 5) + 1, int(now * 5) + 6, 22)
+    assert not d.outdated
+    assert any("up to date again" in n.message for n in notes)

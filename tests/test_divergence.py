@@ -150,6 +150,48 @@ def test_kill_9_at_steps_of_a_resolution_loses_nothing(lanbed):
         p.stop()
 
 
+def test_a_loser_never_takes_over_with_the_data_it_lost_when_the_winner_dies(lanbed):
+    """The winner dies right after the verdict (kill -9 at resolve:verdict),
+    before it serves or sends anything; the loser has kept its own data
+    aside and is slave holding the common snapshot.  It must not take over
+    on that snapshot when the winner stays silent past dead_time: the
+    winner's writes since the split are nowhere else, and serving without
+    them is the wrong data (seen once in a full run, where the restart of
+    the winner took longer than dead_time).  The loser stays slave, marked
+    OUTDATED (status, check CRITICAL), until the winner is back and it
+    holds the winner's newest snapshot."""
+    bed = lanbed
+    p = Pair(bed, "most-changes")
+    p.policy = "most-changes"
+    try:
+        m, s = p.roles()
+        p.d[m].stop()
+        p.start(m, env={"FLOCKER_FAILPOINT": "resolve:verdict"})
+        wait_for(lambda: all(d.status()["peer"]["state"] == "alive" and
+                             not d.status()["outdated"] for d in p.d.values()), S(20))
+        kept = {h: preserved(h) for h in (m, s)}
+        written = p.split({m: 200000, s: 100000})
+        p.heal()
+        assert killed(p.d[m], 60) != 0
+        # the loser carries out its part, then hears nothing from the winner
+        wait_for(lambda: p.d[s].status()["role"] == "slave" and
+                 p.d[s].status()["peer"]["state"] == "dead", S(30), step=0.1)
+        time.sleep(S(3))       # three dead_times more
+        st = p.d[s].status()
+        assert st["role"] == "slave" and not st["serving"] and st["outdated"], st
+        assert [e[0] for e in svc_log(s)][-1] == "stop", svc_log(s)
+        r = s.flocker("check", config=p.config[s])
+        assert r.returncode == 2 and "OUTDATED" in r.stdout, r.stdout
+        # the winner returns: it serves its data, the loser receives it and
+        # is up to date again
+        p.start(m)
+        assert wait_for(p.settled, S(60), step=0.1) is m
+        check_nothing_lost(m, s, written, kept[s])
+        assert "replica no longer outdated" in s.flocker("history").stdout
+    finally:
+        p.stop()
+
+
 def test_drop_empty_divergence_destroys_only_changeless_snapshots(pool):
     """The losing side's snapshots after the common one are destroyed only
     when the stream from the common snapshot to the newest is empty."""
