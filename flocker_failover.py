@@ -9688,6 +9688,18 @@ def remove_pidfile(path: Optional[str]) -> None:
                 os.unlink(path)
 
 
+def install_signals(wakeup_fd: int, stop, reload, announce) -> None:
+    """SIGTERM and SIGINT call stop(signum), SIGHUP reload(signum), SIGUSR2
+    announce(signum) (the service address, now); each also wakes the loop
+    through wakeup_fd.  SIGUSR1: the stack of every thread to stderr, for a
+    daemon that seems stuck (see README)."""
+    signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
+    for signum, fn in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
+                       (signal.SIGHUP, reload), (signal.SIGUSR2, announce)):
+        signal.signal(signum, lambda number, frame, fn=fn: fn(number))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def loop_realtime(prio: int) -> None:
     """Real-time scheduling for this thread only (the loop): heartbeats
     go out on time on a busy host.  The job threads stay normal."""
@@ -9973,7 +9985,7 @@ class Daemon:
         self.add_periodic("snapshots", lambda c: max(5.0, c.replication_interval),
                           self.work.snapshots, self._scanned)
         self.add_periodic("replicate", lambda c: c.replication_interval, self.work.replicate,
-                          lambda r, e: self._act(self.keeper.replicated(r, e, time.monotonic())))
+                          self._replicated)
         self.add_periodic("arbitrator", lambda c: c.heartbeat_interval, self.work.arbitrator,
                           lambda r, e: self.keeper.arbitrator_answered(r, e, time.monotonic()),
                           lambda c: c.arbitrator is not None or c.arbitrator_command is not None)
@@ -10003,6 +10015,17 @@ class Daemon:
         released role within moments, not a heartbeat_interval later)."""
         self.keeper.role_done(result, error, time.monotonic())
         self.link.heartbeat.due = min(self.link.heartbeat.due, time.monotonic())
+
+    def _replicated(self, result, error) -> None:
+        """A cycle that carried data starts again at once: under a steady
+        writer the replica then lags by about one cycle, not by a cycle and
+        up to an interval more (a tick comes while the cycle runs, and is
+        skipped).  One that found nothing new waits replication_interval."""
+        now = time.monotonic()
+        self._act(self.keeper.replicated(result, error, now))
+        if error is None and result is not None and result[1].sent:
+            for t in self.timers:
+                t.due = min(t.due, now) if t.name == "job replicate" else t.due
 
     def _scanned(self, result, error) -> None:
         self.keeper.snapshots_scanned(result, error)
@@ -10060,23 +10083,10 @@ class Daemon:
         self.control.open()
 
     def _install_signals(self) -> None:
-        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
-
-        def on_stop(signum, frame):
-            self._stop_signal = signum
-
-        def on_hup(signum, frame):
-            self._reload_pending = True
-
-        def on_usr2(signum, frame):
-            self.keeper.announce_at = 0.001     # announce the service address now
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
-        signal.signal(signal.SIGUSR2, on_usr2)
-        # SIGUSR1: the stack of every thread to stderr, for a daemon that
-        # seems stuck (see README)
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        install_signals(self._sig_w.fileno(),
+                        stop=lambda signum: setattr(self, "_stop_signal", signum),
+                        reload=lambda signum: setattr(self, "_reload_pending", True),
+                        announce=lambda signum: setattr(self.keeper, "announce_at", 0.001))
 
     def _wake_from_thread(self) -> None:
         try:

@@ -173,16 +173,21 @@ def serving(d):
 
 
 def replicated(master, since=0.0):
-    """The master's daemon confirmed that the slave holds its newest
-    snapshot, taken by a cycle that started after `since` (wall clock)."""
-    s = master.status()
-    if not (s["snapshot"] and s["peer"].get("snapshot") == s["snapshot"]):
-        return False
+    """Without `since`: the master's daemon confirmed that the slave holds
+    its newest snapshot.  With `since` (wall clock): a cycle that started
+    after it ended well, so its snapshot (everything written before
+    `since`) is on the slave: zfs recv took it.  (A cycle that carried data
+    starts again at once, so under a steady writer the master's newest
+    snapshot is often the next cycle's, which the slave does not hold yet:
+    the state file's replication history says what the slave received.)"""
     if since:
         with ff.StateStore.open(master.host.state_db) as store:
-            last = store.last_replication()
-        return bool(last and last["result"] == "ok" and last["started"] > since)
-    return True
+            row = store.conn.execute(
+                "SELECT 1 FROM replications WHERE result = 'ok' AND started > ? LIMIT 1",
+                (since,)).fetchone()
+        return row is not None
+    s = master.status()
+    return bool(s["snapshot"] and s["peer"].get("snapshot") == s["snapshot"])
 
 
 def killed(d, timeout=30):

@@ -122,3 +122,35 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
     bedmod.sh(["zfs", "mount", b.dataset], check=False)
     assert bedmod.tree_digest(os.path.join(b.pool.mountpoint, "shop")) == \
         bedmod.tree_digest(mnt)
+
+
+def test_a_cycle_that_carried_data_starts_again_at_once(bed):
+    """replication_interval is the pause after a cycle that found nothing
+    new; one that carried data runs again as soon as it ends (more was
+    probably written meanwhile), so a steady writer's replica lags by about
+    one cycle, not by a cycle and up to an interval more."""
+    interval = 8.0
+    bed.write_config(cluster={"replication_interval": str(interval)})
+    init(bed)
+    a = bed.a
+    a.flocker("sync", check=True)
+    with open(os.path.join(a.pool.mountpoint, "shop", "new.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    da, db = Running(a).wait_ready(), Running(bed.b).wait_ready()
+    try:
+        def cycles():
+            with ff.StateStore.open(a.state_db) as s:
+                return s.conn.execute(
+                    "SELECT started, finished, bytes FROM replications WHERE result = 'ok' "
+                    "ORDER BY id").fetchall()
+        # the sync's row, the cycle that carries new.bin, then the one right
+        # after it, which finds nothing, then one an interval later
+        rows = wait_for(lambda: len(cycles()) >= 4 and cycles(), 3 * interval + 30, step=0.2)
+    finally:
+        da.stop()
+        db.stop()
+    carried = next(i for i, r in enumerate(rows) if i > 0 and r[2] > (1 << 19))
+    again, after = rows[carried + 1], rows[carried + 2]
+    assert again[0] - rows[carried][1] < 2.0, rows        # at once
+    assert again[2] in (0, None) or again[2] < (1 << 19), rows
+    assert after[0] - again[1] >= interval - 1.0, rows    # nothing new: the interval
