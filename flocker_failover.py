@@ -4083,7 +4083,7 @@ class TransferOutcome:
     send_stderr: str
     recv_stderr: str
     stalled: bool = False
-    stopped: bool = False    # asked to stop (the daemon is shutting down)
+    stopped: bool = False    # asked to stop (a role change, or the daemon is shutting down)
 
     @property
     def ok(self) -> bool:
@@ -4201,7 +4201,8 @@ def pipe_transfer(send_argv: Sequence[str], recv_argv: Sequence[str],
     even finishes writing the stream after its zfs client was killed).  On
     failure abort() is called (closing the ssh connection, so the peer ends
     its zfs recv at once) before the receiver is killed.  Setting stop
-    aborts the transfer the same way (the daemon is shutting down).  rate:
+    aborts the transfer the same way (a role change, or the daemon is shutting
+    down).  rate:
     at most that many bytes a second (TokenBucket; 0: no limit); a stream
     held back by it is not stalled."""
     started = time.monotonic()
@@ -4855,7 +4856,8 @@ def explain_transfer(outcome: TransferOutcome, what: str, peer: str,
     (pure)."""
     parts = []
     if outcome.stopped:
-        parts.append("the transfer was stopped because flocker-failover is shutting down")
+        parts.append("the transfer was stopped: this node gives up the master role, or "
+                     "flocker-failover is shutting down")
     send_text = _stderr_text(outcome.send_stderr)
     recv_text = _stderr_text(outcome.recv_stderr)
     both = outcome.send_stderr + "\n" + outcome.recv_stderr
@@ -8001,6 +8003,7 @@ REJECT_SUMMARY_EVERY = 10.0  # seconds between "rejected N packets" log lines
 REJECT_DETAIL_EVERY = 60.0   # seconds between detailed lines for one reason
 METRICS_EVERY = 5.0          # seconds between two writes of metrics_file
 SWITCHOVER_TIMEOUT = 120.0    # seconds a slave asks its master to hand over (+ commands)
+HANDOVER_CYCLE_WAIT = 10.0   # seconds a switchover lets the cycle in flight finish
 OUTDATED_AFTER_FAILURES = 3  # failed cycles in a row before the slave is told it is outdated
 RECV_BATCH = 128             # datagrams read per socket before the loop looks at timers
 CONTROL_MAX_CLIENTS = 8
@@ -9026,6 +9029,12 @@ class JobRunner:
         job.stop.set()
         return job.done.wait(timeout)
 
+    def wait(self, name: str, timeout: float) -> bool:
+        """Wait up to timeout for job `name` to end by itself (from another
+        job's thread: never from the loop).  True when it is not running."""
+        job = self._running.get(name)
+        return job is None or job.done.wait(timeout)
+
     def collect(self) -> None:
         with self._lock:
             calls, self._calls = self._calls, []
@@ -9847,7 +9856,7 @@ class DaemonJobs:
             demote(ctx, a.epoch, a.reason, quiesce=self.quiesce)
         elif a.kind == DECIDE_HANDOVER:
             demote(ctx, a.epoch, a.reason, handover=True, stop=stop,
-                   quiesce=self.quiesce, resume=True)
+                   quiesce=self.quiesce_handover, resume=True)
         elif a.kind == DECIDE_FENCE:
             load_dataset_key(ctx)      # a node that could not take over fences nobody
             fence_peer(ctx, a.epoch, stop)
@@ -9865,6 +9874,18 @@ class DaemonJobs:
         changes.  A cycle stuck in ssh timeouts can keep the rest of the
         step-down waiting; the user system is already stopped then."""
         self.jobs.call_soon(self.keeper.stopped_serving)
+        self.end_replication()
+
+    def quiesce_handover(self) -> None:
+        """quiesce() for a planned switchover: the cycle in flight may end
+        by itself first, for up to HANDOVER_CYCLE_WAIT.  What it carries
+        was written before the stop, and the final snapshot then need not
+        carry it again; a cycle cut short also closes its ssh connection,
+        which the final snapshot's transfer opens again (a new connection,
+        a new gate).  Under a steady writer that was most of a switchover's
+        outage beyond the user system's own stop and start."""
+        self.jobs.call_soon(self.keeper.stopped_serving)
+        self.jobs.wait("replicate", HANDOVER_CYCLE_WAIT)
         self.end_replication()
 
     def end_replication(self) -> None:

@@ -92,8 +92,9 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
     assert last["result"] == "failed", last     # recorded as failed, not half-recorded
     # the stop ends the transfer, or (since the daemon's stop also ends a
     # cycle's other waits on the network) the request to beta it was in
-    assert re.search(r" to beta failed after \d+ bytes: the transfer was stopped because "
-                     r"flocker-failover is shutting down; the transfer to beta was aborted "
+    assert re.search(r" to beta failed after \d+ bytes: the transfer was stopped: this node "
+                     r"gives up the master role, or flocker-failover is shutting down; the "
+                     r"transfer to beta was aborted "
                      r"before its end\. Nothing was changed on either node; the next cycle "
                      r"tries again$", last["error"]) or re.search(
         r"^the talk with node beta \(.*\) was cut short: the replication cycle was ended "

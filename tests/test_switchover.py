@@ -257,3 +257,38 @@ def test_a_released_role_is_taken_over_at_once_not_at_the_next_heartbeat(lanbed)
     finally:
         da.stop()
         db.stop()
+
+
+def test_a_switchover_lets_the_cycle_in_flight_finish_rather_than_send_it_again(lanbed):
+    """promote on the slave while a cycle carries 8 MiB at 2 MiB/s: the
+    master stops its user system, lets that cycle end by itself (it holds
+    what was written before the stop), and the final snapshot carries only
+    the rest.  Cut short, as it was, the cycle's 8 MiB went again in the
+    final snapshot, through a new ssh connection, the user system stopped
+    all the while (issue 16 item 5: most of a loaded switchover's outage
+    beyond PostgreSQL's own stop and start)."""
+    bed = lanbed
+    setup_writer(bed, replication_bandwidth="2M", replication_interval="1")
+    a, b = bed.a, bed.b
+    da, db = start_pair(bed)
+    try:
+        with open(os.path.join(zget(a.dataset, "mountpoint"), "big.bin"), "wb") as f:
+            f.write(os.urandom(8 << 20))
+        assert wait_for(lambda: (da.status().get("transfer") or {}).get("bytes", 0) > 1 << 20,
+                        S(30), step=0.05)
+        r = b.flocker("promote", "--wait", "%g" % S(60), timeout=S(90))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "cut short" not in da.log_text(), da.log_text()
+        with ff.StateStore.open(a.state_db) as store:
+            rows = store.conn.execute(
+                "SELECT result, bytes FROM replications WHERE bytes IS NOT NULL "
+                "ORDER BY id DESC LIMIT 2").fetchall()
+        (final, final_bytes), (cycle, cycle_bytes) = rows
+        assert (cycle, final) == ("ok", "ok"), rows
+        assert cycle_bytes > 8 << 20 and final_bytes < 4 << 20, rows
+        acks = [x for x in acknowledged(bed) if x[0].startswith("w-alpha-")]
+        assert missing_on(b, acks) == []
+        assert serving(db) and da.status()["role"] == "slave"
+    finally:
+        da.stop()
+        db.stop()
