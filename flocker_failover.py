@@ -2183,6 +2183,36 @@ def zfs_says(kind: str, text: str) -> bool:
     return any(words in (text or "") for words in _ZFS_SAYS[kind])
 
 
+# -- where an action's time goes ----------------------------------------------
+
+class Timeline:
+    """The moments (monotonic) of one action's steps and the commands it
+    ran, for the line that tells an operator where its time went (a
+    promotion's, in the event log and the daemon's log).  Times are shown
+    in ms after `origin`, e.g. the moment the peer's silence passed
+    dead_time; `origin_wall` is that moment as Unix time."""
+
+    def __init__(self, origin: float, what: str) -> None:
+        self.origin = origin
+        self.what = what           # what the origin is, in words
+        self.origin_wall = wall_clock() - (time.monotonic() - origin)
+        self.marks = []            # type: List[Tuple[float, str]]
+
+    def mark(self, label: str, at: Optional[float] = None) -> None:
+        self.marks.append((time.monotonic() if at is None else at, label))
+
+    def ran(self, label: str, started: float) -> None:
+        """A command that began at `started` has ended now."""
+        now = time.monotonic()
+        self.marks.append((now, "%s (%.1f ms)" % (label, 1000 * (now - started))))
+
+    def text(self) -> str:
+        return "ms after %s (Unix time %.6f): %s" % (
+            self.what, self.origin_wall,
+            "; ".join("+%.1f %s" % (1000 * (at - self.origin), label)
+                      for at, label in self.marks))
+
+
 # -- what a zfs command line supports -----------------------------------------
 #
 # zfs has no "list your features" command, so we read its usage text:
@@ -2536,12 +2566,21 @@ def device_state(path: str) -> str:
         return "rw"
 
 
+def _command_label(argv: Sequence[str]) -> str:
+    """A short name of a zfs command line for a timeline: the sub-command,
+    and the property set or the columns read."""
+    argv = list(argv)
+    return " ".join(argv[:2] + argv[-2:-1] if len(argv) > 3 else argv[:3])
+
+
 class Zfs(ZfsBase):
     """A thin adapter over the zfs command on this host."""
 
-    def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT) -> None:
+    def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT,
+                 timeline: Optional[Timeline] = None) -> None:
         self.zfs = zfs          # how commands are shown; run from ZFS_DIRS (program_of)
         self.timeout = timeout
+        self.timeline = timeline   # each command's end and length is marked there
 
     # zfs-fuse finishes an unmount after the command returns: a rename or
     # destroy right after it may fail with "dataset is busy" for a moment.
@@ -2551,6 +2590,7 @@ class Zfs(ZfsBase):
             retry_busy: bool = False) -> subprocess.CompletedProcess:
         argv = [self.zfs] + list(args)
         program = program_of(argv)
+        started = time.monotonic()
         for pause in self.BUSY_RETRIES + (None,):
             try:
                 proc = subprocess.run(argv, executable=program, stdin=subprocess.DEVNULL,
@@ -2568,6 +2608,8 @@ class Zfs(ZfsBase):
             log.warning("'%s': %s; trying again in %g s", " ".join(argv),
                         _stderr_text(proc.stderr), pause)
             time.sleep(pause)
+        if self.timeline is not None:
+            self.timeline.ran(_command_label(argv), started)
         if check and proc.returncode != 0:
             raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(proc.stderr)))
         return proc
@@ -6356,10 +6398,16 @@ COMMAND_TRIES = 3
 
 @dataclasses.dataclass
 class Context:
-    """What an action works with on this node."""
+    """What an action works with on this node; timeline: where the marks
+    of its steps go (a promotion's line in the event log), if anywhere."""
     cfg: Config
     store: StateStore
     zfs: Zfs
+    timeline: Optional[Timeline] = None
+
+    def mark(self, label: str) -> None:
+        if self.timeline is not None:
+            self.timeline.mark(label)
 
 
 def failpoint(name: str) -> None:
@@ -6499,14 +6547,23 @@ class HandoverAborted(ActionError):
         self.resumed = resumed
 
 
-def promote(ctx: Context, epoch: int, reason: str) -> None:
+def promote(ctx: Context, epoch: int, reason: str, settle=None) -> None:
     """Make this node master in `epoch` (from decide()).  With the node's
     own epoch, a master that starts up resumes serving (no notification:
-    its role does not change)."""
+    its role does not change).  settle(): called before the first write to
+    the state file (the daemon waits there for the events that led here to
+    be written first)."""
+    if settle is not None:
+        settle()
     old = ctx.store.node_state()
     load_dataset_key(ctx)     # (when it cannot, nothing is recorded or changed)
     data = {"epoch": epoch, "reason": reason, "old_role": old.role}
+    ctx.mark("intent")
     _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
+    if ctx.timeline is not None:
+        text = "timeline, " + ctx.timeline.text()
+        log.info("promotion %s", text)
+        ctx.store.record_event("promote", text)
 
 
 def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
@@ -6561,6 +6618,7 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
     env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_MASTER})
     for step in PROMOTE_STEPS:
+        ctx.mark(step)
         ctx.store.intent_step(intent_id, step)
         failpoint("promote:" + step)
         if step == "role":   # recorded here, announced on the dataset for the peer
@@ -6591,7 +6649,9 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 announce_address(sa, cfg.service.announce_count, cfg.service.announce_interval)
         elif step == "start":
             try:
+                ctx.mark("start_command begins")
                 _run_service_command(ctx, "start_command", cfg.service.start_command, env)
+                ctx.mark("start_command done")
             except ActionError:
                 # nothing answers on the address: give it back (the step
                 # runs again when the promotion is finished off)
@@ -8041,6 +8101,7 @@ class PeerTracker:
         self.state_since = start
         self.dead_verdicts = 0
         self.silence_at_verdict = None  # type: Optional[float]
+        self.dead_since = None     # type: Optional[float]  # when the silence passed dead_time
         self.stalls = 0
         # the newest authentic, new packet, confirmed or not, and when it
         # came: a peer that does not hear us (one direction of the link
@@ -8136,11 +8197,13 @@ class PeerTracker:
     def evaluate(self, now: float) -> List[str]:
         """Update link and peer states; returns messages for what changed."""
         changes = []
+        due = []
         for lv in self.links:
             if lv.last_seen is not None and lv.last_seen >= self.awake_since:
                 basis = lv.last_seen
             else:
                 basis = self.awake_since
+            due.append(basis + self.dead_time)
             if now - basis > self.dead_time:
                 state = "down"
             elif lv.last_seen is not None:
@@ -8161,6 +8224,7 @@ class PeerTracker:
         if peer_state != self.state:
             if peer_state == "dead":
                 self.dead_verdicts += 1
+                self.dead_since = max(due)
                 self.silence_at_verdict = (None if self.last_seen is None
                                            else now - self.last_seen)
                 changes.append("peer %s is dead: no valid heartbeat for %s" % (
@@ -8224,6 +8288,8 @@ class RoleAction:
     serving: bool = False          # resolve: this node served when it began
     yield_first: bool = False      # resolve: stop the user system before anything else
     winner: Optional[str] = None   # resolve: the operator's choice
+    decided: float = 0.0           # when the keeper handed it out (monotonic)
+    deadline: Optional[float] = None  # promote: when the peer's silence passed dead_time
 
 
 class WitnessWatch:
@@ -8600,7 +8666,9 @@ class RoleKeeper:
             # data continues is the divergence verdict's to say
             return self.resolution(d.reason, now)
         if d.kind == DECIDE_PROMOTE:
-            return self._act(RoleAction(d.kind, d.reason, d.epoch))
+            dead = self.tracker.state == "dead"
+            return self._act(RoleAction(d.kind, d.reason, d.epoch, decided=now,
+                                        deadline=self.tracker.dead_since if dead else None))
         if d.kind == DECIDE_STEP_DOWN:
             return self._act(RoleAction(d.kind, d.reason, max(self.epoch, self.peer_epoch_seen)))
         if d.kind in (DECIDE_RESUME, DECIDE_HANDOVER, DECIDE_FENCE):
@@ -9765,14 +9833,15 @@ class DaemonJobs:
         state, failure, kind, the action a recovery finished or None,
         whether an action is still unfinished)."""
         def job(stop):
-            if self.daemon.writer is not None:
-                self.daemon.writer.flush(2.0)   # the events that led here come first
+            tl = self.timeline(a)
             with self.open_store() as store:
-                ctx = Context(self.cfg, store, Zfs())
+                ctx = Context(self.cfg, store, Zfs(timeline=tl), tl)
+                ctx.mark("state file open")
                 done, failure, ran = None, None, a.kind
                 try:
                     if a.kind != DECIDE_FENCE and store.unfinished_intent() is not None:
                         ran = ROLE_RECOVER
+                        self.settle(ctx)
                         done = recover_intent(ctx, stop, quiesce=self.quiesce)
                     elif a.kind != ROLE_RECOVER:
                         self.run_action(a, ctx, stop)
@@ -9782,10 +9851,31 @@ class DaemonJobs:
                         store.unfinished_intent() is not None)
         return job
 
+    @staticmethod
+    def timeline(a: RoleAction) -> Optional[Timeline]:
+        """A promotion's timeline (see Timeline), from the moment the
+        peer's silence passed dead_time when that led to it."""
+        if a.kind != DECIDE_PROMOTE:
+            return None
+        tl = (Timeline(a.deadline, "the peer's silence passed dead_time")
+              if a.deadline is not None else Timeline(a.decided, "the decision"))
+        tl.mark("decided", a.decided)
+        tl.mark("job thread")
+        return tl
+
+    def settle(self, ctx: Context) -> None:
+        """Before a role action writes to the state file: the events that
+        led to it are written first (the state writer's queue)."""
+        if self.daemon.writer is not None:
+            self.daemon.writer.flush(2.0)
+        ctx.mark("events written")
+
     def run_action(self, a: RoleAction, ctx: Context, stop: threading.Event) -> None:
         if a.kind in (DECIDE_PROMOTE, DECIDE_RESUME):
-            promote(ctx, a.epoch, a.reason)
-        elif a.kind == DECIDE_STEP_DOWN:
+            promote(ctx, a.epoch, a.reason, settle=lambda: self.settle(ctx))
+            return
+        self.settle(ctx)
+        if a.kind == DECIDE_STEP_DOWN:
             demote(ctx, a.epoch, a.reason, quiesce=self.quiesce)
         elif a.kind == DECIDE_HANDOVER:
             demote(ctx, a.epoch, a.reason, handover=True, stop=stop,

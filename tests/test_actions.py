@@ -198,3 +198,16 @@ def test_status_on_a_slave_shows_the_replica_it_holds(pair):
     # the master, which has not replicated yet, still says so
     text = p.a.flocker("status", check=True).stdout
     assert "replicated  never" in text and "\nreplica " not in text
+
+
+def test_a_timeline_says_where_the_time_went():
+    """A promotion's timeline (its event-log line): each mark in ms after
+    the origin, a command with its own length, the origin as Unix time."""
+    tl = ff.Timeline(100.0, "the peer's silence passed dead_time")
+    tl.mark("decided", 100.0012)
+    tl.marks.append((100.0105, "zfs set readonly=off (9.3 ms)"))
+    text = tl.text()
+    assert text.startswith("ms after the peer's silence passed dead_time (Unix time ")
+    assert text.endswith("): +1.2 decided; +10.5 zfs set readonly=off (9.3 ms)")
+    assert ff._command_label(["zfs", "set", "readonly=off", "p/ds"]) == "zfs set readonly=off"
+    assert ff._command_label(["zfs", "mount", "p/ds"]) == "zfs mount p/ds"
