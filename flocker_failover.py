@@ -1408,6 +1408,19 @@ class StateStore:
         self.close()
 
     @contextlib.contextmanager
+    def relaxed(self):
+        """Writes made in here are not synced to disk on their own: the next
+        write made outside syncs them with its own (WAL: one sync covers
+        every commit before it).  For what may wait for that one (an
+        intent's step; the events before a role change, which syncs): a
+        sync costs milliseconds on a busy disk, more while zfs writes."""
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield self
+        finally:
+            self.conn.execute("PRAGMA synchronous=FULL")
+
+    @contextlib.contextmanager
     def transaction(self):
         if self.lock is None:
             raise StateError("internal error: state changed without holding its lock")
@@ -1540,11 +1553,15 @@ class StateStore:
             self._event(conn, "init", "initialised node %s as %s, epoch %d"
                         % (node, role, epoch))
 
-    def set_role(self, role: str, epoch: int, reason: str) -> None:
+    def set_role(self, role: str, epoch: int, reason: str, if_changed: bool = False) -> None:
+        """Record role and epoch; if_changed: only when they differ (one
+        transaction, no write otherwise)."""
         if role not in ROLES:
             raise ValueError(role)
         with self.transaction() as conn:
             old = conn.execute("SELECT role, epoch FROM node_state WHERE id = 1").fetchone()
+            if if_changed and (old[0], old[1]) == (role, epoch):
+                return
             if epoch < old[1]:
                 raise StateError("internal error: epoch would go back from %d to %d"
                                  % (old[1], epoch))
@@ -1631,7 +1648,9 @@ class StateStore:
             return cur.lastrowid
 
     def intent_step(self, intent_id: int, step: str) -> None:
-        with self.transaction() as conn:
+        """(Not synced on its own, see relaxed(): a recovery runs every step
+        again; the step recorded only says where it was cut short.)"""
+        with self.relaxed(), self.transaction() as conn:
             conn.execute("UPDATE intents SET step = ? WHERE id = ?", (step, intent_id))
 
     def finish_intent(self, intent_id: int,
@@ -6551,15 +6570,16 @@ def promote(ctx: Context, epoch: int, reason: str, settle=None) -> None:
     """Make this node master in `epoch` (from decide()).  With the node's
     own epoch, a master that starts up resumes serving (no notification:
     its role does not change).  settle(): called before the first write to
-    the state file (the daemon waits there for the events that led here to
-    be written first)."""
+    the state file (the daemon writes the events that led here there)."""
     if settle is not None:
         settle()
     old = ctx.store.node_state()
     load_dataset_key(ctx)     # (when it cannot, nothing is recorded or changed)
     data = {"epoch": epoch, "reason": reason, "old_role": old.role}
     ctx.mark("intent")
-    _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
+    with ctx.store.relaxed():     # synced with the role, recorded next
+        intent = ctx.store.begin_intent("promote", data)
+    _promote_steps(ctx, intent, data)
     if ctx.timeline is not None:
         text = "timeline, " + ctx.timeline.text()
         log.info("promotion %s", text)
@@ -6622,9 +6642,7 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
         ctx.store.intent_step(intent_id, step)
         failpoint("promote:" + step)
         if step == "role":   # recorded here, announced on the dataset for the peer
-            st = ctx.store.node_state()
-            if (st.role, st.epoch) != (ROLE_MASTER, epoch):
-                ctx.store.set_role(ROLE_MASTER, epoch, data["reason"])
+            ctx.store.set_role(ROLE_MASTER, epoch, data["reason"], if_changed=True)
             zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_MASTER, epoch))
         elif step == "discard-partial":
             killed = kill_receives(ds)
@@ -8030,7 +8048,7 @@ CONTROL_MAX_CLIENTS = 8
 CONTROL_TIMEOUT = 5.0        # seconds a control client may take
 CONTROL_MAX_REQUEST = 4096   # bytes
 STALL_FRACTION = 0.5         # loop later than dead_time * this: it was stalled
-VERDICT_SLACK = 0.001        # s: the liveness check runs this long after a verdict is due
+VERDICT_SLACK = 0.0001       # s: the liveness check runs this long after a verdict is due
 
 
 EVENT_TRIM_INTERVAL = 3600.0   # seconds between two trims of the event log
@@ -9100,12 +9118,20 @@ class _BorrowedLock:
 
 class StoreWriter:
     """One thread that owns the daemon's sqlite connection; submit(fn)
-    queues fn(store) and returns at once."""
+    queues fn(store) and returns at once.  A role job that must write
+    after what is queued (the events that led to it) writes the queue
+    itself, on its own connection (write_pending): it waits for no other
+    thread to be scheduled, only for the one write the writer may be in."""
+
+    MAX_PENDING = 1000
 
     def __init__(self, path: str, lock: StateLock) -> None:
         self.path = path
         self.lock = lock
-        self.queue = queue.Queue(maxsize=1000)   # type: queue.Queue
+        self._pending = collections.deque()   # type: collections.deque
+        self._cond = threading.Condition()
+        self._busy = False         # a write runs (the writer's, or write_pending's)
+        self._closing = False
         self.thread = threading.Thread(target=self._run, name="state", daemon=True)
         self.dropped = 0
 
@@ -9113,10 +9139,41 @@ class StoreWriter:
         self.thread.start()
 
     def submit(self, fn) -> None:
-        try:
-            self.queue.put_nowait(fn)
-        except queue.Full:
-            self.dropped += 1
+        with self._cond:
+            if len(self._pending) >= self.MAX_PENDING:
+                self.dropped += 1
+                return
+            self._pending.append(fn)
+            self._cond.notify_all()
+
+    def _apply(self, store: Optional[StateStore], fns) -> None:
+        for fn in fns:
+            if store is None:
+                continue
+            try:
+                fn(store)
+            except (sqlite3.Error, FlockerError) as e:
+                log.error("could not write to the state file %s: %s", self.path, e)
+
+    def _take(self, everything: bool, timeout: Optional[float] = None):
+        """The next write(s) to make, once no other runs (marked busy);
+        None when closing with nothing left (or not within timeout)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy and (
+                    self._pending or self._closing or everything), timeout):
+                return None
+            if not self._pending and not everything:
+                return None
+            fns = list(self._pending) if everything else [self._pending.popleft()]
+            if everything:
+                self._pending.clear()
+            self._busy = True
+            return fns
+
+    def _done(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
 
     def _run(self) -> None:
         store = None
@@ -9125,30 +9182,34 @@ class StoreWriter:
         except FlockerError as e:
             log.error("cannot write the state file: %s", e.message)
         while True:
-            fn = self.queue.get()
-            if fn is None:
+            fns = self._take(everything=False)
+            if fns is None:
                 break
-            if store is None:
-                continue
             try:
-                fn(store)
-            except (sqlite3.Error, FlockerError) as e:
-                log.error("could not write to the state file %s: %s", self.path, e)
+                self._apply(store, fns)
+            finally:
+                self._done()
         if store is not None:
             store.close()
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is written (from a thread
-        other than the writer's), so that a job's own writes come after."""
-        done = threading.Event()
-        self.submit(lambda store: done.set())
-        return done.wait(timeout)
+    def write_pending(self, store: StateStore, timeout: float) -> bool:
+        """From another thread, with its own connection: write everything
+        queued so far, in order, there and now, so that what it writes next
+        comes after.  False when a write of the writer's did not end within
+        timeout (nothing was taken then)."""
+        fns = self._take(everything=True, timeout=timeout)
+        if fns is None:
+            return False
+        try:
+            self._apply(store, fns)
+        finally:
+            self._done()
+        return True
 
     def close(self, timeout: float = 10.0) -> bool:
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            return False
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
@@ -9865,9 +9926,11 @@ class DaemonJobs:
 
     def settle(self, ctx: Context) -> None:
         """Before a role action writes to the state file: the events that
-        led to it are written first (the state writer's queue)."""
+        led to it are written first (the state writer's queue, written
+        here: see StoreWriter)."""
         if self.daemon.writer is not None:
-            self.daemon.writer.flush(2.0)
+            with ctx.store.relaxed():    # synced with the action's first write
+                self.daemon.writer.write_pending(ctx.store, 2.0)
         ctx.mark("events written")
 
     def run_action(self, a: RoleAction, ctx: Context, stop: threading.Event) -> None:
