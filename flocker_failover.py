@@ -10024,6 +10024,25 @@ def loop_realtime(prio: int) -> None:
                     "this", prio, getattr(e, "strerror", None) or e)
 
 
+def loop_timeout(timers: List[_Timer], liveness: _Timer, verdict: Optional[float],
+                 now: float) -> float:
+    """(On the loop.)  How long the loop may wait in select: until the
+    next timer.  The liveness check also runs the moment a silence passes
+    dead_time (verdict: PeerTracker.next_verdict(); evaluate's rule is
+    "longer than": just after it), not at its next tick: only ever earlier
+    than its own cadence.  select waits whole ms, rounded up: before the
+    verdict it waits the whole ms only, and polls the last fraction of one,
+    so that the verdict is not up to a ms late (a silence that long is rare:
+    the spin is at most once per verdict)."""
+    if verdict is not None and verdict + VERDICT_SLACK < liveness.due:
+        liveness.due = max(now, verdict + VERDICT_SLACK)
+    wake = min(t.due for t in timers)
+    timeout = max(0.0, wake - time.monotonic())
+    if verdict is not None and wake == liveness.due == verdict + VERDICT_SLACK:
+        timeout = int(timeout * 1000.0) / 1000.0
+    return timeout
+
+
 def reload_refusal(old: Config, new: Config) -> List[str]:
     """What a SIGHUP cannot change (the daemon must restart for it)."""
     fixed = []
@@ -10481,13 +10500,7 @@ class Daemon:
                 if t.due <= now:        # missed beats are not made up in a burst
                     t.due = now + period
                 now = time.monotonic()
-            # the liveness check also runs the moment a silence passes
-            # dead_time (evaluate's rule is "longer than": just after it),
-            # not at its next tick: only ever earlier than its own cadence
-            verdict = self.tracker.next_verdict()
-            if verdict is not None and verdict + VERDICT_SLACK < liveness.due:
-                liveness.due = max(now, verdict + VERDICT_SLACK)
-            timeout = max(0.0, min(t.due for t in self.timers) - time.monotonic())
+            timeout = loop_timeout(self.timers, liveness, self.tracker.next_verdict(), now)
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)
 
