@@ -1416,6 +1416,19 @@ class StateStore:
         self.close()
 
     @contextlib.contextmanager
+    def relaxed(self):
+        """Writes made in here are not synced to disk on their own: the next
+        write made outside syncs them with its own (WAL: one sync covers
+        every commit before it).  For what may wait for that one (an
+        intent's step; the events before a role change, which syncs): a
+        sync costs milliseconds on a busy disk, more while zfs writes."""
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield self
+        finally:
+            self.conn.execute("PRAGMA synchronous=FULL")
+
+    @contextlib.contextmanager
     def transaction(self):
         if self.lock is None:
             raise StateError("internal error: state changed without holding its lock")
@@ -1549,11 +1562,15 @@ class StateStore:
             self._event(conn, "init", "initialised node %s as %s, epoch %d"
                         % (node, role, epoch))
 
-    def set_role(self, role: str, epoch: int, reason: str) -> None:
+    def set_role(self, role: str, epoch: int, reason: str, if_changed: bool = False) -> None:
+        """Record role and epoch; if_changed: only when they differ (one
+        transaction, no write otherwise)."""
         if role not in ROLES:
             raise ValueError(role)
         with self.transaction() as conn:
             old = conn.execute("SELECT role, epoch FROM node_state WHERE id = 1").fetchone()
+            if if_changed and (old[0], old[1]) == (role, epoch):
+                return
             if epoch < old[1]:
                 raise StateError("internal error: epoch would go back from %d to %d"
                                  % (old[1], epoch))
@@ -1643,7 +1660,9 @@ class StateStore:
             return cur.lastrowid
 
     def intent_step(self, intent_id: int, step: str) -> None:
-        with self.transaction() as conn:
+        """(Not synced on its own, see relaxed(): a recovery runs every step
+        again; the step recorded only says where it was cut short.)"""
+        with self.relaxed(), self.transaction() as conn:
             conn.execute("UPDATE intents SET step = ? WHERE id = ?", (step, intent_id))
 
     def finish_intent(self, intent_id: int,
@@ -2202,6 +2221,36 @@ def zfs_says(kind: str, text: str) -> bool:
     return any(words in (text or "") for words in _ZFS_SAYS[kind])
 
 
+# -- where an action's time goes ----------------------------------------------
+
+class Timeline:
+    """The moments (monotonic) of one action's steps and the commands it
+    ran, for the line that tells an operator where its time went (a
+    promotion's, in the event log and the daemon's log).  Times are shown
+    in ms after `origin`, e.g. the moment the peer's silence passed
+    dead_time; `origin_wall` is that moment as Unix time."""
+
+    def __init__(self, origin: float, what: str) -> None:
+        self.origin = origin
+        self.what = what           # what the origin is, in words
+        self.origin_wall = wall_clock() - (time.monotonic() - origin)
+        self.marks = []            # type: List[Tuple[float, str]]
+
+    def mark(self, label: str, at: Optional[float] = None) -> None:
+        self.marks.append((time.monotonic() if at is None else at, label))
+
+    def ran(self, label: str, started: float) -> None:
+        """A command that began at `started` has ended now."""
+        now = time.monotonic()
+        self.marks.append((now, "%s (%.1f ms)" % (label, 1000 * (now - started))))
+
+    def text(self) -> str:
+        return "ms after %s (Unix time %.6f): %s" % (
+            self.what, self.origin_wall,
+            "; ".join("+%.1f %s" % (1000 * (at - self.origin), label)
+                      for at, label in self.marks))
+
+
 # -- what a zfs command line supports -----------------------------------------
 #
 # zfs has no "list your features" command, so we read its usage text:
@@ -2219,6 +2268,7 @@ class ZfsFeatures:
     recv_exclude: bool = False     # zfs recv -x PROPERTY (not zfs-fuse)
     send_flags: frozenset = frozenset()   # which of _SEND_FLAGS zfs send takes
     send_estimate: bool = False    # zfs send -n -P: the stream's size, beforehand (not zfs-fuse)
+    encryption: bool = False       # native encryption: keystatus, zfs load-key (not zfs-fuse)
 
 
 def zfs_properties(usage: str) -> Set[str]:
@@ -2249,7 +2299,8 @@ def parse_zfs_features(usage: str) -> ZfsFeatures:
         recv_exclude=bool(re.search(r"^\s*rec(?:ei)?v(?:e)? \[[^\n]*\[-x <?property>?\]",
                                     usage, re.M)),
         send_flags=frozenset(f for f in _SEND_FLAGS if f[1] in send),
-        send_estimate="n" in send and "P" in send)
+        send_estimate="n" in send and "P" in send,
+        encryption="keystatus" in props)
 
 
 # -- listings -----------------------------------------------------------------
@@ -2337,6 +2388,55 @@ def parse_tree(text: str, dataset: str) -> Dict[str, TreeNode]:
         elif not at and prop == "receive_resume_token" and value not in ("", "-"):
             tokens[ds] = value
     return {ds: TreeNode(snaps[ds], tokens.get(ds, "")) for ds in snaps}
+
+
+class MountView:
+    """The dataset and the file systems and volumes below it as one
+    `zfs list -r` shows them (view_args): what a promotion must know before
+    it mounts, read in one command, instead of one command per question
+    (pure)."""
+
+    COLUMNS = ("name", "type", "mounted", "canmount", "mountpoint")
+
+    def __init__(self, dataset: str, rows: Dict[str, Dict[str, str]]) -> None:
+        self.dataset = dataset
+        self.rows = rows           # name -> column -> value
+
+    @classmethod
+    def args(cls, dataset: str, features: ZfsFeatures) -> List[str]:
+        cols = cls.COLUMNS + (("receive_resume_token",) if features.resumable else ())
+        return ["list", "-H", "-o", ",".join(cols), "-r", "-t", "filesystem,volume", dataset]
+
+    @classmethod
+    def parse(cls, text: str, dataset: str, resumable: bool) -> "MountView":
+        cols = cls.COLUMNS + (("receive_resume_token",) if resumable else ())
+        rows = {}
+        for line in text.splitlines():
+            values = line.split("\t")
+            if len(values) == len(cols) and (values[0] == dataset or
+                                             values[0].startswith(dataset + "/")):
+                rows[values[0]] = dict(zip(cols, values))
+        return cls(dataset, rows)
+
+    def exists(self) -> bool:
+        return self.dataset in self.rows
+
+    def is_volume(self) -> bool:
+        return self.rows.get(self.dataset, {}).get("type") == "volume"
+
+    def mounted(self, name: str) -> bool:
+        return self.rows.get(name, {}).get("mounted") == "yes"
+
+    def resume_token(self) -> str:
+        token = self.rows.get(self.dataset, {}).get("receive_resume_token", "")
+        return "" if token in ("", "-") else token
+
+    def to_mount_below(self) -> List[str]:
+        """The file systems below the dataset that mount automatically
+        (canmount=on, a mountpoint of their own), parents first."""
+        return sorted(n for n, r in self.rows.items() if n != self.dataset
+                      and r["type"] == "filesystem" and r["canmount"] == "on"
+                      and r["mountpoint"] not in ("none", "legacy"))
 
 
 def parse_listing(text: str, dataset: str) -> Listing:
@@ -2555,12 +2655,49 @@ def device_state(path: str) -> str:
         return "rw"
 
 
+class ZfsRunning:
+    """A zfs command started by Zfs.start(), not yet waited for."""
+
+    def __init__(self, zfs: "Zfs", argv: List[str], proc: subprocess.Popen,
+                 started: float) -> None:
+        self.zfs, self.argv, self.proc, self.started = zfs, argv, proc, started
+        self.done = None   # type: Optional[subprocess.CompletedProcess]
+
+    def wait(self, check: bool = True) -> subprocess.CompletedProcess:
+        """Its outcome (ZfsError when it failed and check, or timed out)."""
+        if self.done is None:
+            try:
+                out, err = self.proc.communicate(
+                    timeout=max(0.0, self.started + self.zfs.timeout - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+                raise ZfsError("'%s' did not finish within %g s; is the pool hung?"
+                               % (" ".join(self.argv), self.zfs.timeout)) from None
+            self.done = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
+            if self.zfs.timeline is not None:
+                self.zfs.timeline.ran(_command_label(self.argv), self.started)
+        if check and self.done.returncode != 0:
+            raise ZfsError("'%s' failed: %s" % (" ".join(self.argv),
+                                                 _stderr_text(self.done.stderr)))
+        return self.done
+
+
+def _command_label(argv: Sequence[str]) -> str:
+    """A short name of a zfs command line for a timeline: the sub-command,
+    and the property set or the columns read."""
+    argv = list(argv)
+    return " ".join(argv[:2] + argv[-2:-1] if len(argv) > 3 else argv[:3])
+
+
 class Zfs(ZfsBase):
     """A thin adapter over the zfs command on this host."""
 
-    def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT) -> None:
+    def __init__(self, zfs: str = "zfs", timeout: float = ZFS_TIMEOUT,
+                 timeline: Optional[Timeline] = None) -> None:
         self.zfs = zfs          # how commands are shown; run from ZFS_DIRS (program_of)
         self.timeout = timeout
+        self.timeline = timeline   # each command's end and length is marked there
 
     # zfs-fuse finishes an unmount after the command returns: a rename or
     # destroy right after it may fail with "dataset is busy" for a moment.
@@ -2570,6 +2707,7 @@ class Zfs(ZfsBase):
             retry_busy: bool = False) -> subprocess.CompletedProcess:
         argv = [self.zfs] + list(args)
         program = program_of(argv)
+        started = time.monotonic()
         for pause in self.BUSY_RETRIES + (None,):
             try:
                 proc = subprocess.run(argv, executable=program, stdin=subprocess.DEVNULL,
@@ -2587,6 +2725,8 @@ class Zfs(ZfsBase):
             log.warning("'%s': %s; trying again in %g s", " ".join(argv),
                         _stderr_text(proc.stderr), pause)
             time.sleep(pause)
+        if self.timeline is not None:
+            self.timeline.ran(_command_label(argv), started)
         if check and proc.returncode != 0:
             raise ZfsError("'%s' failed: %s" % (" ".join(argv), _stderr_text(proc.stderr)))
         return proc
@@ -2597,6 +2737,32 @@ class Zfs(ZfsBase):
             proc = self.run(args, check=False)
             out.append(proc.stdout + proc.stderr)
         return "\n".join(out)
+
+    # What the zfs of this host supports, read once per process: every job
+    # makes a Zfs of its own, and reading the usage text again took two zfs
+    # commands (on zfs-fuse 7 ms) of every promotion.  (A zfs upgraded under
+    # a running daemon is seen when the daemon restarts.)
+    _host_features = {}   # type: Dict[str, ZfsFeatures]
+
+    def features(self) -> ZfsFeatures:
+        if self._features is None:
+            known = Zfs._host_features.get(self.zfs)
+            self._features = known if known is not None else super().features()
+            Zfs._host_features[self.zfs] = self._features
+        return self._features
+
+    def start(self, args: Sequence[str]) -> "ZfsRunning":
+        """Start a zfs command without waiting for it: several run at once
+        (a promotion's), each waited for with its wait()."""
+        argv = [self.zfs] + list(args)
+        try:
+            proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    universal_newlines=True)
+        except FileNotFoundError:
+            raise ZfsError("the zfs command (%s) was not found; install ZFS (OpenZFS, or "
+                           "zfs-fuse for testing)" % program_of(argv)) from None
+        return ZfsRunning(self, argv, proc, time.monotonic())
 
     def send_stream_is_empty(self, dataset: str, old: str, new: str) -> bool:
         """Reads at most one byte more than an empty stream has, then closes
@@ -2773,7 +2939,9 @@ class Zfs(ZfsBase):
     def key_state(self, dataset: str) -> Optional[Dict[str, str]]:
         """{encryptionroot, keystatus, keylocation} of an encrypted dataset
         (OpenZFS native encryption); None for one that is not encrypted,
-        does not exist, or a zfs without encryption (zfs-fuse)."""
+        does not exist, or a zfs without encryption (zfs-fuse: nothing is run)."""
+        if not self.features().encryption:
+            return None
         proc = self.run(["get", "-H", "-p", "-o", "property,value",
                          "encryption,encryptionroot,keystatus,keylocation", dataset],
                         check=False)
@@ -4437,13 +4605,15 @@ class CommandResult:
 
 
 def run_command(argv: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
-                stop: Optional[threading.Event] = None) -> CommandResult:
+                stop: Optional[threading.Event] = None, forked=None) -> CommandResult:
     """Run an operator's command (start, stop, check, notify, fence), no
     shell, in its own process group.  When it runs longer than timeout, or
     stop is set, the whole group is killed (TERM, then KILL 2 s later), so a
     hung hook cannot linger.  Output goes to a file, not a pipe: a service
     that leaves a child holding stdout cannot make this wait.  Never raises
-    for the command's own failures; a missing program is status 127."""
+    for the command's own failures; a missing program is status 127.
+    forked(): called once the command runs (or could not be started), while
+    it runs: what is to happen meanwhile."""
     started = time.monotonic()
     full_env = dict(os.environ)
     full_env.update(env or {})
@@ -4453,8 +4623,12 @@ def run_command(argv: Sequence[str], timeout: float, env: Optional[Dict[str, str
                                     stderr=subprocess.STDOUT, env=full_env,
                                     start_new_session=True)
         except OSError as e:
+            if forked is not None:
+                forked()
             return CommandResult(tuple(argv), 127, "cannot run %s: %s" % (argv[0], e.strerror),
                                  time.monotonic() - started)
+        if forked is not None:
+            forked()
         deadline = started + timeout
         status = None  # type: Optional[int]
         while True:
@@ -4540,19 +4714,59 @@ class SystemdNotifier:
 
 # -- receives in flight, the arbitrator ---------------------------------------
 
+def mount_is_read_only(dataset: str) -> bool:
+    """True when the kernel holds dataset's own ZFS mount read-only (its
+    per-mount options in /proc/self/mountinfo; OpenZFS).  zfs-fuse's mounts
+    are FUSE mounts whose read-only state zfs-fuse keeps itself, following
+    the readonly property at once: never True for them."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return read_only_in_mountinfo(text, dataset)
+
+
+def read_only_in_mountinfo(text: str, dataset: str) -> bool:
+    """mount_is_read_only() of a mountinfo text (pure)."""
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if sep and len(fields) >= 6 and len(rest) >= 2 and rest[0] == "zfs" and \
+                rest[1].replace("\\040", " ") == dataset:
+            return "ro" in fields[5].split(",")
+    return False
+
+
+def _proc_read(path: str, size: int) -> Optional[bytes]:
+    """At most size bytes of a /proc file; None when it cannot be read (the
+    process has gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def kill_receives(dataset: str, grace: float = 3.0) -> List[int]:
     """Stop every 'zfs recv'/'zfs receive' into dataset (or a child) on this
     host, e.g. one the old master's ssh session still feeds: a promoted
     dataset must not change under the user system.  Returns their pids."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        # the name of its program first (task_struct's comm, cheap); the
+        # command line only of a zfs: reading one waits while that process
+        # forks or execs, and a promotion reads all of them (1.3 against
+        # 6 ms, 150 processes, a busy host)
+        if not entry.isdigit() or _proc_read("/proc/%s/comm" % entry, 32) != b"zfs\n":
             continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
+        raw = _proc_read("/proc/%s/cmdline" % entry, 1 << 16)
+        argv = [a.decode("utf-8", "replace") for a in (raw or b"").split(b"\0") if a]
         if (len(argv) >= 3 and os.path.basename(argv[0]) == "zfs"
                 and argv[1] in ("recv", "receive") and "-A" not in argv
                 and (argv[-1] == dataset or argv[-1].startswith(dataset + "/"))):
@@ -6369,7 +6583,7 @@ def init_node(cfg: Config, role: str, force: bool, zfs: Zfs) -> Tuple[str, List[
 # stop_command, as keepalived and Pacemaker order them: a user system may
 # bind it (PostgreSQL's listen_addresses).
 
-PROMOTE_STEPS = ("role", "discard-partial", "writable", "mount", "address", "start", "notify")
+PROMOTE_STEPS = ("role", "writable", "discard-partial", "mount", "address", "start", "notify")
 DEMOTE_STEPS = ("stop", "address", "final-sync", "readonly", "unmount", "tidy", "role",
                 "notify")
 COMMAND_TRIES = 3
@@ -6377,10 +6591,16 @@ COMMAND_TRIES = 3
 
 @dataclasses.dataclass
 class Context:
-    """What an action works with on this node."""
+    """What an action works with on this node; timeline: where the marks
+    of its steps go (a promotion's line in the event log), if anywhere."""
     cfg: Config
     store: StateStore
     zfs: Zfs
+    timeline: Optional[Timeline] = None
+
+    def mark(self, label: str) -> None:
+        if self.timeline is not None:
+            self.timeline.mark(label)
 
 
 def failpoint(name: str) -> None:
@@ -6390,23 +6610,34 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), 9)
 
 
-def _service_env(ctx: Context, epoch: int, extra: Optional[Dict[str, str]] = None
-                 ) -> Dict[str, str]:
+def _service_env(ctx: Context, epoch: int, extra: Optional[Dict[str, str]] = None,
+                 view: Optional[MountView] = None) -> Dict[str, str]:
+    """The environment of the operator's commands; view: the dataset as a
+    promotion read it (else zfs is asked whether it is a volume)."""
+    ds = ctx.cfg.local.dataset
     env = {"FLOCKER_CLUSTER": ctx.cfg.name, "FLOCKER_NODE": ctx.cfg.local_name,
-           "FLOCKER_DATASET": ctx.cfg.local.dataset, "FLOCKER_EPOCH": str(epoch)}
-    env.update(ctx.zfs.device_env(ctx.cfg.local.dataset))    # a volume: FLOCKER_DEVICE
+           "FLOCKER_DATASET": ds, "FLOCKER_EPOCH": str(epoch)}
+    if view is None:
+        env.update(ctx.zfs.device_env(ds))    # a volume: FLOCKER_DEVICE
+    elif view.is_volume():
+        env["FLOCKER_DEVICE"] = volume_device(ds)
     env.update(extra or {})
     return env
 
 
 def _run_service_command(ctx: Context, what: str, argv: Optional[Tuple[str, ...]],
-                         env: Dict[str, str]) -> None:
-    """Run start_command or stop_command, retrying; raise when it keeps failing."""
+                         env: Dict[str, str], forked=None) -> None:
+    """Run start_command or stop_command, retrying; raise when it keeps
+    failing.  forked(): called once, as soon as the command's first run
+    has begun (or at once without a command)."""
     if argv is None:
+        if forked is not None:
+            forked()
         return
     result = None
     for attempt in range(1, COMMAND_TRIES + 1):
-        result = run_command(argv, ctx.cfg.service.command_timeout, env)
+        result = run_command(argv, ctx.cfg.service.command_timeout, env, forked=forked)
+        forked = None
         if result.ok:
             log.info("%s ran in %.1f s", what, result.seconds)
             return
@@ -6415,12 +6646,13 @@ def _run_service_command(ctx: Context, what: str, argv: Optional[Tuple[str, ...]
     raise ActionError("%s failed %d times, last: %s" % (what, COMMAND_TRIES, result.describe()))
 
 
-def _notify(ctx: Context, old_role: str, new_role: str, epoch: int, reason: str) -> None:
+def _notify(ctx: Context, old_role: str, new_role: str, epoch: int, reason: str,
+            view: Optional[MountView] = None) -> None:
     argv = ctx.cfg.service.notify_command
     if argv is None:
         return
     env = _service_env(ctx, epoch, {"FLOCKER_OLD_ROLE": old_role, "FLOCKER_NEW_ROLE": new_role,
-                                    "FLOCKER_REASON": reason})
+                                    "FLOCKER_REASON": reason}, view)
     result = run_command(argv, ctx.cfg.service.command_timeout, env)
     if not result.ok:   # a notification never blocks a role change
         ctx.store.record_event("notify", "notify_command: " + result.describe(), "warning")
@@ -6520,14 +6752,24 @@ class HandoverAborted(ActionError):
         self.resumed = resumed
 
 
-def promote(ctx: Context, epoch: int, reason: str) -> None:
+def promote(ctx: Context, epoch: int, reason: str, settle=None) -> None:
     """Make this node master in `epoch` (from decide()).  With the node's
     own epoch, a master that starts up resumes serving (no notification:
-    its role does not change)."""
+    its role does not change).  settle(): called before the first write to
+    the state file (the daemon writes the events that led here there)."""
+    if settle is not None:
+        settle()
     old = ctx.store.node_state()
     load_dataset_key(ctx)     # (when it cannot, nothing is recorded or changed)
     data = {"epoch": epoch, "reason": reason, "old_role": old.role}
-    _promote_steps(ctx, ctx.store.begin_intent("promote", data), data)
+    ctx.mark("intent")
+    with ctx.store.relaxed():     # synced with the role, recorded next
+        intent = ctx.store.begin_intent("promote", data)
+    _promote_steps(ctx, intent, data, key_loaded=True)
+    if ctx.timeline is not None:
+        text = "timeline, " + ctx.timeline.text()
+        log.info("promotion %s", text)
+        ctx.store.record_event("promote", text)
 
 
 def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
@@ -6578,51 +6820,107 @@ def recover_intent(ctx: Context, stop: Optional[threading.Event] = None,
     return intent["action"]
 
 
-def _promote_steps(ctx: Context, intent_id: int, data: dict) -> None:
+def _promote_steps(ctx: Context, intent_id: int, data: dict, key_loaded: bool = False
+                   ) -> None:
+    """The steps of a promotion (PROMOTE_STEPS), each recorded before it
+    runs.  The zfs commands run side by side where the order allows
+    (issue 16: the user system follows the dataset being writable, not a
+    queue of commands): readonly=off is set while receives are stopped;
+    the mount, and the one listing that answers the questions of the rest
+    (MountView), run beside it; the role marker is set while start_command
+    runs.  What must come first still does: the role is recorded before
+    the dataset changes, no receive runs once it mounts, the dataset is
+    writable and mounted before the address and start_command.
+    key_loaded: promote() has just loaded the dataset's key."""
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
-    env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_MASTER})
+    writable = view = env = None
+    killed = []   # type: List[int]
     for step in PROMOTE_STEPS:
+        ctx.mark(step)
         ctx.store.intent_step(intent_id, step)
         failpoint("promote:" + step)
-        if step == "role":   # recorded here, announced on the dataset for the peer
-            st = ctx.store.node_state()
-            if (st.role, st.epoch) != (ROLE_MASTER, epoch):
-                ctx.store.set_role(ROLE_MASTER, epoch, data["reason"])
-            zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_MASTER, epoch))
-        elif step == "discard-partial":
-            killed = kill_receives(ds)
-            if killed:
-                ctx.store.record_event("promote", "stopped %d unfinished receive(s) into %s "
-                                       "(pids %s)" % (len(killed), ds,
-                                                      ", ".join(map(str, killed))))
-            if zfs.abort_partial_receive(ds):
-                ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
+        if step == "role":
+            ctx.store.set_role(ROLE_MASTER, epoch, data["reason"], if_changed=True)
         elif step == "writable":
-            zfs.set_prop(ds, "readonly", "off")
+            writable = zfs.start(["set", "readonly=off", ds])
+        elif step == "discard-partial":
+            killed = _stop_receives(ctx, ds)
         elif step == "mount":   # a volume: its device, writable, instead
-            load_dataset_key(ctx)     # (a recovery after a reboot: not loaded again)
-            if zfs.is_volume(ds):
+            if not key_loaded:
+                load_dataset_key(ctx)     # (a recovery after a reboot: not loaded again)
+            # begun before the listing is read: a volume or a mounted file
+            # system only makes it fail, which is then of no account
+            mounting = zfs.start(["mount", ds])
+            view = _read_mount_view(zfs, zfs.start(MountView.args(ds, zfs.features())), ds)
+            if view.resume_token() and not killed and zfs.abort_partial_receive(ds):
+                ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
+            env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_MASTER}, view)
+            if view.is_volume():
+                mounting.wait(check=False)
+                writable.wait()
                 _volume_device_ready(ctx, ds)
             else:
-                _mount_for_service(ctx, ds)
+                _mount_for_service(ctx, ds, writable, mounting, view)
         elif step == "address":
             sa = cfg.service.service_address
             if sa is not None:
                 add_service_address(sa)
                 announce_address(sa, cfg.service.announce_count, cfg.service.announce_interval)
         elif step == "start":
-            try:
-                _run_service_command(ctx, "start_command", cfg.service.start_command, env)
-            except ActionError:
-                # nothing answers on the address: give it back (the step
-                # runs again when the promotion is finished off)
-                if cfg.service.service_address is not None:
-                    remove_service_address(cfg.service.service_address)
-                raise
+            _start_and_mark(ctx, env, role_marker(cfg.local_name, ROLE_MASTER, epoch))
         elif step == "notify":
             if data["old_role"] != ROLE_MASTER:   # a resumption is no role change
-                _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"])
+                _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"], view)
     ctx.store.finish_intent(intent_id)
+
+
+def _read_mount_view(zfs: Zfs, reading: ZfsRunning, ds: str) -> MountView:
+    """The outcome of a promotion's listing (MountView.args)."""
+    done = reading.wait(check=False)
+    if done.returncode != 0:
+        if _missing(done.stderr):
+            raise ActionError("the dataset %s does not exist on this node: there is nothing "
+                              "to take over" % ds)
+        reading.wait()       # raises, saying why
+    return MountView.parse(done.stdout, ds, zfs.features().resumable)
+
+
+def _stop_receives(ctx: Context, ds: str) -> List[int]:
+    """Stop any zfs recv still running into the dataset (an old master's
+    orphaned transfer must not change the data under the user system) and
+    discard the partial state of a resumable one just stopped.  Returns
+    the pids of those stopped."""
+    killed = kill_receives(ds)
+    if killed:
+        ctx.store.record_event("promote", "stopped %d unfinished receive(s) into %s "
+                               "(pids %s)" % (len(killed), ds, ", ".join(map(str, killed))))
+        if ctx.zfs.abort_partial_receive(ds):
+            ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
+    return killed
+
+
+def _start_and_mark(ctx: Context, env: Dict[str, str], marker: str) -> None:
+    """start_command, and meanwhile the role marker on the dataset (for the
+    peer, which reads it before it replicates; the ssh gate refuses it
+    every receive from the moment the role is recorded).  A start that
+    keeps failing gives the service address back: nothing answers on it
+    (the step runs again when the promotion is finished off)."""
+    cfg, ds = ctx.cfg, ctx.cfg.local.dataset
+    marking = []
+    ctx.mark("start_command begins")
+    try:
+        _run_service_command(ctx, "start_command", cfg.service.start_command, env,
+                             forked=lambda: marking.append(
+                                 ctx.zfs.start(["set", "%s=%s" % (ROLE_PROPERTY, marker), ds])))
+        ctx.mark("start_command done")
+    except ActionError:
+        if cfg.service.service_address is not None:
+            remove_service_address(cfg.service.service_address)
+        raise
+    finally:
+        for running in marking:
+            running.wait(check=False)
+    marking[0].wait()
 
 
 def _volume_device_ready(ctx: Context, ds: str) -> None:
@@ -6633,10 +6931,28 @@ def _volume_device_ready(ctx: Context, ds: str) -> None:
                                "gets no device" % ds, "warning")
 
 
-def _mount_for_service(ctx: Context, ds: str) -> None:
-    """A promoted file system: the dataset and the file systems below it
-    that mount automatically (the dataset itself must mount)."""
-    failed = ctx.zfs.mount_tree(ds)
+def _mount_for_service(ctx: Context, ds: str, writable: ZfsRunning, mounting: ZfsRunning,
+                       view: MountView) -> None:
+    """A promoted file system: writable and mounted (readonly=off and the
+    mount, begun at once), then the file systems below it that mount
+    automatically (the dataset itself must mount).  Where the kernel holds
+    the mount read-only (OpenZFS: the mount read readonly=on before the set
+    changed it), it is mounted again."""
+    zfs = ctx.zfs
+    writable.wait()
+    if mounting.wait(check=False).returncode != 0 and not view.mounted(ds):
+        zfs.mount(ds)      # (zfs-fuse: busy for a moment after an unmount; else it says why)
+    if mount_is_read_only(ds):
+        log.warning("%s was mounted read-only while readonly=off was set: mounting it again",
+                    ds)
+        zfs.unmount(ds)
+        zfs.mount(ds)
+    failed = []
+    for name in view.to_mount_below():
+        try:
+            zfs.mount(name)
+        except ZfsError as e:
+            failed.append("%s (%s)" % (name, e.message))
     if failed:
         text = "%s is mounted, but not the file system(s) below it: %s" % (ds, "; ".join(failed))
         log.warning("%s", text)
@@ -8010,7 +8326,7 @@ CONTROL_MAX_CLIENTS = 8
 CONTROL_TIMEOUT = 5.0        # seconds a control client may take
 CONTROL_MAX_REQUEST = 4096   # bytes
 STALL_FRACTION = 0.5         # loop later than dead_time * this: it was stalled
-VERDICT_SLACK = 0.001        # s: the liveness check runs this long after a verdict is due
+VERDICT_SLACK = 0.0001       # s: the liveness check runs this long after a verdict is due
 
 
 EVENT_TRIM_INTERVAL = 3600.0   # seconds between two trims of the event log
@@ -8081,6 +8397,7 @@ class PeerTracker:
         self.state_since = start
         self.dead_verdicts = 0
         self.silence_at_verdict = None  # type: Optional[float]
+        self.dead_since = None     # type: Optional[float]  # when the silence passed dead_time
         self.stalls = 0
         # the newest authentic, new packet, confirmed or not, and when it
         # came: a peer that does not hear us (one direction of the link
@@ -8176,11 +8493,13 @@ class PeerTracker:
     def evaluate(self, now: float) -> List[str]:
         """Update link and peer states; returns messages for what changed."""
         changes = []
+        due = []
         for lv in self.links:
             if lv.last_seen is not None and lv.last_seen >= self.awake_since:
                 basis = lv.last_seen
             else:
                 basis = self.awake_since
+            due.append(basis + self.dead_time)
             if now - basis > self.dead_time:
                 state = "down"
             elif lv.last_seen is not None:
@@ -8201,6 +8520,7 @@ class PeerTracker:
         if peer_state != self.state:
             if peer_state == "dead":
                 self.dead_verdicts += 1
+                self.dead_since = max(due)
                 self.silence_at_verdict = (None if self.last_seen is None
                                            else now - self.last_seen)
                 changes.append("peer %s is dead: no valid heartbeat for %s" % (
@@ -8264,6 +8584,8 @@ class RoleAction:
     serving: bool = False          # resolve: this node served when it began
     yield_first: bool = False      # resolve: stop the user system before anything else
     winner: Optional[str] = None   # resolve: the operator's choice
+    decided: float = 0.0           # when the keeper handed it out (monotonic)
+    deadline: Optional[float] = None  # promote: when the peer's silence passed dead_time
 
 
 class WitnessWatch:
@@ -8644,7 +8966,9 @@ class RoleKeeper:
             # data continues is the divergence verdict's to say
             return self.resolution(d.reason, now)
         if d.kind == DECIDE_PROMOTE:
-            return self._act(RoleAction(d.kind, d.reason, d.epoch))
+            dead = self.tracker.state == "dead"
+            return self._act(RoleAction(d.kind, d.reason, d.epoch, decided=now,
+                                        deadline=self.tracker.dead_since if dead else None))
         if d.kind == DECIDE_STEP_DOWN:
             return self._act(RoleAction(d.kind, d.reason, max(self.epoch, self.peer_epoch_seen)))
         if d.kind in (DECIDE_RESUME, DECIDE_HANDOVER, DECIDE_FENCE):
@@ -9088,12 +9412,20 @@ class _BorrowedLock:
 
 class StoreWriter:
     """One thread that owns the daemon's sqlite connection; submit(fn)
-    queues fn(store) and returns at once."""
+    queues fn(store) and returns at once.  A role job that must write
+    after what is queued (the events that led to it) writes the queue
+    itself, on its own connection (write_pending): it waits for no other
+    thread to be scheduled, only for the one write the writer may be in."""
+
+    MAX_PENDING = 1000
 
     def __init__(self, path: str, lock: StateLock) -> None:
         self.path = path
         self.lock = lock
-        self.queue = queue.Queue(maxsize=1000)   # type: queue.Queue
+        self._pending = collections.deque()   # type: collections.deque
+        self._cond = threading.Condition()
+        self._busy = False         # a write runs (the writer's, or write_pending's)
+        self._closing = False
         self.thread = threading.Thread(target=self._run, name="state", daemon=True)
         self.dropped = 0
 
@@ -9101,10 +9433,41 @@ class StoreWriter:
         self.thread.start()
 
     def submit(self, fn) -> None:
-        try:
-            self.queue.put_nowait(fn)
-        except queue.Full:
-            self.dropped += 1
+        with self._cond:
+            if len(self._pending) >= self.MAX_PENDING:
+                self.dropped += 1
+                return
+            self._pending.append(fn)
+            self._cond.notify_all()
+
+    def _apply(self, store: Optional[StateStore], fns) -> None:
+        for fn in fns:
+            if store is None:
+                continue
+            try:
+                fn(store)
+            except (sqlite3.Error, FlockerError) as e:
+                log.error("could not write to the state file %s: %s", self.path, e)
+
+    def _take(self, everything: bool, timeout: Optional[float] = None):
+        """The next write(s) to make, once no other runs (marked busy);
+        None when closing with nothing left (or not within timeout)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy and (
+                    self._pending or self._closing or everything), timeout):
+                return None
+            if not self._pending and not everything:
+                return None
+            fns = list(self._pending) if everything else [self._pending.popleft()]
+            if everything:
+                self._pending.clear()
+            self._busy = True
+            return fns
+
+    def _done(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
 
     def _run(self) -> None:
         store = None
@@ -9113,30 +9476,34 @@ class StoreWriter:
         except FlockerError as e:
             log.error("cannot write the state file: %s", e.message)
         while True:
-            fn = self.queue.get()
-            if fn is None:
+            fns = self._take(everything=False)
+            if fns is None:
                 break
-            if store is None:
-                continue
             try:
-                fn(store)
-            except (sqlite3.Error, FlockerError) as e:
-                log.error("could not write to the state file %s: %s", self.path, e)
+                self._apply(store, fns)
+            finally:
+                self._done()
         if store is not None:
             store.close()
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is written (from a thread
-        other than the writer's), so that a job's own writes come after."""
-        done = threading.Event()
-        self.submit(lambda store: done.set())
-        return done.wait(timeout)
+    def write_pending(self, store: StateStore, timeout: float) -> bool:
+        """From another thread, with its own connection: write everything
+        queued so far, in order, there and now, so that what it writes next
+        comes after.  False when a write of the writer's did not end within
+        timeout (nothing was taken then)."""
+        fns = self._take(everything=True, timeout=timeout)
+        if fns is None:
+            return False
+        try:
+            self._apply(store, fns)
+        finally:
+            self._done()
+        return True
 
     def close(self, timeout: float = 10.0) -> bool:
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            return False
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
@@ -9725,6 +10092,25 @@ def loop_realtime(prio: int) -> None:
                     "this", prio, getattr(e, "strerror", None) or e)
 
 
+def loop_timeout(timers: List[_Timer], liveness: _Timer, verdict: Optional[float],
+                 now: float) -> float:
+    """(On the loop.)  How long the loop may wait in select: until the
+    next timer.  The liveness check also runs the moment a silence passes
+    dead_time (verdict: PeerTracker.next_verdict(); evaluate's rule is
+    "longer than": just after it), not at its next tick: only ever earlier
+    than its own cadence.  select waits whole ms, rounded up: before the
+    verdict it waits the whole ms only, and polls the last fraction of one,
+    so that the verdict is not up to a ms late (a silence that long is rare:
+    the spin is at most once per verdict)."""
+    if verdict is not None and verdict + VERDICT_SLACK < liveness.due:
+        liveness.due = max(now, verdict + VERDICT_SLACK)
+    wake = min(t.due for t in timers)
+    timeout = max(0.0, wake - time.monotonic())
+    if verdict is not None and wake == liveness.due == verdict + VERDICT_SLACK:
+        timeout = int(timeout * 1000.0) / 1000.0
+    return timeout
+
+
 def reload_refusal(old: Config, new: Config) -> List[str]:
     """What a SIGHUP cannot change (the daemon must restart for it)."""
     fixed = []
@@ -9832,14 +10218,15 @@ class DaemonJobs:
         state, failure, kind, the action a recovery finished or None,
         whether an action is still unfinished)."""
         def job(stop):
-            if self.daemon.writer is not None:
-                self.daemon.writer.flush(2.0)   # the events that led here come first
+            tl = self.timeline(a)
             with self.open_store() as store:
-                ctx = Context(self.cfg, store, Zfs())
+                ctx = Context(self.cfg, store, Zfs(timeline=tl), tl)
+                ctx.mark("state file open")
                 done, failure, ran = None, None, a.kind
                 try:
                     if a.kind != DECIDE_FENCE and store.unfinished_intent() is not None:
                         ran = ROLE_RECOVER
+                        self.settle(ctx)
                         done = recover_intent(ctx, stop, quiesce=self.quiesce)
                     elif a.kind != ROLE_RECOVER:
                         self.run_action(a, ctx, stop)
@@ -9849,10 +10236,33 @@ class DaemonJobs:
                         store.unfinished_intent() is not None)
         return job
 
+    @staticmethod
+    def timeline(a: RoleAction) -> Optional[Timeline]:
+        """A promotion's timeline (see Timeline), from the moment the
+        peer's silence passed dead_time when that led to it."""
+        if a.kind != DECIDE_PROMOTE:
+            return None
+        tl = (Timeline(a.deadline, "the peer's silence passed dead_time")
+              if a.deadline is not None else Timeline(a.decided, "the decision"))
+        tl.mark("decided", a.decided)
+        tl.mark("job thread")
+        return tl
+
+    def settle(self, ctx: Context) -> None:
+        """Before a role action writes to the state file: the events that
+        led to it are written first (the state writer's queue, written
+        here: see StoreWriter)."""
+        if self.daemon.writer is not None:
+            with ctx.store.relaxed():    # synced with the action's first write
+                self.daemon.writer.write_pending(ctx.store, 2.0)
+        ctx.mark("events written")
+
     def run_action(self, a: RoleAction, ctx: Context, stop: threading.Event) -> None:
         if a.kind in (DECIDE_PROMOTE, DECIDE_RESUME):
-            promote(ctx, a.epoch, a.reason)
-        elif a.kind == DECIDE_STEP_DOWN:
+            promote(ctx, a.epoch, a.reason, settle=lambda: self.settle(ctx))
+            return
+        self.settle(ctx)
+        if a.kind == DECIDE_STEP_DOWN:
             demote(ctx, a.epoch, a.reason, quiesce=self.quiesce)
         elif a.kind == DECIDE_HANDOVER:
             demote(ctx, a.epoch, a.reason, handover=True, stop=stop,
@@ -10167,13 +10577,7 @@ class Daemon:
                 if t.due <= now:        # missed beats are not made up in a burst
                     t.due = now + period
                 now = time.monotonic()
-            # the liveness check also runs the moment a silence passes
-            # dead_time (evaluate's rule is "longer than": just after it),
-            # not at its next tick: only ever earlier than its own cadence
-            verdict = self.tracker.next_verdict()
-            if verdict is not None and verdict + VERDICT_SLACK < liveness.due:
-                liveness.due = max(now, verdict + VERDICT_SLACK)
-            timeout = max(0.0, min(t.due for t in self.timers) - time.monotonic())
+            timeout = loop_timeout(self.timers, liveness, self.tracker.next_verdict(), now)
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)
 

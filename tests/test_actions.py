@@ -3,6 +3,8 @@ address with gratuitous ARP seen by the other host, the notify hook, and a
 kill -9 at every step followed by recovery."""
 
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -198,3 +200,79 @@ def test_status_on_a_slave_shows_the_replica_it_holds(pair):
     # the master, which has not replicated yet, still says so
     text = p.a.flocker("status", check=True).stdout
     assert "replicated  never" in text and "\nreplica " not in text
+
+
+def test_a_timeline_says_where_the_time_went():
+    """A promotion's timeline (its event-log line): each mark in ms after
+    the origin, a command with its own length, the origin as Unix time."""
+    tl = ff.Timeline(100.0, "the peer's silence passed dead_time")
+    tl.mark("decided", 100.0012)
+    tl.marks.append((100.0105, "zfs set readonly=off (9.3 ms)"))
+    text = tl.text()
+    assert text.startswith("ms after the peer's silence passed dead_time (Unix time ")
+    assert text.endswith("): +1.2 decided; +10.5 zfs set readonly=off (9.3 ms)")
+    assert ff._command_label(["zfs", "set", "readonly=off", "p/ds"]) == "zfs set readonly=off"
+    assert ff._command_label(["zfs", "mount", "p/ds"]) == "zfs mount p/ds"
+
+
+def test_one_listing_answers_what_a_promotion_asks():
+    """MountView: the dataset and what is below it, from one `zfs list -r`:
+    volume or not, mounted, the resume token (OpenZFS), and the file
+    systems to mount below it, parents first."""
+    plain, openzfs = ff.ZfsFeatures(), ff.ZfsFeatures(resumable=True)
+    assert ff.MountView.args("p/shop", plain) == [
+        "list", "-H", "-o", "name,type,mounted,canmount,mountpoint", "-r", "-t",
+        "filesystem,volume", "p/shop"]
+    assert ff.MountView.args("p/shop", openzfs)[3].endswith(",receive_resume_token")
+    text = ("p/shop\tfilesystem\tno\ton\t/m/shop\t1-abc\n"
+            "p/shop/b\tfilesystem\tno\ton\t/m/shop/b\t-\n"
+            "p/shop/a/x\tfilesystem\tno\ton\t/m/shop/a/x\t-\n"
+            "p/shop/a\tfilesystem\tyes\ton\t/m/shop/a\t-\n"
+            "p/shop/n\tfilesystem\tno\tnoauto\t/m/shop/n\t-\n"
+            "p/shop/l\tfilesystem\tno\ton\tlegacy\t-\n"
+            "p/shop/v\tvolume\t-\t-\t-\t-\n"
+            "p/shop2\tfilesystem\tno\ton\t/m/shop2\t-\n")
+    v = ff.MountView.parse(text, "p/shop", resumable=True)
+    assert v.exists() and not v.is_volume() and not v.mounted("p/shop")
+    assert v.mounted("p/shop/a") and v.resume_token() == "1-abc"
+    assert v.to_mount_below() == ["p/shop/a", "p/shop/a/x", "p/shop/b"]
+    vol = ff.MountView.parse("p/vol\tvolume\t-\t-\t-\n", "p/vol", resumable=False)
+    assert vol.is_volume() and vol.resume_token() == "" and vol.to_mount_below() == []
+    assert not ff.MountView.parse("", "p/gone", resumable=False).exists()
+
+
+def test_a_read_only_zfs_mount_is_seen_in_mountinfo():
+    """After readonly=off and the mount ran side by side, a mount the kernel
+    holds read-only (OpenZFS: the mount read readonly=on first) is found
+    by its per-mount options and mounted again; zfs-fuse's FUSE mounts
+    follow the property inside zfs-fuse and never count."""
+    text = ("36 35 98:0 / /mnt/shop ro,noatime shared:1 - zfs tank/shop rw,xattr\n"
+            "37 35 98:0 / /mnt/my\\040shop rw shared:2 - zfs tank/my\\040shop ro\n"
+            "38 35 0:50 / /var/tmp/x/shop ro,nosuid - fuse tank/fuse rw,user_id=0\n")
+    assert ff.read_only_in_mountinfo(text, "tank/shop")
+    assert not ff.read_only_in_mountinfo(text, "tank/my shop")   # the super options differ
+    assert not ff.read_only_in_mountinfo(text, "tank/fuse")
+    assert not ff.read_only_in_mountinfo(text, "tank/other")
+
+
+def test_kill_receives_stops_only_receives_into_the_dataset(pool):
+    """A promotion stops a zfs recv still running into its dataset (or one
+    below it), found by the program's name (comm) and then its command
+    line; a receive into another dataset, and other processes, stay."""
+    p = pool.name
+    procs = {}
+    for name in ("shop", "shop/child", "shopping"):
+        procs[name] = subprocess.Popen(["zfs", "recv", "-u", "%s/%s" % (p, name)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.5)     # (each waits for its stream)
+        killed = ff.kill_receives(p + "/shop", grace=5.0)
+        assert sorted(killed) == sorted([procs["shop"].pid, procs["shop/child"].pid])
+        assert procs["shop"].wait(5) is not None and procs["shop/child"].wait(5) is not None
+        assert procs["shopping"].poll() is None and other.poll() is None
+    finally:
+        for proc in list(procs.values()) + [other]:
+            proc.kill()
+            proc.wait()

@@ -239,6 +239,32 @@ def test_next_verdict_is_when_evaluate_first_finds_a_link_down():
     assert t.state == "alive" and t.next_verdict() == 3.0
 
 
+def test_the_dead_verdict_is_reached_when_due_not_a_tick_or_a_ms_later():
+    """(issue 16 item 1) The loop's select timeout (loop_timeout) ends at
+    the verdict (+ VERDICT_SLACK) when that comes before the liveness tick,
+    and, since select waits whole ms rounded up, it waits only the whole
+    ms before the verdict and polls the rest; other timeouts are left as
+    they are.  dead_since is when the silence passed dead_time."""
+    import time
+    now = time.monotonic()
+    beat = ff._Timer("heartbeat", lambda: 1.0, None, now + 0.5)
+    live = ff._Timer("liveness", lambda: 0.25, None, now + 0.25)
+    t = ff.loop_timeout([beat, live], live, now + 0.0105, now)
+    assert live.due == now + 0.0105 + ff.VERDICT_SLACK
+    assert t == 0.010                          # not 0.0106: select would wait 0.011
+    live.due = now + 0.25
+    assert ff.loop_timeout([beat, live], live, now + 0.0003, now) == 0.0     # polled
+    live.due = now + 0.25
+    t = ff.loop_timeout([beat, live], live, None, now)
+    assert 0.24 < t <= 0.25
+    assert live.due == now + 0.25
+    t = ff.loop_timeout([beat, live], live, now + 0.4, now)   # after the tick: the tick
+    assert live.due == now + 0.25 and 0.24 < t <= 0.25
+    tr = tracker(links=1, dead_time=1.0, start=0.0)
+    tr.evaluate(1.5)
+    assert tr.state == "dead" and tr.dead_since == 1.0
+
+
 def test_key_rotation_two_keys_accepted_and_sender_follows_the_peer():
     t = tracker(keys=(K2, K1))
     assert t.receive(ff.encode_heartbeat(hb(sequence=1), K1), 0, 1)[0].key_id == ff.key_id(K1)

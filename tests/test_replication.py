@@ -115,7 +115,7 @@ def test_features_of_a_real_openzfs_2_3():
         f = ff.parse_zfs_features(f.read())
     assert f == ff.ZfsFeatures(resumable=True, written=True, destroy_multi=True,
                                list_parsable=True, createtxg=True, clones=True,
-                               recv_exclude=True, send_estimate=True,
+                               recv_exclude=True, send_estimate=True, encryption=True,
                                send_flags=frozenset(["-c", "-L", "-e", "-w"]))
 
 
@@ -208,7 +208,8 @@ def test_receive_never_forces_or_rolls_back():
     # on OpenZFS; every complete snapshot stays)
     assert sites(r'"-A"') == ["abort_partial_receive", "_gate_zfs_recv", "_gate_zfs_recv",
                               "kill_receives", "_drop_child_partials"]
-    assert sites(r"\.abort_partial_receive\(") == ["_discard_unresumable", "_promote_steps"]
+    assert sites(r"\.abort_partial_receive\(") == ["_discard_unresumable", "_promote_steps",
+                                                    "_stop_receives"]
 
 
 def test_abort_partial_receive_discards_only_the_partial_stream(pool):

@@ -341,3 +341,41 @@ def test_missing_state_file_says_run_init(tmp_path):
         "--role master' on the node that runs the service now and '... init --role slave' on "
         "the other" % db)
     assert not os.path.exists(db)
+
+
+def test_relaxed_writes_are_synced_by_the_next_one(tmp_path):
+    """An intent's step (and the events a role job writes before its
+    action) is not synced on its own: the connection is back to FULL
+    after it, so the next write syncs it with its own (WAL)."""
+    with new_store(tmp_path / "state.db") as s:
+        iid = s.begin_intent("promote", {"epoch": 3, "reason": "test"})
+        s.intent_step(iid, "role")
+        assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL again
+        with s.relaxed():
+            assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 1   # NORMAL
+            s.record_event("liveness", "peer beta is dead")
+        assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert s.unfinished_intent()["step"] == "role"
+
+
+def test_a_role_job_writes_what_the_state_writer_has_queued_first(tmp_path):
+    """StoreWriter.write_pending: what the loop queued (the events that led
+    to a role change) is written, in order, on the role job's own
+    connection before the job's own writes, without waiting for the
+    writer's thread; then the writer goes on with what comes later."""
+    db = tmp_path / "state.db"
+    new_store(db).close()
+    lock = ff.StateLock(str(db))
+    lock.acquire("test")
+    w = ff.StoreWriter(str(db), lock)     # not started: its thread never runs here
+    for i in range(3):
+        w.submit(lambda store, i=i: store.record_event("liveness", "queued %d" % i))
+    with ff.StateStore.open(str(db), lock=ff._BorrowedLock(lock)) as job:
+        assert w.write_pending(job, timeout=1.0)
+        job.record_event("promote", "promote begins")
+        w.submit(lambda store: store.record_event("liveness", "later"))
+        w.start()
+        assert w.close(timeout=10)
+        assert [e["message"] for e in job.events(10)][-5:] == [
+            "queued 0", "queued 1", "queued 2", "promote begins", "later"]
+    lock.release()
