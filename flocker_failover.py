@@ -7476,15 +7476,22 @@ def _publish_my_side(ctx: Context, remote: Listing, winner_choice: Optional[str]
     common snapshot, and published in its dataset's DIVERGENCE_PROPERTY
     (not in a dry run).  The attempt is numbered by the newest epoch
     either side carries; a node that published for this attempt before
-    (a restart) keeps what it said of serving.  Returns (its side, the
+    (a restart) keeps what it said of serving, also when the common
+    snapshot it finds now is another.  Returns (its side, the
     common snapshot, the attempt, the facts as published)."""
     zfs, ds = ctx.zfs, ctx.cfg.local.dataset
     me, common, epoch = my_divergence_side(ctx, remote, snapshot=not dry_run)
     attempt = max(epoch, _marker_epoch(remote))
     mine = parse_divergence(zfs.get(ds, [DIVERGENCE_PROPERTY]).get(DIVERGENCE_PROPERTY))
-    if facts_of_this_attempt(mine, common.guid, attempt):
-        serving = serving or mine["serving"]    # what it was when this attempt began
-    elif mine is not None and not dry_run:
+    if mine is not None and mine["attempt"] >= attempt:
+        # what it was when this attempt began, whatever the common snapshot
+        # read now (a restart while the peer keeps its data aside may read
+        # its replica half-way and find an older one: it did, and the
+        # restarted winner, no longer serving, judged itself not serving
+        # and lost to the loser, which it had beaten)
+        serving = serving or mine["serving"]
+    if not facts_of_this_attempt(mine, common.guid, attempt) and mine is not None \
+            and not dry_run:
         log.info("this node's facts published before (attempt %d, common snapshot GUID %s, "
                  "%s) are not of this attempt (%d, %s %s): measuring anew", mine["attempt"],
                  mine["common_guid"], "serving" if mine["serving"] else "not serving",

@@ -488,3 +488,45 @@ def test_recursive_loser_is_refused_before_it_stops(bed):
         assert "not supported yet" not in text, text
     finally:
         p.stop()
+
+
+def test_serving_as_an_attempt_began_is_kept_when_the_common_snapshot_read_moves(monkeypatch):
+    """A winner killed after its verdict restarts while the loser keeps its
+    data aside; reading the loser's replica half-way, it found an older
+    common snapshot than the one it had published its facts for, and so
+    measured anew as 'not serving' (it no longer served: it had stopped for
+    the resolution) and lost to the loser it had beaten (seen in a full run,
+    the diagnostic line: 'facts published before (attempt 15, ..., serving)
+    are not of this attempt (15, flocker-2-...)').  What it was when the
+    attempt began is the attempt's, whatever snapshot is read as common."""
+    props = {}
+
+    class Z:
+        def get(self, ds, names):
+            return {n: props.get(n) for n in names}
+
+        def set_prop(self, ds, prop, value):
+            props[prop] = value
+
+    class Cfg:
+        class local:
+            dataset = "p/d"
+    ctx = ff.Context(Cfg, None, Z())
+    commons = [ff.Snap("flocker-12-20261130T054248.214Z", "12", 0, 12),
+               ff.Snap("flocker-2-20261130T054146.681Z", "2", 0, 2)]
+    monkeypatch.setattr(ff, "my_divergence_side", lambda ctx, remote, snapshot=True: (
+        ff.Side("alpha", 14, "most-changes", 275328), commons.pop(0), 14))
+    remote = ff.Listing("q/d", {ff.ROLE_PROPERTY: ff.role_marker("beta", ff.ROLE_MASTER, 15)},
+                        ())
+    me, common, attempt, _ = ff._publish_my_side(ctx, remote, None, True, False)
+    assert (me.serving, common.guid, attempt) == (True, "12", 15)
+    # restarted, not serving: the facts it published say it served
+    me, common, attempt, facts = ff._publish_my_side(ctx, remote, None, False, False)
+    assert (me.serving, common.guid, attempt) == (True, "2", 15)
+    assert ff.parse_divergence(facts)["serving"]
+    # a later attempt (a promotion came between) measures anew
+    commons.append(ff.Snap("flocker-16-20261130T060000.000Z", "16", 0, 16))
+    remote = ff.Listing("q/d", {ff.ROLE_PROPERTY: ff.role_marker("beta", ff.ROLE_MASTER, 17)},
+                        ())
+    me, common, attempt, _ = ff._publish_my_side(ctx, remote, None, False, False)
+    assert (me.serving, attempt) == (False, 17)
