@@ -18,8 +18,8 @@ import pytest
 
 from conftest import ff
 import bed as bedmod
-from helpers import (FAST, Pair, S, files_in, link_bytes, mnt, pids_of, prepare, preserved,
-                     replicated, wait_for, write, write_files)
+from helpers import (FAST, START, STOP, Pair, S, files_in, link_bytes, mnt, pids_of, prepare,
+                     preserved, replicated, serving, wait_for, write, write_files)
 
 PASSPHRASE = "correct horse battery staple\n"
 
@@ -168,6 +168,33 @@ def test_a_diverged_encrypted_dataset_is_kept_and_the_live_one_keeps_its_key(enc
     assert set(bedmod.tree_digest(mnt)) == set(common) | {"won"}
     bedmod.sh(["zfs", "mount", kept])
     assert bedmod.tree_digest(zget(kept, "mountpoint")) == everything
+
+
+# -- the divergence measure of a raw stream ------------------------------------
+
+def test_an_empty_raw_increment_is_no_change():
+    """The divergence measure of an encrypted dataset replicated raw is its
+    raw stream (zfs send -w), which needs no key.  An increment with no
+    change is then a BEGIN record with a payload (the key parameters) and
+    an END record: 'no change', as the plain stream's two bare records.
+    Recorded in the OpenZFS 2.3.2 guest: 'zfs send -w -i @A D@B' of two
+    snapshots with nothing written between them."""
+    path = os.path.join(os.path.dirname(__file__), "data",
+                        "openzfs-2.3.2-raw-empty-incremental.bin")
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert len(raw) == 1652 and int.from_bytes(raw[4:8], "little") == 1028
+    assert ff.stream_is_empty(raw)
+    assert not ff.stream_is_empty(raw[:-1]) and not ff.stream_is_empty(raw + bytes(312))
+    swapped = bytearray(raw)     # the same from a big-endian sender
+    for off in (0, 4):
+        swapped[off:off + 4] = raw[off:off + 4][::-1]
+    end = 312 + 1028
+    swapped[end:end + 4] = raw[end:end + 4][::-1]
+    assert ff.stream_is_empty(bytes(swapped))
+    write = bytearray(raw[:end]) + bytearray(312) + raw[end:]
+    write[end:end + 4] = (3).to_bytes(4, "little")     # a WRITE record before the END
+    assert not ff.stream_is_empty(bytes(write))
 
 
 # -- a resumed raw transfer ---------------------------------------------------
@@ -376,6 +403,13 @@ def test_an_old_master_rebooted_without_its_key_loses_keeps_its_data_and_takes_r
         assert zget(b.dataset, "keystatus") == "available"
         _power_cut(p, a)
         os.rename(keys[a], keys[a] + ".away")
+        # alpha comes back with no key_command: it reads its key from the
+        # dataset's keylocation, a file that is not there
+        bed.write_config(cluster={"replication_interval": "0.5", "send_flags": "-w",
+                                  "divergence_policy": "most-changes"},
+                         service={"start_command": START.format(w=bed.workdir),
+                                  "stop_command": STOP.format(w=bed.workdir)},
+                         path=p.config[a])
         p.heal()
         p.start(a)
         _settled_on(p, b, S(120))
@@ -404,12 +438,13 @@ def test_an_old_master_rebooted_without_its_key_loses_keeps_its_data_and_takes_r
 
 def test_after_a_power_cut_of_both_the_verdict_and_the_loser_need_no_key(encryption, lanbed):
     """A split brain (both serve and write, alpha more), then both hosts
-    lose power and come back with their keys unloaded; beta's key is not at
+    lose power and come back with their keys unloaded, and neither key at
     hand.  Neither serves as the link returns, so most-changes decides:
     both measure their changes without a key (the raw stream's size, alike
-    on both sides), alpha wins, loads its key at its promotion and serves;
-    beta keeps its divergent data without its key and takes alpha's raw
-    increment."""
+    on both sides), and alpha wins.  beta keeps its divergent data without
+    its key and becomes alpha's slave; alpha cannot load its key, so it
+    does not serve, and says why, until its key is back: then it loads it,
+    serves, and beta takes its raw increment.  Nothing is lost."""
     bed = lanbed
     a, b = bed.a, bed.b
     keys = _keys(bed)
@@ -419,18 +454,28 @@ def test_after_a_power_cut_of_both_the_verdict_and_the_loser_need_no_key(encrypt
     kept_before = preserved(b)
     try:
         written = p.split({a: 300000, b: 100000})
-        _power_cut(p, a)
-        _power_cut(p, b)
-        os.rename(keys[b], keys[b] + ".away")
+        for h in (a, b):
+            _power_cut(p, h)
+            os.rename(keys[h], keys[h] + ".away")
         p.heal()
         p.start(a)
         p.start(b)
-        _settled_on(p, a, S(120))
-        assert zget(a.dataset, "keystatus") == "available"
-        assert zget(b.dataset, "keystatus") == "unavailable"
+        # the verdict, and the loser's part, need no key
+        wait_for(lambda: p.d[b].status()["role"] == "slave" and
+                 len(preserved(b)) > len(kept_before), S(120), step=0.2,
+                 what="beta, the loser, to keep its data and become slave")
         for h in (a, b):
             assert "alpha wins: it changed more" in h.flocker("history",
                                                                config=p.config[h]).stdout
+        # the winner cannot load its key: it does not serve, and says why
+        wait_for(lambda: "keys/alpha.key: No such file or directory; this node does not "
+                 "take over until it can" in p.d[a].log_text(), S(60), step=0.2)
+        assert not any(serving(d) for d in p.d.values())
+        assert zget(a.dataset, "keystatus") == "unavailable"
+        os.rename(keys[a] + ".away", keys[a])
+        _settled_on(p, a, S(120))
+        assert zget(a.dataset, "keystatus") == "available"
+        assert zget(b.dataset, "keystatus") == "unavailable"
         kept = [k for k in preserved(b) if k not in kept_before]
         assert len(kept) == 1, kept
         since = time.time()
