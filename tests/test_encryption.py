@@ -3,7 +3,10 @@
 never needs the key to replicate; at a takeover it loads the key (from
 key_command, or the dataset's keylocation) before anything changes, and a
 slave that cannot load it does not take over, says why, and 'check' says
-so beforehand where it can tell.
+so beforehand where it can tell.  A raw transfer cut mid-stream resumes
+from its token (raw again); a split brain resolves when a node's key is
+not loaded (measured on the raw stream, kept without the key), and a
+winner that cannot load its key serves once it can.
 
 zfs-fuse has no native encryption: these skip there ("not on this ZFS:")
 and run in the OpenZFS guest (contrib/test-openzfs.sh tests/test_encryption.py)."""
@@ -192,9 +195,9 @@ def test_an_empty_raw_increment_is_no_change():
     end = 312 + 1028
     swapped[end:end + 4] = raw[end:end + 4][::-1]
     assert ff.stream_is_empty(bytes(swapped))
-    write = bytearray(raw[:end]) + bytearray(312) + raw[end:]
-    write[end:end + 4] = (3).to_bytes(4, "little")     # a WRITE record before the END
-    assert not ff.stream_is_empty(bytes(write))
+    more = bytearray(raw[:end]) + bytearray(312) + raw[end:]
+    more[end:end + 4] = (3).to_bytes(4, "little")      # a WRITE record before the END
+    assert not ff.stream_is_empty(bytes(more))
 
 
 # -- a resumed raw transfer ---------------------------------------------------
