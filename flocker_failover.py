@@ -2213,6 +2213,7 @@ _ZFS_SAYS = {
     "modified": ("has been modified",),              # zfs recv: replica written to
     "no_property": ("invalid property",),            # zfs-fuse: no receive_resume_token
     "cloned": ("dependent clones", "snapshot is cloned"),   # zfs destroy: a clone pins it
+    "no_key": ("key must be loaded",),               # zfs send (not raw): key not loaded
 }
 
 
@@ -2795,12 +2796,14 @@ class Zfs(ZfsBase):
                 status = proc.wait()
         return complete and status == 0 and stream_is_empty(head)
 
-    def stream_size(self, dataset: str, old: Optional[str], new: str) -> int:
+    def stream_size(self, dataset: str, old: Optional[str], new: str, raw: bool = False) -> int:
         """Bytes of the incremental stream old -> new (old None: the full
         stream of new), 0 when it carries no change (the divergence
         measure; the stream is counted as it is read, never held in
-        memory)."""
-        argv = [self.zfs, "send"] + (["-i", old] if old else []) + ["%s@%s" % (dataset, new)]
+        memory).  raw: the raw stream (zfs send -w) of an encrypted
+        dataset, which needs no key."""
+        argv = [self.zfs, "send"] + (["-w"] if raw else []) + (["-i", old] if old else []) + \
+            ["%s@%s" % (dataset, new)]
         proc = subprocess.Popen(argv, executable=program_of(argv), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         head, total = b"", 0
@@ -2817,8 +2820,11 @@ class Zfs(ZfsBase):
         finally:
             status = proc.wait()
         if status != 0:
-            raise ZfsError("cannot measure the changes %s@%s -> %s: %s"
-                           % (dataset, old or "(nothing)", new, _stderr_text(err)))
+            raise ZfsError("cannot measure the changes %s@%s -> %s: %s%s"
+                           % (dataset, old or "(nothing)", new, _stderr_text(err),
+                              "; load the key ('zfs load-key %s'), or replicate raw "
+                              "(send_flags = -w), which measures without it" % dataset
+                              if zfs_says("no_key", err) else ""))
         return 0 if total <= 4096 and stream_is_empty(head) else total
 
     def settle(self, pool: str) -> bool:
@@ -3050,15 +3056,19 @@ _DRR_BEGIN, _DRR_END = 0, 5
 
 
 def stream_is_empty(stream: bytes) -> bool:
-    """True for a send stream of exactly BEGIN and END records, which is
-    what `zfs send -i A B` gives when B holds nothing A does not (pure)."""
-    if len(stream) != 2 * _DRR_RECORD:
-        return False
-    for offset, want in ((0, _DRR_BEGIN), (_DRR_RECORD, _DRR_END)):
-        kind = int.from_bytes(stream[offset:offset + 4], sys.byteorder)
-        if kind != want and int.from_bytes(stream[offset:offset + 4], "big") != want:
-            return False
-    return True
+    """True for a send stream of exactly a BEGIN and an END record, which
+    is what `zfs send -i A B` gives when B holds nothing A does not (pure).
+    A raw stream's (-w) BEGIN record is followed by its payload, the key
+    parameters (OpenZFS 2.3.2: 1028 bytes, 1652 in all); a plain one has
+    none (624 bytes in all)."""
+    for order in ("little", "big"):     # (the sending host's byte order)
+        if len(stream) < 2 * _DRR_RECORD or int.from_bytes(stream[0:4], order) != _DRR_BEGIN:
+            continue
+        end = _DRR_RECORD + int.from_bytes(stream[4:8], order)
+        if len(stream) == end + _DRR_RECORD and \
+                int.from_bytes(stream[end:end + 4], order) == _DRR_END:
+            return True
+    return False
 
 
 # The first record of every stream is a BEGIN record, written in the byte
@@ -6226,15 +6236,16 @@ def _check_peer_parent(peer: ZfsBase, pds: str, name: str) -> None:
             "with 'zfs create -p %s'; nothing was sent" % (parent, pds, name, parent))
 
 
-def tree_changes(zfs: ZfsBase, ds: str, old: str, new: str, recursive: bool) -> int:
+def tree_changes(zfs: ZfsBase, ds: str, old: str, new: str, recursive: bool,
+                 raw: bool = False) -> int:
     """The bytes this side changed from snapshot old to snapshot new: the
     size of the incremental stream, 0 when it carries no change (a measure
     zfs-fuse and OpenZFS give alike).  With recursive = yes, summed over
     the file systems and volumes below ds too (snapshot -r gave them the
     same snapshot names): a child made after old counts its whole stream,
     one made after new (no snapshot of that name) its referenced bytes;
-    either is a change."""
-    total = zfs.stream_size(ds, old, new)
+    either is a change.  raw: the raw streams' (see changes_since)."""
+    total = zfs.stream_size(ds, old, new, raw)
     if not recursive:
         return total
     for child in zfs.descendants(ds):
@@ -6242,8 +6253,21 @@ def tree_changes(zfs: ZfsBase, ds: str, old: str, new: str, recursive: bool) -> 
             total += max(1, int(zfs.get(child, ["referenced"]).get("referenced") or 1))
         else:
             total += zfs.stream_size(child, old if zfs.exists("%s@%s" % (child, old))
-                                     else None, new)
+                                     else None, new, raw)
     return total
+
+
+def changes_since(cfg, zfs: ZfsBase, old: str, new: str) -> int:
+    """tree_changes() of this node's dataset, the divergence measure.  An
+    encrypted dataset replicated raw (send_flags = -w, on both nodes) is
+    measured on its raw stream, which needs no key: a node back from a
+    reboot, or a slave that never loaded it, measures as well as one whose
+    key is loaded (a plain 'zfs send' says "dataset key must be loaded"),
+    and both nodes measure alike (a raw stream is not the size of the
+    plain one)."""
+    ds = cfg.local.dataset
+    raw = "-w" in cfg.send_flags and zfs.key_state(ds) is not None
+    return tree_changes(zfs, ds, old, new, cfg.recursive, raw)
 
 
 def _tree_written(zfs: ZfsBase, ds: str) -> Set[str]:
@@ -6701,13 +6725,14 @@ def load_dataset_key(ctx: Context, then: str = "take over") -> None:
     (OpenZFS native encryption; with send_flags = -w the slave holds the
     ciphertext and never needed it), from key_command's output or else
     from the dataset's keylocation.  Loading it changes no data; when it
-    cannot be loaded, ActionError says why and nothing else happens."""
+    cannot be loaded, ActionError says why and nothing else happens (then:
+    what this node does not do until it can, for the message)."""
     ds = ctx.cfg.local.dataset
     state = ctx.zfs.key_state(ds)
     if state is None or state["keystatus"] == "available":
         return
     root, argv = state["encryptionroot"], ctx.cfg.service.key_command
-    refused = "; this node does not %s until it can" % then
+    refused = "; this node does not %s until it can" % then if then else ""
     problem = key_problem(state, argv)
     if problem:
         raise ActionError(problem + refused)
@@ -7111,6 +7136,7 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
         raise ActionError("the common snapshot %s@%s does not exist; nothing was changed"
                           % (ds, common))
     now = wall_clock()
+    key = ctx.zfs.key_state(ds)
     data = {"dataset": ds, "common": common, "epoch": epoch, "reason": reason,
             "then_demote": then_demote, "preserved": preserved_name(ds, epoch, now),
             "snapshot": "preserve-%d-%s" % (epoch, time.strftime("%Y%m%dT%H%M%SZ",
@@ -7119,7 +7145,9 @@ def preserve_divergence(ctx: Context, common: str, epoch: int, reason: str,
             # (a clone takes what is fixed at creation from its origin)
             "props": {p: v for p, v in ctx.zfs.local_props(ds).items()
                       if p not in CREATION_ONLY},
-            "encrypted": ctx.zfs.key_state(ds) is not None,
+            "encrypted": key is not None,
+            # (zfs promote unloads it: loaded again only when it was loaded)
+            "key_loaded": key is not None and key["keystatus"] == "available",
             "children": [c[len(ds) + 1:] for c in ctx.zfs.descendants(ds)
                          if "/" not in c[len(ds) + 1:]]}
     _preserve_steps(ctx, ctx.store.begin_intent("preserve", data), data)
@@ -7160,7 +7188,8 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 zfs.promote_clone(ds)
             # encrypted: zfs promote made ds the encryption root (of kept
             # too) and unloaded its key
-            load_dataset_key(ctx, "finish keeping its divergent data")
+            if data.get("key_loaded", True):
+                _reload_key(ctx, ds, kept)
         elif step == "children":    # the user's own: back under the live dataset
             for child in children:
                 if zfs.exists("%s/%s" % (kept, child)) and not zfs.exists(
@@ -7183,6 +7212,23 @@ def _preserve_steps(ctx: Context, intent_id: int, data: dict) -> None:
                 "old_role": old.role, "handover": False}
     _demote_steps(ctx, ctx.store.finish_intent(intent_id, then=("demote", demotion)),
                   demotion)
+
+
+def _reload_key(ctx: Context, ds: str, kept: str) -> None:
+    """Load again the key zfs promote unloaded (it was loaded when the
+    preservation began).  Nothing that follows needs it: the loser becomes
+    a slave, which takes raw increments without a key, and loads it at its
+    next takeover.  So a key that cannot be loaded now is said (log and
+    event), not fatal: the data is kept either way."""
+    try:
+        load_dataset_key(ctx, "")
+    except ActionError as e:
+        text = ("the key of %s (and of the kept %s), unloaded by zfs promote, could not be "
+                "loaded again: %s. Nothing is lost: this node goes on as slave (raw "
+                "increments need no key); load it ('zfs load-key %s') to read the kept data"
+                % (ds, kept, e.message, ds))
+        log.warning("%s", text)
+        ctx.store.record_event("preserve", text, "warning")
 
 
 def _set_aside(zfs: ZfsBase, ds: str, kept: str, props: Dict[str, str]) -> None:
@@ -7399,8 +7445,7 @@ def my_divergence_side(ctx: Context, peer_listing: Listing, snapshot: bool = Tru
     if snapshot:
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, wall_clock)
     after = snaps_after(local, common.guid)
-    changes = (tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive)
-               if after else 0)
+    changes = changes_since(cfg, zfs, common.name, after[-1].name) if after else 0
     # the epoch this side wrote its divergent data under: the one in the
     # name of its first snapshot after the common one, which a later
     # promotion does not change.  A side that changed nothing offers its
@@ -7685,7 +7730,7 @@ def _lose(ctx: Context, common: Snap, top: int, v: Verdict, quiesce, facts: str,
     # measured again now that nothing writes any more
     local = _snapshot_if_changed(cfg, zfs, zfs.listing(ds), top, wall_clock)
     after = snaps_after(local, common.guid)
-    if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
+    if after and changes_since(cfg, zfs, common.name, after[-1].name) > 0:
         # (the demotion is part of the preservation: see then_demote)
         kept = preserve_divergence(ctx, common.name, top, v.reason, then_demote=True)
         log.warning("kept this node's divergent data as %s", kept)
@@ -7712,7 +7757,7 @@ def _drop_empty_divergence(ctx: Context, common: Snap) -> List[str]:
     after = snaps_after(local, common.guid)
     if not after:
         return []
-    if tree_changes(zfs, ds, common.name, after[-1].name, r) != 0:
+    if changes_since(ctx.cfg, zfs, common.name, after[-1].name) != 0:
         raise ActionError("%s changed since %s after all; nothing was destroyed" % (ds,
                                                                                    common.name))
     names = [s.name for s in reversed(after) if is_flocker_snapshot(s.name)]
@@ -7820,7 +7865,7 @@ def rejoin(ctx: Context, peer: ZfsBase) -> str:
         _stop_user_system(ctx, top, None)
         local = _snapshot_if_changed(cfg, zfs, local, st.epoch, wall_clock)
     after = snaps_after(local, common.guid)
-    if after and tree_changes(zfs, ds, common.name, after[-1].name, cfg.recursive) > 0:
+    if after and changes_since(cfg, zfs, common.name, after[-1].name) > 0:
         if cfg.recursive:
             raise recursive_refusal(cfg, common.name, stopped)
         kept = preserve_divergence(ctx, common.name, top, reason, then_demote=True)

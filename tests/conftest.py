@@ -150,6 +150,7 @@ def dataset_context(ds, zfs, recursive=False):
         class local:
             dataset = ds
     Cfg.recursive = recursive
+    Cfg.send_flags = ()
 
     class Store:
         def __init__(self):

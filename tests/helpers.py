@@ -303,9 +303,10 @@ def fails(p, code, *needles):
 # split brains
 # ---------------------------------------------------------------------------
 
-def configure(bed, policy, policy_b=None, cluster=None):
+def configure(bed, policy, policy_b=None, cluster=None, service=None):
     """One configuration per host (alike unless policy_b differs):
-    alpha reads the bed's, beta its own copy."""
+    alpha reads the bed's, beta its own copy; service: more [service]
+    options (key_command)."""
     w = bed.workdir
     paths = []
     for pol, path in ((policy, bed.config_path),
@@ -313,7 +314,8 @@ def configure(bed, policy, policy_b=None, cluster=None):
         paths.append(bed.write_config(
             cluster=dict({"replication_interval": "0.5", "divergence_policy": pol},
                          **(cluster or {})),
-            service={"start_command": START.format(w=w), "stop_command": STOP.format(w=w)},
+            service=dict({"start_command": START.format(w=w), "stop_command": STOP.format(w=w)},
+                         **(service or {})),
             path=path))
     return paths
 
@@ -321,10 +323,11 @@ def configure(bed, policy, policy_b=None, cluster=None):
 class Pair:
     """Two running daemons; alpha starts as master."""
 
-    def __init__(self, bed, policy, cluster=None):
+    def __init__(self, bed, policy, cluster=None, service=None):
         self.bed = bed
         self.cluster = cluster
-        self.paths = configure(bed, policy, cluster=cluster)
+        self.service = service
+        self.paths = configure(bed, policy, cluster=cluster, service=service)
         init(bed)
         for h in bed.hosts:
             bedmod.sh(["zfs", "set", "atime=off", h.pool.name])
@@ -340,7 +343,7 @@ class Pair:
 
     def reconfigure(self, policy, policy_b=None):
         """New policies, taken by the running daemons on SIGHUP."""
-        configure(self.bed, policy, policy_b, cluster=self.cluster)
+        configure(self.bed, policy, policy_b, cluster=self.cluster, service=self.service)
         before = {h: d.log_text().count("configuration reloaded") for h, d in self.d.items()}
         for d in self.d.values():
             d.proc.send_signal(signal.SIGHUP)
@@ -427,3 +430,35 @@ def check_nothing_lost(winner, loser, written, kept_before=()):
     else:
         assert kept == []
     wait_for(lambda: files_in(loser.dataset) == files_in(winner.dataset), S(30), step=0.2)
+
+
+# ---------------------------------------------------------------------------
+# processes and links of the bed's hosts
+# ---------------------------------------------------------------------------
+
+def pids_of(argv_prefix, must_contain):
+    """Processes whose command line starts with argv_prefix and mentions
+    must_contain (a bed's unique dataset name): never anybody else's."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        words = [w.decode("utf-8", "replace") for w in argv if w]
+        if words[:len(argv_prefix)] == argv_prefix and any(must_contain in w for w in words):
+            found.append(int(pid))
+    return found
+
+
+def link_bytes(host, column):
+    """Bytes host received (column 0) or sent (column 8) on its first link,
+    from its namespace's interface counters: what crossed the wire."""
+    for line in host.run(["cat", "/proc/net/dev"]).stdout.splitlines():
+        name, _, data = line.partition(":")
+        if name.strip() == "eth0":
+            return int(data.split()[column])
+    raise AssertionError("no eth0 in namespace %s" % host.ns)
