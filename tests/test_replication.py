@@ -15,7 +15,8 @@ import pytest
 
 import bed as bedmod
 from conftest import ff
-from helpers import fails, master_digest, mnt, ok, prepare, prop, slave_digest, snaps, sync, write
+from helpers import (fails, link_bytes, master_digest, mnt, ok, pids_of, prepare, prop,
+                     slave_digest, snaps, sync, write)
 
 
 # ---------------------------------------------------------------------------
@@ -674,24 +675,6 @@ def test_target_pool_full(bed):
     bedmod.sh(["zfs", "unmount", replica])
 
 
-def _pids_of(argv_prefix, must_contain):
-    """Processes whose command line starts with argv_prefix and mentions
-    must_contain (our unique dataset name): never anybody else's."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        words = [w.decode("utf-8", "replace") for w in argv if w]
-        if words[:len(argv_prefix)] == argv_prefix and any(must_contain in w for w in words):
-            found.append(int(pid))
-    return found
-
-
 def _wait_for(fn, timeout=30, what="condition"):
     """fn()'s first true value, waited for up to timeout seconds; what
     (or what() when callable) says what was waited for."""
@@ -734,7 +717,7 @@ def _sync_in_background(bed):
 
 def _settled(bed):
     """No zfs recv of this bed is still running (the peer finished aborting)."""
-    return not _pids_of(["zfs", "recv"], bed.b.dataset)
+    return not pids_of(["zfs", "recv"], bed.b.dataset)
 
 
 def _freeze_sender_mid_stream(bed):
@@ -746,9 +729,9 @@ def _freeze_sender_mid_stream(bed):
     try:
         # the receive first: before it, a short 'zfs send -i' may run that
         # only checks whether the new snapshot is empty (zfs-fuse)
-        _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
+        _wait_for(lambda: pids_of(["zfs", "recv"], bed.b.dataset),
                   timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
-        send = _wait_for(lambda: _pids_of(["zfs", "send"], bed.a.dataset),
+        send = _wait_for(lambda: pids_of(["zfs", "send"], bed.a.dataset),
                          what="zfs send")[0]
         time.sleep(0.3)
         os.kill(send, signal.SIGSTOP)
@@ -782,17 +765,6 @@ def test_sender_killed_mid_stream_then_retried(bed):
     assert slave_digest(bed) == master_digest(bed)
 
 
-def _link_bytes(h, column):
-    """Bytes host h received (column 0) or sent (column 8) on its link, from
-    its namespace's interface counters: what crossed the wire, counted by
-    the kernel."""
-    for line in h.run(["cat", "/proc/net/dev"]).stdout.splitlines():
-        name, _, data = line.partition(":")
-        if name.strip() == "eth0":
-            return int(data.split()[column])
-    raise AssertionError("no eth0 in namespace %s" % h.ns)
-
-
 def test_interrupted_transfer_resumes_from_its_token(bed):
     """kill -9 of zfs send when half the stream has reached the slave.
     OpenZFS (recv -s) keeps what arrived, and the next cycle resumes from
@@ -809,13 +781,13 @@ def test_interrupted_transfer_resumes_from_its_token(bed):
     write(bed, "big.bin", size)
     bed.throttle(a, 8)                 # 1 MB/s: the stream is on the wire for ~16 s
     try:
-        rx = _link_bytes(b, 0)
+        rx = link_bytes(b, 0)
         proc = _sync_in_background(bed)
         try:
-            _wait_for(lambda: _pids_of(["zfs", "recv"], b.dataset),
+            _wait_for(lambda: pids_of(["zfs", "recv"], b.dataset),
                       timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(b))
-            send = _wait_for(lambda: _pids_of(["zfs", "send"], a.dataset), what="zfs send")
-            _wait_for(lambda: _link_bytes(b, 0) - rx > size // 2, timeout=60,
+            send = _wait_for(lambda: pids_of(["zfs", "send"], a.dataset), what="zfs send")
+            _wait_for(lambda: link_bytes(b, 0) - rx > size // 2, timeout=60,
                       what="half the stream to reach beta")
             os.kill(send[0], signal.SIGKILL)
             out, err = proc.communicate(timeout=90)
@@ -834,9 +806,9 @@ def test_interrupted_transfer_resumes_from_its_token(bed):
                               stdout=subprocess.PIPE).stdout)
     token = prop(b.dataset, "receive_resume_token") if resumable else None
 
-    tx = _link_bytes(a, 8)
+    tx = link_bytes(a, 8)
     p = ok(sync(bed))
-    tx = _link_bytes(a, 8) - tx
+    tx = link_bytes(a, 8) - tx
     row = rows(bed)[-1]
     print("%s: whole stream %d bytes; the next cycle sent %d bytes (%.2f of it), "
           "%d bytes on the wire: %s" % ("OpenZFS" if resumable else "zfs-fuse", full,
@@ -891,7 +863,7 @@ def test_stalled_transfer_is_killed(bed):
     proc = _sync_in_background(bed)
     frozen = []
     try:
-        recv = _wait_for(lambda: _pids_of(["zfs", "recv"], bed.b.dataset),
+        recv = _wait_for(lambda: pids_of(["zfs", "recv"], bed.b.dataset),
                          timeout=max(30, bedmod.scaled(5)), what=_waiting_for_recv(bed.b))
         session = _wait_for(lambda: _sshd_feeding(recv[0]),
                             what="the sshd session feeding zfs recv (pid %d)" % recv[0])
@@ -1092,7 +1064,7 @@ def test_connection_is_reused_and_rebuilt_after_its_master_dies(bed):
         return int(tcp[1][tcp[0].index("ActiveOpens")])
 
     def masters():
-        return _pids_of(["ssh"], "ControlMaster=yes")
+        return pids_of(["ssh"], "ControlMaster=yes")
 
     n = opens()
     for _ in range(3):
