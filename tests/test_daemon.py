@@ -1,5 +1,6 @@
 """Real daemons in two network namespaces exchanging real heartbeats."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -583,6 +584,22 @@ def test_run_command_statuses_timeouts_and_stop(tmp_path):
     assert time.monotonic() - started < 3
 
 
+def slave_keeper_parts(tmp_path):
+    """The configuration of beta (heartbeat_interval 0.2 s, dead_time 1 s)
+    and its tracker of alpha, for tests that drive a RoleKeeper alone."""
+    secret = tmp_path / "secret"
+    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
+    secret.chmod(0o600)
+    cfg = ff.parse_config(
+        "[cluster]\nname = shop\nsecret_file = %s\nheartbeat_interval = 0.2\n"
+        "dead_time = 1.0\n[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
+        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
+    cfg = dataclasses.replace(cfg, local_name="beta")
+    return cfg, ff.PeerTracker("shop", "alpha", ff.wire_keys(cfg.secret),
+                               [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
+                               generation=1)
+
+
 def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_path):
     """A slave learns that it holds its master's newest snapshot from a scan
     of its own snapshots.  While the master serves, it looks again once a
@@ -592,18 +609,7 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
     the periodic scan (every max(5 s, replication_interval)): the
     switchover of issue 16 took 6.5 s under load.  Pure: the role keeper
     alone, as the loop drives it."""
-    secret = tmp_path / "secret"
-    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
-    secret.chmod(0o600)
-    cfg = ff.parse_config(
-        "[cluster]\nname = shop\nsecret_file = %s\nheartbeat_interval = 0.2\n"
-        "dead_time = 1.0\n[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
-        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
-    import dataclasses
-    cfg = dataclasses.replace(cfg, local_name="beta")
-    tracker = ff.PeerTracker("shop", "alpha", ff.wire_keys(cfg.secret),
-                             [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
-                             generation=1)
+    cfg, tracker = slave_keeper_parts(tmp_path)
     d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
     d.role, d.epoch, d.snapshot = ff.ROLE_SLAVE, 2, ("flocker-2-old", 11)
     scans = []
@@ -637,18 +643,7 @@ def test_a_lost_verdicts_outdated_mark_ignores_a_heartbeat_naming_what_the_loser
     test_divergence.py).  Only once the loser holds a newer snapshot that
     is the master's newest is it up to date; meanwhile a silent master is
     no reason to promote.  Pure: the role keeper alone, as the loop drives it."""
-    secret = tmp_path / "secret"
-    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
-    secret.chmod(0o600)
-    cfg = ff.parse_config(
-        "[cluster]\nname = shop\nsecret_file = %s\nheartbeat_interval = 0.2\n"
-        "dead_time = 1.0\n[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
-        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
-    import dataclasses
-    cfg = dataclasses.replace(cfg, local_name="beta")
-    tracker = ff.PeerTracker("shop", "alpha", ff.wire_keys(cfg.secret),
-                             [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
-                             generation=1)
+    cfg, tracker = slave_keeper_parts(tmp_path)
     notes = []
     st = ff.NodeState("beta", ff.ROLE_SLAVE, 3, 1, True, 0.0, outdated_held="11")
     d = ff.RoleKeeper(cfg, tracker, notes.append, 0.0, st=st)
