@@ -8460,6 +8460,10 @@ class PeerTracker:
         # newest was confirmed): a link that just healed confirms within
         # moments, a direction that stays lost never does
         self.unconfirmed_since = None  # type: Optional[float]
+        # ... and whether that streak began after silence (no authentic
+        # packet for over dead_time: the link healed after a cut), when
+        # the first round trip may take longer than on a working link
+        self.unconfirmed_after_silence = False
         # (old, new) boot generation of a peer that restarted from older
         # state and proved it is live; the daemon logs it once and clears it
         self.generation_dropped = None  # type: Optional[Tuple[int, int]]
@@ -8498,11 +8502,14 @@ class PeerTracker:
         self.window.accept(hb.generation, hb.sequence)
         if hb.echo_generation == self.generation:
             self._echo_high = max(self._echo_high, hb.echo_sequence)
+        previous = self.claim_seen
         self.claim, self.claim_seen = hb, now
         if not confirmed:
             self.unconfirmed += 1
             if self.unconfirmed_since is None:
                 self.unconfirmed_since = now
+                self.unconfirmed_after_silence = (previous is not None
+                                                  and now - previous > self.dead_time)
             return None, None
         self.unconfirmed_since = None
         lv = self.links[link]
@@ -8970,8 +8977,17 @@ class RoleKeeper:
             witness=witness, witness_other=witness_other)
 
     def _peer_claim_epoch(self, now: float) -> Optional[int]:
-        # two intervals: a link that just healed has confirmed both ways by then
-        claim = self.tracker.one_way_claim(now, 2 * self.cfg.heartbeat_interval)
+        # two intervals: a link that just healed has confirmed both ways by
+        # then.  For a serving master whose peer was silent (a cut healing
+        # after both served) dead_time: under load the first round trip
+        # took longer, and a master that stepped down as the link healed
+        # lost the verdict by rule 1 whatever divergence_policy said.  The
+        # slave's and the starting master's guards (never take over) keep
+        # two intervals: waiting longer is not the safe direction there.
+        settle = 2 * self.cfg.heartbeat_interval
+        if self.serving and self.role == ROLE_MASTER and self.tracker.unconfirmed_after_silence:
+            settle = max(settle, self.cfg.dead_time)
+        claim = self.tracker.one_way_claim(now, settle)
         if claim is None or claim.role != ROLE_MASTER or not claim.flags & FLAG_SERVING:
             return None
         return claim.epoch

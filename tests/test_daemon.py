@@ -676,3 +676,67 @@ def test_a_lost_verdicts_outdated_mark_ignores_a_heartbeat_naming_what_the_loser
     heartbeats(int(now * 5) + 1, int(now * 5) + 6, 22)
     assert not d.outdated
     assert any("up to date again" in n.message for n in notes)
+
+
+def test_a_heal_that_confirms_slowly_is_a_split_brain_not_a_one_way_step_down(tmp_path):
+    """Both served while the link was cut (the slave took over, the master
+    had no witness).  When the link heals, the newer master's heartbeats
+    arrive before they echo ours; under load (the suite with a helper's
+    beside it, load 12 on 2 cores) the first round trip took longer than
+    two intervals, the older master concluded "one direction of the link
+    is lost", stepped down, and so lost the verdict by rule 1 ("it serves,
+    and alpha rejoins it") whatever divergence_policy said
+    (test_every_policy..., zero-changes-only).  After silence, such a claim
+    counts only once it outlasts dead_time; on a link that kept working
+    (test_one_way_heartbeat_loss_never_leaves_two_masters) the master steps
+    down as before, when the peer's silence passes dead_time.  Pure: the
+    role keeper alone, as the loop drives it."""
+    cfg, tracker = slave_keeper_parts(tmp_path)
+    d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
+    d.role, d.epoch, d.serving = ff.ROLE_MASTER, 2, True
+    d.snapshot = ("flocker-2-x", 11)
+    seq = 0
+
+    def heartbeat(now, epoch, echo):
+        nonlocal seq
+        seq += 1
+        d.tracker.sent(seq, now - 0.05)
+        h = ff.Heartbeat("shop", "alpha", 1, seq, ff.ROLE_MASTER if epoch > 2 else ff.ROLE_SLAVE,
+                         epoch, snapshot="flocker-2-x", guid=11,
+                         flags=ff.FLAG_SERVING if epoch > 2 else 0,
+                         echo_generation=1, echo_sequence=seq if echo else 5)
+        d.tracker.receive(ff.encode_heartbeat(h, cfg.secret), 0, now)
+        d.tracker.evaluate(now)
+        d.observe_peer(now)
+
+    for tick in range(1, 6):                   # alive, slave, until 1 s (seq 5)
+        heartbeat(tick / 5.0, 2, echo=True)
+    d.tracker.evaluate(6.0)                    # the cut: 5 s of silence
+    assert d.tracker.state == "dead"
+    # the heal: alpha (master, epoch 3, serving) is heard, not yet confirmed
+    kinds = {}
+    for tick in range(30, 37):                 # 6.0 .. 7.2 s, every 0.2 s
+        now = tick / 5.0
+        heartbeat(now, 3, echo=False)
+        kinds[round(now - 6.0, 1)] = ff.decide(d.facts(now), d.timing()).kind
+    assert all(kinds[t] != ff.DECIDE_STEP_DOWN for t in (0.4, 0.6, 0.8)), kinds
+    # still unconfirmed after dead_time: one direction is lost after all
+    assert kinds[1.2] == ff.DECIDE_STEP_DOWN, kinds
+
+    # a link that kept working, whose one direction fails: two intervals
+    cfg, tracker = slave_keeper_parts(tmp_path)
+    d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
+    d.role, d.epoch, d.serving = ff.ROLE_MASTER, 2, True
+    seq = 0
+    for tick in range(1, 6):
+        heartbeat(tick / 5.0, 2, echo=True)
+    kinds = {}
+    for tick in range(6, 17):                  # alpha stops hearing us at 1 s
+        now = tick / 5.0
+        heartbeat(now, 3 if tick >= 11 else 2, echo=False)
+        kinds[round(now, 1)] = ff.decide(d.facts(now), d.timing()).kind
+    # it echoes our packet of 0.95 s: confirmed until 1.95 s (the last at
+    # 1.8 s), unconfirmed from 2.0 s, master from 2.2 s: it steps down as
+    # the peer's silence passes dead_time, the streak long over two intervals
+    assert kinds[2.8] != ff.DECIDE_STEP_DOWN and kinds[3.0] == ff.DECIDE_STEP_DOWN, " ".join(
+        "%s:%s" % kv for kv in sorted(kinds.items()))
