@@ -168,7 +168,11 @@ def zfs_pipe(send_args, recv_args, timeout=60):
     SIGPIPE with nothing on stderr, or "I/O error" (neither reproduced in
     360 of the same receives run in a loop with both cores busy).  On zfs-fuse those two cases,
     and only when the target snapshot does not exist afterwards, are tried
-    once more, said on stdout with the target's state."""
+    once more, said on stdout with the target's state.  The "I/O error"
+    was also seen with the target snapshot there afterwards (test_preserve,
+    4 times in a day under the suite's load): when its GUID is the sent
+    snapshot's, everything was received and committed, and the error came
+    after; said on stdout, and taken as received."""
     target = "%s@%s" % (recv_args[-1], send_args[-1].rpartition("@")[2])
     for attempt in (1, 2):
         send = subprocess.Popen(["zfs", "send"] + list(send_args), stdout=subprocess.PIPE,
@@ -190,6 +194,15 @@ def zfs_pipe(send_args, recv_args, timeout=60):
             return
         flake = ((recv.returncode == -signal.SIGPIPE and not recv.stderr.strip())
                  or recv.stderr.strip().endswith(": I/O error"))
+        if flake and zfs_kind() == "zfs-fuse":
+            got = [sh(["zfs", "get", "-H", "-o", "value", "guid", name], check=False)
+                   for name in (target, send_args[-1])]
+            if got[0].returncode == 0 and got[0].stdout.strip() == got[1].stdout.strip():
+                print("zfs_pipe: zfs recv %s failed on zfs-fuse (exit %d, %r), but %s is "
+                      "there with the GUID of %s (%s): received"
+                      % (" ".join(recv_args), recv.returncode, recv.stderr.strip(), target,
+                         send_args[-1], got[0].stdout.strip()))
+                return
         if attempt == 1 and flake and zfs_kind() == "zfs-fuse" and sh(
                 ["zfs", "list", "-H", "-t", "snapshot", "-o", "name", target],
                 check=False).returncode != 0:
