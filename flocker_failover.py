@@ -2867,8 +2867,9 @@ class Zfs(ZfsBase):
         if not self.is_mounted(dataset):
             self.run(["mount", dataset], retry_busy=True)
 
-    def unmount(self, dataset: str) -> None:
-        if not self.is_mounted(dataset):
+    def unmount(self, dataset: str, known_mounted: bool = False) -> None:
+        """known_mounted: a listing just read says it is (no need to ask)."""
+        if not known_mounted and not self.is_mounted(dataset):
             return
         proc = self.run(["unmount", dataset], check=False, retry_busy=True)
         if proc.returncode != 0:
@@ -2914,9 +2915,17 @@ class Zfs(ZfsBase):
                          dataset])
         return sorted(n for n in proc.stdout.split("\n") if n.startswith(dataset + "/"))
 
-    def unmount_tree(self, dataset: str) -> None:
+    def unmount_tree(self, dataset: str, view: Optional[MountView] = None) -> None:
         """Unmount the dataset and every file system below it, the deepest
-        first (OpenZFS will not unmount a parent with a child mounted in it)."""
+        first (OpenZFS will not unmount a parent with a child mounted in it).
+        view: the tree as a listing just read it, which says what is mounted
+        (one command instead of two per file system)."""
+        if view is not None:
+            # a parent's name is a prefix of its children's: they sort after it
+            for name in sorted(view.rows, reverse=True):
+                if view.mounted(name):
+                    self.unmount(name, known_mounted=True)
+            return
         for name in reversed(self.descendants(dataset)):
             self.unmount(name)
         self.unmount(dataset)
@@ -6791,10 +6800,7 @@ def promote(ctx: Context, epoch: int, reason: str, settle=None) -> None:
     with ctx.store.relaxed():     # synced with the role, recorded next
         intent = ctx.store.begin_intent("promote", data)
     _promote_steps(ctx, intent, data, key_loaded=True)
-    if ctx.timeline is not None:
-        text = "timeline, " + ctx.timeline.text()
-        log.info("promotion %s", text)
-        ctx.store.record_event("promote", text)
+    _record_timeline(ctx, "promote", "promotion")
 
 
 def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
@@ -6811,6 +6817,16 @@ def demote(ctx: Context, epoch: int, reason: str, handover: bool = False,
     data = {"epoch": max(epoch, old.epoch), "reason": reason, "old_role": old.role,
             "handover": handover}
     _demote_steps(ctx, ctx.store.begin_intent("demote", data), data, stop, quiesce, resume)
+    _record_timeline(ctx, "demote", "demotion")
+
+
+def _record_timeline(ctx: Context, kind: str, what: str) -> None:
+    """A role action's timeline, if it kept one, in the log and as an
+    event of its kind."""
+    if ctx.timeline is not None:
+        text = "timeline, " + ctx.timeline.text()
+        log.info("%s %s", what, text)
+        ctx.store.record_event(kind, text)
 
 
 def stop_serving(ctx: Context, reason: str) -> None:
@@ -6899,11 +6915,16 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict, key_loaded: bool = 
     ctx.store.finish_intent(intent_id)
 
 
-def _read_mount_view(zfs: Zfs, reading: ZfsRunning, ds: str) -> MountView:
-    """The outcome of a promotion's listing (MountView.args)."""
+def _read_mount_view(zfs: Zfs, reading: ZfsRunning, ds: str,
+                     missing_ok: bool = False) -> MountView:
+    """The outcome of a promotion's (or a demotion's) listing
+    (MountView.args); missing_ok: a dataset that does not exist is an
+    empty view (view.exists() is False), else an error."""
     done = reading.wait(check=False)
     if done.returncode != 0:
         if _missing(done.stderr):
+            if missing_ok:
+                return MountView(ds, {})
             raise ActionError("the dataset %s does not exist on this node: there is nothing "
                               "to take over" % ds)
         reading.wait()       # raises, saying why
@@ -6989,7 +7010,20 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
                   resume: bool = False) -> None:
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
     env = _service_env(ctx, epoch, {"FLOCKER_ROLE": ROLE_SLAVE})
+    # once the user system stopped and the final snapshot is out, one
+    # listing of the tree (MountView) answers what the steps ask (does the
+    # dataset exist, is it a volume, what is mounted): read at the first
+    # step that needs it, again when a recovery begins later
+    view = None   # type: Optional[MountView]
+
+    def tree() -> MountView:
+        nonlocal view
+        if view is None:
+            view = _read_mount_view(zfs, zfs.start(MountView.args(ds, zfs.features())), ds,
+                                    missing_ok=True)
+        return view
     for step in DEMOTE_STEPS:   # the reverse order of promotion
+        ctx.mark(step)
         ctx.store.intent_step(intent_id, step)
         failpoint("demote:" + step)
         if step == "stop":
@@ -7003,18 +7037,18 @@ def _demote_steps(ctx: Context, intent_id: int, data: dict,
             if data.get("handover"):
                 _final_sync(ctx, intent_id, data, stop, resume)
         elif step == "readonly":
-            if zfs.exists(ds):
+            if tree().exists():
                 zfs.set_prop(ds, "readonly", "on")
         elif step == "unmount":   # (a volume mounts nothing)
-            if zfs.exists(ds) and not zfs.is_volume(ds):
-                zfs.unmount_tree(ds)
+            if tree().exists() and not tree().is_volume():
+                zfs.unmount_tree(ds, tree())
         elif step == "tidy":
             _drop_empty_leftover(ctx)
         elif step == "role":
             st = ctx.store.node_state()
             if (st.role, st.epoch) != (ROLE_SLAVE, epoch):
                 ctx.store.set_role(ROLE_SLAVE, epoch, data["reason"])
-            if zfs.exists(ds):
+            if tree().exists():
                 zfs.set_prop(ds, ROLE_PROPERTY, role_marker(cfg.local_name, ROLE_SLAVE, epoch))
             if data.get("handover"):   # the final snapshot is on the peer
                 ctx.store.set_released(True, "%s holds the final snapshot and may take over"
@@ -9038,9 +9072,10 @@ class RoleKeeper:
             return self._act(RoleAction(d.kind, d.reason, d.epoch, decided=now,
                                         deadline=self.tracker.dead_since if dead else None))
         if d.kind == DECIDE_STEP_DOWN:
-            return self._act(RoleAction(d.kind, d.reason, max(self.epoch, self.peer_epoch_seen)))
+            return self._act(RoleAction(d.kind, d.reason, max(self.epoch, self.peer_epoch_seen),
+                                        decided=now))
         if d.kind in (DECIDE_RESUME, DECIDE_HANDOVER, DECIDE_FENCE):
-            return self._act(RoleAction(d.kind, d.reason, self.epoch))
+            return self._act(RoleAction(d.kind, d.reason, self.epoch, decided=now))
         return None
 
     def _backing_off(self, kind: str, now: float) -> bool:
@@ -10306,9 +10341,10 @@ class DaemonJobs:
 
     @staticmethod
     def timeline(a: RoleAction) -> Optional[Timeline]:
-        """A promotion's timeline (see Timeline), from the moment the
-        peer's silence passed dead_time when that led to it."""
-        if a.kind != DECIDE_PROMOTE:
+        """A promotion's or a demotion's timeline (see Timeline), from the
+        moment the peer's silence passed dead_time when that led to it,
+        else from the decision."""
+        if a.kind not in (DECIDE_PROMOTE, DECIDE_STEP_DOWN, DECIDE_HANDOVER):
             return None
         tl = (Timeline(a.deadline, "the peer's silence passed dead_time")
               if a.deadline is not None else Timeline(a.decided, "the decision"))

@@ -5,6 +5,7 @@ one another; fixtures live in conftest.py."""
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -462,3 +463,18 @@ def link_bytes(host, column):
         if name.strip() == "eth0":
             return int(data.split()[column])
     raise AssertionError("no eth0 in namespace %s" % host.ns)
+
+
+def action_timeline(host, kind):
+    """(the origin as Unix time, [(ms after it, mark)]) of host's newest
+    role action of kind ("promote" or "demote") that kept a timeline, from
+    its event log (ff.Timeline)."""
+    with ff.StateStore.open(host.state_db, readonly=True) as store:
+        line = [e["message"] for e in store.events(200) if e["kind"] == kind
+                and e["message"].startswith("timeline, ")][-1]
+    origin = float(re.search(r"\(Unix time ([0-9.]+)\)", line).group(1))
+    marks = []
+    for part in line.split("): ", 1)[1].split("; "):
+        ms, label = part.split(" ", 1)
+        marks.append((float(ms), label))
+    return origin, marks

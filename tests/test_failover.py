@@ -10,7 +10,7 @@ import pytest
 
 import bed as bedmod
 from conftest import dataset_context, ff
-from helpers import (DEAD, INTERVAL, Running, S, init, killed, last_service_config, replicated,
+from helpers import (DEAD, action_timeline, INTERVAL, Running, S, init, killed, last_service_config, replicated,
                      service_config, serving, start, svc_log, svc_running, wait_for, write_files,
                      zget)
 
@@ -140,20 +140,6 @@ def test_kill_9_of_the_master_promotes_the_slave_then_the_old_master_returns(lan
         db.stop()
 
 
-def promotion_timeline(host):
-    """(the moment the peer's silence passed dead_time as Unix time, {mark:
-    ms after it}) of host's newest promotion, from its event log."""
-    with ff.StateStore.open(host.state_db, readonly=True) as store:
-        line = [e["message"] for e in store.events(200) if e["kind"] == "promote"
-                and e["message"].startswith("timeline, ")][-1]
-    origin = float(re.search(r"silence passed dead_time \(Unix time ([0-9.]+)\)", line).group(1))
-    marks = {}
-    for part in line.split("): ", 1)[1].split("; "):
-        ms, label = part.split(" ", 1)
-        marks.setdefault(label, float(ms))
-    return origin, marks
-
-
 def test_the_slave_takes_over_the_moment_the_silence_passes_dead_time(bed):
     """Issue 16 item 1.  With a heartbeat every second (the liveness tick
     every 0.25 s), the slave decides the moment its master's silence passes
@@ -169,7 +155,8 @@ def test_the_slave_takes_over_the_moment_the_silence_passes_dead_time(bed):
     try:
         a.kill_all()
         wait_for(lambda: serving(db), S(20), step=0.02)
-        origin, marks = promotion_timeline(b)
+        origin, marks = action_timeline(b, "promote")
+        marks = {label: ms for ms, label in reversed(marks)}     # the first of each
         # decided at once (without the wake at the verdict: up to 250 ms)
         assert 0 <= marks["decided"] <= S(50), marks
         assert marks["start_command begins"] <= S(1000), marks

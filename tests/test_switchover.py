@@ -8,7 +8,7 @@ import time
 
 import bed as bedmod
 from conftest import ff
-from helpers import (Running, S, init, replicated, service_config, serving, start, svc_log,
+from helpers import (Running, action_timeline, S, init, replicated, service_config, serving, start, svc_log,
                      wait_for, zget)
 
 # The user system is a writer: it writes numbered files into the dataset,
@@ -99,6 +99,17 @@ def test_planned_switchover_loses_no_acknowledged_write_and_back_again(lanbed):
         assert missing_on(b, acks_a) == []          # every acknowledged write is there
         assert da.status()["role"] == "slave" and not da.status()["serving"]
         assert "final snapshot" in a.flocker("history").stdout
+        # alpha's demotion kept a timeline: once the final snapshot is out,
+        # one listing answers what its steps ask (it took three listings
+        # and a query per file system: issue 16 item 5)
+        _, marks = action_timeline(a, "demote")
+        labels = [label for _, label in marks]
+        assert labels[:2] == ["decided", "job thread"] and "final-sync" in labels, labels
+        after = [label.split(" (")[0] for label in labels[labels.index("readonly"):]
+                 if label.startswith("zfs ")]
+        assert [x for x in after if x.startswith(("zfs list", "zfs get mounted"))] == [
+            "zfs list filesystem,volume"], labels
+        assert "zfs unmount %s" % a.dataset in after and "zfs set readonly=on" in after, labels
 
         # and back again, this time with demote on the master (beta)
         wait_for(lambda: len([x for x in acknowledged(bed) if x[0].startswith("w-beta-")])
