@@ -8536,14 +8536,16 @@ class PeerTracker:
         self.window.accept(hb.generation, hb.sequence)
         if hb.echo_generation == self.generation:
             self._echo_high = max(self._echo_high, hb.echo_sequence)
-        previous = self.claim_seen
+        silence = self.claim_seen is not None and now - self.claim_seen > self.dead_time
         self.claim, self.claim_seen = hb, now
         if not confirmed:
             self.unconfirmed += 1
-            if self.unconfirmed_since is None:
+            # a streak begins at the first unconfirmed packet, and again
+            # after a silence: one from before a cut does not go on after
+            # the heal (a master stepped down the moment the link came up)
+            if self.unconfirmed_since is None or silence:
                 self.unconfirmed_since = now
-                self.unconfirmed_after_silence = (previous is not None
-                                                  and now - previous > self.dead_time)
+                self.unconfirmed_after_silence = silence
             return None, None
         self.unconfirmed_since = None
         lv = self.links[link]

@@ -363,6 +363,31 @@ def test_a_peer_heard_one_way_is_told_apart_from_a_link_that_just_healed():
     assert t.one_way_claim(1.2, 0.4) is None
 
 
+def test_an_unconfirmed_streak_cut_by_silence_begins_again_after_it():
+    """A peer's daemon restarted just before the link was cut: its first
+    packets (not yet echoing ours) came, then nothing for longer than
+    dead_time.  When the link heals, its packets (now "master, serving":
+    it took over meanwhile) echo old ones of ours for a moment.  That is a
+    new streak, begun after silence, not the old one going on: counted
+    from the old one, it had lasted 1.7 s at the first packet after the
+    heal, and the older master stepped down on the spot, in the same
+    millisecond the link came up, then lost the verdict by rule 1
+    (test_kill_9_at_steps_of_a_resolution_loses_nothing, loser,
+    resolve:published, twice in three runs on branch sync2)."""
+    t = tracker(dead_time=1.0, start=0.0)
+    slave = dict(echo_generation=OWN_GEN - 1)
+    master = dict(role=ff.ROLE_MASTER, flags=ff.FLAG_SERVING, echo_generation=OWN_GEN - 1)
+    t.receive(ff.encode_heartbeat(hb(sequence=1, **slave), K1), 0, 0.0)
+    t.receive(ff.encode_heartbeat(hb(sequence=2, **slave), K1), 0, 0.2)
+    assert not t.unconfirmed_after_silence
+    # the cut: 1.5 s without a packet; then the heal
+    t.receive(ff.encode_heartbeat(hb(sequence=3, epoch=8, **master), K1), 0, 1.7)
+    assert t.unconfirmed_since == 1.7 and t.unconfirmed_after_silence
+    assert t.one_way_claim(1.7, 0.4) is None        # a streak of 0 s
+    t.receive(ff.encode_heartbeat(hb(sequence=4, epoch=8, **master), K1), 0, 2.1)
+    assert t.one_way_claim(2.1, 0.4).sequence == 4   # its own two intervals
+
+
 def test_a_stalled_node_needs_fresh_evidence_before_calling_the_peer_dead():
     t = tracker(dead_time=1.0, start=0.0)
     t.receive(ff.encode_heartbeat(hb(sequence=1), K1), 0, 0.1)
