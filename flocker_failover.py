@@ -2627,6 +2627,142 @@ def program_of(argv: Sequence[str]) -> str:
     return zfs_program(argv[0]) if argv[0] in ("zfs", "zpool") else argv[0]
 
 
+# -- what zfs says it supports, remembered ------------------------------------
+#
+# The features (above) cost two zfs commands, some 15 ms on zfs-fuse, and a
+# new process paid them on each node for every sync (the daemon for every
+# cycle).  Their usage text depends only on the zfs program and what its
+# dynamic loader maps, so it is remembered: in this process, and in a file
+# beside the state file (zfs-usage.json, use_usage_cache), keyed by the
+# stat (device, inode, size, mtime, ctime) of the program, of each library
+# its loader maps (ldd's list, taken when the text is read) and of
+# /etc/ld.so.cache, and by the environment that changes what loads or what
+# it prints (_USAGE_ENV).  Installing another zfs replaces the program (a
+# new inode and ctime, whatever mtime the copy kept) and runs ldconfig: the
+# key no longer matches and the text is read again; so it is when any of
+# these files changes, even only its time stamps.  A text read while they
+# changed is not kept; a file of another owner, or writable by others, is
+# never read.  So the cache can make a process slower, never wrong.
+
+USAGE_CACHE_NAME = "zfs-usage.json"
+_USAGE_KEEP = 4             # entries kept in the file (programs x environments)
+_USAGE_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "LANG", "LANGUAGE", "LC_ALL",
+              "LC_MESSAGES")
+_LD_CACHE = "/etc/ld.so.cache"
+_USAGE = {"file": None, "memo": None}   # the file; this process's entry
+
+
+def use_usage_cache(state_db: str) -> None:
+    """Keep the zfs usage text in the file beside state_db from now on."""
+    _USAGE["file"] = os.path.join(os.path.dirname(state_db) or ".", USAGE_CACHE_NAME)
+
+
+def _file_stamp(path: str) -> list:
+    """What tells a file's content changed, short of reading it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path]
+    return [path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _usage_key(program: str, files: Sequence[str]) -> dict:
+    return {"program": program, "stamps": [_file_stamp(f) for f in files],
+            "env": [[k, os.environ.get(k)] for k in _USAGE_ENV]}
+
+
+def _usage_entry_current(entry, program: str) -> bool:
+    """True when a remembered entry's key still holds: same program and
+    environment, each file's stamp unchanged."""
+    try:
+        files = [s[0] for s in entry["key"]["stamps"]]
+        return (files[:1] == [program] and isinstance(entry["text"], str)
+                and entry["key"] == _usage_key(program, files))
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def loaded_libraries(program: str) -> List[str]:
+    """The files program's dynamic loader maps (as ldd lists them: glibc's
+    LD_TRACE_LOADED_OBJECTS); [] where it does not say (a static program,
+    which then just runs: zfs alone prints its usage)."""
+    try:
+        proc = subprocess.run([os.path.basename(program)], executable=program,
+                              env=dict(os.environ, LD_TRACE_LOADED_OBJECTS="1"),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=ZFS_TIMEOUT,
+                              universal_newlines=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = re.findall(r"(/\S+) \(0x[0-9a-f]+\)$", proc.stdout, re.M)
+    return sorted(set(f for f in found if os.path.isfile(f)))
+
+
+def _read_usage_file(path: str) -> list:
+    """The entries of the cache file; [] when it is missing, unreadable,
+    not this user's own or writable by others."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return []
+    with open(fd, encoding="utf-8") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+            return []
+        try:
+            entries = json.load(f)
+        except (ValueError, UnicodeDecodeError, OSError):
+            return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _write_usage_file(path: str, entry: dict) -> None:
+    """Put entry first in the cache file (atomically, mode 0600); another
+    entry of the same program and environment goes.  Failing to write only
+    costs the next process the two commands."""
+    same = (entry["key"]["program"], entry["key"]["env"])
+    old = [e for e in _read_usage_file(path)
+           if (e.get("key", {}).get("program"), e.get("key", {}).get("env")) != same]
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".zfs-usage.", dir=os.path.dirname(path))
+    except OSError as e:
+        log.debug("cannot keep the zfs usage text in %s: %s", path, e.strerror)
+        return
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump([entry] + old[:_USAGE_KEEP - 1], f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot keep the zfs usage text in %s: %s", path, e.strerror)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def zfs_usage_text() -> str:
+    """The usage text of `zfs` and `zfs get` on this host, as
+    parse_zfs_features reads it: remembered (see above) or read now."""
+    program = zfs_program()
+    for entry in [_USAGE["memo"]] + (_read_usage_file(_USAGE["file"])
+                                     if _USAGE["file"] else []):
+        if entry is not None and _usage_entry_current(entry, program):
+            _USAGE["memo"] = entry
+            return entry["text"]
+    files = [program] + loaded_libraries(program) + [_LD_CACHE]
+    key = _usage_key(program, files)
+    out = []
+    for args in ([], ["get"]):
+        proc = subprocess.run(["zfs"] + args, executable=program, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=ZFS_TIMEOUT, universal_newlines=True)
+        out.append(proc.stdout + proc.stderr)
+    entry = {"key": key, "text": "\n".join(out)}
+    if key == _usage_key(program, files):      # nothing changed while it ran
+        _USAGE["memo"] = entry
+        if _USAGE["file"]:
+            _write_usage_file(_USAGE["file"], entry)
+    return entry["text"]
+
+
 # A volume's block device, as OpenZFS names it (udev's 60-zvol.rules on
 # Linux, the kernel on FreeBSD).  zfs-fuse makes no volumes at all ('zfs
 # create -V': "internal error: Function not implemented").
@@ -2733,11 +2869,7 @@ class Zfs(ZfsBase):
         return proc
 
     def _usage_text(self) -> str:
-        out = []
-        for args in ([], ["get"]):
-            proc = self.run(args, check=False)
-            out.append(proc.stdout + proc.stderr)
-        return "\n".join(out)
+        return zfs_usage_text()
 
     # What the zfs of this host supports, read once per process: every job
     # makes a Zfs of its own, and reading the usage text again took two zfs
@@ -3407,13 +3539,7 @@ _GATE_ZFS = dict(get=_gate_zfs_get, list=_gate_zfs_list, recv=_gate_zfs_recv,
 def gate_features_text() -> bytes:
     """What the features request prints: the usage text of `zfs` and of
     `zfs get` (the property table), as parse_zfs_features reads it."""
-    out = []
-    for args in ([], ["get"]):
-        proc = subprocess.run(["zfs"] + args, executable=zfs_program(),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=ZFS_TIMEOUT)
-        out.append(proc.stdout)
-    return b"\n".join(out)
+    return zfs_usage_text().encode("utf-8", "surrogateescape")
 
 
 # what the gate refuses when its own node is master: the peer never writes
@@ -11083,6 +11209,14 @@ def query_daemon(state_db: str, request: dict, timeout: float = 3.0) -> Optional
 # ===========================================================================
 
 
+def config_of(cfg_path: str, node: Optional[str]) -> Config:
+    """The configuration (load_config); this node's zfs usage text is kept
+    beside its state file from now on (use_usage_cache)."""
+    cfg = load_config(cfg_path, node)
+    use_usage_cache(cfg.local.state_db)
+    return cfg
+
+
 def cmd_genkey(args, cfg_path: str) -> int:
     key = secrets.token_hex(32) + "\n"
     if args.output is None:
@@ -11103,14 +11237,14 @@ def cmd_genkey(args, cfg_path: str) -> int:
 
 
 def cmd_config_check(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     print("\n".join(describe_config(cfg)))
     print("# configuration is valid", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_init(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     summary, done = init_node(cfg, args.role, args.force, Zfs())
     for line in done:
         print("  " + line)
@@ -11131,7 +11265,7 @@ def gather_report(cfg: Config) -> dict:
 
 
 def cmd_status(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     report = gather_report(cfg)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -11162,7 +11296,7 @@ def cmd_check(args, cfg_path: str) -> int:
         if warn is not None and crit is not None and warn > crit:
             raise FlockerError("--warn %s is more than --crit %s; the warning threshold must "
                                "be the smaller one" % (args.warn, args.crit))
-        cfg = load_config(cfg_path, args.node)
+        cfg = config_of(cfg_path, args.node)
         if args.deep:
             try:   # the whole file read and checked (PRAGMA quick_check)
                 StateStore.open(cfg.local.state_db, deep_check=True).close()
@@ -11229,7 +11363,7 @@ def parse_since(text: str, now: float) -> float:
 
 
 def cmd_history(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     with StateStore.open(cfg.local.state_db, readonly=True) as store:
         events = store.events(limit=args.limit, since=args.since or 0.0)
     if args.json:
@@ -11251,7 +11385,7 @@ def _add_history(p) -> None:
 
 
 def cmd_discard_preserved(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     if not args.yes:
         if not sys.stdin.isatty():
             raise FlockerError("discard-preserved destroys %s for good; confirm with --yes "
@@ -11287,7 +11421,7 @@ def cmd_discard_preserved(args, cfg_path: str) -> int:
 
 
 def cmd_copy_preserved(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     with StateStore.open(cfg.local.state_db) as store:
         copy, snap, where = copy_preserved(Context(cfg, store, Zfs()), args.name,
                                            args.mountpoint)
@@ -11309,7 +11443,7 @@ def _add_copy_preserved(p) -> None:
 
 
 def cmd_announce(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     answer = query_daemon(cfg.local.state_db, {"cmd": "announce"})
     if answer is None:
         raise FlockerError("no daemon runs on this node; the serving master's daemon "
@@ -11355,7 +11489,7 @@ def _wait_for_role(cfg: Config, role: str, timeout: float) -> dict:
 
 
 def cmd_promote(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     if args.i_know_the_peer_is_alive and not args.force:
         raise FlockerError("--i-know-the-peer-is-alive goes with --force")
     answer = query_daemon(cfg.local.state_db, {
@@ -11408,7 +11542,7 @@ def _add_promote(p) -> None:
 
 
 def cmd_demote(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     answer = query_daemon(cfg.local.state_db, {"cmd": "demote"})
     if answer is not None and args.even_if_unsent:
         raise FlockerError("--even-if-unsent is for a node without a daemon (a cluster "
@@ -11465,7 +11599,7 @@ def _add_demote(p) -> None:
 
 
 def cmd_compare(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     r = compare_replicas(cfg, Zfs(), peer_zfs(cfg))
     if args.json:
         print(json.dumps(r, indent=2, sort_keys=True))
@@ -11490,7 +11624,7 @@ def _add_compare(p) -> None:
 
 
 def cmd_rejoin(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     if query_daemon(cfg.local.state_db, {"cmd": "ping"}) is not None:
         raise FlockerError("a daemon runs on this node: it rejoins by itself")
     with StateStore.open(cfg.local.state_db, lock_for="rejoin") as store:
@@ -11499,7 +11633,7 @@ def cmd_rejoin(args, cfg_path: str) -> int:
 
 
 def cmd_resolve(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     if args.dry_run:
         live = (query_daemon(cfg.local.state_db, {"cmd": "status"}) or {}).get("status")
         with StateStore.open(cfg.local.state_db) as store:
@@ -11546,7 +11680,7 @@ def _add_resolve(p) -> None:
 
 
 def cmd_daemon(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     for name in ("zfs", "zpool"):
         zfs_program(name)       # found now, or a clear error now
     root = logging.getLogger()
@@ -11717,7 +11851,7 @@ def cmd_ssh_gate(args, cfg_path: str) -> int:
               "ssh-gate" % (PROG, sys.argv[0]), file=sys.stderr)
         return EXIT_USAGE
     try:
-        cfg = load_config(cfg_path, args.node)
+        cfg = config_of(cfg_path, args.node)
         zfs_program()
     except FlockerError as e:
         log.error("ssh-gate: cannot serve the peer: %s", e.message)
@@ -11733,7 +11867,7 @@ def _add_ssh_gate(p) -> None:
 
 
 def cmd_sync(args, cfg_path: str) -> int:
-    cfg = load_config(cfg_path, args.node)
+    cfg = config_of(cfg_path, args.node)
     progress = None
     if sys.stderr.isatty():        # a progress line for a person; nothing for cron
         def draw(view):
