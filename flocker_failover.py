@@ -1,5 +1,9 @@
-#!/usr/bin/env python3
-"""flocker-failover: high availability for one user system on exactly two hosts.
+#!/bin/sh
+""":"
+# sh reads these lines only: run as a program, the code compiled once (_cached_main)
+exec python3 -c 'import sys; f = open(sys.argv[1], "rb"); s = f.read(); f.close(); exec(s[s.index(b"\ndef _cached_main("):s.index(b"\n# end of _cached_main")]); del s; _cached_main()' "$0" "$@"
+"
+flocker-failover: high availability for one user system on exactly two hosts.
 
 The master runs the user system on a ZFS dataset and replicates it to the
 slave; when the master fails the slave takes over with the newest replica.
@@ -12062,6 +12066,79 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("%s: interrupted" % PROG, file=sys.stderr)
         return 130
+
+
+# -- run as a program: the code compiled once ---------------------------------
+#
+# Run as the script (python3 flocker_failover.py), CPython compiles every
+# line of this file each time: about 0.1 s of CPU here, as much as all the
+# rest of a 'sync' with nothing to send, and paid as well by each ssh gate
+# the peer starts.  Run as a program (by its path: the gate's forced
+# command, cron, a person), sh reads the first lines of this file and runs
+# Python on the function below alone (found by its first and last line, a
+# few lines to compile), which runs the code of this file compiled once per
+# content and interpreter.  It is kept in FLOCKER_CODE_CACHE (default
+# /var/cache/flocker-failover for root, else ~/.cache/flocker-failover;
+# empty: nowhere) under the SHA-256 of the file's bytes with sys.version,
+# the implementation's cache tag and the optimization level: any change of
+# the file (one that kept its size and mtime too, as a copy by cp -p may) or
+# of the interpreter is another name.  A file or directory there not owned
+# by this user, or writable by others, is never read; where nothing can be
+# read or written the program is compiled, as by the script.  The three
+# newest are kept.  The daemon so started runs as the module, as
+# exec_daemon_as_module would make it (below).
+
+def _cached_main() -> None:
+    """Run this program's main() from its code compiled once (see above)."""
+    import hashlib
+    import marshal
+    import os
+    import sys
+    import types
+    path = os.path.abspath(sys.argv.pop(1))
+    with open(path, "rb") as f:
+        source = f.read()
+    cache = os.environ.get("FLOCKER_CODE_CACHE")
+    if cache is None:
+        cache = ("/var/cache/flocker-failover" if os.geteuid() == 0 else os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+            "flocker-failover"))
+    tag = "%s\0%s\0%d\0" % (sys.version, sys.implementation.cache_tag, sys.flags.optimize)
+    name = os.path.join(cache, hashlib.sha256(tag.encode() + source).hexdigest()[:40] + ".code")
+
+    def ours(st):
+        return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+    code = None
+    try:
+        with open(os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
+            if ours(os.fstat(f.fileno())) and ours(os.stat(cache)):
+                code = marshal.load(f)
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
+    if not isinstance(code, types.CodeType):
+        code = compile(source, path, "exec", dont_inherit=True)
+        try:
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            if cache and ours(os.stat(cache)):
+                tmp = "%s.%d.tmp" % (name, os.getpid())
+                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    marshal.dump(code, f)
+                os.replace(tmp, name)
+                kept = sorted((e.stat().st_mtime, e.path) for e in os.scandir(cache)
+                              if e.name.endswith(".code"))
+                for _, old in kept[:-3]:
+                    os.unlink(old)
+        except OSError:
+            pass
+    del source
+    module = types.ModuleType("flocker_failover")
+    module.__file__ = sys.argv[0] = path
+    sys.modules[module.__name__] = module
+    exec(code, module.__dict__)
+    del code
+    sys.exit(module.main())
+# end of _cached_main
 
 
 # The daemon (and the witness) runs as a module, not as the script (the same

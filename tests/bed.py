@@ -61,6 +61,10 @@ _counter = itertools.count(1)
 # own children (the gate runs PROGRAM for a peer's flocker request).
 PYCACHE = os.path.join(WORK_BASE, TAG + "pycache")
 atexit.register(shutil.rmtree, PYCACHE, True)
+# The program run as a program (by its path) keeps its compiled code in
+# FLOCKER_CODE_CACHE (flocker_failover.py's _cached_main): here, not in the
+# machine's /var/cache, and removed with the rest.
+os.environ.setdefault("FLOCKER_CODE_CACHE", os.path.join(PYCACHE, "code"))
 RUN_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_program.py")
 
 

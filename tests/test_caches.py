@@ -3,14 +3,21 @@ cache is ignored or refreshed when its key changes (issue 16 item 3).
 
 - the zfs usage text (the features), beside the state file, keyed by the
   stat of the zfs program, of the libraries it loads and of ld.so.cache,
-  and by the environment that changes what it prints."""
+  and by the environment that changes what it prints;
+- the program's code, run as a program: kept under the SHA-256 of the
+  file and the interpreter, never read when others may write it."""
 
 import json
+import marshal
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
+import bed as bedmod
 from conftest import ff
 
 USAGE = """usage: zfs command args ...
@@ -152,3 +159,102 @@ def test_the_loaded_libraries_of_the_real_zfs():
     libs = ff.loaded_libraries(program)
     assert all(os.path.isabs(f) and os.path.isfile(f) for f in libs)
     assert any("libc" in os.path.basename(f) for f in libs), libs
+
+
+# ---------------------------------------------------------------------------
+# run as a program: the code compiled once
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def program(tmp_path):
+    """A copy of the program, executable, and a run of it as a program (by
+    its path: sh reads its first lines) with its code cache in tmp_path."""
+    path = tmp_path / "flocker_failover.py"
+    path.write_bytes(open(bedmod.PROGRAM, "rb").read())
+    path.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, FLOCKER_CODE_CACHE=str(cache),
+               PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")
+
+    class Program:
+        def __init__(self):
+            self.path, self.cache = path, cache
+
+        def run(self, *args, **kw):
+            return subprocess.run([str(path)] + list(args), env=dict(env, **kw),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True)
+
+        def entries(self):
+            return sorted(cache.glob("*.code")) if cache.is_dir() else []
+
+        def plant(self, text):
+            """Replace the kept code by code of our own (printing text)."""
+            entry, = self.entries()
+            entry.write_bytes(marshal.dumps(compile(
+                "def main():\n    print(%r)\n    return 0\n" % text, "planted", "exec")))
+            return entry
+
+    return Program()
+
+
+def test_run_as_a_program_it_runs_its_code_compiled_once(program):
+    p = program.run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == "flocker-failover %s" % ff.VERSION
+    entry, = program.entries()
+    assert stat.S_IMODE(os.stat(program.cache).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(entry).st_mode) == 0o600
+    program.plant("from the cache")
+    assert program.run("--version").stdout == "from the cache\n"
+    # the arguments and the program's path come through as for the script
+    p = program.run("--config", "/nonexistent.conf", "status")
+    assert p.returncode == ff.EXIT_OK or "from the cache" in p.stdout
+
+
+def test_a_changed_file_is_compiled_again_whatever_its_size_and_mtime(program):
+    program.run("--version")
+    program.plant("stale")
+    st = os.stat(program.path)
+    text = program.path.read_text()
+    other = ff.VERSION[:-1] + chr(ord(ff.VERSION[-1]) ^ 1)       # 0.1.0 -> 0.1.1
+    changed = text.replace('VERSION = "%s"' % ff.VERSION, 'VERSION = "%s"' % other, 1)
+    assert len(changed) == len(text) and changed != text
+    program.path.write_text(changed)
+    os.utime(program.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    p = program.run("--version")
+    assert p.returncode == 0 and p.stdout == "flocker-failover %s\n" % other
+    assert len(program.entries()) == 2
+
+
+def test_kept_code_others_may_write_is_never_run(program):
+    program.run("--version")
+    program.plant("planted").chmod(0o666)
+    assert program.run("--version").stdout.startswith("flocker-failover ")
+    program.plant("planted")
+    program.cache.chmod(0o777)
+    assert program.run("--version").stdout.startswith("flocker-failover ")
+    program.cache.chmod(0o700)
+    assert program.run("--version").stdout == "planted\n"      # (the control)
+    program.entries()[0].write_bytes(b"\xe3 not marshal data")
+    assert program.run("--version").stdout.startswith("flocker-failover ")
+
+
+def test_without_a_usable_cache_it_runs_compiled_as_the_script(program, tmp_path):
+    for where in ("", "/proc/no-such-dir", str(tmp_path / "file")):
+        (tmp_path / "file").write_text("not a directory")
+        p = program.run("--version", FLOCKER_CODE_CACHE=where)
+        assert p.returncode == 0 and p.stdout.startswith("flocker-failover "), p.stderr
+    assert not program.entries()
+    # the script itself keeps nothing anywhere
+    p = subprocess.run([sys.executable, str(program.path), "--version"],
+                       env=dict(os.environ, FLOCKER_CODE_CACHE=str(program.cache)),
+                       stdout=subprocess.PIPE, universal_newlines=True)
+    assert p.returncode == 0 and not program.entries()
+
+
+def test_only_the_three_newest_are_kept(program):
+    for i in range(5):
+        program.path.write_text(program.path.read_text() + "\n# %d\n" % i)
+        assert program.run("--version").returncode == 0
+        time.sleep(0.01)
+    assert len(program.entries()) == 3

@@ -7,7 +7,8 @@ printed` gives the block alpha's last output as its input, as a person
 pastes it.  The bed's hosts share this machine's file system, so each host
 runs its blocks in a mount namespace of its own where the paths the quick
 start writes to (/etc/flocker, /root/.ssh, /usr/local/sbin, /etc/init.d,
-/var/lib/flocker) are that host's own directories; its sshd (the machine's
+/var/lib/flocker, and /var/cache/flocker-failover, where the program run by
+its path keeps its compiled code) are that host's own directories; its sshd (the machine's
 sshd_config and host key) and its daemon run there too.  Substituted: the
 datasets (the bed's pools for tank) and the user system's two commands;
 the init script's pid and log files (through FLOCKER_DEFAULTS, as the two
@@ -25,7 +26,8 @@ import bed as bedmod
 
 README = os.path.join(bedmod.ROOT, "README.md")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PRIVATE = ("/etc/flocker", "/root/.ssh", "/usr/local/sbin", "/etc/init.d", "/var/lib/flocker")
+PRIVATE = ("/etc/flocker", "/root/.ssh", "/usr/local/sbin", "/etc/init.d", "/var/lib/flocker",
+           "/var/cache/flocker-failover")   # (the code the program keeps, its gates under sshd)
 MARK = re.compile(r"<!-- quickstart: on (alpha|beta|both)(?:, pasting what (alpha|beta) "
                   r"printed)? -->\n```sh\n(.*?)```", re.S)
 
