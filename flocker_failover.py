@@ -42,6 +42,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import operator
 import os
 import queue
 import re
@@ -1701,13 +1702,18 @@ class StateStore:
                   "seconds", "result", "error")
 
     def begin_replication(self, started: float) -> int:
-        """Write the intent of a cycle first (result 'running')."""
+        """Write the intent of a cycle first (result 'running'); a cycle
+        still 'running' in the file belongs to a process that died (we hold
+        the lock): marked failed in the same transaction."""
         with self.transaction() as conn:
+            self._fail_interrupted(conn, started)
             cur = conn.execute("INSERT INTO replications (started, snapshot, result) "
                                "VALUES (?, '', 'running')", (started,))
             return cur.lastrowid
 
-    def update_replication(self, rid: int, **fields) -> None:
+    def update_replication(self, rid: int, trim: bool = False, **fields) -> None:
+        """Record fields of cycle rid; with trim, keep the history bounded
+        (trim_replications) in the same transaction."""
         bad = set(fields) - set(self._REPL_KEYS[2:])
         if bad:
             raise ValueError(bad)
@@ -1715,16 +1721,22 @@ class StateStore:
             conn.execute("UPDATE replications SET %s WHERE id = ?"
                          % ", ".join("%s = ?" % k for k in sorted(fields)),
                          [fields[k] for k in sorted(fields)] + [rid])
+            if trim:
+                self._trim(conn)
 
     def fail_interrupted_replications(self, now: float) -> int:
         """A cycle still 'running' in the file belongs to a process that
         died (we hold the lock): mark it failed."""
         with self.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE replications SET result = 'failed', finished = ?, error = "
-                "'interrupted: the process running this cycle ended before it "
-                "finished' WHERE result = 'running'", (now,))
-            return cur.rowcount
+            return self._fail_interrupted(conn, now)
+
+    @staticmethod
+    def _fail_interrupted(conn, now: float) -> int:
+        cur = conn.execute(
+            "UPDATE replications SET result = 'failed', finished = ?, error = "
+            "'interrupted: the process running this cycle ended before it "
+            "finished' WHERE result = 'running'", (now,))
+        return cur.rowcount
 
     def unconfirmed_targets(self) -> List[str]:
         """Snapshots a cycle after the newest successful one began to send
@@ -1740,9 +1752,13 @@ class StateStore:
     def trim_replications(self, keep: int = 1000) -> None:
         """Keep the history bounded (a cycle every few seconds adds up)."""
         with self.transaction() as conn:
-            conn.execute("DELETE FROM replications WHERE id <= "
-                         "(SELECT id FROM replications ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                         (keep,))
+            self._trim(conn, keep)
+
+    @staticmethod
+    def _trim(conn, keep: int = 1000) -> None:
+        conn.execute("DELETE FROM replications WHERE id <= "
+                     "(SELECT id FROM replications ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                     (keep,))
 
     def replication_summary(self) -> dict:
         """The newest successful cycle that sent something, the newest
@@ -1911,8 +1927,9 @@ def _key_bytes(kid: str) -> bytes:
     return bytes.fromhex(kid)[:4]
 
 
-def encode_heartbeat(hb: Heartbeat, secret: bytes) -> bytes:
-    """The signed datagram for hb, signed with secret."""
+def encode_heartbeat(hb: Heartbeat, secret: bytes, kid: Optional[str] = None) -> bytes:
+    """The signed datagram for hb, signed with secret (whose key_id is
+    kid, when the caller knows it)."""
     def text(value: str, limit: int) -> bytes:
         raw = value.encode("utf-8")
         if len(raw) > limit:
@@ -1924,12 +1941,12 @@ def encode_heartbeat(hb: Heartbeat, secret: bytes) -> bytes:
             + struct.pack("!QB", hb.guid, len(hb.accepts))
             + b"".join(_key_bytes(k) for k in hb.accepts))
     head = _WIRE_HEAD.pack(WIRE_MAGIC, WIRE_VERSION, hb.flags & 0xFF,
-                           _key_bytes(key_id(secret)), hb.generation, hb.sequence,
+                           _key_bytes(kid or key_id(secret)), hb.generation, hb.sequence,
                            hb.echo_generation, hb.echo_sequence, hb.epoch,
                            _ROLE_CODE[hb.role],
                            HEALTH_STATES.index(hb.health), len(body))
     packet = head + body
-    return packet + hmac.new(secret, packet, hashlib.sha256).digest()
+    return packet + hmac.digest(secret, packet, "sha256")
 
 
 def wire_keys(*secrets_: Optional[bytes]) -> Dict[bytes, Tuple[str, bytes]]:
@@ -1953,7 +1970,7 @@ def _signed_by(keys: Dict[bytes, Tuple[str, bytes]], magic: bytes, version: int,
 
 
 def _check_mac(packet: bytes, key: Tuple[str, bytes]) -> None:
-    mac = hmac.new(key[1], packet[:-_WIRE_MAC], hashlib.sha256).digest()
+    mac = hmac.digest(key[1], packet[:-_WIRE_MAC], "sha256")
     if not hmac.compare_digest(mac, packet[-_WIRE_MAC:]):
         raise WireReject("bad_mac", "key id %s" % key[0])
 
@@ -2016,13 +2033,16 @@ def check_origin(hb: Heartbeat, cluster: str, peer: str) -> None:
         raise WireReject("wrong_sender", "sender %r, expected %r" % (hb.sender, peer))
 
 
-def choose_send_key(own: Sequence[bytes], peer_accepts: Sequence[str]) -> bytes:
+def choose_send_key(own: Sequence[bytes], peer_accepts: Sequence[str],
+                    ids: Optional[Sequence[str]] = None) -> bytes:
     """The key to sign with: the current one (own[0]) unless the peer said
-    it accepts only the other one we hold (during a key change)."""
-    if not peer_accepts or key_id(own[0]) in peer_accepts:
+    it accepts only the other one we hold (during a key change).  ids: the
+    key_id of each of own, when the caller knows them."""
+    ids = ids or [key_id(s) for s in own]
+    if not peer_accepts or ids[0] in peer_accepts:
         return own[0]
-    for s in own[1:]:
-        if key_id(s) in peer_accepts:
+    for s, kid in zip(own[1:], ids[1:]):
+        if kid in peer_accepts:
             return s
     return own[0]
 
@@ -5945,8 +5965,7 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
     started = clock()
     if isinstance(peer, RemoteZfs):
         peer.ssh.stop = stop      # ending the cycle ends its waits on the network
-    store.fail_interrupted_replications(started)
-    rid = store.begin_replication(started)
+    rid = store.begin_replication(started)      # (and what a dead process left)
     try:
         result = _cycle(cfg, store, zfs, peer, st, rid, clock, stop, progress)
     except FlockerError as e:
@@ -5957,10 +5976,9 @@ def replicate_once(cfg: Config, store: StateStore, zfs: ZfsBase, peer: ZfsBase,
         store.update_replication(rid, result="failed", finished=clock(),
                                  error="internal error: %r" % (e,))
         raise
-    store.update_replication(rid, result="ok", finished=clock(), snapshot=result.snapshot,
-                             guid=result.guid, base=result.base, bytes=result.bytes,
-                             seconds=round(clock() - started, 3))
-    store.trim_replications()
+    store.update_replication(rid, trim=True, result="ok", finished=clock(),
+                             snapshot=result.snapshot, guid=result.guid, base=result.base,
+                             bytes=result.bytes, seconds=round(clock() - started, 3))
     return result
 
 
@@ -8962,6 +8980,8 @@ class RoleKeeper:
         self.demotions = 0         # role changes to slave by this daemon
         self.decision = None       # type: Optional[Decision]  # the newest one
         self._decision_key = None  # what was last logged of it
+        self._decision_reason = None   # (kind, reason) it was made from
+        self._timing = None        # (the configuration, its Timing)
         # -- the user system and the data -------------------------------------
         self.serving = False       # this daemon runs the user system now
         self.health = "unchecked" if cfg.service.check_command is None else "unknown"
@@ -9090,12 +9110,17 @@ class RoleKeeper:
     # -- deciding -------------------------------------------------------------
 
     def timing(self) -> Timing:
+        """The timings decide() takes, from the configuration (made once
+        per configuration: the loop asks at every liveness tick)."""
         c = self.cfg
-        return Timing(dead_time=c.dead_time, startup_wait=c.startup_wait,
-                      wait_for_peer=c.wait_for_peer,
-                      isolation_time=isolation_time(c.dead_time, c.heartbeat_interval),
-                      check_failures=c.service.check_failures, hold_down=c.service.hold_down,
-                      witness_lead=witness_lead(c.witness_lease))
+        if self._timing is None or self._timing[0] is not c:
+            self._timing = (c, Timing(
+                dead_time=c.dead_time, startup_wait=c.startup_wait,
+                wait_for_peer=c.wait_for_peer,
+                isolation_time=isolation_time(c.dead_time, c.heartbeat_interval),
+                check_failures=c.service.check_failures, hold_down=c.service.hold_down,
+                witness_lead=witness_lead(c.witness_lease)))
+        return self._timing[1]
 
     def facts(self, now: float) -> Facts:
         t = self.tracker
@@ -9188,7 +9213,11 @@ class RoleKeeper:
             return None    # our part is done: the peer is still carrying out its own
         d = decide(self.facts(now), self.timing())
         self.decision = d
-        key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
+        if (d.kind, d.reason) != self._decision_reason:   # (the regex: not every tick)
+            self._decision_reason = (d.kind, d.reason)
+            key = (d.kind, re.sub(r"[0-9.]+ s\b", "", d.reason))
+        else:
+            key = self._decision_key
         if key != self._decision_key:
             self._decision_key = key
             split = d.kind == DECIDE_SPLIT_BRAIN
@@ -9748,11 +9777,46 @@ class StoreWriter:
 
 
 class _Timer:
-    def __init__(self, name: str, period, fn, due: float) -> None:
+    def __init__(self, name: str, period, fn, due: float, lax: float = 0.0) -> None:
         self.name = name
         self.period = period   # callable -> seconds (the config may change)
         self.fn = fn           # fn(now)
         self.due = due
+        # seconds it may run late, to run in a wakeup the loop makes anyway
+        # instead of one of its own (an idle daemon's wakeups are its idle
+        # cost); 0: on time
+        self.lax = lax
+
+
+_DUE = operator.attrgetter("due")
+
+
+def run_timers(timers: List[_Timer], now: float, leader: _Timer, follower: _Timer
+               ) -> Tuple[Optional[float], float]:
+    """Run each timer due by now, the earliest first, each at most once,
+    then due again one period later (missed beats are not made up in a
+    burst).  The follower (the liveness tick) also runs right after the
+    leader (the heartbeat), in the same wakeup: so it keeps the leader's
+    step instead of waking the loop apart, and still runs at least every
+    period.  Returns the last and the worst lateness (beyond its lax) of
+    what ran (last: None when nothing ran)."""
+    last, worst = None, 0.0
+    ran = []
+    while True:
+        t = min((t for t in timers if t not in ran), key=_DUE, default=None)
+        if t is None or t.due > now:
+            return last, worst
+        last = max(0.0, now - t.due - t.lax)
+        worst = max(worst, last)
+        t.fn(now)
+        ran.append(t)
+        period = t.period()
+        t.due += period
+        if t.due <= now:        # missed beats are not made up in a burst
+            t.due = now + period
+        if t is leader and follower not in ran:
+            follower.due = min(follower.due, now)
+        now = time.monotonic()
 
 
 # -- the heartbeat link -------------------------------------------------------
@@ -9784,6 +9848,7 @@ class HeartbeatLink:
         self._reject_detail_at = {}  # type: Dict[str, float]
         self._peer_saved = saved_peer  # the peer row as last persisted
         self._peer_saved_at = -1e9
+        self._own = None           # (the configuration, our secrets, their key ids)
 
     def open(self, sel: selectors.BaseSelector) -> None:
         port = self.cfg.heartbeat_port
@@ -9812,16 +9877,26 @@ class HeartbeatLink:
         """The link's timers: heartbeats, persisting the peer, summaries."""
         self.heartbeat.due = now
         return [self.heartbeat,
-                _Timer("persist", lambda: 1.0, self.persist_peer, now + 1.0),
+                _Timer("persist", lambda: 1.0, self.persist_peer, now + 1.0, lax=0.5),
                 _Timer("rejections", lambda: REJECT_SUMMARY_EVERY, self.summarise_rejections,
-                       now + REJECT_SUMMARY_EVERY)]
+                       now + REJECT_SUMMARY_EVERY, lax=1.0)]
+
+    def _own_keys(self) -> Tuple[List[bytes], Tuple[str, ...]]:
+        """Our secrets and their key ids (made once per configuration, not
+        per packet)."""
+        cfg = self.cfg
+        if self._own is None or self._own[0] is not cfg:
+            own = [cfg.secret] + ([cfg.secret_previous] if cfg.secret_previous else [])
+            self._own = (cfg, own, tuple(key_id(key) for key in own))
+        return self._own[1], self._own[2]
 
     def send(self, now: float) -> None:
         """One packet on every link."""
         cfg, k = self.cfg, self.keeper
-        own = [cfg.secret] + ([cfg.secret_previous] if cfg.secret_previous else [])
+        own, ids = self._own_keys()
         last = self.tracker.last
-        secret = choose_send_key(own, last.accepts if last is not None else ())
+        secret = choose_send_key(own, last.accepts if last is not None else (), ids)
+        kid = ids[own.index(secret)]
         echo = self.tracker.echo()
         for i, s in enumerate(self.socks):
             lv = self.tracker.links[i]
@@ -9830,10 +9905,9 @@ class HeartbeatLink:
                            generation=self.generation, sequence=self.sequence,
                            role=k.role, epoch=k.epoch, snapshot=k.snapshot[0],
                            guid=k.snapshot[1], health=k.health, flags=k.flags(now),
-                           echo_generation=echo[0], echo_sequence=echo[1],
-                           accepts=tuple(key_id(key) for key in own))
+                           echo_generation=echo[0], echo_sequence=echo[1], accepts=ids)
             try:
-                s.sendto(encode_heartbeat(hb, secret), (lv.peer, cfg.heartbeat_port))
+                s.sendto(encode_heartbeat(hb, secret, kid), (lv.peer, cfg.heartbeat_port))
                 self.tracker.sent(self.sequence, time.monotonic())
                 lv.sent += 1
             except OSError as e:
@@ -10340,10 +10414,11 @@ def loop_timeout(timers: List[_Timer], liveness: _Timer, verdict: Optional[float
     than its own cadence.  select waits whole ms, rounded up: before the
     verdict it waits the whole ms only, and polls the last fraction of one,
     so that the verdict is not up to a ms late (a silence that long is rare:
-    the spin is at most once per verdict)."""
+    the spin is at most once per verdict).  A timer with some lax (the
+    housekeeping ones) may wait that much longer, to share a wakeup."""
     if verdict is not None and verdict + VERDICT_SLACK < liveness.due:
         liveness.due = max(now, verdict + VERDICT_SLACK)
-    wake = min(t.due for t in timers)
+    wake = min(t.due + t.lax for t in timers)
     timeout = max(0.0, wake - time.monotonic())
     if verdict is not None and wake == liveness.due == verdict + VERDICT_SLACK:
         timeout = int(timeout * 1000.0) / 1000.0
@@ -10782,13 +10857,14 @@ class Daemon:
         heartbeat, persist, rejections = self.link.timers(now)
         self.timers = [
             heartbeat, liveness, persist, rejections,
-            _Timer("control", lambda: 1.0, self.control.reap, now + 1.0),
+            _Timer("control", lambda: 1.0, self.control.reap, now + 1.0, lax=0.5),
             # (every 0.1 s only while an announcement waits: an idle
             # daemon's wakeups are its idle cost)
             _Timer("announce", lambda: 0.1 if self.keeper.announce_at else 1.0,
                    self._announce_due, now + 0.1),
-            _Timer("systemd", lambda: self.systemd.watchdog or 5.0, self._notify_systemd, now),
-            _Timer("metrics", lambda: METRICS_EVERY, self._write_metrics, now + 0.5)]
+            _Timer("systemd", lambda: self.systemd.watchdog or 5.0, self._notify_systemd, now,
+                   lax=(self.systemd.watchdog or 5.0) / 4),
+            _Timer("metrics", lambda: METRICS_EVERY, self._write_metrics, now + 0.5, lax=1.0)]
         for name, every, fn, on_done, wanted in self.periodic:
             wanted = wanted or (lambda cfg: True)
             self.timers.append(_Timer(
@@ -10801,23 +10877,16 @@ class Daemon:
                 self._reload_pending = False
                 self._start_reload()
             now = time.monotonic()
-            lag = now - min(t.due for t in self.timers)
+            lag = now - min(t.due + t.lax for t in self.timers)
             if lag > self.cfg.dead_time * STALL_FRACTION:
                 self.tracker.woke_from_stall(now)
                 log.warning("this daemon did not run for %.2f s (stopped or starved); "
                             "judging the peer only on heartbeats from now on", lag)
-            for t in sorted(self.timers, key=lambda t: t.due):
-                if t.due > now:
-                    break
-                self.last_lag = now - t.due
-                self.worst_lag = max(self.worst_lag, self.last_lag)
-                t.fn(now)
-                period = t.period()
-                t.due += period
-                if t.due <= now:        # missed beats are not made up in a burst
-                    t.due = now + period
-                now = time.monotonic()
-            timeout = loop_timeout(self.timers, liveness, self.tracker.next_verdict(), now)
+            last, worst = run_timers(self.timers, now, heartbeat, liveness)
+            if last is not None:
+                self.last_lag, self.worst_lag = last, max(self.worst_lag, worst)
+            timeout = loop_timeout(self.timers, liveness, self.tracker.next_verdict(),
+                                   time.monotonic())
             for key, mask in self.sel.select(timeout):
                 key.data(key.fileobj, mask)
 

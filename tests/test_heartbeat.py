@@ -479,3 +479,37 @@ def test_secret_file_previous_option(tmp_path):
     with pytest.raises(ff.ConfigError) as e:
         ff.parse_config(text % (k1, "secret_file_previous = %s" % k1))
     assert "same key" in e.value.message
+
+
+def test_the_liveness_tick_keeps_the_heartbeats_step_and_no_timer_runs_twice():
+    """run_timers (the loop's timers, issue 16 item 7): the liveness tick
+    also runs right after each heartbeat, in the same wakeup, so the loop
+    does not wake for it apart; it still runs at least every period; each
+    timer runs at most once per wakeup; a lax timer run within its lax is
+    not late."""
+    ran = []
+
+    def timer(name, period, due, lax=0.0):
+        return ff._Timer(name, lambda: period, lambda now: ran.append(name), due, lax)
+    now = time.monotonic()      # (run_timers reads the clock after each timer)
+    heartbeat = timer("heartbeat", 10.0, now)
+    liveness = timer("liveness", 5.0, now + 3.0)           # out of step
+    persist = timer("persist", 100.0, now - 0.4, lax=0.5)  # late, within its lax
+    busy = timer("busy", 1e-9, now - 1.0)                  # would run forever
+    last, worst = ff.run_timers([liveness, busy, persist, heartbeat], now,
+                                heartbeat, liveness)
+    assert ran == ["busy", "persist", "heartbeat", "liveness"]
+    assert now + 5.0 <= liveness.due < now + 5.5 and heartbeat.due == now + 10.0
+    assert worst > 0.9 and last < 0.5          # busy was 1 s late; liveness on time
+    # a liveness tick that ran before the heartbeat in the same wakeup is not repeated
+    ran.clear()
+    now = time.monotonic()
+    liveness.due, heartbeat.due = now - 0.002, now - 0.001
+    persist.due = busy.due = now + 100
+    ff.run_timers([heartbeat, liveness, persist, busy], now, heartbeat, liveness)
+    assert ran == ["liveness", "heartbeat"]
+    # nothing due: nothing runs, no lateness
+    ran.clear()
+    assert ff.run_timers([heartbeat, liveness], time.monotonic(), heartbeat,
+                         liveness) == (None, 0.0)
+    assert ran == []
