@@ -2501,6 +2501,9 @@ def _missing(stderr: str) -> bool:
     return zfs_says("missing", stderr)
 
 
+_PARSED_USAGE = {}   # type: Dict[str, ZfsFeatures]   usage text: its features
+
+
 class ZfsBase:
     """zfs operations, the same whether zfs runs here or on the peer; the
     subclasses say how one command runs."""
@@ -2525,7 +2528,13 @@ class ZfsBase:
 
     def features(self) -> ZfsFeatures:
         if self._features is None:
-            self._features = parse_zfs_features(self._usage_text())
+            text = self._usage_text()
+            parsed = _PARSED_USAGE.get(text)     # (a new Zfs every daemon cycle)
+            if parsed is None:
+                parsed = parse_zfs_features(text)
+                if len(_PARSED_USAGE) < 8:
+                    _PARSED_USAGE[text] = parsed
+            self._features = parsed
         return self._features
 
     def _fail(self, args: Sequence[str], stderr: str) -> ZfsError:
