@@ -2907,19 +2907,6 @@ class Zfs(ZfsBase):
     def _usage_text(self) -> str:
         return zfs_usage_text()
 
-    # What the zfs of this host supports, read once per process: every job
-    # makes a Zfs of its own, and reading the usage text again took two zfs
-    # commands (on zfs-fuse 7 ms) of every promotion.  (A zfs upgraded under
-    # a running daemon is seen when the daemon restarts.)
-    _host_features = {}   # type: Dict[str, ZfsFeatures]
-
-    def features(self) -> ZfsFeatures:
-        if self._features is None:
-            known = Zfs._host_features.get(self.zfs)
-            self._features = known if known is not None else super().features()
-            Zfs._host_features[self.zfs] = self._features
-        return self._features
-
     def start(self, args: Sequence[str]) -> "ZfsRunning":
         """Start a zfs command without waiting for it: several run at once
         (a promotion's), each waited for with its wait()."""
