@@ -2283,7 +2283,8 @@ class Timeline:
 #
 # zfs has no "list your features" command, so we read its usage text:
 # `zfs` alone prints the sub-command synopsis, `zfs get` alone adds the
-# property table.  Both are read once per process, locally and on the peer.
+# property table.  Both are kept beside the state file (zfs_usage_text),
+# on the peer by its gate ("features").
 
 @dataclasses.dataclass(frozen=True)
 class ZfsFeatures:
