@@ -7039,8 +7039,12 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict, key_loaded: bool = 
             if not key_loaded:
                 load_dataset_key(ctx)     # (a recovery after a reboot: not loaded again)
             # begun before the listing is read: a volume or a mounted file
-            # system only makes it fail, which is then of no account
-            mounting = zfs.start(["mount", ds])
+            # system only makes it fail, which is then of no account.  Read
+            # and write (-o rw, for this mount): it runs beside readonly=off,
+            # and OpenZFS mounted read-only when it read the property first,
+            # so the file system had to be mounted again (4 commands more;
+            # the OpenZFS guest, test_the_slave_takes_over_the_moment...)
+            mounting = zfs.start(["mount", "-o", "rw", ds])
             view = _read_mount_view(zfs, zfs.start(MountView.args(ds, zfs.features())), ds)
             if view.resume_token() and not killed and zfs.abort_partial_receive(ds):
                 ctx.store.record_event("promote", "discarded a partial receive on %s" % ds)
