@@ -5986,9 +5986,13 @@ def _cycle(cfg, store, zfs, peer, st, rid, clock, stop=None, progress=None
     newest common snapshot, refusing what is unsafe; 3. a snapshot when
     something changed, and the increment sent; 4. the new common snapshot
     held on both sides, only then the previous holds released; 5.
-    retention, the slave first."""
-    local = _own_listing(cfg, zfs, st)
-    side = _peer_side(cfg, store, zfs, peer, st, local, clock, stop)
+    retention, the slave first.  Where one side's step does not wait for
+    the other's, the two run at the same time (_together): the listings of
+    step 1, the holds of step 4, then its releases, and this master's
+    listing for retention while the slave prunes."""
+    local, remote = _together(lambda: _own_listing(cfg, zfs, st),
+                              lambda: _peer_listing(peer, cfg.peer.dataset))
+    side = _peer_side(cfg, store, zfs, peer, st, local, remote, clock, stop)
     common = _safe_common(cfg, peer, st, local, side.remote)
     local = _snapshot_if_changed(cfg, zfs, local, st.epoch, clock, hooks=True)
     target = local.snaps[-1]
@@ -6024,6 +6028,51 @@ def _own_listing(cfg, zfs: ZfsBase, st: NodeState) -> Listing:
     return local
 
 
+def _together(here, there):
+    """here() on this thread (the replication job's) while there() runs on
+    a helper thread: the cycle waits for the slower of the two, not for
+    both one after the other (one side's zfs on this node, the other's on
+    the peer).  Returns (here's result, there's result) once both ended;
+    raises only then, so nothing of a failed cycle still runs after it,
+    and here's exception before there's."""
+    box = {}        # the helper thread's result or exception
+
+    def helper():
+        try:
+            box["result"] = there()
+        except BaseException as e:     # handed to this thread, raised there
+            box["error"] = e
+    thread = threading.Thread(target=helper, name="replicate-together", daemon=True)
+    thread.start()
+    try:
+        mine = here()
+    finally:
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    return mine, box["result"]
+
+
+def _run_many_both(zfs: ZfsBase, here: List[List[str]], peer: ZfsBase,
+                   there: List[List[str]]) -> Tuple[List[Tuple[int, str]],
+                                                   List[Tuple[int, str]]]:
+    """zfs.run_many(here) and peer.run_many(there), at the same time when
+    both have commands."""
+    if here and there:
+        return _together(lambda: zfs.run_many(here), lambda: peer.run_many(there))
+    return zfs.run_many(here), peer.run_many(there)
+
+
+def _peer_listing(peer: ZfsBase, pds: str):
+    """The replica's live listing for step 1 (None: there is none), or the
+    SshError saying the peer cannot be reached (returned, not raised: the
+    snapshots go on while it is away, which needs this master's listing)."""
+    try:
+        return peer.listing(pds)
+    except SshError as e:
+        return e
+
+
 @dataclasses.dataclass
 class _PeerSide:
     """What step 1 of a cycle learnt of the peer's replica."""
@@ -6034,18 +6083,18 @@ class _PeerSide:
     dropped: List[str] = dataclasses.field(default_factory=list)  # partials dropped
 
 
-def _peer_side(cfg, store, zfs, peer, st, local: Listing, clock, stop) -> _PeerSide:
-    """Step 1: what the peer has, from a live listing (one round trip).
-    Refuses a peer whose replica says it is master; finishes an
-    interrupted resumable transfer first; with recursive = yes, reads the
-    replica's tree and drops a child's partial receive.  A peer that
-    cannot be reached: the snapshots go on (_snapshot_while_away)."""
+def _peer_side(cfg, store, zfs, peer, st, local: Listing, remote, clock, stop
+               ) -> _PeerSide:
+    """Step 1: what the peer has, from a live listing (one round trip,
+    taken with this master's own: _peer_listing).  Refuses a peer whose
+    replica says it is master; finishes an interrupted resumable transfer
+    first; with recursive = yes, reads the replica's tree and drops a
+    child's partial receive.  A peer that cannot be reached (remote is the
+    SshError): the snapshots go on (_snapshot_while_away)."""
     other, pds = cfg.peer, cfg.peer.dataset
-    try:
-        remote = peer.listing(pds)
-    except SshError:
+    if isinstance(remote, SshError):
         _snapshot_while_away(cfg, store, zfs, st, local, clock)
-        raise
+        raise remote
     side = _PeerSide(remote)
     if remote is None:
         _check_peer_parent(peer, pds, other.name)
@@ -6194,23 +6243,28 @@ def _arrived(cfg, peer, target: Snap, remote: Optional[Listing], relist: bool
 def _hold_then_release(cfg, zfs, peer, local: Listing, target: Snap, after: Listing,
                        got: Snap, arrived: List[str]) -> List[str]:
     """Step 4, confirmed: hold the new common snapshot on both sides, then
-    release the previous holds; keep the replica read-only.  A cycle that
-    changed nothing finds all of this done and runs no command.  Returns
-    the names this master released."""
+    release the previous holds; keep the replica read-only.  The two holds
+    run at the same time, then the two releases (_run_many_both): no
+    release before both holds are in place.  A cycle that changed nothing
+    finds all of this done and runs no command.  Returns the names this
+    master released."""
     ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     old = [s.name for s in local.snaps if s.userrefs > 0 and s.name != target.name]
     # (userrefs counts every tag: a snapshot just sent is held with ours
     # whatever else holds it, e.g. a hold zfs-fuse leaked for a killed send)
-    if arrived or target.userrefs == 0:
-        _check_holds(zfs, zfs.run_many(hold_commands(ds, [target.name], r)))
+    mine = hold_commands(ds, [target.name], r) if (arrived or target.userrefs == 0) else []
     cmds = hold_commands(pds, [target.name], r) if (arrived or got.userrefs == 0) else []
     if after.props.get("readonly") != "on":
         cmds.append(["set", "readonly=on", pds])
-    _check_holds(peer, peer.run_many(cmds))
+    held_here, held_there = _run_many_both(zfs, mine, peer, cmds)
+    _check_holds(zfs, held_here)
+    _check_holds(peer, held_there)
     # only now that the new common snapshot is held on both sides
     peer_old = [s.name for s in after.snaps if s.userrefs > 0 and s.name != target.name]
-    _check_releases(peer, peer.run_many(release_commands(pds, peer_old, r)))
-    _check_releases(zfs, zfs.run_many(release_commands(ds, old, r)))
+    done_here, done_there = _run_many_both(zfs, release_commands(ds, old, r), peer,
+                                           release_commands(pds, peer_old, r))
+    _check_releases(peer, done_there)
+    _check_releases(zfs, done_here)
     return old
 
 
@@ -6218,15 +6272,22 @@ def _retention(cfg, store, zfs, peer, local: Listing, target: Snap, after: Listi
                relist: bool) -> Tuple[List[str], List[str]]:
     """Step 5: retention, the slave first, never its common snapshot (the
     target) or anything after it; snapshots just released are pruned next
-    cycle.  relist: this master's holds changed, list it again first.
+    cycle.  relist: this master's holds changed, list it again first (while
+    the slave prunes), unless retention could destroy nothing here even
+    with every hold released (a hold never adds a snapshot to destroy).
     Returns (pruned on the peer, pruned here)."""
     ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
-    pruned_peer = _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r)
-    if relist:
-        local = zfs.listing(ds) or local
-    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep,
-                          [target.name] + preserved_origins(store, ds), r)
+    protect = [target.name] + preserved_origins(store, ds)
+    unheld = [dataclasses.replace(s, userrefs=0) for s in local.snaps]
+    if relist and plan_prune(unheld, cfg.snapshot_keep, protect):
+        pruned_peer, fresh = _together(
+            lambda: _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r),
+            lambda: zfs.listing(ds))
+        local = fresh or local
+    else:
+        pruned_peer = _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r)
+    pruned_local = _prune(zfs, ds, local, cfg.snapshot_keep, protect, r)
     return pruned_peer, pruned_local
 
 

@@ -309,6 +309,94 @@ def test_plan_prune_never_a_snapshot_a_clone_depends_on():
     assert ff.plan_prune(got.snaps, 1, []) == [names[0], names[2]]
 
 
+def test_together_waits_for_both_and_raises_this_sides_error_first():
+    """A cycle's two sides at once: both results; an error only once both
+    ended (nothing of a failed cycle still runs), this side's before the
+    helper's (the order the two had one after the other)."""
+    import threading
+    started = threading.Event()
+
+    def slow():
+        assert started.wait(10)          # runs while here() runs
+        time.sleep(0.05)
+        return "there"
+
+    def here():
+        started.set()
+        return "here"
+    assert ff._together(here, slow) == ("here", "there")
+    ended = []
+
+    def fails_later():
+        time.sleep(0.05)
+        ended.append("there")
+        raise ff.SshError("peer")
+
+    def fails_now():
+        raise ff.ZfsError("local")
+    with pytest.raises(ff.ZfsError):
+        ff._together(fails_now, fails_later)
+    assert ended == ["there"]            # raised only after the helper ended
+    with pytest.raises(ff.SshError):
+        ff._together(lambda: 1, fails_later)
+
+
+class _FakeZfs(ff.ZfsBase):
+    """Retention's view of one side: listings from a list, commands recorded."""
+
+    def __init__(self, where, listings, log):
+        self.where, self._listings, self.log = where, list(listings), log
+
+    def features(self):
+        return ff.ZfsFeatures()
+
+    def listing(self, dataset):
+        self.log.append((self.where, "listing"))
+        return self._listings.pop(0)
+
+    def run(self, args, check=True):
+        self.log.append((self.where, " ".join(args)))
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+
+def test_retention_lists_again_only_when_it_could_destroy_and_spares_the_common():
+    """After the holds moved, this master lists itself again for retention
+    only when the snapshot count could let it destroy one (a hold never
+    adds one); when it does, it destroys by that fresh listing, the slave
+    first, never the common snapshot (the target), anything after it, or
+    a snapshot held there."""
+    import types
+    n = ["flocker-1-20260101T00000%d.000Z" % i for i in range(4)]
+    cfg = types.SimpleNamespace(local=types.SimpleNamespace(dataset="p/d"),
+                                peer=types.SimpleNamespace(dataset="q/r"),
+                                recursive=False, snapshot_keep=10)
+    store = types.SimpleNamespace(preserved=lambda: [])
+    # n[2]: the new common snapshot (held now); n[1]: the old one, released
+    # just now; n[3]: taken after it (not yet on the slave)
+    local = ff.Listing("p/d", {}, (snap(n[0], "1"), snap(n[1], "2", refs=1),
+                                   snap(n[2], "3"), snap(n[3], "4")))
+    after = ff.Listing("q/r", {}, (snap(n[0], "1"), snap(n[1], "2", refs=1),
+                                   snap(n[2], "3")))
+    target = local.snaps[2]
+    log = []
+    zfs, peer = _FakeZfs("here", [], log), _FakeZfs("there", [], log)
+    assert ff._retention(cfg, store, zfs, peer, local, target, after, True) == ([], [])
+    assert log == []                     # 4 snapshots, keep 10: nothing to list or destroy
+
+    cfg.snapshot_keep = 1
+    fresh = ff.Listing("p/d", {}, (snap(n[0], "1", refs=1),    # held here meanwhile
+                                   snap(n[1], "2"), snap(n[2], "3", refs=1),
+                                   snap(n[3], "4")))
+    zfs = _FakeZfs("here", [fresh], log)
+    got = ff._retention(cfg, store, zfs, peer, local, target, after, True)
+    assert got == ([n[0]], [n[1]])
+    destroyed = [entry for entry in log if entry[1].startswith("destroy")]
+    assert destroyed == [("there", "destroy q/r@" + n[0]), ("here", "destroy p/d@" + n[1])]
+    assert ("here", "listing") in log
+    for _, cmd in destroyed:
+        assert n[2] not in cmd and n[3] not in cmd     # the common one and what follows
+
+
 def test_snapshot_names():
     now = 1767225600.25   # 2026-01-01T00:00:00.25Z
     name = ff.snapshot_name(7, now)
@@ -1078,6 +1166,85 @@ def test_connection_is_reused_and_rebuilt_after_its_master_dies(bed):
     n = opens()
     ok(sync(bed))
     assert opens() == n
+
+
+CYCLE_SIDES = r"""
+import json, sys, threading, time
+sys.path.insert(0, %(root)r)
+import flocker_failover as ff
+cfg = ff.load_config(%(config)r, "alpha")
+ran = []                          # (side, zfs words, started, ended)
+peer_hold_sent, release_sent = threading.Event(), threading.Event()
+waited = {}
+
+
+class Local(ff.Zfs):
+    def run(self, args, check=True, retry_busy=False):
+        t = time.monotonic()
+        if args[:1] == ["hold"]:    # goes on only if the peer's hold starts meanwhile
+            waited["hold"] = peer_hold_sent.wait(20)
+        if args[:1] == ["release"]:
+            release_sent.set()
+        try:
+            return super().run(args, check, retry_busy)
+        finally:
+            ran.append(("here", list(args), t, time.monotonic()))
+
+
+peer, zfs = ff.peer_zfs(cfg), Local()
+real = peer.run
+
+
+def peer_run(args, check=True):
+    t = time.monotonic()
+    if args[:1] == ["hold"]:
+        peer_hold_sent.set()
+    if args[:1] == ["release"]:     # goes on only if this side's release started
+        waited["release"] = release_sent.wait(20)
+    try:
+        return real(args, check)
+    finally:
+        ran.append(("there", list(args), t, time.monotonic()))
+
+
+peer.run = peer_run
+zfs.features(), peer.features()     # known, as in a daemon's later cycles
+del ran[:]
+with ff.StateStore.open(cfg.local.state_db, lock_for="test") as store:
+    r = ff.replicate_once(cfg, store, zfs, peer)
+print(json.dumps({"ran": ran, "waited": waited, "snapshot": r.snapshot,
+                  "written": zfs.features().written}))
+"""
+
+
+def test_cycle_holds_on_both_sides_at_once_then_releases(bed):
+    """After the transfer, the new common snapshot is held here and on the
+    slave at the same time, and only once both holds are in place are the
+    old holds released, again both at once; the zfs commands of a cycle
+    that sends are these and no more (no second listing for retention when
+    it could destroy nothing)."""
+    prepare(bed)
+    write(bed, "x.bin", 10000)
+    ok(sync(bed))
+    old = [n for n, (_, refs) in snaps(bed.a.dataset).items() if refs]
+    write(bed, "y.bin", 10000)
+    code = CYCLE_SIDES % {"root": bedmod.ROOT, "config": bed.config_path}
+    out = json.loads(bed.a.run([sys.executable, "-c", code], timeout=120).stdout)
+    assert out["waited"] == {"hold": True, "release": True}
+    ran = out["ran"]
+    holds = [r for r in ran if r[1][0] == "hold"]
+    releases = [r for r in ran if r[1][0] == "release"]
+    assert len(holds) == 2 and len(releases) == 2
+    assert max(r[3] for r in holds) <= min(r[2] for r in releases)
+    here = [r[1][0] for r in ran if r[0] == "here"]
+    there = [r[1][0] for r in ran if r[0] == "there"]
+    assert here == (["get"] if out["written"] else []) + [
+        "get", "snapshot", "get", "hold", "release"]
+    assert there == ["get", "get", "hold", "release"]
+    new = out["snapshot"]
+    for ds in (bed.a.dataset, bed.b.dataset):
+        refs = {n: r for n, (_, r) in snaps(ds).items()}
+        assert refs[new] == 1 and all(refs[n] == 0 for n in old), (ds, refs)
 
 
 def test_retention_skips_snapshots_pinned_by_clones_silently(bed):
