@@ -2517,7 +2517,8 @@ class ZfsBase:
 
     def run_many(self, commands: Sequence[Sequence[str]]) -> List[Tuple[int, str]]:
         """Run several zfs commands (each a list of arguments); returns
-        (exit status, output) of each.  Remote: in one round trip."""
+        (exit status, output) of each, one after the other (on the peer:
+        a request over the gate session each)."""
         out = []
         for args in commands:
             proc = self.run(args, check=False)
