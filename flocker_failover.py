@@ -10916,7 +10916,7 @@ class Daemon:
         now = time.monotonic()
         c = lambda: self.cfg   # noqa: E731 - timers read the current config
         liveness = self._liveness = _Timer(
-            "liveness", lambda: min(0.25, c().heartbeat_interval / 2), self._check_liveness, now)
+            "liveness", lambda: min(0.25, c().heartbeat_interval), self._check_liveness, now)
         heartbeat, persist, rejections = self.link.timers(now)
         self.timers = [
             heartbeat, liveness, persist, rejections,
