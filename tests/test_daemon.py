@@ -490,18 +490,7 @@ def test_peer_observation_is_persisted_rate_limited(tmp_path):
     """Not once per packet: on a change (checked every second) and else
     every PEER_SAVE_EVERY seconds.  Pure: the heartbeat link's sockets are not
 opened."""
-    secret = tmp_path / "secret"
-    secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
-    secret.chmod(0o600)
-    cfg = ff.parse_config(
-        "[cluster]\nname = shop\nsecret_file = %s\n"
-        "[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
-        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
-    import dataclasses
-    cfg = dataclasses.replace(cfg, local_name="alpha")
-    tracker = ff.PeerTracker("shop", "beta", ff.wire_keys(cfg.secret),
-                             [ff.LinkView(0, "192.0.2.1", "192.0.2.2")], 5.0, 0.0,
-                             generation=1)
+    cfg, tracker = keeper_parts(tmp_path, local="alpha", timing="", dead_time=5.0)
     writes = []
     keeper = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
     link = ff.HeartbeatLink(cfg, tracker, keeper, 1,
@@ -584,20 +573,23 @@ def test_run_command_statuses_timeouts_and_stop(tmp_path):
     assert time.monotonic() - started < 3
 
 
-def slave_keeper_parts(tmp_path):
-    """The configuration of beta (heartbeat_interval 0.2 s, dead_time 1 s)
-    and its tracker of alpha, for tests that drive a RoleKeeper alone."""
+def keeper_parts(tmp_path, local="beta", timing="heartbeat_interval = 0.2\ndead_time = 1.0\n",
+                 dead_time=1.0):
+    """A configuration of the node `local` (by default beta, heartbeat_interval
+    0.2 s, dead_time 1 s) and its tracker of the other node, for tests that
+    drive a RoleKeeper or a HeartbeatLink alone."""
     secret = tmp_path / "secret"
     secret.write_text("a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2)
     secret.chmod(0o600)
     cfg = ff.parse_config(
-        "[cluster]\nname = shop\nsecret_file = %s\nheartbeat_interval = 0.2\n"
-        "dead_time = 1.0\n[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
-        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % secret)
-    cfg = dataclasses.replace(cfg, local_name="beta")
-    return cfg, ff.PeerTracker("shop", "alpha", ff.wire_keys(cfg.secret),
-                               [ff.LinkView(0, "192.0.2.2", "192.0.2.1")], 1.0, 0.0,
-                               generation=1)
+        "[cluster]\nname = shop\nsecret_file = %s\n%s"
+        "[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
+        "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % (secret, timing))
+    cfg = dataclasses.replace(cfg, local_name=local)
+    peer = "alpha" if local == "beta" else "beta"
+    return cfg, ff.PeerTracker("shop", peer, ff.wire_keys(cfg.secret),
+                               [ff.LinkView(0, cfg.local.addresses[0], cfg.peer.addresses[0])],
+                               dead_time, 0.0, generation=1)
 
 
 def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_path):
@@ -609,7 +601,7 @@ def test_a_slave_looks_for_the_final_snapshot_while_the_master_hands_over(tmp_pa
     the periodic scan (every max(5 s, replication_interval)): the
     switchover of issue 16 took 6.5 s under load.  Pure: the role keeper
     alone, as the loop drives it."""
-    cfg, tracker = slave_keeper_parts(tmp_path)
+    cfg, tracker = keeper_parts(tmp_path)
     d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
     d.role, d.epoch, d.snapshot = ff.ROLE_SLAVE, 2, ("flocker-2-old", 11)
     scans = []
@@ -643,7 +635,7 @@ def test_a_lost_verdicts_outdated_mark_ignores_a_heartbeat_naming_what_the_loser
     test_divergence.py).  Only once the loser holds a newer snapshot that
     is the master's newest is it up to date; meanwhile a silent master is
     no reason to promote.  Pure: the role keeper alone, as the loop drives it."""
-    cfg, tracker = slave_keeper_parts(tmp_path)
+    cfg, tracker = keeper_parts(tmp_path)
     notes = []
     st = ff.NodeState("beta", ff.ROLE_SLAVE, 3, 1, True, 0.0, outdated_held="11")
     d = ff.RoleKeeper(cfg, tracker, notes.append, 0.0, st=st)
@@ -691,7 +683,7 @@ def test_a_heal_that_confirms_slowly_is_a_split_brain_not_a_one_way_step_down(tm
     (test_one_way_heartbeat_loss_never_leaves_two_masters) the master steps
     down as before, when the peer's silence passes dead_time.  Pure: the
     role keeper alone, as the loop drives it."""
-    cfg, tracker = slave_keeper_parts(tmp_path)
+    cfg, tracker = keeper_parts(tmp_path)
     d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
     d.role, d.epoch, d.serving = ff.ROLE_MASTER, 2, True
     d.snapshot = ("flocker-2-x", 11)
@@ -724,7 +716,7 @@ def test_a_heal_that_confirms_slowly_is_a_split_brain_not_a_one_way_step_down(tm
     assert kinds[1.2] == ff.DECIDE_STEP_DOWN, kinds
 
     # a link that kept working, whose one direction fails: two intervals
-    cfg, tracker = slave_keeper_parts(tmp_path)
+    cfg, tracker = keeper_parts(tmp_path)
     d = ff.RoleKeeper(cfg, tracker, lambda note: None, 0.0)
     d.role, d.epoch, d.serving = ff.ROLE_MASTER, 2, True
     seq = 0
