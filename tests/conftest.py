@@ -18,6 +18,13 @@ import bed as bedmod  # noqa: E402
 
 ALLOWED_SKIPS = ("not on this ZFS:", "optional:")
 
+# contrib/test.sh's bytecode cache: the test modules (their asserts
+# rewritten by pytest) and the program compiled once for all the workers of
+# a run, not by each (PYTHONDONTWRITEBYTECODE or not)
+if os.environ.get("FLOCKER_TEST_PYCACHE"):
+    sys.pycache_prefix = os.environ["FLOCKER_TEST_PYCACHE"]
+    sys.dont_write_bytecode = False
+
 
 def _load_program():
     spec = importlib.util.spec_from_file_location("flocker_failover", bedmod.PROGRAM)
