@@ -10,7 +10,7 @@ slave; when the master fails the slave takes over with the newest replica.
 
 This file reads top to bottom in layers that only call downward:
 
-  1. Constants, exit codes, errors
+  1. Constants, exit codes, errors, records
   2. Configuration                          (parse and validate everything up front)
   3. The state store                        (sqlite)
   4. The wire protocol                      (heartbeats, the witness's datagrams)
@@ -32,7 +32,6 @@ import atexit
 import collections
 import configparser
 import contextlib
-import dataclasses
 import errno
 import faulthandler
 import fcntl
@@ -61,7 +60,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 # ===========================================================================
-# 1. Constants, exit codes, errors
+# 1. Constants, exit codes, errors, records
 # ===========================================================================
 
 VERSION = "0.1.0"
@@ -140,6 +139,148 @@ class ReplicationError(FlockerError):
 class DivergenceError(ReplicationError):
     """Replication found history on the slave that the master lacks: the
     two have diverged (see resolve_divergence)."""
+
+
+# -- records ----------------------------------------------------------------
+#
+# The file's data classes are records: @record is what
+# dataclasses.dataclass(frozen=True) would be, record(mutable=True) what
+# dataclasses.dataclass() would be, with the same fields (the class's
+# annotations, in order), __init__, __repr__ and __eq__ (a frozen one is
+# hashable and refuses assignment), replace() and asdict().  Not dataclasses
+# because of what they cost each process: they write every class's methods
+# as source text and compile it at each start, and a start is what the ssh
+# gate pays for every connection and cron for every 'check' (26 classes:
+# importing this file took 86 ms with them, 64 ms without, on the 2-core
+# test machine).  Here every record shares the same few functions, which
+# read the class's fields.  tests/test_records.py holds each class to what
+# dataclasses makes of it.
+
+_NO_DEFAULT = object()
+
+
+class Field:
+    """A record field's options: field(default=..., default_factory=...,
+    repr=False), as dataclasses.field's."""
+
+    __slots__ = ("name", "default", "default_factory", "repr")
+
+    def __init__(self, default=_NO_DEFAULT, default_factory=None, repr=True):
+        self.name = ""
+        self.default, self.default_factory, self.repr = default, default_factory, repr
+
+
+def field(*, default=_NO_DEFAULT, default_factory=None, repr=True):  # noqa: A002
+    return Field(default, default_factory, repr)
+
+
+class FrozenRecordError(AttributeError):
+    """An assignment to a frozen record (dataclasses: FrozenInstanceError)."""
+
+
+def _record_init(self, *args, **kwargs) -> None:
+    fields = type(self)._record_fields
+    if len(args) > len(fields):
+        raise TypeError("%s() takes %d arguments but %d were given"
+                        % (type(self).__name__, len(fields), len(args)))
+    unknown = kwargs.keys() - type(self)._record_names
+    if unknown:
+        raise TypeError("%s() got an unexpected keyword argument %r"
+                        % (type(self).__name__, sorted(unknown)[0]))
+    for i, f in enumerate(fields):
+        if i < len(args):
+            if f.name in kwargs:
+                raise TypeError("%s() got multiple values for argument %r"
+                                % (type(self).__name__, f.name))
+            value = args[i]
+        elif f.name in kwargs:
+            value = kwargs[f.name]
+        elif f.default_factory is not None:
+            value = f.default_factory()
+        elif f.default is not _NO_DEFAULT:
+            value = f.default
+        else:
+            raise TypeError("%s() missing required argument %r"
+                            % (type(self).__name__, f.name))
+        object.__setattr__(self, f.name, value)
+
+
+def _record_values(self) -> tuple:
+    return tuple(getattr(self, f.name) for f in type(self)._record_fields)
+
+
+def _record_repr(self) -> str:
+    return "%s(%s)" % (type(self).__qualname__, ", ".join(
+        "%s=%r" % (f.name, getattr(self, f.name)) for f in type(self)._record_fields
+        if f.repr))
+
+
+def _record_eq(self, other):
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _record_values(self) == _record_values(other)
+
+
+def _record_hash(self) -> int:
+    return hash(_record_values(self))
+
+
+def _record_frozen(self, name, value=None):
+    raise FrozenRecordError("cannot assign to field %r" % name)
+
+
+def record(cls=None, *, mutable: bool = False):
+    """The class as a record (see above): @record, or @record(mutable=True)."""
+    if cls is None:
+        return lambda c: record(c, mutable=mutable)
+    fields = []
+    for name in cls.__dict__.get("__annotations__", {}):
+        value = cls.__dict__.get(name, _NO_DEFAULT)
+        f = value if isinstance(value, Field) else Field(default=value)
+        f.name = name
+        if f.default is _NO_DEFAULT and f.default_factory is None:
+            if fields and (fields[-1].default is not _NO_DEFAULT
+                           or fields[-1].default_factory is not None):
+                raise TypeError("%s: field %r without a default follows one with a "
+                                "default" % (cls.__name__, name))
+            if name in cls.__dict__:
+                delattr(cls, name)
+        elif f.default is not _NO_DEFAULT:
+            setattr(cls, name, f.default)
+        else:
+            delattr(cls, name)
+        fields.append(f)
+    cls._record_fields = tuple(fields)
+    cls._record_names = frozenset(f.name for f in fields)
+    cls.__init__ = _record_init
+    cls.__repr__ = _record_repr
+    cls.__eq__ = _record_eq
+    if mutable:
+        cls.__hash__ = None
+    else:
+        cls.__hash__ = _record_hash
+        cls.__setattr__ = _record_frozen
+        cls.__delattr__ = _record_frozen
+    return cls
+
+
+def replace(obj, **changes):
+    """A copy of the record obj with the fields named in changes changed."""
+    return type(obj)(**{f.name: changes.pop(f.name) if f.name in changes
+                        else getattr(obj, f.name) for f in type(obj)._record_fields},
+                     **changes)
+
+
+def asdict(obj):
+    """The record obj as a dict, records within it (also in lists, tuples
+    and dicts) as dicts too, as dataclasses.asdict."""
+    if hasattr(type(obj), "_record_fields"):
+        return {f.name: asdict(getattr(obj, f.name)) for f in type(obj)._record_fields}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(asdict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {asdict(k): asdict(v) for k, v in obj.items()}
+    return obj
 
 
 # ===========================================================================
@@ -329,7 +470,7 @@ def _p_send_flags(value: str) -> Tuple[str, ...]:
     return tuple(flags)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ServiceAddress:
     address: str       # e.g. 192.0.2.100
     prefix: int        # e.g. 24
@@ -398,7 +539,7 @@ def _p_service_address(value: str) -> ServiceAddress:
     return ServiceAddress(str(iface.ip), iface.network.prefixlen, words[2])
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Option:
     name: str
     parse: object          # callable str -> value
@@ -590,7 +731,7 @@ _derive_timeouts(CLUSTER_DEFAULTS)
 SERVICE_DEFAULTS = _defaults(SERVICE_OPTIONS)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class NodeConfig:
     name: str
     addresses: Tuple[str, ...]
@@ -600,7 +741,7 @@ class NodeConfig:
     state_db: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ServiceConfig:
     start_command: Optional[Tuple[str, ...]]
     stop_command: Optional[Tuple[str, ...]]
@@ -621,7 +762,7 @@ class ServiceConfig:
     key_command: Optional[Tuple[str, ...]] = None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Config:
     """The whole configuration, validated (parse_config).  A field per
     option of [cluster], its default the table's (CLUSTER_DEFAULTS, for
@@ -629,7 +770,7 @@ class Config:
     path: str
     name: str
     secret_file: str
-    secret: bytes = dataclasses.field(repr=False)
+    secret: bytes = field(repr=False)
     heartbeat_port: int = CLUSTER_DEFAULTS["heartbeat_port"]
     heartbeat_interval: float = CLUSTER_DEFAULTS["heartbeat_interval"]
     dead_time: float = CLUSTER_DEFAULTS["dead_time"]
@@ -663,7 +804,7 @@ class Config:
     nodes: Tuple[NodeConfig, ...] = ()
     local_name: str = ""   # which of the two nodes this host is
     secret_file_previous: Optional[str] = CLUSTER_DEFAULTS["secret_file_previous"]
-    secret_previous: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    secret_previous: Optional[bytes] = field(default=None, repr=False)
 
     @property
     def local(self) -> NodeConfig:
@@ -797,9 +938,9 @@ def load_config(path: str, node: Optional[str] = None,
         raise ConfigError("%s: not UTF-8 text (%s)" % (path, e)) from None
     cfg = parse_config(text, path)
     if identify:
-        cfg = dataclasses.replace(cfg, local_name=identify_node(cfg, node))
+        cfg = replace(cfg, local_name=identify_node(cfg, node))
     elif node is not None:
-        cfg = dataclasses.replace(cfg, local_name=identify_node(cfg, node))
+        cfg = replace(cfg, local_name=identify_node(cfg, node))
     return cfg
 
 
@@ -1204,7 +1345,7 @@ MIGRATIONS = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class NodeState:
     node: str
     role: str
@@ -1905,7 +2046,7 @@ class WireReject(Exception):
         self.detail = detail
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Heartbeat:
     cluster: str
     sender: str
@@ -2130,7 +2271,7 @@ _WITNESS_MIN = _WITNESS_HEAD.size + 3 + _WIRE_MAC
 _U32_MAX = 2 ** 32 - 1
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class WitnessMessage:
     kind: int                 # WITNESS_REQUEST or WITNESS_ANSWER
     cluster: str
@@ -2286,7 +2427,7 @@ class Timeline:
 # property table.  Both are kept beside the state file (zfs_usage_text),
 # on the peer by its gate ("features").
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ZfsFeatures:
     resumable: bool = False        # zfs recv -s, zfs send -t, receive_resume_token
     written: bool = False          # the 'written' property ("changed since snapshot?")
@@ -2341,7 +2482,7 @@ DIVERGENCE_PROPERTY = "flocker:divergence"   # a node's facts while a divergence
 _SNAPSHOT_RE = re.compile(r"^flocker-(\d+)-(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-\d+)?$")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Snap:
     name: str        # the part after '@'
     guid: str
@@ -2350,7 +2491,7 @@ class Snap:
     pinned: bool = False   # a clone depends on it (where zfs lists 'clones')
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Listing:
     """One dataset and its own snapshots, oldest first."""
     dataset: str
@@ -2384,7 +2525,7 @@ def listing_args(dataset: str, features: ZfsFeatures) -> List[str]:
             "-d", "1", dataset]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class TreeNode:
     """One dataset of a tree: its snapshots' GUIDs by name, and the token
     of a partial resumable receive ('' without one)."""
@@ -3383,7 +3524,7 @@ class GateRefused(Exception):
         self.reason = reason
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GateRequest:
     kind: str                  # features, session, zfs, flocker
     args: Tuple[str, ...]      # the zfs or flocker-failover arguments
@@ -4412,7 +4553,7 @@ TRANSFER_CHUNK = 1 << 20
 TRANSFER_TAIL = 64 << 10   # held back until zfs send exited 0 (see pipe_transfer)
 
 
-@dataclasses.dataclass
+@record(mutable=True)
 class TransferOutcome:
     bytes: int
     seconds: float
@@ -4753,7 +4894,7 @@ def _end_transfer(send: subprocess.Popen, recv: subprocess.Popen, failed: bool, 
 
 # -- commands of the operator (start, stop, check, notify) --------------------
 
-@dataclasses.dataclass(frozen=True)
+@record
 class CommandResult:
     argv: Tuple[str, ...]
     returncode: Optional[int]    # None: killed (timeout, or asked to stop)
@@ -5347,7 +5488,7 @@ def isolation_time(dead_time: float, heartbeat_interval: float) -> float:
     return max(heartbeat_interval, dead_time - 2 * heartbeat_interval)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Timing:
     dead_time: float
     startup_wait: float
@@ -5360,7 +5501,7 @@ class Timing:
     #                               much of the witness's lease left (witness_lead())
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Facts:
     """What one node knows at one instant.  Times are seconds measured
     on the monotonic clock by the caller."""
@@ -5405,7 +5546,7 @@ class Facts:
                                self.peer_epoch or 0)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Decision:
     kind: str
     reason: str
@@ -5636,7 +5777,7 @@ def _witness_step_down(f: Facts, t: Timing) -> Optional[Decision]:
                     % (f.witness, f.peer_silence))
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class LeaseAnswer:
     """What the witness answers one request (see LeaseBook.request)."""
     answer: int              # WITNESS_GRANTED, _HELD, _WAITING or _REFUSED
@@ -5769,7 +5910,7 @@ VERDICT_OPERATOR = "operator"          # nothing automatic: an operator must dec
 VERDICT_MISMATCH = "policy-mismatch"   # the nodes are configured differently
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Side:
     """One node's facts about a divergence, as both nodes see them."""
     node: str
@@ -5780,7 +5921,7 @@ class Side:
     recursive: bool = False  # its configuration says recursive = yes (child datasets)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Verdict:
     status: str
     winner: Optional[str]
@@ -5925,7 +6066,7 @@ def replica_relation(local: Optional[Listing], remote: Optional[Listing]) -> str
 # ===========================================================================
 
 
-@dataclasses.dataclass
+@record(mutable=True)
 class ReplicationResult:
     snapshot: str            # newest snapshot the slave now has
     guid: str
@@ -6074,14 +6215,14 @@ def _peer_listing(peer: ZfsBase, pds: str):
         return e
 
 
-@dataclasses.dataclass
+@record(mutable=True)
 class _PeerSide:
     """What step 1 of a cycle learnt of the peer's replica."""
     remote: Optional[Listing]          # None: there is none yet
     resumed: Optional[TransferOutcome] = None  # an interrupted transfer finished first
-    resumed_snaps: List[str] = dataclasses.field(default_factory=list)
-    ptree: Dict[str, TreeNode] = dataclasses.field(default_factory=dict)  # recursive
-    dropped: List[str] = dataclasses.field(default_factory=list)  # partials dropped
+    resumed_snaps: List[str] = field(default_factory=list)
+    ptree: Dict[str, TreeNode] = field(default_factory=dict)  # recursive
+    dropped: List[str] = field(default_factory=list)  # partials dropped
 
 
 def _peer_side(cfg, store, zfs, peer, st, local: Listing, remote, clock, stop
@@ -6280,7 +6421,7 @@ def _retention(cfg, store, zfs, peer, local: Listing, target: Snap, after: Listi
     ds, pds, r = cfg.local.dataset, cfg.peer.dataset, cfg.recursive
     keep_peer = [s.name for s in snaps_after(after, target.guid)] + [target.name]
     protect = [target.name] + preserved_origins(store, ds)
-    unheld = [dataclasses.replace(s, userrefs=0) for s in local.snaps]
+    unheld = [replace(s, userrefs=0) for s in local.snaps]
     if relist and plan_prune(unheld, cfg.snapshot_keep, protect):
         pruned_peer, fresh = _together(
             lambda: _prune(peer, pds, after, cfg.snapshot_keep, keep_peer, r),
@@ -6833,7 +6974,7 @@ DEMOTE_STEPS = ("stop", "address", "final-sync", "readonly", "unmount", "tidy", 
 COMMAND_TRIES = 3
 
 
-@dataclasses.dataclass
+@record(mutable=True)
 class Context:
     """What an action works with on this node; timeline: where the marks
     of its steps go (a promotion's line in the event log), if anywhere."""
@@ -7790,7 +7931,7 @@ def _publish_my_side(ctx: Context, remote: Listing, winner_choice: Optional[str]
                  "%s) are not of this attempt (%d, %s %s): measuring anew", mine["attempt"],
                  mine["common_guid"], "serving" if mine["serving"] else "not serving",
                  attempt, common.name, common.guid)
-    me = dataclasses.replace(me, serving=serving)
+    me = replace(me, serving=serving)
     facts = format_divergence(common.guid, attempt, me.epoch, me.changes, me.policy,
                               winner_choice, me.serving, me.recursive)
     if not dry_run:
@@ -8884,7 +9025,7 @@ Note.__doc__ = """What the keeper (or the heartbeat link) has to say: a log line
 at most once per that many seconds."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RoleAction:
     """What the job "role" is to do: kind is a DECIDE_* (or ROLE_RECOVER:
     only finish an interrupted action), with what its action needs."""
@@ -10305,7 +10446,7 @@ class Discards:
 
 # -- starting up --------------------------------------------------------------
 
-@dataclasses.dataclass
+@record(mutable=True)
 class Boot:
     """What a daemon starts from (boot_node())."""
     lock: StateLock                # the state file's, held from here on
@@ -11247,7 +11388,7 @@ class WitnessServer:
                      " after %s's ran out" % holder if holder else "")
         secret = [k[1] for k in keys.values() if k[0] == m.key_id][0]
         self.answered += 1
-        return encode_witness(dataclasses.replace(
+        return encode_witness(replace(
             m, kind=WITNESS_ANSWER, lease_ms=int(round(a.lease * 1000)), answer=a.answer,
             wait_ms=int(max(0.0, a.wait) * 1000), holder=a.holder[:200]), secret)
 
@@ -12022,7 +12163,7 @@ def cmd_sync(args, cfg_path: str) -> int:
         if progress is not None and progress._drawn:
             sys.stderr.write("\n")
     if args.json:
-        print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
+        print(json.dumps(asdict(result), indent=2, sort_keys=True))
     else:
         print(result.message)
         for where, names in ((cfg.local.name, result.pruned_local),

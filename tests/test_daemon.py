@@ -1,6 +1,5 @@
 """Real daemons in two network namespaces exchanging real heartbeats."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -585,7 +584,7 @@ def keeper_parts(tmp_path, local="beta", timing="heartbeat_interval = 0.2\ndead_
         "[cluster]\nname = shop\nsecret_file = %s\n%s"
         "[node alpha]\naddress = 192.0.2.1\ndataset = tank/a\n"
         "[node beta]\naddress = 192.0.2.2\ndataset = tank/b\n" % (secret, timing))
-    cfg = dataclasses.replace(cfg, local_name=local)
+    cfg = ff.replace(cfg, local_name=local)
     peer = "alpha" if local == "beta" else "beta"
     return cfg, ff.PeerTracker("shop", peer, ff.wire_keys(cfg.secret),
                                [ff.LinkView(0, cfg.local.addresses[0], cfg.peer.addresses[0])],

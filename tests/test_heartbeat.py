@@ -1,6 +1,5 @@
 """The wire protocol (layer 4) and the peer tracker: pure code, no I/O."""
 
-import dataclasses
 import os
 import random
 import time
@@ -48,7 +47,7 @@ def test_round_trip_and_size_bound():
         packet = ff.encode_heartbeat(h, K1)
         assert len(packet) < ff.WIRE_MAX
         got = ff.decode_heartbeat(packet, ff.wire_keys(K1))
-        assert got == dataclasses.replace(h, key_id=ff.key_id(K1))
+        assert got == ff.replace(h, key_id=ff.key_id(K1))
     assert len(ff.encode_heartbeat(big, K1)) <= 520
 
 

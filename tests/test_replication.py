@@ -1,7 +1,6 @@
 """Replication (issue 3): pure helpers in microseconds, then real cycles
 over real ssh between the bed's two namespaces on real ZFS."""
 
-import dataclasses
 import json
 import os
 import re
@@ -545,7 +544,7 @@ def test_written_property_skips_the_snapshot():
         ff._snapshot_if_changed(cfg, z, changed, 1, time.time)
     assert z.commands[1][0] == "snapshot"
     # with child datasets: the written of every dataset of the tree
-    rec = dataclasses.replace(cfg, recursive=True)
+    rec = ff.replace(cfg, recursive=True)
     tree = ["get", "-H", "-p", "-o", "value", "-r", "-t", "filesystem,volume", "written",
             "p/d"]
     z = FakeZfs(modern, unchanged)

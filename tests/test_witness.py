@@ -35,13 +35,13 @@ def test_request_bytes_are_pinned():
     import hashlib
     import hmac
     assert packet[-32:] == hmac.new(KEY, head, hashlib.sha256).digest()
-    assert ff.decode_witness(packet, KEYS) == ff.dataclasses.replace(
+    assert ff.decode_witness(packet, KEYS) == ff.replace(
         request(), key_id=ff.key_id(KEY))
     assert ff.witness_cluster(packet) == "bed"
 
 
 def test_answer_round_trip():
-    a = ff.dataclasses.replace(request(), kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_HELD,
+    a = ff.replace(request(), kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_HELD,
                                lease_ms=0, wait_ms=1500, holder="beta")
     assert ff.decode_witness(ff.encode_witness(a, KEY), KEYS).holder == "beta"
 
@@ -54,9 +54,9 @@ def test_answer_round_trip():
     (lambda p: p[:4] + b"\x02" + p[5:], "bad_version"),
     (lambda p: ff.encode_witness(request(), OTHER), "unknown_key"),
     # an answer's fields in a request: refused after the MAC, as malformed
-    (lambda p: ff.encode_witness(ff.dataclasses.replace(request(), answer=1), KEY),
+    (lambda p: ff.encode_witness(ff.replace(request(), answer=1), KEY),
      "malformed"),
-    (lambda p: ff.encode_witness(ff.dataclasses.replace(request(), sequence=0), KEY),
+    (lambda p: ff.encode_witness(ff.replace(request(), sequence=0), KEY),
      "malformed"),
 ])
 def test_forged_and_broken_datagrams_are_refused(mangle, reason):
@@ -155,7 +155,7 @@ def test_a_witness_without_its_state_file_lends_nothing_for_max_lease():
 # -- the node's view ------------------------------------------------------------
 
 def answer(kind, lease=10.0, holder="", seq=1):
-    return ff.dataclasses.replace(request(seq=seq), kind=ff.WITNESS_ANSWER, answer=kind,
+    return ff.replace(request(seq=seq), kind=ff.WITNESS_ANSWER, answer=kind,
                                   lease_ms=int(lease * 1000), holder=holder)
 
 
@@ -279,7 +279,7 @@ def test_the_isolated_master_has_stepped_down_before_the_slave_can_have_the_leas
         if step % int(round(interval / 0.05)) == 0 and now - last_heard >= dead:
             seq += 1
             a = book_.request("bed", "beta", 1, seq, lease, now=now)
-            slave_.answered(now, ff.dataclasses.replace(
+            slave_.answered(now, ff.replace(
                 answer(a.answer, lease=a.lease, holder=a.holder, seq=seq)), now)
         fm = facts(peer_silence=now - last_heard, witness=master.left(now))
         if stepped_down is None and ff.decide(fm, t).kind == "step-down":
@@ -413,7 +413,7 @@ def test_the_server_answers_nothing_forged_replayed_or_unknown(tmp_path):
     assert s.handle(good[:-1] + bytes([good[-1] ^ 1]), 0.2) is None        # forged
     assert s.handle(ff.encode_witness(request(seq=5), OTHER), 0.3) is None  # wrong key
     assert s.handle(ff.encode_witness(request(seq=6, cluster="shop"), KEY), 0.4) is None
-    answer_ = ff.encode_witness(ff.dataclasses.replace(
+    answer_ = ff.encode_witness(ff.replace(
         request(seq=7), kind=ff.WITNESS_ANSWER, answer=1), KEY)
     assert s.handle(answer_, 0.5) is None                       # an answer reflected
     assert {k: v for k, v in s.rejected.items() if v} == {
@@ -489,14 +489,14 @@ def test_the_node_takes_only_the_answer_to_its_own_request(conf):
     cfg = ff.parse_config(conf("witness = 127.0.0.1:%d\nwitness_timeout = 1\n"
                                % fake.getsockname()[1]))
     key = cfg.secret
-    old = ff.encode_witness(ff.dataclasses.replace(
+    old = ff.encode_witness(ff.replace(
         request(seq=1, nonce=b"\x01" * 16), kind=ff.WITNESS_ANSWER,
         answer=ff.WITNESS_GRANTED), key)
 
     def serve():
         data, addr = fake.recvfrom(2048)
         m = ff.decode_witness(data, ff.wire_keys(key))
-        good = ff.dataclasses.replace(m, kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_GRANTED)
+        good = ff.replace(m, kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_GRANTED)
         for packet in (b"garbage", ff.encode_witness(good, OTHER), old,
                        ff.encode_witness(good, key)):
             fake.sendto(packet, addr)
@@ -600,7 +600,7 @@ def test_the_init_script_starts_answers_and_stops(tmp_path):
         assert st.returncode == 0 and st.stdout.startswith("flocker-witness started (pid "), st
         assert script("status").returncode == 0
         key = secret.read_text().strip().encode()
-        q = ff.dataclasses.replace(request(lease=0), cluster="bed")
+        q = ff.replace(request(lease=0), cluster="bed")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
             c.settimeout(5)
             c.sendto(ff.encode_witness(q, key), ("127.0.0.1", port))
@@ -648,7 +648,7 @@ def test_an_answer_from_another_address_of_the_witness_counts(conf):
     def serve():
         data, addr = asked.recvfrom(2048)
         m = ff.decode_witness(data, ff.wire_keys(cfg.secret))
-        other.sendto(ff.encode_witness(ff.dataclasses.replace(
+        other.sendto(ff.encode_witness(ff.replace(
             m, kind=ff.WITNESS_ANSWER, answer=ff.WITNESS_GRANTED), cfg.secret), addr)
     t = threading.Thread(target=serve)
     t.start()

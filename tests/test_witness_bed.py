@@ -388,7 +388,7 @@ def ask(packet):
         return None
 print(json.dumps({"good": ask(good), "replayed": ask(good),
                   "other_key": ask(ff.encode_witness(
-                      ff.dataclasses.replace(m, sequence=2), os.urandom(32).hex().encode())),
+                      ff.replace(m, sequence=2), os.urandom(32).hex().encode())),
                   "flipped": ask(good[:-1] + bytes([good[-1] ^ 1]))}))
 """
     out = bed.lan_run([sys.executable, "-c", code, bedmod.PROGRAM, bed.secret_file,
