@@ -159,6 +159,11 @@ def test_the_quick_start_as_written(hosts):
     # one failover: every process of alpha killed (daemon, sshd, gate)
     bedmod._kill_namespace(a.ns)
     wait(lambda: running(b), 30, "beta serving after alpha died")
+    # start_command runs while the promotion's last steps (the service
+    # address, its announcement) are under way: the daemon says it serves
+    # once the promotion has ended
+    wait(lambda: "service     RUNNING here" in flocker(b, "status"), 30,
+         "beta's status saying it serves")
     text = flocker(b, "status")
     assert "role        master" in text and "service     RUNNING here" in text, text
     assert addr in b.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
