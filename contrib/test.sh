@@ -8,7 +8,8 @@
 # The tests mostly wait (for daemons, dead times, ssh, zfs), so pytest-xdist
 # runs 6 at a time (on 2 cores: 3 took 551 s, 4 459 s, 5 410 s with timing
 # failures; once the bed ran the program imported, 4 took 374 s and 6
-# 292-314 s, see README),
+# 292-314 s; with the test modules compiled once (below) and the program's
+# records, 6 took 288-307 s, see README),
 # each worker with its own test beds; the longest tests start first
 # (tests/conftest.py), handed out as workers finish (--dist loadgroup),
 # and the heartbeat-timing tests one after the other (conftest's
