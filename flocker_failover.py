@@ -233,6 +233,11 @@ def record(cls=None, *, mutable: bool = False):
     """The class as a record (see above): @record, or @record(mutable=True)."""
     if cls is None:
         return lambda c: record(c, mutable=mutable)
+    own = sorted({"__init__", "__repr__", "__eq__", "__hash__", "__setattr__",
+                  "__delattr__"} & set(cls.__dict__))
+    if own:          # (dataclasses would keep some of them, silently)
+        raise TypeError("%s defines %s, which a record makes itself"
+                        % (cls.__name__, ", ".join(own)))
     fields = []
     for name in cls.__dict__.get("__annotations__", {}):
         value = cls.__dict__.get(name, _NO_DEFAULT)

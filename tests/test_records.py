@@ -149,3 +149,13 @@ def test_a_field_without_a_default_after_one_with_is_refused_at_once():
         class BadToo:
             a: int = 1
             b: int
+
+
+def test_a_record_that_defines_what_a_record_makes_is_refused():
+    with pytest.raises(TypeError, match="defines __repr__"):
+        @ff.record
+        class Own:
+            a: int
+
+            def __repr__(self):
+                return "mine"
