@@ -59,14 +59,11 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         status = da.status()
         assert status["jobs"] is not None
         # a 40 MB increment over a link throttled to 1 MB/s: the transfer is on
-        # the wire for ~40 s; stop the master's daemon in the middle of it.
-        # The link is throttled first: a cycle (every 0.5 s) that began while
-        # the file was written could otherwise carry all of it at full speed
-        # before the throttle, and no receive would ever last 1.5 s
-        bed.throttle(a, 8)
+        # the wire for ~40 s; stop the master's daemon in the middle of it
         with open(os.path.join(mnt, "big.bin"), "wb") as f:
             for _ in range(40):
                 f.write(os.urandom(1 << 20))
+        bed.throttle(a, 8)
         # on the wire: the slave's zfs recv has run for 1.5 s (the cycle's
         # own age says less: under load its other steps, through the ssh
         # gate, take that long too, and a SIGTERM then lets the cycle end)
