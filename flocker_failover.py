@@ -278,10 +278,11 @@ def record(cls=None, *, mutable: bool = False):
 
 
 def replace(obj, **changes):
-    """A copy of the record obj with the fields named in changes changed."""
-    return type(obj)(**{f.name: changes.pop(f.name) if f.name in changes
-                        else getattr(obj, f.name) for f in type(obj)._record_fields},
-                     **changes)
+    """A copy of the record obj with the fields named in changes changed
+    (a name that is not a field: TypeError, from __init__)."""
+    values = {f.name: getattr(obj, f.name) for f in type(obj)._record_fields}
+    values.update(changes)
+    return type(obj)(**values)
 
 
 def asdict(obj):
