@@ -17,6 +17,34 @@ def snaps(ds):
                   for line in out.splitlines() if "@" in line)
 
 
+def newest(ds):
+    """The name of ds's newest snapshot (by createtxg), or None."""
+    out = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,value", "createtxg", "-d", "1", ds],
+                    check=False).stdout
+    txgs = [(int(line.split("\t")[1]), line.split("\t")[0].split("@")[1])
+            for line in out.splitlines() if "@" in line]
+    return max(txgs)[1] if txgs else None
+
+
+def referenced(ds, snap):
+    return int(bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", "referenced",
+                          "%s@%s" % (ds, snap)]).stdout)
+
+
+def newest(ds):
+    """The name of ds's newest snapshot (by createtxg), or None."""
+    out = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,value", "createtxg", "-d", "1", ds],
+                    check=False).stdout
+    txgs = [(int(line.split("\t")[1]), line.split("\t")[0].split("@")[1])
+            for line in out.splitlines() if "@" in line]
+    return max(txgs)[1] if txgs else None
+
+
+def referenced(ds, snap):
+    return int(bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", "referenced",
+                          "%s@%s" % (ds, snap)]).stdout)
+
+
 def receives_into(dataset):
     """pids of the zfs recv processes into dataset on this machine."""
     pids = []
@@ -33,7 +61,12 @@ def receives_into(dataset):
 
 
 def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
-    bed.write_config(cluster={"replication_interval": "0.5"})
+    # snapshot_command, as an operator would lock the data: while `writing`
+    # exists the master takes no snapshot (that cycle fails), and `refused`
+    # says that a cycle found it so
+    writing, refused = (os.path.join(bed.workdir, n) for n in ("writing", "refused"))
+    bed.write_config(cluster={"replication_interval": "0.5"}, service={
+        "snapshot_command": "sh -c 'test ! -e %s || { touch %s; exit 1; }'" % (writing, refused)})
     init(bed)
     a, b = bed.a, bed.b
     mnt = os.path.join(a.pool.mountpoint, "shop")
@@ -59,14 +92,25 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         status = da.status()
         assert status["jobs"] is not None
         # a 40 MB increment over a link throttled to 1 MB/s: the transfer is on
-        # the wire for ~40 s; stop the master's daemon in the middle of it
+        # the wire for ~40 s; stop the master's daemon in the middle of it.
+        # No snapshot is taken while the file is written (under load that
+        # takes seconds): no cycle carries a part of it, at full speed before
+        # the throttle, or a small part that could still drain to the slave
+        # from the link's queue after the stop. Once a cycle was refused, the
+        # one that snapshotted before it has ended (cycles run one at a time)
+        open(writing, "w").close()
+        wait_for(lambda: os.path.exists(refused), 30, step=0.05)
         with open(os.path.join(mnt, "big.bin"), "wb") as f:
             for _ in range(40):
                 f.write(os.urandom(1 << 20))
         bed.throttle(a, 8)
+        os.unlink(writing)
         # on the wire: the slave's zfs recv has run for 1.5 s (the cycle's
         # own age says less: under load its other steps, through the ssh
-        # gate, take that long too, and a SIGTERM then lets the cycle end)
+        # gate, take that long too, and a SIGTERM then lets the cycle end),
+        # and it receives the whole file: from beta's newest snapshot to
+        # alpha's newest (a cycle sends that, and takes no snapshot while
+        # one is on the wire)
         seen = {}
 
         def receiving_for(seconds):
@@ -75,10 +119,12 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
             for pid in set(seen) - pids:
                 del seen[pid]
             return any(now - seen.setdefault(pid, now) >= seconds for pid in pids)
-        wait_for(lambda: receiving_for(1.5), 30, step=0.05)
-        # what the slave holds while that transfer is on the wire (cycles that
-        # ran while the file was being written may have sent parts of it:
-        # under load, writing 40 MB takes longer than a cycle's 0.5 s)
+
+        def on_the_wire():
+            ours, theirs = newest(a.dataset), newest(b.dataset)
+            return referenced(a.dataset, ours) - referenced(a.dataset, theirs) >= 39 << 20
+        wait_for(lambda: receiving_for(1.5) and on_the_wire(), 30, step=0.05)
+        # what the slave holds while that transfer is on the wire
         before = snaps(b.dataset)
         started = time.monotonic()
         assert da.stop(timeout=60) == 0
@@ -101,9 +147,8 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         r"\(this node gives up the master role, or the daemon stops\)$",
         last["error"]), last["error"]
     # nothing half-received on the slave: what it held stays, and whatever it
-    # holds now is a whole snapshot of the master's (same GUID). A cycle that
-    # sent a part of big.bin may have ended between `before` and the stop, but
-    # the master's newest snapshot, the one on the wire at the stop, is not there
+    # holds now is a whole snapshot of the master's (same GUID); the master's
+    # newest snapshot, the one on the wire at the stop, is not there
     after, master = snaps(b.dataset), snaps(a.dataset)
     assert set(before) <= set(after) <= set(master), (before, after, master)
     assert master[-1] not in after, (master, after)
