@@ -251,6 +251,10 @@ def record(cls=None, *, mutable: bool = False):
         value = cls.__dict__.get(name, _NO_DEFAULT)
         f = value if isinstance(value, Field) else Field(default=value)
         f.name = name
+        if f.default is not _NO_DEFAULT and type(f.default).__hash__ is None:
+            # one object every instance would share (a list, a dict, a mutable record)
+            raise ValueError("mutable default %s for field %r is not allowed: use "
+                             "default_factory" % (type(f.default), name))
         if f.default is _NO_DEFAULT and f.default_factory is None:
             if fields and (fields[-1].default is not _NO_DEFAULT
                            or fields[-1].default_factory is not None):

@@ -159,3 +159,19 @@ def test_a_record_that_defines_what_a_record_makes_is_refused():
 
             def __repr__(self):
                 return "mine"
+
+
+@pytest.mark.parametrize("make", [list, dict, set, lambda: ff.record(mutable=True)(
+    type("Box", (), {"__annotations__": {}}))()],
+    ids=["list", "dict", "set", "mutable record"])
+def test_a_mutable_default_is_refused_as_dataclasses_refuses_it(make):
+    # one object shared by every instance: dataclasses refuses a default
+    # whose class is unhashable, and says to use default_factory
+    default = make()
+    with pytest.raises(ValueError, match="mutable default .* for field 'a' is not "
+                                         "allowed: use default_factory"):
+        ff.record(type("Bad", (), {"__annotations__": {"a": object}, "a": default}))
+    with pytest.raises(ValueError, match="mutable default .* for field a is not "
+                                         "allowed: use default_factory"):
+        dataclasses.dataclass(type("BadToo", (), {"__annotations__": {"a": object},
+                                                  "a": default}))
