@@ -8437,8 +8437,18 @@ def format_status(r: dict) -> str:
 def _status_service(d: dict) -> List[str]:
     """status: what the running daemon says of the service, its last
     decision, the arbitrator and the witness."""
-    lines = ["service     %s" % ("RUNNING here (this node is the serving master)"
-                                  if d["serving"] else "not running here")]
+    jobs = d.get("jobs") or {}
+    if d["serving"]:
+        service = "RUNNING here (this node is the serving master)"
+    elif "role" in jobs and (d.get("decision") or {}).get("kind") in (DECIDE_PROMOTE,
+                                                                     DECIDE_RESUME):
+        # the start command may have run already: the promotion serves once
+        # its last steps (the role marker, notify_command) are done too
+        service = "STARTING here (%s running for %.1f s)" % (d["decision"]["kind"],
+                                                              jobs["role"])
+    else:
+        service = "not running here"
+    lines = ["service     " + service]
     if d.get("decision"):
         lines.append("decision    %s: %s" % (d["decision"]["kind"], d["decision"]["reason"]))
     if d.get("arbitrator"):

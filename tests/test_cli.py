@@ -33,6 +33,25 @@ def test_version_and_help():
     assert proc.returncode == 2 and "invalid choice: 'no-such-command'" in proc.stderr
 
 
+def test_status_says_starting_while_a_promotion_runs_and_serving_only_after_it():
+    # the role is recorded (and the start command may have run) before a
+    # promotion's last steps: until the job has ended it is STARTING, not
+    # "not running here" beside "role master"
+    def service(serving, kind, jobs):
+        return ff._status_service({"serving": serving, "jobs": jobs, "decision": {
+            "kind": kind, "reason": "why"} if kind else None})[0]
+    assert service(False, "promote", {"role": 0.71, "replicate": 2.0}) == \
+        "service     STARTING here (promote running for 0.7 s)"
+    assert service(False, "resume", {"role": 1.26}) == \
+        "service     STARTING here (resume running for 1.3 s)"
+    assert service(True, "promote", {}) == \
+        "service     RUNNING here (this node is the serving master)"
+    for kind, jobs in (("promote", {}), ("promote", {"replicate": 1.0}),
+                       ("step-down", {"role": 0.5}), ("handover", {"role": 0.5}),
+                       ("wait", {"role": 0.5}), (None, {"role": 0.5}), ("promote", None)):
+        assert service(False, kind, jobs) == "service     not running here", (kind, jobs)
+
+
 def test_a_daemon_that_closes_or_does_not_answer_is_told_apart(tmp_path):
     """A daemon that closes the control connection without an answer (it
     is stopping: the campaign's restart during a switchover) is not called
