@@ -31,20 +31,6 @@ def referenced(ds, snap):
                           "%s@%s" % (ds, snap)]).stdout)
 
 
-def newest(ds):
-    """The name of ds's newest snapshot (by createtxg), or None."""
-    out = bedmod.sh(["zfs", "get", "-H", "-p", "-o", "name,value", "createtxg", "-d", "1", ds],
-                    check=False).stdout
-    txgs = [(int(line.split("\t")[1]), line.split("\t")[0].split("@")[1])
-            for line in out.splitlines() if "@" in line]
-    return max(txgs)[1] if txgs else None
-
-
-def referenced(ds, snap):
-    return int(bedmod.sh(["zfs", "get", "-H", "-p", "-o", "value", "referenced",
-                          "%s@%s" % (ds, snap)]).stdout)
-
-
 def receives_into(dataset):
     """pids of the zfs recv processes into dataset on this machine."""
     pids = []
