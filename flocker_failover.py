@@ -7241,7 +7241,9 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict, key_loaded: bool = 
     (MountView), run beside it; the role marker is set while start_command
     runs.  What must come first still does: the role is recorded before
     the dataset changes, no receive runs once it mounts, the dataset is
-    writable and mounted before the address and start_command.
+    mounted read and write (a volume: its device writable) before the
+    address and start_command; readonly=off, the property, ends while
+    start_command runs (_mount_for_service).
     key_loaded: promote() has just loaded the dataset's key."""
     cfg, zfs, ds, epoch = ctx.cfg, ctx.zfs, ctx.cfg.local.dataset, data["epoch"]
     writable = view = env = None
@@ -7282,7 +7284,8 @@ def _promote_steps(ctx: Context, intent_id: int, data: dict, key_loaded: bool = 
                 add_service_address(sa)
                 announce_address(sa, cfg.service.announce_count, cfg.service.announce_interval)
         elif step == "start":
-            _start_and_mark(ctx, env, role_marker(cfg.local_name, ROLE_MASTER, epoch))
+            _start_and_mark(ctx, env, role_marker(cfg.local_name, ROLE_MASTER, epoch),
+                            writable)
         elif step == "notify":
             if data["old_role"] != ROLE_MASTER:   # a resumption is no role change
                 _notify(ctx, data["old_role"], ROLE_MASTER, epoch, data["reason"], view)
@@ -7319,12 +7322,16 @@ def _stop_receives(ctx: Context, ds: str) -> List[int]:
     return killed
 
 
-def _start_and_mark(ctx: Context, env: Dict[str, str], marker: str) -> None:
+def _start_and_mark(ctx: Context, env: Dict[str, str], marker: str,
+                    writable: ZfsRunning) -> None:
     """start_command, and meanwhile the role marker on the dataset (for the
     peer, which reads it before it replicates; the ssh gate refuses it
-    every receive from the moment the role is recorded).  A start that
-    keeps failing gives the service address back: nothing answers on it
-    (the step runs again when the promotion is finished off)."""
+    every receive from the moment the role is recorded), and the end of
+    readonly=off (begun before the mount: see _mount_for_service).  A
+    start that keeps failing gives the service address back: nothing
+    answers on it (the step runs again when the promotion is finished
+    off); so does readonly=off failing (the promotion fails, and its
+    steps run again)."""
     cfg, ds = ctx.cfg, ctx.cfg.local.dataset
     marking = []
     ctx.mark("start_command begins")
@@ -7333,7 +7340,8 @@ def _start_and_mark(ctx: Context, env: Dict[str, str], marker: str) -> None:
                              forked=lambda: marking.append(
                                  ctx.zfs.start(["set", "%s=%s" % (ROLE_PROPERTY, marker), ds])))
         ctx.mark("start_command done")
-    except ActionError:
+        writable.wait()
+    except (ActionError, ZfsError):
         if cfg.service.service_address is not None:
             remove_service_address(cfg.service.service_address)
         raise
@@ -7353,22 +7361,29 @@ def _volume_device_ready(ctx: Context, ds: str) -> None:
 
 def _mount_for_service(ctx: Context, ds: str, writable: ZfsRunning, mounting: ZfsRunning,
                        view: MountView) -> None:
-    """A promoted file system: writable and mounted (readonly=off and the
-    mount, begun at once), then the file systems below it that mount
-    automatically (the dataset itself must mount).  Where the kernel holds
-    the mount read-only (OpenZFS: the mount read readonly=on before the set
-    changed it), it is mounted again."""
+    """A promoted file system: mounted read and write (readonly=off and the
+    mount -o rw, begun at once), then the file systems below it that mount
+    automatically (the dataset itself must mount).  The user system needs
+    the mount writable, which -o rw makes it, not the property: readonly=off
+    is waited for here only when file systems below must mount (they
+    inherit it) or the dataset must be mounted again, else after
+    start_command (_start_and_mark).  Where the kernel holds the mount
+    read-only anyway, it is mounted again once the property is off."""
     zfs = ctx.zfs
-    writable.wait()
+    below = view.to_mount_below()
+    if below:
+        writable.wait()
     if mounting.wait(check=False).returncode != 0 and not view.mounted(ds):
+        writable.wait()
         zfs.mount(ds)      # (zfs-fuse: busy for a moment after an unmount; else it says why)
     if mount_is_read_only(ds):
+        writable.wait()
         log.warning("%s was mounted read-only while readonly=off was set: mounting it again",
                     ds)
         zfs.unmount(ds)
         zfs.mount(ds)
     failed = []
-    for name in view.to_mount_below():
+    for name in below:
         try:
             zfs.mount(name)
         except ZfsError as e:

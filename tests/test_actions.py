@@ -5,10 +5,11 @@ kill -9 at every step followed by recovery."""
 import os
 import subprocess
 import time
+import types
 
 import pytest
 
-from conftest import ff
+from conftest import dataset_context, ff
 import bed as bedmod
 
 SERVICE_ADDR = "192.0.2.14"     # inside link 0's 192.0.2.0/28
@@ -200,6 +201,60 @@ def test_status_on_a_slave_shows_the_replica_it_holds(pair):
     # the master, which has not replicated yet, still says so
     text = p.a.flocker("status", check=True).stdout
     assert "replicated  never" in text and "\nreplica " not in text
+
+
+def test_start_command_writes_to_its_file_system_before_readonly_off_is_waited_for(pair):
+    """The promotion runs start_command once the dataset is mounted read
+    and write (zfs mount -o rw), not once readonly=off has ended too (it
+    ends while start_command runs): the user system can write at once, and
+    the finished promotion leaves the property off."""
+    p, b = pair, pair.b
+    p.bed.write_config(service={"start_command": "sh -c 'echo $FLOCKER_EPOCH > \"$(zfs get -H "
+                                                 "-o value mountpoint $FLOCKER_DATASET)/started\"'",
+                                "stop_command": "true", "command_timeout": "10"})
+    proc = p.drive(b, "promote", 3)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(b.pool.mountpoint, "shop", "started")) as f:
+        assert f.read() == "3\n"
+    assert props(b.dataset) == {"mounted": "yes", "readonly": "off"}
+    assert role_of(b) == ("master", 3, None)
+
+
+def test_readonly_off_failing_after_start_command_fails_the_promotion():
+    """readonly=off is waited for after start_command: when it failed, the
+    promotion fails there (its steps run again: the intent stays at
+    "start"), and the role marker's set begun meanwhile is waited for, not
+    left running."""
+    class Running:
+        def __init__(self, fails):
+            self.fails, self.waited = fails, 0
+
+        def wait(self, check=True):
+            self.waited += 1
+            if self.fails and check:
+                raise ff.ZfsError("'zfs set readonly=off p/shop' failed: pool I/O is "
+                                  "currently suspended")
+            return subprocess.CompletedProcess([], 1 if self.fails else 0, b"", b"")
+
+    marker, writable, started = Running(False), Running(True), []
+
+    class Z:
+        def start(self, argv):
+            started.append(argv)
+            return marker
+    ran = os.path.join(bedmod.WORK_BASE, bedmod.TAG + "started-%d" % os.getpid())
+    ctx = dataset_context("p/shop", Z())
+    ctx.cfg.service = types.SimpleNamespace(start_command=("sh", "-c", "echo > " + ran),
+                                            command_timeout=10, service_address=None)
+    try:
+        with pytest.raises(ff.ZfsError, match="readonly=off"):
+            ff._start_and_mark(ctx, {}, "beta master 3", writable)
+        assert os.path.exists(ran)         # start_command had run
+    finally:
+        if os.path.exists(ran):
+            os.unlink(ran)
+    assert started == [["set", "flocker:role=beta master 3", "p/shop"]] and marker.waited
+    assert writable.waited
 
 
 def test_a_timeline_says_where_the_time_went():
