@@ -85,6 +85,8 @@ def test_daemon_replicates_and_sigterm_aborts_a_transfer(bed):
         # from the link's queue after the stop. Once a cycle was refused, the
         # one that snapshotted before it has ended (cycles run one at a time)
         open(writing, "w").close()
+        with open(os.path.join(mnt, "small.bin"), "wb") as f:
+            f.write(os.urandom(1000))   # (with 'written', OpenZFS: else no cycle snapshots)
         wait_for(lambda: os.path.exists(refused), 30, step=0.05)
         with open(os.path.join(mnt, "big.bin"), "wb") as f:
             for _ in range(40):
