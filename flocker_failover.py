@@ -7346,7 +7346,7 @@ def _start_and_mark(ctx: Context, env: Dict[str, str], marker: str,
             remove_service_address(cfg.service.service_address)
         raise
     finally:
-        for running in marking:
+        for running in marking + [writable]:   # never left running
             running.wait(check=False)
     marking[0].wait()
 

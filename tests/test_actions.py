@@ -256,6 +256,13 @@ def test_readonly_off_failing_after_start_command_fails_the_promotion():
     assert started == [["set", "flocker:role=beta master 3", "p/shop"]] and marker.waited
     assert writable.waited
 
+    # a start_command that keeps failing: readonly=off is waited for too
+    writable = Running(False)
+    ctx.cfg.service.start_command = ("false",)
+    with pytest.raises(ff.ActionError, match="start_command failed 3 times"):
+        ff._start_and_mark(ctx, {}, "beta master 3", writable)
+    assert writable.waited
+
 
 def test_a_timeline_says_where_the_time_went():
     """A promotion's timeline (its event-log line): each mark in ms after
