@@ -220,11 +220,12 @@ def test_start_command_writes_to_its_file_system_before_readonly_off_is_waited_f
     assert role_of(b) == ("master", 3, None)
 
 
-def test_readonly_off_failing_after_start_command_fails_the_promotion():
-    """readonly=off is waited for after start_command: when it failed, the
-    promotion fails there (its steps run again: the intent stays at
-    "start"), and the role marker's set begun meanwhile is waited for, not
-    left running."""
+def test_readonly_off_failing_after_start_command_fails_the_promotion(tmp_path):
+    """_start_and_mark waits for readonly=off after start_command: when it
+    failed, the step raises (the promotion fails at its step "start", which
+    runs again when it is finished off), the role marker's set begun
+    meanwhile is waited for, and so is readonly=off when start_command
+    itself keeps failing: no zfs command is left running."""
     class Running:
         def __init__(self, fails):
             self.fails, self.waited = fails, 0
@@ -242,17 +243,13 @@ def test_readonly_off_failing_after_start_command_fails_the_promotion():
         def start(self, argv):
             started.append(argv)
             return marker
-    ran = os.path.join(bedmod.WORK_BASE, bedmod.TAG + "started-%d" % os.getpid())
+    ran = tmp_path / "started"
     ctx = dataset_context("p/shop", Z())
-    ctx.cfg.service = types.SimpleNamespace(start_command=("sh", "-c", "echo > " + ran),
+    ctx.cfg.service = types.SimpleNamespace(start_command=("sh", "-c", "echo > %s" % ran),
                                             command_timeout=10, service_address=None)
-    try:
-        with pytest.raises(ff.ZfsError, match="readonly=off"):
-            ff._start_and_mark(ctx, {}, "beta master 3", writable)
-        assert os.path.exists(ran)         # start_command had run
-    finally:
-        if os.path.exists(ran):
-            os.unlink(ran)
+    with pytest.raises(ff.ZfsError, match="readonly=off"):
+        ff._start_and_mark(ctx, {}, "beta master 3", writable)
+    assert ran.exists()         # start_command had run
     assert started == [["set", "flocker:role=beta master 3", "p/shop"]] and marker.waited
     assert writable.waited
 
